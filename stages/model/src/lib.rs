@@ -1,0 +1,1 @@
+//! Model core shared by training, evaluation and export stages (see issue 4).

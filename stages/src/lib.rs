@@ -1,0 +1,17 @@
+//! Every stage kind `pipeline` knows, one module per kind. Adding a kind: write `src/<kind>.rs`
+//! implementing [`pipeline_engine::Stage`], then add one line to [`registry`].
+
+mod pending;
+
+use pipeline_engine::Registry;
+
+/// All stage kinds, by recipe `kind` name.
+pub fn registry() -> Registry {
+    let mut r = Registry::new();
+    for kind in
+        ["collect", "dedupe", "clean", "label", "augment", "pretrain", "sft", "align", "evaluate", "quantize", "export"]
+    {
+        r.register(pending::Pending(kind));
+    }
+    r
+}
