@@ -1,1 +1,3 @@
-//! Model core shared by training, evaluation and export stages (see issue 4).
+//! Model core shared by training, evaluation and export stages.
+
+pub mod host;
