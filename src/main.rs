@@ -1,8 +1,80 @@
-//! The `pipeline` command line.
+//! The `pipeline` command line. Adding a subcommand: write `src/cmd_<name>.rs` with
+//! `#[derive(clap::Args)] pub struct <Name>Args` and `pub fn run(args) -> anyhow::Result<()>`,
+//! then add one `Command` variant and one match arm below.
 
-fn main() {
-    let registry = pipeline_stages::registry();
-    for kind in registry.kinds() {
-        println!("{kind}");
+mod cmd_cache;
+mod cmd_plan;
+mod cmd_run;
+mod common;
+mod report;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "pipeline", version, about = "Run an LLM training workflow from one TOML recipe, with a content-hashed cache.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// `human` (progress bars, summary table) or `json` (one event per line on stdout).
+    #[arg(long, global = true, value_enum, default_value = "human")]
+    log_format: report::LogFormat,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a recipe's stages in topological order, reusing cached results.
+    Run(cmd_run::RunArgs),
+    /// Print the validated DAG in execution order with each stage's cache status.
+    Plan(cmd_plan::PlanArgs),
+    /// Show why a stage will run: which key fields changed since its cached entry.
+    Explain(cmd_plan::ExplainArgs),
+    /// Inspect or clean the cache.
+    #[command(subcommand)]
+    Cache(cmd_cache::CacheCommand),
+    /// List the stage kinds this build knows.
+    Stages,
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let fmt = cli.log_format;
+    let result = match cli.command {
+        Command::Run(a) => cmd_run::run(a, fmt),
+        Command::Plan(a) => cmd_plan::plan(a),
+        Command::Explain(a) => cmd_plan::explain(a),
+        Command::Cache(c) => cmd_cache::run(c),
+        Command::Stages => {
+            for s in common::registry().iter() {
+                println!("{:<10} v{:<3} {}", s.kind(), s.version(), s.summary());
+            }
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(common::Exit(code)) = e.downcast_ref() {
+                return ExitCode::from(*code);
+            }
+            if let Some(r) = e.downcast_ref::<pipeline_engine::RecipeError>() {
+                eprintln!("{r}");
+                return ExitCode::from(2);
+            }
+            if let Some(u) = e.downcast_ref::<common::Usage>() {
+                eprintln!("error: {u}");
+                return ExitCode::from(2);
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
     }
 }

@@ -8,6 +8,8 @@ use pipeline_engine::Registry;
 /// All stage kinds, by recipe `kind` name.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
+    // Built-in engine kinds: `files`, `concat` (and `test-step` under PIPELINE_TEST_STAGES=1).
+    pipeline_engine::builtin::register(&mut r);
     for kind in
         ["collect", "dedupe", "clean", "label", "augment", "pretrain", "sft", "align", "evaluate", "quantize", "export"]
     {
