@@ -289,3 +289,44 @@ pub fn run_qa(
     }
     Ok((rows, records))
 }
+
+/// One scored row of `pipeline eval score`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredPair {
+    pub id: Value,
+    pub scores: PairScores,
+}
+
+/// `pipeline eval score`: read `{"id", "prediction", "reference"}` rows from `input`, write
+/// `{"id", "bleu-1", ..., "rouge-l-f"}` rows (ROUGE keys absent where evalscope gives none) to
+/// `output` atomically, return the scores in input order.
+pub fn score_jsonl(input: &Path, output: &Path) -> Result<Vec<ScoredPair>, DataError> {
+    let text = crate::mcq::read_utf8(input)?;
+    let mut out = Vec::new();
+    let mut buf = String::new();
+    for (k, line) in text.lines().enumerate() {
+        let lineno = k + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).map_err(|e| DataError::new(input, Some(lineno), format!("invalid JSON: {e}")))?;
+        let field = |name: &str| -> Result<&str, DataError> {
+            match v.get(name) {
+                Some(Value::String(s)) => Ok(s),
+                Some(Value::Null) | None => Err(DataError::new(input, Some(lineno), format!("missing `{name}`"))),
+                Some(other) => Err(DataError::new(input, Some(lineno), format!("`{name}` must be a string, got {other}"))),
+            }
+        };
+        let (p, r) = (field("prediction")?, field("reference")?);
+        let id = v.get("id").cloned().unwrap_or_else(|| Value::from(lineno));
+        let scores = score_pair(p, r);
+        let mut row = Map::new();
+        row.insert("id".into(), id.clone());
+        row.extend(scores.to_json());
+        buf.push_str(&Value::Object(row).to_string());
+        buf.push('\n');
+        out.push(ScoredPair { id, scores });
+    }
+    crate::report::write_atomic(output, buf.as_bytes())?;
+    Ok(out)
+}
