@@ -3,6 +3,7 @@
 //! then add one `Command` variant and one match arm below.
 
 mod cmd_cache;
+mod cmd_eval;
 mod cmd_plan;
 mod cmd_run;
 mod common;
@@ -33,6 +34,8 @@ enum Command {
     /// Inspect or clean the cache.
     #[command(subcommand)]
     Cache(cmd_cache::CacheCommand),
+    /// Evaluate models and score predictions (evalscope-compatible BLEU/ROUGE, MCQ accuracy).
+    Eval(cmd_eval::EvalArgs),
     /// List the stage kinds this build knows.
     Stages,
 }
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Command::Plan(a) => cmd_plan::plan(a),
         Command::Explain(a) => cmd_plan::explain(a),
         Command::Cache(c) => cmd_cache::run(c),
+        Command::Eval(a) => cmd_eval::run(a),
         Command::Stages => {
             for s in common::registry().iter() {
                 println!("{:<10} v{:<3} {}", s.kind(), s.version(), s.summary());

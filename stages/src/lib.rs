@@ -1,6 +1,7 @@
 //! Every stage kind `pipeline` knows, one module per kind. Adding a kind: write `src/<kind>.rs`
 //! implementing [`pipeline_engine::Stage`], then add one line to [`registry`].
 
+pub mod evaluate;
 mod pending;
 
 use pipeline_engine::Registry;
