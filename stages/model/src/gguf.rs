@@ -31,7 +31,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use dequant::{ggml_type_name, GgmlType};
-pub use hf::{load_gguf, GgufModel};
+pub use hf::{hf_name, load_gguf, unpermute_rope, GgufModel};
 pub use vocab::tokenizer_from_gguf;
 
 use crate::host::HostTensor;
@@ -101,10 +101,11 @@ impl GgufValue {
             _ => self.as_u64().and_then(|v| i64::try_from(v).ok()),
         }
     }
-    /// Any float or integer as f64.
+    /// Any float or integer as f64. An f32 becomes the f64 of its shortest decimal form
+    /// (`1e-6f32` -> `1e-6`, as HF `config.json` writes it, not `9.99999997e-7`).
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
-            Self::F32(v) => Some(v.into()),
+            Self::F32(v) => Some(v.to_string().parse().unwrap_or(v.into())),
             Self::F64(v) => Some(v),
             _ => self.as_i64().map(|v| v as f64),
         }

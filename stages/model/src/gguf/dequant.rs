@@ -4,6 +4,7 @@
 use half::{bf16, f16};
 
 /// The ggml tensor types this crate can read. Discriminants are ggml's type ids (SPECS.md §5).
+#[allow(non_camel_case_types)] // ggml's own names (Q4_K, Q6_K)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
     F32 = 0,

@@ -166,7 +166,7 @@ fn check_layers(f: &GgufFile, t: &HostTensors, n_layers: u64) -> Result<(), Gguf
 }
 
 /// llama.cpp name -> HF name (None for names without a counterpart).
-pub(crate) fn hf_name(gguf: &str) -> Option<String> {
+pub fn hf_name(gguf: &str) -> Option<String> {
     match gguf {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),

@@ -70,6 +70,9 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
     let split = |re: &str| {
         json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false})
     };
+    // Llama-3's tokenizer.json sets `ignore_merges` (a pre-token found whole in the vocabulary is
+    // kept), and so does llama.cpp for this pre-tokenizer.
+    let ignore_merges = matches!(pre, "llama-bpe" | "llama3");
     let (normalizer, pre_tokenizer) = match pre {
         "qwen2" => (
             json!({"type": "NFC"}),
@@ -121,13 +124,17 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
     let unk = tok_of("tokenizer.ggml.unknown_token_id")?;
     let add_bos = f.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
     let post_processor = match (&bos, add_bos) {
-        (Some(b), true) => json!({
+        (Some(b), true) => {
+            let mut specials = Map::new();
+            specials.insert(b.clone(), json!({"id": b, "ids": [id_key("tokenizer.ggml.bos_token_id")], "tokens": [b]}));
+            json!({
             "type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                      {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {b: {"id": b, "ids": [id_key("tokenizer.ggml.bos_token_id")], "tokens": [b]}},
-        }),
+            "special_tokens": specials,
+            })
+        }
         _ => byte_level(false),
     };
     let json = json!({
@@ -141,7 +148,7 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
         "decoder": byte_level(false),
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
-            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
             "vocab": vocab, "merges": merges,
         },
     });
