@@ -121,9 +121,11 @@ impl ChatTemplate {
     /// The `chat_template` and special tokens of a `tokenizer_config.json`.
     pub fn from_tokenizer_config(path: impl AsRef<Path>) -> Result<Self, ChatError> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| ChatError::Config { path: path.display().to_string(), msg: e.to_string() })?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| ChatError::Config { path: path.display().to_string(), msg: e.to_string() })?;
         let special = crate::tokenizer::parse_tokenizer_config(&bytes, &path.display().to_string())?;
-        let src = special.chat_template.clone().ok_or_else(|| ChatError::NoTemplate { what: path.display().to_string() })?;
+        let src =
+            special.chat_template.clone().ok_or_else(|| ChatError::NoTemplate { what: path.display().to_string() })?;
         Self::new(&src, special)
     }
 
@@ -163,7 +165,8 @@ impl ChatTemplate {
                 ctx.insert(k, Value::from(v.as_str()));
             }
         }
-        let tmpl = self.env.get_template(NAME).map_err(|e| ChatError::Template { what: "load".into(), msg: describe(&e) })?;
+        let tmpl =
+            self.env.get_template(NAME).map_err(|e| ChatError::Template { what: "load".into(), msg: describe(&e) })?;
         tmpl.render(ctx).map_err(|e| ChatError::Template { what: "render".into(), msg: describe(&e) })
     }
 
@@ -332,7 +335,8 @@ mod tests {
 
     #[test]
     fn tojson_prints_like_python() {
-        let src = r#"{% set x = {"b": [1, 2.5, "é<"], "a": none, "c": true} %}{{ x | tojson }}|{{ x | tojson(indent=2) }}"#;
+        let src =
+            r#"{% set x = {"b": [1, 2.5, "é<"], "a": none, "c": true} %}{{ x | tojson }}|{{ x | tojson(indent=2) }}"#;
         let t: ChatTemplate = src.parse().unwrap();
         let out = t.render(&[], false).unwrap();
         assert_eq!(

@@ -41,6 +41,9 @@ pub enum TokenizerError {
     VocabLargerThanEmbedding { vocab: usize, rows: usize, tensor: String },
 }
 
+/// Byte range `[start, end)` of each token in the encoded text.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// Special tokens and template (from `tokenizer_config.json` or GGUF metadata), as token strings.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SpecialTokens {
@@ -94,7 +97,8 @@ impl Tokenizer {
 
     /// A tokenizer described as a `tokenizer.json` value (used by the GGUF loader).
     pub fn from_json_value(json: Value, special: SpecialTokens) -> Result<Self, TokenizerError> {
-        let bytes = serde_json::to_vec(&json).map_err(|e| TokenizerError::Load { what: "generated".into(), msg: e.to_string() })?;
+        let bytes = serde_json::to_vec(&json)
+            .map_err(|e| TokenizerError::Load { what: "generated".into(), msg: e.to_string() })?;
         let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| TokenizerError::Load { what: "generated tokenizer".into(), msg: e.to_string() })?;
         Self::new(inner, special, "generated tokenizer")
@@ -122,7 +126,7 @@ impl Tokenizer {
     }
 
     /// Token ids and each token's byte range in `text` (no special tokens added).
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>), TokenizerError> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Offsets), TokenizerError> {
         let enc = self.inner.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }

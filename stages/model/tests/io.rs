@@ -35,8 +35,7 @@ fn llama_cpp_vectors(inp: &Path, out: &Path) -> Vec<(String, Vec<u32>)> {
     if texts.last() == Some(&"") {
         texts.pop();
     }
-    let ids: Vec<Vec<u32>> =
-        out.lines().map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect();
+    let ids: Vec<Vec<u32>> = out.lines().map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect();
     assert_eq!(texts.len(), ids.len(), "vector files disagree");
     texts.into_iter().map(str::to_string).zip(ids).collect()
 }
@@ -99,13 +98,9 @@ fn tokenizer_from_file_reads_config_beside_it() {
     assert!(e.contains("/nonexistent/tokenizer.json"), "{e}");
     let e = Tokenizer::from_bytes(b"{\"model\": 3}", None, "broken.json").unwrap_err().to_string();
     assert!(e.contains("broken.json"), "{e}");
-    let e = Tokenizer::from_bytes(
-        &std::fs::read(&path).unwrap(),
-        Some(br#"{"eos_token": "<|nope|>"}"#),
-        "cfg",
-    )
-    .unwrap_err()
-    .to_string();
+    let e = Tokenizer::from_bytes(&std::fs::read(&path).unwrap(), Some(br#"{"eos_token": "<|nope|>"}"#), "cfg")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("eos_token") && e.contains("<|nope|>"), "{e}");
 }
 
@@ -161,9 +156,8 @@ fn encode_chat_marks_reply_and_im_end_only() {
     assert!(!enc.assistant_mask.last().unwrap());
 
     // A default system prompt is inserted only when none is given.
-    let smol: ChatTemplate = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-        .parse()
-        .unwrap();
+    let smol: ChatTemplate =
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}".parse().unwrap();
     let text = smol.render(&[Message::system("S"), Message::user("u")], false).unwrap();
     let enc = smol.encode_chat(&tok, &[Message::user("u")], Some("S")).unwrap();
     assert_eq!(enc.ids, tok.encode(&text, false).unwrap());
@@ -175,9 +169,10 @@ fn encode_chat_marks_reply_and_im_end_only() {
 
 #[test]
 fn template_errors_are_reported() {
-    let t: ChatTemplate = "{% if messages[0].role != 'user' %}{{ raise_exception('first message must be user') }}{% endif %}"
-        .parse()
-        .unwrap();
+    let t: ChatTemplate =
+        "{% if messages[0].role != 'user' %}{{ raise_exception('first message must be user') }}{% endif %}"
+            .parse()
+            .unwrap();
     let e = t.render(&[Message::assistant("x")], false).unwrap_err().to_string();
     assert!(e.contains("first message must be user"), "{e}");
     // A template that rewrites earlier turns cannot give prefix spans: an error, not a wrong mask.
@@ -233,8 +228,7 @@ fn gguf_dequantisation_equals_gguf_package() {
     assert_eq!(f.get_f64("m.f64").unwrap(), m["m.f64"].as_f64().unwrap());
     let arr: Vec<&str> = f.get("m.arr_str").unwrap().as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(serde_json::to_value(arr).unwrap(), m["m.arr_str"]);
-    let arr: Vec<i64> =
-        f.get("m.arr_i32").unwrap().as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let arr: Vec<i64> = f.get("m.arr_i32").unwrap().as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
     assert_eq!(serde_json::to_value(arr).unwrap(), m["m.arr_i32"]);
     let e = f.get_u64("m.str").unwrap_err().to_string();
     assert!(e.contains("m.str"), "{e}");
@@ -403,9 +397,15 @@ fn smollm2_gguf_matches_gguf_package() {
         want["blk.7.attn_q.weight"]["sha256_f32le"].as_str().unwrap()
     );
     let tok = m.tokenizer.unwrap();
-    assert_eq!((tok.vocab_size(), tok.im_start_id(), tok.im_end_id(), tok.eos_id()), (49152, Some(1), Some(2), Some(2)));
+    assert_eq!(
+        (tok.vocab_size(), tok.im_start_id(), tok.im_end_id(), tok.eos_id()),
+        (49152, Some(1), Some(2), Some(2))
+    );
     let tmpl = ChatTemplate::from_tokenizer(&tok).unwrap();
     assert_eq!(tmpl.source(), std::fs::read_to_string(fixture("chat/smollm2.jinja")).unwrap());
     let ids = tmpl.encode_prompt(&tok, &[Message::user("What is the capital of France?")], None).unwrap();
-    assert_eq!(tok.decode(&ids, false).unwrap(), tmpl.render(&[Message::user("What is the capital of France?")], true).unwrap());
+    assert_eq!(
+        tok.decode(&ids, false).unwrap(),
+        tmpl.render(&[Message::user("What is the capital of France?")], true).unwrap()
+    );
 }

@@ -71,9 +71,9 @@ impl GgmlType {
 /// Human name of any ggml type id (for error messages about types we do not read).
 pub fn ggml_type_name(id: u32) -> String {
     const NAMES: [&str; 31] = [
-        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K",
-        "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S",
-        "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
+        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+        "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16",
+        "I32", "I64", "F64", "IQ1_M", "BF16",
     ];
     NAMES.get(id as usize).map_or_else(|| format!("type {id}"), |n| format!("{n} (type {id})"))
 }
@@ -89,9 +89,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
     let (be, bb) = ty.block();
     debug_assert_eq!(bytes.len(), n / be * bb);
     match ty {
-        GgmlType::F32 => {
-            out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-        }
+        GgmlType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
         GgmlType::F16 => out.extend(bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
         GgmlType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
         GgmlType::Q8_0 => {
@@ -118,12 +116,17 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
         }
         GgmlType::Q5_0 | GgmlType::Q5_1 => {
             for b in bytes.chunks_exact(bb) {
-                let (d, m, o) = if ty == GgmlType::Q5_0 { (f16_at(b, 0), 0.0, 2) } else { (f16_at(b, 0), f16_at(b, 2), 4) };
+                let (d, m, o) =
+                    if ty == GgmlType::Q5_0 { (f16_at(b, 0), 0.0, 2) } else { (f16_at(b, 0), f16_at(b, 2), 4) };
                 let qh = u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
                 let qs = &b[o + 4..o + 20];
                 let off = if ty == GgmlType::Q5_0 { 16 } else { 0 };
                 let val = |q: u32| -> f32 {
-                    if ty == GgmlType::Q5_0 { (q as i32 - off) as f32 * d } else { q as f32 * d + m }
+                    if ty == GgmlType::Q5_0 {
+                        (q as i32 - off) as f32 * d
+                    } else {
+                        q as f32 * d + m
+                    }
                 };
                 let mut hi = [0f32; 16];
                 for j in 0..16 {

@@ -21,7 +21,8 @@ use serde_json::{json, Map, Value};
 use super::{GgufError, GgufFile};
 use crate::tokenizer::{SpecialTokens, Tokenizer};
 
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Build the tokenizer a GGUF file describes. `Ok(None)` when the file has no
@@ -30,7 +31,9 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
     let Some(model) = f.get("tokenizer.ggml.model") else { return Ok(None) };
     let model = model.as_str().ok_or_else(|| f.meta_err("tokenizer.ggml.model", "expected a string"))?;
     if model != "gpt2" {
-        return Err(f.meta_err("tokenizer.ggml.model", format!("{model:?} is not supported (only \"gpt2\" byte-level BPE)")));
+        return Err(
+            f.meta_err("tokenizer.ggml.model", format!("{model:?} is not supported (only \"gpt2\" byte-level BPE)"))
+        );
     }
     let strings = |key: &str| -> Result<Vec<String>, GgufError> {
         let arr = f
@@ -40,7 +43,9 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
             .ok_or_else(|| f.meta_err(key, "expected an array"))?;
         arr.iter()
             .enumerate()
-            .map(|(i, v)| v.as_str().map(str::to_string).ok_or_else(|| f.meta_err(key, format!("item {i} is not a string"))))
+            .map(|(i, v)| {
+                v.as_str().map(str::to_string).ok_or_else(|| f.meta_err(key, format!("item {i} is not a string")))
+            })
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
@@ -53,23 +58,23 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
             if arr.len() != tokens.len() {
                 return Err(f.meta_err(key, format!("{} types for {} tokens", arr.len(), tokens.len())));
             }
-            arr.iter().map(|v| v.as_i64().ok_or_else(|| f.meta_err(key, "expected integers"))).collect::<Result<_, _>>()?
+            arr.iter()
+                .map(|v| v.as_i64().ok_or_else(|| f.meta_err(key, "expected integers")))
+                .collect::<Result<_, _>>()?
         }
     };
     for (i, m) in merges.iter().enumerate() {
         if m.split(' ').count() != 2 {
-            return Err(f.meta_err("tokenizer.ggml.merges", format!("merge {i} {m:?} is not two tokens separated by a space")));
+            return Err(
+                f.meta_err("tokenizer.ggml.merges", format!("merge {i} {m:?} is not two tokens separated by a space"))
+            );
         }
     }
 
     let pre_key = "tokenizer.ggml.pre";
     let pre = f.get(pre_key).and_then(|v| v.as_str()).unwrap_or("default");
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": use_regex})
-    };
-    let split = |re: &str| {
-        json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": use_regex});
+    let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
     // Llama-3's tokenizer.json sets `ignore_merges` (a pre-token found whole in the vocabulary is
     // kept), and so does llama.cpp for this pre-tokenizer.
     let ignore_merges = matches!(pre, "llama-bpe" | "llama3");
@@ -90,7 +95,9 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
         other => {
             return Err(f.meta_err(
                 pre_key,
-                format!("pre-tokenizer {other:?} is not supported (qwen2, llama-bpe, smollm, starcoder, refact, gpt-2)"),
+                format!(
+                    "pre-tokenizer {other:?} is not supported (qwen2, llama-bpe, smollm, starcoder, refact, gpt-2)"
+                ),
             ))
         }
     };
