@@ -304,6 +304,21 @@ def smollm2_golden():
     (OUT / "smollm2.golden.json").write_text(json.dumps(doc) + "\n")
 
 
+def quant_golden():
+    """gguf.quants.quantize bytes of fixed inputs (the writer's oracle)."""
+    x = rng.normal(0, 1, size=(6, 64)).astype(np.float32)
+    x[1] = 0.0                                  # all-zero blocks
+    x[2, :32] = np.arange(32) * 0.5 - 8         # exact halves (rounding ties)
+    x[3] *= 1000
+    x[4, :32] = -np.abs(x[4, :32])              # largest |x| negative
+    x[5, 5] = 70000.0                           # overflows f16 in F16
+    out = {"oracle": f"gguf {GGUF_VERSION} gguf.quants.quantize", "shape": list(x.shape),
+           "input": [float(v) for v in x.reshape(-1)], "bytes_hex": {}}
+    for qt in [T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1]:
+        out["bytes_hex"][qt.name] = gguf.quants.quantize(x, qt).tobytes().hex()
+    (OUT / "quant.golden.json").write_text(json.dumps(out) + "\n")
+
+
 def unsupported_fixture():
     w = gguf.GGUFWriter(str(OUT / "unsupported_type.gguf"), "test")
     add(w, "blk.0.attn_q.weight", np.zeros((2, 256), np.float32), T.Q2_K)
@@ -319,6 +334,7 @@ if __name__ == "__main__":
     tiny_model("llama")
     tiny_model("qwen2")
     unsupported_fixture()
+    quant_golden()
     tiny_model("llama", bad_vocab=True)
     smollm2_golden()
     print(f"wrote {OUT}", file=sys.stderr)

@@ -25,6 +25,7 @@
 mod dequant;
 mod hf;
 mod vocab;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,6 +34,7 @@ use std::path::{Path, PathBuf};
 pub use dequant::{ggml_type_name, GgmlType};
 pub use hf::{hf_name, load_gguf, unpermute_rope, GgufModel};
 pub use vocab::tokenizer_from_gguf;
+pub use writer::{quantize, GgufWriter, QuantizeError};
 
 use crate::host::HostTensor;
 
@@ -170,6 +172,8 @@ pub struct GgufFile {
     path: PathBuf,
     version: u32,
     metadata: BTreeMap<String, GgufValue>,
+    /// Keys in file order.
+    order: Vec<String>,
     tensors: Vec<TensorInfo>,
     data_start: u64,
     map: memmap2::Mmap,
@@ -287,6 +291,7 @@ impl GgufFile {
             path: path.to_path_buf(),
             version: 0,
             metadata: BTreeMap::new(),
+            order: Vec::new(),
             tensors: Vec::new(),
             data_start: 0,
             map,
@@ -309,6 +314,7 @@ impl GgufFile {
         let n_tensors = r.u64(&|| "tensor count".into())?;
         let n_kv = r.u64(&|| "metadata count".into())?;
         let mut metadata = BTreeMap::new();
+        let mut order = Vec::new();
         for i in 0..n_kv {
             let key = r.string(&|| format!("key of metadata entry {i}"))?;
             let ty = r.u32(&|| format!("value type of `{key}`"))?;
@@ -316,6 +322,7 @@ impl GgufFile {
             if metadata.insert(key.clone(), v).is_some() {
                 return Err(r.malformed(format!("metadata key `{key}`"), "duplicate key".into()));
             }
+            order.push(key);
         }
         let mut tensors = Vec::new();
         for i in 0..n_tensors {
@@ -366,6 +373,7 @@ impl GgufFile {
         }
         self.version = version;
         self.metadata = metadata;
+        self.order = order;
         self.tensors = tensors;
         self.data_start = data_start;
         Ok(())
@@ -379,6 +387,10 @@ impl GgufFile {
     }
     pub fn metadata(&self) -> &BTreeMap<String, GgufValue> {
         &self.metadata
+    }
+    /// Metadata in file order.
+    pub fn metadata_in_order(&self) -> impl Iterator<Item = (&str, &GgufValue)> {
+        self.order.iter().map(|k| (k.as_str(), &self.metadata[k]))
     }
     pub fn get(&self, key: &str) -> Option<&GgufValue> {
         self.metadata.get(key)

@@ -14,7 +14,9 @@
 use std::path::{Path, PathBuf};
 
 use pipeline_model::chat::{ChatTemplate, Message};
-use pipeline_model::gguf::{hf_name, load_gguf, tokenizer_from_gguf, GgufFile, GgufValue};
+use pipeline_model::gguf::{
+    hf_name, load_gguf, quantize, tokenizer_from_gguf, GgmlType, GgufFile, GgufValue, GgufWriter,
+};
 use pipeline_model::tokenizer::{SpecialTokens, Tokenizer};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -342,6 +344,58 @@ fn gguf_bad_inputs_are_errors_naming_the_field_or_tensor() {
     });
     let e = load_gguf(&p).unwrap_err().to_string();
     assert!(e.contains("llama.embedding_length") && e.contains("missing"), "{e}");
+}
+
+#[test]
+fn gguf_writer_reproduces_gguf_package_files_byte_for_byte() {
+    for name in ["types.gguf", "tiny_llama.gguf", "tiny_qwen2.gguf"] {
+        let path = fixture(&format!("gguf/{name}"));
+        let f = GgufFile::open(&path).unwrap();
+        let mut w = GgufWriter::new();
+        for (k, v) in f.metadata_in_order() {
+            w.add_metadata(k, v.clone());
+        }
+        for t in f.tensors() {
+            w.add_raw_tensor(&t.name, t.dims.clone(), t.ggml_type, f.raw(t).unwrap().to_vec());
+        }
+        assert!(w.to_bytes().unwrap() == std::fs::read(&path).unwrap(), "{name}: bytes differ from gguf.GGUFWriter's");
+    }
+}
+
+#[test]
+fn quantizers_equal_gguf_package() {
+    let g = golden("gguf/quant.golden.json");
+    let x: Vec<f32> = g["input"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    for (ty, want) in g["bytes_hex"].as_object().unwrap() {
+        let ty = match ty.as_str() {
+            "F16" => GgmlType::F16,
+            "BF16" => GgmlType::BF16,
+            "Q8_0" => GgmlType::Q8_0,
+            "Q4_0" => GgmlType::Q4_0,
+            "Q4_1" => GgmlType::Q4_1,
+            other => panic!("unexpected type {other}"),
+        };
+        let got: String = quantize(ty, &x).unwrap().iter().map(|b| format!("{b:02x}")).collect();
+        assert!(got == want.as_str().unwrap(), "{}: differs from gguf.quants.quantize", ty.name());
+    }
+    assert!(quantize(GgmlType::Q4_K, &x[..256]).unwrap_err().to_string().contains("Q4_K"));
+    assert!(quantize(GgmlType::Q8_0, &x[..33]).is_err());
+
+    // Round trip through a written file.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.gguf");
+    let mut w = GgufWriter::new();
+    w.add_metadata("general.architecture", GgufValue::String("llama".into()));
+    w.add_tensor("q", &[6, 64], &x, GgmlType::Q4_1).unwrap();
+    w.add_tensor("f", &[6, 64], &x, GgmlType::F32).unwrap();
+    assert!(w.add_tensor("bad", &[5, 64], &x, GgmlType::F32).is_err());
+    w.write(&path).unwrap();
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!(f.dequantize("f").unwrap().data, x);
+    let q = f.dequantize("q").unwrap();
+    assert_eq!(q.shape, vec![6, 64]);
+    let max_err = q.data.iter().zip(&x).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max_err < 1000.0 * 6.0 / 15.0, "{max_err}");
 }
 
 // ---------------------------------------------------------------- heavy
