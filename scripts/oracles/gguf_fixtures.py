@@ -314,7 +314,7 @@ def quant_golden():
     x[5, 5] = 70000.0                           # overflows f16 in F16
     out = {"oracle": f"gguf {GGUF_VERSION} gguf.quants.quantize", "shape": list(x.shape),
            "input": [float(v) for v in x.reshape(-1)], "bytes_hex": {}}
-    for qt in [T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1]:
+    for qt in [T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]:
         out["bytes_hex"][qt.name] = gguf.quants.quantize(x, qt).tobytes().hex()
     (OUT / "quant.golden.json").write_text(json.dumps(out) + "\n")
 

@@ -262,7 +262,7 @@ impl<'a> Reader<'a> {
                         len: self.buf.len() as u64,
                     });
                 }
-                let mut items = Vec::with_capacity(n as usize);
+                let mut items = Vec::with_capacity((n as usize).min(1 << 20));
                 for _ in 0..n {
                     items.push(self.value(ety, key, depth + 1)?);
                 }

@@ -78,9 +78,14 @@ impl Tokenizer {
         Self::from_bytes(&json, cfg.as_deref(), &path.display().to_string())
     }
 
-    /// The Qwen2.5 tokenizer shipped in `assets/qwen2.5/`.
+    /// The Qwen2.5 tokenizer shipped in `assets/qwen2.5/` (parsed once per process, then cloned).
     pub fn qwen25() -> Result<Self, TokenizerError> {
-        Self::from_bytes(QWEN25_TOKENIZER_JSON, Some(QWEN25_TOKENIZER_CONFIG), "embedded Qwen2.5 tokenizer")
+        static CACHE: std::sync::OnceLock<Tokenizer> = std::sync::OnceLock::new();
+        if let Some(t) = CACHE.get() {
+            return Ok(t.clone());
+        }
+        let t = Self::from_bytes(QWEN25_TOKENIZER_JSON, Some(QWEN25_TOKENIZER_CONFIG), "embedded Qwen2.5 tokenizer")?;
+        Ok(CACHE.get_or_init(|| t).clone())
     }
 
     /// `tokenizer.json` bytes and optional `tokenizer_config.json` bytes; `what` names the source

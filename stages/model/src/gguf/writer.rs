@@ -3,7 +3,7 @@
 //! `gguf.quants.quantize`), laid out exactly as `gguf.GGUFWriter` does (key/values in insertion
 //! order, tensor data aligned to 32 bytes, each tensor padded).
 //!
-//! Quantisers: F32, F16, BF16, Q8_0, Q4_0, Q4_1 (Q4_K and the other K-quants are read-only here).
+//! Quantisers: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (Q4_K and the other K-quants are read-only here).
 
 use std::io::Write;
 use std::path::Path;
@@ -156,7 +156,7 @@ fn put_value(out: &mut Vec<u8>, v: &GgufValue) {
 pub enum QuantizeError {
     #[error("{0} values are not a whole number of {1}-value blocks")]
     Blocks(usize, usize),
-    #[error("quantising to {0} is not implemented (F32, F16, BF16, Q8_0, Q4_0, Q4_1 are)")]
+    #[error("quantising to {0} is not implemented (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 are)")]
     Unsupported(&'static str),
 }
 
@@ -211,6 +211,34 @@ pub fn quantize(ty: GgmlType, data: &[f32]) -> Result<Vec<u8>, QuantizeError> {
                 out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
                 let q = |x: f32| (((x - min) * id + 0.5) as i8).clamp(0, 15) as u8;
                 out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+            }
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            for b in data.chunks_exact(32) {
+                let q: Vec<u8> = if ty == GgmlType::Q5_0 {
+                    let (mut amax, mut max) = (0f32, 0f32);
+                    for &v in b {
+                        if amax < v.abs() {
+                            amax = v.abs();
+                            max = v;
+                        }
+                    }
+                    let d = max / -16.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    b.iter().map(|x| ((x * id + 16.5) as i8).clamp(0, 31) as u8).collect()
+                } else {
+                    let min = b.iter().fold(f32::INFINITY, |m, &x| m.min(x));
+                    let max = b.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let d = (max - min) / 31.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+                    b.iter().map(|x| (((x - min) * id + 0.5) as i8).clamp(0, 31) as u8).collect()
+                };
+                let qh = q.iter().enumerate().fold(0u32, |h, (j, &v)| h | (u32::from(v >> 4) << j));
+                out.extend_from_slice(&qh.to_le_bytes());
+                out.extend((0..16).map(|j| (q[j] & 0xF) | (q[j + 16] << 4)));
             }
         }
         other => return Err(QuantizeError::Unsupported(other.name())),
