@@ -381,7 +381,7 @@ fn quantizers_equal_gguf_package() {
         let got: String = quantize(ty, &x).unwrap().iter().map(|b| format!("{b:02x}")).collect();
         assert!(got == want.as_str().unwrap(), "{}: differs from gguf.quants.quantize", ty.name());
     }
-    assert!(quantize(GgmlType::Q4_K, &x[..256]).unwrap_err().to_string().contains("Q4_K"));
+    assert!(quantize(GgmlType::Q6_K, &x[..256]).unwrap_err().to_string().contains("Q6_K"));
     assert!(quantize(GgmlType::Q8_0, &x[..33]).is_err());
 
     // Round trip through a written file.
@@ -419,6 +419,18 @@ fn gguf_corrupt_bytes_never_panic() {
                 let _ = load_gguf(&path);
             }
         }
+    }
+}
+
+#[test]
+fn q4_k_quantizer_equals_llama_cpp_reference() {
+    let g = golden("gguf/quant_k.golden.json");
+    let x: Vec<f32> = g["input"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let got = quantize(GgmlType::Q4_K, &x).unwrap();
+    let want = g["bytes_hex"]["Q4_K"].as_str().unwrap();
+    for (row, (a, b)) in got.chunks(144).zip(want.as_bytes().chunks(288)).enumerate() {
+        let a: String = a.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(a, std::str::from_utf8(b).unwrap(), "super-block {row} differs from quantize_row_q4_K_ref");
     }
 }
 

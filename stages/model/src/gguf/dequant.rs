@@ -182,7 +182,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
 }
 
 /// ggml's `get_scale_min_k4`: the j-th 6-bit (scale, min) pair of a Q4_K super-block.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

@@ -3,7 +3,9 @@
 //! `gguf.quants.quantize`), laid out exactly as `gguf.GGUFWriter` does (key/values in insertion
 //! order, tensor data aligned to 32 bytes, each tensor padded).
 //!
-//! Quantisers: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (Q4_K and the other K-quants are read-only here).
+//! Quantisers: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (bit-equal to `gguf.quants.quantize`)
+//! and Q4_K (a port of `quantize_row_q4_K_ref`, bit-equal to llama.cpp's C compiled without FMA
+//! contraction; golden from `scripts/oracles/q4k_golden.py`). Q6_K is read-only here.
 
 use std::io::Write;
 use std::path::Path;
@@ -156,7 +158,7 @@ fn put_value(out: &mut Vec<u8>, v: &GgufValue) {
 pub enum QuantizeError {
     #[error("{0} values are not a whole number of {1}-value blocks")]
     Blocks(usize, usize),
-    #[error("quantising to {0} is not implemented (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 are)")]
+    #[error("quantising to {0} is not implemented (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K are)")]
     Unsupported(&'static str),
 }
 
@@ -241,7 +243,148 @@ pub fn quantize(ty: GgmlType, data: &[f32]) -> Result<Vec<u8>, QuantizeError> {
                 out.extend((0..16).map(|j| (q[j] & 0xF) | (q[j + 16] << 4)));
             }
         }
+        GgmlType::Q4_K => data.chunks_exact(256).for_each(|b| quantize_q4_k_block(b, &mut out)),
         other => return Err(QuantizeError::Unsupported(other.name())),
     }
     Ok(out)
+}
+
+/// ggml's `nearest_int`: round half to even through the float mantissa (|x| < 2^22).
+fn nearest_int(f: f32) -> i32 {
+    let v = f + 12_582_912.0;
+    (v.to_bits() as i32 & 0x007f_ffff) - 0x0040_0000
+}
+
+/// ggml's `make_qkx2_quants(n = 32, nmax = 15, ..., rmin = -1, rdelta = 0.1, nstep = 20,
+/// use_mad = false)`: scale and (negated) min of one 32-value sub-block, levels in `l`.
+fn make_qkx2_quants(x: &[f32], weights: &[f32], l: &mut [u8]) -> (f32, f32) {
+    const NMAX: i32 = 15;
+    let (rmin, rdelta, nstep) = (-1.0f32, 0.1f32, 20);
+    let n = x.len();
+    let mut min = x[0];
+    let mut max = x[0];
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        let w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l.iter_mut().for_each(|v| *v = 0);
+        return (0.0, -min);
+    }
+    let mut iscale = NMAX as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0f32;
+    for i in 0..n {
+        let li = nearest_int(iscale * (x[i] - min)).clamp(0, NMAX);
+        l[i] = li as u8;
+        let diff = scale * li as f32 + min - x[i];
+        best_error += weights[i] * (diff * diff);
+    }
+    let mut laux = [0u8; 32];
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + NMAX as f32) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..n {
+            let li = nearest_int(iscale * (x[i] - min)).clamp(0, NMAX);
+            laux[i] = li as u8;
+            let w = weights[i];
+            let lf = li as f32;
+            sum_l += w * lf;
+            sum_l2 += w * lf * lf;
+            sum_xl += w * lf * x[i];
+        }
+        let d = sum_w * sum_l2 - sum_l * sum_l;
+        if d > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur_error = 0f32;
+            for i in 0..n {
+                let diff = this_scale * laux[i] as f32 + this_min - x[i];
+                cur_error += weights[i] * (diff * diff);
+            }
+            if cur_error < best_error {
+                l[..n].copy_from_slice(&laux[..n]);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// ggml's `quantize_row_q4_K_ref` for one 256-value super-block.
+fn quantize_q4_k_block(x: &[f32], out: &mut Vec<u8>) {
+    let mut l = [0u8; 256];
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    let mut weights = [0f32; 32];
+    let (mut max_scale, mut max_min) = (0f32, 0f32);
+    for j in 0..8 {
+        let xs = &x[32 * j..32 * j + 32];
+        let sum_x2 = xs.iter().fold(0f32, |s, v| s + v * v);
+        let av_x = (sum_x2 / 32.0).sqrt();
+        for (w, v) in weights.iter_mut().zip(xs) {
+            *w = av_x + v.abs();
+        }
+        let (sc, mn) = make_qkx2_quants(xs, &weights, &mut l[32 * j..32 * j + 32]);
+        scales[j] = sc;
+        mins[j] = mn;
+        if sc > max_scale {
+            max_scale = sc;
+        }
+        if mn > max_min {
+            max_min = mn;
+        }
+    }
+    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let mut sc = [0u8; 12];
+    for j in 0..8 {
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        if j < 4 {
+            sc[j] = ls;
+            sc[j + 4] = lm;
+        } else {
+            sc[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+            sc[j - 4] |= (ls >> 4) << 6;
+            sc[j] |= (lm >> 4) << 6;
+        }
+    }
+    let d = f16::from_f32(max_scale / 63.0);
+    let dmin = f16::from_f32(max_min / 63.0);
+    for j in 0..8 {
+        let (s, m) = super::dequant::scale_min_k4(j, &sc);
+        let dd = d.to_f32() * s as f32;
+        if dd == 0.0 {
+            continue;
+        }
+        let dm = dmin.to_f32() * m as f32;
+        for ii in 0..32 {
+            l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / dd).clamp(0, 15) as u8;
+        }
+    }
+    out.extend_from_slice(&d.to_le_bytes());
+    out.extend_from_slice(&dmin.to_le_bytes());
+    out.extend_from_slice(&sc);
+    for j in (0..256).step_by(64) {
+        out.extend((0..32).map(|i| l[j + i] | (l[j + i + 32] << 4)));
+    }
 }
