@@ -189,14 +189,20 @@ def unpermute(w, n_head):
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tiny_model(arch, bad_vocab=False):
+def tiny_model(arch, bad_vocab=None):
     hidden, heads, kv, ffn, layers = 64, 4, 2, 256, 2
     hd = hidden // heads
     tokens, types, merges = tiny_vocab()
     vocab_rows = len(tokens) + 5  # padded embedding, as Qwen2.5 does
     path = OUT / f"tiny_{arch}.gguf"
-    if bad_vocab:  # embedding smaller than the vocabulary: must be refused
-        vocab_rows, layers, path = len(tokens) - 10, 1, OUT / "bad_vocab.gguf"
+    if bad_vocab is None:
+        # llama.cpp's converter pads the vocabulary to the embedding rows with UNUSED [PADi] tokens.
+        pads = vocab_rows - len(tokens)
+        tokens, types = tokens + [f"[PAD{i}]" for i in range(pads)], types + [5] * pads
+    elif bad_vocab == "small":  # vocabulary smaller than the embedding (unpadded): refused
+        layers, path = 1, OUT / "bad_vocab_small.gguf"
+    else:  # vocabulary larger than the embedding: refused
+        vocab_rows, layers, path = len(tokens) - 10, 1, OUT / "bad_vocab_large.gguf"
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(layers)
     w.add_context_length(512)
@@ -335,6 +341,7 @@ if __name__ == "__main__":
     tiny_model("qwen2")
     unsupported_fixture()
     quant_golden()
-    tiny_model("llama", bad_vocab=True)
+    tiny_model("llama", bad_vocab="small")
+    tiny_model("llama", bad_vocab="large")
     smollm2_golden()
     print(f"wrote {OUT}", file=sys.stderr)

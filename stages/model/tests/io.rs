@@ -320,8 +320,10 @@ fn gguf_bad_inputs_are_errors_naming_the_field_or_tensor() {
     let e = f.dequantize("blk.0.attn_q.weight").unwrap_err().to_string();
     assert!(e.contains("blk.0.attn_q.weight") && e.contains("Q2_K"), "{e}");
 
-    let e = load_gguf(fixture("gguf/bad_vocab.gguf")).unwrap_err().to_string();
-    assert!(e.contains("token_embd.weight") && e.contains("tokenizer.ggml.tokens"), "{e}");
+    for (file, rel) in [("bad_vocab_small.gguf", "smaller"), ("bad_vocab_large.gguf", "larger")] {
+        let e = load_gguf(fixture(&format!("gguf/{file}"))).unwrap_err().to_string();
+        assert!(e.contains("token_embd.weight") && e.contains("tokenizer.ggml.tokens") && e.contains(rel), "{e}");
+    }
 
     let e = load_gguf(fixture("gguf/types.gguf")).unwrap_err().to_string();
     assert!(e.contains("general.architecture") && e.contains("test"), "{e}");
