@@ -12,7 +12,11 @@
 //! - [`load_gguf`] reads a `llama` or `qwen2` model into a [`GgufModel`]: an HF `config.json`
 //!   value, [`HostTensors`] under HF names (`model.layers.N.self_attn.q_proj.weight`, ...;
 //!   `lm_head.weight` absent when the embedding is tied), the tokenizer rebuilt from
-//!   `tokenizer.ggml.*` metadata and the `tokenizer.chat_template` string.
+//!   `tokenizer.ggml.*` metadata and the `tokenizer.chat_template` string. The vocabulary must
+//!   have exactly one entry per embedding row (llama.cpp's rule), else an error naming both.
+//! - [`GgufWriter`] / [`quantize`]: writing (layout byte-identical to `gguf.GGUFWriter`) and
+//!   quantising F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K, for the quantize/export stages;
+//!   [`hf_name`] and [`unpermute_rope`] for name/layout mapping.
 //!
 //! Tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K are dequantised on load
 //! exactly as the PyPI `gguf` package does (golden tests in `tests/`). Llama-architecture files

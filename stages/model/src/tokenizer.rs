@@ -13,7 +13,8 @@
 //!   plus added tokens), [`Tokenizer::check_embedding_rows`].
 //! - GGUF files: [`crate::gguf::tokenizer_from_gguf`] builds one from `tokenizer.ggml.*` metadata.
 //!
-//! Verified on llama.cpp's 47 Qwen2 tokenizer test vectors (`tests/fixtures/tokenizer/`).
+//! Verified on llama.cpp's Qwen2 tokenizer test vectors (`tests/fixtures/tokenizer/`: 46 text/ids
+//! pairs, i.e. 47 `__ggml_vocab_test__`-separated pieces with an empty last one).
 
 use std::path::{Path, PathBuf};
 

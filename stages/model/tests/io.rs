@@ -1,7 +1,7 @@
 //! Tokenizer, chat template and GGUF loading against outside oracles.
 //!
 //! Golden data (committed under `tests/fixtures/`):
-//! - `tokenizer/ggml-vocab-qwen2.gguf.{inp,out}`: llama.cpp's 47 Qwen2 test vectors (PyPI sdist
+//! - `tokenizer/ggml-vocab-qwen2.gguf.{inp,out}`: llama.cpp's Qwen2 test vectors (46 pairs; PyPI sdist
 //!   llama-cpp-python 0.3.36), fetched by `scripts/fetch_assets.py llama-vocab`.
 //! - `gguf/*.gguf` + `*.golden.json`: written and dequantised by the PyPI `gguf` package
 //!   (`scripts/oracles/gguf_fixtures.py`; version recorded in each golden file).
