@@ -196,9 +196,9 @@ def tiny_model(arch, bad_vocab=None):
     vocab_rows = len(tokens) + 5  # padded embedding, as Qwen2.5 does
     path = OUT / f"tiny_{arch}.gguf"
     if bad_vocab is None:
-        # llama.cpp's converter pads the vocabulary to the embedding rows with UNUSED [PADi] tokens.
+        # llama.cpp's converter pads the vocabulary to the embedding rows with UNUSED [PAD<id>] tokens.
         pads = vocab_rows - len(tokens)
-        tokens, types = tokens + [f"[PAD{i}]" for i in range(pads)], types + [5] * pads
+        tokens, types = tokens + [f"[PAD{len(tokens) + i}]" for i in range(pads)], types + [5] * pads
     elif bad_vocab == "small":  # vocabulary smaller than the embedding (unpadded): refused
         layers, path = 1, OUT / "bad_vocab_small.gguf"
     else:  # vocabulary larger than the embedding: refused

@@ -16,7 +16,8 @@
 //!   have exactly one entry per embedding row (llama.cpp's rule), else an error naming both.
 //! - [`GgufWriter`] / [`quantize`]: writing (layout byte-identical to `gguf.GGUFWriter`) and
 //!   quantising F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K, for the quantize/export stages;
-//!   [`hf_name`] and [`unpermute_rope`] for name/layout mapping.
+//!   [`hf_name`] and [`unpermute_rope`] for name/layout mapping; [`export_gguf`] / [`write_gguf`]
+//!   turn an HF model (config, tensors, tokenizer, template) back into a llama.cpp GGUF.
 //!
 //! Tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K are dequantised on load
 //! exactly as the PyPI `gguf` package does (golden tests in `tests/`). Llama-architecture files
@@ -27,6 +28,7 @@
 //! Every malformed input is a [`GgufError`] naming the file and the field or tensor.
 
 mod dequant;
+mod export;
 mod hf;
 mod vocab;
 mod writer;
@@ -36,6 +38,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use dequant::{ggml_type_name, GgmlType};
+pub use export::{add_tokenizer_metadata, export_gguf, gguf_name, permute_rope, write_gguf};
 pub use hf::{hf_name, load_gguf, unpermute_rope, GgufModel};
 pub use vocab::tokenizer_from_gguf;
 pub use writer::{quantize, GgufWriter, QuantizeError};

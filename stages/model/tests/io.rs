@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use pipeline_model::chat::{ChatTemplate, Message};
 use pipeline_model::gguf::{
-    hf_name, load_gguf, quantize, tokenizer_from_gguf, GgmlType, GgufFile, GgufValue, GgufWriter,
+    add_tokenizer_metadata, hf_name, load_gguf, quantize, tokenizer_from_gguf, write_gguf, GgmlType, GgufFile,
+    GgufValue, GgufWriter,
 };
 use pipeline_model::tokenizer::{SpecialTokens, Tokenizer};
 use serde_json::Value;
@@ -259,7 +260,9 @@ fn check_model(arch: &str) {
     }
     assert_eq!(m.chat_template.as_deref(), g["chat_template"].as_str());
     let tok = m.tokenizer.unwrap();
-    assert_eq!(tok.vocab_size() as u64, g["vocab"]["tokens"].as_u64().unwrap());
+    // The 5 UNUSED `[PADi]` entries padding the vocabulary to the embedding are not HF tokens.
+    assert_eq!(tok.vocab_size() as u64 + 5, g["vocab"]["tokens"].as_u64().unwrap());
+    assert_eq!(tok.token_to_id("[PAD300]"), None);
     assert_eq!((tok.bos_id(), tok.eos_id(), tok.pad_id()), (Some(1), Some(2), Some(0)));
     // Control tokens are atomic; merges learnt on the corpus apply.
     let ids = tok.encode("<|im_start|>user\nhello<|im_end|>", false).unwrap();
@@ -434,6 +437,59 @@ fn q4_k_quantizer_equals_llama_cpp_reference() {
         let a: String = a.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(a, std::str::from_utf8(b).unwrap(), "super-block {row} differs from quantize_row_q4_K_ref");
     }
+}
+
+#[test]
+fn gguf_export_round_trips_tiny_models() {
+    let dir = tempfile::tempdir().unwrap();
+    for arch in ["llama", "qwen2"] {
+        let m = load_gguf(fixture(&format!("gguf/tiny_{arch}.gguf"))).unwrap();
+        let out = dir.path().join(format!("{arch}.gguf"));
+        let tok = m.tokenizer.as_ref();
+        write_gguf(&out, &m.config_json, &m.tensors, tok, m.chat_template.as_deref(), |_| GgmlType::F32).unwrap();
+        if let Some(keep) = std::env::var_os("PIPELINE_KEEP_EXPORT") {
+            // For checking with the gguf package by hand (scripts/oracles/check_export.py).
+            std::fs::copy(&out, Path::new(&keep).join(format!("{arch}.gguf"))).unwrap();
+        }
+        let m2 = load_gguf(&out).unwrap();
+        assert_eq!(m2.config_json, m.config_json, "{arch}");
+        assert!(m2.tensors == m.tensors, "{arch}: tensors changed in the round trip (Q/K permutation?)");
+        assert_eq!(m2.chat_template, m.chat_template);
+        let (t1, t2) = (m.tokenizer.unwrap(), m2.tokenizer.unwrap());
+        for text in ["hello world <|im_end|>", "the capital of France is Paris. 12345 <tool_call>"] {
+            assert_eq!(t1.encode(text, false).unwrap(), t2.encode(text, false).unwrap());
+        }
+        // Quantised export reads back close to the original.
+        write_gguf(&out, &m.config_json, &m.tensors, None, None, |_| GgmlType::Q8_0).unwrap();
+        let q = load_gguf(&out).unwrap();
+        assert!(q.tokenizer.is_none());
+        let (a, b) = (
+            &q.tensors["model.layers.1.self_attn.q_proj.weight"],
+            &m.tensors["model.layers.1.self_attn.q_proj.weight"],
+        );
+        let err = a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(err > 0.0 && err < 0.05, "{arch}: Q8_0 error {err}");
+    }
+}
+
+#[test]
+fn qwen25_tokenizer_survives_gguf_metadata_round_trip() {
+    let tok = Tokenizer::qwen25().unwrap();
+    let mut w = GgufWriter::new();
+    add_tokenizer_metadata(&mut w, &tok, 151_936).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("vocab.gguf");
+    w.write(&p).unwrap();
+    let f = GgufFile::open(&p).unwrap();
+    assert_eq!(f.get_str("tokenizer.ggml.pre").unwrap(), "qwen2");
+    let tok2 = tokenizer_from_gguf(&f).unwrap().unwrap();
+    let v = llama_cpp_vectors(
+        &fixture("tokenizer/ggml-vocab-qwen2.gguf.inp"),
+        &fixture("tokenizer/ggml-vocab-qwen2.gguf.out"),
+    );
+    check_vectors(&tok2, &v, "qwen2.5 via GGUF metadata");
+    assert_eq!((tok2.eos_id(), tok2.pad_id(), tok2.im_start_id()), (Some(151_645), Some(151_643), Some(151_644)));
+    assert!(add_tokenizer_metadata(&mut GgufWriter::new(), &tok, 1000).is_err());
 }
 
 // ---------------------------------------------------------------- heavy

@@ -1,7 +1,8 @@
 //! A HF `tokenizers` tokenizer rebuilt from GGUF `tokenizer.ggml.*` metadata (`gpt2` model:
 //! byte-level BPE).
 //!
-//! `tokenizer.ggml.tokens` become the BPE vocabulary (ids = positions), `tokenizer.ggml.merges`
+//! `tokenizer.ggml.tokens` become the BPE vocabulary (ids = positions; UNUSED (5) padding entries
+//! are left out, as in the HF tokenizer they were padded from), `tokenizer.ggml.merges`
 //! ("a b") the merge ranks, tokens typed CONTROL (3) become special added tokens and USER_DEFINED
 //! (4) non-special added tokens, as llama.cpp's converter derived them from HF's added tokens.
 //! `tokenizer.ggml.pre` picks the pre-tokenizer of the HF tokenizer the file was converted from:
@@ -21,9 +22,9 @@ use serde_json::{json, Map, Value};
 use super::{GgufError, GgufFile};
 use crate::tokenizer::{SpecialTokens, Tokenizer};
 
-const QWEN2_REGEX: &str =
+pub(crate) const QWEN2_REGEX: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Build the tokenizer a GGUF file describes. `Ok(None)` when the file has no
 /// `tokenizer.ggml.model`; an error naming the field when it is present but unusable.
@@ -105,7 +106,10 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
     let mut vocab = Map::new();
     let mut added = Vec::new();
     for (id, (tok, &ty)) in tokens.iter().zip(&types).enumerate() {
-        // Duplicates (padding entries) keep the first id, as HF's vocab.json would.
+        if ty == 5 {
+            continue; // UNUSED: llama.cpp's `[PADi]` fillers up to the embedding size, not in HF's vocabulary
+        }
+        // Duplicates keep the first id, as HF's vocab.json would.
         vocab.entry(tok.clone()).or_insert(json!(id));
         if ty == 3 || ty == 4 {
             added.push(json!({
