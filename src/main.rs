@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "pipeline", version, about = "Run an LLM training workflow from one TOML recipe, with a content-hashed cache.")]
+#[command(
+    name = "pipeline",
+    version,
+    about = "Run an LLM training workflow from one TOML recipe, with a content-hashed cache."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

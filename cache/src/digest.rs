@@ -163,7 +163,10 @@ impl FileMemo {
         }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let tree = digest_tree(path)?;
-        self.records.insert(key, MemoRecord { files: tree.files, dirs: tree.dirs, hashed_at_ns: now, digest: tree.digest.clone() });
+        self.records.insert(
+            key,
+            MemoRecord { files: tree.files, dirs: tree.dirs, hashed_at_ns: now, digest: tree.digest.clone() },
+        );
         self.dirty = true;
         Ok(tree.digest)
     }
