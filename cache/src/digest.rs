@@ -53,7 +53,10 @@ fn hash_file(path: &Path) -> io::Result<[u8; 32]> {
 }
 
 /// Walk `root` (a file or a directory), sorted, without hashing: relative files and dirs.
-pub(crate) fn walk(root: &Path) -> io::Result<(Vec<(TreeFile, PathBuf)>, Vec<String>)> {
+/// Files (with their paths) and directories of a tree, sorted.
+pub(crate) type Walk = (Vec<(TreeFile, PathBuf)>, Vec<String>);
+
+pub(crate) fn walk(root: &Path) -> io::Result<Walk> {
     let meta = fs::metadata(root)?;
     let mut files = Vec::new();
     let mut dirs = Vec::new();

@@ -333,8 +333,8 @@ pub fn plan_source(src: &Source, registry: &Registry) -> Result<Plan, RecipeErro
     for (new, &old) in order.iter().enumerate() {
         new_index[old] = new;
     }
-    let mut slots: Vec<Option<(Pre, BTreeMap<String, Vec<InputRef>>)>> =
-        pre.into_iter().zip(resolved).map(Some).collect();
+    type Slot = Option<(Pre, BTreeMap<String, Vec<InputRef>>)>;
+    let mut slots: Vec<Slot> = pre.into_iter().zip(resolved).map(Some).collect();
     let mut stages = Vec::new();
     for &old in &order {
         let (p, mut inputs) = slots[old].take().expect("each stage once");
