@@ -110,6 +110,7 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {
                 println!("  the key is unchanged since its last entry; that entry's outputs are missing or corrupt");
             }
             for line in d {
+                let line = line.replace("\"pending:", "\"new output of ");
                 println!("  dirty: {line}");
             }
         }

@@ -682,8 +682,10 @@ fn work(
         cancel,
     });
     let t0 = Instant::now();
+    tracing::info!(key = %short(&job.key), "running");
     let res = std::panic::catch_unwind(AssertUnwindSafe(|| s.stage.run(&ctx)));
     let report = ctx.take_report();
+    tracing::info!(ok = matches!(res, Ok(Ok(()))), elapsed_ms = t0.elapsed().as_millis() as u64, "finished");
     match res {
         Ok(Ok(())) => {
             let mut entry = Entry::new(&job.key, job.key_json, &plan.name, &s.id, &s.kind);
