@@ -393,6 +393,23 @@ fn gc_drops_unreferenced_entries() {
 }
 
 #[test]
+fn cache_dir_flag_and_env_and_device_option() {
+    let p = Project::new(DIAMOND);
+    let r = p.run(&["--cache-dir", "elsewhere", "--device", "cuda", "--until", "a"]).ok();
+    let a = r.events.iter().find(|e| e["stage"] == "a" && e["event"] == "stage_finished").unwrap();
+    assert_eq!(a["report"]["device"], "cuda");
+    assert!(p.path().join("elsewhere/v1/entries").is_dir());
+    assert!(!p.path().join(".pipeline").exists());
+    let out = p
+        .cmd(&["--log-format", "json", "run", "r.toml", "--until", "a"])
+        .env("PIPELINE_CACHE_DIR", "elsewhere")
+        .output()
+        .unwrap();
+    assert_eq!(Run::from(out).ok().with_status("cached"), v(&["a"]));
+    assert!(!p.path().join(".pipeline").exists());
+}
+
+#[test]
 fn every_invalid_recipe_gives_its_snapshotted_message() {
     let mut files: Vec<PathBuf> =
         std::fs::read_dir(repo().join("recipes/invalid")).unwrap().map(|e| e.unwrap().path()).collect();

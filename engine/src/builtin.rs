@@ -261,7 +261,9 @@ impl Stage for TestStep {
             }
         }
         fs::write(&out, &text).map_err(|e| StageError::io(&out, e))?;
-        ctx.set_report(serde_json::json!({ "bytes": text.len(), "resumed_from": start }));
+        ctx.set_report(
+            serde_json::json!({ "bytes": text.len(), "resumed_from": start, "device": ctx.option("device") }),
+        );
         Ok(())
     }
 }
