@@ -365,3 +365,90 @@ pub fn plan_source(src: &Source, registry: &Registry) -> Result<Plan, RecipeErro
     }
     Ok(Plan { name: pipeline.name, seed: pipeline.seed, path: src.path.clone(), dir, stages, graph })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg() -> Registry {
+        let mut r = Registry::new();
+        crate::builtin::register(&mut r);
+        r
+    }
+
+    fn src(text: &str) -> Source {
+        Source { path: "r.toml".into(), text: text.into() }
+    }
+
+    #[test]
+    fn order_is_topological_and_keeps_recipe_order_for_ties() {
+        let p = plan_source(
+            &src(r#"
+[pipeline]
+name = "t"
+[stages.z]
+kind = "concat"
+inputs.parts = ["b.data", "a.data"]
+[stages.b]
+kind = "concat"
+inputs.parts = "a.data"
+[stages.a]
+kind = "files"
+params.paths = ["Cargo.toml"]
+[stages.c]
+kind = "files"
+params.paths = ["Cargo.toml"]
+"#),
+            &reg(),
+        );
+        let p = match p {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "z", "c"]);
+        let z = &p.stages[2];
+        assert_eq!(z.deps, vec![0, 1]);
+        assert_eq!(
+            z.inputs["parts"],
+            vec![InputRef { stage: 1, output: "data".into() }, InputRef { stage: 0, output: "data".into() }]
+        );
+    }
+
+    #[test]
+    fn defaults_merge_under_stage_params() {
+        let p = plan_source(
+            &src(r#"
+[pipeline]
+name = "t"
+[pipeline.defaults.concat]
+separator = "-"
+file_name = "x.txt"
+[stages.a]
+kind = "files"
+params.paths = ["Cargo.toml"]
+[stages.b]
+kind = "concat"
+inputs.parts = "a.data"
+params.file_name = "y.txt"
+"#),
+            &reg(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let b = &p.stages[1].params;
+        assert_eq!(b["separator"].as_str(), Some("-"));
+        assert_eq!(b["file_name"].as_str(), Some("y.txt"));
+    }
+
+    #[test]
+    fn self_reference_is_a_cycle() {
+        let e = plan_source(
+            &src("[pipeline]\nname = \"t\"\n[stages.a]\nkind = \"concat\"\ninputs.parts = \"a.data\"\n"),
+            &reg(),
+        )
+        .err()
+        .expect("a cycle");
+        assert_eq!(e.message, "the stages form a cycle: a -> a");
+        assert_eq!(e.line, 3);
+    }
+}
