@@ -73,7 +73,10 @@ pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
                 }
             }
             rows.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.stage.cmp(&b.1.stage)));
-            println!("  {:<12}  {:<16}  {:<16}  {:<10}  {:>10}  {:>6}", "key", "recipe", "stage", "kind", "output", "used");
+            println!(
+                "  {:<12}  {:<16}  {:<16}  {:<10}  {:>10}  {:>6}",
+                "key", "recipe", "stage", "kind", "output", "used"
+            );
             for (_, e) in rows {
                 let mark = if latest.contains(&e.key) { '*' } else { ' ' };
                 println!(
@@ -109,7 +112,10 @@ pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
                 let (key, why) = match e {
                     Ok(e) => {
                         let old = max_age.is_some_and(|a| {
-                            store.entry_last_used(&e.key).and_then(|t| now.duration_since(t).ok()).is_some_and(|d| d.as_secs() > a)
+                            store
+                                .entry_last_used(&e.key)
+                                .and_then(|t| now.duration_since(t).ok())
+                                .is_some_and(|d| d.as_secs() >= a)
                         });
                         let why = if old {
                             Some("older than --older-than")
@@ -120,9 +126,10 @@ pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
                         };
                         (e.key, why)
                     }
-                    Err(pipeline_cache::CacheError::CorruptEntry { path, .. }) => {
-                        (path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), Some("unreadable"))
-                    }
+                    Err(pipeline_cache::CacheError::CorruptEntry { path, .. }) => (
+                        path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+                        Some("unreadable"),
+                    ),
                     Err(e) => return Err(e.into()),
                 };
                 match why {

@@ -59,7 +59,9 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<()> {
         let status = match &st.freshness {
             Freshness::Cached => "cached".to_string(),
             Freshness::Dirty(why) => format!("will run: {why}"),
-            Freshness::Waiting(up) => format!("will run if its inputs change: upstream {} will run first", up.join(", ")),
+            Freshness::Waiting(up) => {
+                format!("will run if its inputs change: upstream {} will run first", up.join(", "))
+            }
         };
         let ins = if inputs.is_empty() { String::new() } else { format!(" <- {}", inputs.join(" ")) };
         println!("{:>3}. {:<w$}  {:<wk$}  {status}{ins}", i + 1, s.id, s.kind);
@@ -72,7 +74,13 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {
     let idx = plan.require(&args.stage).map_err(Usage)?;
     let s = &plan.stages[idx];
     let Some(store) = open(&args.cache, &args.recipe) else {
-        println!("stage `{}` ({} v{}): will run: no cache at {}", s.id, s.kind, s.stage.version(), args.cache.resolve(Some(&args.recipe)).display());
+        println!(
+            "stage `{}` ({} v{}): will run: no cache at {}",
+            s.id,
+            s.kind,
+            s.stage.version(),
+            args.cache.resolve(Some(&args.recipe)).display()
+        );
         return Ok(());
     };
     let st = exec::statuses(&plan, &store, &[]).swap_remove(idx);
@@ -102,6 +110,7 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {
                 println!("  the key is unchanged since its last entry; that entry's outputs are missing or corrupt");
             }
             for line in d {
+                let line = line.replace("\"pending:", "\"new output of ");
                 println!("  dirty: {line}");
             }
         }

@@ -53,7 +53,9 @@ pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
     let store = Store::open(&cache_dir).with_context(|| format!("opening cache {}", cache_dir.display()))?;
     let json = (fmt == LogFormat::Json).then(|| Arc::new(report::Json::new()));
     let _lock = store.lock(|| match &json {
-        Some(j) => j.emit(serde_json::json!({"event": "waiting_for_lock", "cache_dir": cache_dir.display().to_string()})),
+        Some(j) => {
+            j.emit(serde_json::json!({"event": "waiting_for_lock", "cache_dir": cache_dir.display().to_string()}))
+        }
         None => eprintln!("waiting: another pipeline process is using the cache {} ...", cache_dir.display()),
     })?;
     store.clean_tmp()?;
@@ -85,10 +87,13 @@ pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
         Err(ExecError::Usage(m)) => return Err(Usage(m).into()),
         Err(e) => return Err(e.into()),
     };
+    let ok = !summary.failed()
+        && !summary.cancelled
+        && !summary.outcomes.iter().any(|o| matches!(o.status, pipeline_engine::Status::Skipped(_)));
     match &json {
         Some(j) => j.emit(serde_json::json!({
             "event": "run_finished",
-            "ok": !summary.failed() && !summary.cancelled,
+            "ok": ok,
             "interrupted": summary.cancelled,
             "elapsed_ms": summary.elapsed.as_millis() as u64,
             "ran": summary.outcomes.iter().filter(|o| o.status == pipeline_engine::Status::Ran).count(),
@@ -96,7 +101,7 @@ pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
         })),
         None => print!("{}", report::summary_table(&summary)),
     }
-    if summary.failed() || summary.cancelled || summary.outcomes.iter().any(|o| matches!(o.status, pipeline_engine::Status::Skipped(_))) {
+    if !ok {
         return Err(Exit(1).into());
     }
     Ok(())

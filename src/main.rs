@@ -14,7 +14,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "pipeline", version, about = "Run an LLM training workflow from one TOML recipe, with a content-hashed cache.")]
+#[command(
+    name = "pipeline",
+    version,
+    about = "Run an LLM training workflow from one TOML recipe, with a content-hashed cache."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,9 +45,14 @@ enum Command {
 }
 
 fn init_tracing() {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("off"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 fn main() -> ExitCode {

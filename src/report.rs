@@ -37,7 +37,8 @@ impl Human {
 }
 
 fn spinner_style() -> ProgressStyle {
-    ProgressStyle::with_template("{spinner} {prefix:.bold} {msg} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_spinner())
+    ProgressStyle::with_template("{spinner} {prefix:.bold} {msg} {elapsed}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
 }
 fn bar_style() -> ProgressStyle {
     ProgressStyle::with_template("{spinner} {prefix:.bold} {msg} [{bar:30}] {pos}/{len} ({eta} left)")
@@ -112,7 +113,11 @@ pub fn summary_table(s: &RunSummary) -> String {
         .iter()
         .filter(|o| o.status != Status::NotSelected)
         .map(|o| {
-            let dur = if o.status == Status::Ran || matches!(o.status, Status::Failed(_)) { human_duration(o.duration) } else { "-".into() };
+            let dur = if o.status == Status::Ran || matches!(o.status, Status::Failed(_)) {
+                human_duration(o.duration)
+            } else {
+                "-".into()
+            };
             let size = if o.outputs.is_empty() { "-".into() } else { human_bytes(o.bytes()) };
             [o.id.clone(), o.kind.clone(), o.status.label().to_string(), dur, size, report_counts(o.report.as_ref())]
         })
@@ -194,10 +199,14 @@ pub fn outcome_json(o: &StageOutcome) -> serde_json::Value {
 impl EventSink for Json {
     fn stage_event(&self, stage_id: &str, event: StageEvent) {
         let v = match event {
-            StageEvent::ProgressStart { label, total } => json!({"event": "progress_start", "stage": stage_id, "label": label, "total": total}),
+            StageEvent::ProgressStart { label, total } => {
+                json!({"event": "progress_start", "stage": stage_id, "label": label, "total": total})
+            }
             StageEvent::ProgressSet { .. } => return,
             StageEvent::ProgressFinish => json!({"event": "progress_finish", "stage": stage_id}),
-            StageEvent::Metric { name, step, value } => json!({"event": "metric", "stage": stage_id, "name": name, "step": step, "value": value}),
+            StageEvent::Metric { name, step, value } => {
+                json!({"event": "metric", "stage": stage_id, "name": name, "step": step, "value": value})
+            }
             StageEvent::Message(m) => json!({"event": "message", "stage": stage_id, "message": m}),
         };
         self.emit(v);

@@ -53,7 +53,10 @@ fn hash_file(path: &Path) -> io::Result<[u8; 32]> {
 }
 
 /// Walk `root` (a file or a directory), sorted, without hashing: relative files and dirs.
-pub(crate) fn walk(root: &Path) -> io::Result<(Vec<(TreeFile, PathBuf)>, Vec<String>)> {
+/// Files (with their paths) and directories of a tree, sorted.
+pub(crate) type Walk = (Vec<(TreeFile, PathBuf)>, Vec<String>);
+
+pub(crate) fn walk(root: &Path) -> io::Result<Walk> {
     let meta = fs::metadata(root)?;
     let mut files = Vec::new();
     let mut dirs = Vec::new();
@@ -163,7 +166,10 @@ impl FileMemo {
         }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let tree = digest_tree(path)?;
-        self.records.insert(key, MemoRecord { files: tree.files, dirs: tree.dirs, hashed_at_ns: now, digest: tree.digest.clone() });
+        self.records.insert(
+            key,
+            MemoRecord { files: tree.files, dirs: tree.dirs, hashed_at_ns: now, digest: tree.digest.clone() },
+        );
         self.dirty = true;
         Ok(tree.digest)
     }

@@ -120,8 +120,10 @@ pub struct Store {
 }
 
 fn safe_name(s: &str) -> String {
-    let s: String =
-        s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect();
+    let s: String = s
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
+        .collect();
     if s.is_empty() || s.starts_with('.') {
         format!("_{s}")
     } else {
@@ -151,7 +153,8 @@ impl Store {
     /// Take the store's exclusive lock, calling `on_wait` first if another process holds it.
     pub fn lock(&self, on_wait: impl FnOnce()) -> Result<LockGuard, CacheError> {
         let path = self.base.join("lock");
-        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        let file =
+            fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -290,7 +293,9 @@ impl Store {
                 self.write_stamp(digest, t.files, t.dirs);
                 ArtifactCheck::Ok
             }
-            Ok(t) => ArtifactCheck::Corrupt(format!("content digest is {} (expected {})", short(&t.digest), short(digest))),
+            Ok(t) => {
+                ArtifactCheck::Corrupt(format!("content digest is {} (expected {})", short(&t.digest), short(digest)))
+            }
             Err(e) => ArtifactCheck::Corrupt(e.to_string()),
         }
     }

@@ -86,7 +86,9 @@ impl Stage for Files {
         for s in &p.paths {
             let path = ctx.resolve(s);
             if !path.exists() {
-                return Err(StageError::Params(format!("for key `paths`: `{s}` does not exist (paths are relative to the recipe's directory)")));
+                return Err(StageError::Params(format!(
+                    "for key `paths`: `{s}` does not exist (paths are relative to the recipe's directory)"
+                )));
             }
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             if !names.insert(name.clone()) {
@@ -150,7 +152,10 @@ impl Stage for Concat {
         ctx.check_inputs(&["parts"], &[])?;
         let p: ConcatParams = ctx.params()?;
         if p.file_name.is_empty() || p.file_name.contains(['/', '\\']) {
-            return Err(StageError::Params(format!("for key `file_name`: `{}` must be a plain file name", p.file_name)));
+            return Err(StageError::Params(format!(
+                "for key `file_name`: `{}` must be a plain file name",
+                p.file_name
+            )));
         }
         Ok(Declared { outputs: vec!["data".into()], files: vec![] })
     }
@@ -236,7 +241,8 @@ impl Stage for TestStep {
             ctx.check_cancelled()?;
             std::thread::sleep(std::time::Duration::from_millis(p.step_ms));
             if p.checkpoint {
-                pipeline_cache::write_atomic(&ckpt, (step + 1).to_string().as_bytes()).map_err(|e| StageError::io(&ckpt, e))?;
+                pipeline_cache::write_atomic(&ckpt, (step + 1).to_string().as_bytes())
+                    .map_err(|e| StageError::io(&ckpt, e))?;
             }
             ctx.progress_set(step + 1);
             ctx.metric("step", step + 1, (step + 1) as f64);
@@ -255,7 +261,9 @@ impl Stage for TestStep {
             }
         }
         fs::write(&out, &text).map_err(|e| StageError::io(&out, e))?;
-        ctx.set_report(serde_json::json!({ "bytes": text.len(), "resumed_from": start }));
+        ctx.set_report(
+            serde_json::json!({ "bytes": text.len(), "resumed_from": start, "device": ctx.option("device") }),
+        );
         Ok(())
     }
 }

@@ -212,7 +212,11 @@ fn lookup(store: &Store, key: &str, warn: &dyn Fn(String)) -> Result<Entry, Stri
         match store.check_artifact(&out.digest) {
             ArtifactCheck::Ok => {}
             ArtifactCheck::Missing => {
-                warn(format!("artifact `{name}` ({}) of stage `{}` is missing; re-running", short(&out.digest), entry.stage));
+                warn(format!(
+                    "artifact `{name}` ({}) of stage `{}` is missing; re-running",
+                    short(&out.digest),
+                    entry.stage
+                ));
                 let _ = store.remove_entry(key);
                 return Err(format!("output `{name}` was missing from the cache"));
             }
@@ -253,19 +257,43 @@ pub fn statuses(plan: &Plan, store: &Store, force: &[String]) -> Vec<StageStatus
     let mut outs: Vec<Option<BTreeMap<String, EntryOutput>>> = vec![None; plan.stages.len()];
     let mut result = Vec::new();
     for (i, s) in plan.stages.iter().enumerate() {
-        let prev_of = |store: &Store| store.last(&plan.name, &s.id).and_then(|k| store.entry(&k).ok().flatten()).map(|e| e.key_fields);
+        let prev_of = |store: &Store| {
+            store.last(&plan.name, &s.id).and_then(|k| store.entry(&k).ok().flatten()).map(|e| e.key_fields)
+        };
         let key = match keyer.key(i, &outs) {
             Ok(k) => k,
             Err(e) => {
-                let k = StageKey { schema: KEY_SCHEMA, kind: s.kind.clone(), version: 0, params: serde_json::Value::Null, inputs: BTreeMap::new(), files: vec![], seed: plan.seed };
-                result.push(StageStatus { id: s.id.clone(), kind: s.kind.clone(), freshness: Freshness::Dirty(e), key: k, key_hex: None, previous: prev_of(store) });
+                let k = StageKey {
+                    schema: KEY_SCHEMA,
+                    kind: s.kind.clone(),
+                    version: 0,
+                    params: serde_json::Value::Null,
+                    inputs: BTreeMap::new(),
+                    files: vec![],
+                    seed: plan.seed,
+                };
+                result.push(StageStatus {
+                    id: s.id.clone(),
+                    kind: s.kind.clone(),
+                    freshness: Freshness::Dirty(e),
+                    key: k,
+                    key_hex: None,
+                    previous: prev_of(store),
+                });
                 continue;
             }
         };
         if !key.is_complete() {
             let waiting: Vec<String> =
                 s.deps.iter().filter(|&&d| outs[d].is_none()).map(|&d| plan.stages[d].id.clone()).collect();
-            result.push(StageStatus { id: s.id.clone(), kind: s.kind.clone(), freshness: Freshness::Waiting(waiting), key, key_hex: None, previous: prev_of(store) });
+            result.push(StageStatus {
+                id: s.id.clone(),
+                kind: s.kind.clone(),
+                freshness: Freshness::Waiting(waiting),
+                key,
+                key_hex: None,
+                previous: prev_of(store),
+            });
             continue;
         }
         let (hex, json) = hex_of(&key);
@@ -280,7 +308,14 @@ pub fn statuses(plan: &Plan, store: &Store, force: &[String]) -> Vec<StageStatus
                 None => Freshness::Dirty(dirty_reason(store, plan, &s.id, &json).0),
             }
         };
-        result.push(StageStatus { id: s.id.clone(), kind: s.kind.clone(), freshness, key, key_hex: Some(hex), previous: prev_of(store) });
+        result.push(StageStatus {
+            id: s.id.clone(),
+            kind: s.kind.clone(),
+            freshness,
+            key,
+            key_hex: Some(hex),
+            previous: prev_of(store),
+        });
     }
     keyer.save();
     result
@@ -316,7 +351,12 @@ struct Job {
 }
 
 /// Run the plan. Takes no lock: the caller holds [`Store::lock`] for the whole run.
-pub fn run(plan: &Plan, store: &Store, opts: &ExecOptions, reporter: Arc<dyn Reporter>) -> Result<RunSummary, ExecError> {
+pub fn run(
+    plan: &Plan,
+    store: &Store,
+    opts: &ExecOptions,
+    reporter: Arc<dyn Reporter>,
+) -> Result<RunSummary, ExecError> {
     let started = Instant::now();
     let n = plan.stages.len();
     let resolve = |ids: &[String]| -> Result<Vec<usize>, ExecError> {
@@ -349,7 +389,12 @@ pub fn run(plan: &Plan, store: &Store, opts: &ExecOptions, reporter: Arc<dyn Rep
     let mut running = 0usize;
     let cancel = opts.cancel.clone();
 
-    let outcome = |i: usize, status: Status, key: Option<String>, duration: Duration, outputs: BTreeMap<String, EntryOutput>, report: Option<serde_json::Value>| StageOutcome {
+    let outcome = |i: usize,
+                   status: Status,
+                   key: Option<String>,
+                   duration: Duration,
+                   outputs: BTreeMap<String, EntryOutput>,
+                   report: Option<serde_json::Value>| StageOutcome {
         id: plan.stages[i].id.clone(),
         kind: plan.stages[i].kind.clone(),
         status,
@@ -373,8 +418,14 @@ pub fn run(plan: &Plan, store: &Store, opts: &ExecOptions, reporter: Arc<dyn Rep
                     if let Some(&d) = s.deps.iter().find(|&&d| matches!(state[d], State::Failed | State::Blocked)) {
                         state[i] = State::Blocked;
                         let why = match &outcomes[d] {
-                            Some(o) if matches!(o.status, Status::Skipped(_) | Status::Cancelled) && !selected.contains(&d) => {
-                                format!("input from `{}` is not cached (run it first, e.g. with --until {})", plan.stages[d].id, s.id)
+                            Some(o)
+                                if matches!(o.status, Status::Skipped(_) | Status::Cancelled)
+                                    && !selected.contains(&d) =>
+                            {
+                                format!(
+                                    "input from `{}` is not cached (run it first, e.g. with --until {})",
+                                    plan.stages[d].id, s.id
+                                )
                             }
                             _ => format!("upstream `{}` did not complete", plan.stages[d].id),
                         };
@@ -402,7 +453,7 @@ pub fn run(plan: &Plan, store: &Store, opts: &ExecOptions, reporter: Arc<dyn Rep
                         }
                     };
                     let (hex, json) = hex_of(&key);
-                    let forced = force.contains(&i) && retries[i] == 0 && outcomes[i].is_none();
+                    let forced = force.contains(&i) && outcomes[i].is_none();
                     let reason = if forced {
                         "forced (--force)".to_string()
                     } else {
@@ -410,7 +461,14 @@ pub fn run(plan: &Plan, store: &Store, opts: &ExecOptions, reporter: Arc<dyn Rep
                             Ok(entry) => {
                                 store.touch_entry(&hex);
                                 let _ = store.set_last(&plan.name, &s.id, &hex);
-                                let o = outcome(i, Status::Cached, Some(hex.clone()), Duration::ZERO, entry.outputs.clone(), entry.report.clone());
+                                let o = outcome(
+                                    i,
+                                    Status::Cached,
+                                    Some(hex.clone()),
+                                    Duration::ZERO,
+                                    entry.outputs.clone(),
+                                    entry.report.clone(),
+                                );
                                 reporter.stage_done(&o);
                                 outcomes[i] = Some(o);
                                 state[i] = State::Done(entry.outputs);
@@ -423,7 +481,14 @@ pub fn run(plan: &Plan, store: &Store, opts: &ExecOptions, reporter: Arc<dyn Rep
                     };
                     if !selected.contains(&i) {
                         state[i] = State::Blocked;
-                        let o = outcome(i, Status::Skipped(format!("not selected and not cached ({reason})")), Some(hex), Duration::ZERO, BTreeMap::new(), None);
+                        let o = outcome(
+                            i,
+                            Status::Skipped(format!("not selected and not cached ({reason})")),
+                            Some(hex),
+                            Duration::ZERO,
+                            BTreeMap::new(),
+                            None,
+                        );
                         reporter.stage_done(&o);
                         outcomes[i] = Some(o);
                         progressed = true;
@@ -441,7 +506,9 @@ pub fn run(plan: &Plan, store: &Store, opts: &ExecOptions, reporter: Arc<dyn Rep
                                 .iter()
                                 .map(|r| {
                                     let d = match &state[r.stage] {
-                                        State::Done(o) => o.get(&r.output).map(|e| e.digest.clone()).unwrap_or_default(),
+                                        State::Done(o) => {
+                                            o.get(&r.output).map(|e| e.digest.clone()).unwrap_or_default()
+                                        }
                                         _ => String::new(),
                                     };
                                     (r.stage, d)
@@ -520,7 +587,11 @@ pub fn run(plan: &Plan, store: &Store, opts: &ExecOptions, reporter: Arc<dyn Rep
                 } else {
                     Status::Skipped("not started: an earlier stage failed".into())
                 };
-                outcome(i, status, None, Duration::ZERO, BTreeMap::new(), None)
+                let o = outcome(i, status, None, Duration::ZERO, BTreeMap::new(), None);
+                if o.status != Status::NotSelected {
+                    reporter.stage_done(&o);
+                }
+                o
             })
         })
         .collect();
@@ -575,7 +646,12 @@ fn work(
                         return (
                             WorkResult::CorruptInput(
                                 *producer,
-                                format!("artifact {} (output of `{}`) is corrupt ({why}); re-running `{}`", short(digest), p.id, p.id),
+                                format!(
+                                    "artifact {} (output of `{}`) is corrupt ({why}); re-running `{}`",
+                                    short(digest),
+                                    p.id,
+                                    p.id
+                                ),
                             ),
                             None,
                         );
@@ -606,8 +682,10 @@ fn work(
         cancel,
     });
     let t0 = Instant::now();
+    tracing::info!(key = %short(&job.key), "running");
     let res = std::panic::catch_unwind(AssertUnwindSafe(|| s.stage.run(&ctx)));
     let report = ctx.take_report();
+    tracing::info!(ok = matches!(res, Ok(Ok(()))), elapsed_ms = t0.elapsed().as_millis() as u64, "finished");
     match res {
         Ok(Ok(())) => {
             let mut entry = Entry::new(&job.key, job.key_json, &plan.name, &s.id, &s.kind);

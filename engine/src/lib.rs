@@ -37,7 +37,9 @@ pub mod plan;
 pub mod recipe;
 pub mod stage;
 
-pub use exec::{ExecError, ExecOptions, Freshness, NullReporter, Reporter, RunSummary, StageOutcome, StageStatus, Status};
+pub use exec::{
+    ExecError, ExecOptions, Freshness, NullReporter, Reporter, RunSummary, StageOutcome, StageStatus, Status,
+};
 pub use plan::{plan, plan_source, Plan, PlannedStage};
 pub use recipe::{RecipeError, Source};
 pub use stage::{Declared, EventSink, NullSink, PlanCtx, Registry, RunCtx, RunParts, Stage, StageError, StageEvent};

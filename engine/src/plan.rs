@@ -100,10 +100,15 @@ fn stage_error(src: &Source, line: usize, id: &str, kind: &str, err: StageError)
     let text = match &err {
         StageError::Params(m) => m.clone(),
         other => other.to_string(),
-    };
-    let (msg, hint) = split_serde_message(&text);
+    }
+    .replace('\n', " ");
+    let (mut msg, mut hint) = split_serde_message(&text);
+    if let Some(rest) = msg.strip_prefix("unknown field ") {
+        msg = format!("unknown param {rest}");
+        hint = hint.map(|h| h.replace("known keys: ", "known params: "));
+    }
     // Point at the offending key when the message names one.
-    let named = ["unknown field `", "unknown input `", "missing required input `", "for key `"]
+    let named = ["unknown field `", "unknown input `", "missing required input `", "for key `", " in `"]
         .iter()
         .find_map(|p| text.find(p).map(|i| &text[i + p.len()..]))
         .and_then(|rest| rest.split('`').next())
@@ -125,7 +130,9 @@ pub fn plan_source(src: &Source, registry: &Registry) -> Result<Plan, RecipeErro
         return Err(src.error_at(
             0..0,
             "missing `[pipeline]` table",
-            Some("a recipe starts with `[pipeline]` and `name = \"...\"` (optional: seed, description, defaults)".into()),
+            Some(
+                "a recipe starts with `[pipeline]` and `name = \"...\"` (optional: seed, description, defaults)".into(),
+            ),
         ));
     };
     let pspan = pipeline.span();
@@ -133,11 +140,19 @@ pub fn plan_source(src: &Source, registry: &Registry) -> Result<Plan, RecipeErro
     let kinds_hint = || format!("known kinds: {}", registry.kinds().collect::<Vec<_>>().join(", "));
     for k in pipeline.defaults.keys() {
         if registry.get(k.get_ref()).is_none() {
-            return Err(src.error_at(k.span(), format!("defaults for unknown stage kind `{}`", k.get_ref()), Some(kinds_hint())));
+            return Err(src.error_at(
+                k.span(),
+                format!("defaults for unknown stage kind `{}`", k.get_ref()),
+                Some(kinds_hint()),
+            ));
         }
     }
     if wire.stages.is_empty() {
-        return Err(src.error_at(pspan, "the recipe has no stages", Some("add `[stages.<id>]` tables with a `kind`".into())));
+        return Err(src.error_at(
+            pspan,
+            "the recipe has no stages",
+            Some("add `[stages.<id>]` tables with a `kind`".into()),
+        ));
     }
     let dir = src.path.parent().map(Path::to_path_buf).unwrap_or_default();
     let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
@@ -166,16 +181,24 @@ pub fn plan_source(src: &Source, registry: &Registry) -> Result<Plan, RecipeErro
             return Err(src.error_at(
                 id_span,
                 format!("invalid stage id `{id}`"),
-                Some("stage ids use letters, digits, `_` and `-` (a `.` separates stage and output in references)".into()),
+                Some(
+                    "stage ids use letters, digits, `_` and `-` (a `.` separates stage and output in references)"
+                        .into(),
+                ),
             ));
         }
         let st = st.into_inner();
         let kind_span = st.kind.span();
         let kind = st.kind.into_inner();
         let Some(stage) = registry.get(&kind).cloned() else {
-            return Err(src.error_at(kind_span, format!("stage `{id}`: unknown stage kind `{kind}`"), Some(kinds_hint())));
+            return Err(src.error_at(
+                kind_span,
+                format!("stage `{id}`: unknown stage kind `{kind}`"),
+                Some(kinds_hint()),
+            ));
         };
-        let mut params = pipeline.defaults.iter().find(|(k, _)| k.get_ref() == &kind).map(|(_, t)| t.clone()).unwrap_or_default();
+        let mut params =
+            pipeline.defaults.iter().find(|(k, _)| k.get_ref() == &kind).map(|(_, t)| t.clone()).unwrap_or_default();
         for (k, v) in st.params {
             params.insert(k, v);
         }
@@ -199,7 +222,11 @@ pub fn plan_source(src: &Source, registry: &Registry) -> Result<Plan, RecipeErro
                 _ => {
                     return Err(src.error_at(
                         span,
-                        format!("stage `{}`: input `{}` must be a reference or a list of references", p.id, name.get_ref()),
+                        format!(
+                            "stage `{}`: input `{}` must be a reference or a list of references",
+                            p.id,
+                            name.get_ref()
+                        ),
                         Some("write `inputs.<name> = \"<stage>.<output>\"` or a list of such strings".into()),
                     ))
                 }
@@ -223,8 +250,16 @@ pub fn plan_source(src: &Source, registry: &Registry) -> Result<Plan, RecipeErro
                 if !pre[si].declared.outputs.iter().any(|o| o == out) {
                     return Err(src.error_at(
                         span,
-                        format!("stage `{}`: input `{}` refers to `{sid}.{out}`, but stage `{sid}` has no output `{out}`", p.id, name.get_ref()),
-                        Some(format!("outputs of `{sid}` (kind `{}`): {}", pre[si].kind, pre[si].declared.outputs.join(", "))),
+                        format!(
+                            "stage `{}`: input `{}` refers to `{sid}.{out}`, but stage `{sid}` has no output `{out}`",
+                            p.id,
+                            name.get_ref()
+                        ),
+                        Some(format!(
+                            "outputs of `{sid}` (kind `{}`): {}",
+                            pre[si].kind,
+                            pre[si].declared.outputs.join(", ")
+                        )),
                     ));
                 }
                 list.push(InputRef { stage: si, output: out.to_string() });
@@ -276,12 +311,20 @@ pub fn plan_source(src: &Source, registry: &Registry) -> Result<Plan, RecipeErro
             path.push(next);
             cur = next;
         };
+        // Start the cycle at its first stage in recipe order.
+        let mut cycle: Vec<usize> = cycle[..cycle.len() - 1].to_vec();
+        let min = cycle.iter().enumerate().min_by_key(|(_, &s)| s).map(|(i, _)| i).unwrap_or(0);
+        cycle.rotate_left(min);
+        cycle.push(cycle[0]);
         let first = cycle[0];
         let names: Vec<&str> = cycle.iter().map(|&i| pre[i].id.as_str()).collect();
         return Err(src.error_at_line(
             pre[first].line,
             format!("the stages form a cycle: {}", names.join(" -> ")),
-            Some(format!("cycle: {} (each stage reads an output of the next); remove one of these inputs", names.join(" -> "))),
+            Some(format!(
+                "cycle: {} (each stage's output is an input of the next); remove one of these inputs",
+                names.join(" -> ")
+            )),
         ));
     }
 
@@ -290,7 +333,8 @@ pub fn plan_source(src: &Source, registry: &Registry) -> Result<Plan, RecipeErro
     for (new, &old) in order.iter().enumerate() {
         new_index[old] = new;
     }
-    let mut slots: Vec<Option<(Pre, BTreeMap<String, Vec<InputRef>>)>> = pre.into_iter().zip(resolved).map(Some).collect();
+    type Slot = Option<(Pre, BTreeMap<String, Vec<InputRef>>)>;
+    let mut slots: Vec<Slot> = pre.into_iter().zip(resolved).map(Some).collect();
     let mut stages = Vec::new();
     for &old in &order {
         let (p, mut inputs) = slots[old].take().expect("each stage once");
@@ -320,4 +364,91 @@ pub fn plan_source(src: &Source, registry: &Registry) -> Result<Plan, RecipeErro
         }
     }
     Ok(Plan { name: pipeline.name, seed: pipeline.seed, path: src.path.clone(), dir, stages, graph })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg() -> Registry {
+        let mut r = Registry::new();
+        crate::builtin::register(&mut r);
+        r
+    }
+
+    fn src(text: &str) -> Source {
+        Source { path: "r.toml".into(), text: text.into() }
+    }
+
+    #[test]
+    fn order_is_topological_and_keeps_recipe_order_for_ties() {
+        let p = plan_source(
+            &src(r#"
+[pipeline]
+name = "t"
+[stages.z]
+kind = "concat"
+inputs.parts = ["b.data", "a.data"]
+[stages.b]
+kind = "concat"
+inputs.parts = "a.data"
+[stages.a]
+kind = "files"
+params.paths = ["Cargo.toml"]
+[stages.c]
+kind = "files"
+params.paths = ["Cargo.toml"]
+"#),
+            &reg(),
+        );
+        let p = match p {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "z", "c"]);
+        let z = &p.stages[2];
+        assert_eq!(z.deps, vec![0, 1]);
+        assert_eq!(
+            z.inputs["parts"],
+            vec![InputRef { stage: 1, output: "data".into() }, InputRef { stage: 0, output: "data".into() }]
+        );
+    }
+
+    #[test]
+    fn defaults_merge_under_stage_params() {
+        let p = plan_source(
+            &src(r#"
+[pipeline]
+name = "t"
+[pipeline.defaults.concat]
+separator = "-"
+file_name = "x.txt"
+[stages.a]
+kind = "files"
+params.paths = ["Cargo.toml"]
+[stages.b]
+kind = "concat"
+inputs.parts = "a.data"
+params.file_name = "y.txt"
+"#),
+            &reg(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let b = &p.stages[1].params;
+        assert_eq!(b["separator"].as_str(), Some("-"));
+        assert_eq!(b["file_name"].as_str(), Some("y.txt"));
+    }
+
+    #[test]
+    fn self_reference_is_a_cycle() {
+        let e = plan_source(
+            &src("[pipeline]\nname = \"t\"\n[stages.a]\nkind = \"concat\"\ninputs.parts = \"a.data\"\n"),
+            &reg(),
+        )
+        .err()
+        .expect("a cycle");
+        assert_eq!(e.message, "the stages form a cycle: a -> a");
+        assert_eq!(e.line, 3);
+    }
 }

@@ -48,7 +48,16 @@ impl fmt::Display for RecipeError {
             write!(f, "  --> {}:{}:{}", self.file.display(), self.line, self.col)?;
             if let Some(src) = &self.source_line {
                 let w = self.line.to_string().len();
-                write!(f, "\n{:w$} |\n{} | {}\n{:w$} | {}{}", "", self.line, src, "", " ".repeat(self.col - 1), "^".repeat(self.len.max(1)))?;
+                write!(
+                    f,
+                    "\n{:w$} |\n{} | {}\n{:w$} | {}{}",
+                    "",
+                    self.line,
+                    src,
+                    "",
+                    " ".repeat(self.col - 1),
+                    "^".repeat(self.len.max(1))
+                )?;
             }
         }
         if let Some(h) = &self.hint {
@@ -67,7 +76,12 @@ pub struct Source {
 
 impl Source {
     /// An error at byte span `span` (clamped to its first line).
-    pub fn error_at(&self, span: std::ops::Range<usize>, message: impl Into<String>, hint: Option<String>) -> RecipeError {
+    pub fn error_at(
+        &self,
+        span: std::ops::Range<usize>,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) -> RecipeError {
         let start = span.start.min(self.text.len());
         let line_start = self.text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
         let line_end = self.text[start..].find('\n').map(|i| start + i).unwrap_or(self.text.len());
@@ -105,25 +119,19 @@ impl Source {
 
 /// Split serde's "unknown field `x`, expected one of `a`, `b`" into message and hint.
 pub(crate) fn split_serde_message(msg: &str) -> (String, Option<String>) {
-    let msg = msg.trim();
-    for (pat, hint_prefix) in [
-        (", expected one of ", "known keys: "),
-        (", expected ", "expected "),
-        (", there are no fields", "this table takes no keys"),
-    ] {
-        if let Some(i) = msg.find(pat) {
-            if msg.starts_with("unknown field") || msg.starts_with("unknown variant") {
-                let rest = &msg[i + pat.len()..];
-                let hint = if hint_prefix == "this table takes no keys" {
-                    hint_prefix.to_string()
-                } else {
-                    format!("{hint_prefix}{}", rest.replace('`', ""))
-                };
-                return (msg[..i].to_string(), Some(hint));
+    let msg = msg.trim().replace('\n', " ");
+    if msg.starts_with("unknown field") || msg.starts_with("unknown variant") {
+        for pat in [", expected one of ", ", expected "] {
+            if let Some(i) = msg.find(pat) {
+                let rest = msg[i + pat.len()..].replace('`', "").replace(" or ", ", ");
+                return (msg[..i].to_string(), Some(format!("known keys: {rest}")));
             }
         }
+        if let Some(i) = msg.find(", there are no fields") {
+            return (msg[..i].to_string(), Some("this table takes no keys".into()));
+        }
     }
-    (msg.to_string(), None)
+    (msg, None)
 }
 
 #[derive(Debug, Deserialize)]
@@ -165,17 +173,28 @@ pub(crate) fn parse_wire(src: &Source) -> Result<WireRecipe, RecipeError> {
     match toml::from_str::<WireRecipe>(&src.text) {
         Ok(w) => Ok(w),
         Err(e) => {
-            let (mut message, mut hint) = split_serde_message(e.message());
-            if message.contains("duplicate key") {
+            let raw = e.message().trim();
+            let (mut message, mut hint) = split_serde_message(raw);
+            if let Some(dup) = raw.lines().find(|l| l.contains("duplicate key")) {
+                message = if dup.contains("in table `stages`") {
+                    dup.replace("duplicate key", "duplicate stage id")
+                } else {
+                    dup.to_string()
+                };
                 hint = Some("stage ids (and keys) must be unique within a recipe: rename or merge one of them".into());
             }
             if message.starts_with("missing field `kind`") {
                 hint = Some("every `[stages.<id>]` table needs `kind = \"...\"`".into());
             }
-            if let Some(h) = &hint {
-                if h.starts_with("known keys: ") && message.starts_with("unknown field") {
-                    message = format!("{message} in recipe");
-                }
+            if let (Some(h), Some(name)) = (&hint, message.strip_prefix("unknown field ")) {
+                let place = if h.contains("kind, inputs") {
+                    "in a `[stages.<id>]` table"
+                } else if h.contains("name, seed") {
+                    "in `[pipeline]`"
+                } else {
+                    "at the top level of the recipe"
+                };
+                message = format!("unknown key {name} {place}");
             }
             match e.span() {
                 Some(span) => Err(src.error_at(span, message, hint)),
@@ -216,7 +235,7 @@ mod tests {
         let err = parse_wire(&src).unwrap_err();
         let s = err.to_string();
         assert!(s.contains("r.toml:3:1"), "{s}");
-        assert!(s.contains("unknown field `bogus`"), "{s}");
+        assert!(s.contains("unknown key `bogus` in `[pipeline]`"), "{s}");
         assert!(s.contains("known keys: name, seed, description, defaults"), "{s}");
     }
 }
