@@ -43,7 +43,7 @@ fn bench_model(name: &str, mut m: Qwen2<Cpu>, batch: usize, seq: usize, gen_toke
     let cfg = GenerationConfig { max_new_tokens: gen_tokens, ..Default::default() };
     let prompt: Vec<u32> = (1..=16).map(|i| (i * 31) % v).collect();
     let t = Instant::now();
-    let out = generate(&m, &[prompt.clone()], &cfg, None).unwrap();
+    let out = generate(&m, std::slice::from_ref(&prompt), &cfg, None).unwrap();
     let n = out[0].tokens.len();
     let g1 = n as f64 / t.elapsed().as_secs_f64();
     println!("{name}: generate batch 1 ({n} tokens)     {g1:>10.1} tokens/s");

@@ -11,6 +11,9 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::ModelError;
 use crate::qwen2::{Batch, Qwen2};
 
+/// Turns generated ids into text (for stop strings and [`Generation::text`]).
+pub type Decoder<'a> = &'a dyn Fn(&[u32]) -> String;
+
 /// Decoding settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationConfig {
@@ -129,7 +132,7 @@ pub fn generate<D: Device<f32>>(
     model: &Qwen2<D>,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
-    decode: Option<&dyn Fn(&[u32]) -> String>,
+    decode: Option<Decoder<'_>>,
 ) -> Result<Vec<Generation>, ModelError> {
     if prompts.is_empty() {
         return Ok(Vec::new());

@@ -32,11 +32,14 @@ fn shifted(labels: &[i64], b: usize, s: usize, vocab: usize) -> Result<(Vec<usiz
     Ok((idx, w))
 }
 
+/// (log-probs at the targets, 0/1 weights, number of unmasked labels)
+type Targets<D, T> = (Tensor<(usize,), f32, D, T>, Tensor<(usize,), f32, D>, f32);
+
 /// log p(label) at every position `[batch * seq]` (0 where masked), and the 0/1 weights.
 fn target_logprobs<D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
     logits: Tensor<(usize, usize, usize), f32, D, T>,
     labels: &[i64],
-) -> Result<(Tensor<(usize,), f32, D, T>, Tensor<(usize,), f32, D>, f32), ModelError> {
+) -> Result<Targets<D, T>, ModelError> {
     let (b, s, v) = *logits.shape();
     let (idx, w) = shifted(labels, b, s, v)?;
     let count: f32 = w.iter().sum();
@@ -56,12 +59,15 @@ pub fn masked_cross_entropy<D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
     Ok(lp.sum::<(), _>() * (-1.0 / count.max(1.0)))
 }
 
+/// (summed loss, number of unmasked labels)
+pub type Summed<D, T> = (Tensor<(), f32, D, T>, usize);
+
 /// Summed cross-entropy and the number of unmasked labels (for gradient accumulation that
 /// divides by the total token count across micro-batches).
 pub fn summed_cross_entropy<D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
     logits: Tensor<(usize, usize, usize), f32, D, T>,
     labels: &[i64],
-) -> Result<(Tensor<(), f32, D, T>, usize), ModelError> {
+) -> Result<Summed<D, T>, ModelError> {
     let (lp, _, count) = target_logprobs(logits, labels)?;
     Ok((lp.sum::<(), _>().negate(), count as usize))
 }

@@ -28,6 +28,9 @@ type T2<D, T> = Tensor<(usize, usize), f32, D, T>;
 type T3<D, T> = Tensor<(usize, usize, usize), f32, D, T>;
 type T4<D, T> = Tensor<(usize, usize, usize, usize), f32, D, T>;
 
+/// Cached (keys, values) of one layer.
+type KvPair<D> = (T4<D, NoneTape>, T4<D, NoneTape>);
+
 /// Additive attention-mask value for hidden keys (large enough that `exp` underflows to 0).
 const MASKED: f32 = -1e9;
 
@@ -252,7 +255,7 @@ impl Batch {
 /// `[batch, kv_heads, len, head_dim]`.
 #[derive(Debug, Clone)]
 pub struct KvCache<D: Storage<f32>> {
-    layers: Vec<Option<(T4<D, NoneTape>, T4<D, NoneTape>)>>,
+    layers: Vec<Option<KvPair<D>>>,
     /// `[batch][len]`: which cached positions are real tokens.
     key_mask: Vec<Vec<bool>>,
     /// Next position id per row.

@@ -115,7 +115,7 @@ fn greedy_generation_matches_transformers() {
     let m = qwen(&dev);
     let cfg = GenerationConfig { max_new_tokens: 12, ..Default::default() };
     let p = ids(&g["prompts"][0]);
-    let out = generate(&m, &[p.clone()], &cfg, None).unwrap();
+    let out = generate(&m, std::slice::from_ref(&p), &cfg, None).unwrap();
     assert_eq!(out[0].tokens, ids(&g["qwen2"]["greedy"]));
     // batched with a longer prompt (left padding) gives the same row
     let out2 = generate(&m, &[ids(&g["prompts"][1]), p], &cfg, None).unwrap();
@@ -373,14 +373,8 @@ fn smollm2_knows_the_capital_of_france() {
     let p = pipeline_model::pretrained::load_pretrained(&assets.join("SmolLM2-135M-Instruct.Q4_1.gguf"), &dev).unwrap();
     assert_eq!(p.model.cfg.num_hidden_layers, 30);
     let chat = p.chat.as_ref().expect("the GGUF carries a chat template");
-    let ids = chat
-        .encode_prompt(&p.tokenizer, &[Message::user("What is the capital of France?")], None)
-        .unwrap();
-    let cfg = GenerationConfig {
-        max_new_tokens: 32,
-        stop_token_ids: p.stop_ids(),
-        ..Default::default()
-    };
+    let ids = chat.encode_prompt(&p.tokenizer, &[Message::user("What is the capital of France?")], None).unwrap();
+    let cfg = GenerationConfig { max_new_tokens: 32, stop_token_ids: p.stop_ids(), ..Default::default() };
     let tok = &p.tokenizer;
     let dec = |ids: &[u32]| tok.decode(ids, true).unwrap();
     let out = generate(&p.model, &[ids], &cfg, Some(&dec)).unwrap();
@@ -400,8 +394,11 @@ fn saved_model_loads_in_transformers() {
     let ids: Vec<u32> = vec![4, 99, 250, 17, 3, 8];
     let b = Batch::new(ids.clone(), 1, ids.len()).unwrap();
     let base_logits = m.forward(&b).unwrap().as_vec();
-    m.set_trainable(Trainable::Lora(LoraConfig::with_targets(4, 8.0, &["q_proj".into(), "down_proj".into()]).unwrap()), 1)
-        .unwrap();
+    m.set_trainable(
+        Trainable::Lora(LoraConfig::with_targets(4, 8.0, &["q_proj".into(), "down_proj".into()]).unwrap()),
+        1,
+    )
+    .unwrap();
     let v: Vec<f32> = (0..m.params.flat.shape().0).map(|i| ((i % 17) as f32 - 8.0) * 0.02).collect();
     m.params.flat = dev.tensor_from_vec(v.clone(), (v.len(),));
     let lora_logits = m.forward(&b).unwrap().as_vec();
