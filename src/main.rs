@@ -4,6 +4,7 @@
 
 mod cmd_cache;
 mod cmd_eval;
+mod cmd_generate;
 mod cmd_plan;
 mod cmd_run;
 mod common;
@@ -40,6 +41,8 @@ enum Command {
     Cache(cmd_cache::CacheCommand),
     /// Evaluate models and score predictions (evalscope-compatible BLEU/ROUGE, MCQ accuracy).
     Eval(cmd_eval::EvalArgs),
+    /// Generate text with a model: a HF folder, a .gguf file, or a recipe's trained stage.
+    Generate(cmd_generate::GenerateArgs),
     /// List the stage kinds this build knows.
     Stages,
 }
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         Command::Explain(a) => cmd_plan::explain(a),
         Command::Cache(c) => cmd_cache::run(c),
         Command::Eval(a) => cmd_eval::run(a),
+        Command::Generate(a) => cmd_generate::run(a),
         Command::Stages => {
             for s in common::registry().iter() {
                 println!("{:<10} v{:<3} {}", s.kind(), s.version(), s.summary());
