@@ -1,11 +1,12 @@
 //! The `pipeline` command line.
 
 mod cmd_eval;
+mod cmd_generate;
 
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "pipeline", about = "Run the whole LLM training workflow from one TOML recipe")]
+#[command(name = "pipeline", version, about = "Run the whole LLM training workflow from one TOML recipe")]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -13,25 +14,29 @@ struct Cli {
 
 #[derive(clap::Subcommand, Debug)]
 enum Cmd {
+    /// Generate text with a model.
+    Generate(cmd_generate::GenerateArgs),
     /// Score predictions against references (evalscope's BLEU/ROUGE) and compare evaluation runs.
     Eval(cmd_eval::EvalArgs),
-    /// List the stage kinds.
-    Stages,
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Some(Cmd::Eval(args)) => cmd_eval::run(args),
-        Some(Cmd::Stages) | None => {
+        Some(Cmd::Generate(a)) => cmd_generate::run(a),
+        Some(Cmd::Eval(a)) => cmd_eval::run(a),
+        None => {
             for kind in pipeline_stages::registry().kinds() {
                 println!("{kind}");
             }
             Ok(())
         }
     };
-    if let Err(e) = res {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
     }
 }
