@@ -2,6 +2,7 @@
 //! implementing [`pipeline_engine::Stage`], then add one line to [`registry`].
 
 pub mod evaluate;
+pub mod evaluate_model;
 mod pending;
 
 use pipeline_engine::Registry;
@@ -14,7 +15,11 @@ pub fn registry() -> Registry {
     for kind in
         ["collect", "dedupe", "clean", "label", "augment", "pretrain", "sft", "align", "evaluate", "quantize", "export"]
     {
-        r.register(pending::Pending(kind));
+        if kind == "evaluate" {
+            r.register(evaluate::Evaluate::new(evaluate_model::load_model_predictor));
+        } else {
+            r.register(pending::Pending(kind));
+        }
     }
     r
 }

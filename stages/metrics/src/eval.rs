@@ -118,6 +118,9 @@ fn predict_err(e: PredictError) -> EvalError {
     EvalError::Predict(e.to_string())
 }
 
+/// (completion, option log-likelihoods, extracted letter) of one MCQ sample.
+type Outcome = (Option<String>, Option<Vec<f64>>, Option<String>);
+
 /// Run general_mcq on every selected subset of `dir`.
 pub fn run_mcq(
     dir: &Path,
@@ -144,7 +147,7 @@ pub fn run_mcq(
         let mut correct = 0usize;
         for chunk in sub.val.chunks(opts.batch_size.max(1)) {
             let texts: Vec<String> = chunk.iter().map(|it| mcq_prompt(it, shots)).collect();
-            let outcomes: Vec<(Option<String>, Option<Vec<f64>>, Option<String>)> = match scorer {
+            let outcomes: Vec<Outcome> = match scorer {
                 McqScorer::Generate => {
                     let prompts: Vec<Prompt> = texts
                         .iter()
@@ -309,12 +312,15 @@ pub fn score_jsonl(input: &Path, output: &Path) -> Result<Vec<ScoredPair>, DataE
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line).map_err(|e| DataError::new(input, Some(lineno), format!("invalid JSON: {e}")))?;
+        let v: Value = serde_json::from_str(line)
+            .map_err(|e| DataError::new(input, Some(lineno), format!("invalid JSON: {e}")))?;
         let field = |name: &str| -> Result<&str, DataError> {
             match v.get(name) {
                 Some(Value::String(s)) => Ok(s),
                 Some(Value::Null) | None => Err(DataError::new(input, Some(lineno), format!("missing `{name}`"))),
-                Some(other) => Err(DataError::new(input, Some(lineno), format!("`{name}` must be a string, got {other}"))),
+                Some(other) => {
+                    Err(DataError::new(input, Some(lineno), format!("`{name}` must be a string, got {other}")))
+                }
             }
         };
         let (p, r) = (field("prediction")?, field("reference")?);

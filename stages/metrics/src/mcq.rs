@@ -178,7 +178,7 @@ pub fn mcq_prompt(item: &McqItem, fewshot: &[McqItem]) -> String {
 }
 
 /// The first `n` dev rows (evalscope takes `examples[:few_shot_num]`).
-pub fn fewshot_examples<'a>(subset: &'a McqSubset, n: usize) -> Result<&'a [McqItem], DataError> {
+pub fn fewshot_examples(subset: &McqSubset, n: usize) -> Result<&[McqItem], DataError> {
     if n == 0 {
         return Ok(&[]);
     }

@@ -34,12 +34,16 @@ pub struct Report {
 
 const HEADER: [&str; 7] = ["Model", "Dataset", "Metric", "Subset", "Num", "Score", "Cat.0"];
 
+/// East Asian wide characters (two terminal columns): Hangul Jamo, CJK, Hangul syllables,
+/// compatibility ideographs, full-width forms.
+fn is_wide(c: char) -> bool {
+    matches!(c as u32, 0x1100..=0x115F | 0x2E80..=0x303E | 0x3041..=0xA4CF | 0xAC00..=0xD7A3 | 0xF900..=0xFAFF | 0xFE30..=0xFE4F | 0xFF00..=0xFF60 | 0xFFE0..=0xFFE6 | 0x20000..=0x3FFFD)
+}
+
 /// A grid table in the style of evalscope's (tabulate `grid`): numbers right-aligned, scores
 /// with 4 decimals.
 pub fn render_grid(header: &[&str], rows: &[Vec<String>], numeric: &[bool]) -> String {
-    let width = |s: &str| {
-        s.chars().map(|c| if ('\u{1100}'..='\u{ffdc}').contains(&c) && !c.is_ascii() { 2 } else { 1 }).sum::<usize>()
-    };
+    let width = |s: &str| s.chars().map(|c| if is_wide(c) { 2 } else { 1 }).sum::<usize>();
     let mut w: Vec<usize> = header.iter().map(|h| width(h)).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
