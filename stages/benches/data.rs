@@ -20,7 +20,8 @@ fn generate(path: &Path, bytes: u64) -> (u64, u64) {
     let vocab: Vec<String> = (0..20_000)
         .map(|i| {
             let len = 2 + (i % 9);
-            (0..len).map(|k| (b'a' + ((i * 31 + k * 7) % 26) as u8) as char).collect::<String>() + &format!("{}", i % 97)
+            (0..len).map(|k| (b'a' + ((i * 31 + k * 7) % 26) as u8) as char).collect::<String>()
+                + &format!("{}", i % 97)
         })
         .collect();
     let mut w = BufWriter::with_capacity(1 << 22, std::fs::File::create(path).unwrap());
@@ -95,7 +96,11 @@ fn run(kind: &str, params: &str, dir: &Path, input: Option<&Path>) -> (PathBuf, 
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<f64>().unwrap_or(0.0)))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<f64>().unwrap_or(0.0))
+        })
         .unwrap_or(0.0)
         / 1024.0
 }

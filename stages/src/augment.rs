@@ -282,7 +282,8 @@ pub(crate) fn augment(rows: Vec<Sample>, p: &Params, seed: u64) -> (Vec<Sample>,
         if matches!(b.mode, Mode::Under | Mode::Both) {
             let mut drop = vec![false; kept.len()];
             for (label, &want) in &targets {
-                let mut idx: Vec<usize> = (0..kept.len()).filter(|&i| label_key(&kept[i]).as_deref() == Some(label)).collect();
+                let mut idx: Vec<usize> =
+                    (0..kept.len()).filter(|&i| label_key(&kept[i]).as_deref() == Some(label)).collect();
                 if idx.len() > want {
                     idx.shuffle(&mut rng);
                     for &i in &idx[want..] {
@@ -299,7 +300,8 @@ pub(crate) fn augment(rows: Vec<Sample>, p: &Params, seed: u64) -> (Vec<Sample>,
         }
         if matches!(b.mode, Mode::Over | Mode::Both) {
             for (label, &want) in &targets {
-                let idx: Vec<usize> = (0..kept.len()).filter(|&i| label_key(&kept[i]).as_deref() == Some(label)).collect();
+                let idx: Vec<usize> =
+                    (0..kept.len()).filter(|&i| label_key(&kept[i]).as_deref() == Some(label)).collect();
                 if idx.is_empty() {
                     continue;
                 }

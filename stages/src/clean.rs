@@ -61,7 +61,7 @@ use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError};
 use regex::Regex;
 use unicode_normalization::UnicodeNormalization;
 
-use crate::data::text::{for_each_word, guess_language};
+use crate::data::text::{for_each_word, guess_language, hash64, mix64};
 use crate::data::{write_jsonl, DatasetReader, DatasetWriter, Sample};
 
 pub(crate) struct Clean;
@@ -124,7 +124,9 @@ fn d_rep_words() -> usize {
 impl Params {
     fn check(&self) -> Result<(), StageError> {
         if (self.min_tokens.is_some() || self.max_tokens.is_some()) && self.tokenizer.is_none() {
-            return Err(StageError::Params("`min_tokens`/`max_tokens` need `tokenizer` (a tokenizer.json path)".into()));
+            return Err(StageError::Params(
+                "`min_tokens`/`max_tokens` need `tokenizer` (a tokenizer.json path)".into(),
+            ));
         }
         if self.top_ngram_n == 0 {
             return Err(StageError::Params("`top_ngram_n` must be at least 1".into()));
@@ -133,17 +135,18 @@ impl Params {
     }
 }
 
-static HTML_TAG: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?s)<!--.*?-->|</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>").expect("static regex")
-});
+static HTML_TAG: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?s)<!--.*?-->|</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>").expect("static regex"));
 static ENTITY: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[a-zA-Z]{2,8});").expect("static regex"));
-static EMAIL: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}").expect("static regex"));
+static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}").expect("static regex")
+});
 static ID_NUMBER: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\b(?:\d{17}[\dXx]|\d{15}|\d{3}-\d{2}-\d{4})\b").expect("static regex"));
 static PHONE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?:\+\d{1,3}[ .-]?)?(?:\b1[3-9]\d{9}\b|(?:\(\d{3}\)|\b\d{3})[ .-]?\d{3}[ .-]?\d{4}\b)").expect("static regex")
+    Regex::new(r"(?:\+\d{1,3}[ .-]?)?(?:\b1[3-9]\d{9}\b|(?:\(\d{3}\)|\b\d{3})[ .-]?\d{3}[ .-]?\d{4}\b)")
+        .expect("static regex")
 });
 
 fn is_invisible(c: char) -> bool {
@@ -199,7 +202,8 @@ pub(crate) fn strip_html(s: &str) -> Cow<'_, str> {
             String::new()
         }
     });
-    let decoded = ENTITY.replace_all(&no_tags, |c: &regex::Captures<'_>| decode_entity(&c[0]).unwrap_or_else(|| c[0].to_string()));
+    let decoded = ENTITY
+        .replace_all(&no_tags, |c: &regex::Captures<'_>| decode_entity(&c[0]).unwrap_or_else(|| c[0].to_string()));
     if decoded == s {
         Cow::Borrowed(s)
     } else {
@@ -271,19 +275,22 @@ pub(crate) fn repetition(s: &str, n: usize) -> Repetition {
         *seen.entry(l).or_default() += 1;
     }
     let dup_lines: usize = seen.values().filter(|&&c| c > 1).map(|&c| c - 1).sum();
-    let mut words: Vec<String> = Vec::new();
-    for_each_word(s, |w| words.push(w.to_string()));
-    let word_chars: usize = words.iter().map(|w| w.chars().count()).sum();
+    // Words as (hash, char length): no per-word allocation.
+    let mut words: Vec<(u64, usize)> = Vec::new();
+    for_each_word(s, |w| words.push((hash64(w.as_bytes(), 0), w.chars().count())));
+    let word_chars: usize = words.iter().map(|w| w.1).sum();
     let mut top = 0.0;
     if words.len() >= n && word_chars > 0 {
-        let mut counts: HashMap<&[String], usize> = HashMap::new();
-        for g in words.windows(n) {
-            *counts.entry(g).or_default() += 1;
+        // n-gram hash -> (count, first position); ties broken by the earliest first position.
+        let mut counts: HashMap<u64, (usize, usize)> = HashMap::new();
+        for (i, g) in words.windows(n).enumerate() {
+            let h = g.iter().fold(0x9e37_79b9_7f4a_7c15u64, |h, w| mix64(h ^ w.0));
+            counts.entry(h).or_insert((0, i)).0 += 1;
         }
         // Gopher: characters of the most frequent n-gram times its count / characters in words.
-        if let Some((g, c)) = counts.iter().max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0))) {
-            if *c > 1 {
-                let len: usize = g.iter().map(|w| w.chars().count()).sum();
+        if let Some(&(c, first)) = counts.values().max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(&a.1))) {
+            if c > 1 {
+                let len: usize = words[first..first + n].iter().map(|w| w.1).sum();
                 top = (len * c) as f64 / word_chars as f64;
             }
         }
@@ -327,7 +334,8 @@ impl Cleaner {
                 }
             }
         }
-        for (k, name) in ["nfkc", "remove_control", "strip_html", "normalize_whitespace", "mask_pii"].iter().enumerate() {
+        for (k, name) in ["nfkc", "remove_control", "strip_html", "normalize_whitespace", "mask_pii"].iter().enumerate()
+        {
             if changed[k] {
                 *self.changed.entry(name).or_default() += 1;
             }

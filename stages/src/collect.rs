@@ -316,11 +316,18 @@ impl Loader<'_> {
     fn load(&self, emit: &mut Emit<'_>) -> Result<(), StageError> {
         let name = &self.spec.name;
         match name.as_str() {
-            "builtin:self-cognition" => self.jsonl_str(SELF_COGNITION, Path::new("stages/assets/self_cognition.jsonl"), emit),
+            "builtin:self-cognition" => {
+                self.jsonl_str(SELF_COGNITION, Path::new("stages/assets/self_cognition.jsonl"), emit)
+            }
             "builtin:general-chat" => self.jsonl_str(GENERAL_CHAT, Path::new("stages/assets/general_chat.jsonl"), emit),
             "builtin:corpus" => {
                 for (i, doc) in CORPUS.split("\n\n").map(str::trim).filter(|d| !d.is_empty()).enumerate() {
-                    let s = Sample { id: format!("{name}:{}", i + 1), source: name.clone(), text: Some(doc.into()), ..Default::default() };
+                    let s = Sample {
+                        id: format!("{name}:{}", i + 1),
+                        source: name.clone(),
+                        text: Some(doc.into()),
+                        ..Default::default()
+                    };
                     emit(RowOutcome::Ok(Format::Text, s))?;
                 }
                 Ok(())
@@ -337,7 +344,12 @@ impl Loader<'_> {
                         let ext = ext_of(&f);
                         if self.params.text_extensions.iter().any(|e| e.eq_ignore_ascii_case(&ext)) {
                             let text = std::fs::read_to_string(&f).map_err(|e| StageError::io(&f, e))?;
-                            let s = Sample { id: format!("{name}:{rel}"), source: name.clone(), text: Some(text), ..Default::default() };
+                            let s = Sample {
+                                id: format!("{name}:{rel}"),
+                                source: name.clone(),
+                                text: Some(text),
+                                ..Default::default()
+                            };
                             emit(RowOutcome::Ok(Format::Text, s))?;
                         } else if matches!(ext.as_str(), "jsonl" | "json" | "csv" | "parquet") {
                             self.file(&f, &format!("{name}/{rel}"), emit)?;
@@ -369,7 +381,11 @@ impl Loader<'_> {
             }
             "csv" => self.csv(path, id_prefix, emit),
             "parquet" => self.parquet(path, id_prefix, emit),
-            other => Err(StageError::input(path, None, format!("unsupported file type `.{other}` (expected jsonl, json, csv, parquet)"))),
+            other => Err(StageError::input(
+                path,
+                None,
+                format!("unsupported file type `.{other}` (expected jsonl, json, csv, parquet)"),
+            )),
         }
     }
 
@@ -411,19 +427,21 @@ impl Loader<'_> {
 
     fn json_array(&self, text: &str, path: &Path, id_prefix: &str, emit: &mut Emit<'_>) -> Result<(), StageError> {
         let base = path.parent().unwrap_or(Path::new("."));
-        let items: Vec<Box<serde_json::value::RawValue>> = serde_json::from_str(text).map_err(|e| {
-            StageError::input(path, Some(e.line()), format!("field `(json)`: invalid JSON array: {e}"))
-        })?;
-        for raw in items {
-            let offset = raw.get().as_ptr() as usize - text.as_ptr() as usize;
-            let line_no = text.as_bytes()[..offset].iter().filter(|&&b| b == b'\n').count() + 1;
-            let out = match serde_json::from_str::<Map<String, Value>>(raw.get()) {
-                Ok(obj) => self.row(&obj, base, path, line_no, id_prefix, || raw.get().to_string()),
+        let items = split_json_array(text)
+            .map_err(|(line, msg)| StageError::input(path, Some(line), format!("field `(json)`: {msg}")))?;
+        let mut line_no = 1usize;
+        let mut last = 0usize;
+        for (start, end) in items {
+            line_no += text.as_bytes()[last..start].iter().filter(|&&b| b == b'\n').count();
+            last = start;
+            let raw = &text[start..end];
+            let out = match serde_json::from_str::<Map<String, Value>>(raw) {
+                Ok(obj) => self.row(&obj, base, path, line_no, id_prefix, || raw.to_string()),
                 Err(e) => RowOutcome::Bad {
                     path: path.to_path_buf(),
                     line: Some(line_no),
                     error: RowError { field: "(json)".into(), message: format!("expected a JSON object: {e}") },
-                    raw: raw.get().to_string(),
+                    raw: raw.to_string(),
                 },
             };
             emit(out)?;
@@ -433,7 +451,8 @@ impl Loader<'_> {
 
     fn csv(&self, path: &Path, id_prefix: &str, emit: &mut Emit<'_>) -> Result<(), StageError> {
         let base = path.parent().unwrap_or(Path::new("."));
-        let mut rdr = csv::ReaderBuilder::new().flexible(false).from_path(path).map_err(|e| StageError::input(path, None, e))?;
+        let mut rdr =
+            csv::ReaderBuilder::new().flexible(false).from_path(path).map_err(|e| StageError::input(path, None, e))?;
         let headers = rdr.headers().map_err(|e| StageError::input(path, Some(1), e))?.clone();
         for rec in rdr.records() {
             let rec = match rec {
@@ -476,7 +495,7 @@ impl Loader<'_> {
         let base = path.parent().unwrap_or(Path::new("."));
         let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
         let df = ParquetReader::new(file).finish().map_err(|e| StageError::input(path, None, e))?;
-        let cols = df.get_columns();
+        let cols = df.columns();
         for i in 0..df.height() {
             let mut obj = Map::new();
             for c in cols {
@@ -484,6 +503,15 @@ impl Loader<'_> {
                 let v = any_to_json(&v);
                 if !v.is_null() {
                     obj.insert(c.name().to_string(), v);
+                }
+            }
+            // Canonical files store typed labels as text plus a type column.
+            for (k, ty) in [("label", "label_type"), ("label2", "label2_type")] {
+                if let (Some(Value::String(t)), Some(Value::String(ty))) = (obj.get(k), obj.get(ty)) {
+                    if let Some(l) = crate::data::Label::parse(t, ty) {
+                        let v = serde_json::to_value(l).map_err(|e| StageError::input(path, Some(i + 1), e))?;
+                        obj.insert(k.to_string(), v);
+                    }
                 }
             }
             let out = self.row(&obj, base, path, i + 1, id_prefix, || Value::Object(obj.clone()).to_string());
@@ -520,7 +548,9 @@ impl Loader<'_> {
 /// `{{NAME}}` / `{{AUTHOR}}` (and LLaMA-Factory's `{{name}}` / `{{author}}`) → the configured
 /// values; zh rows (by `tag`, else by script) take the first of a pair.
 fn substitute(s: &mut Sample, zh_tag: Option<bool>, p: &Params) -> Result<(), RowError> {
-    let has = |t: &str| t.contains("{{NAME}}") || t.contains("{{AUTHOR}}") || t.contains("{{name}}") || t.contains("{{author}}");
+    let has = |t: &str| {
+        t.contains("{{NAME}}") || t.contains("{{AUTHOR}}") || t.contains("{{name}}") || t.contains("{{author}}")
+    };
     if !s.texts().any(has) {
         return Ok(());
     }
@@ -585,6 +615,65 @@ fn any_to_json(v: &polars::prelude::AnyValue<'_>) -> Value {
         A::Struct(..) => any_to_json(&v.clone().into_static()),
         other => Value::String(other.to_string()),
     }
+}
+
+/// Byte ranges of the top-level elements of a JSON array (a scanner that tracks strings and
+/// nesting; each element is parsed separately so errors name its line). Err: (line, message).
+fn split_json_array(text: &str) -> Result<Vec<(usize, usize)>, (usize, String)> {
+    let b = text.as_bytes();
+    let line_at = |i: usize| b[..i.min(b.len())].iter().filter(|&&c| c == b'\n').count() + 1;
+    let mut i = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    if b.get(i) != Some(&b'[') {
+        return Err((line_at(i), "expected a JSON array".into()));
+    }
+    i += 1;
+    let mut out = Vec::new();
+    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+    let mut start: Option<usize> = None;
+    while i < b.len() {
+        let c = b[i];
+        if in_str {
+            if esc {
+                esc = false;
+            } else if c == b'\\' {
+                esc = true;
+            } else if c == b'"' {
+                in_str = false;
+            }
+        } else {
+            match c {
+                b'"' => {
+                    in_str = true;
+                    start.get_or_insert(i);
+                }
+                b'{' | b'[' => {
+                    depth += 1;
+                    start.get_or_insert(i);
+                }
+                b'}' | b']' if depth > 0 => depth -= 1,
+                b']' => {
+                    if let Some(s) = start.take() {
+                        out.push((s, i));
+                    }
+                    let rest = &text[i + 1..];
+                    if !rest.trim().is_empty() {
+                        return Err((line_at(i + 1), "trailing characters after the JSON array".into()));
+                    }
+                    return Ok(out.into_iter().map(|(s, e)| (s, s + text[s..e].trim_end().len())).collect());
+                }
+                b',' if depth == 0 => match start.take() {
+                    Some(s) => out.push((s, i)),
+                    None => return Err((line_at(i), "empty array element".into())),
+                },
+                c if c.is_ascii_whitespace() => {}
+                _ => {
+                    start.get_or_insert(i);
+                }
+            }
+        }
+        i += 1;
+    }
+    Err((line_at(b.len()), "unterminated JSON array".into()))
 }
 
 fn ext_of(p: &Path) -> String {

@@ -365,14 +365,15 @@ mod tests {
 
     #[test]
     fn exact_and_near_are_found_and_distinct_kept() {
-        let base = "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat near the door";
+        let base: String = (0..60).map(|i| format!("word{i}")).collect::<Vec<_>>().join(" ");
+        let base = base.as_str();
         let rows = vec![
             row(base),
             row(&base.to_uppercase()),
-            row(&base.replace("warm", "cold")),
+            row(&base.replace("word30 ", "changed ")),
             row("a completely different sentence about rust compilers and parquet files and nothing else at all"),
         ];
-        let p: Params = toml::from_str("threshold = 0.7").unwrap();
+        let p: Params = toml::from_str("threshold = 0.7\nngram = 2").unwrap();
         let batches = || Ok::<_, StageError>(vec![Ok(rows.clone())].into_iter());
         let plan = plan(&p, 7, batches).unwrap();
         let removed: Vec<_> = plan.removed().collect();
@@ -384,7 +385,10 @@ mod tests {
     #[test]
     fn minhash_estimates_jaccard() {
         let a = shingle_set(&(0..300).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" "), 3);
-        let b = shingle_set(&(0..300).map(|i| format!("w{}", if i % 10 == 0 { 1000 + i } else { i })).collect::<Vec<_>>().join(" "), 3);
+        let b = shingle_set(
+            &(0..300).map(|i| format!("w{}", if i % 10 == 0 { 1000 + i } else { i })).collect::<Vec<_>>().join(" "),
+            3,
+        );
         let truth = jaccard_sorted(&a, &b);
         let mh = MinHasher::new(32, 8, 1);
         let (sa, sb) = (mh.signature(&a), mh.signature(&b));

@@ -117,11 +117,7 @@ impl Rules {
             }
             Field::Text => s.text.clone().unwrap_or_default(),
         };
-        self.compiled
-            .iter()
-            .find(|(_, re)| re.is_match(&text))
-            .map(|(l, _)| l.as_str())
-            .or(self.default.as_deref())
+        self.compiled.iter().find(|(_, re)| re.is_match(&text)).map(|(l, _)| l.as_str()).or(self.default.as_deref())
     }
 }
 
@@ -139,8 +135,17 @@ pub(crate) fn agreement(pairs: &[(String, String)]) -> serde_json::Value {
         agree += usize::from(a == b);
     }
     let po = agree as f64 / n;
-    let pe: f64 = a_counts.iter().map(|(k, &ca)| ca as f64 / n * b_counts.get(k).copied().unwrap_or(0) as f64 / n).sum();
-    let kappa = if (1.0 - pe).abs() < 1e-12 { if po >= 1.0 { 1.0 } else { 0.0 } } else { (po - pe) / (1.0 - pe) };
+    let pe: f64 =
+        a_counts.iter().map(|(k, &ca)| ca as f64 / n * b_counts.get(k).copied().unwrap_or(0) as f64 / n).sum();
+    let kappa = if (1.0 - pe).abs() < 1e-12 {
+        if po >= 1.0 {
+            1.0
+        } else {
+            0.0
+        }
+    } else {
+        (po - pe) / (1.0 - pe)
+    };
     let r = |x: f64| (x * 1e6).round() / 1e6;
     serde_json::json!({
         "rows": pairs.len(),

@@ -35,11 +35,9 @@ fn run_stage(kind: &str, params: &str, recipe_dir: &Path, inputs: &[(&str, &Path
     let stage = reg.get(kind).unwrap();
     let params: toml::Table = toml::from_str(params).unwrap();
     let names: Vec<&str> = inputs.iter().map(|(n, _)| *n).collect();
-    let declared =
-        stage.declare(&PlanCtx { stage_id: kind, params: &params, input_names: names, recipe_dir })?;
+    let declared = stage.declare(&PlanCtx { stage_id: kind, params: &params, input_names: names, recipe_dir })?;
     let tmp = tempfile::tempdir().unwrap();
-    let outputs: BTreeMap<String, PathBuf> =
-        declared.outputs.iter().map(|o| (o.clone(), tmp.path().join(o))).collect();
+    let outputs: BTreeMap<String, PathBuf> = declared.outputs.iter().map(|o| (o.clone(), tmp.path().join(o))).collect();
     for d in outputs.values() {
         std::fs::create_dir_all(d).unwrap();
     }
@@ -149,7 +147,7 @@ fn self_cognition_substitutes_names_per_language() {
     .unwrap();
     snapshot("self_cognition_identity", &ran.rows());
     // Missing params are a plan-time error for the builtin.
-    let err = run_stage("collect", "datasets = [\"builtin:self-cognition\"]", Path::new("."), &[]).unwrap_err();
+    let err = run_stage("collect", "datasets = [\"builtin:self-cognition\"]", Path::new("."), &[]).err().unwrap();
     assert!(err.to_string().contains("model_name"), "{err}");
 }
 
@@ -186,7 +184,10 @@ fn malformed_rows_fail_with_file_line_and_field() {
         ("bad_role.jsonl", "bad_role.jsonl:2: field `messages[1].role`: unknown role `wizard`"),
         ("bad_json.jsonl", "bad_json.jsonl:2: field `(json)`"),
         ("missing_image.jsonl", "missing_image.jsonl:1: field `images[0]`: file not found"),
-        ("tag_mismatch.jsonl", "tag_mismatch.jsonl:1: field `images`: 2 `<image>` tag(s) in the messages but 1 path(s)"),
+        (
+            "tag_mismatch.jsonl",
+            "tag_mismatch.jsonl:1: field `images`: 2 `<image>` tag(s) in the messages but 1 path(s)",
+        ),
         ("bad_history.json", "bad_history.json:3: field `history[0]`"),
         ("bad_label.csv", "bad_label.csv:3: field `(csv)`"),
     ] {
@@ -246,7 +247,12 @@ fn planted_corpus(n_docs: usize, n_dups: usize, seed: u64) -> (Vec<Sample>, Vec<
     let rows = docs
         .into_iter()
         .enumerate()
-        .map(|(i, d)| Sample { id: format!("gen:{i}"), source: "gen".into(), text: Some(d.join(" ")), ..Default::default() })
+        .map(|(i, d)| Sample {
+            id: format!("gen:{i}"),
+            source: "gen".into(),
+            text: Some(d.join(" ")),
+            ..Default::default()
+        })
         .collect();
     (rows, planted)
 }
@@ -270,7 +276,8 @@ fn dedupe_finds_planted_near_duplicates() {
         .iter()
         .map(|r| (r["id"].as_str().unwrap().to_string(), r["duplicate_of"].as_str().unwrap().to_string()))
         .collect();
-    let found = planted.iter().filter(|(d, src)| removed_ids.get(&format!("gen:{d}")) == Some(&format!("gen:{src}"))).count();
+    let found =
+        planted.iter().filter(|(d, src)| removed_ids.get(&format!("gen:{d}")) == Some(&format!("gen:{src}"))).count();
     let recall = found as f64 / planted.len() as f64;
     let planted_ids: std::collections::BTreeSet<String> = planted.iter().map(|(d, _)| format!("gen:{d}")).collect();
     let false_pos = removed_ids.keys().filter(|k| k.starts_with("gen:") && !planted_ids.contains(*k)).count();

@@ -299,7 +299,9 @@ fn push_history(msgs: &mut Vec<Message>, obj: &Map<String, Value>) -> Result<(),
             }
             Ok(())
         }
-        Some(other) => Err(err("history", format!("expected a list of [query, response] pairs, found {}", kind(other)))),
+        Some(other) => {
+            Err(err("history", format!("expected a list of [query, response] pairs, found {}", kind(other))))
+        }
     }
 }
 
@@ -339,7 +341,8 @@ mod tests {
 
     #[test]
     fn alpaca_joins_instruction_and_input() {
-        let (f, s) = row(r#"{"instruction":"Translate","input":"hello","output":"bonjour","system":"be brief"}"#).unwrap();
+        let (f, s) =
+            row(r#"{"instruction":"Translate","input":"hello","output":"bonjour","system":"be brief"}"#).unwrap();
         assert_eq!(f, Format::Alpaca);
         assert_eq!(
             s.messages,

@@ -139,7 +139,11 @@ impl Sample {
     }
     /// Mutable access to every text field, same order as [`Sample::texts`].
     pub fn texts_mut(&mut self) -> impl Iterator<Item = &mut String> {
-        self.messages.iter_mut().map(|m| &mut m.content).chain(self.text.as_mut()).chain(self.rejected_response.as_mut())
+        self.messages
+            .iter_mut()
+            .map(|m| &mut m.content)
+            .chain(self.text.as_mut())
+            .chain(self.rejected_response.as_mut())
     }
     /// All text of the row joined with newlines.
     pub fn joined_text(&self) -> String {
@@ -212,8 +216,8 @@ pub fn samples_to_frame(samples: &[Sample]) -> PolarsResult<DataFrame> {
     let text = utf8_opt(samples.iter().map(|s| s.text.clone())).with_name("text".into());
     let rejected = utf8_opt(samples.iter().map(|s| s.rejected_response.clone())).with_name("rejected_response".into());
     let label = utf8_opt(samples.iter().map(|s| s.label.as_ref().map(Label::text))).with_name("label".into());
-    let label_ty =
-        utf8_opt(samples.iter().map(|s| s.label.as_ref().map(|l| l.type_name().to_string()))).with_name("label_type".into());
+    let label_ty = utf8_opt(samples.iter().map(|s| s.label.as_ref().map(|l| l.type_name().to_string())))
+        .with_name("label_type".into());
     let label2 = utf8_opt(samples.iter().map(|s| s.label2.as_ref().map(Label::text))).with_name("label2".into());
     let label2_ty = utf8_opt(samples.iter().map(|s| s.label2.as_ref().map(|l| l.type_name().to_string())))
         .with_name("label2_type".into());
@@ -251,9 +255,10 @@ fn read_string_lists(df: &DataFrame, name: &str) -> PolarsResult<Vec<Vec<String>
     let ca = ca.list()?;
     let mut out = Vec::with_capacity(df.height());
     for arr in ca.downcast_iter() {
-        let values = arr.values().as_any().downcast_ref::<Utf8ViewArray>().ok_or_else(|| {
-            PolarsError::ComputeError(format!("column `{name}`: expected a list of strings").into())
-        })?;
+        let values =
+            arr.values().as_any().downcast_ref::<Utf8ViewArray>().ok_or_else(|| {
+                PolarsError::ComputeError(format!("column `{name}`: expected a list of strings").into())
+            })?;
         let offs = arr.offsets();
         for i in 0..arr.len() {
             let (a, b) = offs.start_end(i);
@@ -279,9 +284,11 @@ pub fn frame_to_samples(df: &DataFrame) -> PolarsResult<Vec<Sample>> {
             .downcast_ref::<StructArray>()
             .ok_or_else(|| PolarsError::ComputeError("column `messages`: expected list<struct>".into()))?;
         let field = |name: &str| -> PolarsResult<&Utf8ViewArray> {
-            let idx = st.fields().iter().position(|f| f.name.as_str() == name).ok_or_else(|| {
-                PolarsError::ComputeError(format!("column `messages`: no field `{name}`").into())
-            })?;
+            let idx = st
+                .fields()
+                .iter()
+                .position(|f| f.name.as_str() == name)
+                .ok_or_else(|| PolarsError::ComputeError(format!("column `messages`: no field `{name}`").into()))?;
             st.values()[idx].as_any().downcast_ref::<Utf8ViewArray>().ok_or_else(|| {
                 PolarsError::ComputeError(format!("column `messages`: field `{name}` is not a string").into())
             })
@@ -295,7 +302,10 @@ pub fn frame_to_samples(df: &DataFrame) -> PolarsResult<Vec<Sample>> {
     }
     let opt = |name: &str| -> PolarsResult<Vec<Option<String>>> {
         match df.column(name) {
-            Ok(c) => Ok(c.as_materialized_series().str()?.into_iter().map(|v| v.map(str::to_string)).collect()),
+            Ok(c) => {
+                let ca = c.as_materialized_series().str()?;
+                Ok((0..n).map(|i| ca.get(i).map(str::to_string)).collect())
+            }
             Err(_) => Ok(vec![None; n]),
         }
     };
@@ -305,7 +315,10 @@ pub fn frame_to_samples(df: &DataFrame) -> PolarsResult<Vec<Sample>> {
     let (images, audios, videos) =
         (read_string_lists(df, "images")?, read_string_lists(df, "audios")?, read_string_lists(df, "videos")?);
     let augmented: Vec<bool> = match df.column("augmented") {
-        Ok(c) => c.as_materialized_series().bool()?.into_iter().map(|v| v.unwrap_or(false)).collect(),
+        Ok(c) => {
+            let ca = c.as_materialized_series().bool()?;
+            (0..n).map(|i| ca.get(i).unwrap_or(false)).collect()
+        }
         Err(_) => vec![false; n],
     };
     let mk_label = |t: &Option<String>, ty: &Option<String>| match (t, ty) {
@@ -426,10 +439,8 @@ impl DatasetReader {
     }
     fn read_slice(&self, offset: usize, len: usize) -> Result<Vec<Sample>, StageError> {
         let file = File::open(&self.path).map_err(|e| StageError::io(&self.path, e))?;
-        let df = ParquetReader::new(file)
-            .with_slice(Some((offset, len)))
-            .finish()
-            .map_err(|e| polars_err(&self.path, e))?;
+        let df =
+            ParquetReader::new(file).with_slice(Some((offset, len))).finish().map_err(|e| polars_err(&self.path, e))?;
         frame_to_samples(&df).map_err(|e| polars_err(&self.path, e))
     }
 }
@@ -496,7 +507,11 @@ mod tests {
             Sample {
                 id: "a:1".into(),
                 source: "a".into(),
-                messages: vec![Message::new("system", "s"), Message::new("user", "hi"), Message::new("assistant", "yo")],
+                messages: vec![
+                    Message::new("system", "s"),
+                    Message::new("user", "hi"),
+                    Message::new("assistant", "yo"),
+                ],
                 rejected_response: Some("no".into()),
                 label: Some(Label::Bool(true)),
                 images: vec!["/x.png".into()],
