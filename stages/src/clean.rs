@@ -304,6 +304,9 @@ pub(crate) fn repetition(s: &str, n: usize) -> Repetition {
     }
 }
 
+/// One text normalisation: returns `Borrowed` when nothing changed.
+type Step = fn(&str) -> Cow<'_, str>;
+
 struct Cleaner {
     p: Params,
     tokenizer: Option<tokenizers::Tokenizer>,
@@ -315,7 +318,7 @@ impl Cleaner {
     fn apply(&mut self, s: &mut Sample) {
         let mut changed = [false; 5];
         for t in s.texts_mut() {
-            let steps: [(bool, fn(&str) -> Cow<'_, str>); 5] = [
+            let steps: [(bool, Step); 5] = [
                 (self.p.nfkc, |x| if x.is_ascii() { Cow::Borrowed(x) } else { Cow::Owned(x.nfkc().collect()) }),
                 (self.p.remove_control, remove_control),
                 (self.p.strip_html, strip_html),

@@ -379,7 +379,7 @@ mod tests {
         let removed: Vec<_> = plan.removed().collect();
         assert_eq!(removed, vec![(1, 0), (2, 0)]);
         assert!(matches!(plan.fates[1], Fate::Exact(0)));
-        assert!(matches!(plan.fates[2], Fate::Near(0, j) if j >= 0.7 && j < 1.0));
+        assert!(matches!(plan.fates[2], Fate::Near(0, j) if (0.7..1.0).contains(&j)));
     }
 
     #[test]
