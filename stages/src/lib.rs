@@ -1,8 +1,14 @@
 //! Every stage kind `pipeline` knows, one module per kind. Adding a kind: write `src/<kind>.rs`
 //! implementing [`pipeline_engine::Stage`], then add one line to [`registry`].
 
+mod augment;
+mod clean;
+mod collect;
+pub mod data;
+mod dedupe;
 pub mod evaluate;
 pub mod evaluate_model;
+mod label;
 mod pending;
 
 use pipeline_engine::Registry;
@@ -12,14 +18,14 @@ pub fn registry() -> Registry {
     let mut r = Registry::new();
     // Built-in engine kinds: `files`, `concat` (and `test-step` under PIPELINE_TEST_STAGES=1).
     pipeline_engine::builtin::register(&mut r);
-    for kind in
-        ["collect", "dedupe", "clean", "label", "augment", "pretrain", "sft", "align", "evaluate", "quantize", "export"]
-    {
-        if kind == "evaluate" {
-            r.register(evaluate::Evaluate::new(evaluate_model::load_model_predictor));
-        } else {
-            r.register(pending::Pending(kind));
-        }
+    r.register(collect::Collect);
+    r.register(dedupe::Dedupe);
+    r.register(clean::Clean);
+    r.register(label::LabelStage);
+    r.register(augment::Augment);
+    r.register(evaluate::Evaluate::new(evaluate_model::load_model_predictor));
+    for kind in ["pretrain", "sft", "align", "quantize", "export"] {
+        r.register(pending::Pending(kind));
     }
     r
 }
