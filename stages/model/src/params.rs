@@ -1,0 +1,69 @@
+//! The trainable parameters of a model as one dfdx [`TensorCollection`].
+//!
+//! dfdx 0.13's `TensorCollection::iter_tensors` is a static function: it must enumerate a fixed set
+//! of tensor fields without seeing the value, which rules out a runtime number of layers (and the
+//! crate only builds `TensorOptions` for compile-time shapes). So every trainable weight of a model
+//! (the LoRA adapters, or all weights for full fine-tuning) lives in ONE flat f32 vector, and the
+//! forward pass slices its views out of it (slice backward accumulates into the one gradient
+//! buffer). Optimisers (`dfdx::optim::{Adam, Sgd, RMSprop}`), `ZeroGrads::alloc_grads`,
+//! `NumParams` and gradient clipping then work on [`FlatParams`] unchanged.
+
+use std::mem::MaybeUninit;
+
+use dfdx::nn::tensor_collection::{ModuleVisitor, TensorCollection, TensorOptions};
+use dfdx::prelude::*;
+
+/// All trainable weights of a model, concatenated (see the module docs).
+#[derive(Debug, Clone)]
+pub struct FlatParams<E: Dtype, D: Storage<E>> {
+    pub flat: Tensor<(usize,), E, D>,
+}
+
+/// `TensorOptions` for a runtime-shaped tensor. dfdx 0.13 marks the struct `#[non_exhaustive]`
+/// and only offers constructors for compile-time shapes, but every field is public; the options
+/// are only read by visitors (optimisers, gradient allocation), never used to build a tensor here.
+fn runtime_options<E: Dtype, D: Device<E>>() -> TensorOptions<(usize,), E, D> {
+    fn no_reset<E: Dtype, D: Device<E>>(_: &mut Tensor<(usize,), E, D>) -> Result<(), D::Err> {
+        Ok(())
+    }
+    let mut o = MaybeUninit::<TensorOptions<(usize,), E, D>>::uninit();
+    let p = o.as_mut_ptr();
+    // SAFETY: dfdx 0.13.0's TensorOptions has exactly these three public fields (pinned version);
+    // each is written once through a raw field pointer before `assume_init`.
+    unsafe {
+        std::ptr::addr_of_mut!((*p).do_gradient_update).write(true);
+        std::ptr::addr_of_mut!((*p).reset).write(no_reset::<E, D>);
+        std::ptr::addr_of_mut!((*p).shape).write((0,));
+        o.assume_init()
+    }
+}
+
+impl<E: Dtype, D: Device<E>> TensorCollection<E, D> for FlatParams<E, D> {
+    type To<E2: Dtype, D2: Device<E2>> = FlatParams<E2, D2>;
+
+    fn iter_tensors<V: ModuleVisitor<Self, E, D>>(visitor: &mut V) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        visitor.visit_fields(Self::tensor("flat", |s| &s.flat, |s| &mut s.flat, runtime_options()), |flat| FlatParams {
+            flat,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dfdx::optim::{Sgd, SgdConfig};
+
+    #[test]
+    fn adam_updates_the_flat_vector() {
+        let dev = Cpu::default();
+        let mut p = FlatParams { flat: dev.tensor_from_vec(vec![1.0f32, -2.0, 3.0], (3,)) };
+        assert_eq!(p.num_trainable_params(), 3);
+        let mut opt = Sgd::new(&p, SgdConfig { lr: 0.5, momentum: None, weight_decay: None });
+        let grads = p.alloc_grads();
+        let loss = p.flat.trace(grads).square().sum();
+        let g = loss.backward();
+        opt.update(&mut p, &g).unwrap();
+        // d/dx x^2 = 2x; x - 0.5 * 2x = 0
+        assert_eq!(p.flat.as_vec(), vec![0.0, 0.0, 0.0]);
+    }
+}
