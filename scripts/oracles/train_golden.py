@@ -186,15 +186,17 @@ def check_grad(f, tok, grad):
 
 rng = np.random.default_rng(20261128)
 dpo_cases = []
-for beta, eps, rpo in [(0.1, 0.0, None), (0.5, 0.1, 1.0), (2.0, 0.0, 0.5)]:
+for beta, eps, rpo, at_reference in [(0.1, 0.0, None, False), (0.5, 0.1, 1.0, False), (2.0, 0.0, 0.5, False), (0.1, 0.0, None, True)]:
     n, T = 3, 5
     tok = -rng.uniform(0.05, 3.0, size=(2 * n, T))
     mask = (rng.uniform(size=(2 * n, T)) < 0.75).astype(np.float64)
     mask[:, -1] = 1.0
     ref = (tok * mask).sum(1) + rng.normal(0, 1.5, size=2 * n)
+    if at_reference:  # policy == reference: logits 0, where training starts with LoRA (B = 0)
+        ref = (tok.astype(np.float32) * mask.astype(np.float32)).sum(1, dtype=np.float32).astype(np.float64)
     loss, metrics, grad = dpo(tok, mask, ref, beta, eps, rpo)
     check_grad(lambda t: dpo(t, mask, ref, beta, eps, rpo)[0], tok, grad)
-    dpo_cases.append({"beta": beta, "label_smoothing": eps, "rpo_alpha": rpo, "rows": 2 * n, "seq": T,
+    dpo_cases.append({"at_reference": at_reference, "beta": beta, "label_smoothing": eps, "rpo_alpha": rpo, "rows": 2 * n, "seq": T,
                       "token_logps": tok.reshape(-1).tolist(), "mask": mask.reshape(-1).tolist(), "ref_logps": ref.tolist(),
                       "loss": loss, "metrics": metrics, "grad": grad.reshape(-1).tolist()})
 

@@ -57,6 +57,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod lm;
 pub mod metrics;
 pub mod objectives;
 pub mod optim;

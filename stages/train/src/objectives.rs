@@ -80,12 +80,21 @@ pub fn masked_mean_nll<D: Device<f32>, T: Tape<f32, D>>(
     token_logps.try_mul(m).and_then(|x| x.try_sum::<(), _>()).and_then(|x| x.try_mul(-1.0 / count)).map_err(dev_err)
 }
 
-/// Numerically stable `log σ(x) = -(relu(-x) + ln(1 + exp(-|x|)))`.
+/// Numerically stable `log σ(x)` with the exact gradient `1 − σ(x)` everywhere, zero included:
+/// `−ln(1 + e^{−x})` where `x ≥ 0`, `x − ln(1 + e^{x})` where `x < 0`, selected by masks (the
+/// unused branch sees 0, so nothing overflows). The `relu`/`abs` form has a kink at 0 where dfdx's
+/// subgradient is 0, which froze DPO at its starting point (policy = reference, logits = 0).
 pub fn log_sigmoid<S: Shape, D: Device<f32>, T: Tape<f32, D>>(x: Tensor<S, f32, D, T>) -> Tensor<S, f32, D, T> {
+    let shape = *x.shape();
+    let dev = x.device().clone();
+    let pos: Vec<f32> = x.as_vec().iter().map(|&v| if v >= 0.0 { 1.0 } else { 0.0 }).collect();
+    let neg: Vec<f32> = pos.iter().map(|p| 1.0 - p).collect();
+    let pos = dev.tensor_from_vec(pos, shape);
+    let neg = dev.tensor_from_vec(neg, shape);
     let (x, tape) = x.split_tape();
-    let neg_part = x.clone().put_tape(tape).negate().relu();
-    let soft = (x.retaped::<T>().abs().negate().exp() + 1.0).ln();
-    (neg_part + soft).negate()
+    let pos_branch = ((x.clone().put_tape(tape) * pos.clone()).negate().exp() + 1.0).ln().negate() * pos;
+    let neg_branch = (x.retaped::<T>() * neg.clone() - ((x.retaped::<T>() * neg.clone()).exp() + 1.0).ln()) * neg;
+    pos_branch + neg_branch
 }
 
 /// A loss with the figures logged beside it.

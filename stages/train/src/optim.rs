@@ -57,11 +57,19 @@ pub struct AdamW {
     pub cfg: AdamWConfig,
     step: u64,
     state: BTreeMap<String, Moments>,
+    /// Per-element decay flags overriding [`decays`] for tensors that pack several weights.
+    decay_masks: BTreeMap<String, Vec<bool>>,
 }
 
 impl AdamW {
     pub fn new(cfg: AdamWConfig) -> Self {
-        AdamW { cfg, step: 0, state: BTreeMap::new() }
+        AdamW { cfg, step: 0, state: BTreeMap::new(), decay_masks: BTreeMap::new() }
+    }
+
+    /// Decay only the elements of tensor `name` whose flag is `true` (e.g. a flat vector holding
+    /// every weight of a model, where norms and biases must not decay).
+    pub fn set_decay_mask(&mut self, name: &str, mask: Vec<bool>) {
+        self.decay_masks.insert(name.to_string(), mask);
     }
 
     /// Updates applied so far.
@@ -102,11 +110,17 @@ impl AdamW {
             if m.exp_avg.len() != n {
                 return Err(TrainError::Device(format!("optimizer state for `{}` has the wrong size", p.name)));
             }
-            let decay = if decays(&p.name) { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 };
+            let factor = (1.0 - lr * c.weight_decay) as f32;
+            let mask = self.decay_masks.get(&p.name);
+            if mask.is_some_and(|m| m.len() != n) {
+                return Err(TrainError::Device(format!("weight-decay mask of `{}` has the wrong size", p.name)));
+            }
+            let whole = decays(&p.name);
             for i in 0..n {
                 let gi = g.data[i];
-                // param.mul_(1 - lr * weight_decay)
-                let mut pi = p.data[i] * decay;
+                // param.mul_(1 - lr * weight_decay)   (parameters without decay: not multiplied)
+                let decay = mask.map_or(whole, |m| m[i]);
+                let mut pi = if decay { p.data[i] * factor } else { p.data[i] };
                 // exp_avg.lerp_(grad, 1 - beta1)   (weight < 0.5: self + w * (end - self))
                 let ea = &mut m.exp_avg[i];
                 *ea = if one_minus_beta1 < 0.5 {
@@ -229,6 +243,7 @@ mod tests {
         opt.update_host(&mut p, &g, 0.1).unwrap();
         let mut other = AdamW::new(opt.cfg);
         other.load_state(opt.step_count(), opt.state_tensors()).unwrap();
+        assert_eq!(other.step_count(), 1);
         assert_eq!(other, opt);
     }
 }

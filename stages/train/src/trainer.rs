@@ -51,6 +51,12 @@ pub trait Objective<M, D: Device<f32>> {
         tape: T,
         info: &StepInfo,
     ) -> Result<LossOutput<D, T>, TrainError>;
+
+    /// Per-element weight-decay flags for trainable tensors that pack several weights into one
+    /// (`name -> flags`, `true` = decay); tensors not listed follow [`crate::optim::decays`].
+    fn weight_decay_masks(&self, _model: &M) -> BTreeMap<String, Vec<bool>> {
+        BTreeMap::new()
+    }
 }
 
 /// What a [`Callbacks::control`] tells the loop between steps.
@@ -241,6 +247,9 @@ where
     drop(initial);
 
     let mut opt = AdamW::new(AdamWConfig::from_train_config(cfg));
+    for (name, mask) in objective.weight_decay_masks(model) {
+        opt.set_decay_mask(&name, mask);
+    }
     let mut state = TrainerState {
         global_step: 0,
         history: Vec::new(),

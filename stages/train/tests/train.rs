@@ -2,6 +2,8 @@
 
 #[path = "train/golden.rs"]
 mod golden;
+#[path = "train/qwen.rs"]
+mod qwen;
 #[path = "train/tiny.rs"]
 mod tiny;
 #[path = "train/training_loop.rs"]

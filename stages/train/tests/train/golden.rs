@@ -110,10 +110,10 @@ fn leaf(dev: &Cpu, data: Vec<f32>, rows: usize, seq: usize) -> Tensor<(usize, us
     dev.tensor_from_vec(data, (rows, seq))
 }
 
-fn check_metrics(got: &[(String, f64)], want: &Value) {
+fn check_metrics(got: &[(String, f64)], want: &Value, skip: &[&str]) {
     let want = want.as_object().unwrap();
     assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
-    for (k, v) in got {
+    for (k, v) in got.iter().filter(|(k, _)| !skip.contains(&k.as_str())) {
         let w = want[k].as_f64().unwrap();
         assert!(close(*v, w, 1e-5, 1e-6), "metric {k}: {v} vs {w}");
     }
@@ -134,7 +134,9 @@ fn dpo_matches_trl() {
         let loss = f64::from(out.loss.array());
         let want = case["loss"].as_f64().unwrap();
         assert!(close(loss, want, 1e-5, 1e-6), "{cfg:?}: loss {loss} vs {want}");
-        check_metrics(&out.metrics, &case["metrics"]);
+        // At the reference (logits ~ 0) "chosen > rejected" compares rounding noise.
+        let skip: &[&str] = if case["at_reference"].as_bool().unwrap() { &["rewards/accuracies"] } else { &[] };
+        check_metrics(&out.metrics, &case["metrics"], skip);
         let g = out.loss.backward();
         for (a, b) in g.get(&x).as_vec().iter().zip(f32s(&case["grad"])) {
             assert!(close(f64::from(*a), f64::from(b), 1e-4, 1e-6), "{cfg:?}: grad {a} vs {b}");
@@ -161,7 +163,7 @@ fn kto_matches_trl() {
         let loss = f64::from(out.loss.array());
         let want = case["loss"].as_f64().unwrap();
         assert!(close(loss, want, 1e-5, 1e-6), "{cfg:?}: loss {loss} vs {want}");
-        check_metrics(&out.metrics, &case["metrics"]);
+        check_metrics(&out.metrics, &case["metrics"], &[]);
         let g = out.loss.backward();
         for (a, b) in g.get(&x).as_vec().iter().zip(f32s(&case["grad"])) {
             assert!(close(f64::from(*a), f64::from(b), 1e-4, 1e-7), "{cfg:?}: grad {a} vs {b}");
@@ -174,4 +176,22 @@ fn dpo_rejects_odd_rows() {
     let dev = Cpu::default();
     let x = leaf(&dev, vec![0.0; 3], 3, 1);
     assert!(dpo_loss(x.leaky_trace(), &[1.0; 3], &[0.0; 3], &DpoConfig::default()).is_err());
+}
+
+#[test]
+fn log_sigmoid_is_stable_and_has_the_right_gradient_at_zero() {
+    let dev = Cpu::default();
+    let x = dev.tensor_from_vec(vec![0.0f32, -200.0, 200.0, 1.5, -1.5], (5,));
+    let y = pipeline_train::objectives::log_sigmoid(x.leaky_trace());
+    let v = y.as_vec();
+    assert!((v[0] + std::f32::consts::LN_2).abs() < 1e-7);
+    assert_eq!(v[1], -200.0);
+    assert_eq!(v[2], 0.0);
+    assert!((v[3] - (-0.201_413_f32)).abs() < 1e-5 && (v[4] - (-1.701_413_f32)).abs() < 1e-5);
+    let g = y.sum().backward();
+    let g = g.get(&x).as_vec();
+    let want = [0.5f32, 1.0, 0.0, 0.182_426, 0.817_574];
+    for (a, b) in g.iter().zip(want) {
+        assert!((a - b).abs() < 1e-5, "{g:?}");
+    }
 }
