@@ -36,16 +36,28 @@
 //!                     &train_set, Some(&eval_set), &paths, &mut callbacks)?;
 //! ```
 //!
+//! # The real model and the stages
+//!
+//! - [`lm`]: [`lm::TrainModel`] wraps pipeline-model's `Qwen2` (its `FlatParams`, i.e. all weights
+//!   or the LoRA adapters per `Qwen2::set_trainable`, are what is trained, named `params.flat`);
+//!   [`lm::CausalLmObjective`] (pretrain, SFT on [`TokenDataset`]), [`lm::DpoObjective`] on
+//!   [`lm::PairDataset`], [`lm::KtoObjective`] on [`lm::KtoDataset`], with the reference
+//!   log-probs precomputed once by [`lm::precompute_dpo_reference`] /
+//!   [`lm::precompute_kto_reference`] (adapters disabled for LoRA, initial weights otherwise).
+//! - [`stage`]: [`stage::RunCtxCallbacks`] (progress, `ctx.metric`, Ctrl-C → checkpoint and
+//!   `Cancelled`), [`stage::paths`] (checkpoints in `ctx.scratch_dir()`), [`stage::report`],
+//!   [`stage::stage_error`], and [`TrainConfig::split_params`] for a stage's `params` table.
+//!
 //! # Exactness
 //!
 //! - AdamW and clipping follow PyTorch's operation order in f32 ([`optim`]); schedules follow
 //!   transformers' formulas ([`schedule`]); both are checked against golden values from
-//!   `scripts/oracles/train_golden.py` in `tests/golden.rs`.
+//!   `scripts/oracles/train_golden.py` in `tests/train/golden.rs`.
 //! - Determinism on CPU: the data order is a pure function of `(seed, epoch)`, per-micro-batch
 //!   seeds ([`StepInfo::seed`]) are a pure function of `(seed, step, micro)`, and a checkpoint
 //!   holds the parameters, both Adam moments, the step, the open logging window and the history.
 //!   A run killed after its checkpoint at step k and restarted produces bit-identical losses,
-//!   learning rates and gradient norms to an uninterrupted run (`tests/loop.rs`).
+//!   learning rates and gradient norms to an uninterrupted run (`tests/train/training_loop.rs`, and on the real Qwen2 in `tests/train/qwen.rs`).
 //!
 //! # Differences from transformers' Trainer (on purpose)
 //!
@@ -63,6 +75,7 @@ pub mod objectives;
 pub mod optim;
 pub mod params;
 pub mod schedule;
+pub mod stage;
 pub mod trainer;
 
 use std::path::PathBuf;

@@ -8,7 +8,7 @@
 //! - [`kto_loss`]: KTO with the detached KL baseline `z` (TRL's `KTOTrainer`), see
 //!   [`kto_kl_baseline`] and [`rotate_by_one`].
 //!
-//! The DPO/KTO loss values and gradients are checked in `tests/golden.rs` against
+//! The DPO/KTO loss values and gradients are checked in `tests/train/golden.rs` against
 //! `scripts/oracles/train_golden.py` (TRL's formulas, NumPy).
 
 use dfdx::prelude::*;

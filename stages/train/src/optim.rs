@@ -1,7 +1,7 @@
 //! AdamW and global-norm gradient clipping, computed on the host in f32 in the order PyTorch's
 //! single-tensor `torch.optim.AdamW` and `torch.nn.utils.clip_grad_norm_` use, so that results
 //! match them to the last bits (checked against a NumPy transcription of torch's algorithm in
-//! `tests/golden.rs`, golden data from `scripts/oracles/train_golden.py`).
+//! `tests/train/golden.rs`, golden data from `scripts/oracles/train_golden.py`).
 //!
 //! Why not dfdx's `Adam` with `WeightDecay::Decoupled`: its moments live in a `Gradients` keyed
 //! by tensor ids, which do not survive a process restart, so a checkpoint could not hold them.
