@@ -128,6 +128,10 @@ pub struct Window {
     pub loss_sum: f64,
     pub tokens: u64,
     pub metric_sums: BTreeMap<String, f64>,
+    /// Steps that reported each metric (an objective may omit one for a batch, e.g. KTO's
+    /// `rewards/rejected` for a batch without undesirable examples).
+    #[serde(default)]
+    pub metric_steps: BTreeMap<String, u64>,
 }
 
 /// Everything besides tensors that a checkpoint stores.
@@ -319,7 +323,8 @@ where
 
         let mut grads = model.try_alloc_grads().map_err(dev_err)?;
         let mut step_loss = 0.0f64;
-        let mut step_metrics: BTreeMap<String, f64> = BTreeMap::new();
+        // name -> (Σ weight · value, Σ weight) over the micro-batches that report it.
+        let mut step_metrics: BTreeMap<String, (f64, f64)> = BTreeMap::new();
         let mut tokens = 0u64;
         for (i, b) in batches.iter().enumerate() {
             let anchor: Tensor<Rank0, f32, D> = dev.try_zeros().map_err(dev_err)?;
@@ -333,7 +338,9 @@ where
             }
             step_loss += w * value;
             for (k, v) in out.metrics {
-                *step_metrics.entry(k).or_default() += w * v;
+                let e = step_metrics.entry(k).or_default();
+                e.0 += w * v;
+                e.1 += w;
             }
             tokens += b.num_tokens() as u64;
             grads = out.loss.try_mul(w as f32).map_err(dev_err)?.try_backward().map_err(dev_err)?;
@@ -355,8 +362,9 @@ where
         w.steps += 1;
         w.loss_sum += step_loss;
         w.tokens += tokens;
-        for (k, v) in step_metrics {
-            *w.metric_sums.entry(k).or_default() += v;
+        for (k, (sum, weight)) in step_metrics {
+            *w.metric_sums.entry(k.clone()).or_default() += sum / weight;
+            *w.metric_steps.entry(k).or_default() += 1;
         }
         if step % cfg.logging_steps == 0 || step == total_steps {
             let elapsed = window_start.elapsed().as_secs_f64();
@@ -367,7 +375,11 @@ where
                 learning_rate: lr,
                 grad_norm,
                 tokens_per_second: if elapsed > 0.0 { w.tokens as f64 / elapsed } else { 0.0 },
-                metrics: w.metric_sums.iter().map(|(k, v)| (k.clone(), v / w.steps as f64)).collect(),
+                metrics: w
+                    .metric_sums
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v / w.metric_steps.get(k).copied().unwrap_or(w.steps).max(1) as f64))
+                    .collect(),
             });
             state.window = Window::default();
             window_start = Instant::now();
@@ -474,7 +486,7 @@ where
     let idx: Vec<usize> = (0..data.len()).collect();
     let mut total = 0.0;
     let mut loss = 0.0;
-    let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
+    let mut metrics: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for (i, chunk) in idx.chunks(batch_size.max(1)).enumerate() {
         let b = data.collate(chunk)?;
         let w = b.loss_weight();
@@ -482,14 +494,16 @@ where
         let out = objective.loss(model, &b, NoneTape, &info)?;
         loss += w * f64::from(out.loss.as_vec()[0]);
         for (k, v) in out.metrics {
-            *metrics.entry(k).or_default() += w * v;
+            let e = metrics.entry(k).or_default();
+            e.0 += w * v;
+            e.1 += w;
         }
         total += w;
     }
     if total <= 0.0 {
         return Err(TrainError::Data("the evaluation split carries no loss".into()));
     }
-    Ok((loss / total, metrics.into_iter().map(|(k, v)| (k, v / total)).collect()))
+    Ok((loss / total, metrics.into_iter().map(|(k, (sum, weight))| (k, sum / weight)).collect()))
 }
 
 /// Where [`train`] keeps the best checkpoint of step `step` (for callers that want its files).

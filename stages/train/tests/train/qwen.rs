@@ -197,7 +197,8 @@ fn kto_with_lora_starts_at_one_half_and_learns() {
     let mut data = KtoDataset::new(rows, 0, 32);
     assert_eq!(data.examples[1].kl_completion, data.examples[0].completion);
     precompute_kto_reference(&mut m, &mut data, 4).unwrap();
-    let cfg = TrainConfig { max_steps: 30, learning_rate: 5e-3, per_device_train_batch_size: 8, ..base_cfg() };
+    // Batches of 3 out of 8: some hold only desirable or only undesirable examples.
+    let cfg = TrainConfig { max_steps: 30, learning_rate: 5e-3, per_device_train_batch_size: 3, ..base_cfg() };
     let mut obj = KtoObjective { cfg: KtoConfig::default() };
     let mut tm = TrainModel(m);
     let out = train(&cfg, 5, &dev, &mut tm, &mut obj, &data, None, &paths(dir.path(), "kto"), &mut Quiet).unwrap();
@@ -206,7 +207,9 @@ fn kto_with_lora_starts_at_one_half_and_learns() {
     // r = 0 and z = 0 at init: every loss is 1 − σ(0) = 0.5.
     assert!((recs[0].loss - 0.5).abs() < 1e-6, "{}", recs[0].loss);
     assert_eq!(recs[0].metrics["kl"], 0.0);
-    let last = recs.last().unwrap();
-    assert!(last.loss < 0.45, "{}", last.loss);
-    assert!(last.metrics["rewards/margins"] > 0.0);
+    // The last epoch (3 steps) as a whole has learned; margins exist where a batch has both kinds.
+    let tail: f64 = recs[recs.len() - 3..].iter().map(|r| r.loss).sum::<f64>() / 3.0;
+    assert!(tail < 0.45, "{tail}");
+    let with_margins = recs.iter().rev().find(|r| r.metrics.contains_key("rewards/margins")).unwrap();
+    assert!(with_margins.metrics["rewards/margins"] > 0.0);
 }
