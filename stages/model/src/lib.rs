@@ -1,13 +1,78 @@
-//! Model core shared by training, evaluation and export stages.
+//! pipeline-model: the model core shared by the training, evaluation and export stages —
+//! Qwen2 / Llama decoders on dfdx, Hugging Face checkpoint and GGUF loading, tokenizer and chat
+//! template, LoRA, losses and generation.
+//!
+//! # Architecture ([`qwen2`])
+//! One decoder for Qwen2 (q/k/v bias) and Llama (no bias), transformers semantics: RMSNorm, RoPE
+//! (rotate-half, `rope_theta`), grouped-query attention, SwiGLU, optional tied embeddings.
+//! Dimensions are runtime values (dfdx `usize` dims) for every model, the built-in preset
+//! included: the cost is in the matmuls either way, and one code path keeps checkpoints from disk
+//! and the preset identical. Generic over `D: Device<f32>` (CPU; CUDA with the `cuda` feature).
+//! Parity with transformers + peft (logits, padded batches, loss, LoRA gradients, greedy decoding)
+//! is checked in `tests/model.rs` against `tests/fixtures/golden.json`
+//! (`scripts/oracles/qwen2_parity.py`).
+//!
+//! # Loading and saving
+//! - [`pretrained::load_pretrained`]`(path, &dev)` → [`pretrained::Pretrained`] `{ model, tokenizer, chat }`
+//!   from a HF folder or a `.gguf` file (tokenizer ids checked against the embedding rows).
+//! - [`Qwen2::load_hf`], [`Qwen2::from_host`]`(&cfg, &HostTensors, &dev)`, [`Qwen2::random_host`].
+//! - [`Qwen2::save_pretrained`] (`config.json` + `model.safetensors`, F32),
+//!   [`Qwen2::save_adapter`] / [`Qwen2::load_peft_adapter`] (peft's `adapter_config.json` +
+//!   `adapter_model.safetensors`), [`Qwen2::to_host`], [`Qwen2::lora_to_host`].
+//! - Errors ([`ModelError`]) name the tensor or config field.
+//!
+//! # Training API
+//! ```ignore
+//! use dfdx::prelude::*;
+//! use pipeline_model::{loss, Batch, LoraConfig, Qwen2, Trainable};
+//! model.set_trainable(Trainable::Lora(LoraConfig::all_linear(8, 16.0)), seed)?; // or Trainable::Full
+//! let mut opt = Adam::new(&model.params, AdamConfig { lr: 1e-4, ..Default::default() });
+//! let batch = Batch::right_padded(&rows, pad_id)?;           // ids + padding mask [batch, seq]
+//! let grads = model.params.alloc_grads();                     // dfdx ZeroGrads on the collection
+//! let logits = model.forward_traced(&batch, grads)?;          // [batch, seq, vocab], OwnedTape
+//! let loss = loss::masked_cross_entropy(logits, &labels)?;    // labels [batch*seq], -100 masked
+//! let g = loss.backward();
+//! opt.update(&mut model.params, &g)?;
+//! ```
+//! - `model.params` is a [`FlatParams`] — a dfdx `TensorCollection` holding exactly the trained
+//!   weights (all LoRA A/B matrices, or every weight for `Trainable::Full`) in one flat vector;
+//!   see [`params`] for why. Gradients reach only it (frozen weights are never updated).
+//! - LoRA: `y = W x + b + (alpha/r)·B(A x)`, A ~ U(±1/√in) (peft's Kaiming-uniform), B = 0, no
+//!   dropout; targets [`Proj`] (`all-linear` = q,k,v,o,gate,up,down; [`LoraConfig::with_targets`]).
+//!   [`Qwen2::set_adapters_enabled`]`(false)` gives the base model (DPO/KTO reference);
+//!   [`Qwen2::merge_lora`] folds `W' = W + (alpha/r)·B·A`.
+//! - Losses ([`loss`], transformers' shifted-label convention): [`loss::masked_cross_entropy`]
+//!   (mean over unmasked), [`loss::summed_cross_entropy`] (sum + count, for accumulation),
+//!   [`loss::sequence_logprobs`] (per-row SUM of completion log-probs, for DPO/KTO).
+//! - [`Qwen2::forward`] (no tape) and [`Qwen2::forward_with_tape`] for any tape.
+//!
+//! # Generation ([`generate()`])
+//! KV-cached, batched (left-padded), greedy / temperature / top-k / top-p / repetition penalty,
+//! stop ids and stop strings, `max_new_tokens`, per-row seeded sampling. [`Qwen2::forward_cached`]
+//! with [`Qwen2::new_cache`] is the step function.
+//!
+//! # The tiny preset and its vocabulary
+//! [`ModelConfig::tiny`]`(vocab)`: Qwen2, hidden 64, 2 layers, 4 heads / 2 KV heads (head_dim 16),
+//! SwiGLU 176, tied embeddings, θ = 1e6. Its transformer blocks cost ~0.1 MFLOP per token, the LM
+//! head `2·64·V`: with Qwen2.5's 151,936 rows the head is ~99% of the work (and the log-softmax
+//! holds `tokens × 151,936` floats). Recommended: the real Qwen2.5 tokenizer with the embedding
+//! restricted to the ids of the training corpus ([`vocab::VocabMap`], stored as
+//! `vocab_map.json`), so `pipeline generate` still prints real text. Measured in
+//! `benches/throughput.rs`.
 
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod gguf;
 pub mod host;
 pub mod loss;
 pub mod params;
+pub mod pretrained;
 pub mod qwen2;
+pub mod tokenizer;
+pub mod vocab;
 
 pub use config::{Arch, ModelConfig};
 pub use error::ModelError;
