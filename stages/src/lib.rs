@@ -1,6 +1,12 @@
 //! Every stage kind `pipeline` knows, one module per kind. Adding a kind: write `src/<kind>.rs`
 //! implementing [`pipeline_engine::Stage`], then add one line to [`registry`].
 
+mod augment;
+mod clean;
+mod collect;
+pub mod data;
+mod dedupe;
+mod label;
 mod pending;
 
 use pipeline_engine::Registry;
@@ -8,9 +14,12 @@ use pipeline_engine::Registry;
 /// All stage kinds, by recipe `kind` name.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    for kind in
-        ["collect", "dedupe", "clean", "label", "augment", "pretrain", "sft", "align", "evaluate", "quantize", "export"]
-    {
+    r.register(collect::Collect);
+    r.register(dedupe::Dedupe);
+    r.register(clean::Clean);
+    r.register(label::LabelStage);
+    r.register(augment::Augment);
+    for kind in ["pretrain", "sft", "align", "evaluate", "quantize", "export"] {
         r.register(pending::Pending(kind));
     }
     r

@@ -1,0 +1,483 @@
+//! # clean
+//!
+//! ## What it does
+//! Normalises every text field of every row, then filters rows. In order:
+//! 1. Unicode NFKC; 2. control and invisible characters removed (zero-width, bidi controls, soft
+//!    hyphen, BOM; `\n` and `\t` kept); 3. HTML remnants (tags other than the `<image>` /
+//!    `<audio>` / `<video>` media tags, comments, character entities decoded); 4. whitespace
+//!    (runs of spaces collapsed, lines trimmed, at most one blank line, ends trimmed);
+//!    5. optional PII masking (`[EMAIL]`, `[PHONE]`, `[ID]`).
+//!
+//! Then the filters, each off when its param is unset, applied to the row's joined text: length
+//! in characters, length in tokens (with `tokenizer`), language (script-based guess), and the
+//! Gopher-style repetition rules (Rae et al. 2021, "Scaling Language Models", appendix A): the
+//! fraction of duplicate lines, the fraction of characters covered by the most frequent word
+//! n-gram, and the symbol-to-word ratio (`#` and `…`/`...`); repetition rules only look at rows
+//! with at least `repetition_min_words` words. The report counts rows changed by each
+//! normalisation and rows dropped by each filter (a row is counted under the first filter it
+//! fails). Streams row groups.
+//!
+//! ## Inputs
+//! `data`: a canonical dataset.
+//!
+//! ## Outputs
+//! `data`: the cleaned rows. `rejected`: `rejected.jsonl`, one `{id, filter, value}` per
+//! dropped row.
+//!
+//! ## Parameters
+//! | name | default | meaning |
+//! |---|---|---|
+//! | `nfkc`, `remove_control`, `strip_html`, `normalize_whitespace` | `true` | normalisations |
+//! | `mask_pii` | `false` | mask emails, phone numbers, ID numbers |
+//! | `min_chars`, `max_chars` | unset | character bounds on the joined text |
+//! | `tokenizer` | unset | path to a HF `tokenizer.json`, needed by the token bounds |
+//! | `min_tokens`, `max_tokens` | unset | token bounds on the joined text |
+//! | `languages` | unset | keep rows whose guessed language is listed (`zh`, `en`, `ja`, `ko`, `ru`, `ar`); rows without letters are kept |
+//! | `min_language_fraction` | `0.5` | fraction of letters that must be in the language's script |
+//! | `max_duplicate_line_fraction` | `0.3` | Gopher: duplicate lines / lines |
+//! | `max_top_ngram_fraction` | `0.2` | Gopher: chars in the most frequent `top_ngram_n`-gram / chars in words |
+//! | `top_ngram_n` | `2` | n for the rule above |
+//! | `max_symbol_ratio` | `0.1` | Gopher: (`#` + ellipses) / words |
+//! | `repetition_min_words` | `50` | rows with fewer words skip the repetition rules |
+//!
+//! ## Cache key
+//! Params, the input artifact's digest and the tokenizer file's content (declared as a file).
+//!
+//! ## Example
+//! ```toml
+//! [stages.clean]
+//! kind = "clean"
+//! inputs.data = "dedupe.data"
+//! params = { max_chars = 8000, languages = ["zh", "en"], mask_pii = true }
+//! ```
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::LazyLock;
+use std::time::Instant;
+
+use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError};
+use regex::Regex;
+use unicode_normalization::UnicodeNormalization;
+
+use crate::data::text::{for_each_word, guess_language};
+use crate::data::{write_jsonl, DatasetReader, DatasetWriter, Sample};
+
+pub(crate) struct Clean;
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Params {
+    #[serde(default = "yes")]
+    pub nfkc: bool,
+    #[serde(default = "yes")]
+    pub remove_control: bool,
+    #[serde(default = "yes")]
+    pub strip_html: bool,
+    #[serde(default = "yes")]
+    pub normalize_whitespace: bool,
+    #[serde(default)]
+    pub mask_pii: bool,
+    pub min_chars: Option<usize>,
+    pub max_chars: Option<usize>,
+    pub tokenizer: Option<PathBuf>,
+    pub min_tokens: Option<usize>,
+    pub max_tokens: Option<usize>,
+    pub languages: Option<Vec<String>>,
+    #[serde(default = "d_lang_frac")]
+    pub min_language_fraction: f64,
+    #[serde(default = "d_dup_line")]
+    pub max_duplicate_line_fraction: Option<f64>,
+    #[serde(default = "d_top_ngram")]
+    pub max_top_ngram_fraction: Option<f64>,
+    #[serde(default = "d_two")]
+    pub top_ngram_n: usize,
+    #[serde(default = "d_symbol")]
+    pub max_symbol_ratio: Option<f64>,
+    #[serde(default = "d_rep_words")]
+    pub repetition_min_words: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn d_lang_frac() -> f64 {
+    0.5
+}
+fn d_dup_line() -> Option<f64> {
+    Some(0.3)
+}
+fn d_top_ngram() -> Option<f64> {
+    Some(0.2)
+}
+fn d_two() -> usize {
+    2
+}
+fn d_symbol() -> Option<f64> {
+    Some(0.1)
+}
+fn d_rep_words() -> usize {
+    50
+}
+
+impl Params {
+    fn check(&self) -> Result<(), StageError> {
+        if (self.min_tokens.is_some() || self.max_tokens.is_some()) && self.tokenizer.is_none() {
+            return Err(StageError::Params("`min_tokens`/`max_tokens` need `tokenizer` (a tokenizer.json path)".into()));
+        }
+        if self.top_ngram_n == 0 {
+            return Err(StageError::Params("`top_ngram_n` must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+static HTML_TAG: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?s)<!--.*?-->|</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>").expect("static regex")
+});
+static ENTITY: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[a-zA-Z]{2,8});").expect("static regex"));
+static EMAIL: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}").expect("static regex"));
+static ID_NUMBER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\b(?:\d{17}[\dXx]|\d{15}|\d{3}-\d{2}-\d{4})\b").expect("static regex"));
+static PHONE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?:\+\d{1,3}[ .-]?)?(?:\b1[3-9]\d{9}\b|(?:\(\d{3}\)|\b\d{3})[ .-]?\d{3}[ .-]?\d{4}\b)").expect("static regex")
+});
+
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' |
+        '\u{2066}'..='\u{2069}' | '\u{FEFF}' | '\u{180E}')
+        || (c.is_control() && c != '\n' && c != '\t')
+}
+
+pub(crate) fn remove_control(s: &str) -> Cow<'_, str> {
+    if s.chars().any(is_invisible) {
+        Cow::Owned(s.chars().filter(|c| !is_invisible(*c)).map(|c| if c == '\r' { '\n' } else { c }).collect())
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+fn decode_entity(e: &str) -> Option<String> {
+    let body = &e[1..e.len() - 1];
+    let c = if let Some(num) = body.strip_prefix("#x").or_else(|| body.strip_prefix("#X")) {
+        char::from_u32(u32::from_str_radix(num, 16).ok()?)?
+    } else if let Some(num) = body.strip_prefix('#') {
+        char::from_u32(num.parse().ok()?)?
+    } else {
+        match body {
+            "amp" => '&',
+            "lt" => '<',
+            "gt" => '>',
+            "quot" => '"',
+            "apos" => '\'',
+            "nbsp" => ' ',
+            "mdash" => '—',
+            "ndash" => '–',
+            "hellip" => '…',
+            "copy" => '©',
+            _ => return None,
+        }
+    };
+    Some(c.to_string())
+}
+
+pub(crate) fn strip_html(s: &str) -> Cow<'_, str> {
+    if !s.contains('<') && !s.contains('&') {
+        return Cow::Borrowed(s);
+    }
+    let no_tags = HTML_TAG.replace_all(s, |c: &regex::Captures<'_>| {
+        let t = &c[0];
+        if matches!(t, "<image>" | "<audio>" | "<video>") {
+            t.to_string()
+        } else if t.starts_with("<br") || t.starts_with("</p") || t.starts_with("</div") || t.starts_with("</li") {
+            "\n".to_string()
+        } else {
+            String::new()
+        }
+    });
+    let decoded = ENTITY.replace_all(&no_tags, |c: &regex::Captures<'_>| decode_entity(&c[0]).unwrap_or_else(|| c[0].to_string()));
+    if decoded == s {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(decoded.into_owned())
+    }
+}
+
+pub(crate) fn normalize_whitespace(s: &str) -> Cow<'_, str> {
+    let mut out = String::with_capacity(s.len());
+    let mut blank_run = 0usize;
+    for line in s.split('\n') {
+        let mut l = String::with_capacity(line.len());
+        let mut space = false;
+        for c in line.chars() {
+            if c.is_whitespace() {
+                space = !l.is_empty();
+            } else {
+                if space {
+                    l.push(' ');
+                    space = false;
+                }
+                l.push(c);
+            }
+        }
+        if l.is_empty() {
+            blank_run += 1;
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(if blank_run > 0 { "\n\n" } else { "\n" });
+        }
+        blank_run = 0;
+        out.push_str(&l);
+    }
+    if out == s {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(out)
+    }
+}
+
+pub(crate) fn mask_pii(s: &str) -> Cow<'_, str> {
+    if !s.bytes().any(|b| b.is_ascii_digit() || b == b'@') {
+        return Cow::Borrowed(s);
+    }
+    let a = EMAIL.replace_all(s, "[EMAIL]");
+    let b = ID_NUMBER.replace_all(&a, "[ID]");
+    let c = PHONE.replace_all(&b, "[PHONE]");
+    if c == s {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(c.into_owned())
+    }
+}
+
+/// Gopher repetition statistics of a text.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Repetition {
+    pub words: usize,
+    pub duplicate_line_fraction: f64,
+    pub top_ngram_fraction: f64,
+    pub symbol_ratio: f64,
+}
+
+pub(crate) fn repetition(s: &str, n: usize) -> Repetition {
+    let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for l in &lines {
+        *seen.entry(l).or_default() += 1;
+    }
+    let dup_lines: usize = seen.values().filter(|&&c| c > 1).map(|&c| c - 1).sum();
+    let mut words: Vec<String> = Vec::new();
+    for_each_word(s, |w| words.push(w.to_string()));
+    let word_chars: usize = words.iter().map(|w| w.chars().count()).sum();
+    let mut top = 0.0;
+    if words.len() >= n && word_chars > 0 {
+        let mut counts: HashMap<&[String], usize> = HashMap::new();
+        for g in words.windows(n) {
+            *counts.entry(g).or_default() += 1;
+        }
+        // Gopher: characters of the most frequent n-gram times its count / characters in words.
+        if let Some((g, c)) = counts.iter().max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0))) {
+            if *c > 1 {
+                let len: usize = g.iter().map(|w| w.chars().count()).sum();
+                top = (len * c) as f64 / word_chars as f64;
+            }
+        }
+    }
+    let symbols = s.matches('#').count() + s.matches('…').count() + s.matches("...").count();
+    Repetition {
+        words: words.len(),
+        duplicate_line_fraction: if lines.is_empty() { 0.0 } else { dup_lines as f64 / lines.len() as f64 },
+        top_ngram_fraction: top,
+        symbol_ratio: if words.is_empty() { 0.0 } else { symbols as f64 / words.len() as f64 },
+    }
+}
+
+struct Cleaner {
+    p: Params,
+    tokenizer: Option<tokenizers::Tokenizer>,
+    changed: BTreeMap<&'static str, usize>,
+    dropped: BTreeMap<&'static str, usize>,
+}
+
+impl Cleaner {
+    fn apply(&mut self, s: &mut Sample) {
+        let mut changed = [false; 5];
+        for t in s.texts_mut() {
+            let steps: [(bool, fn(&str) -> Cow<'_, str>); 5] = [
+                (self.p.nfkc, |x| if x.is_ascii() { Cow::Borrowed(x) } else { Cow::Owned(x.nfkc().collect()) }),
+                (self.p.remove_control, remove_control),
+                (self.p.strip_html, strip_html),
+                (self.p.normalize_whitespace, normalize_whitespace),
+                (self.p.mask_pii, mask_pii),
+            ];
+            for (k, (on, f)) in steps.iter().enumerate() {
+                if !on {
+                    continue;
+                }
+                if let Cow::Owned(o) = f(t) {
+                    if o != *t {
+                        changed[k] = true;
+                        *t = o;
+                    }
+                }
+            }
+        }
+        for (k, name) in ["nfkc", "remove_control", "strip_html", "normalize_whitespace", "mask_pii"].iter().enumerate() {
+            if changed[k] {
+                *self.changed.entry(name).or_default() += 1;
+            }
+        }
+    }
+
+    /// The first filter the row fails, with the measured value.
+    fn verdict(&self, s: &Sample) -> Result<Option<(&'static str, serde_json::Value)>, StageError> {
+        let text = s.joined_text();
+        let chars = text.chars().count();
+        if let Some(m) = self.p.min_chars {
+            if chars < m {
+                return Ok(Some(("min_chars", chars.into())));
+            }
+        }
+        if let Some(m) = self.p.max_chars {
+            if chars > m {
+                return Ok(Some(("max_chars", chars.into())));
+            }
+        }
+        if let Some(tok) = &self.tokenizer {
+            let n = tok.encode(text.as_str(), false).map_err(|e| StageError::failed(format!("tokenizer: {e}")))?.len();
+            if self.p.min_tokens.is_some_and(|m| n < m) {
+                return Ok(Some(("min_tokens", n.into())));
+            }
+            if self.p.max_tokens.is_some_and(|m| n > m) {
+                return Ok(Some(("max_tokens", n.into())));
+            }
+        }
+        if let Some(langs) = &self.p.languages {
+            if let Some((lang, frac)) = guess_language(&text) {
+                if !langs.iter().any(|l| l == lang) || frac < self.p.min_language_fraction {
+                    return Ok(Some(("language", serde_json::json!(format!("{lang} {frac:.2}")))));
+                }
+            }
+        }
+        if self.p.max_duplicate_line_fraction.is_some()
+            || self.p.max_top_ngram_fraction.is_some()
+            || self.p.max_symbol_ratio.is_some()
+        {
+            let r = repetition(&text, self.p.top_ngram_n);
+            if r.words >= self.p.repetition_min_words {
+                let round = |x: f64| (x * 1e4).round() / 1e4;
+                if self.p.max_duplicate_line_fraction.is_some_and(|m| r.duplicate_line_fraction > m) {
+                    return Ok(Some(("duplicate_lines", round(r.duplicate_line_fraction).into())));
+                }
+                if self.p.max_top_ngram_fraction.is_some_and(|m| r.top_ngram_fraction > m) {
+                    return Ok(Some(("top_ngram", round(r.top_ngram_fraction).into())));
+                }
+                if self.p.max_symbol_ratio.is_some_and(|m| r.symbol_ratio > m) {
+                    return Ok(Some(("symbol_ratio", round(r.symbol_ratio).into())));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Stage for Clean {
+    fn kind(&self) -> &'static str {
+        "clean"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "Normalise text (NFKC, control chars, HTML, whitespace, PII) and filter rows by length, language, repetition"
+    }
+    fn declare(&self, ctx: &PlanCtx<'_>) -> Result<Declared, StageError> {
+        ctx.check_inputs(&["data"], &[])?;
+        let p: Params = ctx.params()?;
+        p.check()?;
+        let files = p.tokenizer.iter().map(|t| ctx.resolve(t)).collect();
+        Ok(Declared { outputs: vec!["data".into(), "rejected".into()], files })
+    }
+    fn run(&self, ctx: &RunCtx) -> Result<(), StageError> {
+        let p: Params = ctx.params()?;
+        p.check()?;
+        let t0 = Instant::now();
+        let tokenizer = match &p.tokenizer {
+            Some(t) => {
+                let path = ctx.resolve(t);
+                Some(
+                    tokenizers::Tokenizer::from_file(&path)
+                        .map_err(|e| StageError::input(&path, None, format!("cannot load tokenizer: {e}")))?,
+                )
+            }
+            None => None,
+        };
+        let mut c = Cleaner { p, tokenizer, changed: BTreeMap::new(), dropped: BTreeMap::new() };
+        let reader = DatasetReader::open(ctx.input("data")?)?;
+        let total = reader.len();
+        ctx.progress_start("clean", Some(total as u64));
+        let mut w = DatasetWriter::create(ctx.output("data")?)?;
+        let mut rejected = Vec::new();
+        let mut done = 0u64;
+        for batch in reader {
+            ctx.check_cancelled()?;
+            for mut s in batch? {
+                c.apply(&mut s);
+                match c.verdict(&s)? {
+                    None => w.push(s)?,
+                    Some((filter, value)) => {
+                        *c.dropped.entry(filter).or_default() += 1;
+                        rejected.push(serde_json::json!({"id": s.id, "filter": filter, "value": value}));
+                    }
+                }
+                done += 1;
+            }
+            ctx.progress_set(done);
+        }
+        ctx.progress_finish();
+        let rows_out = w.finish()?;
+        let rdir = ctx.output("rejected")?;
+        std::fs::create_dir_all(rdir).map_err(|e| StageError::io(rdir, e))?;
+        write_jsonl(&rdir.join("rejected.jsonl"), &rejected)?;
+        ctx.set_report(serde_json::json!({
+            "rows_in": total,
+            "rows_out": rows_out,
+            "changed": c.changed,
+            "dropped": c.dropped,
+            "elapsed_ms": crate::data::ms_since(t0),
+        }));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalisations() {
+        assert_eq!(strip_html("<p>Hi &amp; bye</p><image>"), "Hi & bye\n<image>");
+        assert_eq!(remove_control("a\u{200B}b\u{0007}c\u{FEFF}"), "abc");
+        assert_eq!(normalize_whitespace("  a   b \n\n\n\n c\t \n"), "a b\n\nc");
+        assert_eq!(
+            mask_pii("mail bob@example.com or call 138 0013 8000? no: 13800138000, id 11010519491231002X"),
+            "mail [EMAIL] or call 138 0013 8000? no: [PHONE], id [ID]"
+        );
+        assert_eq!(mask_pii("call (555) 123-4567 now, ssn 123-45-6789"), "call [PHONE] now, ssn [ID]");
+        assert_eq!("ｈｅｌｌｏ①".nfkc().collect::<String>(), "hello1");
+    }
+
+    #[test]
+    fn gopher_statistics() {
+        let r = repetition("a b\na b\nc d\n", 2);
+        assert!((r.duplicate_line_fraction - 1.0 / 3.0).abs() < 1e-9);
+        // most frequent 2-gram "a b" occurs twice (2 chars each) over 6 word chars.
+        assert!((r.top_ngram_fraction - 4.0 / 6.0).abs() < 1e-9, "{r:?}");
+        assert_eq!(repetition("# a # b", 2).symbol_ratio, 1.0);
+    }
+}

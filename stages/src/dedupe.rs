@@ -1,0 +1,394 @@
+//! # dedupe
+//!
+//! ## What it does
+//! Removes exact duplicates (SHA-256 of the row's normalised text: every text field joined,
+//! lowercased, whitespace collapsed) and near duplicates (MinHash over word n-gram shingles +
+//! LSH banding, then the *true* Jaccard similarity of the shingle sets verified on every
+//! candidate pair). The first occurrence of a group is kept. Streams the dataset three times
+//! (hash, verify, write) so memory holds hashes and LSH buckets, not the rows.
+//!
+//! ## Inputs
+//! `data`: a canonical dataset.
+//!
+//! ## Outputs
+//! `data`: the kept rows, in input order. `removed`: `removed.jsonl`, one
+//! `{id, duplicate_of, method, jaccard}` per removed row (method `exact` or `near`).
+//!
+//! ## Parameters
+//! | name | default | meaning |
+//! |---|---|---|
+//! | `exact` | `true` | exact (normalised-text hash) dedupe |
+//! | `near` | `true` | MinHash + LSH near-duplicate dedupe |
+//! | `ngram` | `5` | shingle size in words (CJK characters count as words) |
+//! | `bands`, `rows_per_band` | `14`, `8` | LSH banding; permutations = bands × rows |
+//! | `num_perm` | bands × rows | must equal bands × rows when given |
+//! | `threshold` | `0.8` | verified Jaccard at or above which a row is a near duplicate |
+//! | `seed` | recipe seed | seeds the MinHash permutations |
+//!
+//! ## Cache key
+//! Params, seed, the input artifact's digest.
+//!
+//! ## Example
+//! ```toml
+//! [stages.dedupe]
+//! kind = "dedupe"
+//! inputs.data = "collect.data"
+//! params = { threshold = 0.85, ngram = 5 }
+//! ```
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Instant;
+
+use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sha2::{Digest, Sha256};
+
+use crate::data::text::{hash64, jaccard_sorted, mix64, shingle_set};
+use crate::data::{write_jsonl, DatasetReader, DatasetWriter, Sample};
+
+pub(crate) struct Dedupe;
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Params {
+    #[serde(default = "yes")]
+    pub exact: bool,
+    #[serde(default = "yes")]
+    pub near: bool,
+    #[serde(default = "d_ngram")]
+    pub ngram: usize,
+    #[serde(default = "d_bands")]
+    pub bands: usize,
+    #[serde(default = "d_rows")]
+    pub rows_per_band: usize,
+    #[serde(default)]
+    pub num_perm: Option<usize>,
+    #[serde(default = "d_threshold")]
+    pub threshold: f64,
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn d_ngram() -> usize {
+    5
+}
+fn d_bands() -> usize {
+    14
+}
+fn d_rows() -> usize {
+    8
+}
+fn d_threshold() -> f64 {
+    0.8
+}
+
+impl Params {
+    fn check(&self) -> Result<(), StageError> {
+        if self.ngram == 0 || self.bands == 0 || self.rows_per_band == 0 {
+            return Err(StageError::Params("`ngram`, `bands` and `rows_per_band` must be at least 1".into()));
+        }
+        if let Some(n) = self.num_perm {
+            if n != self.bands * self.rows_per_band {
+                return Err(StageError::Params(format!(
+                    "`num_perm` = {n} but bands × rows_per_band = {} × {} = {}",
+                    self.bands,
+                    self.rows_per_band,
+                    self.bands * self.rows_per_band
+                )));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.threshold) {
+            return Err(StageError::Params(format!("`threshold` must be in [0, 1], got {}", self.threshold)));
+        }
+        Ok(())
+    }
+}
+
+/// MinHash with multiply-shift permutations `h_p(x) = (a_p·x + b_p) >> 32` over 64-bit shingle
+/// hashes; seeded, so signatures are reproducible.
+pub(crate) struct MinHasher {
+    a: Vec<u64>,
+    b: Vec<u64>,
+    bands: usize,
+    rows: usize,
+}
+
+impl MinHasher {
+    pub(crate) fn new(bands: usize, rows: usize, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6d69_6e68_6173_6821);
+        let n = bands * rows;
+        let a = (0..n).map(|_| rng.gen::<u64>() | 1).collect();
+        let b = (0..n).map(|_| rng.gen::<u64>()).collect();
+        MinHasher { a, b, bands, rows }
+    }
+
+    pub(crate) fn signature(&self, shingles: &[u64]) -> Vec<u32> {
+        let mut sig = vec![u32::MAX; self.a.len()];
+        for &x in shingles {
+            for ((s, a), b) in sig.iter_mut().zip(&self.a).zip(&self.b) {
+                let h = (a.wrapping_mul(x).wrapping_add(*b) >> 32) as u32;
+                if h < *s {
+                    *s = h;
+                }
+            }
+        }
+        sig
+    }
+
+    /// One bucket key per band (the band index is mixed in).
+    pub(crate) fn band_keys(&self, sig: &[u32]) -> impl Iterator<Item = u64> + '_ {
+        let sig = sig.to_vec();
+        (0..self.bands).map(move |b| {
+            let band = &sig[b * self.rows..(b + 1) * self.rows];
+            let bytes: Vec<u8> = band.iter().flat_map(|v| v.to_le_bytes()).collect();
+            mix64(hash64(&bytes, b as u64) ^ b as u64)
+        })
+    }
+}
+
+/// The normalised text used for exact matching.
+pub(crate) fn normalise_for_exact(s: &Sample) -> String {
+    let mut out = String::new();
+    for (i, t) in s.texts().enumerate() {
+        if i > 0 {
+            out.push('\u{1}');
+        }
+        let mut space = false;
+        for c in t.chars() {
+            if c.is_whitespace() {
+                space = !out.is_empty();
+            } else {
+                if space {
+                    out.push(' ');
+                    space = false;
+                }
+                out.extend(c.to_lowercase());
+            }
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fate {
+    Keep,
+    Exact(u32),
+    Near(u32, f64),
+}
+
+/// The result of the hashing and verification passes: each row's fate, by index.
+pub(crate) struct DedupePlan {
+    fates: Vec<Fate>,
+    pub candidate_pairs: usize,
+    pub verified_pairs: usize,
+}
+
+impl DedupePlan {
+    pub(crate) fn removed(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.fates.iter().enumerate().filter_map(|(i, f)| match f {
+            Fate::Keep => None,
+            Fate::Exact(j) | Fate::Near(j, _) => Some((i, *j as usize)),
+        })
+    }
+}
+
+/// Decide every row's fate from batches of rows (called twice with the same batches: hashing,
+/// then verification of candidate pairs against their texts).
+pub(crate) fn plan<I, F>(p: &Params, seed: u64, mut batches: F) -> Result<DedupePlan, StageError>
+where
+    F: FnMut() -> Result<I, StageError>,
+    I: Iterator<Item = Result<Vec<Sample>, StageError>>,
+{
+    let mh = MinHasher::new(p.bands, p.rows_per_band, seed);
+    let mut exact_seen: HashMap<[u8; 16], u32> = HashMap::new();
+    let mut buckets: HashMap<u64, u32> = HashMap::new();
+    let mut fates: Vec<Fate> = Vec::new();
+    // candidate pairs: later row -> earlier bucket occupants, verified below.
+    let mut cands: Vec<(u32, u32)> = Vec::new();
+    let mut idx = 0u32;
+    for batch in batches()? {
+        for s in batch? {
+            let mut fate = Fate::Keep;
+            let norm = normalise_for_exact(&s);
+            if p.exact {
+                let d = Sha256::digest(norm.as_bytes());
+                let mut key = [0u8; 16];
+                key.copy_from_slice(&d[..16]);
+                match exact_seen.get(&key) {
+                    Some(&j) => fate = Fate::Exact(j),
+                    None => {
+                        exact_seen.insert(key, idx);
+                    }
+                }
+            }
+            if p.near && fate == Fate::Keep {
+                let sh = shingle_set(&norm, p.ngram);
+                if !sh.is_empty() {
+                    let sig = mh.signature(&sh);
+                    let mut mine: Vec<u32> = Vec::new();
+                    for k in mh.band_keys(&sig) {
+                        match buckets.get(&k) {
+                            Some(&j) => mine.push(j),
+                            None => {
+                                buckets.insert(k, idx);
+                            }
+                        }
+                    }
+                    mine.sort_unstable();
+                    mine.dedup();
+                    cands.extend(mine.into_iter().map(|j| (idx, j)));
+                }
+            }
+            fates.push(fate);
+            idx += 1;
+        }
+    }
+    drop(buckets);
+    drop(exact_seen);
+    let candidate_pairs = cands.len();
+    let mut verified_pairs = 0;
+    if !cands.is_empty() {
+        // Load the shingle sets of every row in a candidate pair, then verify.
+        let need: BTreeSet<u32> = cands.iter().flat_map(|&(a, b)| [a, b]).collect();
+        let mut sets: HashMap<u32, Vec<u64>> = HashMap::new();
+        let mut i = 0u32;
+        for batch in batches()? {
+            for s in batch? {
+                if need.contains(&i) {
+                    sets.insert(i, shingle_set(&normalise_for_exact(&s), p.ngram));
+                }
+                i += 1;
+            }
+        }
+        // cands are in increasing order of the later row, so earlier fates are final.
+        for (a, b) in cands {
+            if fates[a as usize] != Fate::Keep || fates[b as usize] != Fate::Keep {
+                continue;
+            }
+            let j = jaccard_sorted(&sets[&a], &sets[&b]);
+            if j >= p.threshold {
+                verified_pairs += 1;
+                fates[a as usize] = Fate::Near(b, j);
+            }
+        }
+    }
+    Ok(DedupePlan { fates, candidate_pairs, verified_pairs })
+}
+
+impl Stage for Dedupe {
+    fn kind(&self) -> &'static str {
+        "dedupe"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "Remove exact (hash) and near (MinHash + LSH, verified Jaccard) duplicate rows"
+    }
+    fn declare(&self, ctx: &PlanCtx<'_>) -> Result<Declared, StageError> {
+        ctx.check_inputs(&["data"], &[])?;
+        let p: Params = ctx.params()?;
+        p.check()?;
+        Ok(Declared { outputs: vec!["data".into(), "removed".into()], files: vec![] })
+    }
+    fn run(&self, ctx: &RunCtx) -> Result<(), StageError> {
+        let p: Params = ctx.params()?;
+        p.check()?;
+        let t0 = Instant::now();
+        let seed = p.seed.unwrap_or(ctx.seed());
+        let input = ctx.input("data")?.to_path_buf();
+        let total = DatasetReader::open(&input)?.len();
+        ctx.progress_start("dedupe: hashing", Some(total as u64));
+        let plan = plan(&p, seed, || DatasetReader::open(&input))?;
+        let t_plan = crate::data::ms_since(t0);
+        ctx.progress_finish();
+        ctx.check_cancelled()?;
+        // Write kept rows and the removal record.
+        let referenced: BTreeSet<usize> = plan.removed().map(|(_, j)| j).collect();
+        let mut ids: HashMap<usize, String> = HashMap::new();
+        let mut removed = Vec::new();
+        let mut w = DatasetWriter::create(ctx.output("data")?)?;
+        let (mut exact, mut near) = (0usize, 0usize);
+        let mut i = 0usize;
+        for batch in DatasetReader::open(&input)? {
+            ctx.check_cancelled()?;
+            for s in batch? {
+                if referenced.contains(&i) {
+                    ids.insert(i, s.id.clone());
+                }
+                match plan.fates[i] {
+                    Fate::Keep => w.push(s)?,
+                    Fate::Exact(j) => {
+                        exact += 1;
+                        removed.push(serde_json::json!({"id": s.id, "duplicate_of": ids[&(j as usize)], "method": "exact", "jaccard": 1.0}));
+                    }
+                    Fate::Near(j, jac) => {
+                        near += 1;
+                        let jac = (jac * 1e4).round() / 1e4;
+                        removed.push(serde_json::json!({"id": s.id, "duplicate_of": ids[&(j as usize)], "method": "near", "jaccard": jac}));
+                    }
+                }
+                i += 1;
+            }
+        }
+        let rows_out = w.finish()?;
+        let rdir = ctx.output("removed")?;
+        std::fs::create_dir_all(rdir).map_err(|e| StageError::io(rdir, e))?;
+        write_jsonl(&rdir.join("removed.jsonl"), &removed)?;
+        ctx.set_report(serde_json::json!({
+            "rows_in": total,
+            "rows_out": rows_out,
+            "removed_exact": exact,
+            "removed_near": near,
+            "candidate_pairs": plan.candidate_pairs,
+            "verified_pairs": plan.verified_pairs,
+            "params": {"ngram": p.ngram, "bands": p.bands, "rows_per_band": p.rows_per_band, "threshold": p.threshold, "seed": seed},
+            "elapsed_ms": crate::data::ms_since(t0),
+            "hash_ms": t_plan,
+        }));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Message;
+
+    fn row(t: &str) -> Sample {
+        Sample { messages: vec![Message::new("user", t)], ..Default::default() }
+    }
+
+    #[test]
+    fn exact_and_near_are_found_and_distinct_kept() {
+        let base = "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat near the door";
+        let rows = vec![
+            row(base),
+            row(&base.to_uppercase()),
+            row(&base.replace("warm", "cold")),
+            row("a completely different sentence about rust compilers and parquet files and nothing else at all"),
+        ];
+        let p: Params = toml::from_str("threshold = 0.7").unwrap();
+        let batches = || Ok::<_, StageError>(vec![Ok(rows.clone())].into_iter());
+        let plan = plan(&p, 7, batches).unwrap();
+        let removed: Vec<_> = plan.removed().collect();
+        assert_eq!(removed, vec![(1, 0), (2, 0)]);
+        assert!(matches!(plan.fates[1], Fate::Exact(0)));
+        assert!(matches!(plan.fates[2], Fate::Near(0, j) if j >= 0.7 && j < 1.0));
+    }
+
+    #[test]
+    fn minhash_estimates_jaccard() {
+        let a = shingle_set(&(0..300).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" "), 3);
+        let b = shingle_set(&(0..300).map(|i| format!("w{}", if i % 10 == 0 { 1000 + i } else { i })).collect::<Vec<_>>().join(" "), 3);
+        let truth = jaccard_sorted(&a, &b);
+        let mh = MinHasher::new(32, 8, 1);
+        let (sa, sb) = (mh.signature(&a), mh.signature(&b));
+        let est = sa.iter().zip(&sb).filter(|(x, y)| x == y).count() as f64 / sa.len() as f64;
+        assert!((est - truth).abs() < 0.08, "estimate {est} vs truth {truth}");
+    }
+}
