@@ -1,38 +1,97 @@
-//! The `pipeline` command line.
+//! The `pipeline` command line. Adding a subcommand: write `src/cmd_<name>.rs` with
+//! `#[derive(clap::Args)] pub struct <Name>Args` and `pub fn run(args) -> anyhow::Result<()>`,
+//! then add one `Command` variant and one match arm below.
+
+mod cmd_cache;
+mod cmd_eval;
+mod cmd_generate;
+mod cmd_plan;
+mod cmd_run;
+mod common;
+mod report;
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod cmd_generate;
-
 #[derive(Parser)]
-#[command(name = "pipeline", version, about)]
+#[command(
+    name = "pipeline",
+    version,
+    about = "Run an LLM training workflow from one TOML recipe, with a content-hashed cache."
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Option<Command>,
+    command: Command,
+    /// `human` (progress bars, summary table) or `json` (one event per line on stdout).
+    #[arg(long, global = true, value_enum, default_value = "human")]
+    log_format: report::LogFormat,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate text with a model.
+    /// Run a recipe's stages in topological order, reusing cached results.
+    Run(cmd_run::RunArgs),
+    /// Print the validated DAG in execution order with each stage's cache status.
+    Plan(cmd_plan::PlanArgs),
+    /// Show why a stage will run: which key fields changed since its cached entry.
+    Explain(cmd_plan::ExplainArgs),
+    /// Inspect or clean the cache.
+    #[command(subcommand)]
+    Cache(cmd_cache::CacheCommand),
+    /// Evaluate models and score predictions (evalscope-compatible BLEU/ROUGE, MCQ accuracy).
+    Eval(cmd_eval::EvalArgs),
+    /// Generate text with a model: a HF folder, a .gguf file, or a recipe's trained stage.
     Generate(cmd_generate::GenerateArgs),
+    /// List the stage kinds this build knows.
+    Stages,
 }
 
-fn main() -> std::process::ExitCode {
+fn init_tracing() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Some(Command::Generate(a)) => match cmd_generate::run(a) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                std::process::ExitCode::from(1)
+    init_tracing();
+    let fmt = cli.log_format;
+    let result = match cli.command {
+        Command::Run(a) => cmd_run::run(a, fmt),
+        Command::Plan(a) => cmd_plan::plan(a),
+        Command::Explain(a) => cmd_plan::explain(a),
+        Command::Cache(c) => cmd_cache::run(c),
+        Command::Eval(a) => cmd_eval::run(a),
+        Command::Generate(a) => cmd_generate::run(a),
+        Command::Stages => {
+            for s in common::registry().iter() {
+                println!("{:<10} v{:<3} {}", s.kind(), s.version(), s.summary());
             }
-        },
-        None => {
-            let registry = pipeline_stages::registry();
-            for kind in registry.kinds() {
-                println!("{kind}");
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(common::Exit(code)) = e.downcast_ref() {
+                return ExitCode::from(*code);
             }
-            std::process::ExitCode::SUCCESS
+            if let Some(r) = e.downcast_ref::<pipeline_engine::RecipeError>() {
+                eprintln!("{r}");
+                return ExitCode::from(2);
+            }
+            if let Some(u) = e.downcast_ref::<common::Usage>() {
+                eprintln!("error: {u}");
+                return ExitCode::from(2);
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
         }
     }
 }

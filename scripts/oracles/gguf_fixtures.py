@@ -189,14 +189,20 @@ def unpermute(w, n_head):
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tiny_model(arch, bad_vocab=False):
+def tiny_model(arch, bad_vocab=None):
     hidden, heads, kv, ffn, layers = 64, 4, 2, 256, 2
     hd = hidden // heads
     tokens, types, merges = tiny_vocab()
     vocab_rows = len(tokens) + 5  # padded embedding, as Qwen2.5 does
     path = OUT / f"tiny_{arch}.gguf"
-    if bad_vocab:  # embedding smaller than the vocabulary: must be refused
-        vocab_rows, layers, path = len(tokens) - 10, 1, OUT / "bad_vocab.gguf"
+    if bad_vocab is None:
+        # llama.cpp's converter pads the vocabulary to the embedding rows with UNUSED [PAD<id>] tokens.
+        pads = vocab_rows - len(tokens)
+        tokens, types = tokens + [f"[PAD{len(tokens) + i}]" for i in range(pads)], types + [5] * pads
+    elif bad_vocab == "small":  # vocabulary smaller than the embedding (unpadded): refused
+        layers, path = 1, OUT / "bad_vocab_small.gguf"
+    else:  # vocabulary larger than the embedding: refused
+        vocab_rows, layers, path = len(tokens) - 10, 1, OUT / "bad_vocab_large.gguf"
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(layers)
     w.add_context_length(512)
@@ -304,6 +310,21 @@ def smollm2_golden():
     (OUT / "smollm2.golden.json").write_text(json.dumps(doc) + "\n")
 
 
+def quant_golden():
+    """gguf.quants.quantize bytes of fixed inputs (the writer's oracle)."""
+    x = rng.normal(0, 1, size=(6, 64)).astype(np.float32)
+    x[1] = 0.0                                  # all-zero blocks
+    x[2, :32] = np.arange(32) * 0.5 - 8         # exact halves (rounding ties)
+    x[3] *= 1000
+    x[4, :32] = -np.abs(x[4, :32])              # largest |x| negative
+    x[5, 5] = 70000.0                           # overflows f16 in F16
+    out = {"oracle": f"gguf {GGUF_VERSION} gguf.quants.quantize", "shape": list(x.shape),
+           "input": [float(v) for v in x.reshape(-1)], "bytes_hex": {}}
+    for qt in [T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]:
+        out["bytes_hex"][qt.name] = gguf.quants.quantize(x, qt).tobytes().hex()
+    (OUT / "quant.golden.json").write_text(json.dumps(out) + "\n")
+
+
 def unsupported_fixture():
     w = gguf.GGUFWriter(str(OUT / "unsupported_type.gguf"), "test")
     add(w, "blk.0.attn_q.weight", np.zeros((2, 256), np.float32), T.Q2_K)
@@ -319,6 +340,8 @@ if __name__ == "__main__":
     tiny_model("llama")
     tiny_model("qwen2")
     unsupported_fixture()
-    tiny_model("llama", bad_vocab=True)
+    quant_golden()
+    tiny_model("llama", bad_vocab="small")
+    tiny_model("llama", bad_vocab="large")
     smollm2_golden()
     print(f"wrote {OUT}", file=sys.stderr)

@@ -7,6 +7,7 @@ mod collect;
 pub mod data;
 mod dedupe;
 mod label;
+pub mod evaluate;
 mod pending;
 
 use pipeline_engine::Registry;
@@ -14,6 +15,8 @@ use pipeline_engine::Registry;
 /// All stage kinds, by recipe `kind` name.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
+    // Built-in engine kinds: `files`, `concat` (and `test-step` under PIPELINE_TEST_STAGES=1).
+    pipeline_engine::builtin::register(&mut r);
     r.register(collect::Collect);
     r.register(dedupe::Dedupe);
     r.register(clean::Clean);

@@ -335,10 +335,10 @@ mod tests {
 
     #[test]
     fn tojson_prints_like_python() {
-        let t: ChatTemplate = "{{ x | tojson }}|{{ x | tojson(indent=2) }}".parse().unwrap();
-        let mut env_ctx = BTreeMap::new();
-        env_ctx.insert("x", Value::from_serialize(serde_json::json!({"b": [1, 2.5, "é<"], "a": null, "c": true})));
-        let out = t.env.get_template(NAME).unwrap().render(env_ctx).unwrap();
+        let src =
+            r#"{% set x = {"b": [1, 2.5, "é<"], "a": none, "c": true} %}{{ x | tojson }}|{{ x | tojson(indent=2) }}"#;
+        let t: ChatTemplate = src.parse().unwrap();
+        let out = t.render(&[], false).unwrap();
         assert_eq!(
             out,
             "{\"b\": [1, 2.5, \"é<\"], \"a\": null, \"c\": true}|{\n  \"b\": [\n    1,\n    2.5,\n    \"é<\"\n  ],\n  \"a\": null,\n  \"c\": true\n}"

@@ -12,7 +12,12 @@
 //! - [`load_gguf`] reads a `llama` or `qwen2` model into a [`GgufModel`]: an HF `config.json`
 //!   value, [`HostTensors`] under HF names (`model.layers.N.self_attn.q_proj.weight`, ...;
 //!   `lm_head.weight` absent when the embedding is tied), the tokenizer rebuilt from
-//!   `tokenizer.ggml.*` metadata and the `tokenizer.chat_template` string.
+//!   `tokenizer.ggml.*` metadata and the `tokenizer.chat_template` string. The vocabulary must
+//!   have exactly one entry per embedding row (llama.cpp's rule), else an error naming both.
+//! - [`GgufWriter`] / [`quantize`]: writing (layout byte-identical to `gguf.GGUFWriter`) and
+//!   quantising F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K, for the quantize/export stages;
+//!   [`hf_name`] and [`unpermute_rope`] for name/layout mapping; [`export_gguf`] / [`write_gguf`]
+//!   turn an HF model (config, tensors, tokenizer, template) back into a llama.cpp GGUF.
 //!
 //! Tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K are dequantised on load
 //! exactly as the PyPI `gguf` package does (golden tests in `tests/`). Llama-architecture files
@@ -23,16 +28,20 @@
 //! Every malformed input is a [`GgufError`] naming the file and the field or tensor.
 
 mod dequant;
+mod export;
 mod hf;
 mod vocab;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use dequant::{ggml_type_name, GgmlType};
-pub use hf::{load_gguf, GgufModel};
+pub use export::{add_tokenizer_metadata, export_gguf, gguf_name, permute_rope, write_gguf};
+pub use hf::{hf_name, load_gguf, unpermute_rope, GgufModel};
 pub use vocab::tokenizer_from_gguf;
+pub use writer::{quantize, GgufWriter, QuantizeError};
 
 use crate::host::HostTensor;
 
@@ -101,10 +110,11 @@ impl GgufValue {
             _ => self.as_u64().and_then(|v| i64::try_from(v).ok()),
         }
     }
-    /// Any float or integer as f64.
+    /// Any float or integer as f64. An f32 becomes the f64 of its shortest decimal form
+    /// (`1e-6f32` -> `1e-6`, as HF `config.json` writes it, not `9.99999997e-7`).
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
-            Self::F32(v) => Some(v.into()),
+            Self::F32(v) => Some(v.to_string().parse().unwrap_or(v.into())),
             Self::F64(v) => Some(v),
             _ => self.as_i64().map(|v| v as f64),
         }
@@ -169,6 +179,8 @@ pub struct GgufFile {
     path: PathBuf,
     version: u32,
     metadata: BTreeMap<String, GgufValue>,
+    /// Keys in file order.
+    order: Vec<String>,
     tensors: Vec<TensorInfo>,
     data_start: u64,
     map: memmap2::Mmap,
@@ -257,7 +269,7 @@ impl<'a> Reader<'a> {
                         len: self.buf.len() as u64,
                     });
                 }
-                let mut items = Vec::with_capacity(n as usize);
+                let mut items = Vec::with_capacity((n as usize).min(1 << 20));
                 for _ in 0..n {
                     items.push(self.value(ety, key, depth + 1)?);
                 }
@@ -286,6 +298,7 @@ impl GgufFile {
             path: path.to_path_buf(),
             version: 0,
             metadata: BTreeMap::new(),
+            order: Vec::new(),
             tensors: Vec::new(),
             data_start: 0,
             map,
@@ -308,6 +321,7 @@ impl GgufFile {
         let n_tensors = r.u64(&|| "tensor count".into())?;
         let n_kv = r.u64(&|| "metadata count".into())?;
         let mut metadata = BTreeMap::new();
+        let mut order = Vec::new();
         for i in 0..n_kv {
             let key = r.string(&|| format!("key of metadata entry {i}"))?;
             let ty = r.u32(&|| format!("value type of `{key}`"))?;
@@ -315,6 +329,7 @@ impl GgufFile {
             if metadata.insert(key.clone(), v).is_some() {
                 return Err(r.malformed(format!("metadata key `{key}`"), "duplicate key".into()));
             }
+            order.push(key);
         }
         let mut tensors = Vec::new();
         for i in 0..n_tensors {
@@ -365,6 +380,7 @@ impl GgufFile {
         }
         self.version = version;
         self.metadata = metadata;
+        self.order = order;
         self.tensors = tensors;
         self.data_start = data_start;
         Ok(())
@@ -378,6 +394,10 @@ impl GgufFile {
     }
     pub fn metadata(&self) -> &BTreeMap<String, GgufValue> {
         &self.metadata
+    }
+    /// Metadata in file order.
+    pub fn metadata_in_order(&self) -> impl Iterator<Item = (&str, &GgufValue)> {
+        self.order.iter().map(|k| (k.as_str(), &self.metadata[k]))
     }
     pub fn get(&self, key: &str) -> Option<&GgufValue> {
         self.metadata.get(key)

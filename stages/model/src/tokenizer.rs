@@ -13,7 +13,8 @@
 //!   plus added tokens), [`Tokenizer::check_embedding_rows`].
 //! - GGUF files: [`crate::gguf::tokenizer_from_gguf`] builds one from `tokenizer.ggml.*` metadata.
 //!
-//! Verified on llama.cpp's 47 Qwen2 tokenizer test vectors (`tests/fixtures/tokenizer/`).
+//! Verified on llama.cpp's Qwen2 tokenizer test vectors (`tests/fixtures/tokenizer/`: 46 text/ids
+//! pairs, i.e. 47 `__ggml_vocab_test__`-separated pieces with an empty last one).
 
 use std::path::{Path, PathBuf};
 
@@ -40,6 +41,9 @@ pub enum TokenizerError {
     )]
     VocabLargerThanEmbedding { vocab: usize, rows: usize, tensor: String },
 }
+
+/// Byte range `[start, end)` of each token in the encoded text.
+pub type Offsets = Vec<(usize, usize)>;
 
 /// Special tokens and template (from `tokenizer_config.json` or GGUF metadata), as token strings.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -75,9 +79,14 @@ impl Tokenizer {
         Self::from_bytes(&json, cfg.as_deref(), &path.display().to_string())
     }
 
-    /// The Qwen2.5 tokenizer shipped in `assets/qwen2.5/`.
+    /// The Qwen2.5 tokenizer shipped in `assets/qwen2.5/` (parsed once per process, then cloned).
     pub fn qwen25() -> Result<Self, TokenizerError> {
-        Self::from_bytes(QWEN25_TOKENIZER_JSON, Some(QWEN25_TOKENIZER_CONFIG), "embedded Qwen2.5 tokenizer")
+        static CACHE: std::sync::OnceLock<Tokenizer> = std::sync::OnceLock::new();
+        if let Some(t) = CACHE.get() {
+            return Ok(t.clone());
+        }
+        let t = Self::from_bytes(QWEN25_TOKENIZER_JSON, Some(QWEN25_TOKENIZER_CONFIG), "embedded Qwen2.5 tokenizer")?;
+        Ok(CACHE.get_or_init(|| t).clone())
     }
 
     /// `tokenizer.json` bytes and optional `tokenizer_config.json` bytes; `what` names the source
@@ -123,7 +132,7 @@ impl Tokenizer {
     }
 
     /// Token ids and each token's byte range in `text` (no special tokens added).
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>), TokenizerError> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Offsets), TokenizerError> {
         let enc = self.inner.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }

@@ -4,6 +4,7 @@
 use half::{bf16, f16};
 
 /// The ggml tensor types this crate can read. Discriminants are ggml's type ids (SPECS.md §5).
+#[allow(non_camel_case_types)] // ggml's own names (Q4_K, Q6_K)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
     F32 = 0,
@@ -181,7 +182,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
 }
 
 /// ggml's `get_scale_min_k4`: the j-th 6-bit (scale, min) pair of a Q4_K super-block.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

@@ -96,13 +96,16 @@ pub fn load_gguf(path: impl AsRef<Path>) -> Result<GgufModel, GgufError> {
     let tied = !tensors.contains_key("lm_head.weight");
 
     let tokenizer = super::vocab::tokenizer_from_gguf(&f)?;
-    if let Some(tok) = &tokenizer {
-        if tok.max_id_exclusive() > vocab_size {
+    if tokenizer.is_some() {
+        // llama.cpp requires one embedding row per vocabulary entry (its converter pads the
+        // vocabulary with `[PADi]` tokens to the embedding size).
+        let n_tokens = f.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map_or(0, |a| a.len());
+        if n_tokens != vocab_size {
+            let rel = if n_tokens < vocab_size { "smaller" } else { "larger" };
             return Err(f.tensor_err(
                 "token_embd.weight",
                 format!(
-                    "{vocab_size} embedding rows but `tokenizer.ggml.tokens` has {} tokens (ids would be out of range)",
-                    tok.max_id_exclusive()
+                    "{vocab_size} embedding rows but `tokenizer.ggml.tokens` has {n_tokens} tokens: the vocabulary is {rel} than the embedding"
                 ),
             ));
         }
@@ -166,7 +169,7 @@ fn check_layers(f: &GgufFile, t: &HostTensors, n_layers: u64) -> Result<(), Gguf
 }
 
 /// llama.cpp name -> HF name (None for names without a counterpart).
-pub(crate) fn hf_name(gguf: &str) -> Option<String> {
+pub fn hf_name(gguf: &str) -> Option<String> {
     match gguf {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),

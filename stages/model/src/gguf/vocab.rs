@@ -1,7 +1,8 @@
 //! A HF `tokenizers` tokenizer rebuilt from GGUF `tokenizer.ggml.*` metadata (`gpt2` model:
 //! byte-level BPE).
 //!
-//! `tokenizer.ggml.tokens` become the BPE vocabulary (ids = positions), `tokenizer.ggml.merges`
+//! `tokenizer.ggml.tokens` become the BPE vocabulary (ids = positions; UNUSED (5) padding entries
+//! are left out, as in the HF tokenizer they were padded from), `tokenizer.ggml.merges`
 //! ("a b") the merge ranks, tokens typed CONTROL (3) become special added tokens and USER_DEFINED
 //! (4) non-special added tokens, as llama.cpp's converter derived them from HF's added tokens.
 //! `tokenizer.ggml.pre` picks the pre-tokenizer of the HF tokenizer the file was converted from:
@@ -21,9 +22,9 @@ use serde_json::{json, Map, Value};
 use super::{GgufError, GgufFile};
 use crate::tokenizer::{SpecialTokens, Tokenizer};
 
-const QWEN2_REGEX: &str =
+pub(crate) const QWEN2_REGEX: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Build the tokenizer a GGUF file describes. `Ok(None)` when the file has no
 /// `tokenizer.ggml.model`; an error naming the field when it is present but unusable.
@@ -75,6 +76,9 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
     let pre = f.get(pre_key).and_then(|v| v.as_str()).unwrap_or("default");
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": use_regex});
     let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+    // Llama-3's tokenizer.json sets `ignore_merges` (a pre-token found whole in the vocabulary is
+    // kept), and so does llama.cpp for this pre-tokenizer.
+    let ignore_merges = matches!(pre, "llama-bpe" | "llama3");
     let (normalizer, pre_tokenizer) = match pre {
         "qwen2" => (
             json!({"type": "NFC"}),
@@ -102,7 +106,10 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
     let mut vocab = Map::new();
     let mut added = Vec::new();
     for (id, (tok, &ty)) in tokens.iter().zip(&types).enumerate() {
-        // Duplicates (padding entries) keep the first id, as HF's vocab.json would.
+        if ty == 5 {
+            continue; // UNUSED: llama.cpp's `[PADi]` fillers up to the embedding size, not in HF's vocabulary
+        }
+        // Duplicates keep the first id, as HF's vocab.json would.
         vocab.entry(tok.clone()).or_insert(json!(id));
         if ty == 3 || ty == 4 {
             added.push(json!({
@@ -128,13 +135,17 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
     let unk = tok_of("tokenizer.ggml.unknown_token_id")?;
     let add_bos = f.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
     let post_processor = match (&bos, add_bos) {
-        (Some(b), true) => json!({
+        (Some(b), true) => {
+            let mut specials = Map::new();
+            specials.insert(b.clone(), json!({"id": b, "ids": [id_key("tokenizer.ggml.bos_token_id")], "tokens": [b]}));
+            json!({
             "type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                      {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {b: {"id": b, "ids": [id_key("tokenizer.ggml.bos_token_id")], "tokens": [b]}},
-        }),
+            "special_tokens": specials,
+            })
+        }
         _ => byte_level(false),
     };
     let json = json!({
@@ -148,7 +159,7 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
         "decoder": byte_level(false),
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
-            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
             "vocab": vocab, "merges": merges,
         },
     });

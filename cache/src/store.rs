@@ -1,0 +1,517 @@
+//! The on-disk store: entries, artifacts, stamps, scratch, staging, pointers and the lock.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::digest::{digest_tree, walk, TreeFile};
+use crate::write_atomic;
+
+/// Layout version: the name of the directory under the cache dir.
+pub const LAYOUT: &str = "v1";
+const ENTRY_FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("cache entry {} is unreadable ({reason}); treating it as a miss", path.display())]
+    CorruptEntry { path: PathBuf, reason: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io { path: path.to_path_buf(), source }
+}
+
+/// One output artifact of an entry.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EntryOutput {
+    pub digest: String,
+    pub bytes: u64,
+    pub files: u64,
+}
+
+/// A committed cache entry: a stage that succeeded, its key, outputs and report.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Entry {
+    pub format: u32,
+    pub key: String,
+    /// The key struct as JSON (what `explain` compares).
+    pub key_fields: serde_json::Value,
+    pub recipe: String,
+    pub stage: String,
+    pub kind: String,
+    pub outputs: BTreeMap<String, EntryOutput>,
+    #[serde(default)]
+    pub report: Option<serde_json::Value>,
+    pub duration_ms: u64,
+    pub created_unix: u64,
+}
+
+impl Entry {
+    pub fn new(key: &str, key_fields: serde_json::Value, recipe: &str, stage: &str, kind: &str) -> Entry {
+        Entry {
+            format: ENTRY_FORMAT,
+            key: key.to_string(),
+            key_fields,
+            recipe: recipe.to_string(),
+            stage: stage.to_string(),
+            kind: kind.to_string(),
+            outputs: BTreeMap::new(),
+            report: None,
+            duration_ms: 0,
+            created_unix: now_unix(),
+        }
+    }
+    pub fn output_bytes(&self) -> u64 {
+        self.outputs.values().map(|o| o.bytes).sum()
+    }
+}
+
+pub(crate) fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Result of checking an artifact against its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArtifactCheck {
+    Ok,
+    Missing,
+    Corrupt(String),
+}
+
+#[derive(serde::Serialize, serde::Deserialize, PartialEq)]
+struct Stamp {
+    files: Vec<TreeFile>,
+    dirs: Vec<String>,
+}
+
+/// Held while a process writes to the store; released on drop.
+pub struct LockGuard {
+    _file: fs::File,
+}
+
+/// A running stage's output directories, under `tmp/`.
+pub struct Staging {
+    root: PathBuf,
+    outputs: BTreeMap<String, PathBuf>,
+}
+
+impl Staging {
+    pub fn outputs(&self) -> &BTreeMap<String, PathBuf> {
+        &self.outputs
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// Remove the staged outputs (a failed or cancelled stage).
+    pub fn discard(self) {
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A cache directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+    base: PathBuf,
+}
+
+fn safe_name(s: &str) -> String {
+    let s: String = s
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
+        .collect();
+    if s.is_empty() || s.starts_with('.') {
+        format!("_{s}")
+    } else {
+        s
+    }
+}
+
+impl Store {
+    /// Open (creating if needed) the store under `root` (the `--cache-dir`).
+    pub fn open(root: &Path) -> Result<Store, CacheError> {
+        let base = root.join(LAYOUT);
+        for sub in ["artifacts", "entries", "last", "scratch", "tmp"] {
+            let d = base.join(sub);
+            fs::create_dir_all(&d).map_err(io_err(&d))?;
+        }
+        Ok(Store { root: root.to_path_buf(), base })
+    }
+    /// Open an existing store without creating anything (`None` when there is none).
+    pub fn open_existing(root: &Path) -> Option<Store> {
+        let base = root.join(LAYOUT);
+        base.join("entries").is_dir().then(|| Store { root: root.to_path_buf(), base })
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Take the store's exclusive lock, calling `on_wait` first if another process holds it.
+    pub fn lock(&self, on_wait: impl FnOnce()) -> Result<LockGuard, CacheError> {
+        let path = self.base.join("lock");
+        let file =
+            fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                on_wait();
+                file.lock().map_err(io_err(&path))?;
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(&path)(e)),
+        }
+        Ok(LockGuard { _file: file })
+    }
+
+    /// Remove leftovers of interrupted runs from `tmp/` (call while holding the lock).
+    pub fn clean_tmp(&self) -> Result<usize, CacheError> {
+        let tmp = self.base.join("tmp");
+        let mut n = 0;
+        for e in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
+            let e = e.map_err(io_err(&tmp))?;
+            let p = e.path();
+            let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+            r.map_err(io_err(&p))?;
+            n += 1;
+        }
+        // Half-written temp files of atomic writes elsewhere.
+        for sub in ["entries", "artifacts"] {
+            let d = self.base.join(sub);
+            for e in fs::read_dir(&d).map_err(io_err(&d))?.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".tmp") {
+                    let _ = fs::remove_file(e.path());
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn entry_path(&self, key: &str) -> PathBuf {
+        self.base.join("entries").join(format!("{key}.json"))
+    }
+    pub fn artifact_path(&self, digest: &str) -> PathBuf {
+        self.base.join("artifacts").join(digest)
+    }
+    fn stamp_path(&self, digest: &str) -> PathBuf {
+        self.base.join("artifacts").join(format!("{digest}.stamp"))
+    }
+
+    /// The committed entry for `key`, if any. An unreadable entry is an error the caller reports as
+    /// a warning (and may [`remove_entry`](Self::remove_entry)).
+    pub fn entry(&self, key: &str) -> Result<Option<Entry>, CacheError> {
+        let path = self.entry_path(key);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        match serde_json::from_slice::<Entry>(&bytes) {
+            Ok(e) if e.key == key && e.format == ENTRY_FORMAT => Ok(Some(e)),
+            Ok(_) => Err(CacheError::CorruptEntry { path, reason: "key or format mismatch".into() }),
+            Err(e) => Err(CacheError::CorruptEntry { path, reason: e.to_string() }),
+        }
+    }
+
+    /// Every entry (unreadable ones as errors).
+    pub fn entries(&self) -> Result<Vec<Result<Entry, CacheError>>, CacheError> {
+        let dir = self.base.join("entries");
+        let mut names: Vec<String> = fs::read_dir(&dir)
+            .map_err(io_err(&dir))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".json") && !n.starts_with('.'))
+            .collect();
+        names.sort();
+        Ok(names
+            .into_iter()
+            .map(|n| {
+                let key = n.trim_end_matches(".json");
+                self.entry(key).and_then(|e| {
+                    e.ok_or_else(|| CacheError::CorruptEntry { path: self.entry_path(key), reason: "vanished".into() })
+                })
+            })
+            .collect())
+    }
+
+    /// Last-use time of an entry (creation, or the last time it was a cache hit).
+    pub fn entry_last_used(&self, key: &str) -> Option<SystemTime> {
+        fs::metadata(self.entry_path(key)).ok()?.modified().ok()
+    }
+
+    /// Record that an entry was used now (for `cache gc --older-than`).
+    pub fn touch_entry(&self, key: &str) {
+        if let Ok(f) = fs::OpenOptions::new().write(true).open(self.entry_path(key)) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+    }
+
+    pub fn remove_entry(&self, key: &str) -> Result<(), CacheError> {
+        let p = self.entry_path(key);
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&p)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn remove_artifact(&self, digest: &str) -> Result<(), CacheError> {
+        let p = self.artifact_path(digest);
+        let _ = fs::remove_file(self.stamp_path(digest));
+        match fs::remove_dir_all(&p) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&p)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Cheap check (stat against the stamp); falls back to [`verify_artifact`](Self::verify_artifact)
+    /// when the stamp is missing or differs.
+    pub fn check_artifact(&self, digest: &str) -> ArtifactCheck {
+        let path = self.artifact_path(digest);
+        let Ok((files, dirs)) = walk(&path) else {
+            return ArtifactCheck::Missing;
+        };
+        let files: Vec<TreeFile> = files.into_iter().map(|(f, _)| f).collect();
+        let stamp: Option<Stamp> = fs::read(self.stamp_path(digest)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        if stamp.is_some_and(|s| s.files == files && s.dirs == dirs) {
+            return ArtifactCheck::Ok;
+        }
+        self.verify_artifact(digest)
+    }
+
+    /// Full check: recompute the tree digest and compare it with the artifact's name; refresh the
+    /// stamp when it matches.
+    pub fn verify_artifact(&self, digest: &str) -> ArtifactCheck {
+        let path = self.artifact_path(digest);
+        if !path.is_dir() {
+            return ArtifactCheck::Missing;
+        }
+        match digest_tree(&path) {
+            Ok(t) if t.digest == digest => {
+                self.write_stamp(digest, t.files, t.dirs);
+                ArtifactCheck::Ok
+            }
+            Ok(t) => {
+                ArtifactCheck::Corrupt(format!("content digest is {} (expected {})", short(&t.digest), short(digest)))
+            }
+            Err(e) => ArtifactCheck::Corrupt(e.to_string()),
+        }
+    }
+
+    fn write_stamp(&self, digest: &str, files: Vec<TreeFile>, dirs: Vec<String>) {
+        if let Ok(b) = serde_json::to_vec(&Stamp { files, dirs }) {
+            let _ = write_atomic(&self.stamp_path(digest), &b);
+        }
+    }
+
+    /// Every artifact digest present.
+    pub fn artifacts(&self) -> Result<Vec<String>, CacheError> {
+        let dir = self.base.join("artifacts");
+        let mut v: Vec<String> = fs::read_dir(&dir)
+            .map_err(io_err(&dir))?
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// Fresh empty output directories for a stage about to run.
+    pub fn staging(&self, key: &str, outputs: &[String]) -> Result<Staging, CacheError> {
+        let root = self.base.join("tmp").join(format!("{}.{}.{}", short(key), std::process::id(), crate::unique()));
+        let mut map = BTreeMap::new();
+        for name in outputs {
+            let d = root.join("out").join(safe_name(name));
+            fs::create_dir_all(&d).map_err(io_err(&d))?;
+            map.insert(name.clone(), d);
+        }
+        Ok(Staging { root, outputs: map })
+    }
+
+    /// Digest the staged outputs, move them into `artifacts/`, then write `entry` (the commit point).
+    pub fn commit(&self, staging: Staging, mut entry: Entry) -> Result<Entry, CacheError> {
+        for (name, dir) in &staging.outputs {
+            let tree = digest_tree(dir).map_err(io_err(dir))?;
+            let target = self.artifact_path(&tree.digest);
+            let out = EntryOutput { digest: tree.digest.clone(), bytes: tree.bytes, files: tree.files.len() as u64 };
+            let reuse = target.is_dir() && self.check_artifact(&tree.digest) == ArtifactCheck::Ok;
+            if !reuse {
+                if target.exists() {
+                    self.remove_artifact(&tree.digest)?;
+                }
+                if let Err(e) = fs::rename(dir, &target) {
+                    // Another stage of this process committed the same content meanwhile.
+                    if !target.is_dir() {
+                        return Err(io_err(&target)(e));
+                    }
+                }
+                // The stamp must describe the files at their final place (rename keeps mtimes).
+                if let Ok((files, dirs)) = walk(&target) {
+                    self.write_stamp(&tree.digest, files.into_iter().map(|(f, _)| f).collect(), dirs);
+                }
+            }
+            entry.outputs.insert(name.clone(), out);
+        }
+        let path = self.entry_path(&entry.key);
+        let bytes = serde_json::to_vec_pretty(&entry).map_err(|e| io_err(&path)(io::Error::other(e)))?;
+        write_atomic(&path, &bytes).map_err(io_err(&path))?;
+        staging.discard();
+        Ok(entry)
+    }
+
+    /// The scratch directory of `key` (created; survives interrupted runs).
+    pub fn scratch_dir(&self, key: &str) -> Result<PathBuf, CacheError> {
+        let d = self.base.join("scratch").join(key);
+        fs::create_dir_all(&d).map_err(io_err(&d))?;
+        Ok(d)
+    }
+    pub fn remove_scratch(&self, key: &str) {
+        let _ = fs::remove_dir_all(self.base.join("scratch").join(key));
+    }
+    /// Scratch directories present, with their keys.
+    pub fn scratch_keys(&self) -> Vec<String> {
+        fs::read_dir(self.base.join("scratch"))
+            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    fn last_path(&self, recipe: &str, stage: &str) -> PathBuf {
+        self.base.join("last").join(safe_name(recipe)).join(safe_name(stage))
+    }
+    /// The key of the latest entry of `stage` in recipe `recipe`.
+    pub fn last(&self, recipe: &str, stage: &str) -> Option<String> {
+        fs::read_to_string(self.last_path(recipe, stage)).ok().map(|s| s.trim().to_string())
+    }
+    pub fn set_last(&self, recipe: &str, stage: &str, key: &str) -> Result<(), CacheError> {
+        if self.last(recipe, stage).as_deref() == Some(key) {
+            return Ok(());
+        }
+        let p = self.last_path(recipe, stage);
+        if let Some(d) = p.parent() {
+            fs::create_dir_all(d).map_err(io_err(d))?;
+        }
+        write_atomic(&p, key.as_bytes()).map_err(io_err(&p))
+    }
+    /// Every (recipe, stage, key) pointer.
+    pub fn all_last(&self) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        let Ok(rd) = fs::read_dir(self.base.join("last")) else { return out };
+        for r in rd.flatten() {
+            let Ok(st) = fs::read_dir(r.path()) else { continue };
+            for s in st.flatten() {
+                let name = s.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue;
+                }
+                if let Ok(k) = fs::read_to_string(s.path()) {
+                    out.push((r.file_name().to_string_lossy().into_owned(), name, k.trim().to_string()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+    /// Drop pointers whose target entry no longer exists.
+    pub fn prune_last(&self) {
+        for (r, s, k) in self.all_last() {
+            if !self.entry_path(&k).exists() {
+                let _ = fs::remove_file(self.base.join("last").join(&r).join(&s));
+            }
+        }
+    }
+
+    /// Remove artifacts that no entry references; returns (count, bytes).
+    pub fn sweep_artifacts(&self) -> Result<(usize, u64), CacheError> {
+        let mut live = BTreeSet::new();
+        for e in self.entries()?.into_iter().flatten() {
+            live.extend(e.outputs.values().map(|o| o.digest.clone()));
+        }
+        let (mut n, mut bytes) = (0, 0);
+        for d in self.artifacts()? {
+            if !live.contains(&d) {
+                bytes += walk(&self.artifact_path(&d)).map(|(f, _)| f.iter().map(|f| f.0.size).sum()).unwrap_or(0);
+                self.remove_artifact(&d)?;
+                n += 1;
+            }
+        }
+        // Stamps whose artifact is gone.
+        let dir = self.base.join("artifacts");
+        for e in fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(d) = name.strip_suffix(".stamp") {
+                if !self.artifact_path(d).is_dir() {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok((n, bytes))
+    }
+
+    /// Path of the local-file digest memo.
+    pub fn file_memo_path(&self) -> PathBuf {
+        self.base.join("files.json")
+    }
+}
+
+/// The first 12 hex digits of a digest, for messages.
+pub fn short(d: &str) -> &str {
+    &d[..d.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staged(store: &Store, key: &str, content: &str) -> Entry {
+        let st = store.staging(key, &["data".to_string()]).unwrap();
+        fs::write(st.outputs()["data"].join("a.txt"), content).unwrap();
+        store.commit(st, Entry::new(key, serde_json::json!({}), "r", "s", "k")).unwrap()
+    }
+
+    #[test]
+    fn commit_then_hit_then_corruption_detected() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path()).unwrap();
+        assert!(store.entry("k1").unwrap().is_none());
+        let e = staged(&store, "k1", "hello");
+        let got = store.entry("k1").unwrap().unwrap();
+        assert_eq!(got.outputs, e.outputs);
+        let digest = &e.outputs["data"].digest;
+        assert_eq!(store.check_artifact(digest), ArtifactCheck::Ok);
+        // Same size, different bytes, later mtime: the stamp check falls back to the digest.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(store.artifact_path(digest).join("a.txt"), "jello").unwrap();
+        assert!(matches!(store.check_artifact(digest), ArtifactCheck::Corrupt(_)));
+        store.remove_artifact(digest).unwrap();
+        assert_eq!(store.check_artifact(digest), ArtifactCheck::Missing);
+        assert!(fs::read_dir(d.path().join("v1/tmp")).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn identical_outputs_share_one_artifact_and_sweep_keeps_live_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path()).unwrap();
+        let a = staged(&store, "k1", "same");
+        let b = staged(&store, "k2", "same");
+        assert_eq!(a.outputs, b.outputs);
+        staged(&store, "k3", "other");
+        assert_eq!(store.artifacts().unwrap().len(), 2);
+        store.remove_entry("k3").unwrap();
+        assert_eq!(store.sweep_artifacts().unwrap().0, 1);
+        assert_eq!(store.artifacts().unwrap(), vec![a.outputs["data"].digest.clone()]);
+    }
+
+    #[test]
+    fn truncated_entry_is_reported_not_used() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path()).unwrap();
+        staged(&store, "k1", "x");
+        let p = d.path().join("v1/entries/k1.json");
+        let b = fs::read(&p).unwrap();
+        fs::write(&p, &b[..b.len() / 2]).unwrap();
+        assert!(matches!(store.entry("k1"), Err(CacheError::CorruptEntry { .. })));
+    }
+}

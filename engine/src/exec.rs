@@ -1,0 +1,720 @@
+//! Execution of a [`Plan`] against a [`Store`]: key computation, cache lookup with corruption
+//! checks, scheduling independent stages on up to `jobs` threads, atomic commit, and the
+//! freshness report behind `pipeline plan` / `pipeline explain`.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pipeline_cache::{ArtifactCheck, Entry, EntryOutput, FileMemo, Store};
+
+use crate::key::{self, FileKey, StageKey, KEY_SCHEMA};
+use crate::plan::Plan;
+use crate::stage::{EventSink, RunCtx, RunParts, StageError, StageEvent};
+
+/// Run-wide choices (from the command line).
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    pub jobs: usize,
+    /// Run only these stages (their inputs must be cached).
+    pub only: Vec<String>,
+    /// Run these stages and everything upstream of them.
+    pub until: Vec<String>,
+    /// Re-run these stages even when cached.
+    pub force: Vec<String>,
+    /// Passed to every stage (`RunCtx::option`), e.g. `device = cpu`.
+    pub options: BTreeMap<String, String>,
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions {
+            jobs: 1,
+            only: vec![],
+            until: vec![],
+            force: vec![],
+            options: BTreeMap::new(),
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// Final status of one stage in a run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    Ran,
+    Cached,
+    Failed(String),
+    /// Not run: an upstream stage failed, was interrupted or is not cached.
+    Skipped(String),
+    Cancelled,
+    /// Outside `--only` / `--until`.
+    NotSelected,
+}
+
+impl Status {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Status::Ran => "ran",
+            Status::Cached => "cached",
+            Status::Failed(_) => "failed",
+            Status::Skipped(_) => "skipped",
+            Status::Cancelled => "interrupted",
+            Status::NotSelected => "not selected",
+        }
+    }
+}
+
+/// What happened to one stage.
+#[derive(Debug, Clone)]
+pub struct StageOutcome {
+    pub id: String,
+    pub kind: String,
+    pub status: Status,
+    pub key: Option<String>,
+    pub duration: Duration,
+    pub outputs: BTreeMap<String, EntryOutput>,
+    pub report: Option<serde_json::Value>,
+}
+
+impl StageOutcome {
+    pub fn bytes(&self) -> u64 {
+        self.outputs.values().map(|o| o.bytes).sum()
+    }
+}
+
+/// A run's result.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// In plan order.
+    pub outcomes: Vec<StageOutcome>,
+    pub cancelled: bool,
+    pub elapsed: Duration,
+}
+
+impl RunSummary {
+    pub fn failed(&self) -> bool {
+        self.outcomes.iter().any(|o| matches!(o.status, Status::Failed(_)))
+    }
+}
+
+/// Receives execution events (the CLI draws bars and prints JSON from them). Stage events arrive
+/// through the [`EventSink`] supertrait.
+pub trait Reporter: EventSink {
+    fn warning(&self, _msg: &str) {}
+    fn stage_started(&self, _id: &str, _kind: &str, _reason: &str) {}
+    fn stage_done(&self, _outcome: &StageOutcome) {}
+}
+
+/// A reporter that drops everything.
+pub struct NullReporter;
+impl EventSink for NullReporter {
+    fn stage_event(&self, _: &str, _: StageEvent) {}
+}
+impl Reporter for NullReporter {}
+
+/// Errors that stop a run before or outside any stage.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Cache(#[from] pipeline_cache::CacheError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Whether a stage's entry can be used, and why not.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Freshness {
+    Cached,
+    /// Will run, with the reason.
+    Dirty(String),
+    /// Some upstream stage will run first; the key is known only afterwards.
+    Waiting(Vec<String>),
+}
+
+/// Freshness of every stage, as `pipeline plan` shows it.
+pub struct StageStatus {
+    pub id: String,
+    pub kind: String,
+    pub freshness: Freshness,
+    pub key: StageKey,
+    pub key_hex: Option<String>,
+    /// Key JSON of the latest entry of this stage (for explain).
+    pub previous: Option<serde_json::Value>,
+}
+
+pub(crate) struct Keyer<'a> {
+    plan: &'a Plan,
+    memo: Mutex<FileMemo>,
+    store: &'a Store,
+}
+
+impl<'a> Keyer<'a> {
+    pub(crate) fn new(plan: &'a Plan, store: &'a Store) -> Self {
+        Keyer { plan, memo: Mutex::new(FileMemo::load(&store.file_memo_path())), store }
+    }
+    fn save(&self) {
+        let _ = self.memo.lock().unwrap_or_else(|e| e.into_inner()).save(&self.store.file_memo_path());
+    }
+    /// The key of stage `i`, given its upstream outputs (`None` = upstream not resolved).
+    fn key(&self, i: usize, outs: &[Option<BTreeMap<String, EntryOutput>>]) -> Result<StageKey, String> {
+        let s = &self.plan.stages[i];
+        let mut inputs = BTreeMap::new();
+        for (name, refs) in &s.inputs {
+            let v = refs
+                .iter()
+                .map(|r| match &outs[r.stage] {
+                    Some(o) => o.get(&r.output).map(|e| e.digest.clone()).unwrap_or_default(),
+                    None => format!("pending:{}", self.plan.stages[r.stage].id),
+                })
+                .collect();
+            inputs.insert(name.clone(), v);
+        }
+        let mut files = Vec::new();
+        let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
+        for f in &s.declared.files {
+            let digest = memo.digest(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+            files.push(FileKey { path: key::key_path(&self.plan.dir, f), digest });
+        }
+        Ok(StageKey {
+            schema: KEY_SCHEMA,
+            kind: s.kind.clone(),
+            version: s.stage.version(),
+            params: serde_json::to_value(&s.params).map_err(|e| e.to_string())?,
+            inputs,
+            files,
+            seed: self.plan.seed,
+        })
+    }
+}
+
+fn hex_of(k: &StageKey) -> (String, serde_json::Value) {
+    pipeline_cache::key_of(k).expect("a StageKey always serialises")
+}
+
+/// Look up a usable entry: present, readable, every output artifact passes the cheap check.
+fn lookup(store: &Store, key: &str, warn: &dyn Fn(String)) -> Result<Entry, String> {
+    let entry = match store.entry(key) {
+        Ok(Some(e)) => e,
+        Ok(None) => return Err("no cache entry".into()),
+        Err(e) => {
+            warn(e.to_string());
+            let _ = store.remove_entry(key);
+            return Err("cache entry was unreadable".into());
+        }
+    };
+    for (name, out) in &entry.outputs {
+        match store.check_artifact(&out.digest) {
+            ArtifactCheck::Ok => {}
+            ArtifactCheck::Missing => {
+                warn(format!(
+                    "artifact `{name}` ({}) of stage `{}` is missing; re-running",
+                    short(&out.digest),
+                    entry.stage
+                ));
+                let _ = store.remove_entry(key);
+                return Err(format!("output `{name}` was missing from the cache"));
+            }
+            ArtifactCheck::Corrupt(why) => {
+                warn(format!(
+                    "artifact `{name}` ({}) of stage `{}` is corrupt ({why}); discarding it and re-running",
+                    short(&out.digest),
+                    entry.stage
+                ));
+                let _ = store.remove_artifact(&out.digest);
+                let _ = store.remove_entry(key);
+                return Err(format!("output `{name}` was corrupt"));
+            }
+        }
+    }
+    Ok(entry)
+}
+
+fn short(d: &str) -> &str {
+    &d[..d.len().min(12)]
+}
+
+fn dirty_reason(store: &Store, plan: &Plan, id: &str, json: &serde_json::Value) -> (String, Option<serde_json::Value>) {
+    let prev = store.last(&plan.name, id).and_then(|k| store.entry(&k).ok().flatten()).map(|e| e.key_fields);
+    match &prev {
+        None => ("no cache entry (never ran)".into(), prev),
+        Some(p) if p == json => ("cached output missing or corrupt".into(), prev),
+        Some(p) => {
+            let f = key::changed_fields(p, json);
+            (format!("changed: {}", f.join(", ")), prev)
+        }
+    }
+}
+
+/// Freshness of every stage without running anything (`pipeline plan`, `explain`).
+pub fn statuses(plan: &Plan, store: &Store, force: &[String]) -> Vec<StageStatus> {
+    let keyer = Keyer::new(plan, store);
+    let mut outs: Vec<Option<BTreeMap<String, EntryOutput>>> = vec![None; plan.stages.len()];
+    let mut result = Vec::new();
+    for (i, s) in plan.stages.iter().enumerate() {
+        let prev_of = |store: &Store| {
+            store.last(&plan.name, &s.id).and_then(|k| store.entry(&k).ok().flatten()).map(|e| e.key_fields)
+        };
+        let key = match keyer.key(i, &outs) {
+            Ok(k) => k,
+            Err(e) => {
+                let k = StageKey {
+                    schema: KEY_SCHEMA,
+                    kind: s.kind.clone(),
+                    version: 0,
+                    params: serde_json::Value::Null,
+                    inputs: BTreeMap::new(),
+                    files: vec![],
+                    seed: plan.seed,
+                };
+                result.push(StageStatus {
+                    id: s.id.clone(),
+                    kind: s.kind.clone(),
+                    freshness: Freshness::Dirty(e),
+                    key: k,
+                    key_hex: None,
+                    previous: prev_of(store),
+                });
+                continue;
+            }
+        };
+        if !key.is_complete() {
+            let waiting: Vec<String> =
+                s.deps.iter().filter(|&&d| outs[d].is_none()).map(|&d| plan.stages[d].id.clone()).collect();
+            result.push(StageStatus {
+                id: s.id.clone(),
+                kind: s.kind.clone(),
+                freshness: Freshness::Waiting(waiting),
+                key,
+                key_hex: None,
+                previous: prev_of(store),
+            });
+            continue;
+        }
+        let (hex, json) = hex_of(&key);
+        let freshness = if force.contains(&s.id) {
+            Freshness::Dirty("forced (--force)".into())
+        } else {
+            match lookup_quiet(store, &hex) {
+                Some(e) => {
+                    outs[i] = Some(e.outputs);
+                    Freshness::Cached
+                }
+                None => Freshness::Dirty(dirty_reason(store, plan, &s.id, &json).0),
+            }
+        };
+        result.push(StageStatus {
+            id: s.id.clone(),
+            kind: s.kind.clone(),
+            freshness,
+            key,
+            key_hex: Some(hex),
+            previous: prev_of(store),
+        });
+    }
+    keyer.save();
+    result
+}
+
+fn lookup_quiet(store: &Store, key: &str) -> Option<Entry> {
+    let e = store.entry(key).ok().flatten()?;
+    e.outputs.values().all(|o| store.check_artifact(&o.digest) == ArtifactCheck::Ok).then_some(e)
+}
+
+#[derive(Clone)]
+enum State {
+    Pending,
+    Running,
+    Done(BTreeMap<String, EntryOutput>),
+    Failed,
+    Blocked,
+}
+
+enum WorkResult {
+    Committed(Box<Entry>),
+    Failed(String),
+    Cancelled,
+    /// An input artifact failed its digest check: (plan index of the producer).
+    CorruptInput(usize, String),
+}
+
+struct Job {
+    idx: usize,
+    key: String,
+    key_json: serde_json::Value,
+    inputs: BTreeMap<String, Vec<(usize, String)>>,
+}
+
+/// Run the plan. Takes no lock: the caller holds [`Store::lock`] for the whole run.
+pub fn run(
+    plan: &Plan,
+    store: &Store,
+    opts: &ExecOptions,
+    reporter: Arc<dyn Reporter>,
+) -> Result<RunSummary, ExecError> {
+    let started = Instant::now();
+    let n = plan.stages.len();
+    let resolve = |ids: &[String]| -> Result<Vec<usize>, ExecError> {
+        ids.iter().map(|id| plan.require(id).map_err(ExecError::Usage)).collect()
+    };
+    let only = resolve(&opts.only)?;
+    let until = resolve(&opts.until)?;
+    let force: BTreeSet<usize> = resolve(&opts.force)?.into_iter().collect();
+    let selected: BTreeSet<usize> = if only.is_empty() && until.is_empty() {
+        (0..n).collect()
+    } else {
+        let mut s: BTreeSet<usize> = only.iter().copied().collect();
+        s.extend(plan.ancestors(&until));
+        s
+    };
+    // Stages whose outputs we need: the selected ones and their ancestors (looked up, not run).
+    let needed = plan.ancestors(&selected.iter().copied().collect::<Vec<_>>());
+
+    let keyer = Keyer::new(plan, store);
+    let warn = |m: String| {
+        tracing::warn!("{m}");
+        reporter.warning(&m);
+    };
+    let mut state: Vec<State> = vec![State::Pending; n];
+    let mut outcomes: Vec<Option<StageOutcome>> = vec![None; n];
+    let mut retries = vec![0u32; n];
+    let verified: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
+    let mut failed = false;
+    let (tx, rx) = mpsc::channel::<(usize, String, Duration, Option<serde_json::Value>, WorkResult)>();
+    let mut running = 0usize;
+    let cancel = opts.cancel.clone();
+
+    let outcome = |i: usize,
+                   status: Status,
+                   key: Option<String>,
+                   duration: Duration,
+                   outputs: BTreeMap<String, EntryOutput>,
+                   report: Option<serde_json::Value>| StageOutcome {
+        id: plan.stages[i].id.clone(),
+        kind: plan.stages[i].kind.clone(),
+        status,
+        key,
+        duration,
+        outputs,
+        report,
+    };
+
+    std::thread::scope(|scope| -> Result<(), ExecError> {
+        loop {
+            let stop = failed || cancel.load(std::sync::atomic::Ordering::Relaxed);
+            let mut progressed = true;
+            while progressed {
+                progressed = false;
+                for i in 0..n {
+                    if !matches!(state[i], State::Pending) || !needed.contains(&i) {
+                        continue;
+                    }
+                    let s = &plan.stages[i];
+                    if let Some(&d) = s.deps.iter().find(|&&d| matches!(state[d], State::Failed | State::Blocked)) {
+                        state[i] = State::Blocked;
+                        let why = match &outcomes[d] {
+                            Some(o)
+                                if matches!(o.status, Status::Skipped(_) | Status::Cancelled)
+                                    && !selected.contains(&d) =>
+                            {
+                                format!(
+                                    "input from `{}` is not cached (run it first, e.g. with --until {})",
+                                    plan.stages[d].id, s.id
+                                )
+                            }
+                            _ => format!("upstream `{}` did not complete", plan.stages[d].id),
+                        };
+                        let o = outcome(i, Status::Skipped(why), None, Duration::ZERO, BTreeMap::new(), None);
+                        reporter.stage_done(&o);
+                        outcomes[i] = Some(o);
+                        progressed = true;
+                        continue;
+                    }
+                    if !s.deps.iter().all(|&d| matches!(state[d], State::Done(_))) {
+                        continue;
+                    }
+                    let outs: Vec<Option<BTreeMap<String, EntryOutput>>> =
+                        state.iter().map(|st| if let State::Done(o) = st { Some(o.clone()) } else { None }).collect();
+                    let key = match keyer.key(i, &outs) {
+                        Ok(k) => k,
+                        Err(e) => {
+                            state[i] = State::Failed;
+                            failed = true;
+                            let o = outcome(i, Status::Failed(e), None, Duration::ZERO, BTreeMap::new(), None);
+                            reporter.stage_done(&o);
+                            outcomes[i] = Some(o);
+                            progressed = true;
+                            continue;
+                        }
+                    };
+                    let (hex, json) = hex_of(&key);
+                    let forced = force.contains(&i) && outcomes[i].is_none();
+                    let reason = if forced {
+                        "forced (--force)".to_string()
+                    } else {
+                        match lookup(store, &hex, &|m| warn(m)) {
+                            Ok(entry) => {
+                                store.touch_entry(&hex);
+                                let _ = store.set_last(&plan.name, &s.id, &hex);
+                                let o = outcome(
+                                    i,
+                                    Status::Cached,
+                                    Some(hex.clone()),
+                                    Duration::ZERO,
+                                    entry.outputs.clone(),
+                                    entry.report.clone(),
+                                );
+                                reporter.stage_done(&o);
+                                outcomes[i] = Some(o);
+                                state[i] = State::Done(entry.outputs);
+                                progressed = true;
+                                continue;
+                            }
+                            Err(why) if why == "no cache entry" => dirty_reason(store, plan, &s.id, &json).0,
+                            Err(why) => why,
+                        }
+                    };
+                    if !selected.contains(&i) {
+                        state[i] = State::Blocked;
+                        let o = outcome(
+                            i,
+                            Status::Skipped(format!("not selected and not cached ({reason})")),
+                            Some(hex),
+                            Duration::ZERO,
+                            BTreeMap::new(),
+                            None,
+                        );
+                        reporter.stage_done(&o);
+                        outcomes[i] = Some(o);
+                        progressed = true;
+                        continue;
+                    }
+                    if stop || running >= opts.jobs.max(1) {
+                        continue;
+                    }
+                    // Dispatch.
+                    let inputs = s
+                        .inputs
+                        .iter()
+                        .map(|(name, refs)| {
+                            let v = refs
+                                .iter()
+                                .map(|r| {
+                                    let d = match &state[r.stage] {
+                                        State::Done(o) => {
+                                            o.get(&r.output).map(|e| e.digest.clone()).unwrap_or_default()
+                                        }
+                                        _ => String::new(),
+                                    };
+                                    (r.stage, d)
+                                })
+                                .collect();
+                            (name.clone(), v)
+                        })
+                        .collect();
+                    let job = Job { idx: i, key: hex, key_json: json, inputs };
+                    state[i] = State::Running;
+                    running += 1;
+                    progressed = true;
+                    reporter.stage_started(&s.id, &s.kind, &reason);
+                    let tx = tx.clone();
+                    let reporter = reporter.clone();
+                    let verified = verified.clone();
+                    let cancel = cancel.clone();
+                    let options = opts.options.clone();
+                    scope.spawn(move || {
+                        let t0 = Instant::now();
+                        let key = job.key.clone();
+                        let (res, report) = work(plan, store, job, reporter, verified, cancel, options);
+                        let _ = tx.send((i, key, t0.elapsed(), report, res));
+                    });
+                }
+            }
+            if running == 0 {
+                break;
+            }
+            let Ok((i, key, dur, report, res)) = rx.recv() else { break };
+            running -= 1;
+            match res {
+                WorkResult::Committed(entry) => {
+                    let _ = store.set_last(&plan.name, &plan.stages[i].id, &key);
+                    let o = outcome(i, Status::Ran, Some(key), dur, entry.outputs.clone(), entry.report.clone());
+                    reporter.stage_done(&o);
+                    outcomes[i] = Some(o);
+                    state[i] = State::Done(entry.outputs);
+                }
+                WorkResult::CorruptInput(p, msg) if retries[i] < 2 => {
+                    warn(msg);
+                    retries[i] += 1;
+                    retries[p] += 1;
+                    state[i] = State::Pending;
+                    state[p] = State::Pending;
+                    outcomes[p] = None;
+                }
+                WorkResult::CorruptInput(_, msg) | WorkResult::Failed(msg) => {
+                    failed = true;
+                    state[i] = State::Failed;
+                    let o = outcome(i, Status::Failed(msg), Some(key), dur, BTreeMap::new(), report);
+                    reporter.stage_done(&o);
+                    outcomes[i] = Some(o);
+                }
+                WorkResult::Cancelled => {
+                    state[i] = State::Failed;
+                    let o = outcome(i, Status::Cancelled, Some(key), dur, BTreeMap::new(), None);
+                    reporter.stage_done(&o);
+                    outcomes[i] = Some(o);
+                }
+            }
+        }
+        Ok(())
+    })?;
+    keyer.save();
+    let cancelled = cancel.load(std::sync::atomic::Ordering::Relaxed);
+    let outcomes = outcomes
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| {
+            o.unwrap_or_else(|| {
+                let status = if !needed.contains(&i) {
+                    Status::NotSelected
+                } else if cancelled {
+                    Status::Cancelled
+                } else {
+                    Status::Skipped("not started: an earlier stage failed".into())
+                };
+                let o = outcome(i, status, None, Duration::ZERO, BTreeMap::new(), None);
+                if o.status != Status::NotSelected {
+                    reporter.stage_done(&o);
+                }
+                o
+            })
+        })
+        .collect();
+    Ok(RunSummary { outcomes, cancelled, elapsed: started.elapsed() })
+}
+
+/// Forwards a stage's events to the reporter (and to tracing).
+struct Sink(Arc<dyn Reporter>);
+impl EventSink for Sink {
+    fn stage_event(&self, stage_id: &str, event: StageEvent) {
+        match &event {
+            StageEvent::Message(m) => tracing::info!(stage = stage_id, "{m}"),
+            StageEvent::Metric { name, step, value } => tracing::debug!(stage = stage_id, step, value, "{name}"),
+            _ => {}
+        }
+        self.0.stage_event(stage_id, event);
+    }
+}
+
+fn work(
+    plan: &Plan,
+    store: &Store,
+    job: Job,
+    reporter: Arc<dyn Reporter>,
+    verified: Arc<Mutex<HashSet<String>>>,
+    cancel: Arc<AtomicBool>,
+    options: BTreeMap<String, String>,
+) -> (WorkResult, Option<serde_json::Value>) {
+    let s = &plan.stages[job.idx];
+    let span = tracing::info_span!("stage", id = %s.id, kind = %s.kind);
+    let _g = span.enter();
+    // Full digest check of every input, once per process.
+    let mut inputs: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    for (name, list) in &job.inputs {
+        for (producer, digest) in list {
+            let done = verified.lock().unwrap_or_else(|e| e.into_inner()).contains(digest);
+            if !done {
+                match store.verify_artifact(digest) {
+                    ArtifactCheck::Ok => {
+                        verified.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.clone());
+                    }
+                    bad => {
+                        let p = &plan.stages[*producer];
+                        let why = match bad {
+                            ArtifactCheck::Corrupt(w) => w,
+                            _ => "missing".into(),
+                        };
+                        if let Some(k) = store.last(&plan.name, &p.id) {
+                            let _ = store.remove_entry(&k);
+                        }
+                        let _ = store.remove_artifact(digest);
+                        return (
+                            WorkResult::CorruptInput(
+                                *producer,
+                                format!(
+                                    "artifact {} (output of `{}`) is corrupt ({why}); re-running `{}`",
+                                    short(digest),
+                                    p.id,
+                                    p.id
+                                ),
+                            ),
+                            None,
+                        );
+                    }
+                }
+            }
+            inputs.entry(name.clone()).or_default().push(store.artifact_path(digest));
+        }
+    }
+    let staging = match store.staging(&job.key, &s.declared.outputs) {
+        Ok(st) => st,
+        Err(e) => return (WorkResult::Failed(e.to_string()), None),
+    };
+    let scratch = match store.scratch_dir(&job.key) {
+        Ok(d) => d,
+        Err(e) => return (WorkResult::Failed(e.to_string()), None),
+    };
+    let ctx = RunCtx::new(RunParts {
+        stage_id: s.id.clone(),
+        params: s.params.clone(),
+        seed: plan.seed,
+        recipe_dir: plan.dir.clone(),
+        inputs,
+        outputs: staging.outputs().clone(),
+        scratch,
+        options,
+        sink: Arc::new(Sink(reporter)),
+        cancel,
+    });
+    let t0 = Instant::now();
+    tracing::info!(key = %short(&job.key), "running");
+    let res = std::panic::catch_unwind(AssertUnwindSafe(|| s.stage.run(&ctx)));
+    let report = ctx.take_report();
+    tracing::info!(ok = matches!(res, Ok(Ok(()))), elapsed_ms = t0.elapsed().as_millis() as u64, "finished");
+    match res {
+        Ok(Ok(())) => {
+            let mut entry = Entry::new(&job.key, job.key_json, &plan.name, &s.id, &s.kind);
+            entry.report = report.clone();
+            entry.duration_ms = t0.elapsed().as_millis() as u64;
+            match store.commit(staging, entry) {
+                Ok(e) => {
+                    store.remove_scratch(&job.key);
+                    (WorkResult::Committed(Box::new(e)), report)
+                }
+                Err(e) => (WorkResult::Failed(format!("committing outputs: {e}")), report),
+            }
+        }
+        Ok(Err(StageError::Cancelled)) => {
+            staging.discard();
+            (WorkResult::Cancelled, None)
+        }
+        Ok(Err(e)) => {
+            staging.discard();
+            (WorkResult::Failed(e.to_string()), report)
+        }
+        Err(panic) => {
+            staging.discard();
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            (WorkResult::Failed(format!("the stage panicked: {msg}")), report)
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! `pipeline cache ls|gc|verify`.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use pipeline_cache::{ArtifactCheck, Store};
+use pipeline_engine::exec;
+
+use crate::common::{human_bytes, load_plan, parse_age, CacheArgs, Exit, Usage};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum CacheCommand {
+    /// List cache entries (newest last); `*` marks the latest entry of a recipe's stage.
+    Ls {
+        /// Use the cache next to this recipe.
+        recipe: Option<PathBuf>,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Drop entries no recipe references (or older than --older-than), then unreferenced artifacts.
+    Gc {
+        /// Keep only entries these recipes reference now. Without recipes: keep the latest entry of
+        /// every stage of every recipe that used this cache.
+        recipes: Vec<PathBuf>,
+        /// Also drop entries not used for this long (e.g. 30d, 12h).
+        #[arg(long, value_name = "AGE")]
+        older_than: Option<String>,
+        /// Print what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Re-hash every artifact and report any whose content no longer matches its digest.
+    Verify {
+        recipe: Option<PathBuf>,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+}
+
+fn open(cache: &CacheArgs, recipe: Option<&std::path::Path>) -> anyhow::Result<Store> {
+    let dir = cache.resolve(recipe);
+    Store::open_existing(&dir).ok_or_else(|| Usage(format!("no cache at {}", dir.display())).into())
+}
+
+fn age(t: Option<SystemTime>) -> String {
+    let secs = t.and_then(|t| SystemTime::now().duration_since(t).ok()).unwrap_or(Duration::ZERO).as_secs();
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
+    match cmd {
+        CacheCommand::Ls { recipe, cache } => {
+            let store = open(&cache, recipe.as_deref())?;
+            let latest: BTreeSet<String> = store.all_last().into_iter().map(|(_, _, k)| k).collect();
+            let mut rows = Vec::new();
+            let (mut total, mut n) = (0u64, 0usize);
+            for e in store.entries()? {
+                match e {
+                    Ok(e) => {
+                        total += e.output_bytes();
+                        n += 1;
+                        rows.push((e.created_unix, e));
+                    }
+                    Err(err) => eprintln!("warning: {err}"),
+                }
+            }
+            rows.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.stage.cmp(&b.1.stage)));
+            println!(
+                "  {:<12}  {:<16}  {:<16}  {:<10}  {:>10}  {:>6}",
+                "key", "recipe", "stage", "kind", "output", "used"
+            );
+            for (_, e) in rows {
+                let mark = if latest.contains(&e.key) { '*' } else { ' ' };
+                println!(
+                    "{mark} {:<12}  {:<16}  {:<16}  {:<10}  {:>10}  {:>6}",
+                    &e.key[..12],
+                    e.recipe,
+                    e.stage,
+                    e.kind,
+                    human_bytes(e.output_bytes()),
+                    age(store.entry_last_used(&e.key))
+                );
+            }
+            println!("{n} entries, {} of artifacts, in {}", human_bytes(total), store.root().display());
+            Ok(())
+        }
+        CacheCommand::Gc { recipes, older_than, dry_run, cache } => {
+            let store = open(&cache, recipes.first().map(PathBuf::as_path))?;
+            let max_age = older_than.as_deref().map(parse_age).transpose().map_err(Usage)?;
+            let _lock = store.lock(|| eprintln!("waiting: another pipeline process is using the cache ..."))?;
+            let keep: BTreeSet<String> = if recipes.is_empty() {
+                store.all_last().into_iter().map(|(_, _, k)| k).collect()
+            } else {
+                let mut k = BTreeSet::new();
+                for r in &recipes {
+                    let plan = load_plan(r)?;
+                    k.extend(exec::statuses(&plan, &store, &[]).into_iter().filter_map(|s| s.key_hex));
+                }
+                k
+            };
+            let now = SystemTime::now();
+            let (mut dropped, mut kept) = (0, 0);
+            for e in store.entries()? {
+                let (key, why) = match e {
+                    Ok(e) => {
+                        let old = max_age.is_some_and(|a| {
+                            store
+                                .entry_last_used(&e.key)
+                                .and_then(|t| now.duration_since(t).ok())
+                                .is_some_and(|d| d.as_secs() >= a)
+                        });
+                        let why = if old {
+                            Some("older than --older-than")
+                        } else if !keep.contains(&e.key) {
+                            Some("not referenced")
+                        } else {
+                            None
+                        };
+                        (e.key, why)
+                    }
+                    Err(pipeline_cache::CacheError::CorruptEntry { path, .. }) => (
+                        path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+                        Some("unreadable"),
+                    ),
+                    Err(e) => return Err(e.into()),
+                };
+                match why {
+                    Some(why) => {
+                        dropped += 1;
+                        if dry_run {
+                            println!("would drop {} ({why})", &key[..key.len().min(12)]);
+                        } else {
+                            store.remove_entry(&key)?;
+                        }
+                    }
+                    None => kept += 1,
+                }
+            }
+            if dry_run {
+                println!("{dropped} entries would be dropped, {kept} kept");
+                return Ok(());
+            }
+            let (n, bytes) = store.sweep_artifacts()?;
+            store.prune_last();
+            for k in store.scratch_keys() {
+                if max_age.is_some() || !keep.contains(&k) {
+                    store.remove_scratch(&k);
+                }
+            }
+            println!("dropped {dropped} entries and {n} artifacts ({}); kept {kept} entries", human_bytes(bytes));
+            Ok(())
+        }
+        CacheCommand::Verify { recipe, cache } => {
+            let store = open(&cache, recipe.as_deref())?;
+            let mut bad = 0;
+            let arts = store.artifacts()?;
+            for d in &arts {
+                if let ArtifactCheck::Corrupt(why) = store.verify_artifact(d) {
+                    println!("corrupt: {d}: {why}");
+                    bad += 1;
+                }
+            }
+            for e in store.entries()? {
+                match e {
+                    Ok(e) => {
+                        for (name, o) in &e.outputs {
+                            if !store.artifact_path(&o.digest).is_dir() {
+                                println!("missing: output `{name}` of {} ({})", e.stage, &e.key[..12]);
+                                bad += 1;
+                            }
+                        }
+                    }
+                    Err(err) => {
+                        println!("unreadable: {err}");
+                        bad += 1;
+                    }
+                }
+            }
+            println!("{} artifacts checked, {bad} problems", arts.len());
+            if bad > 0 {
+                return Err(Exit(1).into());
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! `pipeline run`: plan, lock the cache, execute, print the summary.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context;
+use pipeline_cache::Store;
+use pipeline_engine::{exec, ExecError, ExecOptions, Reporter};
+
+use crate::common::{load_plan, CacheArgs, Exit, Usage};
+use crate::report::{self, LogFormat};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The recipe to run.
+    pub recipe: PathBuf,
+    /// Run only this stage (repeatable); its inputs must already be cached.
+    #[arg(long, value_name = "STAGE")]
+    pub only: Vec<String>,
+    /// Run this stage and everything upstream of it (repeatable).
+    #[arg(long, value_name = "STAGE")]
+    pub until: Vec<String>,
+    /// Re-run this stage even if it is cached (repeatable).
+    #[arg(long, value_name = "STAGE")]
+    pub force: Vec<String>,
+    /// How many independent stages may run at once.
+    #[arg(long, short = 'j', default_value_t = 1)]
+    pub jobs: usize,
+    /// Where training and generation run (passed to stages as option `device`).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Device,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
+    let plan = load_plan(&args.recipe)?;
+    for id in args.only.iter().chain(&args.until).chain(&args.force) {
+        plan.require(id).map_err(Usage)?;
+    }
+    if args.jobs == 0 {
+        return Err(Usage("--jobs must be at least 1".into()).into());
+    }
+    let cache_dir = args.cache.resolve(Some(&args.recipe));
+    let store = Store::open(&cache_dir).with_context(|| format!("opening cache {}", cache_dir.display()))?;
+    let json = (fmt == LogFormat::Json).then(|| Arc::new(report::Json::new()));
+    let _lock = store.lock(|| match &json {
+        Some(j) => {
+            j.emit(serde_json::json!({"event": "waiting_for_lock", "cache_dir": cache_dir.display().to_string()}))
+        }
+        None => eprintln!("waiting: another pipeline process is using the cache {} ...", cache_dir.display()),
+    })?;
+    store.clean_tmp()?;
+
+    // First Ctrl-C (or SIGTERM): ask stages to stop; a second one exits at once.
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.clone())?;
+        signal_hook::flag::register(sig, cancel.clone())?;
+    }
+    let device = match args.device {
+        Device::Cpu => "cpu",
+        Device::Cuda => "cuda",
+    };
+    let opts = ExecOptions {
+        jobs: args.jobs,
+        only: args.only,
+        until: args.until,
+        force: args.force,
+        options: BTreeMap::from([("device".to_string(), device.to_string())]),
+        cancel,
+    };
+    let reporter: Arc<dyn Reporter> = match &json {
+        Some(j) => j.clone(),
+        None => Arc::new(report::Human::new()),
+    };
+    let summary = match exec::run(&plan, &store, &opts, reporter) {
+        Ok(s) => s,
+        Err(ExecError::Usage(m)) => return Err(Usage(m).into()),
+        Err(e) => return Err(e.into()),
+    };
+    let ok = !summary.failed()
+        && !summary.cancelled
+        && !summary.outcomes.iter().any(|o| matches!(o.status, pipeline_engine::Status::Skipped(_)));
+    match &json {
+        Some(j) => j.emit(serde_json::json!({
+            "event": "run_finished",
+            "ok": ok,
+            "interrupted": summary.cancelled,
+            "elapsed_ms": summary.elapsed.as_millis() as u64,
+            "ran": summary.outcomes.iter().filter(|o| o.status == pipeline_engine::Status::Ran).count(),
+            "cached": summary.outcomes.iter().filter(|o| o.status == pipeline_engine::Status::Cached).count(),
+        })),
+        None => print!("{}", report::summary_table(&summary)),
+    }
+    if !ok {
+        return Err(Exit(1).into());
+    }
+    Ok(())
+}

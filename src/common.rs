@@ -1,0 +1,114 @@
+//! Helpers shared by the subcommands: cache-dir resolution, recipe loading, exit codes, formatting.
+
+use std::path::{Path, PathBuf};
+
+use pipeline_engine::{Plan, Registry};
+
+/// Exit codes: 0 ok, 1 a stage failed, 2 usage or recipe error.
+#[derive(Debug)]
+pub struct Exit(pub u8);
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}", self.0)
+    }
+}
+impl std::error::Error for Exit {}
+
+/// A usage error (exit 2), already phrased for the user.
+#[derive(Debug)]
+pub struct Usage(pub String);
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Usage {}
+
+/// `--cache-dir`, shared by every subcommand that touches the cache.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CacheArgs {
+    /// Cache directory [default: `.pipeline/` next to the recipe].
+    #[arg(long, env = "PIPELINE_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl CacheArgs {
+    pub fn resolve(&self, recipe: Option<&Path>) -> PathBuf {
+        if let Some(d) = &self.cache_dir {
+            return d.clone();
+        }
+        match recipe.and_then(Path::parent) {
+            Some(p) if !p.as_os_str().is_empty() => p.join(".pipeline"),
+            _ => PathBuf::from(".pipeline"),
+        }
+    }
+}
+
+/// The stage registry the binary uses.
+pub fn registry() -> Registry {
+    pipeline_stages::registry()
+}
+
+/// Plan a recipe; a recipe error becomes exit code 2 with its diagnostic.
+pub fn load_plan(path: &Path) -> anyhow::Result<Plan> {
+    Ok(pipeline_engine::plan(path, &registry())?)
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+pub fn human_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 1.0 {
+        format!("{:.0}ms", s * 1000.0)
+    } else if s < 60.0 {
+        format!("{s:.1}s")
+    } else {
+        format!("{}m{:02}s", (s / 60.0) as u64, (s as u64) % 60)
+    }
+}
+
+/// `30d`, `12h`, `45m`, `10s`, `2w` → seconds.
+pub fn parse_age(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("invalid age `{s}`: expected e.g. 30d, 12h, 45m"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" | "" => 86400,
+        "w" => 7 * 86400,
+        _ => return Err(format!("invalid age unit in `{s}`: use s, m, h, d or w")),
+    };
+    Ok(n * mult)
+}
+
+/// Compact `k=v` rendering of a stage report's scalar fields (for the summary table).
+pub fn report_counts(report: Option<&serde_json::Value>) -> String {
+    let Some(serde_json::Value::Object(m)) = report else { return String::new() };
+    m.iter()
+        .filter(|(_, v)| v.is_number() || v.is_boolean() || v.is_string())
+        .take(4)
+        .map(|(k, v)| match v {
+            serde_json::Value::Number(n) if n.as_f64().is_some_and(|f| f.fract() != 0.0) => {
+                format!("{k}={:.4}", n.as_f64().unwrap_or_default())
+            }
+            serde_json::Value::String(s) => format!("{k}={s}"),
+            other => format!("{k}={other}"),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}

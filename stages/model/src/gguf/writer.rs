@@ -1,0 +1,390 @@
+//! GGUF v3 writing (for the quantize/export stages): metadata, tensors quantised from f32 with
+//! llama.cpp's reference quantisers (`quantize_row_*_ref`, identical to the PyPI `gguf` package's
+//! `gguf.quants.quantize`), laid out exactly as `gguf.GGUFWriter` does (key/values in insertion
+//! order, tensor data aligned to 32 bytes, each tensor padded).
+//!
+//! Quantisers: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (bit-equal to `gguf.quants.quantize`)
+//! and Q4_K (a port of `quantize_row_q4_K_ref`, bit-equal to llama.cpp's C compiled without FMA
+//! contraction; golden from `scripts/oracles/q4k_golden.py`). Q6_K is read-only here.
+
+use std::io::Write;
+use std::path::Path;
+
+use half::{bf16, f16};
+
+use super::{GgmlType, GgufError, GgufValue};
+
+const ALIGN: usize = 32;
+
+/// An in-memory GGUF file being assembled.
+#[derive(Debug, Default)]
+pub struct GgufWriter {
+    metadata: Vec<(String, GgufValue)>,
+    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+}
+
+impl GgufWriter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add a metadata key/value (kept in insertion order; a repeated key is an error at write).
+    pub fn add_metadata(&mut self, key: impl Into<String>, value: GgufValue) {
+        self.metadata.push((key.into(), value));
+    }
+
+    /// Quantise `data` (row-major, HF `shape`) to `ty` and add it.
+    pub fn add_tensor(&mut self, name: &str, shape: &[usize], data: &[f32], ty: GgmlType) -> Result<(), GgufError> {
+        let err = |msg: String| GgufError::Tensor { path: "<writer>".into(), tensor: name.to_string(), msg };
+        if shape.iter().product::<usize>() != data.len() || shape.is_empty() {
+            return Err(err(format!("shape {shape:?} does not hold {} values", data.len())));
+        }
+        let bytes = quantize(ty, data).map_err(|m| err(m.to_string()))?;
+        let inner = *shape.last().unwrap_or(&0);
+        if inner % ty.block().0 != 0 {
+            return Err(err(format!("innermost dimension {inner} is not a multiple of the {} block size", ty.name())));
+        }
+        self.add_raw_tensor(name, shape.iter().rev().map(|&d| d as u64).collect(), ty as u32, bytes);
+        Ok(())
+    }
+
+    /// Add already-encoded tensor bytes; `dims` in ggml order (innermost first).
+    pub fn add_raw_tensor(&mut self, name: &str, dims: Vec<u64>, ggml_type: u32, bytes: Vec<u8>) {
+        self.tensors.push((name.to_string(), dims, ggml_type, bytes));
+    }
+
+    /// The whole file.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, GgufError> {
+        let mut out = Vec::new();
+        out.extend_from_slice(b"GGUF");
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        let mut seen = std::collections::BTreeSet::new();
+        for (k, v) in &self.metadata {
+            if !seen.insert(k) {
+                return Err(GgufError::Metadata {
+                    path: "<writer>".into(),
+                    key: k.clone(),
+                    msg: "duplicate key".into(),
+                });
+            }
+            put_str(&mut out, k);
+            out.extend_from_slice(&value_type(v).to_le_bytes());
+            put_value(&mut out, v);
+        }
+        let mut offset = 0u64;
+        for (name, dims, ty, bytes) in &self.tensors {
+            put_str(&mut out, name);
+            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&ty.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            offset += bytes.len().next_multiple_of(ALIGN) as u64;
+        }
+        out.resize(out.len().next_multiple_of(ALIGN), 0);
+        for (_, _, _, bytes) in &self.tensors {
+            out.extend_from_slice(bytes);
+            out.resize(out.len().next_multiple_of(ALIGN), 0);
+        }
+        Ok(out)
+    }
+
+    /// Write atomically (temp file beside `path`, then rename).
+    pub fn write(&self, path: impl AsRef<Path>) -> Result<(), GgufError> {
+        let path = path.as_ref();
+        let io = |source| GgufError::Io { path: path.to_path_buf(), source };
+        let bytes = self.to_bytes()?;
+        let tmp = path.with_extension("gguf.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn value_type(v: &GgufValue) -> u32 {
+    match v {
+        GgufValue::U8(_) => 0,
+        GgufValue::I8(_) => 1,
+        GgufValue::U16(_) => 2,
+        GgufValue::I16(_) => 3,
+        GgufValue::U32(_) => 4,
+        GgufValue::I32(_) => 5,
+        GgufValue::F32(_) => 6,
+        GgufValue::Bool(_) => 7,
+        GgufValue::String(_) => 8,
+        GgufValue::Array(_) => 9,
+        GgufValue::U64(_) => 10,
+        GgufValue::I64(_) => 11,
+        GgufValue::F64(_) => 12,
+    }
+}
+
+fn put_value(out: &mut Vec<u8>, v: &GgufValue) {
+    match v {
+        GgufValue::U8(x) => out.push(*x),
+        GgufValue::I8(x) => out.push(*x as u8),
+        GgufValue::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        GgufValue::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        GgufValue::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        GgufValue::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        GgufValue::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        GgufValue::Bool(x) => out.push(u8::from(*x)),
+        GgufValue::String(s) => put_str(out, s),
+        GgufValue::Array(items) => {
+            // An empty array is written as an array of u8 (its element type is not recorded).
+            out.extend_from_slice(&items.first().map_or(0, value_type).to_le_bytes());
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for it in items {
+                put_value(out, it);
+            }
+        }
+        GgufValue::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        GgufValue::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        GgufValue::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+    }
+}
+
+/// Why a tensor cannot be quantised.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantizeError {
+    #[error("{0} values are not a whole number of {1}-value blocks")]
+    Blocks(usize, usize),
+    #[error("quantising to {0} is not implemented (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K are)")]
+    Unsupported(&'static str),
+}
+
+/// C's `roundf`: halves away from zero.
+fn roundf(x: f32) -> f32 {
+    x.round()
+}
+
+/// Encode `data` as `ty` blocks (llama.cpp's reference quantisers).
+pub fn quantize(ty: GgmlType, data: &[f32]) -> Result<Vec<u8>, QuantizeError> {
+    let (be, bb) = ty.block();
+    if data.len() % be != 0 {
+        return Err(QuantizeError::Blocks(data.len(), be));
+    }
+    let mut out = Vec::with_capacity(data.len() / be * bb);
+    match ty {
+        GgmlType::F32 => data.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        GgmlType::F16 => data.iter().for_each(|x| out.extend_from_slice(&f16::from_f32(*x).to_le_bytes())),
+        GgmlType::BF16 => data.iter().for_each(|x| out.extend_from_slice(&bf16::from_f32(*x).to_le_bytes())),
+        GgmlType::Q8_0 => {
+            for b in data.chunks_exact(32) {
+                let amax = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                out.extend(b.iter().map(|x| roundf(x * id) as i8 as u8));
+            }
+        }
+        GgmlType::Q4_0 => {
+            for b in data.chunks_exact(32) {
+                let (mut amax, mut max) = (0f32, 0f32);
+                for &v in b {
+                    if amax < v.abs() {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                let q = |x: f32| ((x * id + 8.5) as i8).clamp(0, 15) as u8;
+                out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+            }
+        }
+        GgmlType::Q4_1 => {
+            for b in data.chunks_exact(32) {
+                let min = b.iter().fold(f32::INFINITY, |m, &x| m.min(x));
+                let max = b.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+                let q = |x: f32| (((x - min) * id + 0.5) as i8).clamp(0, 15) as u8;
+                out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+            }
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            for b in data.chunks_exact(32) {
+                let q: Vec<u8> = if ty == GgmlType::Q5_0 {
+                    let (mut amax, mut max) = (0f32, 0f32);
+                    for &v in b {
+                        if amax < v.abs() {
+                            amax = v.abs();
+                            max = v;
+                        }
+                    }
+                    let d = max / -16.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    b.iter().map(|x| ((x * id + 16.5) as i8).clamp(0, 31) as u8).collect()
+                } else {
+                    let min = b.iter().fold(f32::INFINITY, |m, &x| m.min(x));
+                    let max = b.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let d = (max - min) / 31.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+                    b.iter().map(|x| (((x - min) * id + 0.5) as i8).clamp(0, 31) as u8).collect()
+                };
+                let qh = q.iter().enumerate().fold(0u32, |h, (j, &v)| h | (u32::from(v >> 4) << j));
+                out.extend_from_slice(&qh.to_le_bytes());
+                out.extend((0..16).map(|j| (q[j] & 0xF) | (q[j + 16] << 4)));
+            }
+        }
+        GgmlType::Q4_K => data.chunks_exact(256).for_each(|b| quantize_q4_k_block(b, &mut out)),
+        other => return Err(QuantizeError::Unsupported(other.name())),
+    }
+    Ok(out)
+}
+
+/// ggml's `nearest_int`: round half to even through the float mantissa (|x| < 2^22).
+fn nearest_int(f: f32) -> i32 {
+    let v = f + 12_582_912.0;
+    (v.to_bits() as i32 & 0x007f_ffff) - 0x0040_0000
+}
+
+/// ggml's `make_qkx2_quants(n = 32, nmax = 15, ..., rmin = -1, rdelta = 0.1, nstep = 20,
+/// use_mad = false)`: scale and (negated) min of one 32-value sub-block, levels in `l`.
+fn make_qkx2_quants(x: &[f32], weights: &[f32], l: &mut [u8]) -> (f32, f32) {
+    const NMAX: i32 = 15;
+    let (rmin, rdelta, nstep) = (-1.0f32, 0.1f32, 20);
+    let n = x.len();
+    let mut min = x[0];
+    let mut max = x[0];
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        let w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l.iter_mut().for_each(|v| *v = 0);
+        return (0.0, -min);
+    }
+    let mut iscale = NMAX as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0f32;
+    for i in 0..n {
+        let li = nearest_int(iscale * (x[i] - min)).clamp(0, NMAX);
+        l[i] = li as u8;
+        let diff = scale * li as f32 + min - x[i];
+        best_error += weights[i] * (diff * diff);
+    }
+    let mut laux = [0u8; 32];
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + NMAX as f32) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..n {
+            let li = nearest_int(iscale * (x[i] - min)).clamp(0, NMAX);
+            laux[i] = li as u8;
+            let w = weights[i];
+            let lf = li as f32;
+            sum_l += w * lf;
+            sum_l2 += w * lf * lf;
+            sum_xl += w * lf * x[i];
+        }
+        let d = sum_w * sum_l2 - sum_l * sum_l;
+        if d > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur_error = 0f32;
+            for i in 0..n {
+                let diff = this_scale * laux[i] as f32 + this_min - x[i];
+                cur_error += weights[i] * (diff * diff);
+            }
+            if cur_error < best_error {
+                l[..n].copy_from_slice(&laux[..n]);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// ggml's `quantize_row_q4_K_ref` for one 256-value super-block.
+fn quantize_q4_k_block(x: &[f32], out: &mut Vec<u8>) {
+    let mut l = [0u8; 256];
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    let mut weights = [0f32; 32];
+    let (mut max_scale, mut max_min) = (0f32, 0f32);
+    for j in 0..8 {
+        let xs = &x[32 * j..32 * j + 32];
+        let sum_x2 = xs.iter().fold(0f32, |s, v| s + v * v);
+        let av_x = (sum_x2 / 32.0).sqrt();
+        for (w, v) in weights.iter_mut().zip(xs) {
+            *w = av_x + v.abs();
+        }
+        let (sc, mn) = make_qkx2_quants(xs, &weights, &mut l[32 * j..32 * j + 32]);
+        scales[j] = sc;
+        mins[j] = mn;
+        if sc > max_scale {
+            max_scale = sc;
+        }
+        if mn > max_min {
+            max_min = mn;
+        }
+    }
+    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let mut sc = [0u8; 12];
+    for j in 0..8 {
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        if j < 4 {
+            sc[j] = ls;
+            sc[j + 4] = lm;
+        } else {
+            sc[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+            sc[j - 4] |= (ls >> 4) << 6;
+            sc[j] |= (lm >> 4) << 6;
+        }
+    }
+    let d = f16::from_f32(max_scale / 63.0);
+    let dmin = f16::from_f32(max_min / 63.0);
+    for j in 0..8 {
+        let (s, m) = super::dequant::scale_min_k4(j, &sc);
+        let dd = d.to_f32() * s as f32;
+        if dd == 0.0 {
+            continue;
+        }
+        let dm = dmin.to_f32() * m as f32;
+        for ii in 0..32 {
+            l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / dd).clamp(0, 15) as u8;
+        }
+    }
+    out.extend_from_slice(&d.to_le_bytes());
+    out.extend_from_slice(&dmin.to_le_bytes());
+    out.extend_from_slice(&sc);
+    for j in (0..256).step_by(64) {
+        out.extend((0..32).map(|i| l[j + i] | (l[j + i + 32] << 4)));
+    }
+}

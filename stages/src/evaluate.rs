@@ -1,0 +1,306 @@
+//! `evaluate`: score a model on a general_mcq or general_qa folder the way evalscope's "Native"
+//! backend does (SPECS.md §3).
+//!
+//! ## What it does
+//! Loads the dataset folder, asks the model (through a [`Predictor`]) in batches, and scores:
+//! `general_mcq` → `AverageAccuracy` per subset (answers by generation + evalscope's answer
+//! extraction, or by log-likelihood of the option letters); `general_qa` → `bleu-1..4` and
+//! `rouge-{1,2,l}-{r,p,f}` per subset, equal to evalscope's numbers.
+//!
+//! ## Inputs
+//! `model`: a model artifact (base, SFT adapter, merged or quantised); the predictor loader
+//! decides how to open it.
+//!
+//! ## Outputs
+//! `report`: `report.json` and `report.csv` (the `Model | Dataset | Metric | Subset | Num |
+//! Score | Cat.0` table) and `predictions.jsonl` (one record per sample: prompt, completion,
+//! extracted answer or scores).
+//!
+//! ## Parameters
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `dataset` | — | `general_mcq` or `general_qa` |
+//! | `local_path` | — | the dataset folder (relative to the recipe) |
+//! | `subsets` | all | subset names to run |
+//! | `few_shot_num` | 0 | general_mcq: first N rows of `{subset}_dev.csv` as examples |
+//! | `scorer` | `generate` | general_mcq: `generate` or `loglik` |
+//! | `batch_size` | 8 | prompts per generation call |
+//! | `limit` | none | at most N samples per subset |
+//! | `max_new_tokens` | 256 | generation length |
+//! | `model_name` | input name | the table's Model column |
+//!
+//! ## Cache key
+//! Kind, version, params, the model artifact's digest and the dataset folder's content.
+//!
+//! ## Example
+//! ```toml
+//! [stages.eval]
+//! kind = "evaluate"
+//! inputs.model = "sft.model"
+//! params = { dataset = "general_mcq", local_path = "data/mcq", few_shot_num = 2 }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError, StageEvent};
+use pipeline_metrics::eval::{run_mcq, run_qa, EvalError, McqScorer, Predictor, RunOptions};
+use pipeline_metrics::report::{write_atomic, Report};
+use serde::Deserialize;
+
+/// Which evalscope dataset layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetKind {
+    GeneralMcq,
+    GeneralQa,
+}
+
+/// The stage's params.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateConfig {
+    pub dataset: DatasetKind,
+    pub local_path: PathBuf,
+    #[serde(default)]
+    pub subsets: Vec<String>,
+    #[serde(default)]
+    pub few_shot_num: usize,
+    #[serde(default)]
+    pub scorer: McqScorer,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub limit: Option<usize>,
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default)]
+    pub model_name: Option<String>,
+}
+
+fn default_batch() -> usize {
+    8
+}
+fn default_max_new_tokens() -> usize {
+    256
+}
+
+/// What a predictor loader is told.
+#[derive(Debug, Clone)]
+pub struct PredictorSpec<'a> {
+    /// The `model` input artifact directory.
+    pub model_dir: &'a Path,
+    pub max_new_tokens: usize,
+    /// Run-wide options (e.g. `device`).
+    pub device: Option<&'a str>,
+    /// Shown in the table's Model column unless the loader has a better name.
+    pub model_name: Option<&'a str>,
+}
+
+/// Opens a model artifact as a [`Predictor`]. The model crate provides the real one.
+pub type LoadPredictor = fn(&PredictorSpec<'_>) -> Result<Box<dyn Predictor>, StageError>;
+
+/// The `evaluate` stage, parameterised by how it opens models.
+pub struct Evaluate {
+    load: LoadPredictor,
+}
+
+impl Evaluate {
+    pub fn new(load: LoadPredictor) -> Self {
+        Evaluate { load }
+    }
+}
+
+fn eval_error(e: EvalError) -> StageError {
+    match e {
+        EvalError::Data(d) => StageError::Input { path: d.path, line: d.line, message: d.message },
+        EvalError::Predict(m) => StageError::failed(format!("model failed: {m}")),
+        EvalError::Cancelled => StageError::Cancelled,
+    }
+}
+
+impl Stage for Evaluate {
+    fn kind(&self) -> &'static str {
+        "evaluate"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "Score a model on general_mcq (accuracy) or general_qa (BLEU/ROUGE) exactly as evalscope does"
+    }
+    fn declare(&self, ctx: &PlanCtx<'_>) -> Result<Declared, StageError> {
+        let cfg: EvaluateConfig = ctx.params()?;
+        ctx.check_inputs(&["model"], &[])?;
+        if cfg.batch_size == 0 {
+            return Err(StageError::Params("batch_size must be at least 1".into()));
+        }
+        if cfg.dataset == DatasetKind::GeneralQa && (cfg.few_shot_num > 0 || cfg.scorer != McqScorer::Generate) {
+            return Err(StageError::Params("few_shot_num and scorer apply to general_mcq only".into()));
+        }
+        let dir = ctx.resolve(&cfg.local_path);
+        if !dir.is_dir() {
+            return Err(StageError::Params(format!("local_path `{}` is not a directory", dir.display())));
+        }
+        Ok(Declared { outputs: vec!["report".into()], files: vec![dir] })
+    }
+    fn run(&self, ctx: &RunCtx) -> Result<(), StageError> {
+        let cfg: EvaluateConfig = ctx.params()?;
+        let dir = ctx.resolve(&cfg.local_path);
+        let out = ctx.output("report")?;
+        let spec = PredictorSpec {
+            model_dir: ctx.input("model")?,
+            max_new_tokens: cfg.max_new_tokens,
+            device: ctx.option("device"),
+            model_name: cfg.model_name.as_deref(),
+        };
+        let mut predictor = (self.load)(&spec)?;
+        evaluate_with(ctx, &cfg, &dir, out, predictor.as_mut())
+    }
+}
+
+/// The stage body with the model already open (tests call it with a scripted predictor).
+pub fn evaluate_with(ctx: &RunCtx, cfg: &EvaluateConfig, dir: &Path, out: &Path, predictor: &mut dyn Predictor) -> Result<(), StageError> {
+    let started = Instant::now();
+    let mut started_bar = false;
+    let mut progress = |done: usize, total: usize| {
+        if !started_bar {
+            ctx.progress_start("samples", Some(total as u64));
+            started_bar = true;
+        }
+        ctx.progress_set(done as u64);
+        let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        ctx.emit(StageEvent::Metric { name: "samples_per_s".into(), step: done as u64, value: rate });
+        !ctx.is_cancelled()
+    };
+    let opts = RunOptions { subsets: cfg.subsets.clone(), limit: cfg.limit, batch_size: cfg.batch_size, progress: &mut progress };
+    let (rows, predictions, scorer) = match cfg.dataset {
+        DatasetKind::GeneralMcq => {
+            let (rows, recs) = run_mcq(dir, cfg.few_shot_num, cfg.scorer, opts, predictor).map_err(eval_error)?;
+            let recs: Vec<serde_json::Value> = recs.iter().map(|r| serde_json::to_value(r).unwrap_or_default()).collect();
+            (rows, recs, Some(cfg.scorer.as_str().to_string()))
+        }
+        DatasetKind::GeneralQa => {
+            let (rows, recs) = run_qa(dir, opts, predictor).map_err(eval_error)?;
+            (rows, recs.iter().map(|r| serde_json::to_value(r).unwrap_or_default()).collect(), None)
+        }
+    };
+    ctx.progress_finish();
+    let mut rows = rows;
+    if let Some(name) = &cfg.model_name {
+        for r in &mut rows {
+            r.model = name.clone();
+        }
+    }
+    let report = Report { rows, scorer };
+    report.write(out).map_err(|e| StageError::Input { path: e.path, line: e.line, message: e.message })?;
+    let mut lines = String::new();
+    for p in &predictions {
+        lines.push_str(&p.to_string());
+        lines.push('\n');
+    }
+    let pred_path = out.join("predictions.jsonl");
+    write_atomic(&pred_path, lines.as_bytes()).map_err(|e| StageError::Input { path: e.path, line: e.line, message: e.message })?;
+    let secs = started.elapsed().as_secs_f64();
+    ctx.message(report.table());
+    let mut json = serde_json::to_value(&report).unwrap_or_default();
+    if let Some(o) = json.as_object_mut() {
+        o.insert("samples".into(), predictions.len().into());
+        o.insert("seconds".into(), secs.into());
+        o.insert("samples_per_s".into(), (predictions.len() as f64 / secs.max(1e-9)).into());
+    }
+    ctx.set_report(json);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+
+    use pipeline_engine::{EventSink, RunParts};
+    use pipeline_metrics::eval::{PredictError, Prompt};
+
+    use super::*;
+
+    struct Collect(Mutex<Vec<StageEvent>>);
+    impl EventSink for Collect {
+        fn stage_event(&self, _: &str, e: StageEvent) {
+            self.0.lock().unwrap().push(e);
+        }
+    }
+
+    /// Answers C to everything.
+    struct AlwaysC;
+    impl Predictor for AlwaysC {
+        fn name(&self) -> String {
+            "always-c".into()
+        }
+        fn generate(&mut self, prompts: &[Prompt]) -> Result<Vec<String>, PredictError> {
+            Ok(prompts.iter().map(|_| "答案：C".to_string()).collect())
+        }
+        fn loglik(&mut self, _: &Prompt, c: &[String]) -> Result<Vec<f64>, PredictError> {
+            Ok(c.iter().map(|x| if x == "C" { 0.0 } else { -1.0 }).collect())
+        }
+    }
+
+    fn load_always_c(_: &PredictorSpec<'_>) -> Result<Box<dyn Predictor>, StageError> {
+        Ok(Box::new(AlwaysC))
+    }
+
+    #[test]
+    fn runs_the_seed_mcq_rows_end_to_end() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("metrics/tests/fixtures");
+        let tmp = tempfile::tempdir().unwrap();
+        let (model, out) = (tmp.path().join("model"), tmp.path().join("out"));
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::create_dir_all(&out).unwrap();
+        let params: toml::Table = toml::from_str("dataset = \"general_mcq\"\nlocal_path = \"mcq\"\nfew_shot_num = 1\nbatch_size = 1").unwrap();
+        let stage = Evaluate::new(load_always_c);
+        let pctx = PlanCtx { stage_id: "eval", params: &params, input_names: vec!["model"], recipe_dir: &fixtures };
+        let declared = stage.declare(&pctx).unwrap();
+        assert_eq!(declared.outputs, ["report"]);
+        let sink = Arc::new(Collect(Mutex::new(Vec::new())));
+        let ctx = RunCtx::new(RunParts {
+            stage_id: "eval".into(),
+            params,
+            seed: 0,
+            recipe_dir: fixtures.clone(),
+            inputs: BTreeMap::from([("model".to_string(), vec![model])]),
+            outputs: BTreeMap::from([("report".to_string(), out.clone())]),
+            scratch: tmp.path().join("scratch"),
+            options: BTreeMap::new(),
+            sink: sink.clone(),
+            cancel: Arc::new(AtomicBool::new(false)),
+        });
+        stage.run(&ctx).unwrap();
+        let report = Report::read(&out).unwrap();
+        assert_eq!(report.rows.len(), 1);
+        assert_eq!((report.rows[0].model.as_str(), report.rows[0].num, report.rows[0].score), ("always-c", 2, 1.0));
+        assert_eq!(report.scorer.as_deref(), Some("generate"));
+        let preds = std::fs::read_to_string(out.join("predictions.jsonl")).unwrap();
+        assert_eq!(preds.lines().count(), 2);
+        assert!(out.join("report.csv").exists());
+        let events = sink.0.lock().unwrap();
+        assert!(events.contains(&StageEvent::ProgressStart { label: "samples".into(), total: Some(2) }));
+        assert!(events.iter().any(|e| matches!(e, StageEvent::Message(m) if m.contains("AverageAccuracy"))));
+        assert!(ctx.take_report().unwrap()["samples_per_s"].as_f64().unwrap() > 0.0);
+    }
+
+    #[test]
+    fn unknown_param_and_qa_only_misuse_are_plan_errors() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("metrics/tests/fixtures");
+        let stage = Evaluate::new(load_always_c);
+        for (src, want) in [
+            ("dataset = \"general_mcq\"\nlocal_path = \"mcq\"\nfewshot = 1", "fewshot"),
+            ("dataset = \"general_qa\"\nlocal_path = \"qa\"\nscorer = \"loglik\"", "general_mcq only"),
+            ("dataset = \"general_qa\"\nlocal_path = \"nope\"", "not a directory"),
+        ] {
+            let params: toml::Table = toml::from_str(src).unwrap();
+            let pctx = PlanCtx { stage_id: "eval", params: &params, input_names: vec!["model"], recipe_dir: &fixtures };
+            let err = stage.declare(&pctx).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+    }
+}
