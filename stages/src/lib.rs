@@ -1,6 +1,7 @@
 //! Every stage kind `pipeline` knows, one module per kind. Adding a kind: write `src/<kind>.rs`
 //! implementing [`pipeline_engine::Stage`], then add one line to [`registry`].
 
+mod align;
 mod augment;
 mod clean;
 mod collect;
@@ -9,6 +10,9 @@ mod dedupe;
 mod label;
 pub mod evaluate;
 mod pending;
+mod pretrain;
+mod sft;
+mod training;
 
 use pipeline_engine::Registry;
 
@@ -22,7 +26,10 @@ pub fn registry() -> Registry {
     r.register(clean::Clean);
     r.register(label::LabelStage);
     r.register(augment::Augment);
-    for kind in ["pretrain", "sft", "align", "evaluate", "quantize", "export"] {
+    r.register(pretrain::Pretrain);
+    r.register(sft::Sft);
+    r.register(align::Align);
+    for kind in ["evaluate", "quantize", "export"] {
         r.register(pending::Pending(kind));
     }
     r
