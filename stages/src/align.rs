@@ -128,7 +128,10 @@ fn prompt_completion(
         .encode_chat(&pre.tokenizer, &training::chat_messages(&Sample { messages: msgs, ..Default::default() }), system)
         .map_err(err)?;
     if !full.ids.starts_with(&prompt) {
-        return Err(StageError::failed(format!("row {}: the prompt's tokens are not a prefix of the conversation", s.id)));
+        return Err(StageError::failed(format!(
+            "row {}: the prompt's tokens are not a prefix of the conversation",
+            s.id
+        )));
     }
     let end = full.assistant_mask.iter().rposition(|&m| m).map_or(full.ids.len(), |i| i + 1).max(prompt.len());
     let completion = full.ids[prompt.len()..end].to_vec();

@@ -191,11 +191,9 @@ pub(crate) fn write_model(
             }
         }
         None if src.is_none() => pipeline_model::tokenizer::Tokenizer::write_qwen25_files(out).map_err(merr)?,
-        None => {
-            return Err(StageError::failed(
-                "a model loaded from a .gguf file cannot be written back as a folder yet; convert it to a HF folder first",
-            ))
-        }
+        None => return Err(StageError::failed(
+            "a model loaded from a .gguf file cannot be written back as a folder yet; convert it to a HF folder first",
+        )),
     }
     let system = system.map(str::to_string).or_else(|| src.and_then(trained_system));
     if let Some(sys) = system {

@@ -111,8 +111,13 @@ pub fn load_pretrained<D: Device<f32>>(path: &Path, dev: &D) -> Result<Pretraine
                 .into());
             }
             let max = tokenizer.max_id_exclusive() as u32;
-            if let Some(bad) = v.to_tokenizer(&(0..v.len() as u32).collect::<Vec<_>>())?.into_iter().find(|&t| t >= max) {
-                return Err(ModelError::config("tokenizer_ids", format!("{}: id {bad} is not in the tokenizer", p.display())).into());
+            if let Some(bad) = v.to_tokenizer(&(0..v.len() as u32).collect::<Vec<_>>())?.into_iter().find(|&t| t >= max)
+            {
+                return Err(ModelError::config(
+                    "tokenizer_ids",
+                    format!("{}: id {bad} is not in the tokenizer", p.display()),
+                )
+                .into());
             }
             Some(v)
         }
