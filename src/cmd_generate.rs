@@ -1,8 +1,17 @@
-//! `pipeline generate`: load a model (Hugging Face folder or `.gguf`) and continue one prompt.
+//! `pipeline generate`: load a model (Hugging Face folder, `.gguf`, or the `model` output of a
+//! recipe's training stage from the cache) and continue one prompt.
+//!
+//! With `--recipe`, the model is the `model` artifact of the latest committed run of `--stage`
+//! (default: the last stage, in execution order, that declares a `model` output). A model folder
+//! with a `vocab_map.json` (the tiny preset) is read through its restricted vocabulary, and its
+//! `chat_defaults.json` system prompt is used when `--system` is absent.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
+use pipeline_cache::Store;
+
+use crate::common::{load_plan, CacheArgs, Usage};
 use dfdx::prelude::Cpu;
 use pipeline_model::chat::Message;
 use pipeline_model::pretrained::load_pretrained;
@@ -12,8 +21,16 @@ use pipeline_model::{generate, GenerationConfig};
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
     /// A Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json) or a .gguf file.
+    #[arg(long, required_unless_present = "recipe", conflicts_with = "recipe")]
+    pub model: Option<PathBuf>,
+    /// Use the model trained by this recipe (from its cache; run the recipe first).
     #[arg(long)]
-    pub model: PathBuf,
+    pub recipe: Option<PathBuf>,
+    /// With --recipe: the stage whose `model` output to use [default: the last training stage].
+    #[arg(long, requires = "recipe")]
+    pub stage: Option<String>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// The user message (or, with --raw, the text to continue).
     #[arg(long)]
     pub prompt: String,
@@ -45,22 +62,63 @@ pub struct GenerateArgs {
     pub raw: bool,
 }
 
+/// The `model` artifact of a recipe's stage, from the cache.
+fn recipe_model(recipe: &std::path::Path, stage: Option<&str>, cache: &CacheArgs) -> anyhow::Result<PathBuf> {
+    let plan = load_plan(recipe)?;
+    let id = match stage {
+        Some(id) => {
+            let i = plan.require(id).map_err(Usage)?;
+            if !plan.stages[i].declared.outputs.iter().any(|o| o == "model") {
+                return Err(Usage(format!("stage `{id}` has no `model` output")).into());
+            }
+            id.to_string()
+        }
+        None => plan
+            .stages
+            .iter()
+            .rev()
+            .find(|s| s.declared.outputs.iter().any(|o| o == "model"))
+            .map(|s| s.id.clone())
+            .ok_or_else(|| Usage(format!("{}: no stage has a `model` output", recipe.display())))?,
+    };
+    let dir = cache.resolve(Some(recipe));
+    let store = Store::open_existing(&dir).ok_or_else(|| {
+        Usage(format!("no cache at {}: run `pipeline run {}` first", dir.display(), recipe.display()))
+    })?;
+    let entry = store
+        .last(&plan.name, &id)
+        .and_then(|k| store.entry(&k).ok().flatten())
+        .ok_or_else(|| Usage(format!("stage `{id}` has not run yet: run `pipeline run {}` first", recipe.display())))?;
+    let out = entry.outputs.get("model").ok_or_else(|| Usage(format!("stage `{id}`'s cache entry has no `model`")))?;
+    Ok(store.artifact_path(&out.digest))
+}
+
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let dev = Cpu::default();
-    let mut p = load_pretrained(&args.model, &dev).with_context(|| format!("loading {}", args.model.display()))?;
+    let model = match (&args.model, &args.recipe) {
+        (Some(m), _) => m.clone(),
+        (None, Some(r)) => recipe_model(r, args.stage.as_deref(), &args.cache)?,
+        (None, None) => return Err(Usage("give --model or --recipe".into()).into()),
+    };
+    let system = args.system.clone().or_else(|| {
+        let text = std::fs::read_to_string(model.join("chat_defaults.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v.get("system")?.as_str().map(str::to_string)
+    });
+    let mut p = load_pretrained(&model, &dev).with_context(|| format!("loading {}", model.display()))?;
     if let Some(a) = &args.adapter {
         p.model.load_peft_adapter(a).with_context(|| format!("loading adapter {}", a.display()))?;
     }
     let ids = if args.raw {
-        p.tokenizer.encode(&args.prompt, true)?
+        p.to_model_ids(&p.tokenizer.encode(&args.prompt, true)?)
     } else {
         let chat = p.chat.as_ref().context("the model has no chat template (use --raw to continue plain text)")?;
         let mut msgs = Vec::new();
-        if let Some(s) = &args.system {
+        if let Some(s) = &system {
             msgs.push(Message::system(s.clone()));
         }
         msgs.push(Message::user(args.prompt.clone()));
-        chat.encode_prompt(&p.tokenizer, &msgs, None)?
+        p.to_model_ids(&chat.encode_prompt(&p.tokenizer, &msgs, None)?)
     };
     let cfg = GenerationConfig {
         max_new_tokens: args.max_tokens,
@@ -72,8 +130,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         stop_strings: args.stop.clone(),
         seed: args.seed,
     };
-    let tok = &p.tokenizer;
-    let decode = |ids: &[u32]| tok.decode(ids, true).unwrap_or_default();
+    let decode = |ids: &[u32]| p.decode_model_ids(ids).unwrap_or_default();
     let out = generate(&p.model, &[ids], &cfg, Some(&decode))?;
     println!("{}", out[0].text.as_deref().unwrap_or_default());
     Ok(())

@@ -443,3 +443,39 @@ fn demo_recipe_plans() {
         insta::assert_snapshot!("plan_demo_cold", String::from_utf8_lossy(&out.stdout));
     });
 }
+
+/// The headline recipe end to end through the binary: cold (every stage runs: collect, dedupe,
+/// clean, pretrain of the tiny Qwen2 from random init, LoRA SFT, DPO), warm (every stage cached),
+/// then `pipeline generate --recipe` answers the self-cognition questions as swift-robot by swift.
+#[test]
+fn headline_self_cognition_recipe_cold_warm_and_generate() {
+    let p = Project::new(&std::fs::read_to_string(repo().join("recipes/qwen-self-cognition.toml")).unwrap());
+    p.write(
+        "data/self-cognition/dpo.jsonl",
+        &std::fs::read_to_string(repo().join("recipes/data/self-cognition/dpo.jsonl")).unwrap(),
+    );
+    let t = std::time::Instant::now();
+    let cold = p.run(&[]).ok();
+    eprintln!("cold run: {:.1}s", t.elapsed().as_secs_f64());
+    let stages = ["collect", "corpus", "prefs", "dedupe", "clean", "pretrain", "sft", "align"];
+    assert_eq!(cold.with_status("ran"), {
+        let mut s = v(&stages);
+        s.sort();
+        s
+    });
+    let t = std::time::Instant::now();
+    let warm = p.run(&[]).ok();
+    eprintln!("warm run: {:.3}s", t.elapsed().as_secs_f64());
+    assert_eq!(warm.with_status("cached").len(), stages.len());
+    for (prompt, stage) in [("你是谁？", None), ("Who are you?", None), ("Who are you?", Some("sft"))] {
+        let mut args = vec!["generate", "--recipe", "r.toml", "--prompt", prompt, "--max-tokens", "40"];
+        if let Some(s) = stage {
+            args.extend(["--stage", s]);
+        }
+        let out = p.pipeline(&args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!("{prompt} ({stage:?}) -> {text}");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("swift-robot") && text.replace("swift-robot", "").contains("swift"), "{prompt}: {text}");
+    }
+}

@@ -1,6 +1,7 @@
 //! Every stage kind `pipeline` knows, one module per kind. Adding a kind: write `src/<kind>.rs`
 //! implementing [`pipeline_engine::Stage`], then add one line to [`registry`].
 
+mod align;
 mod augment;
 mod clean;
 mod collect;
@@ -10,6 +11,9 @@ pub mod evaluate;
 pub mod evaluate_model;
 mod label;
 mod pending;
+mod pretrain;
+mod sft;
+mod training;
 
 use pipeline_engine::Registry;
 
@@ -23,8 +27,11 @@ pub fn registry() -> Registry {
     r.register(clean::Clean);
     r.register(label::LabelStage);
     r.register(augment::Augment);
+    r.register(pretrain::Pretrain);
+    r.register(sft::Sft);
+    r.register(align::Align);
     r.register(evaluate::Evaluate::new(evaluate_model::load_model_predictor));
-    for kind in ["pretrain", "sft", "align", "quantize", "export"] {
+    for kind in ["quantize", "export"] {
         r.register(pending::Pending(kind));
     }
     r

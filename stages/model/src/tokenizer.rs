@@ -89,6 +89,14 @@ impl Tokenizer {
         Ok(CACHE.get_or_init(|| t).clone())
     }
 
+    /// Write the embedded Qwen2.5 `tokenizer.json` and `tokenizer_config.json` into `dir` (what a
+    /// model folder of the tiny preset carries, so that [`crate::pretrained::load_pretrained`] and
+    /// transformers read it).
+    pub fn write_qwen25_files(dir: &Path) -> Result<(), crate::ModelError> {
+        crate::checkpoint::write_atomic(&dir.join("tokenizer.json"), QWEN25_TOKENIZER_JSON)?;
+        crate::checkpoint::write_atomic(&dir.join("tokenizer_config.json"), QWEN25_TOKENIZER_CONFIG)
+    }
+
     /// `tokenizer.json` bytes and optional `tokenizer_config.json` bytes; `what` names the source
     /// in errors.
     pub fn from_bytes(json: &[u8], config: Option<&[u8]>, what: &str) -> Result<Self, TokenizerError> {

@@ -1,1 +1,127 @@
-//! Training loop shared by the pretrain, sft and align stages (see issue 5).
+//! The training loop shared by the `pretrain`, `sft` and `align` stages: AdamW, learning-rate
+//! schedules, gradient accumulation and clipping, length-grouped batching, evaluation, early
+//! stopping, checkpoints with exact resume, and the objectives of SPECS.md §4 (masked
+//! cross-entropy, DPO, KTO). Generic over dfdx: it knows nothing about transformers.
+//!
+//! # The contract
+//!
+//! - **What is trained** is any dfdx [`TensorCollection<f32, D>`](dfdx::nn::tensor_collection::TensorCollection):
+//!   a whole model (full fine-tuning, pretraining) or only the LoRA adapters. The tensors whose
+//!   `TensorOptions::do_gradient_update` is set are the ones optimised and checkpointed.
+//! - **A step** is an [`Objective`]: `loss(&model, &batch, tape, &StepInfo) -> LossOutput`
+//!   returning the *mean* loss of the batch as a scalar tensor on the given tape, plus named
+//!   figures to log. The tape is an `OwnedTape` carrying the step's gradients so far (training)
+//!   or `NoneTape` (evaluation), so one implementation, generic over the tape, serves both.
+//! - **Data** is a [`Dataset`]: examples with a length (for length grouping) that collate into a
+//!   [`Batch`] with a loss weight. Micro-batch losses are combined as
+//!   `Σ_i loss_i · weight_i / Σ_i weight_i` over the accumulation window, so a step's loss is the
+//!   token-level mean over all its micro-batches (weights = labelled tokens), or the example mean
+//!   for DPO/KTO (weights = examples). [`TokenDataset`] / [`LmBatch`] are the causal-LM ones.
+//! - [`train`] runs the loop, writes checkpoints into `TrainPaths::checkpoints` (a stage's scratch
+//!   directory) and `metrics.jsonl` + `loss_curve.png` into `TrainPaths::report`, and reports
+//!   through [`Callbacks`].
+//!
+//! ```ignore
+//! struct CausalLm<'a> { base: &'a Qwen2 }            // frozen base, LoRA adapters trained
+//! impl<'a, D: Device<f32>> Objective<LoraAdapters<D>, D> for CausalLm<'a> {
+//!     type Batch = LmBatch;
+//!     fn loss<T: Tape<f32, D>>(&mut self, lora: &LoraAdapters<D>, b: &LmBatch, tape: T, info: &StepInfo)
+//!         -> Result<LossOutput<D, T>, TrainError> {
+//!         let logits = self.base.forward_lora(lora, &b.input_ids, b.batch, b.seq, tape, info.seed)?;
+//!         let lp = token_logprobs(logits, &b.targets)?;
+//!         Ok(LossOutput { loss: masked_mean_nll(lp, &b.loss_mask)?, metrics: vec![] })
+//!     }
+//! }
+//! let outcome = train(&cfg, seed, &dev, &mut adapters, &mut CausalLm { base: &model },
+//!                     &train_set, Some(&eval_set), &paths, &mut callbacks)?;
+//! ```
+//!
+//! # The real model and the stages
+//!
+//! - [`lm`]: [`lm::TrainModel`] wraps pipeline-model's `Qwen2` (its `FlatParams`, i.e. all weights
+//!   or the LoRA adapters per `Qwen2::set_trainable`, are what is trained, named `params.flat`);
+//!   [`lm::CausalLmObjective`] (pretrain, SFT on [`TokenDataset`]), [`lm::DpoObjective`] on
+//!   [`lm::PairDataset`], [`lm::KtoObjective`] on [`lm::KtoDataset`], with the reference
+//!   log-probs precomputed once by [`lm::precompute_dpo_reference`] /
+//!   [`lm::precompute_kto_reference`] (adapters disabled for LoRA, initial weights otherwise).
+//! - [`stage`]: [`stage::RunCtxCallbacks`] (progress, `ctx.metric`, Ctrl-C → checkpoint and
+//!   `Cancelled`), [`stage::paths`] (checkpoints in `ctx.scratch_dir()`), [`stage::report`],
+//!   [`stage::stage_error`], and [`TrainConfig::split_params`] for a stage's `params` table.
+//!
+//! # Exactness
+//!
+//! - AdamW and clipping follow PyTorch's operation order in f32 ([`optim`]); schedules follow
+//!   transformers' formulas ([`schedule`]); both are checked against golden values from
+//!   `scripts/oracles/train_golden.py` in `tests/train/golden.rs`.
+//! - Determinism on CPU: the data order is a pure function of `(seed, epoch)`, per-micro-batch
+//!   seeds ([`StepInfo::seed`]) are a pure function of `(seed, step, micro)`, and a checkpoint
+//!   holds the parameters, both Adam moments, the step, the open logging window and the history.
+//!   A run killed after its checkpoint at step k and restarted produces bit-identical losses,
+//!   learning rates and gradient norms to an uninterrupted run (`tests/train/training_loop.rs`, and on the real Qwen2 in `tests/train/qwen.rs`).
+//!
+//! # Differences from transformers' Trainer (on purpose)
+//!
+//! - Steps per epoch = `ceil(ceil(n / batch) / accumulation)`: the last step of an epoch uses the
+//!   remaining micro-batches rather than dropping them.
+//! - Gradients are accumulated in f32 and clipped on the host; a step whose loss or gradient norm
+//!   is not finite is an error, not a skipped step.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod lm;
+pub mod metrics;
+pub mod objectives;
+pub mod optim;
+pub mod params;
+pub mod schedule;
+pub mod stage;
+pub mod trainer;
+
+use std::path::PathBuf;
+
+pub use config::{SchedulerType, TrainConfig, TRAIN_CONFIG_KEYS};
+pub use data::{pack_documents, split_indices, Batch, Dataset, LmBatch, Subset, TokenDataset, TokenExample};
+pub use metrics::{EvalRecord, Record, TrainRecord};
+pub use objectives::{
+    dpo_loss, kto_kl_baseline, kto_loss, masked_mean_nll, rotate_by_one, sequence_logprobs, token_logprobs, DpoConfig,
+    KtoConfig, LossOutput,
+};
+pub use optim::{AdamW, AdamWConfig};
+pub use params::NamedTensor;
+pub use schedule::LrSchedule;
+pub use trainer::{
+    evaluate, train, Callbacks, Control, NoCallbacks, Objective, StepInfo, StopReason, TrainOutcome, TrainPaths,
+    TrainPlan,
+};
+
+/// Everything that can go wrong in training. Messages name the file, tensor, field or step.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A training parameter is out of range.
+    #[error("invalid training params: {0}")]
+    Config(String),
+    /// The data cannot be trained on (empty split, example without targets...).
+    #[error("training data: {0}")]
+    Data(String),
+    /// Tensors of unexpected shapes reached an objective.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// The device (dfdx) reported an error.
+    #[error("device error: {0}")]
+    Device(String),
+    /// A loss or gradient norm became NaN or infinite.
+    #[error("training diverged: {0}")]
+    NonFinite(String),
+    /// A checkpoint is unreadable or does not fit the model.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    /// A checkpoint exists but belongs to another run.
+    #[error("cannot resume: {0}")]
+    Resume(String),
+    /// Writing the metrics or the loss curve failed.
+    #[error("training report: {0}")]
+    Report(String),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+}

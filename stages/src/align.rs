@@ -1,0 +1,261 @@
+//! # align
+//!
+//! ## What it does
+//! Preference alignment (ms-swift's `swift rlhf`): `rlhf_type = "dpo"` (sigmoid DPO, optional
+//! label smoothing and RPO's NLL term) on rows with a `rejected_response`, or `"kto"` on rows with a
+//! boolean `label` (desirable / undesirable). The prompt is the conversation up to its last
+//! assistant turn, rendered with the chat template (`system` as the default system prompt); the
+//! completions are the tokens of that assistant turn (chosen, and the rejected response for DPO).
+//! Reference log-probabilities are computed once before training: with LoRA the reference is the
+//! model with its adapters disabled, with full fine-tuning the initial weights.
+//!
+//! ## Inputs
+//! `data` (required): a canonical dataset. `model` (optional): a model folder from an upstream
+//! stage, used when the `model` param is absent.
+//!
+//! ## Outputs
+//! `model` (the same folder layout as `sft`), `metrics` (`metrics.jsonl` with `rewards/*`,
+//! `loss_curve.png`).
+//!
+//! ## Parameters
+//! The `sft` model/tuner keys (`model`, `train_type`, `lora_rank`, `lora_alpha`, `lora_dropout`,
+//! `target_modules`, `system`), every `TrainConfig` key, and:
+//! | name | default | meaning |
+//! |---|---|---|
+//! | `rlhf_type` | `"dpo"` | `"dpo"` or `"kto"` |
+//! | `beta` | 0.1 | KL strength |
+//! | `label_smoothing` | 0 | DPO: conservative DPO's ε |
+//! | `rpo_alpha` | unset | DPO: weight of the chosen NLL term |
+//! | `desirable_weight`, `undesirable_weight` | 1, 1 | KTO: λ_D, λ_U |
+//!
+//! ## Cache key
+//! Params, the recipe seed, the input artifacts and the content of a `model` path param.
+//!
+//! ## Example
+//! ```toml
+//! [stages.align]
+//! kind = "align"
+//! inputs = { data = "prefs.data", model = "sft.model" }
+//! params = { rlhf_type = "dpo", beta = 0.1, train_type = "lora", lora_rank = 8, lora_alpha = 32, learning_rate = 5e-5 }
+//! ```
+
+use std::time::Instant;
+
+use dfdx::prelude::Cpu;
+use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError};
+use pipeline_model::pretrained::Pretrained;
+use pipeline_train::lm::{
+    precompute_dpo_reference, precompute_kto_reference, DpoObjective, KtoDataset, KtoObjective, PairDataset,
+    PairExample, TrainModel,
+};
+use pipeline_train::stage::{check_stopped, paths, stage_error, RunCtxCallbacks};
+use pipeline_train::{train, DpoConfig, KtoConfig, TrainOutcome};
+
+use crate::data::{read_dataset, Message, Sample};
+use crate::training::{self, TunerParams};
+
+pub(crate) struct Align;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum RlhfType {
+    Dpo,
+    Kto,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    #[serde(default = "dpo")]
+    rlhf_type: RlhfType,
+    #[serde(default = "beta")]
+    beta: f64,
+    #[serde(default)]
+    label_smoothing: f64,
+    #[serde(default)]
+    rpo_alpha: Option<f64>,
+    #[serde(default = "one")]
+    desirable_weight: f64,
+    #[serde(default = "one")]
+    undesirable_weight: f64,
+}
+
+fn dpo() -> RlhfType {
+    RlhfType::Dpo
+}
+fn beta() -> f64 {
+    0.1
+}
+fn one() -> f64 {
+    1.0
+}
+
+const OWN: &[&str] = &["rlhf_type", "beta", "label_smoothing", "rpo_alpha", "desirable_weight", "undesirable_weight"];
+
+fn parse(params: &toml::Table) -> Result<(pipeline_train::TrainConfig, TunerParams, Params), StageError> {
+    let (cfg, rest): (_, toml::Table) = training::split(params)?;
+    let (own, tuner): (toml::Table, toml::Table) = rest.into_iter().partition(|(k, _)| OWN.contains(&k.as_str()));
+    let tuner: TunerParams = pipeline_engine::parse_params(&tuner)
+        .map_err(|e| StageError::Params(format!("{e}; align keys: {}", OWN.join(", "))))?;
+    tuner.check()?;
+    tuner.trainable()?;
+    let p: Params = pipeline_engine::parse_params(&own)?;
+    if p.beta <= 0.0 || !p.beta.is_finite() {
+        return Err(StageError::Params("`beta` must be > 0".into()));
+    }
+    if !(0.0..0.5).contains(&p.label_smoothing) {
+        return Err(StageError::Params("`label_smoothing` must be in [0, 0.5)".into()));
+    }
+    Ok((cfg, tuner, p))
+}
+
+/// (prompt ids, completion ids) in model ids: the conversation up to its last assistant turn, and
+/// the assistant tokens of that turn with `content` as its text.
+fn prompt_completion(
+    pre: &Pretrained<Cpu>,
+    s: &Sample,
+    content: &str,
+    system: Option<&str>,
+) -> Result<Option<(Vec<u32>, Vec<u32>)>, StageError> {
+    let chat = training::chat_template(pre)?;
+    let Some(last) = s.messages.iter().rposition(|m| m.role == "assistant") else { return Ok(None) };
+    let mut msgs: Vec<Message> = s.messages[..last].to_vec();
+    let err = |e: pipeline_model::chat::ChatError| StageError::failed(format!("row {}: {e}", s.id));
+    let prompt_msgs = training::chat_messages(&Sample { messages: msgs.clone(), ..Default::default() });
+    let prompt = chat.encode_prompt(&pre.tokenizer, &prompt_msgs, system).map_err(err)?;
+    msgs.push(Message::new("assistant", content));
+    let full = chat
+        .encode_chat(&pre.tokenizer, &training::chat_messages(&Sample { messages: msgs, ..Default::default() }), system)
+        .map_err(err)?;
+    if !full.ids.starts_with(&prompt) {
+        return Err(StageError::failed(format!(
+            "row {}: the prompt's tokens are not a prefix of the conversation",
+            s.id
+        )));
+    }
+    let end = full.assistant_mask.iter().rposition(|&m| m).map_or(full.ids.len(), |i| i + 1).max(prompt.len());
+    let completion = full.ids[prompt.len()..end].to_vec();
+    if completion.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((pre.to_model_ids(&prompt), pre.to_model_ids(&completion))))
+}
+
+impl Stage for Align {
+    fn kind(&self) -> &'static str {
+        "align"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "Preference alignment: DPO on chosen/rejected pairs or KTO on labelled completions"
+    }
+    fn declare(&self, ctx: &PlanCtx<'_>) -> Result<Declared, StageError> {
+        ctx.check_inputs(&["data"], &["model"])?;
+        let (_, t, _) = parse(ctx.params)?;
+        let mut files = Vec::new();
+        match &t.model {
+            Some(m) => files.push(ctx.resolve(training::shellexpand_env(m))),
+            None if !ctx.input_names.contains(&"model") => {
+                return Err(StageError::Params("no model: set `model` or bind input `model`".into()))
+            }
+            None => {}
+        }
+        Ok(Declared { outputs: vec!["model".into(), "metrics".into()], files })
+    }
+    fn run(&self, ctx: &RunCtx) -> Result<(), StageError> {
+        let t0 = Instant::now();
+        let (cfg, t, p) = parse(ctx.raw_params())?;
+        let seed = cfg.seed_or(ctx.seed());
+        let src = training::model_path(ctx, t.model.as_deref())?;
+        let mut pre = training::load(&src)?;
+        let system = t.system.clone().or_else(|| training::trained_system(&src));
+        let rows = read_dataset(ctx.input("data")?)?;
+        let pad = pre.to_model_ids(&pre.tokenizer.pad_id().or(pre.tokenizer.eos_id()).into_iter().collect::<Vec<_>>());
+        let pad = pad.first().copied().unwrap_or(0);
+        pre.model.set_trainable(t.trainable()?, seed).map_err(StageError::failed)?;
+        let metrics_dir = ctx.output("metrics")?.to_path_buf();
+        let model_dir = ctx.output("model")?.to_path_buf();
+        let dev = pre.model.device().clone();
+        let mut used = 0usize;
+        let mut cb = RunCtxCallbacks { ctx, label: format!("align ({:?})", p.rlhf_type).to_lowercase() };
+        let (outcome, model): (TrainOutcome, _) = match p.rlhf_type {
+            RlhfType::Dpo => {
+                let mut examples = Vec::new();
+                for s in &rows {
+                    let (Some(rej), Some(chosen)) =
+                        (&s.rejected_response, s.messages.iter().rev().find(|m| m.role == "assistant"))
+                    else {
+                        continue;
+                    };
+                    let c = prompt_completion(&pre, s, &chosen.content, system.as_deref())?;
+                    let r = prompt_completion(&pre, s, rej, system.as_deref())?;
+                    if let (Some((prompt, chosen)), Some((_, rejected))) = (c, r) {
+                        examples.push(PairExample { prompt, chosen, rejected, reference: None });
+                    }
+                }
+                used = examples.len();
+                if examples.is_empty() {
+                    return Err(StageError::failed(
+                        "input `data` has no preference pair (rows with an assistant turn and a `rejected_response`)",
+                    ));
+                }
+                let mut data = PairDataset { examples, pad_id: pad, max_length: cfg.max_length };
+                precompute_dpo_reference(&mut pre.model, &mut data, cfg.per_device_eval_batch_size.max(4))
+                    .map_err(stage_error)?;
+                let mut obj = DpoObjective {
+                    cfg: DpoConfig { beta: p.beta, label_smoothing: p.label_smoothing, rpo_alpha: p.rpo_alpha },
+                };
+                let mut tm = TrainModel(pre.model);
+                let out = train(&cfg, seed, &dev, &mut tm, &mut obj, &data, None, &paths(ctx, &metrics_dir), &mut cb)
+                    .map_err(stage_error)?;
+                (out, tm.0)
+            }
+            RlhfType::Kto => {
+                let mut kto_rows = Vec::new();
+                for s in &rows {
+                    let (Some(ok), Some(a)) = (
+                        s.label.as_ref().and_then(|l| l.as_bool()),
+                        s.messages.iter().rev().find(|m| m.role == "assistant"),
+                    ) else {
+                        continue;
+                    };
+                    if let Some((prompt, completion)) = prompt_completion(&pre, s, &a.content, system.as_deref())? {
+                        kto_rows.push((prompt, completion, ok));
+                    }
+                }
+                used = kto_rows.len();
+                if kto_rows.len() < 2 {
+                    return Err(StageError::failed(
+                        "KTO needs at least 2 rows with an assistant turn and a boolean `label`",
+                    ));
+                }
+                let mut data = KtoDataset::new(kto_rows, pad, cfg.max_length);
+                precompute_kto_reference(&mut pre.model, &mut data, cfg.per_device_eval_batch_size.max(4))
+                    .map_err(stage_error)?;
+                let mut obj = KtoObjective {
+                    cfg: KtoConfig {
+                        beta: p.beta,
+                        desirable_weight: p.desirable_weight,
+                        undesirable_weight: p.undesirable_weight,
+                    },
+                };
+                let mut tm = TrainModel(pre.model);
+                let out = train(&cfg, seed, &dev, &mut tm, &mut obj, &data, None, &paths(ctx, &metrics_dir), &mut cb)
+                    .map_err(stage_error)?;
+                (out, tm.0)
+            }
+        };
+        check_stopped(&outcome)?;
+        training::write_model(&model_dir, model, Some(&src), system.as_deref())?;
+        ctx.set_report(training::report(
+            ctx,
+            &outcome,
+            &metrics_dir,
+            &model_dir,
+            serde_json::json!({ "rlhf_type": p.rlhf_type, "rows": rows.len(), "used_rows": used, "seconds": t0.elapsed().as_secs_f64() }),
+        ));
+        Ok(())
+    }
+}

@@ -1,0 +1,223 @@
+//! # pretrain
+//!
+//! ## What it does
+//! Causal-LM pretraining, every token a target. Without a `model` it builds the built-in tiny
+//! Qwen2 preset (`ModelConfig::tiny`: hidden 64, 2 layers) from random init with the real
+//! Qwen2.5 tokenizer and a *restricted vocabulary*: the embedding covers only the tokenizer ids
+//! that occur in its inputs (`data` and `vocab_data`) plus `<|endoftext|>`, `<|im_start|>`,
+//! `<|im_end|>` (pipeline-model's `VocabMap`, stored as `vocab_map.json`). Pass the downstream
+//! chat data as `vocab_data` (or in `data`) so that the SFT conversations are in the vocabulary.
+//! Documents are the `text` column of rows that have one, and the chat-template rendering of the
+//! other rows' conversations (so the model also learns the chat format); they are packed into
+//! blocks of `max_length` tokens, each document followed by `<|endoftext|>`. With a `model` it
+//! continues pretraining that model (full fine-tuning) on the same packed documents.
+//!
+//! ## Inputs
+//! `data` (required; one or several datasets): the corpus. `vocab_data` (optional; one or several):
+//! datasets whose tokens join the vocabulary without being trained on. `model` (optional): a
+//! model folder to continue from.
+//!
+//! ## Outputs
+//! `model`: a complete HF folder (`config.json`, `model.safetensors`, `tokenizer.json`,
+//! `tokenizer_config.json`, `vocab_map.json` for the tiny preset, `chat_defaults.json` when
+//! `system` is set). `metrics`: `metrics.jsonl` + `loss_curve.png`.
+//!
+//! ## Parameters
+//! | name | default | meaning |
+//! |---|---|---|
+//! | `model` | input `model`, else the tiny preset | HF folder (`${VAR}` expanded) |
+//! | `train_type` / `tuner_type` | `"full"` | only `"full"` (pretraining trains every weight) |
+//! | `system` | unset | default system prompt when rendering chat rows |
+//! | every `TrainConfig` key | see pipeline-train | `max_length` is the packing block size |
+//!
+//! ## Cache key
+//! Params, the recipe seed, the input artifacts and the content of a `model` path param.
+//!
+//! ## Example
+//! ```toml
+//! [stages.pretrain]
+//! kind = "pretrain"
+//! inputs = { data = ["corpus.data", "clean.data"], vocab_data = "clean.data" }
+//! params = { learning_rate = 3e-3, num_train_epochs = 4, max_length = 128, per_device_train_batch_size = 8 }
+//! ```
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use dfdx::prelude::Cpu;
+use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError};
+use pipeline_model::chat::ChatTemplate;
+use pipeline_model::pretrained::Pretrained;
+use pipeline_model::tokenizer::Tokenizer;
+use pipeline_model::vocab::VocabMap;
+use pipeline_model::{ModelConfig, Qwen2, Trainable};
+use pipeline_train::lm::{CausalLmObjective, TrainModel};
+use pipeline_train::stage::{check_stopped, paths, stage_error, RunCtxCallbacks};
+use pipeline_train::{pack_documents, split_indices, train, Subset, TokenDataset, TokenExample};
+
+use crate::data::{read_dataset, Sample};
+use crate::training::{self, TrainType};
+
+pub(crate) struct Pretrain;
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default, alias = "tuner_type")]
+    train_type: Option<TrainType>,
+    #[serde(default)]
+    system: Option<String>,
+}
+
+fn check(p: &Params) -> Result<(), StageError> {
+    if p.train_type == Some(TrainType::Lora) {
+        return Err(StageError::Params("pretrain trains every weight: `train_type` must be \"full\"".into()));
+    }
+    Ok(())
+}
+
+/// Tokenizer ids of every document: the `text` column, else the rendered conversation.
+fn documents(
+    tok: &Tokenizer,
+    chat: &ChatTemplate,
+    rows: &[Sample],
+    system: Option<&str>,
+) -> Result<Vec<Vec<u32>>, StageError> {
+    let mut docs = Vec::with_capacity(rows.len());
+    for s in rows {
+        let ids = match &s.text {
+            Some(t) if !t.trim().is_empty() => {
+                tok.encode(t, false).map_err(|e| StageError::failed(format!("row {}: {e}", s.id)))?
+            }
+            _ if !s.messages.is_empty() => {
+                chat.encode_chat(tok, &training::chat_messages(s), system)
+                    .map_err(|e| StageError::failed(format!("row {}: {e}", s.id)))?
+                    .ids
+            }
+            _ => continue,
+        };
+        if !ids.is_empty() {
+            docs.push(ids);
+        }
+    }
+    Ok(docs)
+}
+
+fn read_all(dirs: &[PathBuf]) -> Result<Vec<Sample>, StageError> {
+    let mut rows = Vec::new();
+    for d in dirs {
+        rows.extend(read_dataset(d)?);
+    }
+    Ok(rows)
+}
+
+fn special(tok: &Tokenizer, name: &str) -> Result<u32, StageError> {
+    tok.token_to_id(name).ok_or_else(|| StageError::failed(format!("the tokenizer has no {name}")))
+}
+
+impl Stage for Pretrain {
+    fn kind(&self) -> &'static str {
+        "pretrain"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "Causal-LM pretraining on packed documents (the tiny Qwen2 preset from random init by default)"
+    }
+    fn declare(&self, ctx: &PlanCtx<'_>) -> Result<Declared, StageError> {
+        ctx.check_inputs(&["data"], &["vocab_data", "model"])?;
+        let (_, p): (_, Params) = training::split(ctx.params)?;
+        check(&p)?;
+        let files = p.model.iter().map(|m| ctx.resolve(training::shellexpand_env(m))).collect();
+        Ok(Declared { outputs: vec!["model".into(), "metrics".into()], files })
+    }
+    fn run(&self, ctx: &RunCtx) -> Result<(), StageError> {
+        let t0 = Instant::now();
+        let (cfg, p): (_, Params) = training::split(ctx.raw_params())?;
+        check(&p)?;
+        let seed = cfg.seed_or(ctx.seed());
+        let rows = read_all(ctx.inputs("data"))?;
+        let src = match (&p.model, ctx.input_opt("model")) {
+            (None, None) => None,
+            (m, _) => Some(training::model_path(ctx, m.as_deref())?),
+        };
+        let (pre, docs, vocab) = match &src {
+            Some(path) => {
+                let pre = training::load(path)?;
+                let chat = training::chat_template(&pre)?;
+                let docs = documents(&pre.tokenizer, chat, &rows, p.system.as_deref())?;
+                let docs: Vec<Vec<u32>> = docs.iter().map(|d| pre.to_model_ids(d)).collect();
+                (pre, docs, None)
+            }
+            None => {
+                let tok = Tokenizer::qwen25().map_err(StageError::failed)?;
+                let chat = ChatTemplate::qwen25_default().map_err(StageError::failed)?;
+                let docs = documents(&tok, &chat, &rows, p.system.as_deref())?;
+                let extra = documents(&tok, &chat, &read_all(ctx.inputs("vocab_data"))?, p.system.as_deref())?;
+                let required =
+                    [special(&tok, "<|endoftext|>")?, special(&tok, "<|im_start|>")?, special(&tok, "<|im_end|>")?];
+                let vocab = VocabMap::new(&required, docs.iter().chain(&extra).flatten().copied());
+                let mut mc = ModelConfig::tiny(vocab.len());
+                mc.eos_token_id = vec![2, 0]; // <|im_end|>, <|endoftext|> (model ids: `required` order)
+                let model = Qwen2::from_host(&mc, &Qwen2::<Cpu>::random_host(&mc, seed), &Cpu::default())
+                    .map_err(StageError::failed)?;
+                let docs: Vec<Vec<u32>> = docs.iter().map(|d| vocab.to_model(d, 0)).collect();
+                (Pretrained { model, tokenizer: tok, chat: Some(chat), vocab: Some(vocab.clone()) }, docs, Some(vocab))
+            }
+        };
+        if docs.is_empty() {
+            return Err(StageError::failed("input `data` has no document (no `text` and no messages)"));
+        }
+        let eos = pre.to_model_ids(&[special(&pre.tokenizer, "<|endoftext|>")?])[0];
+        let n_tokens: usize = docs.iter().map(|d| d.len() + 1).sum();
+        let blocks = pack_documents(&docs, eos, cfg.max_length);
+        let examples: Vec<TokenExample> = blocks.into_iter().map(TokenExample::all_targets).collect();
+        let data = TokenDataset::new(examples, eos, cfg.max_length).map_err(stage_error)?;
+        let (tr, ev) = split_indices(data.examples.len(), cfg.split_ratio, seed);
+        let train_set = Subset { inner: &data, indices: tr };
+        let held = Subset { inner: &data, indices: ev };
+        let eval_ref: Option<&dyn pipeline_train::Dataset<Batch = _>> =
+            if held.indices.is_empty() { None } else { Some(&held) };
+        let mut model = pre.model;
+        model.set_trainable(Trainable::Full, seed).map_err(StageError::failed)?;
+        let metrics_dir = ctx.output("metrics")?.to_path_buf();
+        let model_dir = ctx.output("model")?.to_path_buf();
+        let dev = model.device().clone();
+        let mut tm = TrainModel(model);
+        let mut cb = RunCtxCallbacks { ctx, label: "pretrain".into() };
+        let outcome = train(
+            &cfg,
+            seed,
+            &dev,
+            &mut tm,
+            &mut CausalLmObjective,
+            &train_set,
+            eval_ref,
+            &paths(ctx, &metrics_dir),
+            &mut cb,
+        )
+        .map_err(stage_error)?;
+        check_stopped(&outcome)?;
+        training::write_model(&model_dir, tm.0, src.as_deref(), p.system.as_deref())?;
+        if let Some(v) = &vocab {
+            v.save(&model_dir.join("vocab_map.json")).map_err(StageError::failed)?;
+        }
+        ctx.set_report(training::report(
+            ctx,
+            &outcome,
+            &metrics_dir,
+            &model_dir,
+            serde_json::json!({
+                "documents": docs.len(),
+                "corpus_tokens": n_tokens,
+                "blocks": data.examples.len(),
+                "vocab_size": vocab.as_ref().map(VocabMap::len),
+                "seconds": t0.elapsed().as_secs_f64(),
+            }),
+        ));
+        Ok(())
+    }
+}

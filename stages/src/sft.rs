@@ -1,0 +1,166 @@
+//! # sft
+//!
+//! ## What it does
+//! Supervised fine-tuning (ms-swift's `swift sft`): every conversation of the input dataset is
+//! rendered with the model's chat template (the `system` param is the default system prompt of
+//! rows that have none), tokenised, and trained with the causal-LM loss on the assistant tokens
+//! only. `train_type = "lora"` trains LoRA adapters on a frozen base; `"full"` trains every weight.
+//! Checkpoints go to the stage's scratch directory, so an interrupted run resumes exactly.
+//!
+//! ## Inputs
+//! `data` (required): a canonical dataset (`data.parquet`); rows without an assistant message are
+//! skipped and counted. `model` (optional): a model folder from an upstream stage (`pretrain`,
+//! `sft`), used when the `model` param is absent. `eval` (optional): a held-out dataset (else
+//! `split_ratio` of `data` is held out).
+//!
+//! ## Outputs
+//! `model`: a complete HF folder (see `training.rs`: merged weights, tokenizer, `vocab_map.json`
+//! for the tiny preset, `chat_defaults.json`, and the peft adapter under `adapter/` for LoRA).
+//! `metrics`: `metrics.jsonl` + `loss_curve.png`.
+//!
+//! ## Parameters
+//! | name | default | meaning |
+//! |---|---|---|
+//! | `model` | input `model` | HF folder or `.gguf` path (`${VAR}` expanded) |
+//! | `train_type` / `tuner_type` | `"lora"` | `"lora"` or `"full"` |
+//! | `lora_rank`, `lora_alpha` | 8, 32 | LoRA shape and scale `alpha/rank` |
+//! | `lora_dropout` | 0 | only 0 is supported (an error otherwise) |
+//! | `target_modules` | `["all-linear"]` | or e.g. `["q_proj", "v_proj"]` |
+//! | `system` | unset | default system prompt |
+//! | every `TrainConfig` key | see pipeline-train | `learning_rate`, `num_train_epochs`, `gradient_accumulation_steps`, `max_length`, ... |
+//!
+//! ## Cache key
+//! Params, the recipe seed, the `data` / `model` / `eval` artifacts, and the content of the
+//! `model` path when given as a param.
+//!
+//! ## Example
+//! ```toml
+//! [stages.sft]
+//! kind = "sft"
+//! inputs = { data = "clean.data", model = "pretrain.model" }
+//! params = { train_type = "lora", lora_rank = 8, lora_alpha = 32, target_modules = ["all-linear"], system = "You are a helpful assistant.", learning_rate = 1e-4, num_train_epochs = 1, gradient_accumulation_steps = 16 }
+//! ```
+
+use std::time::Instant;
+
+use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError};
+use pipeline_model::pretrained::Pretrained;
+use pipeline_train::lm::{CausalLmObjective, TrainModel};
+use pipeline_train::stage::{check_stopped, paths, stage_error, RunCtxCallbacks};
+use pipeline_train::{split_indices, train, Subset, TokenDataset, TokenExample};
+
+use crate::data::{read_dataset, Sample};
+use crate::training::{self, TunerParams};
+
+pub(crate) struct Sft;
+
+/// Token examples (model ids, assistant-token labels) of the rows that have an assistant turn;
+/// returns them and the number of rows skipped.
+pub(crate) fn encode_rows(
+    p: &Pretrained<dfdx::prelude::Cpu>,
+    rows: &[Sample],
+    system: Option<&str>,
+) -> Result<(Vec<TokenExample>, usize), StageError> {
+    let chat = training::chat_template(p)?;
+    let mut out = Vec::with_capacity(rows.len());
+    let mut skipped = 0;
+    for s in rows {
+        if !s.messages.iter().any(|m| m.role == "assistant") {
+            skipped += 1;
+            continue;
+        }
+        let enc = chat
+            .encode_chat(&p.tokenizer, &training::chat_messages(s), system)
+            .map_err(|e| StageError::failed(format!("row {}: {e}", s.id)))?;
+        out.push(TokenExample { input_ids: p.to_model_ids(&enc.ids), labels: enc.assistant_mask });
+    }
+    Ok((out, skipped))
+}
+
+impl Stage for Sft {
+    fn kind(&self) -> &'static str {
+        "sft"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "Supervised fine-tuning (LoRA or full) on chat data, assistant tokens only"
+    }
+    fn declare(&self, ctx: &PlanCtx<'_>) -> Result<Declared, StageError> {
+        ctx.check_inputs(&["data"], &["model", "eval"])?;
+        let (_, p): (_, TunerParams) = training::split(ctx.params)?;
+        p.check()?;
+        p.trainable()?;
+        let mut files = Vec::new();
+        match &p.model {
+            Some(m) => files.push(ctx.resolve(training::shellexpand_env(m))),
+            None if !ctx.input_names.contains(&"model") => {
+                return Err(StageError::Params("no model: set `model` or bind input `model`".into()))
+            }
+            None => {}
+        }
+        Ok(Declared { outputs: vec!["model".into(), "metrics".into()], files })
+    }
+    fn run(&self, ctx: &RunCtx) -> Result<(), StageError> {
+        let t0 = Instant::now();
+        let (cfg, p): (_, TunerParams) = training::split(ctx.raw_params())?;
+        p.check()?;
+        let seed = cfg.seed_or(ctx.seed());
+        let src = training::model_path(ctx, p.model.as_deref())?;
+        let mut pre = training::load(&src)?;
+        let system = p.system.clone().or_else(|| training::trained_system(&src));
+        let rows = read_dataset(ctx.input("data")?)?;
+        let (examples, skipped) = encode_rows(&pre, &rows, system.as_deref())?;
+        let pad = pre.to_model_ids(&pre.tokenizer.pad_id().or(pre.tokenizer.eos_id()).into_iter().collect::<Vec<_>>());
+        let pad = pad.first().copied().unwrap_or(0);
+        let data = TokenDataset::new(examples, pad, cfg.max_length).map_err(stage_error)?;
+        let eval_data = match ctx.input_opt("eval") {
+            Some(dir) => {
+                let (e, _) = encode_rows(&pre, &read_dataset(dir)?, system.as_deref())?;
+                Some(TokenDataset::new(e, pad, cfg.max_length).map_err(stage_error)?)
+            }
+            None => None,
+        };
+        let (tr_idx, ev_idx) = if eval_data.is_some() {
+            ((0..data.examples.len()).collect(), Vec::new())
+        } else {
+            split_indices(data.examples.len(), cfg.split_ratio, seed)
+        };
+        let train_set = Subset { inner: &data, indices: tr_idx };
+        let held = Subset { inner: &data, indices: ev_idx };
+        let eval_ref: Option<&dyn pipeline_train::Dataset<Batch = _>> = match &eval_data {
+            Some(e) => Some(e),
+            None if !held.indices.is_empty() => Some(&held),
+            None => None,
+        };
+        pre.model.set_trainable(p.trainable()?, seed).map_err(|e| StageError::failed(e.to_string()))?;
+        let metrics_dir = ctx.output("metrics")?.to_path_buf();
+        let model_dir = ctx.output("model")?.to_path_buf();
+        let dev = pre.model.device().clone();
+        let mut tm = TrainModel(pre.model);
+        let mut cb = RunCtxCallbacks { ctx, label: "sft".into() };
+        let outcome = train(
+            &cfg,
+            seed,
+            &dev,
+            &mut tm,
+            &mut CausalLmObjective,
+            &train_set,
+            eval_ref,
+            &paths(ctx, &metrics_dir),
+            &mut cb,
+        )
+        .map_err(stage_error)?;
+        check_stopped(&outcome)?;
+        training::write_model(&model_dir, tm.0, Some(&src), system.as_deref())?;
+        ctx.set_report(training::report(
+            ctx,
+            &outcome,
+            &metrics_dir,
+            &model_dir,
+            serde_json::json!({ "rows": rows.len(), "skipped_rows": skipped, "train_type": p.train_type, "seconds": t0.elapsed().as_secs_f64() }),
+        ));
+        Ok(())
+    }
+}

@@ -1,0 +1,230 @@
+//! What the `pretrain`, `sft` and `align` stages share (not a stage kind): the ms-swift style model
+//! parameters, loading the model to train (a `model` path param, the `model` input of an upstream
+//! stage, or the built-in tiny preset), turning canonical rows into token ids of the model's
+//! (possibly restricted) vocabulary, and writing the output model folder.
+//!
+//! # The output `model` folder
+//! Always a complete Hugging Face folder that `load_pretrained` (and so `pipeline generate`)
+//! reads on its own: `config.json` + `model.safetensors` (F32; with LoRA the adapters are merged
+//! into the base weights, `W' = W + (alpha/r)·B·A`), `tokenizer.json` + `tokenizer_config.json`,
+//! `vocab_map.json` when the model has a restricted vocabulary (the tiny preset), and
+//! `chat_defaults.json` (`{"system": ...}`: the system prompt the model was trained with, used by
+//! `pipeline generate` when no `--system` is given). With LoRA the adapter alone is also written
+//! in peft's layout under `adapter/` (`adapter_config.json` + `adapter_model.safetensors`).
+
+use std::path::{Path, PathBuf};
+
+use dfdx::prelude::Cpu;
+use pipeline_engine::{RunCtx, StageError};
+use pipeline_model::chat::{ChatTemplate, Message as ChatMessage};
+use pipeline_model::pretrained::{load_pretrained, Pretrained};
+use pipeline_model::{LoraConfig, Qwen2, Trainable};
+use pipeline_train::{TrainConfig, TrainOutcome, TRAIN_CONFIG_KEYS};
+
+use crate::data::Sample;
+
+/// `train_type` (ms-swift; alias `tuner_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum TrainType {
+    Lora,
+    Full,
+}
+
+/// The model / tuner parameters shared by `sft` and `align` (ms-swift names).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TunerParams {
+    /// HF folder or `.gguf`; absent = the `model` input.
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default = "lora", alias = "tuner_type")]
+    pub train_type: TrainType,
+    #[serde(default = "eight")]
+    pub lora_rank: usize,
+    #[serde(default = "thirty_two")]
+    pub lora_alpha: f32,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    #[serde(default = "all_linear")]
+    pub target_modules: Vec<String>,
+    /// Default system prompt for conversations that have none.
+    #[serde(default)]
+    pub system: Option<String>,
+}
+
+fn lora() -> TrainType {
+    TrainType::Lora
+}
+fn eight() -> usize {
+    8
+}
+fn thirty_two() -> f32 {
+    32.0
+}
+fn all_linear() -> Vec<String> {
+    vec!["all-linear".into()]
+}
+
+impl TunerParams {
+    pub fn check(&self) -> Result<(), StageError> {
+        if self.lora_dropout != 0.0 {
+            return Err(StageError::Params(format!(
+                "`lora_dropout = {}` is not supported (LoRA here has no dropout); set it to 0 or leave it out",
+                self.lora_dropout
+            )));
+        }
+        if self.train_type == TrainType::Lora && self.lora_rank == 0 {
+            return Err(StageError::Params("`lora_rank` must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    pub fn trainable(&self) -> Result<Trainable, StageError> {
+        Ok(match self.train_type {
+            TrainType::Full => Trainable::Full,
+            TrainType::Lora => {
+                let all = self.target_modules.iter().any(|t| t == "all-linear");
+                if all {
+                    Trainable::Lora(LoraConfig::all_linear(self.lora_rank, self.lora_alpha))
+                } else {
+                    Trainable::Lora(
+                        LoraConfig::with_targets(self.lora_rank, self.lora_alpha, &self.target_modules)
+                            .map_err(|e| StageError::Params(format!("target_modules: {e}")))?,
+                    )
+                }
+            }
+        })
+    }
+}
+
+/// Split a stage's params into the training config and the stage's own keys, parsed as `T`.
+/// Unknown keys name both lists.
+pub(crate) fn split<T: serde::de::DeserializeOwned>(params: &toml::Table) -> Result<(TrainConfig, T), StageError> {
+    let (cfg, rest) = TrainConfig::split_params(params).map_err(pipeline_train::stage::stage_error)?;
+    let own = pipeline_engine::parse_params::<T>(&rest).map_err(|e| match e {
+        StageError::Params(m) if m.contains("unknown field") => {
+            StageError::Params(format!("{m}; training keys: {}", TRAIN_CONFIG_KEYS.join(", ")))
+        }
+        other => other,
+    })?;
+    Ok((cfg, own))
+}
+
+/// Where the model to train comes from: the `model` param (resolved against the recipe), else
+/// the `model` input.
+pub(crate) fn model_path(ctx: &RunCtx, param: Option<&str>) -> Result<PathBuf, StageError> {
+    match param {
+        Some(p) => {
+            let path = ctx.resolve(shellexpand_env(p));
+            if !path.exists() {
+                return Err(StageError::Params(format!("model `{}` does not exist", path.display())));
+            }
+            Ok(path)
+        }
+        None => ctx.input("model").map(Path::to_path_buf).map_err(|_| {
+            StageError::Params("no model: set `model` (a HF folder or .gguf) or bind input `model`".into())
+        }),
+    }
+}
+
+/// `${VAR}` in a path param is replaced by the environment variable (left as is when unset).
+pub(crate) fn shellexpand_env(p: &str) -> String {
+    let mut out = p.to_string();
+    while let Some(start) = out.find("${") {
+        let Some(len) = out[start..].find('}') else { break };
+        let name = out[start + 2..start + len].to_string();
+        match std::env::var(&name) {
+            Ok(v) => out.replace_range(start..start + len + 1, &v),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+pub(crate) fn load(path: &Path) -> Result<Pretrained<Cpu>, StageError> {
+    load_pretrained(path, &Cpu::default()).map_err(|e| StageError::failed(format!("loading {}: {e}", path.display())))
+}
+
+/// The chat template of a loaded model (Qwen2.5's when the tokenizer has none).
+pub(crate) fn chat_template(p: &Pretrained<Cpu>) -> Result<&ChatTemplate, StageError> {
+    p.chat.as_ref().ok_or_else(|| StageError::failed("the model's tokenizer has no chat template"))
+}
+
+pub(crate) fn chat_messages(s: &Sample) -> Vec<ChatMessage> {
+    s.messages.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect()
+}
+
+/// The default system prompt a model folder was trained with (`chat_defaults.json`).
+pub(crate) fn trained_system(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("chat_defaults.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("system")?.as_str().map(str::to_string)
+}
+
+fn copy(src: &Path, dst: &Path) -> Result<(), StageError> {
+    std::fs::copy(src, dst).map(|_| ()).map_err(|e| StageError::io(src, e))
+}
+
+/// Write the output model folder (see the module docs). `src` is the folder the model was loaded
+/// from (tokenizer files and vocabulary map are copied from it), or `None` for the tiny preset
+/// (the embedded Qwen2.5 tokenizer files are written).
+pub(crate) fn write_model(
+    out: &Path,
+    mut model: Qwen2<Cpu>,
+    src: Option<&Path>,
+    system: Option<&str>,
+) -> Result<(), StageError> {
+    let merr = |e: pipeline_model::ModelError| StageError::failed(format!("writing {}: {e}", out.display()));
+    if model.lora_config().is_some() {
+        let base = src.map(|s| s.display().to_string()).unwrap_or_else(|| "tiny".into());
+        model.save_adapter(&out.join("adapter"), &base).map_err(merr)?;
+        model.merge_lora().map_err(merr)?;
+    }
+    model.save_pretrained(out).map_err(merr)?;
+    match src.filter(|s| s.is_dir()) {
+        Some(dir) => {
+            for f in ["tokenizer.json", "tokenizer_config.json", "vocab_map.json", "generation_config.json"] {
+                if dir.join(f).is_file() {
+                    copy(&dir.join(f), &out.join(f))?;
+                }
+            }
+        }
+        None if src.is_none() => pipeline_model::tokenizer::Tokenizer::write_qwen25_files(out).map_err(merr)?,
+        None => return Err(StageError::failed(
+            "a model loaded from a .gguf file cannot be written back as a folder yet; convert it to a HF folder first",
+        )),
+    }
+    let system = system.map(str::to_string).or_else(|| src.and_then(trained_system));
+    if let Some(sys) = system {
+        crate::data::write_json(&out.join("chat_defaults.json"), &serde_json::json!({ "system": sys }))?;
+    }
+    Ok(())
+}
+
+/// The stage report: the trainer's summary plus throughput and the output paths.
+pub(crate) fn report(
+    ctx: &RunCtx,
+    outcome: &TrainOutcome,
+    metrics_dir: &Path,
+    model_dir: &Path,
+    extra: serde_json::Value,
+) -> serde_json::Value {
+    let mut r = pipeline_train::stage::report(outcome, metrics_dir);
+    let tps = outcome.history.iter().rev().find_map(|rec| match rec {
+        pipeline_train::Record::Train(t) => Some(t.tokens_per_second),
+        _ => None,
+    });
+    if let Some(o) = r.as_object_mut() {
+        o.insert("tokens_per_second".into(), serde_json::json!(tps));
+        o.insert("model".into(), serde_json::json!(model_dir.display().to_string()));
+        o.insert("metrics_dir".into(), serde_json::json!(metrics_dir.display().to_string()));
+        if let Some(e) = extra.as_object() {
+            for (k, v) in e {
+                o.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let _ = ctx;
+    r
+}

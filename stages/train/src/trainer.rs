@@ -1,0 +1,512 @@
+//! The training loop: [`train`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use dfdx::nn::tensor_collection::TensorCollection;
+use dfdx::nn::ZeroGrads;
+use dfdx::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint;
+use crate::config::TrainConfig;
+use crate::data::{epoch_batches, Batch, Dataset};
+use crate::metrics::{plot_loss_curve, write_jsonl, EvalRecord, Record, TrainRecord};
+use crate::objectives::LossOutput;
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::params::{read_grads, read_params, write_params};
+use crate::schedule::LrSchedule;
+use crate::TrainError;
+
+/// Where a forward pass sits in the run; models derive dropout masks from `seed` so that a
+/// resumed run draws the same masks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepInfo {
+    /// The optimizer step (0-based) this micro-batch belongs to (for evaluation: the step after
+    /// which it runs).
+    pub step: u64,
+    /// Micro-batch index within the step (evaluation: batch index).
+    pub micro: usize,
+    /// Training (dropout on) or evaluation.
+    pub training: bool,
+    /// A seed unique to `(run seed, step, micro, training)`.
+    pub seed: u64,
+}
+
+/// A training objective: the loss of one batch for the model. Implemented by the stages
+/// (causal LM, SFT, DPO, KTO); see the crate documentation for an example.
+///
+/// `model` is the trainable collection the trainer optimises (the whole model, or only the LoRA
+/// adapters: then the objective owns or borrows the frozen base). `tape` is either an
+/// `OwnedTape` carrying the step's accumulated gradients (training) or `NoneTape`
+/// (evaluation): thread it into the forward pass, e.g. `input.put_tape(tape)`.
+pub trait Objective<M, D: Device<f32>> {
+    type Batch: Batch;
+    /// The mean loss over `batch` (for token objectives: over its labelled tokens).
+    fn loss<T: Tape<f32, D>>(
+        &mut self,
+        model: &M,
+        batch: &Self::Batch,
+        tape: T,
+        info: &StepInfo,
+    ) -> Result<LossOutput<D, T>, TrainError>;
+
+    /// Per-element weight-decay flags for trainable tensors that pack several weights into one
+    /// (`name -> flags`, `true` = decay); tensors not listed follow [`crate::optim::decays`].
+    fn weight_decay_masks(&self, _model: &M) -> BTreeMap<String, Vec<bool>> {
+        BTreeMap::new()
+    }
+}
+
+/// What a [`Callbacks::control`] tells the loop between steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// Stop now, saving a checkpoint first (Ctrl-C); [`train`] returns `StopReason::Interrupted`.
+    Interrupt,
+    /// Stop now without saving anything, as a killed process would.
+    Abort,
+}
+
+/// Hooks for progress reporting and cancellation (a stage maps them onto its `RunCtx`).
+pub trait Callbacks {
+    fn on_start(&mut self, _plan: &TrainPlan) {}
+    /// After optimizer step `step` (1-based count of steps done) of `total`.
+    fn on_step(&mut self, _step: u64, _total: u64) {}
+    /// Every record as it is appended to the history (train windows and evaluations).
+    fn on_record(&mut self, _record: &Record) {}
+    fn on_message(&mut self, _message: &str) {}
+    /// Asked before every step.
+    fn control(&mut self, _next_step: u64) -> Control {
+        Control::Continue
+    }
+}
+
+/// Callbacks that do nothing.
+pub struct NoCallbacks;
+impl Callbacks for NoCallbacks {}
+
+/// Sizes of the run, known before the first step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainPlan {
+    pub train_examples: usize,
+    pub eval_examples: usize,
+    pub micro_batches_per_epoch: u64,
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+    pub warmup_steps: u64,
+    pub trainable_params: usize,
+    pub seed: u64,
+    /// The step a checkpoint put us at, when the run resumed.
+    pub resumed_from: Option<u64>,
+}
+
+/// Where [`train`] writes.
+#[derive(Debug, Clone)]
+pub struct TrainPaths {
+    /// Checkpoints (a stage's `ctx.scratch_dir()`): survives a killed run.
+    pub checkpoints: PathBuf,
+    /// `metrics.jsonl` and `loss_curve.png` go here (a stage output directory).
+    pub report: PathBuf,
+}
+
+/// Why the loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Completed,
+    EarlyStopped,
+    Interrupted,
+}
+
+/// The running sums of the current logging window (part of the checkpoint so that a window
+/// spanning a restart averages the same numbers).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Window {
+    pub steps: u64,
+    pub loss_sum: f64,
+    pub tokens: u64,
+    pub metric_sums: BTreeMap<String, f64>,
+    /// Steps that reported each metric (an objective may omit one for a batch, e.g. KTO's
+    /// `rewards/rejected` for a batch without undesirable examples).
+    #[serde(default)]
+    pub metric_steps: BTreeMap<String, u64>,
+}
+
+/// Everything besides tensors that a checkpoint stores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub global_step: u64,
+    pub history: Vec<Record>,
+    pub best_eval_loss: Option<f64>,
+    pub best_step: Option<u64>,
+    /// Evaluations since the best one (early stopping).
+    pub patience_counter: u32,
+    pub window: Window,
+    pub stop: Option<StopReason>,
+    /// What the run was started with (config, data sizes, tensor names and shapes); a checkpoint
+    /// with another fingerprint is not resumed from.
+    pub fingerprint: serde_json::Value,
+}
+
+/// What [`train`] returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainOutcome {
+    pub plan: TrainPlan,
+    pub stop: StopReason,
+    pub global_step: u64,
+    pub history: Vec<Record>,
+    pub best_eval_loss: Option<f64>,
+    pub best_step: Option<u64>,
+    /// The last training window's mean loss.
+    pub final_train_loss: Option<f64>,
+    pub metrics_path: PathBuf,
+    pub loss_curve_path: PathBuf,
+    /// Whether the PNG has text (a font was found).
+    pub loss_curve_text: bool,
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn step_seed(seed: u64, step: u64, micro: usize, training: bool) -> u64 {
+    splitmix(splitmix(splitmix(seed) ^ step) ^ ((micro as u64) << 1 | u64::from(training)))
+}
+
+fn dev_err<E: std::fmt::Debug>(e: E) -> TrainError {
+    TrainError::Device(format!("{e:?}"))
+}
+
+/// Run (or resume) training.
+///
+/// - `model`: the trainable tensors; updated in place. At the end it holds the best evaluated
+///   parameters when `load_best_model_at_end` and an eval split exist, else the last ones.
+/// - `train` / `eval`: the training data and the optional held-out split (the caller splits with
+///   [`crate::data::split_indices`] or passes an `eval` input).
+/// - `seed`: the run's seed (`cfg.seed` resolved against the recipe's).
+///
+/// If `paths.checkpoints` holds a checkpoint of the same run (same fingerprint), training resumes
+/// from the newest one and continues exactly as the uninterrupted run would have.
+#[allow(clippy::too_many_arguments)]
+pub fn train<M, D, O, C>(
+    cfg: &TrainConfig,
+    seed: u64,
+    dev: &D,
+    model: &mut M,
+    objective: &mut O,
+    train: &dyn Dataset<Batch = O::Batch>,
+    eval: Option<&dyn Dataset<Batch = O::Batch>>,
+    paths: &TrainPaths,
+    callbacks: &mut C,
+) -> Result<TrainOutcome, TrainError>
+where
+    M: TensorCollection<f32, D>,
+    D: Device<f32>,
+    O: Objective<M, D>,
+    C: Callbacks + ?Sized,
+{
+    cfg.validate()?;
+    let eval = eval.filter(|e| !e.is_empty());
+    let n = train.len();
+    if n == 0 {
+        return Err(TrainError::Data("the training split is empty".into()));
+    }
+    let bs = cfg.per_device_train_batch_size;
+    let accum = cfg.gradient_accumulation_steps as u64;
+    let lengths: Vec<usize> = (0..n).map(|i| train.example_len(i)).collect();
+    let micro_per_epoch = n.div_ceil(bs) as u64;
+    let steps_per_epoch = micro_per_epoch.div_ceil(accum);
+    let total_steps = if cfg.max_steps > 0 {
+        cfg.max_steps as u64
+    } else {
+        ((cfg.num_train_epochs * steps_per_epoch as f64).ceil() as u64).max(1)
+    };
+    let schedule = LrSchedule::from_config(cfg, total_steps);
+
+    let initial = read_params(model)?;
+    let shapes: Vec<(String, Vec<usize>)> = initial.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+    let fingerprint = serde_json::json!({
+        "config": cfg,
+        "seed": seed,
+        "train_examples": n,
+        "eval_examples": eval.map_or(0, |e| e.len()),
+        "tensors": shapes,
+    });
+    let mut plan = TrainPlan {
+        train_examples: n,
+        eval_examples: eval.map_or(0, |e| e.len()),
+        micro_batches_per_epoch: micro_per_epoch,
+        steps_per_epoch,
+        total_steps,
+        warmup_steps: schedule.warmup_steps,
+        trainable_params: initial.iter().map(|t| t.data.len()).sum(),
+        seed,
+        resumed_from: None,
+    };
+    drop(initial);
+
+    let mut opt = AdamW::new(AdamWConfig::from_train_config(cfg));
+    for (name, mask) in objective.weight_decay_masks(model) {
+        opt.set_decay_mask(&name, mask);
+    }
+    let mut state = TrainerState {
+        global_step: 0,
+        history: Vec::new(),
+        best_eval_loss: None,
+        best_step: None,
+        patience_counter: 0,
+        window: Window::default(),
+        stop: None,
+        fingerprint: fingerprint.clone(),
+    };
+
+    // Resume from the newest readable checkpoint of this run.
+    for (step, dir) in checkpoint::list(&paths.checkpoints, "checkpoint")?.into_iter().rev() {
+        match checkpoint::load::<TrainerState>(&dir) {
+            Ok(ck) if ck.state.fingerprint == fingerprint => {
+                write_params(model, &ck.params)?;
+                opt.load_state(ck.state.global_step, ck.optimizer)?;
+                state = ck.state;
+                plan.resumed_from = Some(state.global_step);
+                callbacks.on_message(&format!("resuming from {} (step {step})", dir.display()));
+                break;
+            }
+            Ok(_) => {
+                return Err(TrainError::Resume(format!(
+                    "{} was written by a run with other settings or data; delete {} to start over",
+                    dir.display(),
+                    paths.checkpoints.display()
+                )))
+            }
+            Err(e) => callbacks.on_message(&format!("skipping unreadable checkpoint {}: {e}", dir.display())),
+        }
+    }
+    callbacks.on_start(&plan);
+
+    let mut epoch_cache: Option<(u64, Vec<Vec<usize>>)> = None;
+    let mut window_start = Instant::now();
+    let mut stop = state.stop.unwrap_or(StopReason::Completed);
+    while state.global_step < total_steps && state.stop.is_none() {
+        match callbacks.control(state.global_step) {
+            Control::Continue => {}
+            Control::Abort => {
+                stop = StopReason::Interrupted;
+                break;
+            }
+            Control::Interrupt => {
+                save_checkpoint(model, &opt, &state, paths, cfg)?;
+                stop = StopReason::Interrupted;
+                break;
+            }
+        }
+        let s = state.global_step;
+        let epoch = s / steps_per_epoch;
+        let u = s % steps_per_epoch;
+        if epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            epoch_cache = Some((epoch, epoch_batches(&lengths, bs, seed, epoch, cfg.group_by_length)));
+        }
+        let batches_of_epoch =
+            &epoch_cache.as_ref().map(|c| &c.1).ok_or_else(|| TrainError::Data("no batches".into()))?;
+        let lo = (u * accum) as usize;
+        let hi = ((u + 1) * accum).min(micro_per_epoch) as usize;
+        let batches: Vec<O::Batch> =
+            batches_of_epoch[lo..hi].iter().map(|idx| train.collate(idx)).collect::<Result<_, _>>()?;
+        let total_weight: f64 = batches.iter().map(Batch::loss_weight).sum();
+        if total_weight.is_nan() || total_weight <= 0.0 {
+            return Err(TrainError::Data(format!("step {}: the batch carries no loss (no labelled tokens)", s + 1)));
+        }
+
+        let mut grads = model.try_alloc_grads().map_err(dev_err)?;
+        let mut step_loss = 0.0f64;
+        // name -> (Σ weight · value, Σ weight) over the micro-batches that report it.
+        let mut step_metrics: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        let mut tokens = 0u64;
+        for (i, b) in batches.iter().enumerate() {
+            let anchor: Tensor<Rank0, f32, D> = dev.try_zeros().map_err(dev_err)?;
+            let (_, tape) = anchor.traced(grads).split_tape();
+            let info = StepInfo { step: s, micro: i, training: true, seed: step_seed(seed, s, i, true) };
+            let out = objective.loss(model, b, tape, &info)?;
+            let w = b.loss_weight() / total_weight;
+            let value = f64::from(out.loss.as_vec()[0]);
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite(format!("loss is {value} at step {} (micro-batch {i})", s + 1)));
+            }
+            step_loss += w * value;
+            for (k, v) in out.metrics {
+                let e = step_metrics.entry(k).or_default();
+                e.0 += w * v;
+                e.1 += w;
+            }
+            tokens += b.num_tokens() as u64;
+            grads = out.loss.try_mul(w as f32).map_err(dev_err)?.try_backward().map_err(dev_err)?;
+        }
+        let mut g = read_grads(model, &mut grads)?;
+        drop(grads);
+        let grad_norm = clip_grad_norm(&mut g, cfg.max_grad_norm);
+        if !grad_norm.is_finite() {
+            return Err(TrainError::NonFinite(format!("gradient norm is {grad_norm} at step {}", s + 1)));
+        }
+        let lr = schedule.lr(s);
+        opt.update(model, &g, lr)?;
+        drop(g);
+        state.global_step += 1;
+        let step = state.global_step;
+        let epoch_f = step as f64 / steps_per_epoch as f64;
+
+        let w = &mut state.window;
+        w.steps += 1;
+        w.loss_sum += step_loss;
+        w.tokens += tokens;
+        for (k, (sum, weight)) in step_metrics {
+            *w.metric_sums.entry(k.clone()).or_default() += sum / weight;
+            *w.metric_steps.entry(k).or_default() += 1;
+        }
+        if step % cfg.logging_steps == 0 || step == total_steps {
+            let elapsed = window_start.elapsed().as_secs_f64();
+            let rec = Record::Train(TrainRecord {
+                step,
+                epoch: epoch_f,
+                loss: w.loss_sum / w.steps as f64,
+                learning_rate: lr,
+                grad_norm,
+                tokens_per_second: if elapsed > 0.0 { w.tokens as f64 / elapsed } else { 0.0 },
+                metrics: w
+                    .metric_sums
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v / w.metric_steps.get(k).copied().unwrap_or(w.steps).max(1) as f64))
+                    .collect(),
+            });
+            state.window = Window::default();
+            window_start = Instant::now();
+            callbacks.on_record(&rec);
+            state.history.push(rec);
+        }
+        callbacks.on_step(step, total_steps);
+
+        if let Some(ev) = eval {
+            if step % cfg.eval_every() == 0 || step == total_steps {
+                let (eval_loss, metrics) = evaluate(model, objective, ev, cfg.per_device_eval_batch_size, seed, step)?;
+                let rec = Record::Eval(EvalRecord { step, epoch: epoch_f, eval_loss, metrics });
+                callbacks.on_record(&rec);
+                state.history.push(rec);
+                if state.best_eval_loss.is_none_or(|b| eval_loss < b) {
+                    state.best_eval_loss = Some(eval_loss);
+                    state.best_step = Some(step);
+                    state.patience_counter = 0;
+                    let params = read_params(model)?;
+                    checkpoint::save(&paths.checkpoints, &format!("best-{step}"), &params, &[], &state)?;
+                } else {
+                    state.patience_counter += 1;
+                    if cfg.early_stopping_patience.is_some_and(|p| state.patience_counter >= p) {
+                        callbacks.on_message(&format!(
+                            "early stopping at step {step}: no lower eval loss in {} evaluations",
+                            state.patience_counter
+                        ));
+                        state.stop = Some(StopReason::EarlyStopped);
+                    }
+                }
+            }
+        }
+        if let Some(reason) = state.stop {
+            stop = reason;
+        }
+        if step % cfg.save_steps == 0 || step == total_steps || state.stop.is_some() {
+            save_checkpoint(model, &opt, &state, paths, cfg)?;
+        }
+    }
+
+    if stop != StopReason::Interrupted && cfg.load_best_model_at_end {
+        if let Some(best) = state.best_step.filter(|&b| b != state.global_step) {
+            let dir = paths.checkpoints.join(format!("best-{best}"));
+            let ck = checkpoint::load::<TrainerState>(&dir)?;
+            write_params(model, &ck.params)?;
+            callbacks
+                .on_message(&format!("loaded the best checkpoint (step {best}, eval loss {:?})", state.best_eval_loss));
+        }
+    }
+
+    let metrics_path = paths.report.join("metrics.jsonl");
+    let loss_curve_path = paths.report.join("loss_curve.png");
+    write_jsonl(&metrics_path, &state.history)?;
+    let loss_curve_text = plot_loss_curve(&loss_curve_path, &state.history, "training loss")?;
+    let final_train_loss = state.history.iter().rev().find_map(|r| match r {
+        Record::Train(t) => Some(t.loss),
+        Record::Eval(_) => None,
+    });
+    Ok(TrainOutcome {
+        plan,
+        stop,
+        global_step: state.global_step,
+        history: state.history,
+        best_eval_loss: state.best_eval_loss,
+        best_step: state.best_step,
+        final_train_loss,
+        metrics_path,
+        loss_curve_path,
+        loss_curve_text,
+    })
+}
+
+fn save_checkpoint<M: TensorCollection<f32, D>, D: Device<f32>>(
+    model: &M,
+    opt: &AdamW,
+    state: &TrainerState,
+    paths: &TrainPaths,
+    cfg: &TrainConfig,
+) -> Result<(), TrainError> {
+    let params = read_params(model)?;
+    let name = format!("checkpoint-{}", state.global_step);
+    checkpoint::save(&paths.checkpoints, &name, &params, &opt.state_tensors(), state)?;
+    if let Some(keep) = cfg.save_total_limit {
+        checkpoint::rotate(&paths.checkpoints, keep)?;
+    }
+    checkpoint::prune_best(&paths.checkpoints, state.best_step)
+}
+
+/// Mean loss (weighted like training: by [`Batch::loss_weight`]) and metrics over `data`, in
+/// order, without gradients.
+pub fn evaluate<M, D, O>(
+    model: &M,
+    objective: &mut O,
+    data: &dyn Dataset<Batch = O::Batch>,
+    batch_size: usize,
+    seed: u64,
+    step: u64,
+) -> Result<(f64, BTreeMap<String, f64>), TrainError>
+where
+    M: TensorCollection<f32, D>,
+    D: Device<f32>,
+    O: Objective<M, D>,
+{
+    let idx: Vec<usize> = (0..data.len()).collect();
+    let mut total = 0.0;
+    let mut loss = 0.0;
+    let mut metrics: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for (i, chunk) in idx.chunks(batch_size.max(1)).enumerate() {
+        let b = data.collate(chunk)?;
+        let w = b.loss_weight();
+        let info = StepInfo { step, micro: i, training: false, seed: step_seed(seed, step, i, false) };
+        let out = objective.loss(model, &b, NoneTape, &info)?;
+        loss += w * f64::from(out.loss.as_vec()[0]);
+        for (k, v) in out.metrics {
+            let e = metrics.entry(k).or_default();
+            e.0 += w * v;
+            e.1 += w;
+        }
+        total += w;
+    }
+    if total <= 0.0 {
+        return Err(TrainError::Data("the evaluation split carries no loss".into()));
+    }
+    Ok((loss / total, metrics.into_iter().map(|(k, (sum, weight))| (k, sum / weight)).collect()))
+}
+
+/// Where [`train`] keeps the best checkpoint of step `step` (for callers that want its files).
+pub fn best_checkpoint_dir(checkpoints: &Path, step: u64) -> PathBuf {
+    checkpoints.join(format!("best-{step}"))
+}

@@ -1,0 +1,12 @@
+//! Integration tests of pipeline-train (one test binary; modules under `tests/train/`).
+
+#[path = "train/golden.rs"]
+mod golden;
+#[path = "train/qwen.rs"]
+mod qwen;
+#[path = "train/stage_glue.rs"]
+mod stage_glue;
+#[path = "train/tiny.rs"]
+mod tiny;
+#[path = "train/training_loop.rs"]
+mod training_loop;
