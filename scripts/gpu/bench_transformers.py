@@ -3,8 +3,8 @@
 
 Times, for random-weight models with SmolLM2-135M's and Qwen2.5-0.5B's dimensions and the same
 shapes as the Rust bench: forward tokens/s on [batch, seq]; one LoRA SFT step (r=8, alpha=16,
-all linear layers, no dropout; forward + backward + Adam update) tokens/s; GPU memory after the
-LoRA steps (nvidia-smi, as the Rust bench reads it) and torch's peak allocation; greedy
+all linear layers, no dropout; forward + backward + Adam update) tokens/s; peak GPU memory during the
+LoRA steps (nvidia-smi sampled during the steps, as the Rust bench does) and torch's peak allocation; greedy
 generation tokens/s from a 16-token prompt, batch 1 and 8. Precisions: f32 (what the Rust
 code runs) and bf16 autocast (the usual setting). One warm-up, then `--reps` timed repetitions.
 
@@ -43,6 +43,25 @@ def gpu_mem_used_mib():
         return float(out.strip())
     except Exception:  # noqa: BLE001 - a missing figure, not a failure
         return None
+
+
+class MemSampler:
+    """Largest nvidia-smi reading while running (sampled on a thread, as the Rust bench does)."""
+
+    def __enter__(self):
+        import threading
+        self.peak, self._stop = 0.0, threading.Event()
+
+        def loop():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, gpu_mem_used_mib() or 0.0)
+        self._t = threading.Thread(target=loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
 
 
 def report(impl, model, metric, value, unit):
@@ -84,14 +103,14 @@ def bench(impl, name, make, args, autocast):
     step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(reps):
-        step()
-    torch.cuda.synchronize()
-    report(impl, name, f"LoRA SFT step [{b}x{s}]", reps * b * s / (time.perf_counter() - t), "tokens/s")
-    mib = gpu_mem_used_mib()
-    if mib is not None:
-        report(impl, name, "GPU memory in use after LoRA steps", mib, "MiB")
+    with MemSampler() as mem:
+        t = time.perf_counter()
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+    report(impl, name, f"LoRA SFT step [{b}x{s}]", reps * b * s / dt, "tokens/s")
+    report(impl, name, "GPU memory peak in LoRA steps (nvidia-smi)", mem.peak, "MiB")
     report(impl, name, "torch peak allocated in LoRA steps", torch.cuda.max_memory_allocated() / 2**20, "MiB")
     model = pm.unload()
     model.eval()

@@ -47,6 +47,31 @@ fn gpu_mem_used_mib() -> Option<f64> {
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
+/// Samples [`gpu_mem_used_mib`] on a thread until dropped; `peak()` is the largest reading.
+struct MemSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<f64>>,
+}
+
+impl MemSampler {
+    fn start() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = 0f64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(gpu_mem_used_mib().unwrap_or(0.0));
+            }
+            peak
+        });
+        MemSampler { stop, handle: Some(handle) }
+    }
+    fn peak(mut self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.take().map_or(0.0, |h| h.join().unwrap_or(0.0))
+    }
+}
+
 fn bench_model<D: Device<f32> + Synchronize + TensorToArray<(), f32, Array = f32>>(
     name: &str,
     mut m: Qwen2<D>,
@@ -85,6 +110,7 @@ fn bench_model<D: Device<f32> + Synchronize + TensorToArray<(), f32, Array = f32
         };
         step(&mut m);
         m.device().synchronize();
+        let sampler = gpu.then(MemSampler::start);
         let t = Instant::now();
         for _ in 0..reps {
             step(&mut m);
@@ -92,10 +118,8 @@ fn bench_model<D: Device<f32> + Synchronize + TensorToArray<(), f32, Array = f32
         m.device().synchronize();
         let tr = (reps * batch * seq) as f64 / t.elapsed().as_secs_f64();
         report(name, &format!("LoRA SFT step [{batch}x{seq}]"), tr, "tokens/s");
-        if gpu {
-            if let Some(mib) = gpu_mem_used_mib() {
-                report(name, "GPU memory in use after LoRA steps", mib, "MiB");
-            }
+        if let Some(sampler) = sampler {
+            report(name, "GPU memory peak in LoRA steps (nvidia-smi)", sampler.peak(), "MiB");
         }
         m.set_trainable(Trainable::None, 0).unwrap();
     }
