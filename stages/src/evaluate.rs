@@ -160,13 +160,7 @@ impl Stage for Evaluate {
 }
 
 /// The stage body with the model already open (tests call it with a scripted predictor).
-pub fn evaluate_with(
-    ctx: &RunCtx,
-    cfg: &EvaluateConfig,
-    dir: &Path,
-    out: &Path,
-    predictor: &mut dyn Predictor,
-) -> Result<(), StageError> {
+pub fn evaluate_with(ctx: &RunCtx, cfg: &EvaluateConfig, dir: &Path, out: &Path, predictor: &mut dyn Predictor) -> Result<(), StageError> {
     let started = Instant::now();
     let mut started_bar = false;
     let mut progress = |done: usize, total: usize| {
@@ -179,17 +173,11 @@ pub fn evaluate_with(
         ctx.emit(StageEvent::Metric { name: "samples_per_s".into(), step: done as u64, value: rate });
         !ctx.is_cancelled()
     };
-    let opts = RunOptions {
-        subsets: cfg.subsets.clone(),
-        limit: cfg.limit,
-        batch_size: cfg.batch_size,
-        progress: &mut progress,
-    };
+    let opts = RunOptions { subsets: cfg.subsets.clone(), limit: cfg.limit, batch_size: cfg.batch_size, progress: &mut progress };
     let (rows, predictions, scorer) = match cfg.dataset {
         DatasetKind::GeneralMcq => {
             let (rows, recs) = run_mcq(dir, cfg.few_shot_num, cfg.scorer, opts, predictor).map_err(eval_error)?;
-            let recs: Vec<serde_json::Value> =
-                recs.iter().map(|r| serde_json::to_value(r).unwrap_or_default()).collect();
+            let recs: Vec<serde_json::Value> = recs.iter().map(|r| serde_json::to_value(r).unwrap_or_default()).collect();
             (rows, recs, Some(cfg.scorer.as_str().to_string()))
         }
         DatasetKind::GeneralQa => {
@@ -212,11 +200,7 @@ pub fn evaluate_with(
         lines.push('\n');
     }
     let pred_path = out.join("predictions.jsonl");
-    write_atomic(&pred_path, lines.as_bytes()).map_err(|e| StageError::Input {
-        path: e.path,
-        line: e.line,
-        message: e.message,
-    })?;
+    write_atomic(&pred_path, lines.as_bytes()).map_err(|e| StageError::Input { path: e.path, line: e.line, message: e.message })?;
     let secs = started.elapsed().as_secs_f64();
     ctx.message(report.table());
     let mut json = serde_json::to_value(&report).unwrap_or_default();
@@ -272,9 +256,7 @@ mod tests {
         let (model, out) = (tmp.path().join("model"), tmp.path().join("out"));
         std::fs::create_dir_all(&model).unwrap();
         std::fs::create_dir_all(&out).unwrap();
-        let params: toml::Table =
-            toml::from_str("dataset = \"general_mcq\"\nlocal_path = \"mcq\"\nfew_shot_num = 1\nbatch_size = 1")
-                .unwrap();
+        let params: toml::Table = toml::from_str("dataset = \"general_mcq\"\nlocal_path = \"mcq\"\nfew_shot_num = 1\nbatch_size = 1").unwrap();
         let stage = Evaluate::new(load_always_c);
         let pctx = PlanCtx { stage_id: "eval", params: &params, input_names: vec!["model"], recipe_dir: &fixtures };
         let declared = stage.declare(&pctx).unwrap();

@@ -309,15 +309,12 @@ pub fn score_jsonl(input: &Path, output: &Path) -> Result<Vec<ScoredPair>, DataE
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line)
-            .map_err(|e| DataError::new(input, Some(lineno), format!("invalid JSON: {e}")))?;
+        let v: Value = serde_json::from_str(line).map_err(|e| DataError::new(input, Some(lineno), format!("invalid JSON: {e}")))?;
         let field = |name: &str| -> Result<&str, DataError> {
             match v.get(name) {
                 Some(Value::String(s)) => Ok(s),
                 Some(Value::Null) | None => Err(DataError::new(input, Some(lineno), format!("missing `{name}`"))),
-                Some(other) => {
-                    Err(DataError::new(input, Some(lineno), format!("`{name}` must be a string, got {other}")))
-                }
+                Some(other) => Err(DataError::new(input, Some(lineno), format!("`{name}` must be a string, got {other}"))),
             }
         };
         let (p, r) = (field("prediction")?, field("reference")?);

@@ -22,11 +22,7 @@ fn prompts_equal_evalscope() {
     for p in golden()["prompts"].as_array().unwrap() {
         let row = p["row"].as_u64().unwrap() as usize;
         let shots = p["few_shot_num"].as_u64().unwrap() as usize;
-        assert_eq!(
-            mcq_prompt(&sub.val[row], &sub.dev[..shots]),
-            p["prompt"].as_str().unwrap(),
-            "row {row} shots {shots}"
-        );
+        assert_eq!(mcq_prompt(&sub.val[row], &sub.dev[..shots]), p["prompt"].as_str().unwrap(), "row {row} shots {shots}");
     }
 }
 
@@ -78,9 +74,7 @@ impl Predictor for Scripted {
 #[test]
 fn seed_rows_load_and_score() {
     let dir = fixtures().join("mcq");
-    let mut p = Scripted {
-        answers: vec![("问题：通常来说", "答案：C"), ("问题：血液内", "我觉得是A")], asked: vec![]
-    };
+    let mut p = Scripted { answers: vec![("问题：通常来说", "答案：C"), ("问题：血液内", "我觉得是A")], asked: vec![] };
     let mut progress = |_: usize, _: usize| true;
     let opts = RunOptions { subsets: vec![], limit: None, batch_size: 8, progress: &mut progress };
     let (rows, records) = run_mcq(&dir, 2, McqScorer::Generate, opts, &mut p).unwrap();
