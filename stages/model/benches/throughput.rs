@@ -1,67 +1,225 @@
-//! Forward, LoRA training-step and generation throughput on CPU (tokens/s).
+//! Forward, LoRA training-step and generation throughput (tokens/s), on the CPU or a CUDA GPU.
 //!
-//! `cargo bench -p pipeline-model --bench throughput` (release). Models: the tiny preset with a
-//! remapped 4,096-token vocabulary and with the full padded Qwen2.5 vocabulary (151,936), random
+//! CPU: `cargo bench -p pipeline-model --bench throughput` (release). Models: the tiny preset with
+//! a remapped 4,096-token vocabulary and with the full padded Qwen2.5 vocabulary (151,936), random
 //! weights; SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to f32) when
 //! `$PIPELINE_TEST_ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf` (default `target/test-assets/`) exists
-//! (`python3 scripts/fetch_assets.py smollm2`). Figures are printed, never asserted.
+//! (`python3 scripts/fetch_assets.py smollm2`).
+//!
+//! GPU: build with `--features cuda` and run with `PIPELINE_BENCH_DEVICE=cuda` (see
+//! `scripts/gpu/README.md`; `scripts/gpu/run-on-device.sh` runs it next to
+//! `scripts/gpu/bench_transformers.py`, which times transformers + peft on the same shapes).
+//! Models: random-weight Llama with SmolLM2-135M's dimensions and Qwen2 with Qwen2.5-0.5B's.
+//! Each figure is printed as `bench<TAB>dfdx<TAB>model<TAB>metric<TAB>value<TAB>unit` so the two
+//! outputs can be tabulated together. Figures are printed, never asserted.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
+use dfdx::optim::{Adam, AdamConfig};
 use dfdx::prelude::*;
 use pipeline_model::loss::masked_cross_entropy;
-use pipeline_model::{generate, Batch, GenerationConfig, LoraConfig, ModelConfig, Qwen2, Trainable};
+use pipeline_model::{generate, Arch, Batch, GenerationConfig, LoraConfig, ModelConfig, Qwen2, Trainable};
 
-fn bench_model(name: &str, mut m: Qwen2<Cpu>, batch: usize, seq: usize, gen_tokens: usize, train: bool) {
+/// Shapes of one benchmark run (the transformers script takes the same numbers).
+struct Shapes {
+    /// `[batch, seq]` of the forward and the LoRA SFT step.
+    batch: usize,
+    seq: usize,
+    /// New tokens per generated row (prompt of 16 tokens, greedy, batch 1 and 8).
+    gen_tokens: usize,
+    /// Timed repetitions after one warm-up.
+    reps: usize,
+    train: bool,
+}
+
+fn report(model: &str, metric: &str, value: f64, unit: &str) {
+    println!("bench\tdfdx\t{model}\t{metric}\t{value:.1}\t{unit}");
+}
+
+/// Memory in use on GPU 0 as `nvidia-smi` sees it (MiB; CUDA context and allocator caches
+/// included — the transformers script reads the same figure).
+fn gpu_mem_used_mib() -> Option<f64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// Samples [`gpu_mem_used_mib`] on a thread until dropped; `peak()` is the largest reading.
+struct MemSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<f64>>,
+}
+
+impl MemSampler {
+    fn start() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = 0f64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(gpu_mem_used_mib().unwrap_or(0.0));
+            }
+            peak
+        });
+        MemSampler { stop, handle: Some(handle) }
+    }
+    fn peak(mut self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.take().map_or(0.0, |h| h.join().unwrap_or(0.0))
+    }
+}
+
+fn bench_model<D: Device<f32> + Synchronize + TensorToArray<(), f32, Array = f32>>(
+    name: &str,
+    mut m: Qwen2<D>,
+    s: &Shapes,
+    gpu: bool,
+) {
+    let (batch, seq, reps) = (s.batch, s.seq, s.reps);
     let v = m.cfg.vocab_size as u32;
     let ids: Vec<u32> = (0..batch * seq).map(|i| (i as u32 * 7919) % v).collect();
     let b = Batch::new(ids.clone(), batch, seq).unwrap();
-    let _ = m.forward(&b).unwrap(); // warm-up
-    let reps = 3;
+    let _ = m.forward(&b).unwrap().as_vec(); // warm-up (and kernel loading)
     let t = Instant::now();
     for _ in 0..reps {
-        let _ = m.forward(&b).unwrap().as_vec();
+        let _ = m.forward(&b).unwrap(); // logits stay on the device, as in the transformers script
     }
-    let fwd = (reps * batch * seq) as f64 / t.elapsed().as_secs_f64();
-    println!("{name}: forward [{batch}x{seq}]            {fwd:>10.0} tokens/s");
+    m.device().synchronize();
+    report(
+        name,
+        &format!("forward [{batch}x{seq}]"),
+        (reps * batch * seq) as f64 / t.elapsed().as_secs_f64(),
+        "tokens/s",
+    );
 
-    if train {
+    if s.train {
+        // one SFT step: LoRA r=8 on all linear layers, forward + backward + Adam update
         m.set_trainable(Trainable::Lora(LoraConfig::all_linear(8, 16.0)), 0).unwrap();
         let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-        let t = Instant::now();
-        for _ in 0..reps {
+        let mut opt = Adam::new(&m.params, AdamConfig { lr: 1e-4, ..Default::default() });
+        let mut step = |m: &mut Qwen2<D>| {
             let g = m.params.alloc_grads();
             let loss = masked_cross_entropy(m.forward_traced(&b, g).unwrap(), &labels).unwrap();
-            let _ = loss.backward();
+            let l = loss.array(); // logged loss, as a training loop would
+            let g = loss.backward();
+            opt.update(&mut m.params, &g).unwrap();
+            l
+        };
+        step(&mut m);
+        m.device().synchronize();
+        let sampler = gpu.then(MemSampler::start);
+        let t = Instant::now();
+        for _ in 0..reps {
+            step(&mut m);
         }
+        m.device().synchronize();
         let tr = (reps * batch * seq) as f64 / t.elapsed().as_secs_f64();
-        println!("{name}: LoRA fwd+bwd [{batch}x{seq}]       {tr:>10.0} tokens/s");
+        report(name, &format!("LoRA SFT step [{batch}x{seq}]"), tr, "tokens/s");
+        if let Some(sampler) = sampler {
+            report(name, "GPU memory peak in LoRA steps (nvidia-smi)", sampler.peak(), "MiB");
+        }
         m.set_trainable(Trainable::None, 0).unwrap();
     }
 
-    let cfg = GenerationConfig { max_new_tokens: gen_tokens, ..Default::default() };
+    let cfg = GenerationConfig { max_new_tokens: s.gen_tokens, ..Default::default() };
     let prompt: Vec<u32> = (1..=16).map(|i| (i * 31) % v).collect();
-    let t = Instant::now();
-    let out = generate(&m, std::slice::from_ref(&prompt), &cfg, None).unwrap();
-    let n = out[0].tokens.len();
-    let g1 = n as f64 / t.elapsed().as_secs_f64();
-    println!("{name}: generate batch 1 ({n} tokens)     {g1:>10.1} tokens/s");
-    let prompts = vec![prompt; 8];
-    let t = Instant::now();
-    let out = generate(&m, &prompts, &cfg, None).unwrap();
-    let n: usize = out.iter().map(|g| g.tokens.len()).sum();
-    let g8 = n as f64 / t.elapsed().as_secs_f64();
-    println!("{name}: generate batch 8 ({n} tokens)    {g8:>10.1} tokens/s");
+    let _ = generate(&m, std::slice::from_ref(&prompt), &GenerationConfig { max_new_tokens: 2, ..cfg.clone() }, None);
+    for rows in [1, 8] {
+        let prompts = vec![prompt.clone(); rows];
+        let t = Instant::now();
+        let out = generate(&m, &prompts, &cfg, None).unwrap();
+        let n: usize = out.iter().map(|g| g.tokens.len()).sum();
+        report(name, &format!("generate batch {rows} ({n} tokens)"), n as f64 / t.elapsed().as_secs_f64(), "tokens/s");
+    }
+}
+
+/// A Llama with SmolLM2-135M's dimensions.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn smollm2_135m_shape() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Llama,
+        vocab_size: 49_152,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_hidden_layers: 30,
+        num_attention_heads: 9,
+        num_key_value_heads: 3,
+        head_dim: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 100_000.0,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        max_position_embeddings: 8192,
+        bos_token_id: None,
+        eos_token_id: vec![],
+    }
+}
+
+/// A Qwen2 with Qwen2.5-0.5B's dimensions.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn qwen25_05b_shape() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Qwen2,
+        vocab_size: 151_936,
+        hidden_size: 896,
+        intermediate_size: 4864,
+        num_hidden_layers: 24,
+        num_attention_heads: 14,
+        num_key_value_heads: 2,
+        head_dim: 64,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        tie_word_embeddings: true,
+        attention_bias: true,
+        max_position_embeddings: 32_768,
+        bos_token_id: None,
+        eos_token_id: vec![],
+    }
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+#[cfg(feature = "cuda")]
+fn run_gpu() {
+    let dev = Cuda::default();
+    let s = Shapes {
+        batch: env_usize("PIPELINE_BENCH_BATCH", 8),
+        seq: env_usize("PIPELINE_BENCH_SEQ", 256),
+        gen_tokens: env_usize("PIPELINE_BENCH_GEN", 64),
+        reps: env_usize("PIPELINE_BENCH_REPS", 5),
+        train: true,
+    };
+    for (name, cfg) in [("SmolLM2-135M-shape", smollm2_135m_shape()), ("Qwen2.5-0.5B-shape", qwen25_05b_shape())] {
+        let t = Instant::now();
+        let m = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, 0), &dev).unwrap();
+        eprintln!("{name}: random init + upload {:.1} s", t.elapsed().as_secs_f64());
+        bench_model(name, m, &s, true);
+        dev.empty_cache();
+    }
 }
 
 fn main() {
+    let want_gpu = std::env::var("PIPELINE_BENCH_DEVICE").as_deref() == Ok("cuda");
+    #[cfg(feature = "cuda")]
+    {
+        if want_gpu {
+            return run_gpu();
+        }
+    }
+    assert!(!want_gpu, "PIPELINE_BENCH_DEVICE=cuda needs a build with --features cuda");
     let dev = Cpu::default();
     println!("threads: {}", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let tiny = Shapes { batch: 8, seq: 64, gen_tokens: 64, reps: 3, train: true };
     for vocab in [4096, 151_936] {
         let cfg = ModelConfig::tiny(vocab);
         let m = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, 0), &dev).unwrap();
-        bench_model(&format!("tiny (vocab {vocab})"), m, 8, 64, 64, true);
+        bench_model(&format!("tiny (vocab {vocab})"), m, &tiny, false);
     }
     let assets = std::env::var_os("PIPELINE_TEST_ASSETS")
         .map(PathBuf::from)
@@ -71,7 +229,8 @@ fn main() {
         let t = Instant::now();
         let p = pipeline_model::pretrained::load_pretrained(&gguf, &dev).unwrap();
         println!("SmolLM2-135M: load + dequantise {:.2} s", t.elapsed().as_secs_f64());
-        bench_model("SmolLM2-135M", p.model, 1, 128, 32, false);
+        let s = Shapes { batch: 1, seq: 128, gen_tokens: 32, reps: 3, train: false };
+        bench_model("SmolLM2-135M", p.model, &s, false);
     } else {
         println!("SmolLM2-135M: skipped ({} not found)", gguf.display());
     }

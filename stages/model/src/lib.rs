@@ -7,7 +7,9 @@
 //! (rotate-half, `rope_theta`), grouped-query attention, SwiGLU, optional tied embeddings.
 //! Dimensions are runtime values (dfdx `usize` dims) for every model, the built-in preset
 //! included: the cost is in the matmuls either way, and one code path keeps checkpoints from disk
-//! and the preset identical. Generic over `D: Device<f32>` (CPU; CUDA with the `cuda` feature).
+//! and the preset identical. Generic over `D: Device<f32>` (CPU; CUDA with the `cuda` feature:
+//! the parity tests run on the GPU with `PIPELINE_TEST_DEVICE=cuda`, and the GPU throughput bench
+//! against transformers + peft is `scripts/gpu/run-on-device.sh`; see `scripts/gpu/README.md`).
 //! Parity with transformers + peft (logits, padded batches, loss, LoRA gradients, greedy decoding)
 //! is checked in `tests/model.rs` against `tests/fixtures/golden.json`
 //! (`scripts/oracles/qwen2_parity.py`).

@@ -870,7 +870,13 @@ impl<D: Device<f32>> Qwen2<D> {
             let v = self.linear(xn, &layer.lins[2]);
             let q = self.rope(q, nq, &cos, &sin);
             let k = self.rope(k, nkv, &cos, &sin);
-            let q = q.reshape_like(&(b, s, nq, hd)).permute::<_, Axes4<0, 2, 1, 3>>();
+            // Grouped-query attention without repeating K/V: query head `j * rep + r` uses KV head
+            // `j` (transformers' `repeat_kv`), so the `rep` query heads of one KV head are stacked
+            // along the query axis, [b, nkv, rep * s, hd]. (Repeating K/V by broadcast + reshape
+            // trains wrongly on CUDA: dfdx 0.13's reshape backward visits only as many elements as
+            // the broadcast input stores, so K/V gradients lose all but 1/rep of their terms.)
+            let q =
+                q.reshape_like(&(b, s, nq, hd)).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(b, nkv, rep * s, hd));
             let mut k: T4<D, T> = k.reshape_like(&(b, s, nkv, hd)).permute::<_, Axes4<0, 2, 1, 3>>();
             let mut v: T4<D, T> = v.reshape_like(&(b, s, nkv, hd)).permute::<_, Axes4<0, 2, 1, 3>>();
             if let Some(c) = cache.as_deref_mut() {
@@ -883,17 +889,15 @@ impl<D: Device<f32>> Qwen2<D> {
                 }
                 c.layers[li] = Some((k.retaped::<NoneTape>(), v.retaped::<NoneTape>()));
             }
-            let (k, v) = if rep > 1 {
-                let k = k.broadcast_like::<_, Axis<2>>(&(b, nkv, rep, skv, hd)).reshape_like(&(b, nq, skv, hd));
-                let v = v.broadcast_like::<_, Axis<2>>(&(b, nkv, rep, skv, hd)).reshape_like(&(b, nq, skv, hd));
-                (k, v)
-            } else {
-                (k, v)
-            };
             let scores = q.matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) * scale;
-            let scores = scores + mask.clone().broadcast_like::<_, Axis<1>>(&(b, nq, s, skv));
-            let probs = scores.softmax::<Axis<3>>();
-            let att = probs.matmul(v).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(n, nq * hd));
+            let scores = scores.reshape_like(&(b, nkv, rep, s, skv))
+                + mask.clone().broadcast_like::<_, Axes2<1, 2>>(&(b, nkv, rep, s, skv));
+            let probs = scores.softmax::<Axis<4>>().reshape_like(&(b, nkv, rep * s, skv));
+            let att = probs
+                .matmul(v)
+                .reshape_like(&(b, nq, s, hd))
+                .permute::<_, Axes4<0, 2, 1, 3>>()
+                .reshape_like(&(n, nq * hd));
             let o = self.linear(att, &layer.lins[3]);
             x = x + o;
             let xn = self.rms_norm(x.with_empty_tape(), &layer.post_norm);

@@ -12,8 +12,28 @@ use pipeline_model::{
 };
 use serde_json::Value;
 
+/// `tests/fixtures`, or `$PIPELINE_TEST_FIXTURES` (a test binary carried to the GPU machine runs
+/// in a copy of the tree at another root: `scripts/gpu/run-on-device.sh` sets it).
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    std::env::var_os("PIPELINE_TEST_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
+}
+
+/// Runs a device-generic check `$check::<D>(&dev)` on the test device: the CPU, or the GPU when
+/// built with `--features cuda` and run with `PIPELINE_TEST_DEVICE=cuda`
+/// (`scripts/gpu/run-on-device.sh`). Use as a whole test body.
+macro_rules! on_test_device {
+    ($check:ident) => {
+        #[cfg(feature = "cuda")]
+        {
+            if std::env::var("PIPELINE_TEST_DEVICE").as_deref() == Ok("cuda") {
+                eprintln!("test device: cuda");
+                return $check(&Cuda::default());
+            }
+        }
+        $check(&Cpu::default())
+    };
 }
 
 fn golden() -> Value {
@@ -45,15 +65,22 @@ fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
 
 const TOL: f32 = 1e-4;
 
-fn qwen(dev: &Cpu) -> Qwen2<Cpu> {
+/// What the device-generic checks need of a device (CPU or CUDA).
+trait TestDevice: Device<f32> + TensorToArray<(), f32, Array = f32> {}
+impl<D: Device<f32> + TensorToArray<(), f32, Array = f32>> TestDevice for D {}
+
+fn qwen<D: Device<f32>>(dev: &D) -> Qwen2<D> {
     Qwen2::load_hf(&fixtures().join("qwen2_tiny"), dev).unwrap()
 }
 
 #[test]
 fn qwen2_logits_match_transformers() {
-    let dev = Cpu::default();
+    on_test_device!(qwen2_logits_match_transformers_on);
+}
+
+fn qwen2_logits_match_transformers_on<D: TestDevice>(dev: &D) {
     let g = golden();
-    let m = qwen(&dev);
+    let m = qwen(dev);
     for (i, p) in g["prompts"].as_array().unwrap().iter().enumerate() {
         let p = ids(p);
         let logits = m.forward(&Batch::new(p.clone(), 1, p.len()).unwrap()).unwrap();
@@ -63,9 +90,12 @@ fn qwen2_logits_match_transformers() {
 
 #[test]
 fn qwen2_padded_batches_match_transformers() {
-    let dev = Cpu::default();
+    on_test_device!(qwen2_padded_batches_match_transformers_on);
+}
+
+fn qwen2_padded_batches_match_transformers_on<D: TestDevice>(dev: &D) {
     let g = golden();
-    let m = qwen(&dev);
+    let m = qwen(dev);
     let prompts: Vec<Vec<u32>> = g["prompts"].as_array().unwrap().iter().map(ids).collect();
     let l = g["qwen2"]["padded_len"].as_u64().unwrap() as usize;
     let v = m.cfg.vocab_size;
@@ -96,9 +126,12 @@ fn qwen2_padded_batches_match_transformers() {
 
 #[test]
 fn qwen2_loss_and_seq_logprob_match_transformers() {
-    let dev = Cpu::default();
+    on_test_device!(qwen2_loss_and_seq_logprob_match_transformers_on);
+}
+
+fn qwen2_loss_and_seq_logprob_match_transformers_on<D: TestDevice>(dev: &D) {
     let g = golden();
-    let m = qwen(&dev);
+    let m = qwen(dev);
     let p = ids(&g["prompts"][1]);
     let labels: Vec<i64> = g["qwen2"]["loss_labels"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
     let batch = Batch::new(p.clone(), 1, p.len()).unwrap();
@@ -110,9 +143,12 @@ fn qwen2_loss_and_seq_logprob_match_transformers() {
 
 #[test]
 fn greedy_generation_matches_transformers() {
-    let dev = Cpu::default();
+    on_test_device!(greedy_generation_matches_transformers_on);
+}
+
+fn greedy_generation_matches_transformers_on<D: TestDevice>(dev: &D) {
     let g = golden();
-    let m = qwen(&dev);
+    let m = qwen(dev);
     let cfg = GenerationConfig { max_new_tokens: 12, ..Default::default() };
     let p = ids(&g["prompts"][0]);
     let out = generate(&m, std::slice::from_ref(&p), &cfg, None).unwrap();
@@ -121,16 +157,19 @@ fn greedy_generation_matches_transformers() {
     let out2 = generate(&m, &[ids(&g["prompts"][1]), p], &cfg, None).unwrap();
     assert_eq!(out2[1].tokens, ids(&g["qwen2"]["greedy"]));
 
-    let l = Qwen2::load_hf(&fixtures().join("llama_tiny_sharded"), &dev).unwrap();
+    let l = Qwen2::load_hf(&fixtures().join("llama_tiny_sharded"), dev).unwrap();
     let out = generate(&l, &[ids(&g["prompts"][1])], &cfg, None).unwrap();
     assert_eq!(out[0].tokens, ids(&g["llama"]["greedy"]));
 }
 
 #[test]
 fn llama_sharded_bf16_tied_matches_transformers() {
-    let dev = Cpu::default();
+    on_test_device!(llama_sharded_bf16_tied_matches_transformers_on);
+}
+
+fn llama_sharded_bf16_tied_matches_transformers_on<D: TestDevice>(dev: &D) {
     let g = golden();
-    let m = Qwen2::load_hf(&fixtures().join("llama_tiny_sharded"), &dev).unwrap();
+    let m = Qwen2::load_hf(&fixtures().join("llama_tiny_sharded"), dev).unwrap();
     assert!(m.cfg.tie_word_embeddings && !m.cfg.attention_bias);
     for (i, p) in g["prompts"].as_array().unwrap().iter().enumerate() {
         let p = ids(p);
@@ -141,9 +180,12 @@ fn llama_sharded_bf16_tied_matches_transformers() {
 
 #[test]
 fn lora_loss_gradients_and_merge_match_peft() {
-    let dev = Cpu::default();
+    on_test_device!(lora_loss_gradients_and_merge_match_peft_on);
+}
+
+fn lora_loss_gradients_and_merge_match_peft_on<D: TestDevice>(dev: &D) {
     let g = golden();
-    let mut m = qwen(&dev);
+    let mut m = qwen(dev);
     m.load_peft_adapter(&fixtures().join("lora_tiny")).unwrap();
     let p = ids(&g["prompts"][1]);
     let mut labels: Vec<i64> = p.iter().map(|&x| x as i64).collect();
@@ -193,8 +235,11 @@ fn lora_loss_gradients_and_merge_match_peft() {
 
 #[test]
 fn one_lora_step_changes_only_adapters_and_lowers_loss() {
-    let dev = Cpu::default();
-    let mut m = qwen(&dev);
+    on_test_device!(one_lora_step_changes_only_adapters_and_lowers_loss_on);
+}
+
+fn one_lora_step_changes_only_adapters_and_lowers_loss_on<D: TestDevice>(dev: &D) {
+    let mut m = qwen(dev);
     let base = m.to_host();
     m.set_trainable(Trainable::Lora(LoraConfig::all_linear(4, 8.0)), 7).unwrap();
     let n = m.params.num_trainable_params();
@@ -260,8 +305,11 @@ fn full_finetune_trains_every_weight() {
 
 #[test]
 fn kv_cache_matches_full_forward() {
-    let dev = Cpu::default();
-    let m = qwen(&dev);
+    on_test_device!(kv_cache_matches_full_forward_on);
+}
+
+fn kv_cache_matches_full_forward_on<D: TestDevice>(dev: &D) {
+    let m = qwen(dev);
     let p: Vec<u32> = vec![9, 8, 7, 6, 5, 4, 3];
     let full = m.forward(&Batch::new(p.clone(), 1, 7).unwrap()).unwrap().as_vec();
     let mut cache = m.new_cache();
@@ -406,4 +454,97 @@ fn saved_model_loads_in_transformers() {
     m.save_adapter(&out.join("adapter"), "base").unwrap();
     let g = serde_json::json!({"ids": ids, "base_logits": base_logits, "lora_logits": lora_logits});
     std::fs::write(out.join("golden.json"), g.to_string()).unwrap();
+}
+
+/// Largest absolute difference and largest relative difference `|a - b| / max(|b|, 1e-3·max|b|)`.
+#[cfg(feature = "cuda")]
+fn diff(a: &[f32], b: &[f32]) -> (f32, f32) {
+    assert_eq!(a.len(), b.len());
+    let floor = 1e-3 * b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    a.iter().zip(b).fold((0f32, 0f32), |(ma, mr), (x, y)| {
+        let d = (x - y).abs();
+        (ma.max(d), mr.max(d / y.abs().max(floor)))
+    })
+}
+
+/// The same models on the CPU and on the GPU agree within 1e-3 (absolute, relative to the
+/// largest entry where that exceeds 1; logits and LoRA gradients): the fixture checkpoints with the peft adapter, and a random Llama with
+/// SmolLM2-135M's dimensions (30 layers, so summation-order noise has room to grow).
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU: run with scripts/gpu/run-on-device.sh"]
+fn cuda_matches_cpu() {
+    let cpu = Cpu::default();
+    let gpu = Cuda::default();
+    let g = golden();
+    let prompts: Vec<Vec<u32>> = g["prompts"].as_array().unwrap().iter().map(ids).collect();
+    let report = |what: &str, a: &[f32], b: &[f32]| {
+        let (abs, rel) = diff(a, b);
+        eprintln!("cuda vs cpu {what}: max abs {abs:e}, max rel {rel:e} over {} values", a.len());
+        let scale = b.iter().fold(1f32, |m, x| m.max(x.abs()));
+        assert!(abs <= 1e-3 * scale, "{what}: CUDA and CPU differ by {abs} (largest |value| {scale})");
+    };
+    for dir in ["qwen2_tiny", "llama_tiny_sharded"] {
+        let mc = Qwen2::load_hf(&fixtures().join(dir), &cpu).unwrap();
+        let mg = Qwen2::load_hf(&fixtures().join(dir), &gpu).unwrap();
+        let b = Batch::right_padded(&prompts, 0).unwrap();
+        report(&format!("{dir} padded logits"), &mg.forward(&b).unwrap().as_vec(), &mc.forward(&b).unwrap().as_vec());
+    }
+    // LoRA forward + gradients
+    let mut mc = qwen(&cpu);
+    let mut mg = qwen(&gpu);
+    mc.load_peft_adapter(&fixtures().join("lora_tiny")).unwrap();
+    mg.load_peft_adapter(&fixtures().join("lora_tiny")).unwrap();
+    let b = Batch::right_padded(&prompts, 0).unwrap();
+    let labels: Vec<i64> = b.ids.iter().zip(&b.mask).map(|(&t, &m)| if m { t as i64 } else { -100 }).collect();
+    let lc = masked_cross_entropy(mc.forward_traced(&b, mc.params.alloc_grads()).unwrap(), &labels).unwrap();
+    let lg = masked_cross_entropy(mg.forward_traced(&b, mg.params.alloc_grads()).unwrap(), &labels).unwrap();
+    report("lora loss", &[lg.array()], &[lc.array()]);
+    let gc = lc.backward().get(&mc.params.flat).as_vec();
+    let gg = lg.backward().get(&mg.params.flat).as_vec();
+    report("lora grads", &gg, &gc);
+    // full fine-tuning gradients: every weight (embedding gather, biases, norms, GQA K/V)
+    let mut mc = qwen(&cpu);
+    let mut mg = qwen(&gpu);
+    mc.set_trainable(Trainable::Full, 0).unwrap();
+    mg.set_trainable(Trainable::Full, 0).unwrap();
+    let lc = masked_cross_entropy(mc.forward_traced(&b, mc.params.alloc_grads()).unwrap(), &labels).unwrap();
+    let lg = masked_cross_entropy(mg.forward_traced(&b, mg.params.alloc_grads()).unwrap(), &labels).unwrap();
+    let gc = lc.backward().get(&mc.params.flat).as_vec();
+    let gg = lg.backward().get(&mg.params.flat).as_vec();
+    report("full fine-tuning grads", &gg, &gc);
+    // SmolLM2-135M-shaped random Llama
+    let cfg = smollm2_shape();
+    let host = Qwen2::<Cpu>::random_host(&cfg, 11);
+    let mc = Qwen2::from_host(&cfg, &host, &cpu).unwrap();
+    let mg = Qwen2::from_host(&cfg, &host, &gpu).unwrap();
+    let p: Vec<u32> = (0..64).map(|i| (i * 7919) % cfg.vocab_size as u32).collect();
+    let b = Batch::new(p, 2, 32).unwrap();
+    report("SmolLM2-135M-shape logits", &mg.forward(&b).unwrap().as_vec(), &mc.forward(&b).unwrap().as_vec());
+    // greedy decoding agrees token for token
+    let gen = GenerationConfig { max_new_tokens: 16, ..Default::default() };
+    let p = vec![prompts[1].clone(), prompts[0].clone()];
+    assert_eq!(generate(&qwen(&gpu), &p, &gen, None).unwrap(), generate(&qwen(&cpu), &p, &gen, None).unwrap());
+}
+
+/// A Llama with SmolLM2-135M's dimensions (random weights are filled in by the caller).
+#[cfg(feature = "cuda")]
+fn smollm2_shape() -> ModelConfig {
+    ModelConfig {
+        arch: pipeline_model::Arch::Llama,
+        vocab_size: 49_152,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_hidden_layers: 30,
+        num_attention_heads: 9,
+        num_key_value_heads: 3,
+        head_dim: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 100_000.0,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        max_position_embeddings: 8192,
+        bos_token_id: None,
+        eos_token_id: vec![],
+    }
 }

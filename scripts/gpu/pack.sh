@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds pipeline-model's CUDA test and bench binaries (release) and packs everything the GPU
+# machine needs into .gpu/ (add "/.gpu/" to .git/info/exclude once):
+#   model-tests, throughput        test and bench binaries (--features cuda)
+#   setup.sh, headers.tgz          from ../shared/gpu/pack-for-device.sh (NVRTC headers at their build paths)
+#   fixtures/                      stages/model/tests/fixtures (the binaries read $PIPELINE_TEST_FIXTURES)
+#   run-on-device.sh, bench_transformers.py, table.py
+#   *.whl                          optional: wheels in $GPU_WHEELS (e.g. peft, if the GPU image lacks it)
+# Usage, from the project root: scripts/gpu/pack.sh   then see scripts/gpu/README.md.
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+# shellcheck disable=SC1091
+. "${PIPELINE_CUDA_ENV:-../shared/gpu/cuda-env.sh}"
+exe() { # executable of the cargo target named $1 in the JSON messages on stdin
+  python3 -c 'import json,sys
+for m in map(json.loads, sys.stdin):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$1" | tail -n1
+}
+tests=$(cargo test -p pipeline-model --features cuda --release --no-run --message-format=json | exe model)
+bench=$(cargo bench -p pipeline-model --features cuda --bench throughput --no-run --message-format=json | exe throughput)
+tmp=$(mktemp -d)
+cp "$tests" "$tmp/model-tests"
+cp "$bench" "$tmp/throughput"
+rm -rf .gpu
+../shared/gpu/pack-for-device.sh "$tmp/model-tests" "$tmp/throughput" \
+  scripts/gpu/run-on-device.sh scripts/gpu/bench_transformers.py scripts/gpu/table.py
+rm -rf "$tmp"
+cp -r stages/model/tests/fixtures .gpu/fixtures
+if [ -n "${GPU_WHEELS:-}" ]; then cp "$GPU_WHEELS"/*.whl .gpu/; fi
+du -sh .gpu
