@@ -55,7 +55,9 @@ impl ModelPredictor {
             Some(chat) => chat.render(&msgs, true)?,
             None => msgs.iter().map(|m| m.content.clone()).collect::<Vec<_>>().join("\n"),
         };
-        Ok(self.p.tokenizer.encode(&format!("{text}{}", prompt.assistant_prefix), false)?)
+        let ids = self.p.tokenizer.encode(&format!("{text}{}", prompt.assistant_prefix), false)?;
+        // The built-in tiny model has a restricted vocabulary (vocab_map.json): map tokenizer ids.
+        Ok(self.p.to_model_ids(&ids))
     }
 
     /// Log-softmax rows of the logits at every position of one sequence.
@@ -86,8 +88,8 @@ impl Predictor for ModelPredictor {
             stop_token_ids: self.p.stop_ids(),
             ..GenerationConfig::default()
         };
-        let tok = &self.p.tokenizer;
-        let decode = |ids: &[u32]| tok.decode(ids, true).unwrap_or_default();
+        let p = &self.p;
+        let decode = |ids: &[u32]| p.decode_model_ids(ids).unwrap_or_default();
         let out = generate(&self.p.model, &ids, &cfg, Some(&decode))?;
         Ok(out.into_iter().map(|g| g.text.unwrap_or_default()).collect())
     }
@@ -95,7 +97,7 @@ impl Predictor for ModelPredictor {
     fn loglik(&mut self, prompt: &Prompt, continuations: &[String]) -> Result<Vec<f64>, PredictError> {
         let ctx = self.encode(prompt)?;
         let conts: Vec<Vec<u32>> =
-            continuations.iter().map(|c| self.p.tokenizer.encode(c, false)).collect::<Result<_, _>>()?;
+            continuations.iter().map(|c| Ok(self.p.to_model_ids(&self.p.tokenizer.encode(c, false)?))).collect::<Result<_, PredictError>>()?;
         if conts.iter().all(|c| c.len() == 1) {
             // Single-token options (the MCQ letters): one forward pass scores them all.
             let lp = self.logprobs(&ctx)?;
