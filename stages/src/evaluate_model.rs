@@ -96,8 +96,10 @@ impl Predictor for ModelPredictor {
 
     fn loglik(&mut self, prompt: &Prompt, continuations: &[String]) -> Result<Vec<f64>, PredictError> {
         let ctx = self.encode(prompt)?;
-        let conts: Vec<Vec<u32>> =
-            continuations.iter().map(|c| Ok(self.p.to_model_ids(&self.p.tokenizer.encode(c, false)?))).collect::<Result<_, PredictError>>()?;
+        let conts: Vec<Vec<u32>> = continuations
+            .iter()
+            .map(|c| Ok(self.p.to_model_ids(&self.p.tokenizer.encode(c, false)?)))
+            .collect::<Result<_, PredictError>>()?;
         if conts.iter().all(|c| c.len() == 1) {
             // Single-token options (the MCQ letters): one forward pass scores them all.
             let lp = self.logprobs(&ctx)?;

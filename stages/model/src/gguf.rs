@@ -460,7 +460,7 @@ impl GgufFile {
 fn tensor_bytes(ty: GgmlType, t: &TensorInfo) -> Result<u64, String> {
     let (be, bb) = ty.block();
     let inner = t.dims[0];
-    if inner % be as u64 != 0 {
+    if !inner.is_multiple_of(be as u64) {
         return Err(format!("innermost dimension {inner} is not a multiple of the {} block size {be}", ty.name()));
     }
     let n = t.dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or("element count overflows")?;

@@ -52,7 +52,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 pub fn permute_rope(t: &HostTensor, n_head: usize) -> Result<HostTensor, String> {
     let rows = t.shape[0];
     let cols: usize = t.shape[1..].iter().product();
-    if n_head == 0 || rows % (2 * n_head) != 0 {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
         return Err(format!("{rows} rows cannot be split into {n_head} heads of even size"));
     }
     let half = rows / n_head / 2;

@@ -203,7 +203,7 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 pub fn unpermute_rope(t: &HostTensor, n_head: usize) -> Result<HostTensor, String> {
     let rows = t.shape[0];
     let cols: usize = t.shape[1..].iter().product();
-    if n_head == 0 || rows % (2 * n_head) != 0 {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
         return Err(format!("{rows} rows cannot be split into {n_head} heads of even size for RoPE un-permutation"));
     }
     let half = rows / n_head / 2;

@@ -41,7 +41,7 @@ impl GgufWriter {
         }
         let bytes = quantize(ty, data).map_err(|m| err(m.to_string()))?;
         let inner = *shape.last().unwrap_or(&0);
-        if inner % ty.block().0 != 0 {
+        if !inner.is_multiple_of(ty.block().0) {
             return Err(err(format!("innermost dimension {inner} is not a multiple of the {} block size", ty.name())));
         }
         self.add_raw_tensor(name, shape.iter().rev().map(|&d| d as u64).collect(), ty as u32, bytes);
@@ -170,7 +170,7 @@ fn roundf(x: f32) -> f32 {
 /// Encode `data` as `ty` blocks (llama.cpp's reference quantisers).
 pub fn quantize(ty: GgmlType, data: &[f32]) -> Result<Vec<u8>, QuantizeError> {
     let (be, bb) = ty.block();
-    if data.len() % be != 0 {
+    if !data.len().is_multiple_of(be) {
         return Err(QuantizeError::Blocks(data.len(), be));
     }
     let mut out = Vec::with_capacity(data.len() / be * bb);
