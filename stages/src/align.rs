@@ -95,11 +95,11 @@ const OWN: &[&str] = &["rlhf_type", "beta", "label_smoothing", "rpo_alpha", "des
 fn parse(params: &toml::Table) -> Result<(pipeline_train::TrainConfig, TunerParams, Params), StageError> {
     let (cfg, rest): (_, toml::Table) = training::split(params)?;
     let (own, tuner): (toml::Table, toml::Table) = rest.into_iter().partition(|(k, _)| OWN.contains(&k.as_str()));
-    let tuner: TunerParams = pipeline_engine::parse_params(&tuner)
+    let tuner: TunerParams = pipeline_engine::stage::parse_params(&tuner)
         .map_err(|e| StageError::Params(format!("{e}; align keys: {}", OWN.join(", "))))?;
     tuner.check()?;
     tuner.trainable()?;
-    let p: Params = pipeline_engine::parse_params(&own)?;
+    let p: Params = pipeline_engine::stage::parse_params(&own)?;
     if p.beta <= 0.0 || !p.beta.is_finite() {
         return Err(StageError::Params("`beta` must be > 0".into()));
     }
@@ -178,7 +178,7 @@ impl Stage for Align {
         let metrics_dir = ctx.output("metrics")?.to_path_buf();
         let model_dir = ctx.output("model")?.to_path_buf();
         let dev = pre.model.device().clone();
-        let mut used = 0usize;
+        let used: usize;
         let mut cb = RunCtxCallbacks { ctx, label: format!("align ({:?})", p.rlhf_type).to_lowercase() };
         let (outcome, model): (TrainOutcome, _) = match p.rlhf_type {
             RlhfType::Dpo => {

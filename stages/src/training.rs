@@ -102,7 +102,7 @@ impl TunerParams {
 /// Unknown keys name both lists.
 pub(crate) fn split<T: serde::de::DeserializeOwned>(params: &toml::Table) -> Result<(TrainConfig, T), StageError> {
     let (cfg, rest) = TrainConfig::split_params(params).map_err(pipeline_train::stage::stage_error)?;
-    let own = pipeline_engine::parse_params::<T>(&rest).map_err(|e| match e {
+    let own = pipeline_engine::stage::parse_params::<T>(&rest).map_err(|e| match e {
         StageError::Params(m) if m.contains("unknown field") => {
             StageError::Params(format!("{m}; training keys: {}", TRAIN_CONFIG_KEYS.join(", ")))
         }
