@@ -109,6 +109,9 @@ fn parse(params: &toml::Table) -> Result<(pipeline_train::TrainConfig, TunerPara
     Ok((cfg, tuner, p))
 }
 
+/// Prompt ids and completion ids, in model ids.
+type PromptCompletion = (Vec<u32>, Vec<u32>);
+
 /// (prompt ids, completion ids) in model ids: the conversation up to its last assistant turn, and
 /// the assistant tokens of that turn with `content` as its text.
 fn prompt_completion(
@@ -116,7 +119,7 @@ fn prompt_completion(
     s: &Sample,
     content: &str,
     system: Option<&str>,
-) -> Result<Option<(Vec<u32>, Vec<u32>)>, StageError> {
+) -> Result<Option<PromptCompletion>, StageError> {
     let chat = training::chat_template(pre)?;
     let Some(last) = s.messages.iter().rposition(|m| m.role == "assistant") else { return Ok(None) };
     let mut msgs: Vec<Message> = s.messages[..last].to_vec();

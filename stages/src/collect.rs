@@ -404,7 +404,7 @@ impl Loader<'_> {
                 return Ok(());
             }
             no += 1;
-            if no % 65_536 == 0 {
+            if no.is_multiple_of(65_536) {
                 self.ctx.check_cancelled()?;
             }
             let t = line.trim();

@@ -121,7 +121,7 @@ impl Default for DpoConfig {
 }
 
 fn split_rows(rows: usize, what: &str) -> Result<usize, TrainError> {
-    if rows == 0 || rows % 2 != 0 {
+    if rows == 0 || !rows.is_multiple_of(2) {
         return Err(TrainError::Shape(format!(
             "{what} needs chosen and rejected rows (an even, non-zero count), got {rows}"
         )));

@@ -366,7 +366,7 @@ where
             *w.metric_sums.entry(k.clone()).or_default() += sum / weight;
             *w.metric_steps.entry(k).or_default() += 1;
         }
-        if step % cfg.logging_steps == 0 || step == total_steps {
+        if step.is_multiple_of(cfg.logging_steps) || step == total_steps {
             let elapsed = window_start.elapsed().as_secs_f64();
             let rec = Record::Train(TrainRecord {
                 step,
@@ -389,7 +389,7 @@ where
         callbacks.on_step(step, total_steps);
 
         if let Some(ev) = eval {
-            if step % cfg.eval_every() == 0 || step == total_steps {
+            if step.is_multiple_of(cfg.eval_every()) || step == total_steps {
                 let (eval_loss, metrics) = evaluate(model, objective, ev, cfg.per_device_eval_batch_size, seed, step)?;
                 let rec = Record::Eval(EvalRecord { step, epoch: epoch_f, eval_loss, metrics });
                 callbacks.on_record(&rec);
@@ -415,7 +415,7 @@ where
         if let Some(reason) = state.stop {
             stop = reason;
         }
-        if step % cfg.save_steps == 0 || step == total_steps || state.stop.is_some() {
+        if step.is_multiple_of(cfg.save_steps) || step == total_steps || state.stop.is_some() {
             save_checkpoint(model, &opt, &state, paths, cfg)?;
         }
     }
