@@ -157,14 +157,7 @@ impl Stage for Align {
     fn declare(&self, ctx: &PlanCtx<'_>) -> Result<Declared, StageError> {
         ctx.check_inputs(&["data"], &["model"])?;
         let (_, t, _) = parse(ctx.params)?;
-        let mut files = Vec::new();
-        match &t.model {
-            Some(m) => files.push(ctx.resolve(training::shellexpand_env(m))),
-            None if !ctx.input_names.contains(&"model") => {
-                return Err(StageError::Params("no model: set `model` or bind input `model`".into()))
-            }
-            None => {}
-        }
+        let files = training::declared_model_files(ctx, t.model.as_deref())?;
         Ok(Declared { outputs: vec!["model".into(), "metrics".into()], files })
     }
     fn run(&self, ctx: &RunCtx) -> Result<(), StageError> {

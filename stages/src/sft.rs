@@ -92,14 +92,7 @@ impl Stage for Sft {
         let (_, p): (_, TunerParams) = training::split(ctx.params)?;
         p.check()?;
         p.trainable()?;
-        let mut files = Vec::new();
-        match &p.model {
-            Some(m) => files.push(ctx.resolve(training::shellexpand_env(m))),
-            None if !ctx.input_names.contains(&"model") => {
-                return Err(StageError::Params("no model: set `model` or bind input `model`".into()))
-            }
-            None => {}
-        }
+        let files = training::declared_model_files(ctx, p.model.as_deref())?;
         Ok(Declared { outputs: vec!["model".into(), "metrics".into()], files })
     }
     fn run(&self, ctx: &RunCtx) -> Result<(), StageError> {

@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use dfdx::prelude::Cpu;
-use pipeline_engine::{RunCtx, StageError};
+use pipeline_engine::{PlanCtx, RunCtx, StageError};
 use pipeline_model::chat::{ChatTemplate, Message as ChatMessage};
 use pipeline_model::pretrained::{load_pretrained, Pretrained};
 use pipeline_model::{LoraConfig, Qwen2, Trainable};
@@ -227,4 +227,16 @@ pub(crate) fn report(
     }
     let _ = ctx;
     r
+}
+
+/// The local files a training stage's `model` param points at (their content enters the cache
+/// key); an error when neither `model` nor an input `model` gives the stage a model to start from.
+pub(crate) fn declared_model_files(ctx: &PlanCtx<'_>, model: Option<&str>) -> Result<Vec<PathBuf>, StageError> {
+    match model {
+        Some(m) => Ok(vec![ctx.resolve(shellexpand_env(m))]),
+        None if !ctx.input_names.contains(&"model") => {
+            Err(StageError::Params("no model: set `model` or bind input `model`".into()))
+        }
+        None => Ok(Vec::new()),
+    }
 }
