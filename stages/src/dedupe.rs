@@ -174,7 +174,7 @@ fn minhash_kernel(a: &[u64], b: &[u64], xl: &[u32], xh: &[u32], sig: &mut [u32])
 /// Without AVX2 the split kernel is no faster than the direct 64-bit formula; use that.
 fn minhash_portable(a: &[u64], b: &[u64], xl: &[u32], xh: &[u32], sig: &mut [u32]) {
     for (&l, &h) in xl.iter().zip(xh) {
-        let x = u64::from(h) << 32 | u64::from(l);
+        let x = (u64::from(h) << 32) | u64::from(l);
         for ((s, a), b) in sig.iter_mut().zip(a).zip(b) {
             let v = (a.wrapping_mul(x).wrapping_add(*b) >> 32) as u32;
             if v < *s {
