@@ -67,7 +67,7 @@ fn generate(path: &Path, bytes: u64) -> (u64, u64) {
     (written, rows)
 }
 
-fn run(kind: &str, params: &str, dir: &Path, input: Option<&Path>) -> (PathBuf, serde_json::Value, f64) {
+fn run(kind: &str, params: &str, dir: &Path, input: Option<&Path>) -> (PathBuf, serde_json::Value, f64, f64) {
     let reg = pipeline_stages::registry();
     let stage = reg.get(kind).unwrap();
     let out = dir.join(kind);
@@ -88,9 +88,19 @@ fn run(kind: &str, params: &str, dir: &Path, input: Option<&Path>) -> (PathBuf, 
         sink: Arc::new(NullSink),
         cancel: Arc::new(AtomicBool::new(false)),
     });
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), cpu_secs());
     stage.run(&ctx).unwrap_or_else(|e| panic!("{kind}: {e}"));
-    (out.join("data"), ctx.take_report().unwrap(), t.elapsed().as_secs_f64())
+    (out.join("data"), ctx.take_report().unwrap(), t.elapsed().as_secs_f64(), cpu_secs() - cpu)
+}
+
+/// CPU seconds (user + system, all threads) this process has used so far, from /proc/self/stat.
+fn cpu_secs() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
 }
 
 fn peak_rss_mb() -> f64 {
@@ -122,20 +132,23 @@ fn main() {
     let size_mb = bytes as f64 / (1 << 20) as f64;
     println!("generated {size_mb:.0} MiB, {rows} rows in {:.1}s", t.elapsed().as_secs_f64());
     let rss_gen = peak_rss_mb();
-    let (c, cr, tc) = run("collect", "datasets = [\"corpus.jsonl\"]\nshuffle = false", &dir, None);
-    let (d, dr, td) = run("dedupe", "", &dir, Some(&c));
-    let (_, kr, tk) = run("clean", "", &dir, Some(&d));
-    for (name, secs, rep) in [("collect", tc, &cr), ("dedupe", td, &dr), ("clean", tk, &kr)] {
+    let (c, cr, tc, uc) = run("collect", "datasets = [\"corpus.jsonl\"]\nshuffle = false", &dir, None);
+    let (d, dr, td, ud) = run("dedupe", "", &dir, Some(&c));
+    let (_, kr, tk, uk) = run("clean", "", &dir, Some(&d));
+    for (name, secs, cpu, rep) in [("collect", tc, uc, &cr), ("dedupe", td, ud, &dr), ("clean", tk, uk, &kr)] {
         println!(
-            "{name:8} {secs:7.1}s  {:7.1} MiB/s (of the input corpus)  {:9.0} rows/s  report {}",
+            "{name:8} {secs:7.1}s wall {cpu:7.1}s CPU  {:7.1} MiB/s wall  {:7.1} MiB/s per CPU-s (of the input corpus)  {:9.0} rows/s  report {}",
             size_mb / secs,
+            size_mb / cpu.max(1e-9),
             rows as f64 / secs,
             rep
         );
     }
     let total = tc + td + tk;
+    let cpu = uc + ud + uk;
     println!(
-        "end to end: {total:.1}s  {:.1} MiB/s  {:.0} rows/s  peak RSS {:.0} MiB (generation alone: {rss_gen:.0} MiB)  threads: main thread + polars pool",
+        "end to end: {total:.1}s wall  {cpu:.1}s CPU  {:.1} MiB/s per CPU-s  {:.1} MiB/s wall  {:.0} rows/s  peak RSS {:.0} MiB (generation alone: {rss_gen:.0} MiB)  threads: main thread + polars pool",
+        size_mb / cpu.max(1e-9),
         size_mb / total,
         rows as f64 / total,
         peak_rss_mb()

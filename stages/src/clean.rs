@@ -59,7 +59,7 @@ use std::time::Instant;
 
 use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError};
 use regex::Regex;
-use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::{is_nfkc_quick, IsNormalized, UnicodeNormalization};
 
 use crate::data::text::{for_each_word, guess_language, hash64, mix64};
 use crate::data::{write_jsonl, DatasetReader, DatasetWriter, Sample};
@@ -157,7 +157,14 @@ fn is_invisible(c: char) -> bool {
 }
 
 pub(crate) fn remove_control(s: &str) -> Cow<'_, str> {
-    if s.chars().any(is_invisible) {
+    // ASCII text only needs a byte scan: the invisible characters above are all non-ASCII
+    // except the C0 controls and DEL.
+    let found = if s.is_ascii() {
+        s.bytes().any(|b| (b < 0x20 && b != b'\n' && b != b'\t') || b == 0x7f)
+    } else {
+        s.chars().any(is_invisible)
+    };
+    if found {
         Cow::Owned(s.chars().filter(|c| !is_invisible(*c)).map(|c| if c == '\r' { '\n' } else { c }).collect())
     } else {
         Cow::Borrowed(s)
@@ -211,7 +218,37 @@ pub(crate) fn strip_html(s: &str) -> Cow<'_, str> {
     }
 }
 
+/// True when [`normalize_whitespace`] would leave `s` unchanged (a sufficient condition checked
+/// in one allocation-free scan): the only whitespace is single spaces and newlines, no space
+/// touches a line end, at most one blank line in a row, no newline at either end.
+fn whitespace_is_normal(s: &str) -> bool {
+    let b = s.as_bytes();
+    if matches!(b.first(), Some(b' ' | b'\n')) || matches!(b.last(), Some(b' ' | b'\n')) {
+        return false;
+    }
+    let (mut p1, mut p2) = (0u8, 0u8);
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            b' ' if p1 == b' ' || p1 == b'\n' => return false,
+            b'\n' if p1 == b' ' || (p1 == b'\n' && p2 == b'\n') => return false,
+            b'\t' | 0x0b | 0x0c | b'\r' => return false,
+            0xc0.. => {
+                if s[i..].chars().next().is_some_and(char::is_whitespace) {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+        p2 = p1;
+        p1 = c;
+    }
+    true
+}
+
 pub(crate) fn normalize_whitespace(s: &str) -> Cow<'_, str> {
+    if whitespace_is_normal(s) {
+        return Cow::Borrowed(s);
+    }
     let mut out = String::with_capacity(s.len());
     let mut blank_run = 0usize;
     for line in s.split('\n') {
@@ -259,6 +296,31 @@ pub(crate) fn mask_pii(s: &str) -> Cow<'_, str> {
     }
 }
 
+/// A `Hasher` over [`hash64`]: keys here are lines and already-mixed 64-bit n-gram hashes, so
+/// SipHash's DoS resistance buys nothing. Map iteration order never reaches the output.
+#[derive(Default)]
+struct FastHasher(u64);
+
+impl std::hash::Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = hash64(bytes, self.0);
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = mix64(self.0 ^ v);
+    }
+    fn write_u8(&mut self, v: u8) {
+        self.0 = mix64(self.0 ^ u64::from(v));
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.0 = mix64(self.0 ^ v as u64);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
+
 /// Gopher repetition statistics of a text.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Repetition {
@@ -270,19 +332,23 @@ pub(crate) struct Repetition {
 
 pub(crate) fn repetition(s: &str, n: usize) -> Repetition {
     let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut seen: FastMap<&str, usize> = FastMap::default();
     for l in &lines {
         *seen.entry(l).or_default() += 1;
     }
     let dup_lines: usize = seen.values().filter(|&&c| c > 1).map(|&c| c - 1).sum();
     // Words as (hash, char length): no per-word allocation.
     let mut words: Vec<(u64, usize)> = Vec::new();
-    for_each_word(s, |w| words.push((hash64(w.as_bytes(), 0), w.chars().count())));
+    for_each_word(s, |w| {
+        let chars = if w.is_ascii() { w.len() } else { w.chars().count() };
+        words.push((hash64(w.as_bytes(), 0), chars))
+    });
     let word_chars: usize = words.iter().map(|w| w.1).sum();
     let mut top = 0.0;
     if words.len() >= n && word_chars > 0 {
         // n-gram hash -> (count, first position); ties broken by the earliest first position.
-        let mut counts: HashMap<u64, (usize, usize)> = HashMap::new();
+        let mut counts: FastMap<u64, (usize, usize)> =
+            FastMap::with_capacity_and_hasher(words.len(), Default::default());
         for (i, g) in words.windows(n).enumerate() {
             let h = g.iter().fold(0x9e37_79b9_7f4a_7c15u64, |h, w| mix64(h ^ w.0));
             counts.entry(h).or_insert((0, i)).0 += 1;
@@ -304,6 +370,15 @@ pub(crate) fn repetition(s: &str, n: usize) -> Repetition {
     }
 }
 
+/// NFKC; text that is ASCII or passes the NFKC quick check is already normalised.
+fn nfkc(x: &str) -> Cow<'_, str> {
+    if x.is_ascii() || is_nfkc_quick(x.chars()) == IsNormalized::Yes {
+        Cow::Borrowed(x)
+    } else {
+        Cow::Owned(x.nfkc().collect())
+    }
+}
+
 /// One text normalisation: returns `Borrowed` when nothing changed.
 type Step = fn(&str) -> Cow<'_, str>;
 
@@ -319,7 +394,7 @@ impl Cleaner {
         let mut changed = [false; 5];
         for t in s.texts_mut() {
             let steps: [(bool, Step); 5] = [
-                (self.p.nfkc, |x| if x.is_ascii() { Cow::Borrowed(x) } else { Cow::Owned(x.nfkc().collect()) }),
+                (self.p.nfkc, nfkc),
                 (self.p.remove_control, remove_control),
                 (self.p.strip_html, strip_html),
                 (self.p.normalize_whitespace, normalize_whitespace),
@@ -475,6 +550,13 @@ mod tests {
         assert_eq!(strip_html("<p>Hi &amp; bye</p><image>"), "Hi & bye\n<image>");
         assert_eq!(remove_control("a\u{200B}b\u{0007}c\u{FEFF}"), "abc");
         assert_eq!(normalize_whitespace("  a   b \n\n\n\n c\t \n"), "a b\n\nc");
+        for already in ["a b\n\nc", "x", "", "é ü\nß"] {
+            assert!(whitespace_is_normal(already) && matches!(normalize_whitespace(already), Cow::Borrowed(_)));
+        }
+        for not in [" a", "a ", "a  b", "a\n\n\nb", "a \nb", "a\n b", "a\tb", "a\u{a0}b", "\na", "a\n"] {
+            assert!(!whitespace_is_normal(not), "{not:?}");
+            assert_ne!(normalize_whitespace(not), not);
+        }
         assert_eq!(
             mask_pii("mail bob@example.com or call 138 0013 8000? no: 13800138000, id 11010519491231002X"),
             "mail [EMAIL] or call 138 0013 8000? no: [PHONE], id [ID]"

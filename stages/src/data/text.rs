@@ -35,30 +35,72 @@ pub fn is_cjk(c: char) -> bool {
 
 /// Words of `s`, lowercased: runs of alphanumerics, each CJK character alone; punctuation and
 /// whitespace separate words and are dropped. Calls `f` on each word.
+///
+/// ASCII is handled byte by byte, and a word that is already lowercase ASCII is passed as a slice
+/// of `s` (no copy); only words that need lowercasing go through a buffer.
 pub fn for_each_word(s: &str, mut f: impl FnMut(&str)) {
+    let b = s.as_bytes();
     let mut buf = String::new();
-    for c in s.chars() {
-        if is_cjk(c) {
-            if !buf.is_empty() {
-                f(&buf);
-                buf.clear();
+    // The current word starts at `start`; while `copy` is false it is `s[start..i]` verbatim,
+    // otherwise it is accumulated (lowercased) in `buf`.
+    let mut start: Option<usize> = None;
+    let mut copy = false;
+    let mut i = 0;
+    macro_rules! emit {
+        () => {
+            if let Some(st) = start.take() {
+                if copy {
+                    f(&buf);
+                } else {
+                    f(&s[st..i]);
+                }
             }
-            let mut tmp = [0u8; 4];
-            f(c.encode_utf8(&mut tmp));
-        } else if c.is_alphanumeric() {
-            if c.is_ascii() {
-                buf.push(c.to_ascii_lowercase());
+        };
+    }
+    while i < b.len() {
+        let c = b[i];
+        if c < 0x80 {
+            if c.is_ascii_alphanumeric() {
+                let st = *start.get_or_insert(i);
+                if st == i {
+                    copy = false;
+                }
+                if !copy && c.is_ascii_uppercase() {
+                    buf.clear();
+                    buf.push_str(&s[st..i]);
+                    copy = true;
+                }
+                if copy {
+                    buf.push(c.to_ascii_lowercase() as char);
+                }
             } else {
-                buf.extend(c.to_lowercase());
+                emit!();
             }
-        } else if !buf.is_empty() {
-            f(&buf);
-            buf.clear();
+            i += 1;
+            continue;
         }
+        let Some(ch) = s[i..].chars().next() else { break };
+        let len = ch.len_utf8();
+        if is_cjk(ch) {
+            emit!();
+            f(&s[i..i + len]);
+        } else if ch.is_alphanumeric() {
+            let st = *start.get_or_insert(i);
+            if st == i {
+                copy = false;
+            }
+            if !copy {
+                buf.clear();
+                buf.push_str(&s[st..i]);
+                copy = true;
+            }
+            buf.extend(ch.to_lowercase());
+        } else {
+            emit!();
+        }
+        i += len;
     }
-    if !buf.is_empty() {
-        f(&buf);
-    }
+    emit!();
 }
 
 /// 64-bit hashes of the words of `s` (see [`for_each_word`]).
@@ -181,6 +223,9 @@ mod tests {
         let mut w = Vec::new();
         for_each_word("Hello, 世界! It's OK", |x| w.push(x.to_string()));
         assert_eq!(w, ["hello", "世", "界", "it", "s", "ok"]);
+        w.clear();
+        for_each_word("ab ÀbC dÉf GHI été x1Y 中a", |x| w.push(x.to_string()));
+        assert_eq!(w, ["ab", "àbc", "déf", "ghi", "été", "x1y", "中", "a"]);
     }
 
     #[test]
