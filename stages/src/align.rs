@@ -41,7 +41,7 @@
 
 use std::time::Instant;
 
-use dfdx::prelude::Cpu;
+use dfdx::prelude::Device;
 use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError};
 use pipeline_model::pretrained::Pretrained;
 use pipeline_train::lm::{
@@ -114,8 +114,8 @@ type PromptCompletion = (Vec<u32>, Vec<u32>);
 
 /// (prompt ids, completion ids) in model ids: the conversation up to its last assistant turn, and
 /// the assistant tokens of that turn with `content` as its text.
-fn prompt_completion(
-    pre: &Pretrained<Cpu>,
+fn prompt_completion<D: Device<f32>>(
+    pre: &Pretrained<D>,
     s: &Sample,
     content: &str,
     system: Option<&str>,
@@ -161,97 +161,100 @@ impl Stage for Align {
         Ok(Declared { outputs: vec!["model".into(), "metrics".into()], files })
     }
     fn run(&self, ctx: &RunCtx) -> Result<(), StageError> {
-        let t0 = Instant::now();
-        let (cfg, t, p) = parse(ctx.raw_params())?;
-        let seed = cfg.seed_or(ctx.seed());
-        let src = training::model_path(ctx, t.model.as_deref())?;
-        let mut pre = training::load(&src)?;
-        let system = t.system.clone().or_else(|| training::trained_system(&src));
-        let rows = read_dataset(ctx.input("data")?)?;
-        let pad = pre.to_model_ids(&pre.tokenizer.pad_id().or(pre.tokenizer.eos_id()).into_iter().collect::<Vec<_>>());
-        let pad = pad.first().copied().unwrap_or(0);
-        pre.model.set_trainable(t.trainable()?, seed).map_err(StageError::failed)?;
-        let metrics_dir = ctx.output("metrics")?.to_path_buf();
-        let model_dir = ctx.output("model")?.to_path_buf();
-        let dev = pre.model.device().clone();
-        let used: usize;
-        let mut cb = RunCtxCallbacks { ctx, label: format!("align ({:?})", p.rlhf_type).to_lowercase() };
-        let (outcome, model): (TrainOutcome, _) = match p.rlhf_type {
-            RlhfType::Dpo => {
-                let mut examples = Vec::new();
-                for s in &rows {
-                    let (Some(rej), Some(chosen)) =
-                        (&s.rejected_response, s.messages.iter().rev().find(|m| m.role == "assistant"))
-                    else {
-                        continue;
-                    };
-                    let c = prompt_completion(&pre, s, &chosen.content, system.as_deref())?;
-                    let r = prompt_completion(&pre, s, rej, system.as_deref())?;
-                    if let (Some((prompt, chosen)), Some((_, rejected))) = (c, r) {
-                        examples.push(PairExample { prompt, chosen, rejected, reference: None });
-                    }
-                }
-                used = examples.len();
-                if examples.is_empty() {
-                    return Err(StageError::failed(
-                        "input `data` has no preference pair (rows with an assistant turn and a `rejected_response`)",
-                    ));
-                }
-                let mut data = PairDataset { examples, pad_id: pad, max_length: cfg.max_length };
-                precompute_dpo_reference(&mut pre.model, &mut data, cfg.per_device_eval_batch_size.max(4))
-                    .map_err(stage_error)?;
-                let mut obj = DpoObjective {
-                    cfg: DpoConfig { beta: p.beta, label_smoothing: p.label_smoothing, rpo_alpha: p.rpo_alpha },
+        training::on_device!(ctx, |dev| run_on(ctx, &dev))
+    }
+}
+
+fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
+    let t0 = Instant::now();
+    let (cfg, t, p) = parse(ctx.raw_params())?;
+    let seed = cfg.seed_or(ctx.seed());
+    let src = training::model_path(ctx, t.model.as_deref())?;
+    let mut pre = training::load(&src, dev)?;
+    let system = t.system.clone().or_else(|| training::trained_system(&src));
+    let rows = read_dataset(ctx.input("data")?)?;
+    let pad = pre.to_model_ids(&pre.tokenizer.pad_id().or(pre.tokenizer.eos_id()).into_iter().collect::<Vec<_>>());
+    let pad = pad.first().copied().unwrap_or(0);
+    pre.model.set_trainable(t.trainable()?, seed).map_err(StageError::failed)?;
+    let metrics_dir = ctx.output("metrics")?.to_path_buf();
+    let model_dir = ctx.output("model")?.to_path_buf();
+    let used: usize;
+    let mut cb = RunCtxCallbacks { ctx, label: format!("align ({:?})", p.rlhf_type).to_lowercase() };
+    let (outcome, model): (TrainOutcome, _) = match p.rlhf_type {
+        RlhfType::Dpo => {
+            let mut examples = Vec::new();
+            for s in &rows {
+                let (Some(rej), Some(chosen)) =
+                    (&s.rejected_response, s.messages.iter().rev().find(|m| m.role == "assistant"))
+                else {
+                    continue;
                 };
-                let mut tm = TrainModel(pre.model);
-                let out = train(&cfg, seed, &dev, &mut tm, &mut obj, &data, None, &paths(ctx, &metrics_dir), &mut cb)
-                    .map_err(stage_error)?;
-                (out, tm.0)
+                let c = prompt_completion(&pre, s, &chosen.content, system.as_deref())?;
+                let r = prompt_completion(&pre, s, rej, system.as_deref())?;
+                if let (Some((prompt, chosen)), Some((_, rejected))) = (c, r) {
+                    examples.push(PairExample { prompt, chosen, rejected, reference: None });
+                }
             }
-            RlhfType::Kto => {
-                let mut kto_rows = Vec::new();
-                for s in &rows {
-                    let (Some(ok), Some(a)) = (
-                        s.label.as_ref().and_then(|l| l.as_bool()),
-                        s.messages.iter().rev().find(|m| m.role == "assistant"),
-                    ) else {
-                        continue;
-                    };
-                    if let Some((prompt, completion)) = prompt_completion(&pre, s, &a.content, system.as_deref())? {
-                        kto_rows.push((prompt, completion, ok));
-                    }
-                }
-                used = kto_rows.len();
-                if kto_rows.len() < 2 {
-                    return Err(StageError::failed(
-                        "KTO needs at least 2 rows with an assistant turn and a boolean `label`",
-                    ));
-                }
-                let mut data = KtoDataset::new(kto_rows, pad, cfg.max_length);
-                precompute_kto_reference(&mut pre.model, &mut data, cfg.per_device_eval_batch_size.max(4))
-                    .map_err(stage_error)?;
-                let mut obj = KtoObjective {
-                    cfg: KtoConfig {
-                        beta: p.beta,
-                        desirable_weight: p.desirable_weight,
-                        undesirable_weight: p.undesirable_weight,
-                    },
+            used = examples.len();
+            if examples.is_empty() {
+                return Err(StageError::failed(
+                    "input `data` has no preference pair (rows with an assistant turn and a `rejected_response`)",
+                ));
+            }
+            let mut data = PairDataset { examples, pad_id: pad, max_length: cfg.max_length };
+            precompute_dpo_reference(&mut pre.model, &mut data, cfg.per_device_eval_batch_size.max(4))
+                .map_err(stage_error)?;
+            let mut obj = DpoObjective {
+                cfg: DpoConfig { beta: p.beta, label_smoothing: p.label_smoothing, rpo_alpha: p.rpo_alpha },
+            };
+            let mut tm = TrainModel(pre.model);
+            let out = train(&cfg, seed, dev, &mut tm, &mut obj, &data, None, &paths(ctx, &metrics_dir), &mut cb)
+                .map_err(stage_error)?;
+            (out, tm.0)
+        }
+        RlhfType::Kto => {
+            let mut kto_rows = Vec::new();
+            for s in &rows {
+                let (Some(ok), Some(a)) = (
+                    s.label.as_ref().and_then(|l| l.as_bool()),
+                    s.messages.iter().rev().find(|m| m.role == "assistant"),
+                ) else {
+                    continue;
                 };
-                let mut tm = TrainModel(pre.model);
-                let out = train(&cfg, seed, &dev, &mut tm, &mut obj, &data, None, &paths(ctx, &metrics_dir), &mut cb)
-                    .map_err(stage_error)?;
-                (out, tm.0)
+                if let Some((prompt, completion)) = prompt_completion(&pre, s, &a.content, system.as_deref())? {
+                    kto_rows.push((prompt, completion, ok));
+                }
             }
-        };
-        check_stopped(&outcome)?;
-        training::write_model(&model_dir, model, Some(&src), system.as_deref())?;
-        ctx.set_report(training::report(
+            used = kto_rows.len();
+            if kto_rows.len() < 2 {
+                return Err(StageError::failed(
+                    "KTO needs at least 2 rows with an assistant turn and a boolean `label`",
+                ));
+            }
+            let mut data = KtoDataset::new(kto_rows, pad, cfg.max_length);
+            precompute_kto_reference(&mut pre.model, &mut data, cfg.per_device_eval_batch_size.max(4))
+                .map_err(stage_error)?;
+            let mut obj = KtoObjective {
+                cfg: KtoConfig {
+                    beta: p.beta,
+                    desirable_weight: p.desirable_weight,
+                    undesirable_weight: p.undesirable_weight,
+                },
+            };
+            let mut tm = TrainModel(pre.model);
+            let out = train(&cfg, seed, dev, &mut tm, &mut obj, &data, None, &paths(ctx, &metrics_dir), &mut cb)
+                .map_err(stage_error)?;
+            (out, tm.0)
+        }
+    };
+    check_stopped(&outcome)?;
+    training::write_model(&model_dir, model, Some(&src), system.as_deref())?;
+    ctx.set_report(training::report(
             ctx,
             &outcome,
             &metrics_dir,
             &model_dir,
             serde_json::json!({ "rlhf_type": p.rlhf_type, "rows": rows.len(), "used_rows": used, "seconds": t0.elapsed().as_secs_f64() }),
         ));
-        Ok(())
-    }
+    Ok(())
 }

@@ -191,12 +191,14 @@ unsafe fn minhash_avx2(a: &[u64], b: &[u64], xl: &[u32], xh: &[u32], sig: &mut [
     minhash_kernel(a, b, xl, xh, sig)
 }
 
-/// The normalised text used for exact matching.
+/// The normalised text used for exact matching: the texts lowercased, runs of whitespace as one
+/// space (none leading), joined by U+0001.
 pub(crate) fn normalise_for_exact(s: &Sample) -> String {
-    let mut out = String::with_capacity(s.texts().map(str::len).sum::<usize>() + 8);
+    // Built as bytes: ASCII (the common case) is one table-free byte operation per input byte.
+    let mut out: Vec<u8> = Vec::with_capacity(s.texts().map(str::len).sum::<usize>() + 8);
     for (i, t) in s.texts().enumerate() {
         if i > 0 {
-            out.push('\u{1}');
+            out.push(1);
         }
         let mut space = false;
         let b = t.as_bytes();
@@ -209,10 +211,10 @@ pub(crate) fn normalise_for_exact(s: &Sample) -> String {
                     space = !out.is_empty();
                 } else {
                     if space {
-                        out.push(' ');
+                        out.push(b' ');
                         space = false;
                     }
-                    out.push(c.to_ascii_lowercase() as char);
+                    out.push(c.to_ascii_lowercase());
                 }
                 k += 1;
                 continue;
@@ -223,14 +225,18 @@ pub(crate) fn normalise_for_exact(s: &Sample) -> String {
                 space = !out.is_empty();
             } else {
                 if space {
-                    out.push(' ');
+                    out.push(b' ');
                     space = false;
                 }
-                out.extend(c.to_lowercase());
+                let mut tmp = [0u8; 4];
+                for l in c.to_lowercase() {
+                    out.extend_from_slice(l.encode_utf8(&mut tmp).as_bytes());
+                }
             }
         }
     }
-    out
+    // Only whole characters were written, so this cannot fail; the lossy form keeps it panic-free.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -374,26 +380,41 @@ impl Stage for Dedupe {
         let mut w = DatasetWriter::create(ctx.output("data")?)?;
         let (mut exact, mut near) = (0usize, 0usize);
         let mut i = 0usize;
-        for batch in DatasetReader::open(&input)? {
+        // Rows are only selected, never changed: filter each Parquet batch with a mask instead of
+        // decoding every row; only the `id` column is read row by row, for the removal record.
+        for frame in DatasetReader::open(&input)?.frames() {
             ctx.check_cancelled()?;
-            for s in batch? {
+            let frame = frame?;
+            let ids_col = frame
+                .column("id")
+                .and_then(|c| c.str().cloned())
+                .map_err(|e| StageError::failed(format!("{}: column `id`: {e}", input.display())))?;
+            let mut keep = Vec::with_capacity(frame.height());
+            for id in ids_col.iter() {
+                let id = id.unwrap_or_default();
                 if referenced.contains(&i) {
-                    ids.insert(i, s.id.clone());
+                    ids.insert(i, id.to_string());
                 }
+                keep.push(plan.fates[i] == Fate::Keep);
                 match plan.fates[i] {
-                    Fate::Keep => w.push(s)?,
+                    Fate::Keep => {}
                     Fate::Exact(j) => {
                         exact += 1;
-                        removed.push(serde_json::json!({"id": s.id, "duplicate_of": ids[&(j as usize)], "method": "exact", "jaccard": 1.0}));
+                        removed.push(serde_json::json!({"id": id, "duplicate_of": ids[&(j as usize)], "method": "exact", "jaccard": 1.0}));
                     }
                     Fate::Near(j, jac) => {
                         near += 1;
                         let jac = (jac * 1e4).round() / 1e4;
-                        removed.push(serde_json::json!({"id": s.id, "duplicate_of": ids[&(j as usize)], "method": "near", "jaccard": jac}));
+                        removed.push(serde_json::json!({"id": id, "duplicate_of": ids[&(j as usize)], "method": "near", "jaccard": jac}));
                     }
                 }
                 i += 1;
             }
+            let mask: polars::prelude::BooleanChunked = keep.iter().copied().collect();
+            let kept = frame
+                .filter(&mask)
+                .map_err(|e| StageError::failed(format!("{}: filtering rows: {e}", input.display())))?;
+            w.push_frame(&kept)?;
         }
         let rows_out = w.finish()?;
         let rdir = ctx.output("removed")?;

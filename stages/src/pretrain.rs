@@ -44,7 +44,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use dfdx::prelude::Cpu;
+use dfdx::prelude::Device;
 use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError};
 use pipeline_model::chat::ChatTemplate;
 use pipeline_model::pretrained::Pretrained;
@@ -135,89 +135,91 @@ impl Stage for Pretrain {
         Ok(Declared { outputs: vec!["model".into(), "metrics".into()], files })
     }
     fn run(&self, ctx: &RunCtx) -> Result<(), StageError> {
-        let t0 = Instant::now();
-        let (cfg, p): (_, Params) = training::split(ctx.raw_params())?;
-        check(&p)?;
-        let seed = cfg.seed_or(ctx.seed());
-        let rows = read_all(ctx.inputs("data"))?;
-        let src = match (&p.model, ctx.input_opt("model")) {
-            (None, None) => None,
-            (m, _) => Some(training::model_path(ctx, m.as_deref())?),
-        };
-        let (pre, docs, vocab) = match &src {
-            Some(path) => {
-                let pre = training::load(path)?;
-                let chat = training::chat_template(&pre)?;
-                let docs = documents(&pre.tokenizer, chat, &rows, p.system.as_deref())?;
-                let docs: Vec<Vec<u32>> = docs.iter().map(|d| pre.to_model_ids(d)).collect();
-                (pre, docs, None)
-            }
-            None => {
-                let tok = Tokenizer::qwen25().map_err(StageError::failed)?;
-                let chat = ChatTemplate::qwen25_default().map_err(StageError::failed)?;
-                let docs = documents(&tok, &chat, &rows, p.system.as_deref())?;
-                let extra = documents(&tok, &chat, &read_all(ctx.inputs("vocab_data"))?, p.system.as_deref())?;
-                let required =
-                    [special(&tok, "<|endoftext|>")?, special(&tok, "<|im_start|>")?, special(&tok, "<|im_end|>")?];
-                let vocab = VocabMap::new(&required, docs.iter().chain(&extra).flatten().copied());
-                let mut mc = ModelConfig::tiny(vocab.len());
-                mc.eos_token_id = vec![2, 0]; // <|im_end|>, <|endoftext|> (model ids: `required` order)
-                let model = Qwen2::from_host(&mc, &Qwen2::<Cpu>::random_host(&mc, seed), &Cpu::default())
-                    .map_err(StageError::failed)?;
-                let docs: Vec<Vec<u32>> = docs.iter().map(|d| vocab.to_model(d, 0)).collect();
-                (Pretrained { model, tokenizer: tok, chat: Some(chat), vocab: Some(vocab.clone()) }, docs, Some(vocab))
-            }
-        };
-        if docs.is_empty() {
-            return Err(StageError::failed("input `data` has no document (no `text` and no messages)"));
-        }
-        let eos = pre.to_model_ids(&[special(&pre.tokenizer, "<|endoftext|>")?])[0];
-        let n_tokens: usize = docs.iter().map(|d| d.len() + 1).sum();
-        let blocks = pack_documents(&docs, eos, cfg.max_length);
-        let examples: Vec<TokenExample> = blocks.into_iter().map(TokenExample::all_targets).collect();
-        let data = TokenDataset::new(examples, eos, cfg.max_length).map_err(stage_error)?;
-        let (tr, ev) = split_indices(data.examples.len(), cfg.split_ratio, seed);
-        let train_set = Subset { inner: &data, indices: tr };
-        let held = Subset { inner: &data, indices: ev };
-        let eval_ref: Option<&dyn pipeline_train::Dataset<Batch = _>> =
-            if held.indices.is_empty() { None } else { Some(&held) };
-        let mut model = pre.model;
-        model.set_trainable(Trainable::Full, seed).map_err(StageError::failed)?;
-        let metrics_dir = ctx.output("metrics")?.to_path_buf();
-        let model_dir = ctx.output("model")?.to_path_buf();
-        let dev = model.device().clone();
-        let mut tm = TrainModel(model);
-        let mut cb = RunCtxCallbacks { ctx, label: "pretrain".into() };
-        let outcome = train(
-            &cfg,
-            seed,
-            &dev,
-            &mut tm,
-            &mut CausalLmObjective,
-            &train_set,
-            eval_ref,
-            &paths(ctx, &metrics_dir),
-            &mut cb,
-        )
-        .map_err(stage_error)?;
-        check_stopped(&outcome)?;
-        training::write_model(&model_dir, tm.0, src.as_deref(), p.system.as_deref())?;
-        if let Some(v) = &vocab {
-            v.save(&model_dir.join("vocab_map.json")).map_err(StageError::failed)?;
-        }
-        ctx.set_report(training::report(
-            ctx,
-            &outcome,
-            &metrics_dir,
-            &model_dir,
-            serde_json::json!({
-                "documents": docs.len(),
-                "corpus_tokens": n_tokens,
-                "blocks": data.examples.len(),
-                "vocab_size": vocab.as_ref().map(VocabMap::len),
-                "seconds": t0.elapsed().as_secs_f64(),
-            }),
-        ));
-        Ok(())
+        training::on_device!(ctx, |dev| run_on(ctx, &dev))
     }
+}
+
+fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
+    let t0 = Instant::now();
+    let (cfg, p): (_, Params) = training::split(ctx.raw_params())?;
+    check(&p)?;
+    let seed = cfg.seed_or(ctx.seed());
+    let rows = read_all(ctx.inputs("data"))?;
+    let src = match (&p.model, ctx.input_opt("model")) {
+        (None, None) => None,
+        (m, _) => Some(training::model_path(ctx, m.as_deref())?),
+    };
+    let (pre, docs, vocab) = match &src {
+        Some(path) => {
+            let pre = training::load(path, dev)?;
+            let chat = training::chat_template(&pre)?;
+            let docs = documents(&pre.tokenizer, chat, &rows, p.system.as_deref())?;
+            let docs: Vec<Vec<u32>> = docs.iter().map(|d| pre.to_model_ids(d)).collect();
+            (pre, docs, None)
+        }
+        None => {
+            let tok = Tokenizer::qwen25().map_err(StageError::failed)?;
+            let chat = ChatTemplate::qwen25_default().map_err(StageError::failed)?;
+            let docs = documents(&tok, &chat, &rows, p.system.as_deref())?;
+            let extra = documents(&tok, &chat, &read_all(ctx.inputs("vocab_data"))?, p.system.as_deref())?;
+            let required =
+                [special(&tok, "<|endoftext|>")?, special(&tok, "<|im_start|>")?, special(&tok, "<|im_end|>")?];
+            let vocab = VocabMap::new(&required, docs.iter().chain(&extra).flatten().copied());
+            let mut mc = ModelConfig::tiny(vocab.len());
+            mc.eos_token_id = vec![2, 0]; // <|im_end|>, <|endoftext|> (model ids: `required` order)
+            let model = Qwen2::from_host(&mc, &Qwen2::<D>::random_host(&mc, seed), dev).map_err(StageError::failed)?;
+            let docs: Vec<Vec<u32>> = docs.iter().map(|d| vocab.to_model(d, 0)).collect();
+            (Pretrained { model, tokenizer: tok, chat: Some(chat), vocab: Some(vocab.clone()) }, docs, Some(vocab))
+        }
+    };
+    if docs.is_empty() {
+        return Err(StageError::failed("input `data` has no document (no `text` and no messages)"));
+    }
+    let eos = pre.to_model_ids(&[special(&pre.tokenizer, "<|endoftext|>")?])[0];
+    let n_tokens: usize = docs.iter().map(|d| d.len() + 1).sum();
+    let blocks = pack_documents(&docs, eos, cfg.max_length);
+    let examples: Vec<TokenExample> = blocks.into_iter().map(TokenExample::all_targets).collect();
+    let data = TokenDataset::new(examples, eos, cfg.max_length).map_err(stage_error)?;
+    let (tr, ev) = split_indices(data.examples.len(), cfg.split_ratio, seed);
+    let train_set = Subset { inner: &data, indices: tr };
+    let held = Subset { inner: &data, indices: ev };
+    let eval_ref: Option<&dyn pipeline_train::Dataset<Batch = _>> =
+        if held.indices.is_empty() { None } else { Some(&held) };
+    let mut model = pre.model;
+    model.set_trainable(Trainable::Full, seed).map_err(StageError::failed)?;
+    let metrics_dir = ctx.output("metrics")?.to_path_buf();
+    let model_dir = ctx.output("model")?.to_path_buf();
+    let mut tm = TrainModel(model);
+    let mut cb = RunCtxCallbacks { ctx, label: "pretrain".into() };
+    let outcome = train(
+        &cfg,
+        seed,
+        dev,
+        &mut tm,
+        &mut CausalLmObjective,
+        &train_set,
+        eval_ref,
+        &paths(ctx, &metrics_dir),
+        &mut cb,
+    )
+    .map_err(stage_error)?;
+    check_stopped(&outcome)?;
+    training::write_model(&model_dir, tm.0, src.as_deref(), p.system.as_deref())?;
+    if let Some(v) = &vocab {
+        v.save(&model_dir.join("vocab_map.json")).map_err(StageError::failed)?;
+    }
+    ctx.set_report(training::report(
+        ctx,
+        &outcome,
+        &metrics_dir,
+        &model_dir,
+        serde_json::json!({
+            "documents": docs.len(),
+            "corpus_tokens": n_tokens,
+            "blocks": data.examples.len(),
+            "vocab_size": vocab.as_ref().map(VocabMap::len),
+            "seconds": t0.elapsed().as_secs_f64(),
+        }),
+    ));
+    Ok(())
 }

@@ -43,6 +43,7 @@
 
 use std::time::Instant;
 
+use dfdx::prelude::Device;
 use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError};
 use pipeline_model::pretrained::Pretrained;
 use pipeline_train::lm::{CausalLmObjective, TrainModel};
@@ -56,8 +57,8 @@ pub(crate) struct Sft;
 
 /// Token examples (model ids, assistant-token labels) of the rows that have an assistant turn;
 /// returns them and the number of rows skipped.
-pub(crate) fn encode_rows(
-    p: &Pretrained<dfdx::prelude::Cpu>,
+pub(crate) fn encode_rows<D: Device<f32>>(
+    p: &Pretrained<D>,
     rows: &[Sample],
     system: Option<&str>,
 ) -> Result<(Vec<TokenExample>, usize), StageError> {
@@ -96,64 +97,67 @@ impl Stage for Sft {
         Ok(Declared { outputs: vec!["model".into(), "metrics".into()], files })
     }
     fn run(&self, ctx: &RunCtx) -> Result<(), StageError> {
-        let t0 = Instant::now();
-        let (cfg, p): (_, TunerParams) = training::split(ctx.raw_params())?;
-        p.check()?;
-        let seed = cfg.seed_or(ctx.seed());
-        let src = training::model_path(ctx, p.model.as_deref())?;
-        let mut pre = training::load(&src)?;
-        let system = p.system.clone().or_else(|| training::trained_system(&src));
-        let rows = read_dataset(ctx.input("data")?)?;
-        let (examples, skipped) = encode_rows(&pre, &rows, system.as_deref())?;
-        let pad = pre.to_model_ids(&pre.tokenizer.pad_id().or(pre.tokenizer.eos_id()).into_iter().collect::<Vec<_>>());
-        let pad = pad.first().copied().unwrap_or(0);
-        let data = TokenDataset::new(examples, pad, cfg.max_length).map_err(stage_error)?;
-        let eval_data = match ctx.input_opt("eval") {
-            Some(dir) => {
-                let (e, _) = encode_rows(&pre, &read_dataset(dir)?, system.as_deref())?;
-                Some(TokenDataset::new(e, pad, cfg.max_length).map_err(stage_error)?)
-            }
-            None => None,
-        };
-        let (tr_idx, ev_idx) = if eval_data.is_some() {
-            ((0..data.examples.len()).collect(), Vec::new())
-        } else {
-            split_indices(data.examples.len(), cfg.split_ratio, seed)
-        };
-        let train_set = Subset { inner: &data, indices: tr_idx };
-        let held = Subset { inner: &data, indices: ev_idx };
-        let eval_ref: Option<&dyn pipeline_train::Dataset<Batch = _>> = match &eval_data {
-            Some(e) => Some(e),
-            None if !held.indices.is_empty() => Some(&held),
-            None => None,
-        };
-        pre.model.set_trainable(p.trainable()?, seed).map_err(|e| StageError::failed(e.to_string()))?;
-        let metrics_dir = ctx.output("metrics")?.to_path_buf();
-        let model_dir = ctx.output("model")?.to_path_buf();
-        let dev = pre.model.device().clone();
-        let mut tm = TrainModel(pre.model);
-        let mut cb = RunCtxCallbacks { ctx, label: "sft".into() };
-        let outcome = train(
-            &cfg,
-            seed,
-            &dev,
-            &mut tm,
-            &mut CausalLmObjective,
-            &train_set,
-            eval_ref,
-            &paths(ctx, &metrics_dir),
-            &mut cb,
-        )
-        .map_err(stage_error)?;
-        check_stopped(&outcome)?;
-        training::write_model(&model_dir, tm.0, Some(&src), system.as_deref())?;
-        ctx.set_report(training::report(
+        training::on_device!(ctx, |dev| run_on(ctx, &dev))
+    }
+}
+
+fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
+    let t0 = Instant::now();
+    let (cfg, p): (_, TunerParams) = training::split(ctx.raw_params())?;
+    p.check()?;
+    let seed = cfg.seed_or(ctx.seed());
+    let src = training::model_path(ctx, p.model.as_deref())?;
+    let mut pre = training::load(&src, dev)?;
+    let system = p.system.clone().or_else(|| training::trained_system(&src));
+    let rows = read_dataset(ctx.input("data")?)?;
+    let (examples, skipped) = encode_rows(&pre, &rows, system.as_deref())?;
+    let pad = pre.to_model_ids(&pre.tokenizer.pad_id().or(pre.tokenizer.eos_id()).into_iter().collect::<Vec<_>>());
+    let pad = pad.first().copied().unwrap_or(0);
+    let data = TokenDataset::new(examples, pad, cfg.max_length).map_err(stage_error)?;
+    let eval_data = match ctx.input_opt("eval") {
+        Some(dir) => {
+            let (e, _) = encode_rows(&pre, &read_dataset(dir)?, system.as_deref())?;
+            Some(TokenDataset::new(e, pad, cfg.max_length).map_err(stage_error)?)
+        }
+        None => None,
+    };
+    let (tr_idx, ev_idx) = if eval_data.is_some() {
+        ((0..data.examples.len()).collect(), Vec::new())
+    } else {
+        split_indices(data.examples.len(), cfg.split_ratio, seed)
+    };
+    let train_set = Subset { inner: &data, indices: tr_idx };
+    let held = Subset { inner: &data, indices: ev_idx };
+    let eval_ref: Option<&dyn pipeline_train::Dataset<Batch = _>> = match &eval_data {
+        Some(e) => Some(e),
+        None if !held.indices.is_empty() => Some(&held),
+        None => None,
+    };
+    pre.model.set_trainable(p.trainable()?, seed).map_err(|e| StageError::failed(e.to_string()))?;
+    let metrics_dir = ctx.output("metrics")?.to_path_buf();
+    let model_dir = ctx.output("model")?.to_path_buf();
+    let mut tm = TrainModel(pre.model);
+    let mut cb = RunCtxCallbacks { ctx, label: "sft".into() };
+    let outcome = train(
+        &cfg,
+        seed,
+        dev,
+        &mut tm,
+        &mut CausalLmObjective,
+        &train_set,
+        eval_ref,
+        &paths(ctx, &metrics_dir),
+        &mut cb,
+    )
+    .map_err(stage_error)?;
+    check_stopped(&outcome)?;
+    training::write_model(&model_dir, tm.0, Some(&src), system.as_deref())?;
+    ctx.set_report(training::report(
             ctx,
             &outcome,
             &metrics_dir,
             &model_dir,
             serde_json::json!({ "rows": rows.len(), "skipped_rows": skipped, "train_type": p.train_type, "seconds": t0.elapsed().as_secs_f64() }),
         ));
-        Ok(())
-    }
+    Ok(())
 }

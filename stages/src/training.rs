@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use dfdx::prelude::Cpu;
+use dfdx::prelude::Device;
 use pipeline_engine::{PlanCtx, RunCtx, StageError};
 use pipeline_model::chat::{ChatTemplate, Message as ChatMessage};
 use pipeline_model::pretrained::{load_pretrained, Pretrained};
@@ -142,12 +142,61 @@ pub(crate) fn shellexpand_env(p: &str) -> String {
     out
 }
 
-pub(crate) fn load(path: &Path) -> Result<Pretrained<Cpu>, StageError> {
-    load_pretrained(path, &Cpu::default()).map_err(|e| StageError::failed(format!("loading {}: {e}", path.display())))
+/// Where a training stage runs: `pipeline run --device cpu|cuda` (the run option `device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+impl DeviceKind {
+    /// The run option `device` (absent = CPU); `cuda` in a binary built without the `cuda`
+    /// feature is an error that says how to get one.
+    pub(crate) fn of(ctx: &RunCtx) -> Result<Self, StageError> {
+        match ctx.option("device").unwrap_or("cpu") {
+            "cpu" => Ok(DeviceKind::Cpu),
+            "cuda" if cfg!(feature = "cuda") => Ok(DeviceKind::Cuda),
+            "cuda" => Err(StageError::failed(
+                "--device cuda: this pipeline binary was built without CUDA support; rebuild with `cargo build --release --features cuda` (see scripts/gpu/README.md)",
+            )),
+            other => Err(StageError::failed(format!("unknown device `{other}` (expected cpu or cuda)"))),
+        }
+    }
+}
+
+/// The CUDA device (GPU 0), or an error naming the cause (no GPU, no driver).
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda() -> Result<dfdx::prelude::Cuda, StageError> {
+    dfdx::prelude::Cuda::try_build(0, 0)
+        .map_err(|e| StageError::failed(format!("--device cuda: cannot open GPU 0: {e:?}")))
+}
+
+/// `on_device!(ctx, |dev| body)`: evaluates `body` with `dev` bound to the device the run asked
+/// for (`Cpu`, or `Cuda` when built with the `cuda` feature); `body` is usually a call of a
+/// function generic over `D: Device<f32>`.
+macro_rules! on_device {
+    ($ctx:expr, |$dev:ident| $body:expr) => {
+        match $crate::training::DeviceKind::of($ctx)? {
+            #[cfg(feature = "cuda")]
+            $crate::training::DeviceKind::Cuda => {
+                let $dev = $crate::training::cuda()?;
+                $body
+            }
+            _ => {
+                let $dev = dfdx::prelude::Cpu::default();
+                $body
+            }
+        }
+    };
+}
+pub(crate) use on_device;
+
+pub(crate) fn load<D: Device<f32>>(path: &Path, dev: &D) -> Result<Pretrained<D>, StageError> {
+    load_pretrained(path, dev).map_err(|e| StageError::failed(format!("loading {}: {e}", path.display())))
 }
 
 /// The chat template of a loaded model (Qwen2.5's when the tokenizer has none).
-pub(crate) fn chat_template(p: &Pretrained<Cpu>) -> Result<&ChatTemplate, StageError> {
+pub(crate) fn chat_template<D: Device<f32>>(p: &Pretrained<D>) -> Result<&ChatTemplate, StageError> {
     p.chat.as_ref().ok_or_else(|| StageError::failed("the model's tokenizer has no chat template"))
 }
 
@@ -169,9 +218,9 @@ fn copy(src: &Path, dst: &Path) -> Result<(), StageError> {
 /// Write the output model folder (see the module docs). `src` is the folder the model was loaded
 /// from (tokenizer files and vocabulary map are copied from it), or `None` for the tiny preset
 /// (the embedded Qwen2.5 tokenizer files are written).
-pub(crate) fn write_model(
+pub(crate) fn write_model<D: Device<f32>>(
     out: &Path,
-    mut model: Qwen2<Cpu>,
+    mut model: Qwen2<D>,
     src: Option<&Path>,
     system: Option<&str>,
 ) -> Result<(), StageError> {

@@ -386,6 +386,20 @@ impl DatasetWriter {
         Ok(())
     }
 
+    /// Append a frame read from another dataset artifact (same schema), as it is: for stages
+    /// that only select rows (dedupe), this skips converting every row to a [`Sample`] and back.
+    /// Rows pushed earlier are written first, so row order is kept.
+    pub fn push_frame(&mut self, df: &DataFrame) -> Result<(), StageError> {
+        self.flush()?;
+        if df.height() == 0 {
+            return Ok(());
+        }
+        let mut df = df.clone();
+        self.writer.write_batch(df.align_chunks_par()).map_err(|e| polars_err(&self.dest, e))?;
+        self.rows += df.height();
+        Ok(())
+    }
+
     fn flush(&mut self) -> Result<(), StageError> {
         if self.pending.is_empty() {
             return Ok(());
@@ -438,10 +452,24 @@ impl DatasetReader {
         self.total == 0
     }
     fn read_slice(&self, offset: usize, len: usize) -> Result<Vec<Sample>, StageError> {
-        let file = File::open(&self.path).map_err(|e| StageError::io(&self.path, e))?;
-        let df =
-            ParquetReader::new(file).with_slice(Some((offset, len))).finish().map_err(|e| polars_err(&self.path, e))?;
+        let df = self.read_frame(offset, len)?;
         frame_to_samples(&df).map_err(|e| polars_err(&self.path, e))
+    }
+    fn read_frame(&self, offset: usize, len: usize) -> Result<DataFrame, StageError> {
+        let file = File::open(&self.path).map_err(|e| StageError::io(&self.path, e))?;
+        ParquetReader::new(file).with_slice(Some((offset, len))).finish().map_err(|e| polars_err(&self.path, e))
+    }
+    /// The same batches as the iterator, as raw frames (for row selection without conversion).
+    pub fn frames(mut self) -> impl Iterator<Item = Result<DataFrame, StageError>> {
+        std::iter::from_fn(move || {
+            if self.offset >= self.total {
+                return None;
+            }
+            let len = ROW_GROUP.min(self.total - self.offset);
+            let r = self.read_frame(self.offset, len);
+            self.offset += len;
+            Some(r)
+        })
     }
 }
 
