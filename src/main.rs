@@ -59,6 +59,7 @@ fn init_tracing() {
 }
 
 fn main() -> ExitCode {
+    pipeline_stages::data::tune_allocator();
     let cli = Cli::parse();
     init_tracing();
     let fmt = cli.log_format;

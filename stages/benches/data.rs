@@ -116,6 +116,8 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn main() {
+    // As the `pipeline` binary does at start-up.
+    pipeline_stages::data::tune_allocator();
     let mb: u64 = std::env::var("BENCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
     let tmp;
     let dir = match std::env::var("BENCH_DIR") {
