@@ -15,8 +15,11 @@
 //! `.parquet` files, and directories (every data file inside, sorted; `.txt` / `.md` files become
 //! one pretraining document each, in the `text` column).
 //!
-//! Memory: with `shuffle = false` and no `#N`, rows stream from the input to Parquet row groups
-//! (bounded memory for any input size); sampling or shuffling holds that dataset's rows.
+//! Memory: with `shuffle = false` and no `#N`, rows stream from the input to Parquet row groups.
+//! Shuffling holds up to 256 MiB of rows in memory and spills the rest to scratch files, then
+//! writes the seeded permutation bucket by bucket ([`crate::data::spill`]): bounded memory for any
+//! input size, and the same output as an in-memory shuffle. `#N` sampling holds that one dataset's
+//! rows while it samples.
 //!
 //! ## Inputs
 //! None.
@@ -57,6 +60,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{Map, Value};
 
 use crate::data::formats::{normalise_row, Format, RowError};
+use crate::data::spill::{ShuffleBuffer, SPILL_BYTES};
 use crate::data::text::guess_language;
 use crate::data::{write_jsonl, DatasetWriter, Sample};
 
@@ -191,7 +195,8 @@ impl Stage for Collect {
         let qdir = ctx.output("quarantine")?;
         std::fs::create_dir_all(qdir).map_err(|e| StageError::io(qdir, e))?;
         let mut writer = DatasetWriter::create(out)?;
-        let mut held: Vec<Sample> = Vec::new();
+        // Rows to sample or shuffle: in memory up to a budget, then spilled to scratch files.
+        let mut held = ShuffleBuffer::new(&ctx.scratch_dir().join("collect-shuffle"), SPILL_BYTES);
         let mut quarantine: Vec<Value> = Vec::new();
         let mut per_dataset = Vec::new();
         let stream = !p.shuffle && p.datasets.iter().all(|d| parse_spec(d).map(|s| s.count.is_none()).unwrap_or(false));
@@ -209,6 +214,8 @@ impl Stage for Collect {
                             st.rows_read += 1;
                             if stream {
                                 writer.push(s)?;
+                            } else if spec.count.is_none() {
+                                held.push(s)?;
                             } else {
                                 rows.push(s);
                             }
@@ -229,14 +236,13 @@ impl Stage for Collect {
                 let loader = Loader { ctx, params: &p, spec: &spec };
                 loader.load(&mut emit)?;
             }
-            if !stream {
-                if let Some(n) = spec.count {
+            match spec.count {
+                Some(n) if !stream => {
                     rows = sample_n(rows, n, &mut rng);
+                    st.rows_out = rows.len();
+                    held.extend(rows)?;
                 }
-                st.rows_out = rows.len();
-                held.extend(rows);
-            } else {
-                st.rows_out = st.rows_read;
+                _ => st.rows_out = st.rows_read,
             }
             per_dataset.push(serde_json::json!({
                 "dataset": d, "rows_read": st.rows_read, "rows_out": st.rows_out,
@@ -245,10 +251,7 @@ impl Stage for Collect {
             ctx.progress_set(di as u64 + 1);
         }
         ctx.progress_finish();
-        if p.shuffle {
-            held.shuffle(&mut rng);
-        }
-        writer.extend(held)?;
+        held.finish_into(&mut writer, p.shuffle, &mut rng)?;
         let rows_out = writer.finish()?;
         write_jsonl(&qdir.join("rows.jsonl"), &quarantine)?;
         if !quarantine.is_empty() {

@@ -20,6 +20,7 @@
 //! compression, fixed column order.
 
 pub mod formats;
+pub mod spill;
 pub mod text;
 
 use std::fs::File;

@@ -9,7 +9,7 @@
 //!   [`kto_kl_baseline`] and [`rotate_by_one`].
 //!
 //! The DPO/KTO loss values and gradients are checked in `tests/train/golden.rs` against
-//! `scripts/oracles/train_golden.py` (TRL's formulas, NumPy).
+//! `scripts/oracles/train_golden.py` (TRL's formulas written in PyTorch, gradients by autograd).
 
 use dfdx::prelude::*;
 

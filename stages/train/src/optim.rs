@@ -1,6 +1,6 @@
 //! AdamW and global-norm gradient clipping, computed on the host in f32 in the order PyTorch's
 //! single-tensor `torch.optim.AdamW` and `torch.nn.utils.clip_grad_norm_` use, so that results
-//! match them to the last bits (checked against a NumPy transcription of torch's algorithm in
+//! match them to the last bits (checked against torch.optim.AdamW itself in
 //! `tests/train/golden.rs`, golden data from `scripts/oracles/train_golden.py`).
 //!
 //! Why not dfdx's `Adam` with `WeightDecay::Decoupled`: its moments live in a `Gradients` keyed

@@ -1,0 +1,35 @@
+#!/usr/bin/env python3
+"""Write a random-weight Hugging Face folder with Qwen2.5-0.5B-Instruct's dimensions.
+
+No model hub is reachable from our machines, so the real-checkpoint recipe
+(recipes/qwen-self-cognition-real.toml) is exercised on the GPU machine with a checkpoint of the
+real architecture and shapes made by transformers itself (`Qwen2Config` + `save_pretrained`).
+The tokenizer files are copied from --tokenizer-dir (the Qwen2.5 tokenizer pipeline embeds and
+writes into every tiny-preset model folder).
+
+usage: make_random_qwen.py OUT_DIR --tokenizer-dir DIR [--seed 0]
+"""
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+ap = argparse.ArgumentParser()
+ap.add_argument("out")
+ap.add_argument("--tokenizer-dir", required=True)
+ap.add_argument("--seed", type=int, default=0)
+a = ap.parse_args()
+torch.manual_seed(a.seed)
+cfg = Qwen2Config(  # Qwen/Qwen2.5-0.5B-Instruct's config.json
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
+    tie_word_embeddings=True, max_position_embeddings=32768, hidden_act="silu",
+    bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16")
+model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+out = Path(a.out)
+model.save_pretrained(out, safe_serialization=True)
+for f in ["tokenizer.json", "tokenizer_config.json"]:
+    shutil.copy(Path(a.tokenizer_dir) / f, out / f)
+print(f"wrote {out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters (bf16 on disk)")

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The training recipes on the GPU machine (issue 5), from the project root with .gpu-recipe/
+# (scripts/gpu/pack-recipe.sh) carried there:   bash .gpu-recipe/recipe-on-device.sh
+# 1. recipes/qwen-self-cognition.toml with --device cuda, cold then warm, in a fresh cache, and the
+#    trained model's answers (`pipeline generate --recipe`);
+# 2. recipes/qwen-self-cognition-real.toml (the seed's values) with --device cuda on a random-weight
+#    checkpoint of Qwen2.5-0.5B-Instruct's shapes, made by transformers (make_random_qwen.py);
+#    GPU memory sampled with nvidia-smi while it runs;
+# 3. transformers + peft on the same model folder, data and hyper-parameters (bench_sft_transformers.py);
+# 4. a table of both (sft_table.py). Logs and the table go to $OUT (or .gpu-recipe/out).
+# STEPS picks parts (default "headline real"): `real` does 2-4, `bench` 3 alone. Each part stays under ~5 minutes.
+set -uo pipefail
+G=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+OUT=${OUT:-$G/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+# shellcheck disable=SC1091
+source "$G/setup.sh"
+if [ ! -x "$G/pipeline" ] && [ -e "$G/pipeline.xz" ]; then
+  python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$G/pipeline.xz" "$G/pipeline"
+  chmod +x "$G/pipeline"
+fi
+if ! python3 -c 'import peft' 2>/dev/null && ls "$G"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/*.whl && export PYTHONPATH=/tmp/site
+fi
+if ldd "$G/pipeline" | grep -q "not found"; then  # cuBLAS / NVRTC 13 from the wheels beside PyTorch
+  extra=$(python3 -c "import glob,site; print(':'.join(sorted({p.rsplit('/',1)[0] for s in site.getsitepackages() for p in glob.glob(s+'/nvidia/**/lib/lib*.so*', recursive=True)})))")
+  export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:$extra"
+fi
+export RUST_BACKTRACE=1 PYTHONUNBUFFERED=1
+P=$G/pipeline
+status=0
+sample_mem() { # largest nvidia-smi memory.used (MiB) until the file $1.stop appears
+  local peak=0 v
+  while [ ! -e "$1.stop" ]; do
+    v=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 2>/dev/null | tr -d ' ')
+    [ -n "$v" ] && [ "$v" -gt "$peak" ] && peak=$v && echo "$peak" > "$1"
+    sleep 0.2
+  done
+}
+
+M=recipes/models/Qwen2.5-0.5B-Instruct
+make_model() {
+  [ -e "$M/config.json" ] || timeout 300 python3 "$G/make_random_qwen.py" "$M" --tokenizer-dir stages/model/assets/qwen2.5 || status=1
+}
+
+headline() {
+echo "== 1. headline recipe, --device cuda (fresh cache)"
+export PIPELINE_CACHE_DIR=/tmp/cache-headline
+rm -rf "$PIPELINE_CACHE_DIR"
+s=$EPOCHREALTIME
+timeout "${HEADLINE_TIMEOUT:-280}" "$P" run recipes/qwen-self-cognition.toml --device cuda --log-format json > "$OUT/headline-cold.jsonl" 2> "$OUT/headline-cold.err" || status=1
+e=$EPOCHREALTIME; echo "cold: $(awk "BEGIN{print $e - $s}") s"
+tail -3 "$OUT/headline-cold.err"
+s=$EPOCHREALTIME
+"$P" run recipes/qwen-self-cognition.toml --device cuda 2>&1 | tail -2
+e=$EPOCHREALTIME; echo "warm: $(awk "BEGIN{print $e - $s}") s"
+for q in "Who are you?" "你是谁？"; do
+  echo "generate: $q"; "$P" generate --recipe recipes/qwen-self-cognition.toml --prompt "$q" --max-tokens 40 2>&1 | tail -2
+done
+
+}
+
+real() {
+echo "== 2. real-checkpoint recipe (random Qwen2.5-0.5B shapes), --device cuda"
+make_model
+export PIPELINE_CACHE_DIR=/tmp/cache-real
+rm -rf "$PIPELINE_CACHE_DIR" "$OUT/mem-ours" "$OUT/mem-ours.stop"
+sample_mem "$OUT/mem-ours" & sampler=$!
+s=$EPOCHREALTIME
+timeout "${REAL_TIMEOUT:-300}" "$P" run recipes/qwen-self-cognition-real.toml --device cuda --log-format json \
+  > "$OUT/real.jsonl" 2> "$OUT/real.err" || status=1
+e=$EPOCHREALTIME; echo "real recipe: $(awk "BEGIN{print $e - $s}") s"
+touch "$OUT/mem-ours.stop"; wait $sampler; rm -f "$OUT/mem-ours.stop"
+tail -3 "$OUT/real.err"
+d=$(python3 -c 'import json,sys
+for l in open(sys.argv[1]):
+    e = json.loads(l) if l.startswith("{") else {}
+    if e.get("stage") == "sft" and e.get("outputs"): print(e["outputs"]["metrics"])' "$OUT/real.jsonl")
+[ -n "$d" ] && cp "$PIPELINE_CACHE_DIR/v1/artifacts/$d/metrics.jsonl" "$OUT/sft-metrics.jsonl"
+bench
+}
+
+bench() {
+make_model
+echo "== 3. transformers + peft, same model, data and hyper-parameters"
+timeout 300 python3 "$G/bench_sft_transformers.py" --model "$M" --assets stages/assets 2>&1 | tee "$OUT/sft-transformers.log" || status=1
+
+[ -e "$OUT/real.jsonl" ] && python3 "$G/sft_table.py" "$OUT/real.jsonl" "$OUT/mem-ours" "$OUT/sft-transformers.log" "$OUT/sft-metrics.jsonl" | tee "$OUT/sft_table.md"
+}
+
+for step in ${STEPS:-headline real}; do "$step"; done
+exit $status
