@@ -470,7 +470,11 @@ fn headline_self_cognition_recipe_cold_warm_and_generate() {
     });
     for (stage, metric, num) in [("eval", "rouge-l-f", 12), ("eval-mcq", "AverageAccuracy", 2)] {
         let e = cold.events.iter().find(|e| e["stage"] == stage && e["event"] == "stage_finished").unwrap();
-        eprintln!("{stage}: {:.1}s\n{}", e["report"]["seconds"].as_f64().unwrap(), e["report"]["table"].as_str().unwrap());
+        eprintln!(
+            "{stage}: {:.1}s\n{}",
+            e["report"]["seconds"].as_f64().unwrap(),
+            e["report"]["table"].as_str().unwrap()
+        );
         let row = e["report"]["rows"].as_array().unwrap().iter().find(|r| r["metric"] == metric).unwrap();
         assert_eq!((row["model"].as_str(), row["num"].as_u64()), (Some("swift-robot"), Some(num)), "{stage}");
     }
@@ -481,7 +485,12 @@ fn headline_self_cognition_recipe_cold_warm_and_generate() {
     let human = p.pipeline(&["run", "r.toml"]);
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(human.status.success());
-    for want in ["eval (evaluate):", "eval-mcq (evaluate):", "| swift-robot | general_qa | rouge-l-f", "| swift-robot | general_mcq | AverageAccuracy"] {
+    for want in [
+        "eval (evaluate):",
+        "eval-mcq (evaluate):",
+        "| swift-robot | general_qa | rouge-l-f",
+        "| swift-robot | general_mcq | AverageAccuracy",
+    ] {
         assert!(text.contains(want), "summary lacks `{want}`:\n{text}");
     }
     for (prompt, stage) in [("你是谁？", None), ("Who are you?", None), ("Who are you?", Some("sft"))] {
@@ -495,4 +504,40 @@ fn headline_self_cognition_recipe_cold_warm_and_generate() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(text.contains("swift-robot") && text.replace("swift-robot", "").contains("swift"), "{prompt}: {text}");
     }
+
+    // The SFT stage's peft adapter folder (`model/adapter/`, base = the pretrain artifact) works as
+    // a model path: `pipeline eval --model` scores it exactly like the merged folder beside it, and
+    // `pipeline generate --model` answers with it.
+    let sft = cold.events.iter().find(|e| e["stage"] == "sft" && e["event"] == "stage_finished").unwrap();
+    let merged = p.artifact(sft["outputs"]["model"].as_str().unwrap());
+    let adapter = merged.join("adapter");
+    let eval = |model: &Path, extra: &[&str]| {
+        let mut c = p.cmd(&["eval", "--model"]);
+        c.arg(model).args([
+            "--dataset",
+            "general_qa",
+            "--local-path",
+            "data/self-cognition/eval-qa",
+            "--model-name",
+            "sft",
+        ]);
+        c.args(extra).output().unwrap()
+    };
+    let (a, m) = (eval(&adapter, &[]), eval(&merged, &[]));
+    assert!(a.status.success() && m.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let table = String::from_utf8_lossy(&a.stdout).into_owned();
+    eprintln!("sft adapter via pipeline eval --model:\n{table}");
+    assert!(table.contains("| sft   | general_qa | rouge-l-f | self_cognition |  12 |"), "{table}");
+    assert_eq!(table, String::from_utf8_lossy(&m.stdout), "adapter folder vs merged folder");
+    let bad = eval(&adapter, &["--base", "no/such/base"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("base_model `"), "{}", String::from_utf8_lossy(&bad.stderr));
+    let out = p
+        .cmd(&["generate", "--prompt", "Who are you?", "--max-tokens", "40", "--model"])
+        .arg(&adapter)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("swift-robot"), "generate --model <adapter>: {text}");
 }

@@ -178,7 +178,8 @@ impl Stage for Evaluate {
             }
             None if !ctx.input_names.contains(&"model") => {
                 return Err(StageError::Params(
-                    "no model: bind input `model` (e.g. `inputs.model = \"sft.model\"`) or set the `model` param".into(),
+                    "no model: bind input `model` (e.g. `inputs.model = \"sft.model\"`) or set the `model` param"
+                        .into(),
                 ))
             }
             None => files.extend(base),

@@ -206,7 +206,8 @@ mod tests {
         let mut host = p.model.lora_to_host();
         for (i, (name, t)) in host.iter_mut().enumerate() {
             if name.contains("lora_B") {
-                t.data = (0..t.data.len()).map(|k| (((k * 7919 + i * 104729) % 1000) as f32 / 1000.0 - 0.5) * 0.2).collect();
+                t.data =
+                    (0..t.data.len()).map(|k| (((k * 7919 + i * 104729) % 1000) as f32 / 1000.0 - 0.5) * 0.2).collect();
             }
         }
         p.model.load_lora_host(lc, &host).unwrap();
@@ -237,7 +238,8 @@ mod tests {
     }
 
     fn logits(model: &Path, base: Option<&Path>) -> Vec<f32> {
-        let spec = PredictorSpec { model_dir: model, base_model: base, max_new_tokens: 1, device: None, model_name: None };
+        let spec =
+            PredictorSpec { model_dir: model, base_model: base, max_new_tokens: 1, device: None, model_name: None };
         let p = super::ModelPredictor::load(&spec).unwrap();
         let ids: Vec<u32> = (0..24).map(|i| (i * 5 + 1) % p.pretrained().model.cfg.vocab_size as u32).collect();
         p.pretrained().model.forward(&Batch::new(ids.clone(), 1, ids.len()).unwrap()).unwrap().as_vec()
@@ -270,7 +272,8 @@ mod tests {
         std::fs::write(moved.join("adapter_config.json"), cfg.to_string()).unwrap();
         assert_eq!(logits(&moved, Some(&base)), merged, "explicit base");
 
-        let qa = "dataset = \"general_qa\"\nlocal_path = \"qa\"\nmax_new_tokens = 6\nbatch_size = 2\nmodel_name = \"m\"";
+        let qa =
+            "dataset = \"general_qa\"\nlocal_path = \"qa\"\nmax_new_tokens = 6\nbatch_size = 2\nmodel_name = \"m\"";
         let mcq = "dataset = \"general_mcq\"\nlocal_path = \"mcq\"\nscorer = \"loglik\"\nfew_shot_num = 1\nmodel_name = \"m\"";
         for (what, params) in [("qa", qa), ("mcq", mcq)] {
             let r_merged = run_eval(params, Some(&out), &tmp.path().join(format!("{what}-merged"))).unwrap();
@@ -278,13 +281,21 @@ mod tests {
                 ("input", run_eval(params, Some(&adapter), &tmp.path().join(format!("{what}-input"))).unwrap()),
                 (
                     "param",
-                    run_eval(&format!("{params}\nmodel = {:?}", adapter.display().to_string()), None, &tmp.path().join(format!("{what}-param")))
-                        .unwrap(),
+                    run_eval(
+                        &format!("{params}\nmodel = {:?}", adapter.display().to_string()),
+                        None,
+                        &tmp.path().join(format!("{what}-param")),
+                    )
+                    .unwrap(),
                 ),
                 (
                     "base_model",
                     run_eval(
-                        &format!("{params}\nmodel = {:?}\nbase_model = {:?}", moved.display().to_string(), base.display().to_string()),
+                        &format!(
+                            "{params}\nmodel = {:?}\nbase_model = {:?}",
+                            moved.display().to_string(),
+                            base.display().to_string()
+                        ),
                         None,
                         &tmp.path().join(format!("{what}-base")),
                     )
@@ -303,7 +314,11 @@ mod tests {
         let err = run_eval(&format!("{qa}\nmodel = {:?}", moved.display().to_string()), None, &tmp.path().join("err"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("base_model_name_or_path` = \"../gone\"") && err.contains(&moved.join("../gone").display().to_string()), "{err}");
+        assert!(
+            err.contains("base_model_name_or_path` = \"../gone\"")
+                && err.contains(&moved.join("../gone").display().to_string()),
+            "{err}"
+        );
         // neither input nor param
         let err = run_eval(qa, None, &tmp.path().join("err2")).unwrap_err().to_string();
         assert!(err.contains("no model"), "{err}");

@@ -190,7 +190,8 @@ pub(crate) fn write_model(
     match src.filter(|s| s.is_dir()) {
         Some(dir) => {
             // An adapter folder's side files are its base's.
-            let files = ModelSource::resolve(dir, None).map_err(|e| StageError::failed(format!("{}: {e}", dir.display())))?;
+            let files =
+                ModelSource::resolve(dir, None).map_err(|e| StageError::failed(format!("{}: {e}", dir.display())))?;
             for f in ["tokenizer.json", "tokenizer_config.json", "vocab_map.json", "generation_config.json"] {
                 if let Some(p) = files.find_file(f) {
                     copy(&p, &out.join(f))?;

@@ -122,7 +122,11 @@ impl ModelSource {
             if base.is_some() {
                 return Err(LoadError::NotAnAdapter { path: path.to_path_buf() });
             }
-            return Ok(if is_gguf(path) { ModelSource::Gguf(path.to_path_buf()) } else { ModelSource::Folder(path.to_path_buf()) });
+            return Ok(if is_gguf(path) {
+                ModelSource::Gguf(path.to_path_buf())
+            } else {
+                ModelSource::Folder(path.to_path_buf())
+            });
         }
         if depth >= MAX_ADAPTER_CHAIN {
             return Err(LoadError::AdapterChain { path: path.to_path_buf() });
