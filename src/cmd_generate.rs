@@ -1,10 +1,12 @@
-//! `pipeline generate`: load a model (Hugging Face folder, `.gguf`, or the `model` output of a
-//! recipe's training stage from the cache) and continue one prompt.
+//! `pipeline generate`: load a model (Hugging Face folder, `.gguf`, a peft LoRA adapter folder on
+//! its base, or the `model` output of a recipe's training stage from the cache) and continue one
+//! prompt.
 //!
 //! With `--recipe`, the model is the `model` artifact of the latest committed run of `--stage`
 //! (default: the last stage, in execution order, that declares a `model` output). A model folder
 //! with a `vocab_map.json` (the tiny preset) is read through its restricted vocabulary, and its
-//! `chat_defaults.json` system prompt is used when `--system` is absent.
+//! `chat_defaults.json` system prompt is used when `--system` is absent (for an adapter folder:
+//! the adapter's, else its base's).
 
 use std::path::PathBuf;
 
@@ -14,15 +16,20 @@ use pipeline_cache::Store;
 use crate::common::{load_plan, CacheArgs, Usage};
 use dfdx::prelude::Cpu;
 use pipeline_model::chat::Message;
-use pipeline_model::pretrained::load_pretrained;
+use pipeline_model::pretrained::ModelSource;
 use pipeline_model::{generate, GenerationConfig};
 
 /// Generate text with a model (greedy by default; the chat template is applied unless `--raw`).
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
-    /// A Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json) or a .gguf file.
+    /// A Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json), a .gguf file,
+    /// or a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors; merged into
+    /// the base its `base_model_name_or_path` names, or --base).
     #[arg(long, required_unless_present = "recipe", conflicts_with = "recipe")]
     pub model: Option<PathBuf>,
+    /// With an adapter folder as --model: its base model (overrides `base_model_name_or_path`).
+    #[arg(long, requires = "model")]
+    pub base: Option<PathBuf>,
     /// Use the model trained by this recipe (from its cache; run the recipe first).
     #[arg(long)]
     pub recipe: Option<PathBuf>,
@@ -100,12 +107,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         (None, Some(r)) => recipe_model(r, args.stage.as_deref(), &args.cache)?,
         (None, None) => return Err(Usage("give --model or --recipe".into()).into()),
     };
+    let src = ModelSource::resolve(&model, args.base.as_deref()).map_err(|e| Usage(e.to_string()))?;
     let system = args.system.clone().or_else(|| {
-        let text = std::fs::read_to_string(model.join("chat_defaults.json")).ok()?;
+        let text = std::fs::read_to_string(src.find_file("chat_defaults.json")?).ok()?;
         let v: serde_json::Value = serde_json::from_str(&text).ok()?;
         v.get("system")?.as_str().map(str::to_string)
     });
-    let mut p = load_pretrained(&model, &dev).with_context(|| format!("loading {}", model.display()))?;
+    let mut p = src.load(&dev).with_context(|| format!("loading {}", model.display()))?;
     if let Some(a) = &args.adapter {
         p.model.load_peft_adapter(a).with_context(|| format!("loading adapter {}", a.display()))?;
     }

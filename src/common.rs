@@ -100,7 +100,7 @@ pub fn parse_age(s: &str) -> Result<u64, String> {
 pub fn report_counts(report: Option<&serde_json::Value>) -> String {
     let Some(serde_json::Value::Object(m)) = report else { return String::new() };
     m.iter()
-        .filter(|(_, v)| v.is_number() || v.is_boolean() || v.is_string())
+        .filter(|(_, v)| v.is_number() || v.is_boolean() || v.as_str().is_some_and(|s| !s.contains('\n')))
         .take(4)
         .map(|(k, v)| match v {
             serde_json::Value::Number(n) if n.as_f64().is_some_and(|f| f.fract() != 0.0) => {

@@ -156,6 +156,15 @@ pub fn summary_table(s: &RunSummary) -> String {
         if s.cancelled { " (interrupted)" } else { "" },
         human_duration(s.elapsed)
     ));
+    // Result tables stages report (`evaluate`: the evalscope table), cached ones included.
+    for o in s.outcomes.iter().filter(|o| matches!(o.status, Status::Ran | Status::Cached)) {
+        if let Some(table) = o.report.as_ref().and_then(|r| r.get("table")).and_then(|t| t.as_str()) {
+            out.push_str(&format!("\n{} ({}):\n{}", o.id, o.kind, table));
+            if !table.ends_with('\n') {
+                out.push('\n');
+            }
+        }
+    }
     out
 }
 

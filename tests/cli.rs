@@ -445,28 +445,54 @@ fn demo_recipe_plans() {
 }
 
 /// The headline recipe end to end through the binary: cold (every stage runs: collect, dedupe,
-/// clean, pretrain of the tiny Qwen2 from random init, LoRA SFT, DPO), warm (every stage cached),
-/// then `pipeline generate --recipe` answers the self-cognition questions as swift-robot by swift.
+/// clean, pretrain of the tiny Qwen2 from random init, LoRA SFT, DPO, evaluate), warm (every stage
+/// cached; the human summary still prints the evaluation tables), then `pipeline generate --recipe`
+/// answers the self-cognition questions as swift-robot by swift.
 #[test]
 fn headline_self_cognition_recipe_cold_warm_and_generate() {
     let p = Project::new(&std::fs::read_to_string(repo().join("recipes/qwen-self-cognition.toml")).unwrap());
-    p.write(
+    for f in [
         "data/self-cognition/dpo.jsonl",
-        &std::fs::read_to_string(repo().join("recipes/data/self-cognition/dpo.jsonl")).unwrap(),
-    );
+        "data/self-cognition/eval-qa/self_cognition.jsonl",
+        "data/self-cognition/eval-mcq/example_val.csv",
+        "data/self-cognition/eval-mcq/example_dev.csv",
+    ] {
+        p.write(f, &std::fs::read_to_string(repo().join("recipes").join(f)).unwrap());
+    }
     let t = std::time::Instant::now();
     let cold = p.run(&[]).ok();
     eprintln!("cold run: {:.1}s", t.elapsed().as_secs_f64());
-    let stages = ["collect", "corpus", "prefs", "dedupe", "clean", "pretrain", "sft", "align"];
+    let stages = ["collect", "corpus", "prefs", "dedupe", "clean", "pretrain", "sft", "align", "eval", "eval-mcq"];
     assert_eq!(cold.with_status("ran"), {
         let mut s = v(&stages);
         s.sort();
         s
     });
+    for (stage, metric, num) in [("eval", "rouge-l-f", 12), ("eval-mcq", "AverageAccuracy", 2)] {
+        let e = cold.events.iter().find(|e| e["stage"] == stage && e["event"] == "stage_finished").unwrap();
+        eprintln!(
+            "{stage}: {:.1}s\n{}",
+            e["report"]["seconds"].as_f64().unwrap(),
+            e["report"]["table"].as_str().unwrap()
+        );
+        let row = e["report"]["rows"].as_array().unwrap().iter().find(|r| r["metric"] == metric).unwrap();
+        assert_eq!((row["model"].as_str(), row["num"].as_u64()), (Some("swift-robot"), Some(num)), "{stage}");
+    }
     let t = std::time::Instant::now();
     let warm = p.run(&[]).ok();
     eprintln!("warm run: {:.3}s", t.elapsed().as_secs_f64());
     assert_eq!(warm.with_status("cached").len(), stages.len());
+    let human = p.pipeline(&["run", "r.toml"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(human.status.success());
+    for want in [
+        "eval (evaluate):",
+        "eval-mcq (evaluate):",
+        "| swift-robot | general_qa | rouge-l-f",
+        "| swift-robot | general_mcq | AverageAccuracy",
+    ] {
+        assert!(text.contains(want), "summary lacks `{want}`:\n{text}");
+    }
     for (prompt, stage) in [("你是谁？", None), ("Who are you?", None), ("Who are you?", Some("sft"))] {
         let mut args = vec!["generate", "--recipe", "r.toml", "--prompt", prompt, "--max-tokens", "40"];
         if let Some(s) = stage {
@@ -478,4 +504,40 @@ fn headline_self_cognition_recipe_cold_warm_and_generate() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(text.contains("swift-robot") && text.replace("swift-robot", "").contains("swift"), "{prompt}: {text}");
     }
+
+    // The SFT stage's peft adapter folder (`model/adapter/`, base = the pretrain artifact) works as
+    // a model path: `pipeline eval --model` scores it exactly like the merged folder beside it, and
+    // `pipeline generate --model` answers with it.
+    let sft = cold.events.iter().find(|e| e["stage"] == "sft" && e["event"] == "stage_finished").unwrap();
+    let merged = p.artifact(sft["outputs"]["model"].as_str().unwrap());
+    let adapter = merged.join("adapter");
+    let eval = |model: &Path, extra: &[&str]| {
+        let mut c = p.cmd(&["eval", "--model"]);
+        c.arg(model).args([
+            "--dataset",
+            "general_qa",
+            "--local-path",
+            "data/self-cognition/eval-qa",
+            "--model-name",
+            "sft",
+        ]);
+        c.args(extra).output().unwrap()
+    };
+    let (a, m) = (eval(&adapter, &[]), eval(&merged, &[]));
+    assert!(a.status.success() && m.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let table = String::from_utf8_lossy(&a.stdout).into_owned();
+    eprintln!("sft adapter via pipeline eval --model:\n{table}");
+    assert!(table.contains("| sft   | general_qa | rouge-l-f | self_cognition |  12 |"), "{table}");
+    assert_eq!(table, String::from_utf8_lossy(&m.stdout), "adapter folder vs merged folder");
+    let bad = eval(&adapter, &["--base", "no/such/base"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("base_model `"), "{}", String::from_utf8_lossy(&bad.stderr));
+    let out = p
+        .cmd(&["generate", "--prompt", "Who are you?", "--max-tokens", "40", "--model"])
+        .arg(&adapter)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("swift-robot"), "generate --model <adapter>: {text}");
 }

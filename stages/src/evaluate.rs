@@ -8,8 +8,12 @@
 //! `rouge-{1,2,l}-{r,p,f}` per subset, equal to evalscope's numbers.
 //!
 //! ## Inputs
-//! `model`: a model artifact (base, SFT adapter, merged or quantised); the predictor loader
-//! decides how to open it.
+//! `model` (unless the `model` param is set): a model artifact — a HF folder (base or merged, e.g.
+//! `sft.model`), a directory holding one `.gguf` file (quantised), or a peft LoRA adapter folder
+//! (`adapter_config.json` + `adapter_model.safetensors`, no full weights). An adapter is merged
+//! into its base for inference; the base is the `base_model` param, else the adapter's
+//! `base_model_name_or_path` (absolute, or relative to the adapter folder). A prompt without a
+//! system message gets the model's trained-with system prompt (`chat_defaults.json`).
 //!
 //! ## Outputs
 //! `report`: `report.json` and `report.csv` (the `Model | Dataset | Metric | Subset | Num |
@@ -20,6 +24,8 @@
 //! | key | default | meaning |
 //! |---|---|---|
 //! | `dataset` | — | `general_mcq` or `general_qa` |
+//! | `model` | input `model` | a model path instead of the input (relative to the recipe, `${VAR}` expanded): HF folder, `.gguf`, adapter folder |
+//! | `base_model` | from `adapter_config.json` | the base model of an adapter `model` (path, like `model`) |
 //! | `local_path` | — | the dataset folder (relative to the recipe) |
 //! | `subsets` | all | subset names to run |
 //! | `few_shot_num` | 0 | general_mcq: first N rows of `{subset}_dev.csv` as examples |
@@ -30,7 +36,10 @@
 //! | `model_name` | input name | the table's Model column |
 //!
 //! ## Cache key
-//! Kind, version, params, the model artifact's digest and the dataset folder's content.
+//! Kind, version, params, the model artifact's digest and the dataset folder's content; with the
+//! `model` / `base_model` params, the content of those paths (and of the base an adapter `model`
+//! names). The base named inside an adapter *artifact* enters only by its path, as written in the
+//! artifact's `adapter_config.json`.
 //!
 //! ## Example
 //! ```toml
@@ -46,7 +55,10 @@ use std::time::Instant;
 use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError, StageEvent};
 use pipeline_metrics::eval::{run_mcq, run_qa, EvalError, McqScorer, Predictor, RunOptions};
 use pipeline_metrics::report::{write_atomic, Report};
+use pipeline_model::pretrained::ModelSource;
 use serde::Deserialize;
+
+use crate::training::shellexpand_env;
 
 /// Which evalscope dataset layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -61,6 +73,12 @@ pub enum DatasetKind {
 #[serde(deny_unknown_fields)]
 pub struct EvaluateConfig {
     pub dataset: DatasetKind,
+    /// A model path used instead of the `model` input.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The base model of an adapter folder (default: its `base_model_name_or_path`).
+    #[serde(default)]
+    pub base_model: Option<String>,
     pub local_path: PathBuf,
     #[serde(default)]
     pub subsets: Vec<String>,
@@ -88,8 +106,10 @@ fn default_max_new_tokens() -> usize {
 /// What a predictor loader is told.
 #[derive(Debug, Clone)]
 pub struct PredictorSpec<'a> {
-    /// The `model` input artifact directory.
+    /// The model: the `model` input artifact directory or the `model` param's path.
     pub model_dir: &'a Path,
+    /// An adapter model's explicit base (the `base_model` param).
+    pub base_model: Option<&'a Path>,
     pub max_new_tokens: usize,
     /// Run-wide options (e.g. `device`).
     pub device: Option<&'a str>,
@@ -124,14 +144,46 @@ impl Stage for Evaluate {
         "evaluate"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: prompts without a system message get the model's chat_defaults.json system prompt.
+        2
     }
     fn summary(&self) -> &'static str {
         "Score a model on general_mcq (accuracy) or general_qa (BLEU/ROUGE) exactly as evalscope does"
     }
     fn declare(&self, ctx: &PlanCtx<'_>) -> Result<Declared, StageError> {
         let cfg: EvaluateConfig = ctx.params()?;
-        ctx.check_inputs(&["model"], &[])?;
+        ctx.check_inputs(&[], &["model"])?;
+        let mut files = Vec::new();
+        let base = cfg.base_model.as_deref().map(|b| ctx.resolve(shellexpand_env(b)));
+        if let Some(b) = &base {
+            if !b.exists() {
+                return Err(StageError::Params(format!("base_model `{}` does not exist", b.display())));
+            }
+        }
+        match cfg.model.as_deref().map(|m| ctx.resolve(shellexpand_env(m))) {
+            Some(m) => {
+                if !m.exists() {
+                    return Err(StageError::Params(format!("model `{}` does not exist", m.display())));
+                }
+                // An adapter's base (explicit or named in adapter_config.json) is read too: its
+                // content enters the key, and a missing base is a plan error.
+                let src = ModelSource::resolve(&m, base.as_deref())
+                    .map_err(|e| StageError::Params(format!("model `{}`: {e}", m.display())))?;
+                files.push(m);
+                let mut s = &src;
+                while let ModelSource::Adapter { base, .. } = s {
+                    files.push(base.path().to_path_buf());
+                    s = base;
+                }
+            }
+            None if !ctx.input_names.contains(&"model") => {
+                return Err(StageError::Params(
+                    "no model: bind input `model` (e.g. `inputs.model = \"sft.model\"`) or set the `model` param"
+                        .into(),
+                ))
+            }
+            None => files.extend(base),
+        }
         if cfg.batch_size == 0 {
             return Err(StageError::Params("batch_size must be at least 1".into()));
         }
@@ -142,14 +194,21 @@ impl Stage for Evaluate {
         if !dir.is_dir() {
             return Err(StageError::Params(format!("local_path `{}` is not a directory", dir.display())));
         }
-        Ok(Declared { outputs: vec!["report".into()], files: vec![dir] })
+        files.push(dir);
+        Ok(Declared { outputs: vec!["report".into()], files })
     }
     fn run(&self, ctx: &RunCtx) -> Result<(), StageError> {
         let cfg: EvaluateConfig = ctx.params()?;
         let dir = ctx.resolve(&cfg.local_path);
         let out = ctx.output("report")?;
+        let model = match &cfg.model {
+            Some(m) => ctx.resolve(shellexpand_env(m)),
+            None => ctx.input("model")?.to_path_buf(),
+        };
+        let base = cfg.base_model.as_deref().map(|b| ctx.resolve(shellexpand_env(b)));
         let spec = PredictorSpec {
-            model_dir: ctx.input("model")?,
+            model_dir: &model,
+            base_model: base.as_deref(),
             max_new_tokens: cfg.max_new_tokens,
             device: ctx.option("device"),
             model_name: cfg.model_name.as_deref(),
@@ -218,9 +277,18 @@ pub fn evaluate_with(
         message: e.message,
     })?;
     let secs = started.elapsed().as_secs_f64();
-    ctx.message(report.table());
+    // One line while running; the whole table is in the report (the CLI's run summary prints it,
+    // for cached runs too) and in report.csv.
+    let headline: Vec<String> = report
+        .rows
+        .iter()
+        .filter(|r| ["AverageAccuracy", "bleu-1", "bleu-4", "rouge-l-f"].contains(&r.metric.as_str()))
+        .map(|r| format!("{} {} {:.4}", r.subset, r.metric, r.score))
+        .collect();
+    ctx.message(format!("{} samples in {secs:.1}s: {}", predictions.len(), headline.join(", ")));
     let mut json = serde_json::to_value(&report).unwrap_or_default();
     if let Some(o) = json.as_object_mut() {
+        o.insert("table".into(), report.table().into());
         o.insert("samples".into(), predictions.len().into());
         o.insert("seconds".into(), secs.into());
         o.insert("samples_per_s".into(), (predictions.len() as f64 / secs.max(1e-9)).into());
@@ -302,8 +370,12 @@ mod tests {
         assert!(out.join("report.csv").exists());
         let events = sink.0.lock().unwrap();
         assert!(events.contains(&StageEvent::ProgressStart { label: "samples".into(), total: Some(2) }));
-        assert!(events.iter().any(|e| matches!(e, StageEvent::Message(m) if m.contains("AverageAccuracy"))));
-        assert!(ctx.take_report().unwrap()["samples_per_s"].as_f64().unwrap() > 0.0);
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, StageEvent::Message(m) if m.starts_with("2 samples in ") && m.ends_with(": example AverageAccuracy 1.0000"))));
+        let json = ctx.take_report().unwrap();
+        assert!(json["samples_per_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(json["table"].as_str().unwrap(), report.table());
     }
 
     #[test]

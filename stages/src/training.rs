@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use dfdx::prelude::Device;
 use pipeline_engine::{PlanCtx, RunCtx, StageError};
 use pipeline_model::chat::{ChatTemplate, Message as ChatMessage};
-use pipeline_model::pretrained::{load_pretrained, Pretrained};
+use pipeline_model::pretrained::{load_pretrained, ModelSource, Pretrained};
 use pipeline_model::{LoraConfig, Qwen2, Trainable};
 use pipeline_train::{TrainConfig, TrainOutcome, TRAIN_CONFIG_KEYS};
 
@@ -204,9 +204,10 @@ pub(crate) fn chat_messages(s: &Sample) -> Vec<ChatMessage> {
     s.messages.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect()
 }
 
-/// The default system prompt a model folder was trained with (`chat_defaults.json`).
+/// The default system prompt a model folder was trained with (`chat_defaults.json`; for an
+/// adapter folder, its own or its base's).
 pub(crate) fn trained_system(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join("chat_defaults.json")).ok()?;
+    let text = std::fs::read_to_string(ModelSource::resolve(dir, None).ok()?.find_file("chat_defaults.json")?).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v.get("system")?.as_str().map(str::to_string)
 }
@@ -226,16 +227,23 @@ pub(crate) fn write_model<D: Device<f32>>(
 ) -> Result<(), StageError> {
     let merr = |e: pipeline_model::ModelError| StageError::failed(format!("writing {}: {e}", out.display()));
     if model.lora_config().is_some() {
-        let base = src.map(|s| s.display().to_string()).unwrap_or_else(|| "tiny".into());
+        // Absolute: the cache dir may be given relative to the working directory, and a relative
+        // `base_model_name_or_path` is read relative to the adapter folder.
+        let base = src
+            .map(|s| std::path::absolute(s).unwrap_or_else(|_| s.to_path_buf()).display().to_string())
+            .unwrap_or_else(|| "tiny".into());
         model.save_adapter(&out.join("adapter"), &base).map_err(merr)?;
         model.merge_lora().map_err(merr)?;
     }
     model.save_pretrained(out).map_err(merr)?;
     match src.filter(|s| s.is_dir()) {
         Some(dir) => {
+            // An adapter folder's side files are its base's.
+            let files =
+                ModelSource::resolve(dir, None).map_err(|e| StageError::failed(format!("{}: {e}", dir.display())))?;
             for f in ["tokenizer.json", "tokenizer_config.json", "vocab_map.json", "generation_config.json"] {
-                if dir.join(f).is_file() {
-                    copy(&dir.join(f), &out.join(f))?;
+                if let Some(p) = files.find_file(f) {
+                    copy(&p, &out.join(f))?;
                 }
             }
         }

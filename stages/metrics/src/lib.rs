@@ -22,6 +22,10 @@
 //! | `㐀〇ひらがな` / `㐀〇カタカナ` (not "Chinese") | 0, 0, 0, 0 | 0, 0, 0 |
 //! | `""` or `"   "` / anything | 0, 0, 0, 0 | no ROUGE (evalscope 1.14.1: 0.0) |
 //!
+//! SPECS.md §3's check values are the first row (`spec-0000`); its P / R in the golden file:
+//! rouge-1 0.75 / 0.75, rouge-2 0.375 / 0.428571, rouge-l 0.6 / 0.75. The whole golden file is
+//! checked by `tests/parity.rs` (`cargo test -p pipeline-metrics --test parity`).
+//!
 //! jieba-rs 0.11 differs from python jieba 0.42.1 in two places, both corrected in [`tokenize`]:
 //! its dictionary lacks `B超`, and its HMM fallback keeps `state-of-the-art` / `U.S` whole where
 //! python splits on every `-`, `_` and on a `.` not followed by digits.

@@ -16,7 +16,9 @@
 //!
 //! # Loading and saving
 //! - [`pretrained::load_pretrained`]`(path, &dev)` → [`pretrained::Pretrained`] `{ model, tokenizer, chat }`
-//!   from a HF folder or a `.gguf` file (tokenizer ids checked against the embedding rows).
+//!   from a HF folder, a `.gguf` file, or a peft adapter folder merged into its base
+//!   ([`pretrained::ModelSource`], [`pretrained::load_pretrained_with_base`]; tokenizer ids checked
+//!   against the embedding rows).
 //! - [`Qwen2::load_hf`], [`Qwen2::from_host`]`(&cfg, &HostTensors, &dev)`, [`Qwen2::random_host`].
 //! - [`Qwen2::save_pretrained`] (`config.json` + `model.safetensors`, F32),
 //!   [`Qwen2::save_adapter`] / [`Qwen2::load_peft_adapter`] (peft's `adapter_config.json` +

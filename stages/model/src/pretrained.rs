@@ -1,6 +1,20 @@
 //! One entry point for "a model on disk": a Hugging Face folder (`config.json`, safetensors,
-//! `tokenizer.json`, `tokenizer_config.json`) or a `.gguf` file, with its tokenizer and chat
-//! template, checked for agreement (every tokenizer id must have an embedding row).
+//! `tokenizer.json`, `tokenizer_config.json`), a `.gguf` file, or a peft LoRA adapter folder
+//! (`adapter_config.json` + `adapter_model.safetensors`, no full weights) on top of its base
+//! model — with its tokenizer and chat template, checked for agreement (every tokenizer id must
+//! have an embedding row).
+//!
+//! # Adapter folders
+//! [`ModelSource::resolve`] decides what a path holds. For an adapter, the base model is the
+//! explicit one when given (the `evaluate` stage's `base_model` param, `--base` on the command
+//! line), else `base_model_name_or_path` of `adapter_config.json`: an absolute path, or a path
+//! relative to the adapter folder (a model hub id cannot be fetched: give the base explicitly).
+//! The base may itself be an adapter folder (a chain, at most [`MAX_ADAPTER_CHAIN`] deep). Loading
+//! applies the adapter by merging it into the base weights, `W' = W + (alpha/r)·B·A` — exactly
+//! what the training stages do when they write their merged `model` folder, so an adapter and the
+//! merged folder written beside it give identical logits. The tokenizer, chat template,
+//! `vocab_map.json` and other side files come from the base ([`ModelSource::find_file`] looks in
+//! the adapter folder first).
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +40,150 @@ pub enum LoadError {
     Chat(#[from] ChatError),
     #[error("{path}: no tokenizer (expected tokenizer.json beside config.json, or a GGUF vocabulary)")]
     NoTokenizer { path: PathBuf },
+    /// `base_model_name_or_path` of an adapter is absent, null, or names no local model.
+    #[error("{config}: `base_model_name_or_path` {msg}; give the base model explicitly (the evaluate stage's `base_model` param, `--base` on the command line)")]
+    AdapterBase { config: PathBuf, msg: String },
+    #[error("base model `{path}` given for adapter {adapter} does not exist")]
+    BaseMissing { path: PathBuf, adapter: PathBuf },
+    #[error("{path}: a base model was given, but this is not a peft adapter folder (adapter_config.json without model.safetensors)")]
+    NotAnAdapter { path: PathBuf },
+    #[error("{path}: adapters stacked more than {MAX_ADAPTER_CHAIN} deep (does an adapter name itself as its base?)")]
+    AdapterChain { path: PathBuf },
+    #[error("adapter {dir}: {source}")]
+    Adapter {
+        dir: PathBuf,
+        #[source]
+        source: ModelError,
+    },
+}
+
+/// How many adapters may be stacked (an adapter whose base is another adapter folder).
+pub const MAX_ADAPTER_CHAIN: usize = 8;
+
+/// What a model path holds, with an adapter's base resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A Hugging Face folder with full weights.
+    Folder(PathBuf),
+    /// A `.gguf` file.
+    Gguf(PathBuf),
+    /// A peft LoRA adapter folder and the model it applies to.
+    Adapter { dir: PathBuf, base: Box<ModelSource> },
+}
+
+fn is_gguf(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// A folder holding `adapter_config.json` and no full weights (`model.safetensors` or its index).
+pub fn is_adapter_dir(path: &Path) -> bool {
+    path.is_dir()
+        && path.join("adapter_config.json").is_file()
+        && !path.join("model.safetensors").exists()
+        && !path.join("model.safetensors.index.json").exists()
+}
+
+/// The base model an adapter folder names: `base_model_name_or_path` of its
+/// `adapter_config.json`, resolved against the folder when relative. Errors name the key, the
+/// value and the path tried.
+pub fn adapter_base(dir: &Path) -> Result<PathBuf, LoadError> {
+    let config = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&config).map_err(|e| ModelError::Io { path: config.clone(), source: e })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| ModelError::Json { path: config.clone(), source })?;
+    let value = match v.get("base_model_name_or_path") {
+        None => return Err(LoadError::AdapterBase { config, msg: "is missing".into() }),
+        Some(serde_json::Value::Null) => return Err(LoadError::AdapterBase { config, msg: "is null".into() }),
+        Some(serde_json::Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(other) => return Err(LoadError::AdapterBase { config, msg: format!("is {other}, not a path") }),
+    };
+    let path = dir.join(&value);
+    if !path.exists() {
+        return Err(LoadError::AdapterBase {
+            config,
+            msg: format!(
+                "= \"{value}\": no model folder or .gguf file at {} (a relative path is resolved against the adapter folder; a model hub id cannot be downloaded)",
+                path.display()
+            ),
+        });
+    }
+    Ok(path)
+}
+
+impl ModelSource {
+    /// What `path` holds. `base` overrides an adapter's `base_model_name_or_path` (an error when
+    /// `path` is not an adapter folder).
+    pub fn resolve(path: &Path, base: Option<&Path>) -> Result<Self, LoadError> {
+        Self::resolve_at(path, base, 0)
+    }
+
+    fn resolve_at(path: &Path, base: Option<&Path>, depth: usize) -> Result<Self, LoadError> {
+        if !is_adapter_dir(path) {
+            if base.is_some() {
+                return Err(LoadError::NotAnAdapter { path: path.to_path_buf() });
+            }
+            return Ok(if is_gguf(path) {
+                ModelSource::Gguf(path.to_path_buf())
+            } else {
+                ModelSource::Folder(path.to_path_buf())
+            });
+        }
+        if depth >= MAX_ADAPTER_CHAIN {
+            return Err(LoadError::AdapterChain { path: path.to_path_buf() });
+        }
+        let base_path = match base {
+            Some(b) if !b.exists() => {
+                return Err(LoadError::BaseMissing { path: b.to_path_buf(), adapter: path.to_path_buf() })
+            }
+            Some(b) => b.to_path_buf(),
+            None => adapter_base(path)?,
+        };
+        let base = Self::resolve_at(&base_path, None, depth + 1)?;
+        Ok(ModelSource::Adapter { dir: path.to_path_buf(), base: Box::new(base) })
+    }
+
+    /// The path given: the folder, the `.gguf` file or the adapter folder.
+    pub fn path(&self) -> &Path {
+        match self {
+            ModelSource::Folder(p) | ModelSource::Gguf(p) => p,
+            ModelSource::Adapter { dir, .. } => dir,
+        }
+    }
+
+    /// The full model at the bottom of an adapter chain (the source itself otherwise).
+    pub fn root(&self) -> &ModelSource {
+        match self {
+            ModelSource::Adapter { base, .. } => base.root(),
+            other => other,
+        }
+    }
+
+    /// A side file (`chat_defaults.json`, `tokenizer.json`, `vocab_map.json`, ...): in the model
+    /// folder; for an adapter in the adapter folder first, then down its base chain; never for a
+    /// `.gguf` file.
+    pub fn find_file(&self, name: &str) -> Option<PathBuf> {
+        match self {
+            ModelSource::Folder(dir) => Some(dir.join(name)).filter(|p| p.is_file()),
+            ModelSource::Gguf(_) => None,
+            ModelSource::Adapter { dir, base } => {
+                Some(dir.join(name)).filter(|p| p.is_file()).or_else(|| base.find_file(name))
+            }
+        }
+    }
+
+    /// Loads the model onto `dev`; an adapter is merged into its base.
+    pub fn load<D: Device<f32>>(&self, dev: &D) -> Result<Pretrained<D>, LoadError> {
+        match self {
+            ModelSource::Folder(p) | ModelSource::Gguf(p) => load_checkpoint(p, dev),
+            ModelSource::Adapter { dir, base } => {
+                let mut p = base.load(dev)?;
+                let err = |source| LoadError::Adapter { dir: dir.clone(), source };
+                p.model.load_peft_adapter(dir).map_err(err)?;
+                p.model.merge_lora().map_err(err)?;
+                Ok(p)
+            }
+        }
+    }
 }
 
 /// A loaded model with what is needed to talk to it.
@@ -76,9 +234,25 @@ impl<D: Device<f32>> Pretrained<D> {
     }
 }
 
-/// Loads a HF folder or a `.gguf` file onto `dev`.
+/// Loads a HF folder, a `.gguf` file or a peft adapter folder (on the base its
+/// `adapter_config.json` names) onto `dev`.
 pub fn load_pretrained<D: Device<f32>>(path: &Path, dev: &D) -> Result<Pretrained<D>, LoadError> {
-    let is_gguf = path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    ModelSource::resolve(path, None)?.load(dev)
+}
+
+/// [`load_pretrained`] with an explicit base model for an adapter folder (`None`: the one
+/// `adapter_config.json` names).
+pub fn load_pretrained_with_base<D: Device<f32>>(
+    path: &Path,
+    base: Option<&Path>,
+    dev: &D,
+) -> Result<Pretrained<D>, LoadError> {
+    ModelSource::resolve(path, base)?.load(dev)
+}
+
+/// A HF folder or a `.gguf` file.
+fn load_checkpoint<D: Device<f32>>(path: &Path, dev: &D) -> Result<Pretrained<D>, LoadError> {
+    let is_gguf = is_gguf(path);
     let (model, tokenizer, chat) = if is_gguf {
         let g = crate::gguf::load_gguf(path)?;
         let cfg = ModelConfig::from_hf_value(&g.config_json)?;

@@ -557,3 +557,123 @@ fn smollm2_gguf_matches_gguf_package() {
         tmpl.render(&[Message::user("What is the capital of France?")], true).unwrap()
     );
 }
+
+/// A full model folder `load_pretrained` accepts, built from `qwen2_tiny` (transformers-written
+/// weights, 256-row embedding): the Qwen2.5 tokenizer files plus an identity `vocab_map.json`
+/// over tokenizer ids 0..256, so model ids are the golden prompts' ids.
+fn qwen2_tiny_with_tokenizer(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("qwen2_tiny").join(f), dir.join(f)).unwrap();
+    }
+    Tokenizer::write_qwen25_files(dir).unwrap();
+    pipeline_model::vocab::VocabMap::new(&[], 0..256).save(&dir.join("vocab_map.json")).unwrap();
+}
+
+/// A copy of the peft-written `lora_tiny` adapter with `base_model_name_or_path` set to `base`.
+fn lora_tiny_with_base(dir: &Path, base: serde_json::Value) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(fixture("lora_tiny/adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
+    let mut cfg = golden("lora_tiny/adapter_config.json");
+    cfg["base_model_name_or_path"] = base;
+    std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+}
+
+/// The peft adapter folder loads as a model (base from `base_model_name_or_path`, relative to the
+/// adapter folder or absolute, or given explicitly) and its logits equal peft's, with the adapter
+/// applied unmerged and merged (golden: `scripts/oracles/qwen2_parity.py`, transformers 5.24 +
+/// peft 0.21.2, in `golden.json` → `lora`).
+#[test]
+fn peft_adapter_folder_loads_on_its_base_with_peft_logits() {
+    use dfdx::prelude::*;
+    use pipeline_model::pretrained::{load_pretrained, load_pretrained_with_base, ModelSource};
+    let g = golden("golden.json");
+    let want = g["lora"]["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<_>>();
+    let want_merged =
+        g["lora"]["merged_logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<_>>();
+    let prompt: Vec<u32> = g["prompts"][0].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("models/base");
+    qwen2_tiny_with_tokenizer(&base);
+    let relative = tmp.path().join("adapters/relative");
+    lora_tiny_with_base(&relative, "../../models/base".into());
+    let absolute = tmp.path().join("absolute");
+    lora_tiny_with_base(&absolute, base.display().to_string().into());
+    let dev = Cpu::default();
+    let loaded = [
+        ("relative", load_pretrained(&relative, &dev).unwrap()),
+        ("absolute", load_pretrained(&absolute, &dev).unwrap()),
+        // peft left base_model_name_or_path null in the fixture: the explicit base is required
+        ("explicit", load_pretrained_with_base(&fixture("lora_tiny"), Some(&base), &dev).unwrap()),
+    ];
+    let rel_err = |got: &[f32], want: &[f32]| {
+        let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+        got.iter().zip(want).map(|(a, b)| (a - b).abs() / scale).fold(0f32, f32::max)
+    };
+    for (what, p) in &loaded {
+        assert!(p.model.lora_config().is_none(), "{what}: the adapter is merged");
+        let logits =
+            p.model.forward(&pipeline_model::Batch::new(prompt.clone(), 1, prompt.len()).unwrap()).unwrap().as_vec();
+        assert_eq!(logits.len(), want.len());
+        let (e, em) = (rel_err(&logits, &want), rel_err(&logits, &want_merged));
+        eprintln!("{what}: max error vs peft {e:e} (unmerged), {em:e} (merged)");
+        assert!(e < 1e-4 && em < 1e-4, "{what}: {e} / {em}");
+        assert!(p.vocab.is_some() && p.chat.is_some(), "{what}: tokenizer side files come from the base");
+    }
+    // the base alone differs (the adapter is really applied)
+    let plain = load_pretrained(&base, &dev).unwrap();
+    let logits =
+        plain.model.forward(&pipeline_model::Batch::new(prompt.clone(), 1, prompt.len()).unwrap()).unwrap().as_vec();
+    assert!(rel_err(&logits, &want) > 1e-3);
+    let src = ModelSource::resolve(&relative, None).unwrap();
+    assert_eq!(src.root(), &ModelSource::Folder(relative.join("../../models/base")));
+    assert_eq!(src.find_file("tokenizer.json"), Some(relative.join("../../models/base/tokenizer.json")));
+    assert_eq!(src.find_file("adapter_config.json"), Some(relative.join("adapter_config.json")));
+}
+
+#[test]
+fn adapter_base_errors_name_the_key_and_path() {
+    use dfdx::prelude::*;
+    use pipeline_model::pretrained::{load_pretrained, load_pretrained_with_base};
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    qwen2_tiny_with_tokenizer(&base);
+    let dev = Cpu::default();
+    let err = |path: &Path, base: Option<&Path>| match load_pretrained_with_base(path, base, &dev) {
+        Ok(_) => panic!("{} loaded", path.display()),
+        Err(e) => e.to_string(),
+    };
+    // peft's null (the fixture), a hub id, a missing key, a wrong type, a self-reference
+    let null = err(&fixture("lora_tiny"), None);
+    assert!(null.contains("lora_tiny/adapter_config.json: `base_model_name_or_path` is null"), "{null}");
+    assert!(null.contains("`base_model` param") && null.contains("--base"), "{null}");
+    let hub = tmp.path().join("hub");
+    lora_tiny_with_base(&hub, "Qwen/Qwen2.5-7B-Instruct".into());
+    let e = err(&hub, None);
+    assert!(e.contains("= \"Qwen/Qwen2.5-7B-Instruct\": no model folder or .gguf file at"), "{e}");
+    assert!(e.contains(&hub.join("Qwen/Qwen2.5-7B-Instruct").display().to_string()), "{e}");
+    let missing = tmp.path().join("missing");
+    lora_tiny_with_base(&missing, serde_json::Value::Null);
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(missing.join("adapter_config.json")).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("base_model_name_or_path");
+    std::fs::write(missing.join("adapter_config.json"), cfg.to_string()).unwrap();
+    assert!(err(&missing, None).contains("`base_model_name_or_path` is missing"));
+    let number = tmp.path().join("number");
+    lora_tiny_with_base(&number, 7.into());
+    assert!(err(&number, None).contains("`base_model_name_or_path` is 7, not a path"));
+    let itself = tmp.path().join("itself");
+    lora_tiny_with_base(&itself, ".".into());
+    assert!(err(&itself, None).contains("stacked more than 8 deep"));
+    // an explicit base that does not exist; a base for a full model; a missing weights file
+    let e = err(&fixture("lora_tiny"), Some(&tmp.path().join("nope")));
+    assert!(e.contains("base model `") && e.contains("nope` given for adapter") && e.contains("does not exist"), "{e}");
+    assert!(err(&base, Some(&base)).contains("is not a peft adapter folder"));
+    let no_weights = tmp.path().join("no_weights");
+    lora_tiny_with_base(&no_weights, "../base".into());
+    std::fs::remove_file(no_weights.join("adapter_model.safetensors")).unwrap();
+    let e = err(&no_weights, None);
+    assert!(e.contains("adapter_model.safetensors"), "{e}");
+    // the working case, for contrast
+    lora_tiny_with_base(&tmp.path().join("ok"), "../base".into());
+    assert!(load_pretrained(&tmp.path().join("ok"), &dev).is_ok());
+}
