@@ -200,7 +200,7 @@ mod tests {
     /// folder `out` and the peft adapter `out/adapter`. The adapters are random, B included (a
     /// freshly initialised B is zero and would make the adapter a no-op).
     fn sft_like_output(base: &Path, out: &Path) {
-        let mut p = crate::training::load(base).unwrap();
+        let mut p = crate::training::load(base, &dfdx::prelude::Cpu::default()).unwrap();
         let lc = LoraConfig::all_linear(4, 8.0);
         p.model.set_trainable(Trainable::Lora(lc.clone()), 3).unwrap();
         let mut host = p.model.lora_to_host();
