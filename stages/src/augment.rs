@@ -12,8 +12,9 @@
 //!   under-sampling (random removal from over-represented labels) towards a target label
 //!   distribution (`uniform` or a table of fractions). Unlabelled rows pass through.
 //!
-//! Deterministic for a seed: one ChaCha8 stream, rows visited in order. Holds the dataset in
-//! memory (balancing needs the class counts).
+//! Deterministic for a seed: one ChaCha8 stream, rows visited in order. Streams: the input is read
+//! in batches once for the labels, once for the originals and once per noise / paraphrase pass;
+//! memory holds one batch, the labels, and the rows that over-sampling copies.
 //!
 //! ## Inputs
 //! `data`: a canonical dataset.
@@ -49,7 +50,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::text::guess_language;
-use crate::data::{read_dataset, write_dataset, Sample};
+use crate::data::{DatasetReader, DatasetWriter, Sample};
 
 pub(crate) struct Augment;
 
@@ -269,54 +270,111 @@ fn balance_targets(counts: &BTreeMap<String, usize>, b: &Balance) -> BTreeMap<St
     fractions.iter().map(|(k, f)| (k.clone(), (f * size as f64).round() as usize)).collect()
 }
 
-pub(crate) fn augment(rows: Vec<Sample>, p: &Params, seed: u64) -> (Vec<Sample>, serde_json::Value) {
+/// Batches of the input rows, readable several times (one pass per operation).
+pub(crate) type Batches<'a> = Box<dyn Iterator<Item = Result<Vec<Sample>, StageError>> + 'a>;
+
+/// Every row of `source()` in order, with its index.
+fn each_row<'a>(
+    source: &mut dyn FnMut() -> Result<Batches<'a>, StageError>,
+    mut f: impl FnMut(usize, Sample) -> Result<(), StageError>,
+) -> Result<(), StageError> {
+    let mut i = 0;
+    for batch in source()? {
+        for s in batch? {
+            f(i, s)?;
+            i += 1;
+        }
+    }
+    Ok(())
+}
+
+/// The augmentation, streamed: `source` is read once for the labels, once for the originals (and
+/// the rows over-sampling copies), then once per noise / paraphrase pass; `emit` receives the
+/// output rows in order (originals, over-sampled, noised, paraphrased copies). Memory holds one
+/// batch, the labels, and the rows over-sampling copies. The RNG is consumed in the same order
+/// as visiting the rows in memory would, so the output is the same.
+pub(crate) fn augment_stream<'a>(
+    source: &mut dyn FnMut() -> Result<Batches<'a>, StageError>,
+    emit: &mut dyn FnMut(Sample) -> Result<(), StageError>,
+    p: &Params,
+    seed: u64,
+) -> Result<serde_json::Value, StageError> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let rows_in = rows.len();
-    let mut kept = rows;
-    let mut extra: Vec<Sample> = Vec::new();
-    let (mut noised, mut paraphrased, mut over, mut under) = (0usize, 0usize, 0usize, 0usize);
-    let before = count_labels(&kept);
+    let mut labels: Vec<Option<String>> = Vec::new();
+    each_row(source, |_, s| {
+        labels.push(label_key(&s));
+        Ok(())
+    })?;
+    let rows_in = labels.len();
+    let mut before = BTreeMap::new();
+    for l in labels.iter().flatten() {
+        *before.entry(l.clone()).or_default() += 1usize;
+    }
+    let (mut noised, mut paraphrased, mut under) = (0usize, 0usize, 0usize);
+    let mut dropped = vec![false; rows_in];
+    // (original index, copy number) of each over-sampled copy, in output order.
+    let mut over_picks: Vec<(usize, usize)> = Vec::new();
     if let Some(b) = &p.balance {
         let targets = balance_targets(&before, b);
         // Under-sampling: a seeded choice of rows to drop per label.
         if matches!(b.mode, Mode::Under | Mode::Both) {
-            let mut drop = vec![false; kept.len()];
             for (label, &want) in &targets {
-                let mut idx: Vec<usize> =
-                    (0..kept.len()).filter(|&i| label_key(&kept[i]).as_deref() == Some(label)).collect();
+                let mut idx: Vec<usize> = (0..rows_in).filter(|&i| labels[i].as_deref() == Some(label)).collect();
                 if idx.len() > want {
                     idx.shuffle(&mut rng);
                     for &i in &idx[want..] {
-                        drop[i] = true;
+                        dropped[i] = true;
                         under += 1;
                     }
                 }
             }
-            let mut i = 0;
-            kept.retain(|_| {
-                i += 1;
-                !drop[i - 1]
-            });
         }
         if matches!(b.mode, Mode::Over | Mode::Both) {
             for (label, &want) in &targets {
                 let idx: Vec<usize> =
-                    (0..kept.len()).filter(|&i| label_key(&kept[i]).as_deref() == Some(label)).collect();
+                    (0..rows_in).filter(|&i| !dropped[i] && labels[i].as_deref() == Some(label)).collect();
                 if idx.is_empty() {
                     continue;
                 }
                 for k in 0..want.saturating_sub(idx.len()) {
-                    let mut s = kept[idx[rng.gen_range(0..idx.len())]].clone();
-                    s.id = format!("{}:aug-over{}", s.id, k + 1);
-                    s.augmented = true;
-                    extra.push(s);
-                    over += 1;
+                    over_picks.push((idx[rng.gen_range(0..idx.len())], k + 1));
                 }
             }
         }
     }
+    let mut after: BTreeMap<String, usize> = BTreeMap::new();
+    let mut rows_out = 0usize;
+    let mut put = |s: Sample, after: &mut BTreeMap<String, usize>| -> Result<(), StageError> {
+        if let Some(l) = label_key(&s) {
+            *after.entry(l).or_default() += 1;
+        }
+        rows_out += 1;
+        emit(s)
+    };
+    // Originals, and the rows over-sampling copies.
+    let wanted: std::collections::BTreeSet<usize> = over_picks.iter().map(|&(i, _)| i).collect();
+    let mut sources: std::collections::HashMap<usize, Sample> = std::collections::HashMap::new();
+    each_row(source, |i, s| {
+        if dropped[i] {
+            return Ok(());
+        }
+        if wanted.contains(&i) {
+            sources.insert(i, s.clone());
+        }
+        put(s, &mut after)
+    })?;
+    for &(i, k) in &over_picks {
+        let mut s = sources[&i].clone();
+        s.id = format!("{}:aug-over{k}", s.id);
+        s.augmented = true;
+        put(s, &mut after)?;
+    }
+    drop(sources);
     if let Some(n) = &p.noise {
-        for s in &kept {
+        each_row(source, |i, s| {
+            if dropped[i] {
+                return Ok(());
+            }
             for c in 0..n.copies {
                 if !rng.gen_bool(n.fraction) {
                     continue;
@@ -332,14 +390,18 @@ pub(crate) fn augment(rows: Vec<Sample>, p: &Params, seed: u64) -> (Vec<Sample>,
                 }
                 t.id = format!("{}:aug-noise{}", s.id, c + 1);
                 t.augmented = true;
-                extra.push(t);
+                put(t, &mut after)?;
                 noised += 1;
             }
-        }
+            Ok(())
+        })?;
     }
     if let Some(pp) = &p.paraphrase {
-        for s in &kept {
-            let Some(qi) = s.messages.iter().rposition(|m| m.role == "user") else { continue };
+        each_row(source, |i, s| {
+            if dropped[i] {
+                return Ok(());
+            }
+            let Some(qi) = s.messages.iter().rposition(|m| m.role == "user") else { return Ok(()) };
             let q = &s.messages[qi].content;
             let zh = guess_language(q).is_some_and(|(l, _)| l == "zh");
             let pool: Vec<&String> = (if zh { &pp.templates_zh } else { &pp.templates_en })
@@ -347,7 +409,7 @@ pub(crate) fn augment(rows: Vec<Sample>, p: &Params, seed: u64) -> (Vec<Sample>,
                 .filter(|t| t.as_str() != "{query}")
                 .collect();
             if pool.is_empty() {
-                continue;
+                return Ok(());
             }
             for c in 0..pp.copies {
                 if !rng.gen_bool(pp.fraction) {
@@ -358,34 +420,35 @@ pub(crate) fn augment(rows: Vec<Sample>, p: &Params, seed: u64) -> (Vec<Sample>,
                 t.messages[qi].content = tpl.replace("{query}", q);
                 t.id = format!("{}:aug-para{}", s.id, c + 1);
                 t.augmented = true;
-                extra.push(t);
+                put(t, &mut after)?;
                 paraphrased += 1;
             }
-        }
+            Ok(())
+        })?;
     }
-    kept.extend(extra);
-    let after = count_labels(&kept);
-    let report = serde_json::json!({
+    Ok(serde_json::json!({
         "rows_in": rows_in,
-        "rows_out": kept.len(),
+        "rows_out": rows_out,
         "noised": noised,
         "paraphrased": paraphrased,
-        "oversampled": over,
+        "oversampled": over_picks.len(),
         "undersampled": under,
         "labels_before": before,
         "labels_after": after,
-    });
-    (kept, report)
+    }))
 }
 
-fn count_labels(rows: &[Sample]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for s in rows {
-        if let Some(l) = label_key(s) {
-            *m.entry(l).or_default() += 1;
-        }
-    }
-    m
+/// [`augment_stream`] over rows in memory (the unit tests' entry point).
+#[cfg(test)]
+pub(crate) fn augment(rows: Vec<Sample>, p: &Params, seed: u64) -> (Vec<Sample>, serde_json::Value) {
+    let mut out = Vec::new();
+    let mut source = || -> Result<Batches<'_>, StageError> { Ok(Box::new(std::iter::once(Ok(rows.clone())))) };
+    let mut emit = |s: Sample| -> Result<(), StageError> {
+        out.push(s);
+        Ok(())
+    };
+    let report = augment_stream(&mut source, &mut emit, p, seed).expect("in-memory rows cannot fail");
+    (out, report)
 }
 
 impl Stage for Augment {
@@ -408,10 +471,15 @@ impl Stage for Augment {
         let p: Params = ctx.params()?;
         p.check()?;
         let t0 = Instant::now();
-        let rows = read_dataset(ctx.input("data")?)?;
-        ctx.check_cancelled()?;
-        let (rows, mut report) = augment(rows, &p, p.seed.unwrap_or(ctx.seed()));
-        write_dataset(ctx.output("data")?, &rows)?;
+        let input = ctx.input("data")?.to_path_buf();
+        let mut w = DatasetWriter::create(ctx.output("data")?)?;
+        let mut source = || -> Result<Batches<'_>, StageError> {
+            ctx.check_cancelled()?;
+            Ok(Box::new(DatasetReader::open(&input)?))
+        };
+        let mut emit = |s: Sample| w.push(s);
+        let mut report = augment_stream(&mut source, &mut emit, &p, p.seed.unwrap_or(ctx.seed()))?;
+        w.finish()?;
         report["elapsed_ms"] = crate::data::ms_since(t0).into();
         ctx.set_report(report);
         Ok(())

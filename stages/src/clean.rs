@@ -232,11 +232,7 @@ fn whitespace_is_normal(s: &str) -> bool {
             b' ' if p1 == b' ' || p1 == b'\n' => return false,
             b'\n' if p1 == b' ' || (p1 == b'\n' && p2 == b'\n') => return false,
             b'\t' | 0x0b | 0x0c | b'\r' => return false,
-            0xc0.. => {
-                if s[i..].chars().next().is_some_and(char::is_whitespace) {
-                    return false;
-                }
-            }
+            0xc0.. if s[i..].chars().next().is_some_and(char::is_whitespace) => return false,
             _ => {}
         }
         p2 = p1;

@@ -525,6 +525,31 @@ pub(crate) fn ms_since(t: std::time::Instant) -> u64 {
     t.elapsed().as_millis() as u64
 }
 
+/// Keep freed batch buffers in the process instead of handing them back to the kernel.
+///
+/// A batch of long documents holds tens of MiB of Arrow buffers; glibc's malloc serves blocks
+/// that large with `mmap` and unmaps them on free, so every batch of every pass faults its pages
+/// in again (a quarter of collect → dedupe → clean's CPU time was kernel time, measured with
+/// `stages/benches/data.rs`). Raising the mmap and trim thresholds lets the heap reuse them.
+/// Call once at start-up, before threads are spawned; a no-op off glibc.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: std::os::raw::c_int, value: std::os::raw::c_int) -> std::os::raw::c_int;
+        }
+        const M_TRIM_THRESHOLD: std::os::raw::c_int = -1;
+        const M_TOP_PAD: std::os::raw::c_int = -2;
+        const M_MMAP_THRESHOLD: std::os::raw::c_int = -3;
+        // SAFETY: mallopt only sets allocator tunables; called before other threads exist.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum on 64-bit
+            mallopt(M_TRIM_THRESHOLD, 512 << 20);
+            mallopt(M_TOP_PAD, 64 << 20);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -567,30 +592,5 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         write_dataset(empty.path(), &[]).unwrap();
         assert!(read_dataset(empty.path()).unwrap().is_empty());
-    }
-}
-
-/// Keep freed batch buffers in the process instead of handing them back to the kernel.
-///
-/// A batch of long documents holds tens of MiB of Arrow buffers; glibc's malloc serves blocks
-/// that large with `mmap` and unmaps them on free, so every batch of every pass faults its pages
-/// in again (a quarter of collect → dedupe → clean's CPU time was kernel time, measured with
-/// `stages/benches/data.rs`). Raising the mmap and trim thresholds lets the heap reuse them.
-/// Call once at start-up, before threads are spawned; a no-op off glibc.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        extern "C" {
-            fn mallopt(param: std::os::raw::c_int, value: std::os::raw::c_int) -> std::os::raw::c_int;
-        }
-        const M_TRIM_THRESHOLD: std::os::raw::c_int = -1;
-        const M_TOP_PAD: std::os::raw::c_int = -2;
-        const M_MMAP_THRESHOLD: std::os::raw::c_int = -3;
-        // SAFETY: mallopt only sets allocator tunables; called before other threads exist.
-        unsafe {
-            mallopt(M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum on 64-bit
-            mallopt(M_TRIM_THRESHOLD, 512 << 20);
-            mallopt(M_TOP_PAD, 64 << 20);
-        }
     }
 }
