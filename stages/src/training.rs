@@ -297,3 +297,44 @@ pub(crate) fn declared_model_files(ctx: &PlanCtx<'_>, model: Option<&str>) -> Re
         None => Ok(Vec::new()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    use pipeline_engine::{NullSink, RunParts};
+
+    use super::*;
+
+    fn ctx_with_device(device: Option<&str>) -> RunCtx {
+        RunCtx::new(RunParts {
+            stage_id: "sft".into(),
+            params: toml::Table::new(),
+            seed: 1,
+            recipe_dir: PathBuf::from("."),
+            inputs: BTreeMap::new(),
+            outputs: BTreeMap::new(),
+            scratch: PathBuf::from("scratch"),
+            options: device.map(|d| ("device".to_string(), d.to_string())).into_iter().collect(),
+            sink: Arc::new(NullSink),
+            cancel: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    #[test]
+    fn device_option_selects_the_device_or_says_how_to_get_cuda() {
+        assert_eq!(DeviceKind::of(&ctx_with_device(None)).unwrap(), DeviceKind::Cpu);
+        assert_eq!(DeviceKind::of(&ctx_with_device(Some("cpu"))).unwrap(), DeviceKind::Cpu);
+        let cuda = DeviceKind::of(&ctx_with_device(Some("cuda")));
+        if cfg!(feature = "cuda") {
+            assert_eq!(cuda.unwrap(), DeviceKind::Cuda);
+        } else {
+            let msg = cuda.unwrap_err().to_string();
+            assert!(msg.contains("built without CUDA") && msg.contains("--features cuda"), "{msg}");
+        }
+        let msg = DeviceKind::of(&ctx_with_device(Some("tpu"))).unwrap_err().to_string();
+        assert!(msg.contains("unknown device `tpu`"), "{msg}");
+    }
+}
