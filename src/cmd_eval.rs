@@ -74,6 +74,9 @@ pub struct ModelEvalArgs {
     /// Keep report.json, report.csv and predictions.jsonl in this directory.
     #[arg(long, requires = "model")]
     pub output: Option<PathBuf>,
+    /// Where the model runs (`cuda` needs a binary built with `--features cuda`).
+    #[arg(long, value_enum, default_value = "cpu", requires = "model")]
+    pub device: crate::cmd_run::Device,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -160,7 +163,7 @@ fn run_model(model: &Path, a: &ModelEvalArgs) -> anyhow::Result<()> {
         inputs: BTreeMap::new(),
         outputs: BTreeMap::from([("report".to_string(), out.clone())]),
         scratch: tmp.join("scratch"),
-        options: BTreeMap::new(),
+        options: BTreeMap::from([("device".to_string(), a.device.name().to_string())]),
         sink: Arc::new(StderrSink),
         cancel: Arc::new(AtomicBool::new(false)),
     });

@@ -14,7 +14,7 @@ use anyhow::Context;
 use pipeline_cache::Store;
 
 use crate::common::{load_plan, CacheArgs, Usage};
-use dfdx::prelude::Cpu;
+use dfdx::prelude::{Cpu, Device};
 use pipeline_model::chat::Message;
 use pipeline_model::pretrained::ModelSource;
 use pipeline_model::{generate, GenerationConfig};
@@ -49,6 +49,9 @@ pub struct GenerateArgs {
     pub adapter: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
+    /// Where the model runs (`cuda` needs a binary built with `--features cuda`).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: crate::cmd_run::Device,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
@@ -101,7 +104,22 @@ fn recipe_model(recipe: &std::path::Path, stage: Option<&str>, cache: &CacheArgs
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let dev = Cpu::default();
+    match args.device {
+        crate::cmd_run::Device::Cpu => run_on(args, Cpu::default()),
+        #[cfg(feature = "cuda")]
+        crate::cmd_run::Device::Cuda => {
+            let dev = dfdx::prelude::Cuda::try_build(0, 0).map_err(|e| anyhow::anyhow!("cannot open GPU 0: {e:?}"))?;
+            run_on(args, dev)
+        }
+        #[cfg(not(feature = "cuda"))]
+        crate::cmd_run::Device::Cuda => Err(Usage(
+            "--device cuda: this pipeline binary was built without CUDA support; rebuild with `cargo build --release --features cuda`".into(),
+        )
+        .into()),
+    }
+}
+
+fn run_on<D: Device<f32>>(args: GenerateArgs, dev: D) -> anyhow::Result<()> {
     let model = match (&args.model, &args.recipe) {
         (Some(m), _) => m.clone(),
         (None, Some(r)) => recipe_model(r, args.stage.as_deref(), &args.cache)?,

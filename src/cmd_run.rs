@@ -18,6 +18,16 @@ pub enum Device {
     Cuda,
 }
 
+impl Device {
+    /// The run option's value (`device = cpu | cuda`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// The recipe to run.
@@ -66,10 +76,7 @@ pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
         signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.clone())?;
         signal_hook::flag::register(sig, cancel.clone())?;
     }
-    let device = match args.device {
-        Device::Cpu => "cpu",
-        Device::Cuda => "cuda",
-    };
+    let device = args.device.name();
     let opts = ExecOptions {
         jobs: args.jobs,
         only: args.only,

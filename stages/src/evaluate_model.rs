@@ -1,6 +1,7 @@
 //! The real [`Predictor`] for `evaluate`: a pipeline-model checkpoint (HF folder, `.gguf` file,
 //! a peft LoRA adapter folder on its base model, or an artifact directory holding one) on the CPU,
-//! prompts rendered with its chat template.
+//! or on the GPU with `--device cuda` (a binary built with the `cuda` feature); prompts rendered
+//! with its chat template.
 //!
 //! A prompt without a system message gets the system prompt the model was trained with
 //! (`chat_defaults.json`, written by the training stages; for an adapter, found in the adapter
@@ -18,8 +19,8 @@ use pipeline_model::{generate, Batch, GenerationConfig};
 
 use crate::evaluate::PredictorSpec;
 
-pub struct ModelPredictor {
-    p: Pretrained<Cpu>,
+pub struct ModelPredictor<D: Device<f32> = Cpu> {
+    p: Pretrained<D>,
     name: String,
     max_new_tokens: usize,
     /// The trained-with system prompt (`chat_defaults.json`), for prompts that have none.
@@ -51,18 +52,28 @@ fn checkpoint_path(dir: &Path) -> PathBuf {
 }
 
 /// [`crate::evaluate::LoadPredictor`] for pipeline-model checkpoints.
+/// Runs on the device `spec.device` names (`cuda` needs the `cuda` feature).
 pub fn load_model_predictor(spec: &PredictorSpec<'_>) -> Result<Box<dyn Predictor>, StageError> {
-    Ok(Box::new(ModelPredictor::load(spec)?))
+    match spec.device.unwrap_or("cpu") {
+        "cpu" => Ok(Box::new(ModelPredictor::load(spec, Cpu::default())?)),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Box::new(ModelPredictor::load(spec, crate::training::cuda()?)?)),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => Err(StageError::failed(
+            "--device cuda: this pipeline binary was built without CUDA support; rebuild with `cargo build --release --features cuda`",
+        )),
+        other => Err(StageError::failed(format!("unknown device `{other}` (expected cpu or cuda)"))),
+    }
 }
 
-impl ModelPredictor {
+impl<D: Device<f32>> ModelPredictor<D> {
     /// Opens the model `spec` names (an adapter folder on `spec.base_model` or the base its
-    /// `adapter_config.json` names).
-    pub fn load(spec: &PredictorSpec<'_>) -> Result<Self, StageError> {
+    /// `adapter_config.json` names) on `dev`.
+    pub fn load(spec: &PredictorSpec<'_>, dev: D) -> Result<Self, StageError> {
         let path = checkpoint_path(spec.model_dir);
         let failed = |e: pipeline_model::pretrained::LoadError| StageError::failed(format!("{}: {e}", path.display()));
         let src = ModelSource::resolve(&path, spec.base_model).map_err(failed)?;
-        let p = src.load(&Cpu::default()).map_err(failed)?;
+        let p = src.load(&dev).map_err(failed)?;
         let name = spec
             .model_name
             .map(str::to_string)
@@ -71,12 +82,10 @@ impl ModelPredictor {
     }
 
     /// The loaded model (tests compare logits through it).
-    pub fn pretrained(&self) -> &Pretrained<Cpu> {
+    pub fn pretrained(&self) -> &Pretrained<D> {
         &self.p
     }
-}
 
-impl ModelPredictor {
     fn encode(&self, prompt: &Prompt) -> Result<Vec<u32>, PredictError> {
         let mut msgs: Vec<Message> = Vec::with_capacity(prompt.messages.len() + 1);
         if let Some(sys) = self.system.as_ref().filter(|_| !prompt.messages.iter().any(|m| m.role == "system")) {
@@ -108,7 +117,7 @@ impl ModelPredictor {
     }
 }
 
-impl Predictor for ModelPredictor {
+impl<D: Device<f32>> Predictor for ModelPredictor<D> {
     fn name(&self) -> String {
         self.name.clone()
     }
@@ -240,7 +249,7 @@ mod tests {
     fn logits(model: &Path, base: Option<&Path>) -> Vec<f32> {
         let spec =
             PredictorSpec { model_dir: model, base_model: base, max_new_tokens: 1, device: None, model_name: None };
-        let p = super::ModelPredictor::load(&spec).unwrap();
+        let p = super::ModelPredictor::load(&spec, Cpu::default()).unwrap();
         let ids: Vec<u32> = (0..24).map(|i| (i * 5 + 1) % p.pretrained().model.cfg.vocab_size as u32).collect();
         p.pretrained().model.forward(&Batch::new(ids.clone(), 1, ids.len()).unwrap()).unwrap().as_vec()
     }
