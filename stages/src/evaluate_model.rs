@@ -54,15 +54,10 @@ fn checkpoint_path(dir: &Path) -> PathBuf {
 /// [`crate::evaluate::LoadPredictor`] for pipeline-model checkpoints.
 /// Runs on the device `spec.device` names (`cuda` needs the `cuda` feature).
 pub fn load_model_predictor(spec: &PredictorSpec<'_>) -> Result<Box<dyn Predictor>, StageError> {
-    match spec.device.unwrap_or("cpu") {
-        "cpu" => Ok(Box::new(ModelPredictor::load(spec, Cpu::default())?)),
+    match crate::training::DeviceKind::parse(spec.device)? {
         #[cfg(feature = "cuda")]
-        "cuda" => Ok(Box::new(ModelPredictor::load(spec, crate::training::cuda()?)?)),
-        #[cfg(not(feature = "cuda"))]
-        "cuda" => Err(StageError::failed(
-            "--device cuda: this pipeline binary was built without CUDA support; rebuild with `cargo build --release --features cuda`",
-        )),
-        other => Err(StageError::failed(format!("unknown device `{other}` (expected cpu or cuda)"))),
+        crate::training::DeviceKind::Cuda => Ok(Box::new(ModelPredictor::load(spec, crate::training::cuda()?)?)),
+        _ => Ok(Box::new(ModelPredictor::load(spec, Cpu::default())?)),
     }
 }
 

@@ -153,7 +153,12 @@ impl DeviceKind {
     /// The run option `device` (absent = CPU); `cuda` in a binary built without the `cuda`
     /// feature is an error that says how to get one.
     pub(crate) fn of(ctx: &RunCtx) -> Result<Self, StageError> {
-        match ctx.option("device").unwrap_or("cpu") {
+        Self::parse(ctx.option("device"))
+    }
+
+    /// The value of a `device` option (absent = CPU).
+    pub(crate) fn parse(device: Option<&str>) -> Result<Self, StageError> {
+        match device.unwrap_or("cpu") {
             "cpu" => Ok(DeviceKind::Cpu),
             "cuda" if cfg!(feature = "cuda") => Ok(DeviceKind::Cuda),
             "cuda" => Err(StageError::failed(
