@@ -2,7 +2,8 @@
 //!
 //! `cargo bench -p pipeline-stages --bench data` or `scripts/bench-data.sh` (adds peak RSS via
 //! `/usr/bin/time -v`). Env: `BENCH_MB` (corpus size, default 1024), `BENCH_DIR` (where to put the
-//! corpus and artifacts; default a temp dir). Prints rows/s and MB/s per stage and end to end,
+//! corpus and artifacts; default a temp dir), `BENCH_SHUFFLE=1` (collect shuffles, spilling to
+//! scratch files, instead of streaming). Prints rows/s and MB/s per stage and end to end,
 //! and the process's peak RSS (VmHWM).
 
 use std::collections::BTreeMap;
@@ -134,7 +135,10 @@ fn main() {
     let size_mb = bytes as f64 / (1 << 20) as f64;
     println!("generated {size_mb:.0} MiB, {rows} rows in {:.1}s", t.elapsed().as_secs_f64());
     let rss_gen = peak_rss_mb();
-    let (c, cr, tc, uc) = run("collect", "datasets = [\"corpus.jsonl\"]\nshuffle = false", &dir, None);
+    // BENCH_SHUFFLE=1: collect shuffles (the default; spills past 256 MiB) instead of streaming.
+    let shuffle = std::env::var("BENCH_SHUFFLE").is_ok_and(|v| v == "1");
+    let collect_params = format!("datasets = [\"corpus.jsonl\"]\nshuffle = {shuffle}");
+    let (c, cr, tc, uc) = run("collect", &collect_params, &dir, None);
     let (d, dr, td, ud) = run("dedupe", "", &dir, Some(&c));
     let (_, kr, tk, uk) = run("clean", "", &dir, Some(&d));
     for (name, secs, cpu, rep) in [("collect", tc, uc, &cr), ("dedupe", td, ud, &dr), ("clean", tk, uk, &kr)] {
