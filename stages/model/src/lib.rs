@@ -5,9 +5,12 @@
 //! # Architecture ([`qwen2`])
 //! One decoder for Qwen2 (q/k/v bias) and Llama (no bias), transformers semantics: RMSNorm, RoPE
 //! (rotate-half, `rope_theta`), grouped-query attention, SwiGLU, optional tied embeddings.
-//! Dimensions are runtime values (dfdx `usize` dims) for every model, the built-in preset
-//! included: the cost is in the matmuls either way, and one code path keeps checkpoints from disk
-//! and the preset identical. Generic over `D: Device<f32>` (CPU; CUDA with the `cuda` feature:
+//! One implementation, generic over its dimension types `S: `[`Dims`] ([`dims`]): the built-in
+//! tiny preset is [`Qwen2`]`<D, `[`TinyDims`]`>` (hidden, SwiGLU, head and head-size dimensions are
+//! dfdx `Const`s, so every matmul/reshape of the forward pass is shape-checked by the compiler),
+//! checkpoints from disk are `Qwen2<D>` = `Qwen2<D, `[`RuntimeDims`]`>` (`usize`). Weights are
+//! stored identically for both, so training, LoRA, generation and saving take any `S`, and
+//! [`Qwen2::into_runtime`] is a free, lossless conversion. Generic over `D: Device<f32>` (CPU; CUDA with the `cuda` feature:
 //! the parity tests run on the GPU with `PIPELINE_TEST_DEVICE=cuda`, and the GPU throughput bench
 //! against transformers + peft is `scripts/gpu/run-on-device.sh`; see `scripts/gpu/README.md`).
 //! Parity with transformers + peft (logits, padded batches, loss, LoRA gradients, greedy decoding)
@@ -70,6 +73,7 @@
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod dims;
 pub mod error;
 pub mod generate;
 pub mod gguf;
@@ -82,6 +86,7 @@ pub mod tokenizer;
 pub mod vocab;
 
 pub use config::{Arch, ModelConfig};
+pub use dims::{DimValues, Dims, RuntimeDims, TinyDims};
 pub use error::ModelError;
 pub use generate::{generate, FinishReason, Generation, GenerationConfig};
 pub use host::{HostTensor, HostTensors};

@@ -1,4 +1,5 @@
-//! Qwen2 / Llama decoder-only transformer on dfdx (runtime dimensions, generic over the device).
+//! Qwen2 / Llama decoder-only transformer on dfdx, generic over the device `D` and the dimension
+//! types `S: Dims` (compile-time for the built-in preset, runtime for checkpoints; see [`crate::dims`]).
 //!
 //! Follows transformers' `modeling_qwen2.py` (Qwen2 technical report, arXiv:2407.10671) and
 //! `modeling_llama.py`: token embedding → N × [RMSNorm → grouped-query self-attention with rotary
@@ -9,6 +10,19 @@
 //!
 //! Positions are `cumsum(attention_mask) - 1` per row (what transformers' `generate` uses), so left
 //! padding works for batched generation; for unpadded or right-padded rows this is `0..len`.
+//!
+//! # Dimensions
+//! There is one implementation of the architecture: [`Qwen2<D, S>`]. Every activation of the
+//! forward pass is typed with `S`'s dimension types (`[tokens, S::Hidden]`,
+//! `[batch, S::KvHeads, len, S::HeadDim]`, ...); the batch, sequence and vocabulary axes are
+//! `usize`. `Qwen2<D>` (= `Qwen2<D, RuntimeDims>`) is what checkpoints from disk load into;
+//! `Qwen2<D, TinyDims>` is the built-in preset, checked at construction against the config.
+//! Parameters are stored as flat `(usize,)` device vectors for every `S` (the trainable ones in one
+//! [`FlatParams`], which dfdx's optimisers need to be a fixed tensor collection), and each weight is
+//! viewed with its typed shape when used, `[S::QDim, S::Hidden]` for `q_proj` and so on. So training
+//! (`FlatParams`), LoRA, generation, saving and loading work unchanged for every `S`, and
+//! [`Qwen2::into_runtime`] / [`Qwen2::into_dims`] convert without copying a weight; the logits
+//! (`[batch, seq, vocab]`, all `usize`) have the same type either way.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,6 +33,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::checkpoint;
 use crate::config::{Arch, ModelConfig};
+use crate::dims::{DimValues, Dims, RuntimeDims};
 use crate::error::ModelError;
 use crate::host::{HostTensor, HostTensors};
 use crate::params::FlatParams;
@@ -26,10 +41,14 @@ use crate::params::FlatParams;
 type T1<D, T> = Tensor<(usize,), f32, D, T>;
 type T2<D, T> = Tensor<(usize, usize), f32, D, T>;
 type T3<D, T> = Tensor<(usize, usize, usize), f32, D, T>;
-type T4<D, T> = Tensor<(usize, usize, usize, usize), f32, D, T>;
+
+/// `[tokens, X]` activations.
+type Rows<X, D, T> = Tensor<(usize, X), f32, D, T>;
+/// `[batch, S::KvHeads, len, S::HeadDim]` keys or values.
+type Kv<S, D, T> = Tensor<(usize, <S as Dims>::KvHeads, usize, <S as Dims>::HeadDim), f32, D, T>;
 
 /// Cached (keys, values) of one layer.
-type KvPair<D> = (T4<D, NoneTape>, T4<D, NoneTape>);
+type KvPair<D, S> = (Kv<S, D, NoneTape>, Kv<S, D, NoneTape>);
 
 /// Additive attention-mask value for hidden keys (large enough that `exp` underflows to 0).
 const MASKED: f32 = -1e9;
@@ -254,15 +273,15 @@ impl Batch {
 /// Per-layer key/value cache for incremental decoding. Keys are stored after the rotary embedding,
 /// `[batch, kv_heads, len, head_dim]`.
 #[derive(Debug, Clone)]
-pub struct KvCache<D: Storage<f32>> {
-    layers: Vec<Option<KvPair<D>>>,
+pub struct KvCache<D: Storage<f32>, S: Dims = RuntimeDims> {
+    layers: Vec<Option<KvPair<D, S>>>,
     /// `[batch][len]`: which cached positions are real tokens.
     key_mask: Vec<Vec<bool>>,
     /// Next position id per row.
     next_pos: Vec<usize>,
 }
 
-impl<D: Storage<f32>> KvCache<D> {
+impl<D: Storage<f32>, S: Dims> KvCache<D, S> {
     pub fn len(&self) -> usize {
         self.key_mask.first().map_or(0, Vec::len)
     }
@@ -271,10 +290,13 @@ impl<D: Storage<f32>> KvCache<D> {
     }
 }
 
-/// The decoder (see the module docs).
+/// The decoder (see the module docs): `Qwen2<D>` has runtime dimensions, `Qwen2<D, TinyDims>`
+/// the built-in preset's at compile time.
 #[derive(Debug, Clone)]
-pub struct Qwen2<D: Device<f32>> {
+pub struct Qwen2<D: Device<f32>, S: Dims = RuntimeDims> {
     pub cfg: ModelConfig,
+    /// `cfg`'s dimensions typed by `S` (checked against `cfg` at construction).
+    dims: DimValues<S>,
     dev: D,
     embed: Param<D>,
     layers: Vec<Layer<D>>,
@@ -286,7 +308,7 @@ pub struct Qwen2<D: Device<f32>> {
     /// The trained weights (see [`FlatParams`]); hand this to a dfdx optimiser.
     pub params: FlatParams<f32, D>,
     /// `rotate_half` as a `[head_dim, head_dim]` signed permutation matrix.
-    rot: T2<D, NoneTape>,
+    rot: Tensor<(S::HeadDim, S::HeadDim), f32, D>,
 }
 
 fn hf_names(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, &'static str)> {
@@ -331,10 +353,41 @@ fn normal(rng: &mut ChaCha8Rng, std: f32) -> f32 {
     std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
 }
 
+/// `rotate_half` as a matrix: `x @ R` = `cat(-x[half..], x[..half])`.
+fn rot_matrix<D: Device<f32>, H: Dim>(dev: &D, hd: H) -> Tensor<(H, H), f32, D> {
+    let n = hd.size();
+    let mut rot = vec![0f32; n * n];
+    let half = n / 2;
+    for j in 0..half {
+        // out[j] = -x[j + half]; out[j + half] = x[j]; out = x @ R, R[row][col]
+        rot[(j + half) * n + j] = -1.0;
+        rot[j * n + j + half] = 1.0;
+    }
+    dev.tensor_from_vec(rot, (hd, hd))
+}
+
+/// Constructors of the runtime-dimension model (`Qwen2::from_host(..)` infers `S = RuntimeDims`;
+/// Rust does not apply a default type parameter during inference, so the generic constructors
+/// have their own names: [`Qwen2::from_host_with_dims`], [`Qwen2::load_hf_with_dims`]).
 impl<D: Device<f32>> Qwen2<D> {
     /// Builds the model from HF-named host tensors, checking every name and shape against the
     /// config. Extra tensors are an error, except rotary `inv_freq` buffers and a tied `lm_head`.
     pub fn from_host(cfg: &ModelConfig, tensors: &HostTensors, dev: &D) -> Result<Self, ModelError> {
+        Self::from_host_with_dims(cfg, tensors, dev)
+    }
+
+    /// Reads a Hugging Face checkpoint folder (see [`checkpoint::load_hf_folder`]).
+    pub fn load_hf(dir: &Path, dev: &D) -> Result<Self, ModelError> {
+        Self::load_hf_with_dims(dir, dev)
+    }
+}
+
+impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
+    /// [`Qwen2::from_host`] with dimension types `S`: the config is also checked against `S`
+    /// (e.g. `Qwen2::<Cpu, TinyDims>::from_host_with_dims(&ModelConfig::tiny(v), ..)`); a
+    /// mismatch is an error naming the config field.
+    pub fn from_host_with_dims(cfg: &ModelConfig, tensors: &HostTensors, dev: &D) -> Result<Self, ModelError> {
+        let dims = DimValues::<S>::from_config(cfg)?;
         let expected = hf_names(cfg);
         let mut known: BTreeMap<&str, ()> = BTreeMap::new();
         for (name, shape, field) in &expected {
@@ -387,16 +440,9 @@ impl<D: Device<f32>> Qwen2<D> {
                 lins: Proj::ALL.map(lin),
             });
         }
-        let hd = cfg.head_dim;
-        let mut rot = vec![0f32; hd * hd];
-        let half = hd / 2;
-        for j in 0..half {
-            // out[j] = -x[j + half]; out[j + half] = x[j]; out = x @ R, R[row][col]
-            rot[(j + half) * hd + j] = -1.0;
-            rot[j * hd + j + half] = 1.0;
-        }
         Ok(Qwen2 {
             cfg: cfg.clone(),
+            dims,
             dev: dev.clone(),
             embed: frozen("model.embed_tokens.weight"),
             layers,
@@ -406,8 +452,42 @@ impl<D: Device<f32>> Qwen2<D> {
             adapters_enabled: true,
             trainable: Trainable::None,
             params: FlatParams { flat: dev.zeros_like(&(1,)) },
-            rot: dev.tensor_from_vec(rot, (hd, hd)),
+            rot: rot_matrix(dev, dims.head_dim),
         })
+    }
+
+    /// The same model with other dimension types, checked against the config (an error names the
+    /// field). Lossless and cheap: weights, adapters, the trainable vector and the adapter switch
+    /// move over as they are (no weight is copied), so `Qwen2<D, TinyDims>` → `Qwen2<D>` → back
+    /// gives bit-identical outputs.
+    pub fn into_dims<S2: Dims>(self) -> Result<Qwen2<D, S2>, ModelError> {
+        let dims = DimValues::<S2>::from_config(&self.cfg)?;
+        let rot = rot_matrix(&self.dev, dims.head_dim);
+        Ok(Qwen2 {
+            cfg: self.cfg,
+            dims,
+            dev: self.dev,
+            embed: self.embed,
+            layers: self.layers,
+            norm: self.norm,
+            lm_head: self.lm_head,
+            lora: self.lora,
+            adapters_enabled: self.adapters_enabled,
+            trainable: self.trainable,
+            params: self.params,
+            rot,
+        })
+    }
+
+    /// The runtime-dimension model ([`RuntimeDims`] accepts every config, so this cannot fail):
+    /// the boundary to code that takes `Qwen2<D>` only.
+    pub fn into_runtime(self) -> Qwen2<D> {
+        self.into_dims::<RuntimeDims>().expect("RuntimeDims accepts every config")
+    }
+
+    /// The dimension values typed by `S`.
+    pub fn dims(&self) -> &DimValues<S> {
+        &self.dims
     }
 
     /// Random weights as transformers initialises them (`normal(0, 0.02)` for linear layers and the
@@ -429,10 +509,10 @@ impl<D: Device<f32>> Qwen2<D> {
         out
     }
 
-    /// Reads a Hugging Face checkpoint folder (see [`checkpoint::load_hf_folder`]).
-    pub fn load_hf(dir: &Path, dev: &D) -> Result<Self, ModelError> {
+    /// [`Qwen2::load_hf`] with dimension types `S` (the config is checked against `S`).
+    pub fn load_hf_with_dims(dir: &Path, dev: &D) -> Result<Self, ModelError> {
         let ck = checkpoint::load_hf_folder(dir)?;
-        Self::from_host(&ck.config, &ck.tensors, dev)
+        Self::from_host_with_dims(&ck.config, &ck.tensors, dev)
     }
 
     pub fn device(&self) -> &D {
@@ -713,72 +793,82 @@ impl<D: Device<f32>> Qwen2<D> {
             Store::Flat(off) => self.params.flat.retaped::<T>().slice((*off..*off + p.numel(),)),
         }
     }
-    fn fetch2<T: Tape<f32, D>>(&self, p: &Param<D>) -> T2<D, T> {
-        self.fetch::<T>(p).reshape_like(&(p.shape[0], p.shape[1]))
+    /// A matrix `[o, i]` with typed dimensions (its shape was checked against the config, and the
+    /// config against `S`, at construction).
+    fn fetch2<O: Dim, I: Dim, T: Tape<f32, D>>(&self, p: &Param<D>, o: O, i: I) -> Tensor<(O, I), f32, D, T> {
+        debug_assert_eq!(p.shape, [o.size(), i.size()], "{}", p.name);
+        self.fetch::<T>(p).reshape_like(&(o, i))
     }
 
-    fn linear<T: Tape<f32, D> + Merge<T>>(&self, x: T2<D, T>, lin: &Lin<D>) -> T2<D, T> {
-        let n = x.shape().0;
-        let out = lin.w.shape[0];
+    /// `x Wᵀ + b (+ (alpha/r)·(x Aᵀ) Bᵀ)`: `[tokens, I]` → `[tokens, O]`.
+    fn linear<I: Dim, O: Dim, T: Tape<f32, D> + Merge<T>>(
+        &self,
+        x: Rows<I, D, T>,
+        lin: &Lin<D>,
+        out: O,
+    ) -> Rows<O, D, T> {
+        let (n, inp) = *x.shape();
         let lora_in = match (&lin.lora, self.adapters_enabled) {
             (Some(ab), true) => Some((x.with_empty_tape(), ab)),
             _ => None,
         };
-        let w = self.fetch2::<T>(&lin.w);
-        let mut y = x.matmul(w.permute::<(usize, usize), Axes2<1, 0>>());
+        let w = self.fetch2::<O, I, T>(&lin.w, out, inp);
+        let mut y = x.matmul(w.permute::<(I, O), Axes2<1, 0>>());
         if let Some(b) = &lin.b {
-            y = y + self.fetch::<T>(b).broadcast_like::<_, Axis<0>>(&(n, out));
+            y = y + self.fetch::<T>(b).reshape_like(&(out,)).broadcast_like::<_, Axis<0>>(&(n, out));
         }
         if let Some((xa, (a, b))) = lora_in {
             let s = self.lora.as_ref().map_or(1.0, LoraConfig::scale);
-            let a = self.fetch2::<T>(a);
-            let b = self.fetch2::<T>(b);
-            let z = xa
-                .matmul(a.permute::<(usize, usize), Axes2<1, 0>>())
-                .matmul(b.permute::<(usize, usize), Axes2<1, 0>>());
+            let r = a.shape[0];
+            let a = self.fetch2::<usize, I, T>(a, r, inp);
+            let b = self.fetch2::<O, usize, T>(b, out, r);
+            let z = xa.matmul(a.permute::<(I, usize), Axes2<1, 0>>()).matmul(b.permute::<(usize, O), Axes2<1, 0>>());
             y = y + z * s;
         }
         y
     }
 
-    fn rms_norm<T: Tape<f32, D> + Merge<T>>(&self, x: T2<D, T>, w: &Param<D>) -> T2<D, T> {
+    fn rms_norm<X: Dim, T: Tape<f32, D> + Merge<T>>(&self, x: Rows<X, D, T>, w: &Param<D>) -> Rows<X, D, T> {
         let (n, h) = *x.shape();
         let ms = x.with_empty_tape().square().mean::<(usize,), Axis<1>>();
         let inv = (ms + self.cfg.rms_norm_eps as f32).sqrt().recip().broadcast_like::<_, Axis<1>>(&(n, h));
-        let w = self.fetch::<T>(w).broadcast_like::<_, Axis<0>>(&(n, h));
+        let w = self.fetch::<T>(w).reshape_like(&(h,)).broadcast_like::<_, Axis<0>>(&(n, h));
         x * inv * w
     }
 
     /// Rotary embedding on `[tokens, heads * head_dim]` with per-token `cos`/`sin` `[tokens, head_dim]`.
-    fn rope<T: Tape<f32, D> + Merge<T>>(
+    fn rope<H: Dim, X: Dim, T: Tape<f32, D> + Merge<T>>(
         &self,
-        x: T2<D, T>,
-        heads: usize,
-        cos: &T2<D, NoneTape>,
-        sin: &T2<D, NoneTape>,
-    ) -> T2<D, T> {
-        let n = x.shape().0;
-        let hd = self.cfg.head_dim;
+        x: Rows<X, D, T>,
+        heads: H,
+        cos: &Rows<S::HeadDim, D, NoneTape>,
+        sin: &Rows<S::HeadDim, D, NoneTape>,
+    ) -> Rows<X, D, T> {
+        let (n, width) = *x.shape();
+        let hd = self.dims.head_dim;
         let x3 = x.reshape_like(&(n, heads, hd));
-        let rot =
-            x3.with_empty_tape().reshape_like(&(n * heads, hd)).matmul(self.rot.clone()).reshape_like(&(n, heads, hd));
+        let rot = x3
+            .with_empty_tape()
+            .reshape_like(&(n * heads.size(), hd))
+            .matmul(self.rot.clone())
+            .reshape_like(&(n, heads, hd));
         let c = cos.clone().broadcast_like::<_, Axis<1>>(&(n, heads, hd));
         let s = sin.clone().broadcast_like::<_, Axis<1>>(&(n, heads, hd));
-        (x3 * c + rot * s).reshape_like(&(n, heads * hd))
+        (x3 * c + rot * s).reshape_like(&(n, width))
     }
 
-    /// Core forward. Returns the final hidden states `[tokens, hidden]` of the rows in `rows`
-    /// (all tokens when `None`).
+    /// Core forward: the final hidden states `[tokens, hidden]` of every token.
     fn hidden<T: Tape<f32, D> + Merge<T>>(
         &self,
         batch: &Batch,
-        mut cache: Option<&mut KvCache<D>>,
+        mut cache: Option<&mut KvCache<D, S>>,
         tape: T,
-    ) -> Result<T2<D, T>, ModelError> {
+    ) -> Result<Rows<S::Hidden, D, T>, ModelError> {
         let cfg = &self.cfg;
         let (b, s) = (batch.batch, batch.seq);
         let n = b * s;
-        let (h, hd, nq, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
+        let DimValues { hidden: h, intermediate, heads: nq, kv_heads: nkv, head_dim: hd, q_dim, kv_dim } = self.dims;
+        let hds = hd.size();
         for (pos, &id) in batch.ids.iter().enumerate() {
             if id as usize >= cfg.vocab_size {
                 return Err(ModelError::TokenOutOfRange { id, pos, vocab: cfg.vocab_size });
@@ -833,41 +923,41 @@ impl<D: Device<f32>> Qwen2<D> {
             }
         }
         let mask: T3<D, NoneTape> = self.dev.tensor_from_vec(mask_add, (b, s, skv));
-        let half = hd / 2;
-        let mut cos = vec![0f32; n * hd];
-        let mut sin = vec![0f32; n * hd];
+        let half = hds / 2;
+        let mut cos = vec![0f32; n * hds];
+        let mut sin = vec![0f32; n * hds];
         for (k, &p) in positions.iter().enumerate() {
             for i in 0..half {
-                let inv = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64);
+                let inv = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hds as f64);
                 let a = p as f64 * inv;
                 let (sn, cs) = a.sin_cos();
-                cos[k * hd + i] = cs as f32;
-                cos[k * hd + i + half] = cs as f32;
-                sin[k * hd + i] = sn as f32;
-                sin[k * hd + i + half] = sn as f32;
+                cos[k * hds + i] = cs as f32;
+                cos[k * hds + i + half] = cs as f32;
+                sin[k * hds + i] = sn as f32;
+                sin[k * hds + i + half] = sn as f32;
             }
         }
-        let cos: T2<D, NoneTape> = self.dev.tensor_from_vec(cos, (n, hd));
-        let sin: T2<D, NoneTape> = self.dev.tensor_from_vec(sin, (n, hd));
+        let cos: Rows<S::HeadDim, D, NoneTape> = self.dev.tensor_from_vec(cos, (n, hd));
+        let sin: Rows<S::HeadDim, D, NoneTape> = self.dev.tensor_from_vec(sin, (n, hd));
 
         // embedding
         let ids: Tensor<(usize,), usize, D> =
             self.dev.tensor_from_vec(batch.ids.iter().map(|&i| i as usize).collect(), (n,));
-        let (v_rows, _) = (cfg.vocab_size, h);
-        let mut x: T2<D, T> = match &self.embed.store {
+        let v_rows = cfg.vocab_size;
+        let mut x: Rows<S::Hidden, D, T> = match &self.embed.store {
             Store::Frozen(e) => e.clone().reshape_like(&(v_rows, h)).gather(ids).put_tape(tape),
             Store::Flat(_) => {
-                let (x, t0) = self.fetch2::<T>(&self.embed).gather(ids).split_tape();
+                let (x, t0) = self.fetch2::<usize, S::Hidden, T>(&self.embed, v_rows, h).gather(ids).split_tape();
                 x.put_tape(t0.merge(tape))
             }
         };
-        let scale = 1.0 / (hd as f32).sqrt();
-        let rep = nq / nkv;
+        let scale = 1.0 / (hds as f32).sqrt();
+        let rep = nq.size() / nkv.size();
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = self.rms_norm(x.with_empty_tape(), &layer.input_norm);
-            let q = self.linear(xn.with_empty_tape(), &layer.lins[0]);
-            let k = self.linear(xn.with_empty_tape(), &layer.lins[1]);
-            let v = self.linear(xn, &layer.lins[2]);
+            let q = self.linear(xn.with_empty_tape(), &layer.lins[0], q_dim);
+            let k = self.linear(xn.with_empty_tape(), &layer.lins[1], kv_dim);
+            let v = self.linear(xn, &layer.lins[2], kv_dim);
             let q = self.rope(q, nq, &cos, &sin);
             let k = self.rope(k, nkv, &cos, &sin);
             // Grouped-query attention without repeating K/V: query head `j * rep + r` uses KV head
@@ -877,8 +967,8 @@ impl<D: Device<f32>> Qwen2<D> {
             // the broadcast input stores, so K/V gradients lose all but 1/rep of their terms.)
             let q =
                 q.reshape_like(&(b, s, nq, hd)).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(b, nkv, rep * s, hd));
-            let mut k: T4<D, T> = k.reshape_like(&(b, s, nkv, hd)).permute::<_, Axes4<0, 2, 1, 3>>();
-            let mut v: T4<D, T> = v.reshape_like(&(b, s, nkv, hd)).permute::<_, Axes4<0, 2, 1, 3>>();
+            let mut k: Kv<S, D, T> = k.reshape_like(&(b, s, nkv, hd)).permute::<_, Axes4<0, 2, 1, 3>>();
+            let mut v: Kv<S, D, T> = v.reshape_like(&(b, s, nkv, hd)).permute::<_, Axes4<0, 2, 1, 3>>();
             if let Some(c) = cache.as_deref_mut() {
                 if let Some((pk, pv)) = c.layers[li].take() {
                     k = (pk.retaped::<T>(), k).concat_along(Axis::<2>);
@@ -897,22 +987,23 @@ impl<D: Device<f32>> Qwen2<D> {
                 .matmul(v)
                 .reshape_like(&(b, nq, s, hd))
                 .permute::<_, Axes4<0, 2, 1, 3>>()
-                .reshape_like(&(n, nq * hd));
-            let o = self.linear(att, &layer.lins[3]);
+                .reshape_like(&(n, q_dim));
+            let o = self.linear(att, &layer.lins[3], h);
             x = x + o;
             let xn = self.rms_norm(x.with_empty_tape(), &layer.post_norm);
-            let g = self.linear(xn.with_empty_tape(), &layer.lins[4]);
-            let u = self.linear(xn, &layer.lins[5]);
+            let g = self.linear(xn.with_empty_tape(), &layer.lins[4], intermediate);
+            let u = self.linear(xn, &layer.lins[5], intermediate);
             let act = g.with_empty_tape().sigmoid() * g;
-            let m = self.linear(act * u, &layer.lins[6]);
+            let m = self.linear(act * u, &layer.lins[6], h);
             x = x + m;
         }
         Ok(self.rms_norm(x, &self.norm))
     }
 
-    fn head<T: Tape<f32, D> + Merge<T>>(&self, hs: T2<D, T>) -> T2<D, T> {
-        let w = self.fetch2::<T>(self.lm_head.as_ref().unwrap_or(&self.embed));
-        hs.matmul(w.permute::<(usize, usize), Axes2<1, 0>>())
+    fn head<T: Tape<f32, D> + Merge<T>>(&self, hs: Rows<S::Hidden, D, T>) -> T2<D, T> {
+        let p = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let w = self.fetch2::<usize, S::Hidden, T>(p, self.cfg.vocab_size, self.dims.hidden);
+        hs.matmul(w.permute::<(S::Hidden, usize), Axes2<1, 0>>())
     }
 
     /// Logits `[batch, seq, vocab]` with whatever tape `tape` is (`NoneTape` for inference).
@@ -942,13 +1033,13 @@ impl<D: Device<f32>> Qwen2<D> {
     }
 
     /// A fresh, empty KV cache.
-    pub fn new_cache(&self) -> KvCache<D> {
+    pub fn new_cache(&self) -> KvCache<D, S> {
         KvCache { layers: vec![None; self.cfg.num_hidden_layers], key_mask: Vec::new(), next_pos: Vec::new() }
     }
 
     /// Incremental decoding step: appends `batch` to `cache` and returns the logits of each row's
     /// last position, `[batch][vocab]` on the host.
-    pub fn forward_cached(&self, batch: &Batch, cache: &mut KvCache<D>) -> Result<Vec<Vec<f32>>, ModelError> {
+    pub fn forward_cached(&self, batch: &Batch, cache: &mut KvCache<D, S>) -> Result<Vec<Vec<f32>>, ModelError> {
         let hs = self.hidden(batch, Some(cache), NoneTape)?;
         let (b, s) = (batch.batch, batch.seq);
         let last: Tensor<(usize,), usize, D> = self.dev.tensor_from_vec((0..b).map(|r| r * s + s - 1).collect(), (b,));
