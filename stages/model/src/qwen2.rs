@@ -24,8 +24,10 @@
 //! [`Qwen2::into_runtime`] / [`Qwen2::into_dims`] convert without copying a weight; the logits
 //! (`[batch, seq, vocab]`, all `usize`) have the same type either way.
 
+use std::any::TypeId;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use dfdx::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -192,12 +194,100 @@ struct Param<D: Storage<f32>> {
     name: String,
     shape: Vec<usize>,
     store: Store<D>,
+    /// Host copy of a frozen weight for the CPU few-row product ([`host_matmul_wt`]), made on first
+    /// use (inference only) and dropped whenever `store` changes ([`Param::set_store`]).
+    host: HostCopy,
 }
 
+/// See [`Param::host`].
+#[derive(Debug, Clone, Default)]
+struct HostCopy(OnceLock<Arc<Vec<f32>>>);
+
 impl<D: Storage<f32>> Param<D> {
+    fn new(name: String, shape: Vec<usize>, store: Store<D>) -> Self {
+        Param { name, shape, store, host: HostCopy::default() }
+    }
     fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+    fn set_store(&mut self, store: Store<D>) {
+        self.store = store;
+        self.host = HostCopy::default();
+    }
+}
+
+/// Rows up to which a no-gradient product `x Wᵀ` on the CPU is computed by [`host_matmul_wt`]
+/// (decoding: one row per sequence) instead of dfdx's gemm.
+const HOST_MATMUL_MAX_ROWS: usize = 8;
+
+/// [`host_matmul_wt`] is used unless `PIPELINE_NO_HOST_MATMUL` is set (read once; for benchmarks
+/// comparing it with dfdx's gemm, `benches/throughput.rs`).
+fn host_matmul_on() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("PIPELINE_NO_HOST_MATMUL").is_none())
+}
+
+/// `y[r][j] = Σ_k x[r][k] · w[j][k]` for `x: [n, k]`, `w: [out, k]` row-major (a linear layer's HF
+/// layout), `n` ≤ [`HOST_MATMUL_MAX_ROWS`]. Decoding is bound by reading the weights: dfdx 0.13's
+/// gemm runs `[1, k] × Wᵀ` at ~0.6 GFLOP/s here (its m = 1 path walks the transposed weight
+/// through the general kernel), while this reads each weight row once, contiguously, for all `n`
+/// rows, with 8 independent accumulators the compiler vectorises. Large weights are split over the
+/// available cores.
+fn host_matmul_wt(x: &[f32], n: usize, w: &[f32], out: usize) -> Vec<f32> {
+    let k = x.len() / n;
+    debug_assert_eq!(w.len(), out * k);
+    let mut y = vec![0f32; n * out];
+    // y is filled column-block by column-block: each task owns output columns [j0, j1) of all rows
+    let work = |j0: usize, j1: usize, cols: &mut [f32]| {
+        // cols: [n][j1 - j0]
+        let width = j1 - j0;
+        for j in j0..j1 {
+            let wr = &w[j * k..(j + 1) * k];
+            for r in 0..n {
+                let xr = &x[r * k..(r + 1) * k];
+                let mut acc = [0f32; 8];
+                let (wc, xc) = (wr.chunks_exact(8), xr.chunks_exact(8));
+                let (wt, xt) = (wc.remainder(), xc.remainder());
+                for (a, b) in wc.zip(xc) {
+                    for l in 0..8 {
+                        acc[l] += a[l] * b[l];
+                    }
+                }
+                let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+                for (a, b) in wt.iter().zip(xt) {
+                    sum += a * b;
+                }
+                cols[r * width + (j - j0)] = sum;
+            }
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(8);
+    if threads < 2 || out * k < (1 << 20) {
+        work(0, out, &mut y);
+        return y;
+    }
+    let chunk = out.div_ceil(threads);
+    let parts: Vec<(usize, Vec<f32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..out)
+            .step_by(chunk)
+            .map(|j0| {
+                let j1 = (j0 + chunk).min(out);
+                s.spawn(move || {
+                    let mut cols = vec![0f32; n * (j1 - j0)];
+                    work(j0, j1, &mut cols);
+                    (j0, cols)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("host matmul worker")).collect()
+    });
+    for (j0, cols) in parts {
+        let width = cols.len() / n;
+        for r in 0..n {
+            y[r * out + j0..r * out + j0 + width].copy_from_slice(&cols[r * width..(r + 1) * width]);
+        }
+    }
+    y
 }
 
 #[derive(Debug, Clone)]
@@ -419,11 +509,11 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         }
         let frozen = |name: &str| -> Param<D> {
             let t = &tensors[name];
-            Param {
-                name: name.to_string(),
-                shape: t.shape.clone(),
-                store: Store::Frozen(dev.tensor_from_vec(t.data.clone(), (t.data.len(),))),
-            }
+            Param::new(
+                name.to_string(),
+                t.shape.clone(),
+                Store::Frozen(dev.tensor_from_vec(t.data.clone(), (t.data.len(),))),
+            )
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
@@ -589,7 +679,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         for p in self.all_params_mut() {
             if let Store::Flat(off) = p.store {
                 let n = p.numel();
-                p.store = Store::Frozen(dev.tensor_from_vec(flat[off..off + n].to_vec(), (n,)));
+                p.set_store(Store::Frozen(dev.tensor_from_vec(flat[off..off + n].to_vec(), (n,))));
             }
         }
         self.params.flat = dev.zeros_like(&(1,));
@@ -607,7 +697,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                     Store::Frozen(t) => t.as_vec(),
                     Store::Flat(_) => unreachable!("freeze_all ran first"),
                 };
-                p.store = Store::Flat(flat.len());
+                p.set_store(Store::Flat(flat.len()));
                 flat.extend(vals);
             }
         }
@@ -687,11 +777,11 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                             field: "r".into(),
                         });
                     }
-                    Ok(Param {
-                        name: name.to_string(),
-                        shape: t.shape.clone(),
-                        store: Store::Frozen(dev.tensor_from_vec(t.data.clone(), (t.data.len(),))),
-                    })
+                    Ok(Param::new(
+                        name.to_string(),
+                        t.shape.clone(),
+                        Store::Frozen(dev.tensor_from_vec(t.data.clone(), (t.data.len(),))),
+                    ))
                 };
                 let a = get(&an, vec![lc.r, i])?;
                 let b = get(&bn, vec![o, lc.r])?;
@@ -746,7 +836,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                     };
                     let ba = bt.clone().reshape_like(&(o, r)).matmul(at.clone().reshape_like(&(r, i)));
                     let w2 = wt.clone().reshape_like(&(o, i)) + ba * s;
-                    lin.w.store = Store::Frozen(w2.reshape_like(&(o * i,)));
+                    lin.w.set_store(Store::Frozen(w2.reshape_like(&(o * i,))));
                 }
             }
         }
@@ -800,6 +890,27 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         self.fetch::<T>(p).reshape_like(&(o, i))
     }
 
+    /// `x Wᵀ` for a weight `W: [out, in]`: dfdx's matmul, or on the CPU without a gradient tape
+    /// and with few rows (decoding), [`host_matmul_wt`] on a host copy of the frozen weight.
+    fn matmul_wt<I: Dim, O: Dim, T: Tape<f32, D> + Merge<T>>(
+        &self,
+        x: Rows<I, D, T>,
+        p: &Param<D>,
+        out: O,
+    ) -> Rows<O, D, T> {
+        let (n, inp) = *x.shape();
+        if !T::OWNS_TAPE && n <= HOST_MATMUL_MAX_ROWS && TypeId::of::<D>() == TypeId::of::<Cpu>() && host_matmul_on() {
+            if let Store::Frozen(t) = &p.store {
+                let w = p.host.0.get_or_init(|| Arc::new(t.as_vec()));
+                let y = host_matmul_wt(&x.as_vec(), n, w, out.size());
+                // no tape is recorded (`!OWNS_TAPE`): the result starts a fresh one of type T
+                return self.dev.tensor_from_vec(y, (n, out)).retaped::<T>();
+            }
+        }
+        let w = self.fetch2::<O, I, T>(p, out, inp);
+        x.matmul(w.permute::<(I, O), Axes2<1, 0>>())
+    }
+
     /// `x Wᵀ + b (+ (alpha/r)·(x Aᵀ) Bᵀ)`: `[tokens, I]` → `[tokens, O]`.
     fn linear<I: Dim, O: Dim, T: Tape<f32, D> + Merge<T>>(
         &self,
@@ -812,8 +923,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
             (Some(ab), true) => Some((x.with_empty_tape(), ab)),
             _ => None,
         };
-        let w = self.fetch2::<O, I, T>(&lin.w, out, inp);
-        let mut y = x.matmul(w.permute::<(I, O), Axes2<1, 0>>());
+        let mut y = self.matmul_wt(x, &lin.w, out);
         if let Some(b) = &lin.b {
             y = y + self.fetch::<T>(b).reshape_like(&(out,)).broadcast_like::<_, Axis<0>>(&(n, out));
         }
@@ -1001,9 +1111,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
     }
 
     fn head<T: Tape<f32, D> + Merge<T>>(&self, hs: Rows<S::Hidden, D, T>) -> T2<D, T> {
-        let p = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let w = self.fetch2::<usize, S::Hidden, T>(p, self.cfg.vocab_size, self.dims.hidden);
-        hs.matmul(w.permute::<(S::Hidden, usize), Axes2<1, 0>>())
+        self.matmul_wt(hs, self.lm_head.as_ref().unwrap_or(&self.embed), self.cfg.vocab_size)
     }
 
     /// Logits `[batch, seq, vocab]` with whatever tape `tape` is (`NoneTape` for inference).
