@@ -17,6 +17,7 @@ fn cpu_s() -> f64 {
 }
 
 fn decode(name: &str, m: &Qwen2<Cpu>, steps: usize) {
+    // (steps: enough for the 10 ms resolution of the CPU clock)
     let v = m.cfg.vocab_size as u32;
     let prompt: Vec<u32> = (1..=16).map(|i| (i * 31) % v).collect();
     for rows in [1usize, 8] {
@@ -45,7 +46,7 @@ fn main() {
     let steps = 32;
     let cfg = pipeline_model::ModelConfig::tiny(4096);
     let tiny = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, 0), &dev).unwrap();
-    decode("tiny (vocab 4096)", &tiny, steps);
+    decode("tiny (vocab 4096)", &tiny, 1000);
     let path = std::env::var_os("PIPELINE_BENCH_MODEL").map(std::path::PathBuf::from).unwrap_or_else(|| {
         let assets = std::env::var_os("PIPELINE_TEST_ASSETS")
             .map(std::path::PathBuf::from)

@@ -66,9 +66,17 @@
 //! `benches/throughput.rs` (release, 2 shared cores): LoRA fwd+bwd on [8×64] runs at ~950
 //! tokens/s with a 4,096-token head and ~22 tokens/s with 151,936 rows.
 //!
-//! Known limit: batch-1 decoding is slow on CPU (SmolLM2-135M ~1.2 tokens/s, 11 tokens/s at
-//! batch 8): dfdx's gemm packs the whole weight for every `[1, k] × [k, n]` product; a gemv path
-//! for the no-tape, few-row case is the next optimisation.
+//! Decoding on the CPU (`benches/decode.rs`, tokens per CPU-second, 2 shared cores): a batch-1
+//! KV-cached step with a weight of ≥ 131,072 elements (`x·Wᵀ`, one row, no tape) runs on a host
+//! copy of the frozen weight (contiguous row dot products, AVX2 when present, large weights split
+//! over the cores) instead of dfdx's gemm. SmolLM2-135M batch 1: release 8.6 → 8.5–10.1 (gemm is
+//! already near this machine's memory bandwidth, ~5 GB/s for the 0.54 GB of f32 weights per
+//! token); dev profile 3.5 → 6.9. The slow figure seen before (~1.2 tokens/s wall) came from the
+//! dev profile, where dfdx's generic matmul is instantiated in this crate at opt-level 1
+//! (`[profile.dev]`), and from wall time on a shared machine. The host copy is made on first use
+//! and doubles the resident weights of a model used for CPU generation (SmolLM2: +0.54 GB);
+//! training never makes it. Batch 8 stays on gemm (it is faster there: 38 tokens/CPU-s).
+//! `PIPELINE_NO_HOST_MATMUL=1` turns the host path off (for comparisons).
 
 pub mod chat;
 pub mod checkpoint;

@@ -216,9 +216,47 @@ impl<D: Storage<f32>> Param<D> {
     }
 }
 
-/// Rows up to which a no-gradient product `x Wᵀ` on the CPU is computed by [`host_matmul_wt`]
-/// (decoding: one row per sequence) instead of dfdx's gemm.
-const HOST_MATMUL_MAX_ROWS: usize = 8;
+/// A no-gradient product `x Wᵀ` on the CPU with at most this many rows (batch-1 decoding) and a
+/// weight of at least [`HOST_MATMUL_MIN_WEIGHT`] elements is computed by [`host_matmul_wt`]
+/// instead of dfdx's gemm (`benches/decode.rs`: with more rows, or small weights, gemm wins).
+const HOST_MATMUL_MAX_ROWS: usize = 1;
+const HOST_MATMUL_MIN_WEIGHT: usize = 1 << 17;
+
+/// The kernel of [`host_matmul_wt`]: `cols[r][j - j0] = w[j] · x[r]` for `j` in `j0..j1`.
+#[inline(always)]
+fn dot_rows(x: &[f32], w: &[f32], n: usize, k: usize, j0: usize, j1: usize, cols: &mut [f32]) {
+    let width = j1 - j0;
+    for j in j0..j1 {
+        let wr = &w[j * k..(j + 1) * k];
+        for r in 0..n {
+            let xr = &x[r * k..(r + 1) * k];
+            // 16 independent partial sums: two 8-lane vectors with AVX2, four with SSE
+            let mut acc = [0f32; 16];
+            let (wc, xc) = (wr.chunks_exact(16), xr.chunks_exact(16));
+            let (wt, xt) = (wc.remainder(), xc.remainder());
+            for (a, b) in wc.zip(xc) {
+                for l in 0..16 {
+                    acc[l] += a[l] * b[l];
+                }
+            }
+            let mut sum = 0f32;
+            for l in 0..8 {
+                sum += acc[l] + acc[l + 8];
+            }
+            for (a, b) in wt.iter().zip(xt) {
+                sum += a * b;
+            }
+            cols[r * width + (j - j0)] = sum;
+        }
+    }
+}
+
+/// [`dot_rows`] compiled for AVX2 (chosen at run time; the default x86-64 target has only SSE2).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_rows_avx2(x: &[f32], w: &[f32], n: usize, k: usize, j0: usize, j1: usize, cols: &mut [f32]) {
+    dot_rows(x, w, n, k, j0, j1, cols)
+}
 
 /// [`host_matmul_wt`] is used unless `PIPELINE_NO_HOST_MATMUL` is set (read once; for benchmarks
 /// comparing it with dfdx's gemm, `benches/throughput.rs`).
@@ -237,29 +275,15 @@ fn host_matmul_wt(x: &[f32], n: usize, w: &[f32], out: usize) -> Vec<f32> {
     let k = x.len() / n;
     debug_assert_eq!(w.len(), out * k);
     let mut y = vec![0f32; n * out];
-    // y is filled column-block by column-block: each task owns output columns [j0, j1) of all rows
+    // each task owns output columns [j0, j1) of all rows: `cols` is [n][j1 - j0]
     let work = |j0: usize, j1: usize, cols: &mut [f32]| {
-        // cols: [n][j1 - j0]
-        let width = j1 - j0;
-        for j in j0..j1 {
-            let wr = &w[j * k..(j + 1) * k];
-            for r in 0..n {
-                let xr = &x[r * k..(r + 1) * k];
-                let mut acc = [0f32; 8];
-                let (wc, xc) = (wr.chunks_exact(8), xr.chunks_exact(8));
-                let (wt, xt) = (wc.remainder(), xc.remainder());
-                for (a, b) in wc.zip(xc) {
-                    for l in 0..8 {
-                        acc[l] += a[l] * b[l];
-                    }
-                }
-                let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-                for (a, b) in wt.iter().zip(xt) {
-                    sum += a * b;
-                }
-                cols[r * width + (j - j0)] = sum;
-            }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { dot_rows_avx2(x, w, n, k, j0, j1, cols) };
+            return;
         }
+        dot_rows(x, w, n, k, j0, j1, cols);
     };
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(8);
     if threads < 2 || out * k < (1 << 20) {
@@ -899,7 +923,12 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         out: O,
     ) -> Rows<O, D, T> {
         let (n, inp) = *x.shape();
-        if !T::OWNS_TAPE && n <= HOST_MATMUL_MAX_ROWS && TypeId::of::<D>() == TypeId::of::<Cpu>() && host_matmul_on() {
+        if !T::OWNS_TAPE
+            && n <= HOST_MATMUL_MAX_ROWS
+            && p.numel() >= HOST_MATMUL_MIN_WEIGHT
+            && TypeId::of::<D>() == TypeId::of::<Cpu>()
+            && host_matmul_on()
+        {
             if let Store::Frozen(t) = &p.store {
                 let w = p.host.0.get_or_init(|| Arc::new(t.as_vec()));
                 let y = host_matmul_wt(&x.as_vec(), n, w, out.size());
@@ -1170,5 +1199,49 @@ pub fn guess_arch(tensors: &HostTensors) -> Arch {
         Arch::Qwen2
     } else {
         Arch::Llama
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_matmul_matches_a_f64_reference() {
+        // k not a multiple of 16; out * k above the threading threshold
+        for (n, k, out) in [(1, 37, 5), (1, 601, 2000), (3, 100, 40)] {
+            let x: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
+            let w: Vec<f32> = (0..out * k).map(|i| ((i * 104_729) % 89) as f32 / 89.0 - 0.5).collect();
+            let y = host_matmul_wt(&x, n, &w, out);
+            for r in 0..n {
+                for j in 0..out {
+                    let want: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64).sum();
+                    let got = y[r * out + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "[{n},{k},{out}] ({r},{j}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The tiny preset with a 4,096-row head: the cached batch-1 step takes the host product for
+    /// the head (262,144 elements), the full forward dfdx's gemm.
+    #[test]
+    fn host_path_decoding_matches_the_full_forward() {
+        let dev = Cpu::default();
+        let cfg = ModelConfig::tiny(4096);
+        let m = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, 4), &dev).unwrap();
+        assert!(m.embed.numel() >= HOST_MATMUL_MIN_WEIGHT);
+        let p: Vec<u32> = vec![17, 4000, 3, 999, 64];
+        let full = m.forward(&Batch::new(p.clone(), 1, 5).unwrap()).unwrap().as_vec();
+        let mut cache = m.new_cache();
+        m.forward_cached(&Batch::new(p[..4].to_vec(), 1, 4).unwrap(), &mut cache).unwrap();
+        let last = m.forward_cached(&Batch::new(p[4..].to_vec(), 1, 1).unwrap(), &mut cache).unwrap();
+        assert!(m.embed.host.0.get().is_some(), "the host path was taken");
+        let want = &full[4 * 4096..];
+        let worst = last[0].iter().zip(want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(worst <= 1e-5, "{worst}");
     }
 }
