@@ -2,7 +2,8 @@
 //!
 //! ## What it does
 //! Causal-LM pretraining, every token a target. Without a `model` it builds the built-in tiny
-//! Qwen2 preset (`ModelConfig::tiny`: hidden 64, 2 layers) from random init with the real
+//! Qwen2 preset (`ModelConfig::tiny`: hidden 64, 2 layers; built as `Qwen2<D, TinyDims>` on the run's device, its
+//! dimensions fixed at compile time, the vocabulary a runtime one) from random init with the real
 //! Qwen2.5 tokenizer and a *restricted vocabulary*: the embedding covers only the tokenizer ids
 //! that occur in its inputs (`data` and `vocab_data`) plus `<|endoftext|>`, `<|im_start|>`,
 //! `<|im_end|>` (pipeline-model's `VocabMap`, stored as `vocab_map.json`). Pass the downstream
@@ -41,19 +42,18 @@
 //! params = { learning_rate = 3e-3, num_train_epochs = 4, max_length = 128, per_device_train_batch_size = 8 }
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use dfdx::prelude::Device;
 use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError};
 use pipeline_model::chat::ChatTemplate;
-use pipeline_model::pretrained::Pretrained;
 use pipeline_model::tokenizer::Tokenizer;
 use pipeline_model::vocab::VocabMap;
-use pipeline_model::{ModelConfig, Qwen2, Trainable};
+use pipeline_model::{Dims, ModelConfig, Qwen2, TinyDims, Trainable};
 use pipeline_train::lm::{CausalLmObjective, TrainModel};
 use pipeline_train::stage::{check_stopped, paths, stage_error, RunCtxCallbacks};
-use pipeline_train::{pack_documents, split_indices, train, Subset, TokenDataset, TokenExample};
+use pipeline_train::{pack_documents, split_indices, train, Subset, TokenDataset, TokenExample, TrainConfig};
 
 use crate::data::{read_dataset, Sample};
 use crate::training::{self, TrainType};
@@ -149,13 +149,16 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
         (None, None) => None,
         (m, _) => Some(training::model_path(ctx, m.as_deref())?),
     };
-    let (pre, docs, vocab) = match &src {
+    match &src {
         Some(path) => {
+            // a checkpoint from disk: runtime dimensions
             let pre = training::load(path, dev)?;
             let chat = training::chat_template(&pre)?;
             let docs = documents(&pre.tokenizer, chat, &rows, p.system.as_deref())?;
             let docs: Vec<Vec<u32>> = docs.iter().map(|d| pre.to_model_ids(d)).collect();
-            (pre, docs, None)
+            let eos = pre.to_model_ids(&[special(&pre.tokenizer, "<|endoftext|>")?])[0];
+            let run = Fit { ctx, cfg: &cfg, p: &p, seed, eos, vocab: None, src: Some(path), t0 };
+            run.fit(pre.model, &docs)
         }
         None => {
             let tok = Tokenizer::qwen25().map_err(StageError::failed)?;
@@ -166,60 +169,89 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
                 [special(&tok, "<|endoftext|>")?, special(&tok, "<|im_start|>")?, special(&tok, "<|im_end|>")?];
             let vocab = VocabMap::new(&required, docs.iter().chain(&extra).flatten().copied());
             let mut mc = ModelConfig::tiny(vocab.len());
-            mc.eos_token_id = vec![2, 0]; // <|im_end|>, <|endoftext|> (model ids: `required` order)
-            let model = Qwen2::from_host(&mc, &Qwen2::<D>::random_host(&mc, seed), dev).map_err(StageError::failed)?;
+            // <|im_end|>, <|endoftext|> (model ids: `required` order)
+            mc.eos_token_id = vec![2, 0];
+            // The built-in preset with its dimensions fixed at compile time (`TinyDims`); only
+            // the vocabulary (chosen from the data above) is a runtime dimension.
+            let model = Qwen2::<D, TinyDims>::from_host_with_dims(&mc, &Qwen2::<D>::random_host(&mc, seed), dev)
+                .map_err(StageError::failed)?;
             let docs: Vec<Vec<u32>> = docs.iter().map(|d| vocab.to_model(d, 0)).collect();
-            (Pretrained { model, tokenizer: tok, chat: Some(chat), vocab: Some(vocab.clone()) }, docs, Some(vocab))
+            let eos = vocab.to_model(&[required[0]], 0)[0];
+            let run = Fit { ctx, cfg: &cfg, p: &p, seed, eos, vocab: Some(&vocab), src: None, t0 };
+            run.fit(model, &docs)
         }
-    };
-    if docs.is_empty() {
-        return Err(StageError::failed("input `data` has no document (no `text` and no messages)"));
     }
-    let eos = pre.to_model_ids(&[special(&pre.tokenizer, "<|endoftext|>")?])[0];
-    let n_tokens: usize = docs.iter().map(|d| d.len() + 1).sum();
-    let blocks = pack_documents(&docs, eos, cfg.max_length);
-    let examples: Vec<TokenExample> = blocks.into_iter().map(TokenExample::all_targets).collect();
-    let data = TokenDataset::new(examples, eos, cfg.max_length).map_err(stage_error)?;
-    let (tr, ev) = split_indices(data.examples.len(), cfg.split_ratio, seed);
-    let train_set = Subset { inner: &data, indices: tr };
-    let held = Subset { inner: &data, indices: ev };
-    let eval_ref: Option<&dyn pipeline_train::Dataset<Batch = _>> =
-        if held.indices.is_empty() { None } else { Some(&held) };
-    let mut model = pre.model;
-    model.set_trainable(Trainable::Full, seed).map_err(StageError::failed)?;
-    let metrics_dir = ctx.output("metrics")?.to_path_buf();
-    let model_dir = ctx.output("model")?.to_path_buf();
-    let mut tm = TrainModel(model);
-    let mut cb = RunCtxCallbacks { ctx, label: "pretrain".into() };
-    let outcome = train(
-        &cfg,
-        seed,
-        dev,
-        &mut tm,
-        &mut CausalLmObjective,
-        &train_set,
-        eval_ref,
-        &paths(ctx, &metrics_dir),
-        &mut cb,
-    )
-    .map_err(stage_error)?;
-    check_stopped(&outcome)?;
-    training::write_model(&model_dir, tm.0, src.as_deref(), p.system.as_deref())?;
-    if let Some(v) = &vocab {
-        v.save(&model_dir.join("vocab_map.json")).map_err(StageError::failed)?;
+}
+
+/// What [`Fit::fit`] needs besides the model and the documents.
+struct Fit<'a> {
+    ctx: &'a RunCtx,
+    cfg: &'a TrainConfig,
+    p: &'a Params,
+    seed: u64,
+    /// `<|endoftext|>` as a model id: the packing separator.
+    eos: u32,
+    /// The tiny preset's restricted vocabulary.
+    vocab: Option<&'a VocabMap>,
+    /// The model folder continued from (`None`: the tiny preset).
+    src: Option<&'a Path>,
+    t0: Instant,
+}
+
+impl Fit<'_> {
+    /// Packs the documents, trains every weight and writes the model folder. Generic over the
+    /// model's device and dimension types: the tiny preset trains as `Qwen2<D, TinyDims>`, a model
+    /// from disk as `Qwen2<D>`.
+    fn fit<D: Device<f32>, S: Dims>(&self, mut model: Qwen2<D, S>, docs: &[Vec<u32>]) -> Result<(), StageError> {
+        let (ctx, cfg, seed) = (self.ctx, self.cfg, self.seed);
+        if docs.is_empty() {
+            return Err(StageError::failed("input `data` has no document (no `text` and no messages)"));
+        }
+        let n_tokens: usize = docs.iter().map(|d| d.len() + 1).sum();
+        let blocks = pack_documents(docs, self.eos, cfg.max_length);
+        let examples: Vec<TokenExample> = blocks.into_iter().map(TokenExample::all_targets).collect();
+        let data = TokenDataset::new(examples, self.eos, cfg.max_length).map_err(stage_error)?;
+        let (tr, ev) = split_indices(data.examples.len(), cfg.split_ratio, seed);
+        let train_set = Subset { inner: &data, indices: tr };
+        let held = Subset { inner: &data, indices: ev };
+        let eval_ref: Option<&dyn pipeline_train::Dataset<Batch = _>> =
+            if held.indices.is_empty() { None } else { Some(&held) };
+        model.set_trainable(Trainable::Full, seed).map_err(StageError::failed)?;
+        let metrics_dir = ctx.output("metrics")?.to_path_buf();
+        let model_dir = ctx.output("model")?.to_path_buf();
+        let dev = model.device().clone();
+        let mut tm = TrainModel(model);
+        let mut cb = RunCtxCallbacks { ctx, label: "pretrain".into() };
+        let outcome = train(
+            cfg,
+            seed,
+            &dev,
+            &mut tm,
+            &mut CausalLmObjective,
+            &train_set,
+            eval_ref,
+            &paths(ctx, &metrics_dir),
+            &mut cb,
+        )
+        .map_err(stage_error)?;
+        check_stopped(&outcome)?;
+        training::write_model(&model_dir, tm.0, self.src, self.p.system.as_deref())?;
+        if let Some(v) = self.vocab {
+            v.save(&model_dir.join("vocab_map.json")).map_err(StageError::failed)?;
+        }
+        ctx.set_report(training::report(
+            ctx,
+            &outcome,
+            &metrics_dir,
+            &model_dir,
+            serde_json::json!({
+                "documents": docs.len(),
+                "corpus_tokens": n_tokens,
+                "blocks": data.examples.len(),
+                "vocab_size": self.vocab.map(VocabMap::len),
+                "seconds": self.t0.elapsed().as_secs_f64(),
+            }),
+        ));
+        Ok(())
     }
-    ctx.set_report(training::report(
-        ctx,
-        &outcome,
-        &metrics_dir,
-        &model_dir,
-        serde_json::json!({
-            "documents": docs.len(),
-            "corpus_tokens": n_tokens,
-            "blocks": data.examples.len(),
-            "vocab_size": vocab.as_ref().map(VocabMap::len),
-            "seconds": t0.elapsed().as_secs_f64(),
-        }),
-    ));
-    Ok(())
 }

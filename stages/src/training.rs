@@ -18,7 +18,7 @@ use dfdx::prelude::Device;
 use pipeline_engine::{PlanCtx, RunCtx, StageError};
 use pipeline_model::chat::{ChatTemplate, Message as ChatMessage};
 use pipeline_model::pretrained::{load_pretrained, ModelSource, Pretrained};
-use pipeline_model::{LoraConfig, Qwen2, Trainable};
+use pipeline_model::{Dims, LoraConfig, Qwen2, Trainable};
 use pipeline_train::{TrainConfig, TrainOutcome, TRAIN_CONFIG_KEYS};
 
 use crate::data::Sample;
@@ -224,9 +224,9 @@ fn copy(src: &Path, dst: &Path) -> Result<(), StageError> {
 /// Write the output model folder (see the module docs). `src` is the folder the model was loaded
 /// from (tokenizer files and vocabulary map are copied from it), or `None` for the tiny preset
 /// (the embedded Qwen2.5 tokenizer files are written).
-pub(crate) fn write_model<D: Device<f32>>(
+pub(crate) fn write_model<D: Device<f32>, S: Dims>(
     out: &Path,
-    mut model: Qwen2<D>,
+    mut model: Qwen2<D, S>,
     src: Option<&Path>,
     system: Option<&str>,
 ) -> Result<(), StageError> {

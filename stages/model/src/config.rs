@@ -37,6 +37,21 @@ impl std::fmt::Display for Arch {
     }
 }
 
+/// The dimensions of the built-in tiny preset ([`ModelConfig::tiny`]), one definition shared by
+/// the runtime config and the compile-time [`crate::dims::TinyDims`].
+pub mod tiny {
+    pub const HIDDEN: usize = 64;
+    pub const INTERMEDIATE: usize = 176;
+    pub const LAYERS: usize = 2;
+    pub const HEADS: usize = 4;
+    pub const KV_HEADS: usize = 2;
+    pub const HEAD_DIM: usize = 16;
+    /// `HEADS * HEAD_DIM`, rows of `q_proj`.
+    pub const Q_DIM: usize = HEADS * HEAD_DIM;
+    /// `KV_HEADS * HEAD_DIM`, rows of `k_proj` / `v_proj`.
+    pub const KV_DIM: usize = KV_HEADS * HEAD_DIM;
+}
+
 /// Validated decoder configuration (runtime dimensions).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -266,16 +281,19 @@ impl ModelConfig {
     /// The built-in tiny Qwen2 used by the default recipe: 2 layers, hidden 64, 4 query heads /
     /// 2 KV heads of 16, SwiGLU 176, tied embeddings, θ = 1e6 (Qwen2.5's). `vocab_size` is the
     /// model's (possibly remapped) vocabulary; see the crate docs for why it should be small.
+    ///
+    /// Its dimensions are the [`tiny`] constants, which [`crate::dims::TinyDims`] also fixes at
+    /// compile time.
     pub fn tiny(vocab_size: usize) -> Self {
         ModelConfig {
             arch: Arch::Qwen2,
             vocab_size,
-            hidden_size: 64,
-            intermediate_size: 176,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            head_dim: 16,
+            hidden_size: tiny::HIDDEN,
+            intermediate_size: tiny::INTERMEDIATE,
+            num_hidden_layers: tiny::LAYERS,
+            num_attention_heads: tiny::HEADS,
+            num_key_value_heads: tiny::KV_HEADS,
+            head_dim: tiny::HEAD_DIM,
             rms_norm_eps: 1e-6,
             rope_theta: 1_000_000.0,
             tie_word_embeddings: true,

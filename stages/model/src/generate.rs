@@ -8,6 +8,7 @@ use dfdx::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::dims::Dims;
 use crate::error::ModelError;
 use crate::qwen2::{Batch, Qwen2};
 
@@ -128,8 +129,8 @@ fn argmax(x: &[f32]) -> u32 {
 
 /// Generates a continuation of every prompt (batched, left-padded, KV-cached). `decode` turns ids
 /// into text; it is needed for stop strings and fills [`Generation::text`].
-pub fn generate<D: Device<f32>>(
-    model: &Qwen2<D>,
+pub fn generate<D: Device<f32>, S: Dims>(
+    model: &Qwen2<D, S>,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
     decode: Option<Decoder<'_>>,

@@ -5,9 +5,12 @@
 //! # Architecture ([`qwen2`])
 //! One decoder for Qwen2 (q/k/v bias) and Llama (no bias), transformers semantics: RMSNorm, RoPE
 //! (rotate-half, `rope_theta`), grouped-query attention, SwiGLU, optional tied embeddings.
-//! Dimensions are runtime values (dfdx `usize` dims) for every model, the built-in preset
-//! included: the cost is in the matmuls either way, and one code path keeps checkpoints from disk
-//! and the preset identical. Generic over `D: Device<f32>` (CPU; CUDA with the `cuda` feature:
+//! One implementation, generic over its dimension types `S: `[`Dims`] ([`dims`]): the built-in
+//! tiny preset is [`Qwen2`]`<D, `[`TinyDims`]`>` (hidden, SwiGLU, head and head-size dimensions are
+//! dfdx `Const`s, so every matmul/reshape of the forward pass is shape-checked by the compiler),
+//! checkpoints from disk are `Qwen2<D>` = `Qwen2<D, `[`RuntimeDims`]`>` (`usize`). Weights are
+//! stored identically for both, so training, LoRA, generation and saving take any `S`, and
+//! [`Qwen2::into_runtime`] is a free, lossless conversion. Generic over `D: Device<f32>` (CPU; CUDA with the `cuda` feature:
 //! the parity tests run on the GPU with `PIPELINE_TEST_DEVICE=cuda`, and the GPU throughput bench
 //! against transformers + peft is `scripts/gpu/run-on-device.sh`; see `scripts/gpu/README.md`).
 //! Parity with transformers + peft (logits, padded batches, loss, LoRA gradients, greedy decoding)
@@ -65,13 +68,22 @@
 //! `benches/throughput.rs` (release, 2 shared cores): LoRA fwd+bwd on [8×64] runs at ~950
 //! tokens/s with a 4,096-token head and ~22 tokens/s with 151,936 rows.
 //!
-//! Known limit: batch-1 decoding is slow on CPU (SmolLM2-135M ~1.2 tokens/s, 11 tokens/s at
-//! batch 8): dfdx's gemm packs the whole weight for every `[1, k] × [k, n]` product; a gemv path
-//! for the no-tape, few-row case is the next optimisation.
+//! Decoding on the CPU (`benches/decode.rs`, tokens per CPU-second, 2 shared cores): a batch-1
+//! KV-cached step with a weight of ≥ 131,072 elements (`x·Wᵀ`, one row, no tape) runs on a host
+//! copy of the frozen weight (contiguous row dot products, AVX2 when present, large weights split
+//! over the cores) instead of dfdx's gemm. SmolLM2-135M batch 1: release 8.6 → 8.5–10.1 (gemm is
+//! already near this machine's memory bandwidth, ~5 GB/s for the 0.54 GB of f32 weights per
+//! token); dev profile 3.5 → 6.9. The slow figure seen before (~1.2 tokens/s wall) came from the
+//! dev profile, where dfdx's generic matmul is instantiated in this crate at opt-level 1
+//! (`[profile.dev]`), and from wall time on a shared machine. The host copy is made on first use
+//! and doubles the resident weights of a model used for CPU generation (SmolLM2: +0.54 GB);
+//! training never makes it. Batch 8 stays on gemm (it is faster there: 38 tokens/CPU-s).
+//! `PIPELINE_NO_HOST_MATMUL=1` turns the host path off (for comparisons).
 
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod dims;
 pub mod error;
 pub mod generate;
 pub mod gguf;
@@ -84,6 +96,7 @@ pub mod tokenizer;
 pub mod vocab;
 
 pub use config::{Arch, ModelConfig};
+pub use dims::{DimValues, Dims, RuntimeDims, TinyDims};
 pub use error::ModelError;
 pub use generate::{generate, FinishReason, Generation, GenerationConfig};
 pub use host::{HostTensor, HostTensors};

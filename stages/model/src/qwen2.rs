@@ -1,4 +1,5 @@
-//! Qwen2 / Llama decoder-only transformer on dfdx (runtime dimensions, generic over the device).
+//! Qwen2 / Llama decoder-only transformer on dfdx, generic over the device `D` and the dimension
+//! types `S: Dims` (compile-time for the built-in preset, runtime for checkpoints; see [`crate::dims`]).
 //!
 //! Follows transformers' `modeling_qwen2.py` (Qwen2 technical report, arXiv:2407.10671) and
 //! `modeling_llama.py`: token embedding → N × [RMSNorm → grouped-query self-attention with rotary
@@ -9,9 +10,24 @@
 //!
 //! Positions are `cumsum(attention_mask) - 1` per row (what transformers' `generate` uses), so left
 //! padding works for batched generation; for unpadded or right-padded rows this is `0..len`.
+//!
+//! # Dimensions
+//! There is one implementation of the architecture: [`Qwen2<D, S>`]. Every activation of the
+//! forward pass is typed with `S`'s dimension types (`[tokens, S::Hidden]`,
+//! `[batch, S::KvHeads, len, S::HeadDim]`, ...); the batch, sequence and vocabulary axes are
+//! `usize`. `Qwen2<D>` (= `Qwen2<D, RuntimeDims>`) is what checkpoints from disk load into;
+//! `Qwen2<D, TinyDims>` is the built-in preset, checked at construction against the config.
+//! Parameters are stored as flat `(usize,)` device vectors for every `S` (the trainable ones in one
+//! [`FlatParams`], which dfdx's optimisers need to be a fixed tensor collection), and each weight is
+//! viewed with its typed shape when used, `[S::QDim, S::Hidden]` for `q_proj` and so on. So training
+//! (`FlatParams`), LoRA, generation, saving and loading work unchanged for every `S`, and
+//! [`Qwen2::into_runtime`] / [`Qwen2::into_dims`] convert without copying a weight; the logits
+//! (`[batch, seq, vocab]`, all `usize`) have the same type either way.
 
+use std::any::TypeId;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use dfdx::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -19,6 +35,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::checkpoint;
 use crate::config::{Arch, ModelConfig};
+use crate::dims::{DimValues, Dims, RuntimeDims};
 use crate::error::ModelError;
 use crate::host::{HostTensor, HostTensors};
 use crate::params::FlatParams;
@@ -26,10 +43,14 @@ use crate::params::FlatParams;
 type T1<D, T> = Tensor<(usize,), f32, D, T>;
 type T2<D, T> = Tensor<(usize, usize), f32, D, T>;
 type T3<D, T> = Tensor<(usize, usize, usize), f32, D, T>;
-type T4<D, T> = Tensor<(usize, usize, usize, usize), f32, D, T>;
+
+/// `[tokens, X]` activations.
+type Rows<X, D, T> = Tensor<(usize, X), f32, D, T>;
+/// `[batch, S::KvHeads, len, S::HeadDim]` keys or values.
+type Kv<S, D, T> = Tensor<(usize, <S as Dims>::KvHeads, usize, <S as Dims>::HeadDim), f32, D, T>;
 
 /// Cached (keys, values) of one layer.
-type KvPair<D> = (T4<D, NoneTape>, T4<D, NoneTape>);
+type KvPair<D, S> = (Kv<S, D, NoneTape>, Kv<S, D, NoneTape>);
 
 /// Additive attention-mask value for hidden keys (large enough that `exp` underflows to 0).
 const MASKED: f32 = -1e9;
@@ -173,12 +194,124 @@ struct Param<D: Storage<f32>> {
     name: String,
     shape: Vec<usize>,
     store: Store<D>,
+    /// Host copy of a frozen weight for the CPU few-row product ([`host_matmul_wt`]), made on first
+    /// use (inference only) and dropped whenever `store` changes ([`Param::set_store`]).
+    host: HostCopy,
 }
 
+/// See [`Param::host`].
+#[derive(Debug, Clone, Default)]
+struct HostCopy(OnceLock<Arc<Vec<f32>>>);
+
 impl<D: Storage<f32>> Param<D> {
+    fn new(name: String, shape: Vec<usize>, store: Store<D>) -> Self {
+        Param { name, shape, store, host: HostCopy::default() }
+    }
     fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+    fn set_store(&mut self, store: Store<D>) {
+        self.store = store;
+        self.host = HostCopy::default();
+    }
+}
+
+/// A no-gradient product `x Wᵀ` on the CPU with at most this many rows (batch-1 decoding) and a
+/// weight of at least [`HOST_MATMUL_MIN_WEIGHT`] elements is computed by [`host_matmul_wt`]
+/// instead of dfdx's gemm (`benches/decode.rs`: with more rows, or small weights, gemm wins).
+const HOST_MATMUL_MAX_ROWS: usize = 1;
+const HOST_MATMUL_MIN_WEIGHT: usize = 1 << 17;
+
+/// The kernel of [`host_matmul_wt`]: `cols[r][j - j0] = w[j] · x[r]` for `j` in `j0..j1`.
+#[inline(always)]
+fn dot_rows(x: &[f32], w: &[f32], n: usize, k: usize, j0: usize, j1: usize, cols: &mut [f32]) {
+    let width = j1 - j0;
+    for j in j0..j1 {
+        let wr = &w[j * k..(j + 1) * k];
+        for r in 0..n {
+            let xr = &x[r * k..(r + 1) * k];
+            // 16 independent partial sums: two 8-lane vectors with AVX2, four with SSE
+            let mut acc = [0f32; 16];
+            let (wc, xc) = (wr.chunks_exact(16), xr.chunks_exact(16));
+            let (wt, xt) = (wc.remainder(), xc.remainder());
+            for (a, b) in wc.zip(xc) {
+                for l in 0..16 {
+                    acc[l] += a[l] * b[l];
+                }
+            }
+            let mut sum = 0f32;
+            for l in 0..8 {
+                sum += acc[l] + acc[l + 8];
+            }
+            for (a, b) in wt.iter().zip(xt) {
+                sum += a * b;
+            }
+            cols[r * width + (j - j0)] = sum;
+        }
+    }
+}
+
+/// [`dot_rows`] compiled for AVX2 (chosen at run time; the default x86-64 target has only SSE2).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_rows_avx2(x: &[f32], w: &[f32], n: usize, k: usize, j0: usize, j1: usize, cols: &mut [f32]) {
+    dot_rows(x, w, n, k, j0, j1, cols)
+}
+
+/// [`host_matmul_wt`] is used unless `PIPELINE_NO_HOST_MATMUL` is set (read once; for benchmarks
+/// comparing it with dfdx's gemm, `benches/throughput.rs`).
+fn host_matmul_on() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("PIPELINE_NO_HOST_MATMUL").is_none())
+}
+
+/// `y[r][j] = Σ_k x[r][k] · w[j][k]` for `x: [n, k]`, `w: [out, k]` row-major (a linear layer's HF
+/// layout), `n` ≤ [`HOST_MATMUL_MAX_ROWS`]. Decoding is bound by reading the weights: dfdx 0.13's
+/// gemm runs `[1, k] × Wᵀ` at ~0.6 GFLOP/s here (its m = 1 path walks the transposed weight
+/// through the general kernel), while this reads each weight row once, contiguously, for all `n`
+/// rows, with 8 independent accumulators the compiler vectorises. Large weights are split over the
+/// available cores.
+fn host_matmul_wt(x: &[f32], n: usize, w: &[f32], out: usize) -> Vec<f32> {
+    let k = x.len() / n;
+    debug_assert_eq!(w.len(), out * k);
+    let mut y = vec![0f32; n * out];
+    // each task owns output columns [j0, j1) of all rows: `cols` is [n][j1 - j0]
+    let work = |j0: usize, j1: usize, cols: &mut [f32]| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { dot_rows_avx2(x, w, n, k, j0, j1, cols) };
+            return;
+        }
+        dot_rows(x, w, n, k, j0, j1, cols);
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(8);
+    if threads < 2 || out * k < (1 << 20) {
+        work(0, out, &mut y);
+        return y;
+    }
+    let chunk = out.div_ceil(threads);
+    let parts: Vec<(usize, Vec<f32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..out)
+            .step_by(chunk)
+            .map(|j0| {
+                let j1 = (j0 + chunk).min(out);
+                s.spawn(move || {
+                    let mut cols = vec![0f32; n * (j1 - j0)];
+                    work(j0, j1, &mut cols);
+                    (j0, cols)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("host matmul worker")).collect()
+    });
+    for (j0, cols) in parts {
+        let width = cols.len() / n;
+        for r in 0..n {
+            y[r * out + j0..r * out + j0 + width].copy_from_slice(&cols[r * width..(r + 1) * width]);
+        }
+    }
+    y
 }
 
 #[derive(Debug, Clone)]
@@ -254,15 +387,15 @@ impl Batch {
 /// Per-layer key/value cache for incremental decoding. Keys are stored after the rotary embedding,
 /// `[batch, kv_heads, len, head_dim]`.
 #[derive(Debug, Clone)]
-pub struct KvCache<D: Storage<f32>> {
-    layers: Vec<Option<KvPair<D>>>,
+pub struct KvCache<D: Storage<f32>, S: Dims = RuntimeDims> {
+    layers: Vec<Option<KvPair<D, S>>>,
     /// `[batch][len]`: which cached positions are real tokens.
     key_mask: Vec<Vec<bool>>,
     /// Next position id per row.
     next_pos: Vec<usize>,
 }
 
-impl<D: Storage<f32>> KvCache<D> {
+impl<D: Storage<f32>, S: Dims> KvCache<D, S> {
     pub fn len(&self) -> usize {
         self.key_mask.first().map_or(0, Vec::len)
     }
@@ -271,10 +404,13 @@ impl<D: Storage<f32>> KvCache<D> {
     }
 }
 
-/// The decoder (see the module docs).
+/// The decoder (see the module docs): `Qwen2<D>` has runtime dimensions, `Qwen2<D, TinyDims>`
+/// the built-in preset's at compile time.
 #[derive(Debug, Clone)]
-pub struct Qwen2<D: Device<f32>> {
+pub struct Qwen2<D: Device<f32>, S: Dims = RuntimeDims> {
     pub cfg: ModelConfig,
+    /// `cfg`'s dimensions typed by `S` (checked against `cfg` at construction).
+    dims: DimValues<S>,
     dev: D,
     embed: Param<D>,
     layers: Vec<Layer<D>>,
@@ -286,7 +422,7 @@ pub struct Qwen2<D: Device<f32>> {
     /// The trained weights (see [`FlatParams`]); hand this to a dfdx optimiser.
     pub params: FlatParams<f32, D>,
     /// `rotate_half` as a `[head_dim, head_dim]` signed permutation matrix.
-    rot: T2<D, NoneTape>,
+    rot: Tensor<(S::HeadDim, S::HeadDim), f32, D>,
 }
 
 fn hf_names(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, &'static str)> {
@@ -331,10 +467,41 @@ fn normal(rng: &mut ChaCha8Rng, std: f32) -> f32 {
     std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
 }
 
+/// `rotate_half` as a matrix: `x @ R` = `cat(-x[half..], x[..half])`.
+fn rot_matrix<D: Device<f32>, H: Dim>(dev: &D, hd: H) -> Tensor<(H, H), f32, D> {
+    let n = hd.size();
+    let mut rot = vec![0f32; n * n];
+    let half = n / 2;
+    for j in 0..half {
+        // out[j] = -x[j + half]; out[j + half] = x[j]; out = x @ R, R[row][col]
+        rot[(j + half) * n + j] = -1.0;
+        rot[j * n + j + half] = 1.0;
+    }
+    dev.tensor_from_vec(rot, (hd, hd))
+}
+
+/// Constructors of the runtime-dimension model (`Qwen2::from_host(..)` infers `S = RuntimeDims`;
+/// Rust does not apply a default type parameter during inference, so the generic constructors
+/// have their own names: [`Qwen2::from_host_with_dims`], [`Qwen2::load_hf_with_dims`]).
 impl<D: Device<f32>> Qwen2<D> {
     /// Builds the model from HF-named host tensors, checking every name and shape against the
     /// config. Extra tensors are an error, except rotary `inv_freq` buffers and a tied `lm_head`.
     pub fn from_host(cfg: &ModelConfig, tensors: &HostTensors, dev: &D) -> Result<Self, ModelError> {
+        Self::from_host_with_dims(cfg, tensors, dev)
+    }
+
+    /// Reads a Hugging Face checkpoint folder (see [`checkpoint::load_hf_folder`]).
+    pub fn load_hf(dir: &Path, dev: &D) -> Result<Self, ModelError> {
+        Self::load_hf_with_dims(dir, dev)
+    }
+}
+
+impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
+    /// [`Qwen2::from_host`] with dimension types `S`: the config is also checked against `S`
+    /// (e.g. `Qwen2::<Cpu, TinyDims>::from_host_with_dims(&ModelConfig::tiny(v), ..)`); a
+    /// mismatch is an error naming the config field.
+    pub fn from_host_with_dims(cfg: &ModelConfig, tensors: &HostTensors, dev: &D) -> Result<Self, ModelError> {
+        let dims = DimValues::<S>::from_config(cfg)?;
         let expected = hf_names(cfg);
         let mut known: BTreeMap<&str, ()> = BTreeMap::new();
         for (name, shape, field) in &expected {
@@ -366,11 +533,11 @@ impl<D: Device<f32>> Qwen2<D> {
         }
         let frozen = |name: &str| -> Param<D> {
             let t = &tensors[name];
-            Param {
-                name: name.to_string(),
-                shape: t.shape.clone(),
-                store: Store::Frozen(dev.tensor_from_vec(t.data.clone(), (t.data.len(),))),
-            }
+            Param::new(
+                name.to_string(),
+                t.shape.clone(),
+                Store::Frozen(dev.tensor_from_vec(t.data.clone(), (t.data.len(),))),
+            )
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
@@ -387,16 +554,9 @@ impl<D: Device<f32>> Qwen2<D> {
                 lins: Proj::ALL.map(lin),
             });
         }
-        let hd = cfg.head_dim;
-        let mut rot = vec![0f32; hd * hd];
-        let half = hd / 2;
-        for j in 0..half {
-            // out[j] = -x[j + half]; out[j + half] = x[j]; out = x @ R, R[row][col]
-            rot[(j + half) * hd + j] = -1.0;
-            rot[j * hd + j + half] = 1.0;
-        }
         Ok(Qwen2 {
             cfg: cfg.clone(),
+            dims,
             dev: dev.clone(),
             embed: frozen("model.embed_tokens.weight"),
             layers,
@@ -406,8 +566,42 @@ impl<D: Device<f32>> Qwen2<D> {
             adapters_enabled: true,
             trainable: Trainable::None,
             params: FlatParams { flat: dev.zeros_like(&(1,)) },
-            rot: dev.tensor_from_vec(rot, (hd, hd)),
+            rot: rot_matrix(dev, dims.head_dim),
         })
+    }
+
+    /// The same model with other dimension types, checked against the config (an error names the
+    /// field). Lossless and cheap: weights, adapters, the trainable vector and the adapter switch
+    /// move over as they are (no weight is copied), so `Qwen2<D, TinyDims>` → `Qwen2<D>` → back
+    /// gives bit-identical outputs.
+    pub fn into_dims<S2: Dims>(self) -> Result<Qwen2<D, S2>, ModelError> {
+        let dims = DimValues::<S2>::from_config(&self.cfg)?;
+        let rot = rot_matrix(&self.dev, dims.head_dim);
+        Ok(Qwen2 {
+            cfg: self.cfg,
+            dims,
+            dev: self.dev,
+            embed: self.embed,
+            layers: self.layers,
+            norm: self.norm,
+            lm_head: self.lm_head,
+            lora: self.lora,
+            adapters_enabled: self.adapters_enabled,
+            trainable: self.trainable,
+            params: self.params,
+            rot,
+        })
+    }
+
+    /// The runtime-dimension model ([`RuntimeDims`] accepts every config, so this cannot fail):
+    /// the boundary to code that takes `Qwen2<D>` only.
+    pub fn into_runtime(self) -> Qwen2<D> {
+        self.into_dims::<RuntimeDims>().expect("RuntimeDims accepts every config")
+    }
+
+    /// The dimension values typed by `S`.
+    pub fn dims(&self) -> &DimValues<S> {
+        &self.dims
     }
 
     /// Random weights as transformers initialises them (`normal(0, 0.02)` for linear layers and the
@@ -429,10 +623,10 @@ impl<D: Device<f32>> Qwen2<D> {
         out
     }
 
-    /// Reads a Hugging Face checkpoint folder (see [`checkpoint::load_hf_folder`]).
-    pub fn load_hf(dir: &Path, dev: &D) -> Result<Self, ModelError> {
+    /// [`Qwen2::load_hf`] with dimension types `S` (the config is checked against `S`).
+    pub fn load_hf_with_dims(dir: &Path, dev: &D) -> Result<Self, ModelError> {
         let ck = checkpoint::load_hf_folder(dir)?;
-        Self::from_host(&ck.config, &ck.tensors, dev)
+        Self::from_host_with_dims(&ck.config, &ck.tensors, dev)
     }
 
     pub fn device(&self) -> &D {
@@ -509,7 +703,7 @@ impl<D: Device<f32>> Qwen2<D> {
         for p in self.all_params_mut() {
             if let Store::Flat(off) = p.store {
                 let n = p.numel();
-                p.store = Store::Frozen(dev.tensor_from_vec(flat[off..off + n].to_vec(), (n,)));
+                p.set_store(Store::Frozen(dev.tensor_from_vec(flat[off..off + n].to_vec(), (n,))));
             }
         }
         self.params.flat = dev.zeros_like(&(1,));
@@ -527,7 +721,7 @@ impl<D: Device<f32>> Qwen2<D> {
                     Store::Frozen(t) => t.as_vec(),
                     Store::Flat(_) => unreachable!("freeze_all ran first"),
                 };
-                p.store = Store::Flat(flat.len());
+                p.set_store(Store::Flat(flat.len()));
                 flat.extend(vals);
             }
         }
@@ -607,11 +801,11 @@ impl<D: Device<f32>> Qwen2<D> {
                             field: "r".into(),
                         });
                     }
-                    Ok(Param {
-                        name: name.to_string(),
-                        shape: t.shape.clone(),
-                        store: Store::Frozen(dev.tensor_from_vec(t.data.clone(), (t.data.len(),))),
-                    })
+                    Ok(Param::new(
+                        name.to_string(),
+                        t.shape.clone(),
+                        Store::Frozen(dev.tensor_from_vec(t.data.clone(), (t.data.len(),))),
+                    ))
                 };
                 let a = get(&an, vec![lc.r, i])?;
                 let b = get(&bn, vec![o, lc.r])?;
@@ -666,7 +860,7 @@ impl<D: Device<f32>> Qwen2<D> {
                     };
                     let ba = bt.clone().reshape_like(&(o, r)).matmul(at.clone().reshape_like(&(r, i)));
                     let w2 = wt.clone().reshape_like(&(o, i)) + ba * s;
-                    lin.w.store = Store::Frozen(w2.reshape_like(&(o * i,)));
+                    lin.w.set_store(Store::Frozen(w2.reshape_like(&(o * i,))));
                 }
             }
         }
@@ -713,72 +907,107 @@ impl<D: Device<f32>> Qwen2<D> {
             Store::Flat(off) => self.params.flat.retaped::<T>().slice((*off..*off + p.numel(),)),
         }
     }
-    fn fetch2<T: Tape<f32, D>>(&self, p: &Param<D>) -> T2<D, T> {
-        self.fetch::<T>(p).reshape_like(&(p.shape[0], p.shape[1]))
+    /// A matrix `[o, i]` with typed dimensions (its shape was checked against the config, and the
+    /// config against `S`, at construction).
+    fn fetch2<O: Dim, I: Dim, T: Tape<f32, D>>(&self, p: &Param<D>, o: O, i: I) -> Tensor<(O, I), f32, D, T> {
+        debug_assert_eq!(p.shape, [o.size(), i.size()], "{}", p.name);
+        self.fetch::<T>(p).reshape_like(&(o, i))
     }
 
-    fn linear<T: Tape<f32, D> + Merge<T>>(&self, x: T2<D, T>, lin: &Lin<D>) -> T2<D, T> {
-        let n = x.shape().0;
-        let out = lin.w.shape[0];
+    /// `x Wᵀ` for a weight `W: [out, in]`: dfdx's matmul, or on the CPU without a gradient tape
+    /// and with few rows (decoding), [`host_matmul_wt`] on a host copy of the frozen weight.
+    fn matmul_wt<I: Dim, O: Dim, T: Tape<f32, D> + Merge<T>>(
+        &self,
+        x: Rows<I, D, T>,
+        p: &Param<D>,
+        out: O,
+    ) -> Rows<O, D, T> {
+        let (n, inp) = *x.shape();
+        if !T::OWNS_TAPE
+            && n <= HOST_MATMUL_MAX_ROWS
+            && p.numel() >= HOST_MATMUL_MIN_WEIGHT
+            && TypeId::of::<D>() == TypeId::of::<Cpu>()
+            && host_matmul_on()
+        {
+            if let Store::Frozen(t) = &p.store {
+                let w = p.host.0.get_or_init(|| Arc::new(t.as_vec()));
+                let y = host_matmul_wt(&x.as_vec(), n, w, out.size());
+                // no tape is recorded (`!OWNS_TAPE`): the result starts a fresh one of type T
+                return self.dev.tensor_from_vec(y, (n, out)).retaped::<T>();
+            }
+        }
+        let w = self.fetch2::<O, I, T>(p, out, inp);
+        x.matmul(w.permute::<(I, O), Axes2<1, 0>>())
+    }
+
+    /// `x Wᵀ + b (+ (alpha/r)·(x Aᵀ) Bᵀ)`: `[tokens, I]` → `[tokens, O]`.
+    fn linear<I: Dim, O: Dim, T: Tape<f32, D> + Merge<T>>(
+        &self,
+        x: Rows<I, D, T>,
+        lin: &Lin<D>,
+        out: O,
+    ) -> Rows<O, D, T> {
+        let (n, inp) = *x.shape();
         let lora_in = match (&lin.lora, self.adapters_enabled) {
             (Some(ab), true) => Some((x.with_empty_tape(), ab)),
             _ => None,
         };
-        let w = self.fetch2::<T>(&lin.w);
-        let mut y = x.matmul(w.permute::<(usize, usize), Axes2<1, 0>>());
+        let mut y = self.matmul_wt(x, &lin.w, out);
         if let Some(b) = &lin.b {
-            y = y + self.fetch::<T>(b).broadcast_like::<_, Axis<0>>(&(n, out));
+            y = y + self.fetch::<T>(b).reshape_like(&(out,)).broadcast_like::<_, Axis<0>>(&(n, out));
         }
         if let Some((xa, (a, b))) = lora_in {
             let s = self.lora.as_ref().map_or(1.0, LoraConfig::scale);
-            let a = self.fetch2::<T>(a);
-            let b = self.fetch2::<T>(b);
-            let z = xa
-                .matmul(a.permute::<(usize, usize), Axes2<1, 0>>())
-                .matmul(b.permute::<(usize, usize), Axes2<1, 0>>());
+            let r = a.shape[0];
+            let a = self.fetch2::<usize, I, T>(a, r, inp);
+            let b = self.fetch2::<O, usize, T>(b, out, r);
+            let z = xa.matmul(a.permute::<(I, usize), Axes2<1, 0>>()).matmul(b.permute::<(usize, O), Axes2<1, 0>>());
             y = y + z * s;
         }
         y
     }
 
-    fn rms_norm<T: Tape<f32, D> + Merge<T>>(&self, x: T2<D, T>, w: &Param<D>) -> T2<D, T> {
+    fn rms_norm<X: Dim, T: Tape<f32, D> + Merge<T>>(&self, x: Rows<X, D, T>, w: &Param<D>) -> Rows<X, D, T> {
         let (n, h) = *x.shape();
         let ms = x.with_empty_tape().square().mean::<(usize,), Axis<1>>();
         let inv = (ms + self.cfg.rms_norm_eps as f32).sqrt().recip().broadcast_like::<_, Axis<1>>(&(n, h));
-        let w = self.fetch::<T>(w).broadcast_like::<_, Axis<0>>(&(n, h));
+        let w = self.fetch::<T>(w).reshape_like(&(h,)).broadcast_like::<_, Axis<0>>(&(n, h));
         x * inv * w
     }
 
     /// Rotary embedding on `[tokens, heads * head_dim]` with per-token `cos`/`sin` `[tokens, head_dim]`.
-    fn rope<T: Tape<f32, D> + Merge<T>>(
+    fn rope<H: Dim, X: Dim, T: Tape<f32, D> + Merge<T>>(
         &self,
-        x: T2<D, T>,
-        heads: usize,
-        cos: &T2<D, NoneTape>,
-        sin: &T2<D, NoneTape>,
-    ) -> T2<D, T> {
-        let n = x.shape().0;
-        let hd = self.cfg.head_dim;
+        x: Rows<X, D, T>,
+        heads: H,
+        cos: &Rows<S::HeadDim, D, NoneTape>,
+        sin: &Rows<S::HeadDim, D, NoneTape>,
+    ) -> Rows<X, D, T> {
+        let (n, width) = *x.shape();
+        let hd = self.dims.head_dim;
         let x3 = x.reshape_like(&(n, heads, hd));
-        let rot =
-            x3.with_empty_tape().reshape_like(&(n * heads, hd)).matmul(self.rot.clone()).reshape_like(&(n, heads, hd));
+        let rot = x3
+            .with_empty_tape()
+            .reshape_like(&(n * heads.size(), hd))
+            .matmul(self.rot.clone())
+            .reshape_like(&(n, heads, hd));
         let c = cos.clone().broadcast_like::<_, Axis<1>>(&(n, heads, hd));
         let s = sin.clone().broadcast_like::<_, Axis<1>>(&(n, heads, hd));
-        (x3 * c + rot * s).reshape_like(&(n, heads * hd))
+        (x3 * c + rot * s).reshape_like(&(n, width))
     }
 
-    /// Core forward. Returns the final hidden states `[tokens, hidden]` of the rows in `rows`
-    /// (all tokens when `None`).
+    /// Core forward: the final hidden states `[tokens, hidden]` of every token.
     fn hidden<T: Tape<f32, D> + Merge<T>>(
         &self,
         batch: &Batch,
-        mut cache: Option<&mut KvCache<D>>,
+        mut cache: Option<&mut KvCache<D, S>>,
         tape: T,
-    ) -> Result<T2<D, T>, ModelError> {
+    ) -> Result<Rows<S::Hidden, D, T>, ModelError> {
         let cfg = &self.cfg;
         let (b, s) = (batch.batch, batch.seq);
         let n = b * s;
-        let (h, hd, nq, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
+        let DimValues { hidden: h, intermediate, heads: nq, kv_heads: nkv, head_dim: hd, q_dim, kv_dim } = self.dims;
+        let hds = hd.size();
         for (pos, &id) in batch.ids.iter().enumerate() {
             if id as usize >= cfg.vocab_size {
                 return Err(ModelError::TokenOutOfRange { id, pos, vocab: cfg.vocab_size });
@@ -833,41 +1062,41 @@ impl<D: Device<f32>> Qwen2<D> {
             }
         }
         let mask: T3<D, NoneTape> = self.dev.tensor_from_vec(mask_add, (b, s, skv));
-        let half = hd / 2;
-        let mut cos = vec![0f32; n * hd];
-        let mut sin = vec![0f32; n * hd];
+        let half = hds / 2;
+        let mut cos = vec![0f32; n * hds];
+        let mut sin = vec![0f32; n * hds];
         for (k, &p) in positions.iter().enumerate() {
             for i in 0..half {
-                let inv = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64);
+                let inv = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hds as f64);
                 let a = p as f64 * inv;
                 let (sn, cs) = a.sin_cos();
-                cos[k * hd + i] = cs as f32;
-                cos[k * hd + i + half] = cs as f32;
-                sin[k * hd + i] = sn as f32;
-                sin[k * hd + i + half] = sn as f32;
+                cos[k * hds + i] = cs as f32;
+                cos[k * hds + i + half] = cs as f32;
+                sin[k * hds + i] = sn as f32;
+                sin[k * hds + i + half] = sn as f32;
             }
         }
-        let cos: T2<D, NoneTape> = self.dev.tensor_from_vec(cos, (n, hd));
-        let sin: T2<D, NoneTape> = self.dev.tensor_from_vec(sin, (n, hd));
+        let cos: Rows<S::HeadDim, D, NoneTape> = self.dev.tensor_from_vec(cos, (n, hd));
+        let sin: Rows<S::HeadDim, D, NoneTape> = self.dev.tensor_from_vec(sin, (n, hd));
 
         // embedding
         let ids: Tensor<(usize,), usize, D> =
             self.dev.tensor_from_vec(batch.ids.iter().map(|&i| i as usize).collect(), (n,));
-        let (v_rows, _) = (cfg.vocab_size, h);
-        let mut x: T2<D, T> = match &self.embed.store {
+        let v_rows = cfg.vocab_size;
+        let mut x: Rows<S::Hidden, D, T> = match &self.embed.store {
             Store::Frozen(e) => e.clone().reshape_like(&(v_rows, h)).gather(ids).put_tape(tape),
             Store::Flat(_) => {
-                let (x, t0) = self.fetch2::<T>(&self.embed).gather(ids).split_tape();
+                let (x, t0) = self.fetch2::<usize, S::Hidden, T>(&self.embed, v_rows, h).gather(ids).split_tape();
                 x.put_tape(t0.merge(tape))
             }
         };
-        let scale = 1.0 / (hd as f32).sqrt();
-        let rep = nq / nkv;
+        let scale = 1.0 / (hds as f32).sqrt();
+        let rep = nq.size() / nkv.size();
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = self.rms_norm(x.with_empty_tape(), &layer.input_norm);
-            let q = self.linear(xn.with_empty_tape(), &layer.lins[0]);
-            let k = self.linear(xn.with_empty_tape(), &layer.lins[1]);
-            let v = self.linear(xn, &layer.lins[2]);
+            let q = self.linear(xn.with_empty_tape(), &layer.lins[0], q_dim);
+            let k = self.linear(xn.with_empty_tape(), &layer.lins[1], kv_dim);
+            let v = self.linear(xn, &layer.lins[2], kv_dim);
             let q = self.rope(q, nq, &cos, &sin);
             let k = self.rope(k, nkv, &cos, &sin);
             // Grouped-query attention without repeating K/V: query head `j * rep + r` uses KV head
@@ -877,8 +1106,8 @@ impl<D: Device<f32>> Qwen2<D> {
             // the broadcast input stores, so K/V gradients lose all but 1/rep of their terms.)
             let q =
                 q.reshape_like(&(b, s, nq, hd)).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(b, nkv, rep * s, hd));
-            let mut k: T4<D, T> = k.reshape_like(&(b, s, nkv, hd)).permute::<_, Axes4<0, 2, 1, 3>>();
-            let mut v: T4<D, T> = v.reshape_like(&(b, s, nkv, hd)).permute::<_, Axes4<0, 2, 1, 3>>();
+            let mut k: Kv<S, D, T> = k.reshape_like(&(b, s, nkv, hd)).permute::<_, Axes4<0, 2, 1, 3>>();
+            let mut v: Kv<S, D, T> = v.reshape_like(&(b, s, nkv, hd)).permute::<_, Axes4<0, 2, 1, 3>>();
             if let Some(c) = cache.as_deref_mut() {
                 if let Some((pk, pv)) = c.layers[li].take() {
                     k = (pk.retaped::<T>(), k).concat_along(Axis::<2>);
@@ -897,22 +1126,21 @@ impl<D: Device<f32>> Qwen2<D> {
                 .matmul(v)
                 .reshape_like(&(b, nq, s, hd))
                 .permute::<_, Axes4<0, 2, 1, 3>>()
-                .reshape_like(&(n, nq * hd));
-            let o = self.linear(att, &layer.lins[3]);
+                .reshape_like(&(n, q_dim));
+            let o = self.linear(att, &layer.lins[3], h);
             x = x + o;
             let xn = self.rms_norm(x.with_empty_tape(), &layer.post_norm);
-            let g = self.linear(xn.with_empty_tape(), &layer.lins[4]);
-            let u = self.linear(xn, &layer.lins[5]);
+            let g = self.linear(xn.with_empty_tape(), &layer.lins[4], intermediate);
+            let u = self.linear(xn, &layer.lins[5], intermediate);
             let act = g.with_empty_tape().sigmoid() * g;
-            let m = self.linear(act * u, &layer.lins[6]);
+            let m = self.linear(act * u, &layer.lins[6], h);
             x = x + m;
         }
         Ok(self.rms_norm(x, &self.norm))
     }
 
-    fn head<T: Tape<f32, D> + Merge<T>>(&self, hs: T2<D, T>) -> T2<D, T> {
-        let w = self.fetch2::<T>(self.lm_head.as_ref().unwrap_or(&self.embed));
-        hs.matmul(w.permute::<(usize, usize), Axes2<1, 0>>())
+    fn head<T: Tape<f32, D> + Merge<T>>(&self, hs: Rows<S::Hidden, D, T>) -> T2<D, T> {
+        self.matmul_wt(hs, self.lm_head.as_ref().unwrap_or(&self.embed), self.cfg.vocab_size)
     }
 
     /// Logits `[batch, seq, vocab]` with whatever tape `tape` is (`NoneTape` for inference).
@@ -942,13 +1170,13 @@ impl<D: Device<f32>> Qwen2<D> {
     }
 
     /// A fresh, empty KV cache.
-    pub fn new_cache(&self) -> KvCache<D> {
+    pub fn new_cache(&self) -> KvCache<D, S> {
         KvCache { layers: vec![None; self.cfg.num_hidden_layers], key_mask: Vec::new(), next_pos: Vec::new() }
     }
 
     /// Incremental decoding step: appends `batch` to `cache` and returns the logits of each row's
     /// last position, `[batch][vocab]` on the host.
-    pub fn forward_cached(&self, batch: &Batch, cache: &mut KvCache<D>) -> Result<Vec<Vec<f32>>, ModelError> {
+    pub fn forward_cached(&self, batch: &Batch, cache: &mut KvCache<D, S>) -> Result<Vec<Vec<f32>>, ModelError> {
         let hs = self.hidden(batch, Some(cache), NoneTape)?;
         let (b, s) = (batch.batch, batch.seq);
         let last: Tensor<(usize,), usize, D> = self.dev.tensor_from_vec((0..b).map(|r| r * s + s - 1).collect(), (b,));
@@ -971,5 +1199,49 @@ pub fn guess_arch(tensors: &HostTensors) -> Arch {
         Arch::Qwen2
     } else {
         Arch::Llama
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_matmul_matches_a_f64_reference() {
+        // k not a multiple of 16; out * k above the threading threshold
+        for (n, k, out) in [(1, 37, 5), (1, 601, 2000), (3, 100, 40)] {
+            let x: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
+            let w: Vec<f32> = (0..out * k).map(|i| ((i * 104_729) % 89) as f32 / 89.0 - 0.5).collect();
+            let y = host_matmul_wt(&x, n, &w, out);
+            for r in 0..n {
+                for j in 0..out {
+                    let want: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64).sum();
+                    let got = y[r * out + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "[{n},{k},{out}] ({r},{j}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The tiny preset with a 4,096-row head: the cached batch-1 step takes the host product for
+    /// the head (262,144 elements), the full forward dfdx's gemm.
+    #[test]
+    fn host_path_decoding_matches_the_full_forward() {
+        let dev = Cpu::default();
+        let cfg = ModelConfig::tiny(4096);
+        let m = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, 4), &dev).unwrap();
+        assert!(m.embed.numel() >= HOST_MATMUL_MIN_WEIGHT);
+        let p: Vec<u32> = vec![17, 4000, 3, 999, 64];
+        let full = m.forward(&Batch::new(p.clone(), 1, 5).unwrap()).unwrap().as_vec();
+        let mut cache = m.new_cache();
+        m.forward_cached(&Batch::new(p[..4].to_vec(), 1, 4).unwrap(), &mut cache).unwrap();
+        let last = m.forward_cached(&Batch::new(p[4..].to_vec(), 1, 1).unwrap(), &mut cache).unwrap();
+        assert!(m.embed.host.0.get().is_some(), "the host path was taken");
+        let want = &full[4 * 4096..];
+        let worst = last[0].iter().zip(want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(worst <= 1e-5, "{worst}");
     }
 }

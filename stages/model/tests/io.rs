@@ -63,10 +63,16 @@ fn qwen25_tokenizer_passes_llama_cpp_qwen2_vectors() {
         &fixture("tokenizer/ggml-vocab-qwen2.gguf.inp"),
         &fixture("tokenizer/ggml-vocab-qwen2.gguf.out"),
     );
-    // The files hold 46 text/ids pairs (47 pieces when split, the last one empty after the final
-    // separator); one of the texts is the empty string.
+    // The files hold 46 text/ids pairs: llama.cpp's generator (`convert_hf_to_gguf_update.py`)
+    // writes each of its 46 `tests` followed by `\n__ggml_vocab_test__\n`, and one ids line per test.
+    // Splitting on the separator gives 47 pieces, the last being the empty remainder after the
+    // final separator (not a test; ASSETS.md's "47" counts pieces). The empty string IS a test (the
+    // third); `llama_cpp_vectors` keeps it and drops only the trailing remainder.
     assert_eq!(v.len(), 46);
-    assert!(v.iter().any(|(t, ids)| t.is_empty() && ids.is_empty()));
+    let raw = std::fs::read_to_string(fixture("tokenizer/ggml-vocab-qwen2.gguf.inp")).unwrap();
+    assert_eq!(raw.matches("\n__ggml_vocab_test__\n").count(), 46);
+    assert!(raw.ends_with("\n__ggml_vocab_test__\n"));
+    assert_eq!(v[2], (String::new(), vec![]));
     check_vectors(&tok, &v, "qwen2.5 tokenizer.json");
     for (text, _) in &v {
         assert_eq!(&tok.decode(&tok.encode(text, false).unwrap(), false).unwrap(), text);

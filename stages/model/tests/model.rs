@@ -8,7 +8,8 @@ use dfdx::optim::{Adam, AdamConfig};
 use dfdx::prelude::*;
 use pipeline_model::loss::{masked_cross_entropy, sequence_logprobs};
 use pipeline_model::{
-    checkpoint, generate, Batch, GenerationConfig, HostTensor, LoraConfig, ModelConfig, ModelError, Qwen2, Trainable,
+    checkpoint, generate, Batch, Dims, GenerationConfig, HostTensor, LoraConfig, ModelConfig, ModelError, Qwen2,
+    RuntimeDims, TinyDims, Trainable,
 };
 use serde_json::Value;
 
@@ -24,6 +25,16 @@ fn fixtures() -> PathBuf {
 /// built with `--features cuda` and run with `PIPELINE_TEST_DEVICE=cuda`
 /// (`scripts/gpu/run-on-device.sh`). Use as a whole test body.
 macro_rules! on_test_device {
+    ($check:ident::<$dims:ty>) => {
+        #[cfg(feature = "cuda")]
+        {
+            if std::env::var("PIPELINE_TEST_DEVICE").as_deref() == Ok("cuda") {
+                eprintln!("test device: cuda");
+                return $check::<_, $dims>(&Cuda::default());
+            }
+        }
+        $check::<_, $dims>(&Cpu::default())
+    };
     ($check:ident) => {
         #[cfg(feature = "cuda")]
         {
@@ -70,17 +81,42 @@ trait TestDevice: Device<f32> + TensorToArray<(), f32, Array = f32> {}
 impl<D: Device<f32> + TensorToArray<(), f32, Array = f32>> TestDevice for D {}
 
 fn qwen<D: Device<f32>>(dev: &D) -> Qwen2<D> {
-    Qwen2::load_hf(&fixtures().join("qwen2_tiny"), dev).unwrap()
+    qwen_as(dev)
+}
+
+/// The `qwen2_tiny` fixture with dimension types `S`.
+fn qwen_as<D: Device<f32>, S: Dims>(dev: &D) -> Qwen2<D, S> {
+    Qwen2::load_hf_with_dims(&fixtures().join("qwen2_tiny"), dev).unwrap()
+}
+
+/// The `qwen2_tiny` fixture's dimensions (hidden 32, SwiGLU 64, 4 heads / 2 KV heads of 8) fixed
+/// at compile time: the transformers parity checks run on the compile-time code path too.
+#[derive(Debug, Clone, Copy, Default)]
+struct FixtureDims;
+impl Dims for FixtureDims {
+    type Hidden = Const<32>;
+    type Intermediate = Const<64>;
+    type Heads = Const<4>;
+    type KvHeads = Const<2>;
+    type HeadDim = Const<8>;
+    type QDim = Const<32>;
+    type KvDim = Const<16>;
+    const NAME: &'static str = "FixtureDims";
 }
 
 #[test]
 fn qwen2_logits_match_transformers() {
-    on_test_device!(qwen2_logits_match_transformers_on);
+    on_test_device!(qwen2_logits_match_transformers_on::<RuntimeDims>);
 }
 
-fn qwen2_logits_match_transformers_on<D: TestDevice>(dev: &D) {
+#[test]
+fn qwen2_logits_match_transformers_compile_time_dims() {
+    on_test_device!(qwen2_logits_match_transformers_on::<FixtureDims>);
+}
+
+fn qwen2_logits_match_transformers_on<D: TestDevice, S: Dims>(dev: &D) {
     let g = golden();
-    let m = qwen(dev);
+    let m = qwen_as::<D, S>(dev);
     for (i, p) in g["prompts"].as_array().unwrap().iter().enumerate() {
         let p = ids(p);
         let logits = m.forward(&Batch::new(p.clone(), 1, p.len()).unwrap()).unwrap();
@@ -90,12 +126,17 @@ fn qwen2_logits_match_transformers_on<D: TestDevice>(dev: &D) {
 
 #[test]
 fn qwen2_padded_batches_match_transformers() {
-    on_test_device!(qwen2_padded_batches_match_transformers_on);
+    on_test_device!(qwen2_padded_batches_match_transformers_on::<RuntimeDims>);
 }
 
-fn qwen2_padded_batches_match_transformers_on<D: TestDevice>(dev: &D) {
+#[test]
+fn qwen2_padded_batches_match_transformers_compile_time_dims() {
+    on_test_device!(qwen2_padded_batches_match_transformers_on::<FixtureDims>);
+}
+
+fn qwen2_padded_batches_match_transformers_on<D: TestDevice, S: Dims>(dev: &D) {
     let g = golden();
-    let m = qwen(dev);
+    let m = qwen_as::<D, S>(dev);
     let prompts: Vec<Vec<u32>> = g["prompts"].as_array().unwrap().iter().map(ids).collect();
     let l = g["qwen2"]["padded_len"].as_u64().unwrap() as usize;
     let v = m.cfg.vocab_size;
@@ -126,12 +167,17 @@ fn qwen2_padded_batches_match_transformers_on<D: TestDevice>(dev: &D) {
 
 #[test]
 fn qwen2_loss_and_seq_logprob_match_transformers() {
-    on_test_device!(qwen2_loss_and_seq_logprob_match_transformers_on);
+    on_test_device!(qwen2_loss_and_seq_logprob_match_transformers_on::<RuntimeDims>);
 }
 
-fn qwen2_loss_and_seq_logprob_match_transformers_on<D: TestDevice>(dev: &D) {
+#[test]
+fn qwen2_loss_and_seq_logprob_match_transformers_compile_time_dims() {
+    on_test_device!(qwen2_loss_and_seq_logprob_match_transformers_on::<FixtureDims>);
+}
+
+fn qwen2_loss_and_seq_logprob_match_transformers_on<D: TestDevice, S: Dims>(dev: &D) {
     let g = golden();
-    let m = qwen(dev);
+    let m = qwen_as::<D, S>(dev);
     let p = ids(&g["prompts"][1]);
     let labels: Vec<i64> = g["qwen2"]["loss_labels"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
     let batch = Batch::new(p.clone(), 1, p.len()).unwrap();
@@ -180,12 +226,17 @@ fn llama_sharded_bf16_tied_matches_transformers_on<D: TestDevice>(dev: &D) {
 
 #[test]
 fn lora_loss_gradients_and_merge_match_peft() {
-    on_test_device!(lora_loss_gradients_and_merge_match_peft_on);
+    on_test_device!(lora_loss_gradients_and_merge_match_peft_on::<RuntimeDims>);
 }
 
-fn lora_loss_gradients_and_merge_match_peft_on<D: TestDevice>(dev: &D) {
+#[test]
+fn lora_loss_gradients_and_merge_match_peft_compile_time_dims() {
+    on_test_device!(lora_loss_gradients_and_merge_match_peft_on::<FixtureDims>);
+}
+
+fn lora_loss_gradients_and_merge_match_peft_on<D: TestDevice, S: Dims>(dev: &D) {
     let g = golden();
-    let mut m = qwen(dev);
+    let mut m = qwen_as::<D, S>(dev);
     m.load_peft_adapter(&fixtures().join("lora_tiny")).unwrap();
     let p = ids(&g["prompts"][1]);
     let mut labels: Vec<i64> = p.iter().map(|&x| x as i64).collect();
@@ -305,11 +356,16 @@ fn full_finetune_trains_every_weight() {
 
 #[test]
 fn kv_cache_matches_full_forward() {
-    on_test_device!(kv_cache_matches_full_forward_on);
+    on_test_device!(kv_cache_matches_full_forward_on::<RuntimeDims>);
 }
 
-fn kv_cache_matches_full_forward_on<D: TestDevice>(dev: &D) {
-    let m = qwen(dev);
+#[test]
+fn kv_cache_matches_full_forward_compile_time_dims() {
+    on_test_device!(kv_cache_matches_full_forward_on::<FixtureDims>);
+}
+
+fn kv_cache_matches_full_forward_on<D: TestDevice, S: Dims>(dev: &D) {
+    let m = qwen_as::<D, S>(dev);
     let p: Vec<u32> = vec![9, 8, 7, 6, 5, 4, 3];
     let full = m.forward(&Batch::new(p.clone(), 1, 7).unwrap()).unwrap().as_vec();
     let mut cache = m.new_cache();
@@ -547,4 +603,115 @@ fn smollm2_shape() -> ModelConfig {
         bos_token_id: None,
         eos_token_id: vec![],
     }
+}
+
+// ------------------------------------------------------------- compile-time tiny preset
+
+/// The tiny preset built twice from the same random weights: runtime and compile-time dimensions.
+fn tiny_pair(vocab: usize, seed: u64) -> (Qwen2<Cpu>, Qwen2<Cpu, TinyDims>) {
+    let dev = Cpu::default();
+    let cfg = ModelConfig::tiny(vocab);
+    let host = Qwen2::<Cpu>::random_host(&cfg, seed);
+    (Qwen2::from_host(&cfg, &host, &dev).unwrap(), Qwen2::from_host_with_dims(&cfg, &host, &dev).unwrap())
+}
+
+/// Largest |a - b|; the compile-time and runtime models run the same kernels on the same sizes,
+/// so this is expected to be exactly 0 (the tests allow 1e-6).
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// A left- and right-padded batch of two rows over a vocabulary of `v`.
+fn padded_batch(v: u32) -> (Batch, Vec<i64>) {
+    let rows: Vec<Vec<u32>> =
+        vec![(0..11).map(|i| (i * 37 + 5) % v).collect(), (0..7).map(|i| (i * 13 + 2) % v).collect()];
+    let batch = Batch::right_padded(&rows, 0).unwrap();
+    let labels = batch.ids.iter().zip(&batch.mask).map(|(&id, &m)| if m { id as i64 } else { -100 }).collect();
+    (batch, labels)
+}
+
+#[test]
+fn tiny_compile_time_matches_runtime_logits_loss_and_generation() {
+    let (rt, ct) = tiny_pair(300, 11);
+    let (batch, labels) = padded_batch(300);
+    let a = rt.forward(&batch).unwrap().as_vec();
+    let b = ct.forward(&batch).unwrap().as_vec();
+    let d = max_abs_diff(&a, &b);
+    eprintln!("tiny logits: max |runtime - compile-time| = {d:e} over {} values", a.len());
+    assert!(d <= 1e-6, "{d}");
+    let la = masked_cross_entropy(rt.forward(&batch).unwrap(), &labels).unwrap().array();
+    let lb = masked_cross_entropy(ct.forward(&batch).unwrap(), &labels).unwrap().array();
+    eprintln!("tiny loss: runtime {la}, compile-time {lb}");
+    assert!((la - lb).abs() <= 1e-6, "{la} vs {lb}");
+    // KV-cached sampling (temperature, top-p) picks the same tokens
+    let cfg = GenerationConfig { max_new_tokens: 16, temperature: 0.8, top_p: 0.9, seed: 5, ..Default::default() };
+    let prompts = vec![vec![1, 2, 3, 4, 5], vec![9, 8]];
+    assert_eq!(generate(&rt, &prompts, &cfg, None).unwrap(), generate(&ct, &prompts, &cfg, None).unwrap());
+    // the documented boundary: into_runtime / into_dims move the weights without changing them
+    let back = ct.clone().into_runtime();
+    assert_eq!(back.forward(&batch).unwrap().as_vec(), b);
+    let again: Qwen2<Cpu, TinyDims> = back.into_dims().unwrap();
+    assert_eq!(again.forward(&batch).unwrap().as_vec(), b);
+}
+
+#[test]
+fn tiny_compile_time_matches_runtime_lora_gradients_over_training() {
+    let (mut rt, mut ct) = tiny_pair(200, 3);
+    let lc = Trainable::Lora(LoraConfig::all_linear(4, 8.0));
+    rt.set_trainable(lc.clone(), 9).unwrap();
+    ct.set_trainable(lc, 9).unwrap();
+    assert_eq!(rt.params.flat.as_vec(), ct.params.flat.as_vec());
+    let (batch, labels) = padded_batch(200);
+    let mut opt_rt = Adam::new(&rt.params, AdamConfig { lr: 1e-2, ..Default::default() });
+    let mut opt_ct = Adam::new(&ct.params, AdamConfig { lr: 1e-2, ..Default::default() });
+    let mut losses = Vec::new();
+    // step 0: only B has gradient (B = 0 at init); later steps: A and B
+    for step in 0..4 {
+        let lr = masked_cross_entropy(rt.forward_traced(&batch, rt.params.alloc_grads()).unwrap(), &labels).unwrap();
+        let lt = masked_cross_entropy(ct.forward_traced(&batch, ct.params.alloc_grads()).unwrap(), &labels).unwrap();
+        let (vr, vt) = (lr.array(), lt.array());
+        assert!((vr - vt).abs() <= 1e-6, "step {step} loss {vr} vs {vt}");
+        losses.push(vr);
+        let (gr, gt) = (lr.backward(), lt.backward());
+        let (ga, gb) = (gr.get(&rt.params.flat).as_vec(), gt.get(&ct.params.flat).as_vec());
+        let d = max_abs_diff(&ga, &gb);
+        let nonzero = ga.iter().filter(|x| **x != 0.0).count();
+        eprintln!("step {step}: loss {vr}, LoRA grad max |diff| {d:e}, {nonzero}/{} non-zero", ga.len());
+        assert!(d <= 1e-6, "step {step}: gradient diff {d}");
+        assert!(nonzero > 0);
+        opt_rt.update(&mut rt.params, &gr).unwrap();
+        opt_ct.update(&mut ct.params, &gt).unwrap();
+    }
+    assert!(losses[3] < losses[0], "{losses:?}");
+    // save / reload: the adapter written by the compile-time model loads into the runtime one
+    let dir = tempfile::tempdir().unwrap();
+    ct.save_adapter(dir.path(), "tiny").unwrap();
+    let (mut rt2, _) = tiny_pair(200, 3);
+    rt2.load_peft_adapter(dir.path()).unwrap();
+    assert_eq!(rt2.forward(&batch).unwrap().as_vec(), ct.forward(&batch).unwrap().as_vec());
+    ct.merge_lora().unwrap();
+    rt.merge_lora().unwrap();
+    assert_eq!(ct.to_host(), rt.to_host());
+}
+
+#[test]
+fn tiny_dims_reject_a_mismatched_config_naming_the_field() {
+    let dev = Cpu::default();
+    let mut cfg = ModelConfig::tiny(100);
+    cfg.intermediate_size = 128;
+    let host = Qwen2::<Cpu>::random_host(&cfg, 0);
+    assert!(Qwen2::<Cpu>::from_host(&cfg, &host, &dev).is_ok());
+    let e = Qwen2::<Cpu, TinyDims>::from_host_with_dims(&cfg, &host, &dev).unwrap_err().to_string();
+    assert_eq!(e, "config field `intermediate_size`: is 128, but the compile-time dimensions TinyDims fix it at 176");
+    // a checkpoint from disk with other dimensions (hidden 32)
+    let e = Qwen2::<Cpu, TinyDims>::load_hf_with_dims(&fixtures().join("qwen2_tiny"), &dev).unwrap_err().to_string();
+    assert!(e.starts_with("config field `hidden_size`: is 32"), "{e}");
+    let e = qwen(&dev).into_dims::<TinyDims>().unwrap_err().to_string();
+    assert!(e.starts_with("config field `hidden_size`"), "{e}");
+    // the number of layers and the vocabulary are runtime values even for TinyDims
+    let mut cfg = ModelConfig::tiny(7);
+    cfg.num_hidden_layers = 1;
+    let host = Qwen2::<Cpu>::random_host(&cfg, 0);
+    assert!(Qwen2::<Cpu, TinyDims>::from_host_with_dims(&cfg, &host, &dev).is_ok());
 }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use dfdx::nn::tensor_collection::{ModuleVisitor, TensorCollection};
 use dfdx::prelude::*;
-use pipeline_model::{Batch as ModelBatch, FlatParams, Proj, Qwen2, Trainable};
+use pipeline_model::{Batch as ModelBatch, Dims, FlatParams, Proj, Qwen2, RuntimeDims, Trainable};
 
 use crate::data::{Batch, Dataset};
 use crate::objectives::{dpo_loss, kto_loss, masked_mean_nll, sequence_logprobs, token_logprobs, DpoConfig, KtoConfig};
@@ -20,10 +20,11 @@ use crate::{LmBatch, LossOutput, TrainError};
 
 /// A [`Qwen2`] seen by the trainer: its trainable tensors are the model's
 /// [`FlatParams`] (every weight, or the LoRA adapters alone, per `Qwen2::set_trainable`), named
-/// `params.flat` in checkpoints; objectives reach the whole model through `.0`.
-pub struct TrainModel<D: Device<f32>>(pub Qwen2<D>);
+/// `params.flat` in checkpoints; objectives reach the whole model through `.0`. Generic over the
+/// model's dimension types `S` (`TinyDims` for the built-in preset, `RuntimeDims` by default).
+pub struct TrainModel<D: Device<f32>, S: Dims = RuntimeDims>(pub Qwen2<D, S>);
 
-impl<D: Device<f32>> TensorCollection<f32, D> for TrainModel<D> {
+impl<D: Device<f32>, S: Dims> TensorCollection<f32, D> for TrainModel<D, S> {
     type To<E2: Dtype, D2: Device<E2>> = FlatParams<E2, D2>;
 
     fn iter_tensors<V: ModuleVisitor<Self, f32, D>>(visitor: &mut V) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
@@ -45,7 +46,7 @@ fn model_batch(ids: &[usize], mask: &[f32], batch: usize, seq: usize) -> Result<
 /// transformers excludes biases and norm weights from decay ([`crate::optim::decays`]). The layout
 /// is reconstructed from the model's parameter order and verified value by value against
 /// `to_host()`; `None` when it cannot be (the caller then decays everything and says so).
-pub fn full_decay_mask<D: Device<f32>>(model: &Qwen2<D>) -> Option<Vec<bool>> {
+pub fn full_decay_mask<D: Device<f32>, S: Dims>(model: &Qwen2<D, S>) -> Option<Vec<bool>> {
     if *model.trainable() != Trainable::Full {
         return None;
     }
@@ -91,11 +92,11 @@ pub fn full_decay_mask<D: Device<f32>>(model: &Qwen2<D>) -> Option<Vec<bool>> {
 /// SFT: assistant tokens only). Weight decay follows [`full_decay_mask`] for full fine-tuning.
 pub struct CausalLmObjective;
 
-impl<D: Device<f32>> Objective<TrainModel<D>, D> for CausalLmObjective {
+impl<D: Device<f32>, S: Dims> Objective<TrainModel<D, S>, D> for CausalLmObjective {
     type Batch = LmBatch;
     fn loss<T: Tape<f32, D>>(
         &mut self,
-        model: &TrainModel<D>,
+        model: &TrainModel<D, S>,
         b: &LmBatch,
         tape: T,
         _info: &StepInfo,
@@ -105,7 +106,7 @@ impl<D: Device<f32>> Objective<TrainModel<D>, D> for CausalLmObjective {
         let lp = token_logprobs(logits, &b.targets)?;
         Ok(LossOutput { loss: masked_mean_nll(lp, &b.loss_mask)?, metrics: vec![] })
     }
-    fn weight_decay_masks(&self, model: &TrainModel<D>) -> BTreeMap<String, Vec<bool>> {
+    fn weight_decay_masks(&self, model: &TrainModel<D, S>) -> BTreeMap<String, Vec<bool>> {
         full_decay_mask(&model.0).map(|m| [("params.flat".to_string(), m)].into()).unwrap_or_default()
     }
 }
@@ -218,14 +219,14 @@ impl Dataset for PairDataset {
     }
 }
 
-fn sequence_logps_no_grad<D: Device<f32>>(model: &Qwen2<D>, b: &LmBatch) -> Result<Vec<f32>, TrainError> {
+fn sequence_logps_no_grad<D: Device<f32>, S: Dims>(model: &Qwen2<D, S>, b: &LmBatch) -> Result<Vec<f32>, TrainError> {
     let mb = model_batch(&b.input_ids, &b.attention_mask, b.batch, b.seq)?;
     let logits = model.forward(&mb).map_err(model_err)?;
     Ok(sequence_logprobs(token_logprobs(logits, &b.targets)?, &b.loss_mask)?.as_vec())
 }
 
 /// Run `f` with the model as the DPO/KTO reference: adapters off for LoRA, as-is otherwise.
-fn with_reference<D: Device<f32>, R>(model: &mut Qwen2<D>, f: impl FnOnce(&Qwen2<D>) -> R) -> R {
+fn with_reference<D: Device<f32>, S: Dims, R>(model: &mut Qwen2<D, S>, f: impl FnOnce(&Qwen2<D, S>) -> R) -> R {
     let was = model.adapters_enabled();
     let lora = matches!(model.trainable(), Trainable::Lora(_));
     if lora {
@@ -237,8 +238,8 @@ fn with_reference<D: Device<f32>, R>(model: &mut Qwen2<D>, f: impl FnOnce(&Qwen2
 }
 
 /// Fill in `reference` for every pair, `batch_size` pairs at a time.
-pub fn precompute_dpo_reference<D: Device<f32>>(
-    model: &mut Qwen2<D>,
+pub fn precompute_dpo_reference<D: Device<f32>, S: Dims>(
+    model: &mut Qwen2<D, S>,
     data: &mut PairDataset,
     batch_size: usize,
 ) -> Result<(), TrainError> {
@@ -263,11 +264,11 @@ pub struct DpoObjective {
     pub cfg: DpoConfig,
 }
 
-impl<D: Device<f32>> Objective<TrainModel<D>, D> for DpoObjective {
+impl<D: Device<f32>, S: Dims> Objective<TrainModel<D, S>, D> for DpoObjective {
     type Batch = PairBatch;
     fn loss<T: Tape<f32, D>>(
         &mut self,
-        model: &TrainModel<D>,
+        model: &TrainModel<D, S>,
         b: &PairBatch,
         tape: T,
         _info: &StepInfo,
@@ -277,7 +278,7 @@ impl<D: Device<f32>> Objective<TrainModel<D>, D> for DpoObjective {
         let lp = token_logprobs(logits, &b.lm.targets)?;
         dpo_loss(lp, &b.lm.loss_mask, &b.ref_logps, &self.cfg)
     }
-    fn weight_decay_masks(&self, model: &TrainModel<D>) -> BTreeMap<String, Vec<bool>> {
+    fn weight_decay_masks(&self, model: &TrainModel<D, S>) -> BTreeMap<String, Vec<bool>> {
         full_decay_mask(&model.0).map(|m| [("params.flat".to_string(), m)].into()).unwrap_or_default()
     }
 }
@@ -382,8 +383,8 @@ impl Dataset for KtoDataset {
 }
 
 /// Fill in `reference` for every KTO example.
-pub fn precompute_kto_reference<D: Device<f32>>(
-    model: &mut Qwen2<D>,
+pub fn precompute_kto_reference<D: Device<f32>, S: Dims>(
+    model: &mut Qwen2<D, S>,
     data: &mut KtoDataset,
     batch_size: usize,
 ) -> Result<(), TrainError> {
@@ -408,11 +409,11 @@ pub struct KtoObjective {
     pub cfg: KtoConfig,
 }
 
-impl<D: Device<f32>> Objective<TrainModel<D>, D> for KtoObjective {
+impl<D: Device<f32>, S: Dims> Objective<TrainModel<D, S>, D> for KtoObjective {
     type Batch = KtoBatch;
     fn loss<T: Tape<f32, D>>(
         &mut self,
-        model: &TrainModel<D>,
+        model: &TrainModel<D, S>,
         b: &KtoBatch,
         tape: T,
         _info: &StepInfo,
@@ -424,7 +425,7 @@ impl<D: Device<f32>> Objective<TrainModel<D>, D> for KtoObjective {
         let lp = token_logprobs(logits, &b.lm.targets)?;
         kto_loss(lp, &b.lm.loss_mask, &b.ref_logps, &b.desirable, z, &self.cfg)
     }
-    fn weight_decay_masks(&self, model: &TrainModel<D>) -> BTreeMap<String, Vec<bool>> {
+    fn weight_decay_masks(&self, model: &TrainModel<D, S>) -> BTreeMap<String, Vec<bool>> {
         full_decay_mask(&model.0).map(|m| [("params.flat".to_string(), m)].into()).unwrap_or_default()
     }
 }

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use dfdx::prelude::*;
-use pipeline_model::{LoraConfig, ModelConfig, Qwen2, Trainable};
+use pipeline_model::{Dims, LoraConfig, ModelConfig, Qwen2, RuntimeDims, TinyDims, Trainable};
 use pipeline_train::lm::{
     full_decay_mask, precompute_dpo_reference, precompute_kto_reference, CausalLmObjective, DpoObjective, KtoDataset,
     KtoObjective, PairDataset, PairExample, TrainModel,
@@ -18,9 +18,15 @@ use pipeline_train::{
 const VOCAB: usize = 40;
 
 fn tiny(seed: u64) -> (Cpu, Qwen2<Cpu>) {
+    tiny_as(seed)
+}
+
+/// The tiny preset with dimension types `S` (`TinyDims`: compile-time, as the pretrain stage
+/// builds it; `RuntimeDims`: as a checkpoint from disk loads).
+fn tiny_as<S: Dims>(seed: u64) -> (Cpu, Qwen2<Cpu, S>) {
     let dev = Cpu::default();
     let cfg = ModelConfig::tiny(VOCAB);
-    let m = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, seed), &dev).unwrap();
+    let m = Qwen2::from_host_with_dims(&cfg, &Qwen2::<Cpu>::random_host(&cfg, seed), &dev).unwrap();
     (dev, m)
 }
 
@@ -98,7 +104,11 @@ impl Callbacks for StopAt {
 }
 
 fn sft_run(p: &TrainPaths, cb: &mut dyn Callbacks) -> (Vec<Record>, Qwen2<Cpu>) {
-    let (dev, mut m) = tiny(2);
+    sft_run_as(p, cb)
+}
+
+fn sft_run_as<S: Dims>(p: &TrainPaths, cb: &mut dyn Callbacks) -> (Vec<Record>, Qwen2<Cpu, S>) {
+    let (dev, mut m) = tiny_as::<S>(2);
     m.set_trainable(Trainable::Lora(LoraConfig::all_linear(4, 8.0)), 2).unwrap();
     let cfg = TrainConfig {
         max_steps: 16,
@@ -212,4 +222,25 @@ fn kto_with_lora_starts_at_one_half_and_learns() {
     assert!(tail < 0.45, "{tail}");
     let with_margins = recs.iter().rev().find(|r| r.metrics.contains_key("rewards/margins")).unwrap();
     assert!(with_margins.metrics["rewards/margins"] > 0.0);
+}
+
+/// The trainer runs the compile-time tiny model (`TinyDims`, what the pretrain stage builds) and
+/// the runtime one identically: same losses, learning rates and gradient norms at every step,
+/// bit-identical adapters at the end.
+#[test]
+fn compile_time_tiny_trains_exactly_like_the_runtime_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h_rt, m_rt) = sft_run_as::<RuntimeDims>(&paths(dir.path(), "rt"), &mut Quiet);
+    let (h_ct, m_ct) = sft_run_as::<TinyDims>(&paths(dir.path(), "ct"), &mut Quiet);
+    let key = |h: &[Record]| -> Vec<String> {
+        h.iter()
+            .map(|r| match r {
+                Record::Train(t) => format!("{} {:e} {:e} {:e}", t.step, t.loss, t.learning_rate, t.grad_norm),
+                Record::Eval(e) => format!("eval {} {:e}", e.step, e.eval_loss),
+            })
+            .collect()
+    };
+    assert_eq!(key(&h_rt).len(), 16);
+    assert_eq!(key(&h_ct), key(&h_rt));
+    assert_eq!(m_ct.lora_to_host(), m_rt.lora_to_host());
 }
