@@ -19,7 +19,9 @@
 //!
 //! ## Parameters
 //! The `sft` model/tuner keys (`model`, `train_type`, `lora_rank`, `lora_alpha`, `lora_dropout`,
-//! `target_modules`, `system`), every `TrainConfig` key, and:
+//! `target_modules`, `system`), every `TrainConfig` key, and the keys below. Like TRL
+//! (`disable_dropout = True`), the DPO/KTO forwards run without dropout; `lora_dropout` is only
+//! recorded in the adapter's config.
 //! | name | default | meaning |
 //! |---|---|---|
 //! | `rlhf_type` | `"dpo"` | `"dpo"` or `"kto"` |

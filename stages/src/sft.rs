@@ -24,7 +24,7 @@
 //! | `model` | input `model` | HF folder or `.gguf` path (`${VAR}` expanded) |
 //! | `train_type` / `tuner_type` | `"lora"` | `"lora"` or `"full"` |
 //! | `lora_rank`, `lora_alpha` | 8, 32 | LoRA shape and scale `alpha/rank` |
-//! | `lora_dropout` | 0 | only 0 is supported (an error otherwise) |
+//! | `lora_dropout` | 0 | peft's dropout on the LoRA branch's input during training, in [0, 1) (ms-swift's default is 0.05); masks are drawn from the step's seed, so a resumed run draws the same ones |
 //! | `target_modules` | `["all-linear"]` | or e.g. `["q_proj", "v_proj"]` |
 //! | `system` | unset | default system prompt |
 //! | every `TrainConfig` key | see pipeline-train | `learning_rate`, `num_train_epochs`, `gradient_accumulation_steps`, `max_length`, ... |

@@ -68,11 +68,8 @@ fn all_linear() -> Vec<String> {
 
 impl TunerParams {
     pub fn check(&self) -> Result<(), StageError> {
-        if self.lora_dropout != 0.0 {
-            return Err(StageError::Params(format!(
-                "`lora_dropout = {}` is not supported (LoRA here has no dropout); set it to 0 or leave it out",
-                self.lora_dropout
-            )));
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(StageError::Params(format!("`lora_dropout = {}` must be in [0, 1)", self.lora_dropout)));
         }
         if self.train_type == TrainType::Lora && self.lora_rank == 0 {
             return Err(StageError::Params("`lora_rank` must be at least 1".into()));
@@ -85,14 +82,16 @@ impl TunerParams {
             TrainType::Full => Trainable::Full,
             TrainType::Lora => {
                 let all = self.target_modules.iter().any(|t| t == "all-linear");
-                if all {
-                    Trainable::Lora(LoraConfig::all_linear(self.lora_rank, self.lora_alpha))
+                let lc = if all {
+                    LoraConfig::all_linear(self.lora_rank, self.lora_alpha)
                 } else {
-                    Trainable::Lora(
-                        LoraConfig::with_targets(self.lora_rank, self.lora_alpha, &self.target_modules)
-                            .map_err(|e| StageError::Params(format!("target_modules: {e}")))?,
-                    )
-                }
+                    LoraConfig::with_targets(self.lora_rank, self.lora_alpha, &self.target_modules)
+                        .map_err(|e| StageError::Params(format!("target_modules: {e}")))?
+                };
+                Trainable::Lora(
+                    lc.with_dropout(self.lora_dropout as f32)
+                        .map_err(|e| StageError::Params(format!("lora_dropout: {e}")))?,
+                )
             }
         })
     }

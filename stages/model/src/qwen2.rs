@@ -98,12 +98,15 @@ pub struct LoraConfig {
     pub r: usize,
     pub alpha: f32,
     pub targets: Vec<Proj>,
+    /// peft's `lora_dropout`: during training (see [`Qwen2::forward_train`]) the LoRA branch sees
+    /// `dropout(x)`, `y = W x + b + (alpha/r) · B(A(dropout(x)))`; inference is unaffected.
+    pub dropout: f32,
 }
 
 impl LoraConfig {
     /// `target_modules = all-linear`: q, k, v, o, gate, up, down (not the LM head).
     pub fn all_linear(r: usize, alpha: f32) -> Self {
-        LoraConfig { r, alpha, targets: Proj::ALL.to_vec() }
+        LoraConfig { r, alpha, targets: Proj::ALL.to_vec(), dropout: 0.0 }
     }
     /// Parses a target list: `["all-linear"]` or module names (`q_proj`, `v_proj`, ...).
     pub fn with_targets(r: usize, alpha: f32, names: &[String]) -> Result<Self, ModelError> {
@@ -122,10 +125,18 @@ impl LoraConfig {
             }
         }
         targets.sort();
-        Ok(LoraConfig { r, alpha, targets })
+        Ok(LoraConfig { r, alpha, targets, dropout: 0.0 })
     }
     pub fn scale(&self) -> f32 {
         self.alpha / self.r as f32
+    }
+    /// The same adapters with `lora_dropout = p` (0 ≤ p < 1).
+    pub fn with_dropout(mut self, p: f32) -> Result<Self, ModelError> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(ModelError::config("lora_dropout", format!("{p} is not in [0, 1)")));
+        }
+        self.dropout = p;
+        Ok(self)
     }
     /// peft's `adapter_config.json`.
     pub fn to_peft_json(&self, base_model: &str) -> serde_json::Value {
@@ -135,7 +146,7 @@ impl LoraConfig {
             "base_model_name_or_path": base_model,
             "r": self.r,
             "lora_alpha": self.alpha,
-            "lora_dropout": 0.0,
+            "lora_dropout": self.dropout,
             "target_modules": self.targets.iter().map(|p| p.hf_name()).collect::<Vec<_>>(),
             "bias": "none",
             "fan_in_fan_out": false,
@@ -178,7 +189,8 @@ impl LoraConfig {
         if r == 0 {
             return Err(ModelError::config("r", "must be positive"));
         }
-        Self::with_targets(r, alpha, &names)
+        let dropout = field("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0) as f32;
+        Self::with_targets(r, alpha, &names)?.with_dropout(dropout)
     }
 }
 
@@ -263,6 +275,22 @@ unsafe fn dot_rows_avx2(x: &[f32], w: &[f32], n: usize, k: usize, j0: usize, j1:
 fn host_matmul_on() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("PIPELINE_NO_HOST_MATMUL").is_none())
+}
+
+/// splitmix64 of `seed ^ salt`: independent seeds for the dropout masks of one forward.
+fn mix_seed(seed: u64, salt: u64) -> u64 {
+    let mut z = seed ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Inverted-dropout mask of `len` elements: 0 with probability `p`, else `1 / (1 - p)` (what
+/// `torch.nn.Dropout` multiplies by in training), drawn from ChaCha8 seeded with `seed`.
+fn dropout_mask(len: usize, p: f32, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - p);
+    (0..len).map(|_| if rng.gen::<f32>() < p { 0.0 } else { keep }).collect()
 }
 
 /// `y[r][j] = Σ_k x[r][k] · w[j][k]` for `x: [n, k]`, `w: [out, k]` row-major (a linear layer's HF
@@ -946,10 +974,22 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         x: Rows<I, D, T>,
         lin: &Lin<D>,
         out: O,
+        dropout: Option<u64>,
     ) -> Rows<O, D, T> {
         let (n, inp) = *x.shape();
         let lora_in = match (&lin.lora, self.adapters_enabled) {
-            (Some(ab), true) => Some((x.with_empty_tape(), ab)),
+            (Some(ab), true) => {
+                let xa = x.with_empty_tape();
+                let p = self.lora.as_ref().map_or(0.0, |l| l.dropout);
+                let xa = match dropout {
+                    Some(seed) if p > 0.0 => {
+                        let mask = dropout_mask(n * inp.size(), p, seed);
+                        xa * self.dev.tensor_from_vec(mask, (n, inp)).retaped::<T>()
+                    }
+                    _ => xa,
+                };
+                Some((xa, ab))
+            }
             _ => None,
         };
         let mut y = self.matmul_wt(x, &lin.w, out);
@@ -997,12 +1037,16 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
     }
 
     /// Core forward: the final hidden states `[tokens, hidden]` of every token.
+    /// `dropout`: a training forward's seed for the LoRA dropout masks (`None`: no dropout).
     fn hidden<T: Tape<f32, D> + Merge<T>>(
         &self,
         batch: &Batch,
         mut cache: Option<&mut KvCache<D, S>>,
         tape: T,
+        dropout: Option<u64>,
     ) -> Result<Rows<S::Hidden, D, T>, ModelError> {
+        // One mask seed per (layer, projection), derived from the forward's seed.
+        let drop = |layer: usize, proj: u64| dropout.map(|seed| mix_seed(seed, layer as u64 * 8 + proj));
         let cfg = &self.cfg;
         let (b, s) = (batch.batch, batch.seq);
         let n = b * s;
@@ -1094,9 +1138,9 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         let rep = nq.size() / nkv.size();
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = self.rms_norm(x.with_empty_tape(), &layer.input_norm);
-            let q = self.linear(xn.with_empty_tape(), &layer.lins[0], q_dim);
-            let k = self.linear(xn.with_empty_tape(), &layer.lins[1], kv_dim);
-            let v = self.linear(xn, &layer.lins[2], kv_dim);
+            let q = self.linear(xn.with_empty_tape(), &layer.lins[0], q_dim, drop(li, 0));
+            let k = self.linear(xn.with_empty_tape(), &layer.lins[1], kv_dim, drop(li, 1));
+            let v = self.linear(xn, &layer.lins[2], kv_dim, drop(li, 2));
             let q = self.rope(q, nq, &cos, &sin);
             let k = self.rope(k, nkv, &cos, &sin);
             // Grouped-query attention without repeating K/V: query head `j * rep + r` uses KV head
@@ -1127,13 +1171,13 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                 .reshape_like(&(b, nq, s, hd))
                 .permute::<_, Axes4<0, 2, 1, 3>>()
                 .reshape_like(&(n, q_dim));
-            let o = self.linear(att, &layer.lins[3], h);
+            let o = self.linear(att, &layer.lins[3], h, drop(li, 3));
             x = x + o;
             let xn = self.rms_norm(x.with_empty_tape(), &layer.post_norm);
-            let g = self.linear(xn.with_empty_tape(), &layer.lins[4], intermediate);
-            let u = self.linear(xn, &layer.lins[5], intermediate);
+            let g = self.linear(xn.with_empty_tape(), &layer.lins[4], intermediate, drop(li, 4));
+            let u = self.linear(xn, &layer.lins[5], intermediate, drop(li, 5));
             let act = g.with_empty_tape().sigmoid() * g;
-            let m = self.linear(act * u, &layer.lins[6], h);
+            let m = self.linear(act * u, &layer.lins[6], h, drop(li, 6));
             x = x + m;
         }
         Ok(self.rms_norm(x, &self.norm))
@@ -1149,7 +1193,19 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         batch: &Batch,
         tape: T,
     ) -> Result<T3<D, T>, ModelError> {
-        let hs = self.hidden(batch, None, tape)?;
+        self.forward_train(batch, tape, None)
+    }
+
+    /// Logits of a training forward: with `dropout_seed`, the LoRA branches apply the adapters'
+    /// `lora_dropout` with masks drawn from that seed (one per layer and projection), so a step
+    /// replayed with the same seed (a resumed run) draws the same masks. `None`: no dropout.
+    pub fn forward_train<T: Tape<f32, D> + Merge<T>>(
+        &self,
+        batch: &Batch,
+        tape: T,
+        dropout_seed: Option<u64>,
+    ) -> Result<T3<D, T>, ModelError> {
+        let hs = self.hidden(batch, None, tape, dropout_seed)?;
         let logits = self.head(hs);
         Ok(logits.reshape_like(&(batch.batch, batch.seq, self.cfg.vocab_size)))
     }
@@ -1177,7 +1233,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
     /// Incremental decoding step: appends `batch` to `cache` and returns the logits of each row's
     /// last position, `[batch][vocab]` on the host.
     pub fn forward_cached(&self, batch: &Batch, cache: &mut KvCache<D, S>) -> Result<Vec<Vec<f32>>, ModelError> {
-        let hs = self.hidden(batch, Some(cache), NoneTape)?;
+        let hs = self.hidden(batch, Some(cache), NoneTape, None)?;
         let (b, s) = (batch.batch, batch.seq);
         let last: Tensor<(usize,), usize, D> = self.dev.tensor_from_vec((0..b).map(|r| r * s + s - 1).collect(), (b,));
         let logits = self.head(hs.gather(last));
@@ -1205,6 +1261,54 @@ pub fn guess_arch(tensors: &HostTensors) -> Arch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dropout_mask_is_inverted_dropout() {
+        let m = dropout_mask(200_000, 0.25, 3);
+        let zeros = m.iter().filter(|&&x| x == 0.0).count() as f64 / m.len() as f64;
+        assert!((zeros - 0.25).abs() < 0.005, "{zeros}");
+        assert!(m.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.75).abs() < 1e-6));
+        let mean = m.iter().map(|&x| x as f64).sum::<f64>() / m.len() as f64;
+        assert!((mean - 1.0).abs() < 0.01, "{mean}");
+        assert_eq!(m, dropout_mask(200_000, 0.25, 3));
+        assert_ne!(m, dropout_mask(200_000, 0.25, 4));
+    }
+
+    #[test]
+    fn lora_dropout_acts_in_seeded_training_forwards_only() {
+        let dev = Cpu::default();
+        let cfg = ModelConfig::tiny(300);
+        let base = Qwen2::<Cpu>::random_host(&cfg, 4);
+        let batch = Batch::new((0..24).map(|i| (i * 13 % 300) as u32).collect(), 2, 12).unwrap();
+        let with = |p: f32| {
+            let mut m = Qwen2::from_host(&cfg, &base, &dev).unwrap();
+            m.set_trainable(Trainable::Lora(LoraConfig::all_linear(4, 8.0).with_dropout(p).unwrap()), 1).unwrap();
+            // non-zero B (peft initialises it to 0, which would hide the LoRA branch)
+            let n = m.params.flat.shape().0;
+            let v: Vec<f32> = (0..n).map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 0.2).collect();
+            m.params.flat = dev.tensor_from_vec(v, (n,));
+            m
+        };
+        let m = with(0.3);
+        let plain = m.forward(&batch).unwrap().as_vec();
+        assert_eq!(m.forward_train(&batch, NoneTape, None).unwrap().as_vec(), plain);
+        let a = m.forward_train(&batch, NoneTape, Some(11)).unwrap().as_vec();
+        assert_eq!(a, m.forward_train(&batch, NoneTape, Some(11)).unwrap().as_vec(), "same seed, same masks");
+        assert_ne!(a, plain);
+        assert_ne!(a, m.forward_train(&batch, NoneTape, Some(12)).unwrap().as_vec());
+        // p = 0: a training forward is the inference forward
+        let m0 = with(0.0);
+        assert_eq!(m0.forward_train(&batch, NoneTape, Some(11)).unwrap().as_vec(), plain);
+        // the mask is on the LoRA branch only: merged weights (no branch) ignore it
+        let mut merged = with(0.3);
+        merged.merge_lora().unwrap();
+        let mp = merged.forward(&batch).unwrap().as_vec();
+        assert_eq!(merged.forward_train(&batch, NoneTape, Some(11)).unwrap().as_vec(), mp);
+        // peft's adapter_config.json carries it
+        let lc = LoraConfig::all_linear(8, 32.0).with_dropout(0.05).unwrap();
+        assert_eq!(LoraConfig::from_peft_json(&lc.to_peft_json("base")).unwrap(), lc);
+        assert!(LoraConfig::all_linear(8, 32.0).with_dropout(1.0).unwrap_err().to_string().contains("lora_dropout"));
+    }
 
     #[test]
     fn host_matmul_matches_a_f64_reference() {

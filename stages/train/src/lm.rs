@@ -99,10 +99,11 @@ impl<D: Device<f32>, S: Dims> Objective<TrainModel<D, S>, D> for CausalLmObjecti
         model: &TrainModel<D, S>,
         b: &LmBatch,
         tape: T,
-        _info: &StepInfo,
+        info: &StepInfo,
     ) -> Result<LossOutput<D, T>, TrainError> {
         let mb = model_batch(&b.input_ids, &b.attention_mask, b.batch, b.seq)?;
-        let logits = model.0.forward_with_tape(&mb, tape).map_err(model_err)?;
+        // LoRA dropout (the adapters' `lora_dropout`) in training forwards, masks from the step's seed.
+        let logits = model.0.forward_train(&mb, tape, info.training.then_some(info.seed)).map_err(model_err)?;
         let lp = token_logprobs(logits, &b.targets)?;
         Ok(LossOutput { loss: masked_mean_nll(lp, &b.loss_mask)?, metrics: vec![] })
     }

@@ -109,7 +109,9 @@ fn sft_run(p: &TrainPaths, cb: &mut dyn Callbacks) -> (Vec<Record>, Qwen2<Cpu>) 
 
 fn sft_run_as<S: Dims>(p: &TrainPaths, cb: &mut dyn Callbacks) -> (Vec<Record>, Qwen2<Cpu, S>) {
     let (dev, mut m) = tiny_as::<S>(2);
-    m.set_trainable(Trainable::Lora(LoraConfig::all_linear(4, 8.0)), 2).unwrap();
+    // with LoRA dropout: its masks come from the step seeds, so the resume below stays exact
+    let lc = LoraConfig::all_linear(4, 8.0).with_dropout(0.1).unwrap();
+    m.set_trainable(Trainable::Lora(lc), 2).unwrap();
     let cfg = TrainConfig {
         max_steps: 16,
         learning_rate: 5e-2,
