@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export BENCH_MB=${1:-1024}
 export BENCH_DIR=${2:-$(mktemp -d)}
+mkdir -p "$BENCH_DIR"
 BIN=$(cargo bench -p pipeline-stages --bench data --no-run --profile dev \
   --config 'profile.dev.package.pipeline-stages.opt-level=3' --message-format=json \
   | python3 -c 'import json,sys

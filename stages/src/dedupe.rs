@@ -44,7 +44,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
-use crate::data::text::{hash64, jaccard_sorted, mix64, shingle_set};
+use crate::data::text::{hash64, is_cjk, jaccard_sorted, mix64, shingle_set, shingles_of_words};
 use crate::data::{write_jsonl, DatasetReader, DatasetWriter, Sample};
 
 pub(crate) struct Dedupe;
@@ -194,11 +194,62 @@ unsafe fn minhash_avx2(a: &[u64], b: &[u64], xl: &[u32], xh: &[u32], sig: &mut [
 /// The normalised text used for exact matching: the texts lowercased, runs of whitespace as one
 /// space (none leading), joined by U+0001.
 pub(crate) fn normalise_for_exact(s: &Sample) -> String {
-    // Built as bytes: ASCII (the common case) is one table-free byte operation per input byte.
+    normalise(s, None)
+}
+
+/// [`normalise_for_exact`] and the word hashes of its result ([`word_hashes`] of the normalised
+/// text), in one pass: every character appended to the normalised text is classified as
+/// `for_each_word` would classify it there, so the words are the same.
+pub(crate) fn normalise_with_words(s: &Sample) -> (String, Vec<u64>) {
+    let mut words = Vec::new();
+    let norm = normalise(s, Some(&mut words));
+    (norm, words)
+}
+
+/// Feeds the characters appended to the normalised text to the word splitter of `for_each_word`
+/// (runs of alphanumerics; each CJK character alone; anything else separates).
+struct Words<'a> {
+    out: &'a mut Vec<u64>,
+    start: Option<usize>,
+}
+
+impl Words<'_> {
+    #[inline]
+    fn end(&mut self, buf: &[u8]) {
+        if let Some(st) = self.start.take() {
+            self.out.push(hash64(&buf[st..], 0));
+        }
+    }
+    /// `buf` ends with the bytes of `c`, just appended.
+    #[inline]
+    fn push_char(&mut self, buf: &[u8], c: char) {
+        let at = buf.len() - c.len_utf8();
+        if is_cjk(c) {
+            self.end(&buf[..at]);
+            self.out.push(hash64(&buf[at..], 0));
+        } else if c.is_alphanumeric() {
+            self.start.get_or_insert(at);
+        } else {
+            self.end(&buf[..at]);
+        }
+    }
+}
+
+fn normalise(s: &Sample, words: Option<&mut Vec<u64>>) -> String {
+    // Built as bytes: ASCII (the common case) is one byte operation per input byte.
     let mut out: Vec<u8> = Vec::with_capacity(s.texts().map(str::len).sum::<usize>() + 8);
+    let mut scratch = Vec::new();
+    let (track, wv) = match words {
+        Some(w) => (true, w),
+        None => (false, &mut scratch),
+    };
+    let mut w = Words { out: wv, start: None };
     for (i, t) in s.texts().enumerate() {
         if i > 0 {
             out.push(1);
+            if track {
+                w.end(&out[..out.len() - 1]);
+            }
         }
         let mut space = false;
         let b = t.as_bytes();
@@ -213,8 +264,19 @@ pub(crate) fn normalise_for_exact(s: &Sample) -> String {
                     if space {
                         out.push(b' ');
                         space = false;
+                        if track {
+                            w.end(&out[..out.len() - 1]);
+                        }
                     }
-                    out.push(c.to_ascii_lowercase());
+                    let lc = c.to_ascii_lowercase();
+                    out.push(lc);
+                    if track {
+                        if lc.is_ascii_alphanumeric() {
+                            w.start.get_or_insert(out.len() - 1);
+                        } else {
+                            w.end(&out[..out.len() - 1]);
+                        }
+                    }
                 }
                 k += 1;
                 continue;
@@ -227,13 +289,22 @@ pub(crate) fn normalise_for_exact(s: &Sample) -> String {
                 if space {
                     out.push(b' ');
                     space = false;
+                    if track {
+                        w.end(&out[..out.len() - 1]);
+                    }
                 }
                 let mut tmp = [0u8; 4];
                 for l in c.to_lowercase() {
                     out.extend_from_slice(l.encode_utf8(&mut tmp).as_bytes());
+                    if track {
+                        w.push_char(&out, l);
+                    }
                 }
             }
         }
+    }
+    if track {
+        w.end(&out);
     }
     // Only whole characters were written, so this cannot fail; the lossy form keeps it panic-free.
     String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
@@ -279,7 +350,7 @@ where
     for batch in batches()? {
         for s in batch? {
             let mut fate = Fate::Keep;
-            let norm = normalise_for_exact(&s);
+            let (norm, words) = if p.near { normalise_with_words(&s) } else { (normalise_for_exact(&s), Vec::new()) };
             if p.exact {
                 let d = Sha256::digest(norm.as_bytes());
                 let mut key = [0u8; 16];
@@ -292,7 +363,7 @@ where
                 }
             }
             if p.near && fate == Fate::Keep {
-                let sh = shingle_set(&norm, p.ngram);
+                let sh = shingles_of_words(&words, p.ngram);
                 if !sh.is_empty() {
                     let sig = mh.signature(&sh);
                     let mut mine: Vec<u32> = Vec::new();
@@ -442,6 +513,33 @@ mod tests {
 
     fn row(t: &str) -> Sample {
         Sample { messages: vec![Message::new("user", t)], ..Default::default() }
+    }
+
+    #[test]
+    fn one_pass_words_equal_the_words_of_the_normalised_text() {
+        use crate::data::text::word_hashes;
+        let texts = [
+            "Hello,  World!\tIt's   OK\n",
+            "  leading space",
+            "İstanbul ǅemal ẞtraße ÉCOLE café",
+            "你好，世界！混合 text 中文123",
+            "a\u{1}b",
+            "emoji 😀 and ümlauts ÄÖÜ x1Y2",
+            "",
+            "   ",
+            "-- ++ ..",
+            "ﬁne ligature Ⅻ roman ①②",
+            "日本語のテキストと한국어",
+        ];
+        for (k, t) in texts.iter().enumerate() {
+            let mut s = Sample { id: "x".into(), messages: vec![Message::new("user", *t)], ..Default::default() };
+            if k % 2 == 0 {
+                s.messages.push(Message::new("assistant", texts[(k + 3) % texts.len()]));
+            }
+            let (norm, words) = normalise_with_words(&s);
+            assert_eq!(norm, normalise_for_exact(&s), "{t:?}");
+            assert_eq!(words, word_hashes(&norm), "{t:?}");
+        }
     }
 
     #[test]

@@ -113,12 +113,16 @@ pub fn word_hashes(s: &str) -> Vec<u64> {
 /// Hashes of the word n-grams (shingles) of `s`, sorted and deduplicated (a set). A text with
 /// fewer than `n` words yields one shingle of all its words (none when empty).
 pub fn shingle_set(s: &str, n: usize) -> Vec<u64> {
-    let words = word_hashes(s);
+    shingles_of_words(&word_hashes(s), n)
+}
+
+/// [`shingle_set`] from the word hashes of a text (see [`word_hashes`]).
+pub fn shingles_of_words(words: &[u64], n: usize) -> Vec<u64> {
     let n = n.max(1);
     let mut out: Vec<u64> = if words.is_empty() {
         Vec::new()
     } else if words.len() < n {
-        vec![ngram_hash(&words)]
+        vec![ngram_hash(words)]
     } else {
         words.windows(n).map(ngram_hash).collect()
     };
