@@ -48,10 +48,10 @@ use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError};
 use pipeline_model::pretrained::Pretrained;
 use pipeline_train::lm::{
     precompute_dpo_reference, precompute_kto_reference, DpoObjective, KtoDataset, KtoObjective, PairDataset,
-    PairExample, TrainModel,
+    PairExample,
 };
-use pipeline_train::stage::{check_stopped, paths, stage_error, RunCtxCallbacks};
-use pipeline_train::{train, DpoConfig, KtoConfig, TrainOutcome};
+use pipeline_train::stage::stage_error;
+use pipeline_train::{DpoConfig, KtoConfig, TrainOutcome};
 
 use crate::data::{read_dataset, Message, Sample};
 use crate::training::{self, TunerParams};
@@ -181,7 +181,7 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
     let metrics_dir = ctx.output("metrics")?.to_path_buf();
     let model_dir = ctx.output("model")?.to_path_buf();
     let used: usize;
-    let mut cb = RunCtxCallbacks { ctx, label: format!("align ({:?})", p.rlhf_type).to_lowercase() };
+    let label = format!("align ({:?})", p.rlhf_type).to_lowercase();
     let (outcome, model): (TrainOutcome, _) = match p.rlhf_type {
         RlhfType::Dpo => {
             let mut examples = Vec::new();
@@ -209,10 +209,7 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
             let mut obj = DpoObjective {
                 cfg: DpoConfig { beta: p.beta, label_smoothing: p.label_smoothing, rpo_alpha: p.rpo_alpha },
             };
-            let mut tm = TrainModel(pre.model);
-            let out = train(&cfg, seed, dev, &mut tm, &mut obj, &data, None, &paths(ctx, &metrics_dir), &mut cb)
-                .map_err(stage_error)?;
-            (out, tm.0)
+            training::fit(ctx, &label, &cfg, seed, dev, pre.model, &mut obj, &data, None)?
         }
         RlhfType::Kto => {
             let mut kto_rows = Vec::new();
@@ -243,13 +240,9 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
                     undesirable_weight: p.undesirable_weight,
                 },
             };
-            let mut tm = TrainModel(pre.model);
-            let out = train(&cfg, seed, dev, &mut tm, &mut obj, &data, None, &paths(ctx, &metrics_dir), &mut cb)
-                .map_err(stage_error)?;
-            (out, tm.0)
+            training::fit(ctx, &label, &cfg, seed, dev, pre.model, &mut obj, &data, None)?
         }
     };
-    check_stopped(&outcome)?;
     training::write_model(&model_dir, model, Some(&src), system.as_deref())?;
     ctx.set_report(training::report(
             ctx,

@@ -214,6 +214,14 @@ struct Words<'a> {
 }
 
 impl Words<'_> {
+    /// Appends a separator byte (space, U+0001), which ends the current word.
+    #[inline]
+    fn separator(&mut self, out: &mut Vec<u8>, byte: u8, track: bool) {
+        if track {
+            self.end(out);
+        }
+        out.push(byte);
+    }
     #[inline]
     fn end(&mut self, buf: &[u8]) {
         if let Some(st) = self.start.take() {
@@ -246,10 +254,7 @@ fn normalise(s: &Sample, words: Option<&mut Vec<u64>>) -> String {
     let mut w = Words { out: wv, start: None };
     for (i, t) in s.texts().enumerate() {
         if i > 0 {
-            out.push(1);
-            if track {
-                w.end(&out[..out.len() - 1]);
-            }
+            w.separator(&mut out, 1, track);
         }
         let mut space = false;
         let b = t.as_bytes();
@@ -261,12 +266,8 @@ fn normalise(s: &Sample, words: Option<&mut Vec<u64>>) -> String {
                 if matches!(c, b' ' | b'\t'..=b'\r') {
                     space = !out.is_empty();
                 } else {
-                    if space {
-                        out.push(b' ');
-                        space = false;
-                        if track {
-                            w.end(&out[..out.len() - 1]);
-                        }
+                    if std::mem::take(&mut space) {
+                        w.separator(&mut out, b' ', track);
                     }
                     let lc = c.to_ascii_lowercase();
                     out.push(lc);
@@ -286,12 +287,8 @@ fn normalise(s: &Sample, words: Option<&mut Vec<u64>>) -> String {
             if c.is_whitespace() {
                 space = !out.is_empty();
             } else {
-                if space {
-                    out.push(b' ');
-                    space = false;
-                    if track {
-                        w.end(&out[..out.len() - 1]);
-                    }
+                if std::mem::take(&mut space) {
+                    w.separator(&mut out, b' ', track);
                 }
                 let mut tmp = [0u8; 4];
                 for l in c.to_lowercase() {

@@ -51,9 +51,9 @@ use pipeline_model::chat::ChatTemplate;
 use pipeline_model::tokenizer::Tokenizer;
 use pipeline_model::vocab::VocabMap;
 use pipeline_model::{Dims, ModelConfig, Qwen2, TinyDims, Trainable};
-use pipeline_train::lm::{CausalLmObjective, TrainModel};
-use pipeline_train::stage::{check_stopped, paths, stage_error, RunCtxCallbacks};
-use pipeline_train::{pack_documents, split_indices, train, Subset, TokenDataset, TokenExample, TrainConfig};
+use pipeline_train::lm::CausalLmObjective;
+use pipeline_train::stage::stage_error;
+use pipeline_train::{pack_documents, split_indices, Subset, TokenDataset, TokenExample, TrainConfig};
 
 use crate::data::{read_dataset, Sample};
 use crate::training::{self, TrainType};
@@ -220,22 +220,9 @@ impl Fit<'_> {
         let metrics_dir = ctx.output("metrics")?.to_path_buf();
         let model_dir = ctx.output("model")?.to_path_buf();
         let dev = model.device().clone();
-        let mut tm = TrainModel(model);
-        let mut cb = RunCtxCallbacks { ctx, label: "pretrain".into() };
-        let outcome = train(
-            cfg,
-            seed,
-            &dev,
-            &mut tm,
-            &mut CausalLmObjective,
-            &train_set,
-            eval_ref,
-            &paths(ctx, &metrics_dir),
-            &mut cb,
-        )
-        .map_err(stage_error)?;
-        check_stopped(&outcome)?;
-        training::write_model(&model_dir, tm.0, self.src, self.p.system.as_deref())?;
+        let (outcome, model) =
+            training::fit(ctx, "pretrain", cfg, seed, &dev, model, &mut CausalLmObjective, &train_set, eval_ref)?;
+        training::write_model(&model_dir, model, self.src, self.p.system.as_deref())?;
         if let Some(v) = self.vocab {
             v.save(&model_dir.join("vocab_map.json")).map_err(StageError::failed)?;
         }

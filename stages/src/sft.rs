@@ -46,9 +46,9 @@ use std::time::Instant;
 use dfdx::prelude::Device;
 use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError};
 use pipeline_model::pretrained::Pretrained;
-use pipeline_train::lm::{CausalLmObjective, TrainModel};
-use pipeline_train::stage::{check_stopped, paths, stage_error, RunCtxCallbacks};
-use pipeline_train::{split_indices, train, Subset, TokenDataset, TokenExample};
+use pipeline_train::lm::CausalLmObjective;
+use pipeline_train::stage::stage_error;
+use pipeline_train::{split_indices, Subset, TokenDataset, TokenExample};
 
 use crate::data::{read_dataset, Sample};
 use crate::training::{self, TunerParams};
@@ -136,22 +136,9 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
     pre.model.set_trainable(p.trainable()?, seed).map_err(|e| StageError::failed(e.to_string()))?;
     let metrics_dir = ctx.output("metrics")?.to_path_buf();
     let model_dir = ctx.output("model")?.to_path_buf();
-    let mut tm = TrainModel(pre.model);
-    let mut cb = RunCtxCallbacks { ctx, label: "sft".into() };
-    let outcome = train(
-        &cfg,
-        seed,
-        dev,
-        &mut tm,
-        &mut CausalLmObjective,
-        &train_set,
-        eval_ref,
-        &paths(ctx, &metrics_dir),
-        &mut cb,
-    )
-    .map_err(stage_error)?;
-    check_stopped(&outcome)?;
-    training::write_model(&model_dir, tm.0, Some(&src), system.as_deref())?;
+    let (outcome, model) =
+        training::fit(ctx, "sft", &cfg, seed, dev, pre.model, &mut CausalLmObjective, &train_set, eval_ref)?;
+    training::write_model(&model_dir, model, Some(&src), system.as_deref())?;
     ctx.set_report(training::report(
             ctx,
             &outcome,

@@ -19,7 +19,9 @@ use pipeline_engine::{PlanCtx, RunCtx, StageError};
 use pipeline_model::chat::{ChatTemplate, Message as ChatMessage};
 use pipeline_model::pretrained::{load_pretrained, ModelSource, Pretrained};
 use pipeline_model::{Dims, LoraConfig, Qwen2, Trainable};
-use pipeline_train::{TrainConfig, TrainOutcome, TRAIN_CONFIG_KEYS};
+use pipeline_train::lm::TrainModel;
+use pipeline_train::stage::{check_stopped, paths, stage_error, RunCtxCallbacks};
+use pipeline_train::{train, Dataset, Objective, TrainConfig, TrainOutcome, TRAIN_CONFIG_KEYS};
 
 use crate::data::Sample;
 
@@ -218,6 +220,35 @@ pub(crate) fn trained_system(dir: &Path) -> Option<String> {
 
 fn copy(src: &Path, dst: &Path) -> Result<(), StageError> {
     std::fs::copy(src, dst).map(|_| ()).map_err(|e| StageError::io(src, e))
+}
+
+/// Trains `model` with `objective` on `train_set` (progress and metrics through `ctx`, the metrics
+/// files in its `metrics` output, checkpoints in its scratch directory, so an interrupted stage
+/// resumes) and returns the outcome and the trained model; a run stopped early is an error.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fit<D, S, O>(
+    ctx: &RunCtx,
+    label: &str,
+    cfg: &TrainConfig,
+    seed: u64,
+    dev: &D,
+    model: Qwen2<D, S>,
+    objective: &mut O,
+    train_set: &dyn Dataset<Batch = O::Batch>,
+    eval: Option<&dyn Dataset<Batch = O::Batch>>,
+) -> Result<(TrainOutcome, Qwen2<D, S>), StageError>
+where
+    D: Device<f32>,
+    S: Dims,
+    O: Objective<TrainModel<D, S>, D>,
+{
+    let metrics_dir = ctx.output("metrics")?;
+    let mut tm = TrainModel(model);
+    let mut cb = RunCtxCallbacks { ctx, label: label.into() };
+    let outcome = train(cfg, seed, dev, &mut tm, objective, train_set, eval, &paths(ctx, metrics_dir), &mut cb)
+        .map_err(stage_error)?;
+    check_stopped(&outcome)?;
+    Ok((outcome, tm.0))
 }
 
 /// Write the output model folder (see the module docs). `src` is the folder the model was loaded
