@@ -238,21 +238,34 @@ fn with_reference<D: Device<f32>, S: Dims, R>(model: &mut Qwen2<D, S>, f: impl F
     out
 }
 
+/// Two reference log-probs per example (DPO: chosen, rejected; KTO: completion, KL row), from the
+/// base model (adapters disabled under LoRA), `batch_size` examples per no-gradient forward.
+fn reference_pairs<D: Device<f32>, S: Dims>(
+    model: &mut Qwen2<D, S>,
+    n: usize,
+    batch_size: usize,
+    mut chunk_logps: impl FnMut(&Qwen2<D, S>, &[usize]) -> Result<Vec<(f32, f32)>, TrainError>,
+) -> Result<Vec<(f32, f32)>, TrainError> {
+    let mut refs = Vec::with_capacity(n);
+    with_reference(model, |m| -> Result<(), TrainError> {
+        for chunk in (0..n).collect::<Vec<_>>().chunks(batch_size.max(1)) {
+            refs.extend(chunk_logps(m, chunk)?);
+        }
+        Ok(())
+    })?;
+    Ok(refs)
+}
+
 /// Fill in `reference` for every pair, `batch_size` pairs at a time.
 pub fn precompute_dpo_reference<D: Device<f32>, S: Dims>(
     model: &mut Qwen2<D, S>,
     data: &mut PairDataset,
     batch_size: usize,
 ) -> Result<(), TrainError> {
-    let n = data.examples.len();
-    let mut refs = Vec::with_capacity(n);
-    with_reference(model, |m| -> Result<(), TrainError> {
-        for chunk in (0..n).collect::<Vec<_>>().chunks(batch_size.max(1)) {
-            let lp = sequence_logps_no_grad(m, &data.rows(chunk))?;
-            let k = chunk.len();
-            refs.extend((0..k).map(|j| (lp[j], lp[k + j])));
-        }
-        Ok(())
+    let refs = reference_pairs(model, data.examples.len(), batch_size, |m, chunk| {
+        let lp = sequence_logps_no_grad(m, &data.rows(chunk))?;
+        let k = chunk.len();
+        Ok((0..k).map(|j| (lp[j], lp[k + j])).collect())
     })?;
     for (e, r) in data.examples.iter_mut().zip(refs) {
         e.reference = Some(r);
@@ -389,15 +402,10 @@ pub fn precompute_kto_reference<D: Device<f32>, S: Dims>(
     data: &mut KtoDataset,
     batch_size: usize,
 ) -> Result<(), TrainError> {
-    let n = data.examples.len();
-    let mut refs = Vec::with_capacity(n);
-    with_reference(model, |m| -> Result<(), TrainError> {
-        for chunk in (0..n).collect::<Vec<_>>().chunks(batch_size.max(1)) {
-            let a = sequence_logps_no_grad(m, &data.rows(chunk, false))?;
-            let b = sequence_logps_no_grad(m, &data.rows(chunk, true))?;
-            refs.extend(a.into_iter().zip(b));
-        }
-        Ok(())
+    let refs = reference_pairs(model, data.examples.len(), batch_size, |m, chunk| {
+        let a = sequence_logps_no_grad(m, &data.rows(chunk, false))?;
+        let b = sequence_logps_no_grad(m, &data.rows(chunk, true))?;
+        Ok(a.into_iter().zip(b).collect())
     })?;
     for (e, r) in data.examples.iter_mut().zip(refs) {
         e.reference = Some(r);
