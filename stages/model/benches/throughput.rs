@@ -136,28 +136,6 @@ fn bench_model<D: Device<f32> + Synchronize + TensorToArray<(), f32, Array = f32
     }
 }
 
-/// A Llama with SmolLM2-135M's dimensions.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn smollm2_135m_shape() -> ModelConfig {
-    ModelConfig {
-        arch: Arch::Llama,
-        vocab_size: 49_152,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_hidden_layers: 30,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        head_dim: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 100_000.0,
-        tie_word_embeddings: true,
-        attention_bias: false,
-        max_position_embeddings: 8192,
-        bos_token_id: None,
-        eos_token_id: vec![],
-    }
-}
-
 /// A Qwen2 with Qwen2.5-0.5B's dimensions.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn qwen25_05b_shape() -> ModelConfig {
@@ -195,7 +173,9 @@ fn run_gpu() {
         reps: env_usize("PIPELINE_BENCH_REPS", 5),
         train: true,
     };
-    for (name, cfg) in [("SmolLM2-135M-shape", smollm2_135m_shape()), ("Qwen2.5-0.5B-shape", qwen25_05b_shape())] {
+    for (name, cfg) in
+        [("SmolLM2-135M-shape", ModelConfig::smollm2_135m_shape()), ("Qwen2.5-0.5B-shape", qwen25_05b_shape())]
+    {
         let t = Instant::now();
         let m = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, 0), &dev).unwrap();
         eprintln!("{name}: random init + upload {:.1} s", t.elapsed().as_secs_f64());

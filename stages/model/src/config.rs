@@ -278,6 +278,28 @@ impl ModelConfig {
         v
     }
 
+    /// SmolLM2-135M-Instruct's architecture (Llama, from its GGUF metadata): for random-weight
+    /// models of that shape in benchmarks and CPU-vs-CUDA checks.
+    pub fn smollm2_135m_shape() -> Self {
+        ModelConfig {
+            arch: Arch::Llama,
+            vocab_size: 49_152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100_000.0,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            max_position_embeddings: 8192,
+            bos_token_id: None,
+            eos_token_id: vec![],
+        }
+    }
+
     /// The built-in tiny Qwen2 used by the default recipe: 2 layers, hidden 64, 4 query heads /
     /// 2 KV heads of 16, SwiGLU 176, tied embeddings, θ = 1e6 (Qwen2.5's). `vocab_size` is the
     /// model's (possibly remapped) vocabulary; see the crate docs for why it should be small.

@@ -570,7 +570,7 @@ fn cuda_matches_cpu() {
     let gg = lg.backward().get(&mg.params.flat).as_vec();
     report("full fine-tuning grads", &gg, &gc);
     // SmolLM2-135M-shaped random Llama
-    let cfg = smollm2_shape();
+    let cfg = ModelConfig::smollm2_135m_shape();
     let host = Qwen2::<Cpu>::random_host(&cfg, 11);
     let mc = Qwen2::from_host(&cfg, &host, &cpu).unwrap();
     let mg = Qwen2::from_host(&cfg, &host, &gpu).unwrap();
@@ -581,28 +581,6 @@ fn cuda_matches_cpu() {
     let gen = GenerationConfig { max_new_tokens: 16, ..Default::default() };
     let p = vec![prompts[1].clone(), prompts[0].clone()];
     assert_eq!(generate(&qwen(&gpu), &p, &gen, None).unwrap(), generate(&qwen(&cpu), &p, &gen, None).unwrap());
-}
-
-/// A Llama with SmolLM2-135M's dimensions (random weights are filled in by the caller).
-#[cfg(feature = "cuda")]
-fn smollm2_shape() -> ModelConfig {
-    ModelConfig {
-        arch: pipeline_model::Arch::Llama,
-        vocab_size: 49_152,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_hidden_layers: 30,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        head_dim: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 100_000.0,
-        tie_word_embeddings: true,
-        attention_bias: false,
-        max_position_embeddings: 8192,
-        bos_token_id: None,
-        eos_token_id: vec![],
-    }
 }
 
 // ------------------------------------------------------------- compile-time tiny preset
