@@ -18,7 +18,6 @@ use std::time::Instant;
 
 use dfdx::optim::{Adam, AdamConfig};
 use dfdx::prelude::*;
-use pipeline_model::loss::masked_cross_entropy;
 use pipeline_model::{generate, Arch, Batch, GenerationConfig, LoraConfig, ModelConfig, Qwen2, Trainable};
 
 /// Shapes of one benchmark run (the transformers script takes the same numbers).
@@ -31,6 +30,16 @@ struct Shapes {
     /// Timed repetitions after one warm-up.
     reps: usize,
     train: bool,
+}
+
+/// Which kernels the LoRA step runs: the fused/frozen-weight ones, or with
+/// `PIPELINE_REFERENCE_KERNELS=1` dfdx's reference ops (what the model ran before they existed).
+fn kernels() -> &'static str {
+    if std::env::var("PIPELINE_REFERENCE_KERNELS").is_ok_and(|v| v == "1") {
+        "reference kernels"
+    } else {
+        "fused kernels"
+    }
 }
 
 fn report(model: &str, metric: &str, value: f64, unit: &str) {
@@ -98,11 +107,16 @@ fn bench_model<D: Device<f32> + Synchronize + TensorToArray<(), f32, Array = f32
     if s.train {
         // one SFT step: LoRA r=8 on all linear layers, forward + backward + Adam update
         m.set_trainable(Trainable::Lora(LoraConfig::all_linear(8, 16.0)), 0).unwrap();
-        let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+        // the training objectives' path: log p(next token) per position, mean over the labelled ones
+        let targets: Vec<usize> =
+            (0..batch * seq).map(|k| if (k + 1) % seq == 0 { 0 } else { ids[k + 1] as usize }).collect();
+        let needed: Vec<bool> = (0..batch * seq).map(|k| (k + 1) % seq != 0).collect();
+        let count = needed.iter().filter(|&&x| x).count() as f32;
         let mut opt = Adam::new(&m.params, AdamConfig { lr: 1e-4, ..Default::default() });
         let mut step = |m: &mut Qwen2<D>| {
-            let g = m.params.alloc_grads();
-            let loss = masked_cross_entropy(m.forward_traced(&b, g).unwrap(), &labels).unwrap();
+            let (_, tape) = m.params.flat.trace(m.params.alloc_grads()).split_tape();
+            let lp = m.forward_logprobs(&b, &targets, Some(&needed), tape, None).unwrap();
+            let loss = lp.sum::<(), _>() * (-1.0 / count);
             let l = loss.array(); // logged loss, as a training loop would
             let g = loss.backward();
             opt.update(&mut m.params, &g).unwrap();
@@ -117,7 +131,7 @@ fn bench_model<D: Device<f32> + Synchronize + TensorToArray<(), f32, Array = f32
         }
         m.device().synchronize();
         let tr = (reps * batch * seq) as f64 / t.elapsed().as_secs_f64();
-        report(name, &format!("LoRA SFT step [{batch}x{seq}]"), tr, "tokens/s");
+        report(name, &format!("LoRA SFT step [{batch}x{seq}] ({})", kernels()), tr, "tokens/s");
         if let Some(sampler) = sampler {
             report(name, "GPU memory peak in LoRA steps (nvidia-smi)", sampler.peak(), "MiB");
         }

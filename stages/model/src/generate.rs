@@ -8,9 +8,10 @@ use dfdx::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::batch::Batch;
 use crate::dims::Dims;
 use crate::error::ModelError;
-use crate::qwen2::{Batch, Qwen2};
+use crate::qwen2::Qwen2;
 
 /// Turns generated ids into text (for stop strings and [`Generation::text`]).
 pub type Decoder<'a> = &'a dyn Fn(&[u32]) -> String;

@@ -80,6 +80,7 @@
 //! training never makes it. Batch 8 stays on gemm (it is faster there: 38 tokens/CPU-s).
 //! `PIPELINE_NO_HOST_MATMUL=1` turns the host path off (for comparisons).
 
+pub mod batch;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
@@ -88,6 +89,9 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod host;
+pub(crate) mod kernels;
+pub(crate) mod linear;
+pub mod lora;
 pub mod loss;
 pub mod params;
 pub mod pretrained;
@@ -95,10 +99,12 @@ pub mod qwen2;
 pub mod tokenizer;
 pub mod vocab;
 
+pub use batch::{Batch, KvCache};
 pub use config::{Arch, ModelConfig};
 pub use dims::{DimValues, Dims, RuntimeDims, TinyDims};
 pub use error::ModelError;
 pub use generate::{generate, FinishReason, Generation, GenerationConfig};
 pub use host::{HostTensor, HostTensors};
+pub use lora::{LoraConfig, Proj};
 pub use params::FlatParams;
-pub use qwen2::{Batch, KvCache, LoraConfig, Proj, Qwen2, Trainable};
+pub use qwen2::{Qwen2, Trainable};

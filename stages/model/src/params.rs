@@ -7,8 +7,12 @@
 //! forward pass slices its views out of it (slice backward accumulates into the one gradient
 //! buffer). Optimisers (`dfdx::optim::{Adam, Sgd, RMSprop}`), `ZeroGrads::alloc_grads`,
 //! `NumParams` and gradient clipping then work on [`FlatParams`] unchanged.
+//!
+//! Each weight of a model is a [`Param`]: its name, shape and [`Store`] (frozen, or a view into
+//! the flat vector).
 
 use std::mem::MaybeUninit;
+use std::sync::{Arc, OnceLock};
 
 use dfdx::nn::tensor_collection::{ModuleVisitor, TensorCollection, TensorOptions};
 use dfdx::prelude::*;
@@ -45,6 +49,58 @@ impl<E: Dtype, D: Device<E>> TensorCollection<E, D> for FlatParams<E, D> {
         visitor.visit_fields(Self::tensor("flat", |s| &s.flat, |s| &mut s.flat, runtime_options()), |flat| FlatParams {
             flat,
         })
+    }
+}
+
+/// Where one weight lives: frozen on the device, or a view into the model's [`FlatParams`].
+#[derive(Debug, Clone)]
+pub(crate) enum Store<D: Storage<f32>> {
+    /// Not trained: products through it record no gradient for it ([`crate::kernels::frozen`]).
+    Frozen(Tensor<(usize,), f32, D>),
+    /// Trained: `numel` values at this offset of [`FlatParams::flat`].
+    Flat(usize),
+}
+
+/// One named weight of a model (its Hugging Face or peft tensor name and shape) and its storage.
+#[derive(Debug, Clone)]
+pub(crate) struct Param<D: Storage<f32>> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub store: Store<D>,
+    /// Host copy of a frozen weight for the CPU kernels (batch-1 decoding, the fused LM-head
+    /// cross-entropy), made on first use and dropped whenever `store` changes ([`Param::set_store`]).
+    host: HostCopy,
+}
+
+/// See [`Param::host`].
+#[derive(Debug, Clone, Default)]
+struct HostCopy(OnceLock<Arc<Vec<f32>>>);
+
+impl<D: Storage<f32>> Param<D> {
+    pub fn new(name: String, shape: Vec<usize>, store: Store<D>) -> Self {
+        Param { name, shape, store, host: HostCopy::default() }
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn set_store(&mut self, store: Store<D>) {
+        self.store = store;
+        self.host = HostCopy::default();
+    }
+    /// The frozen values on the host (copied once), or `None` for a trained weight.
+    pub fn frozen_host(&self) -> Option<&Arc<Vec<f32>>>
+    where
+        D: Device<f32>,
+    {
+        match &self.store {
+            Store::Frozen(t) => Some(self.host.0.get_or_init(|| Arc::new(t.as_vec()))),
+            Store::Flat(_) => None,
+        }
+    }
+    /// Whether the host copy exists (tests check which path a product took).
+    #[cfg(test)]
+    pub fn has_host_copy(&self) -> bool {
+        self.host.0.get().is_some()
     }
 }
 

@@ -254,7 +254,7 @@ fn lora_loss_gradients_and_merge_match_peft_on<D: TestDevice, S: Dims>(dev: &D) 
     let mut order: Vec<(String, usize)> = Vec::new();
     for l in 0..m.cfg.num_hidden_layers {
         for proj in pipeline_model::Proj::ALL {
-            let (a, b) = pipeline_model::qwen2::peft_names(l, proj);
+            let (a, b) = pipeline_model::lora::peft_names(l, proj);
             order.push((a.clone(), host[&a].numel()));
             order.push((b.clone(), host[&b].numel()));
         }

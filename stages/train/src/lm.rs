@@ -14,7 +14,7 @@ use dfdx::prelude::*;
 use pipeline_model::{Batch as ModelBatch, Dims, FlatParams, Proj, Qwen2, RuntimeDims, Trainable};
 
 use crate::data::{Batch, Dataset};
-use crate::objectives::{dpo_loss, kto_loss, masked_mean_nll, sequence_logprobs, token_logprobs, DpoConfig, KtoConfig};
+use crate::objectives::{dpo_loss, kto_loss, masked_mean_nll, sequence_logprobs, DpoConfig, KtoConfig, PerToken};
 use crate::trainer::{Objective, StepInfo};
 use crate::{LmBatch, LossOutput, TrainError};
 
@@ -42,6 +42,19 @@ fn model_batch(ids: &[usize], mask: &[f32], batch: usize, seq: usize) -> Result<
     ModelBatch::with_mask(ids, mask, batch, seq).map_err(model_err)
 }
 
+/// `log p(target)` per token `[batch, seq]` of an [`LmBatch`] ([`Qwen2::forward_logprobs`]: the
+/// fused LM head where it applies); positions outside the loss mask are 0 and get no gradient.
+fn batch_logprobs<D: Device<f32>, S: Dims, T: Tape<f32, D>>(
+    model: &Qwen2<D, S>,
+    b: &LmBatch,
+    tape: T,
+    dropout_seed: Option<u64>,
+) -> Result<PerToken<D, T>, TrainError> {
+    let mb = model_batch(&b.input_ids, &b.attention_mask, b.batch, b.seq)?;
+    let needed: Vec<bool> = b.loss_mask.iter().map(|&m| m != 0.0).collect();
+    model.forward_logprobs(&mb, &b.targets, Some(&needed), tape, dropout_seed).map_err(model_err)
+}
+
 /// Per-element weight-decay flags for full fine-tuning: the flat vector holds every weight, and
 /// transformers excludes biases and norm weights from decay ([`crate::optim::decays`]). The layout
 /// is reconstructed from the model's parameter order and verified value by value against
@@ -64,7 +77,7 @@ pub fn full_decay_mask<D: Device<f32>, S: Dims>(model: &Qwen2<D, S>) -> Option<V
             if host.contains_key(&format!("{base}.bias")) {
                 order.push(format!("{base}.bias"));
             }
-            let (a, b) = pipeline_model::qwen2::peft_names(l, proj);
+            let (a, b) = pipeline_model::lora::peft_names(l, proj);
             if lora.contains_key(&a) {
                 order.push(a);
                 order.push(b);
@@ -101,10 +114,8 @@ impl<D: Device<f32>, S: Dims> Objective<TrainModel<D, S>, D> for CausalLmObjecti
         tape: T,
         info: &StepInfo,
     ) -> Result<LossOutput<D, T>, TrainError> {
-        let mb = model_batch(&b.input_ids, &b.attention_mask, b.batch, b.seq)?;
         // LoRA dropout (the adapters' `lora_dropout`) in training forwards, masks from the step's seed.
-        let logits = model.0.forward_train(&mb, tape, info.training.then_some(info.seed)).map_err(model_err)?;
-        let lp = token_logprobs(logits, &b.targets)?;
+        let lp = batch_logprobs(&model.0, b, tape, info.training.then_some(info.seed))?;
         Ok(LossOutput { loss: masked_mean_nll(lp, &b.loss_mask)?, metrics: vec![] })
     }
     fn weight_decay_masks(&self, model: &TrainModel<D, S>) -> BTreeMap<String, Vec<bool>> {
@@ -221,9 +232,7 @@ impl Dataset for PairDataset {
 }
 
 fn sequence_logps_no_grad<D: Device<f32>, S: Dims>(model: &Qwen2<D, S>, b: &LmBatch) -> Result<Vec<f32>, TrainError> {
-    let mb = model_batch(&b.input_ids, &b.attention_mask, b.batch, b.seq)?;
-    let logits = model.forward(&mb).map_err(model_err)?;
-    Ok(sequence_logprobs(token_logprobs(logits, &b.targets)?, &b.loss_mask)?.as_vec())
+    Ok(sequence_logprobs(batch_logprobs(model, b, NoneTape, None)?, &b.loss_mask)?.as_vec())
 }
 
 /// Run `f` with the model as the DPO/KTO reference: adapters off for LoRA, as-is otherwise.
@@ -287,9 +296,7 @@ impl<D: Device<f32>, S: Dims> Objective<TrainModel<D, S>, D> for DpoObjective {
         tape: T,
         _info: &StepInfo,
     ) -> Result<LossOutput<D, T>, TrainError> {
-        let mb = model_batch(&b.lm.input_ids, &b.lm.attention_mask, b.lm.batch, b.lm.seq)?;
-        let logits = model.0.forward_with_tape(&mb, tape).map_err(model_err)?;
-        let lp = token_logprobs(logits, &b.lm.targets)?;
+        let lp = batch_logprobs(&model.0, &b.lm, tape, None)?;
         dpo_loss(lp, &b.lm.loss_mask, &b.ref_logps, &self.cfg)
     }
     fn weight_decay_masks(&self, model: &TrainModel<D, S>) -> BTreeMap<String, Vec<bool>> {
@@ -429,9 +436,7 @@ impl<D: Device<f32>, S: Dims> Objective<TrainModel<D, S>, D> for KtoObjective {
     ) -> Result<LossOutput<D, T>, TrainError> {
         let policy_kl = sequence_logps_no_grad(&model.0, &b.kl)?;
         let z = crate::kto_kl_baseline(&policy_kl, &b.ref_kl_logps)?;
-        let mb = model_batch(&b.lm.input_ids, &b.lm.attention_mask, b.lm.batch, b.lm.seq)?;
-        let logits = model.0.forward_with_tape(&mb, tape).map_err(model_err)?;
-        let lp = token_logprobs(logits, &b.lm.targets)?;
+        let lp = batch_logprobs(&model.0, &b.lm, tape, None)?;
         kto_loss(lp, &b.lm.loss_mask, &b.ref_logps, &b.desirable, z, &self.cfg)
     }
     fn weight_decay_masks(&self, model: &TrainModel<D, S>) -> BTreeMap<String, Vec<bool>> {

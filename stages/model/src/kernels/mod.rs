@@ -1,0 +1,40 @@
+//! Kernels the architecture calls but does not define: products through frozen weights without a
+//! weight gradient, the fused LM-head cross-entropy, and the CPU's batch-1 row dot products.
+//!
+//! Each kernel has a plain dfdx reference path it is tested against on the same inputs (candle's
+//! `CustomOp` / Liger Kernel's convention). The custom backward passes are recorded with dfdx's
+//! public tape API (`Tape::add_backward_op`, `Gradients::get_or_alloc_mut`); writing into a
+//! gradient buffer needs the device's buffer type, which is public for the CPU
+//! ([`cpu_buffer`]). On other devices (CUDA until its kernels land) the callers take the
+//! reference path, so behaviour is identical everywhere and only the cost differs.
+
+pub(crate) mod frozen;
+pub(crate) mod fused_ce;
+pub(crate) mod host_matmul;
+
+use std::any::{Any, TypeId};
+
+use dfdx::prelude::*;
+
+/// `PIPELINE_REFERENCE_KERNELS=1` makes every caller take the reference path (read once): for the
+/// benchmarks that compare the two in one build (`benches/throughput.rs`).
+pub(crate) fn reference_only() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("PIPELINE_REFERENCE_KERNELS").is_ok_and(|v| v == "1"))
+}
+
+/// Whether `D` is dfdx's CPU device (the kernels here run on host memory).
+pub(crate) fn is_cpu<D: 'static>() -> bool {
+    TypeId::of::<D>() == TypeId::of::<Cpu>()
+}
+
+/// A gradient buffer of device `D` as the CPU's `Vec<f32>`, when `D` is the CPU (`None` otherwise).
+pub(crate) fn cpu_buffer<D: Storage<f32>>(buf: &mut D::Vec) -> Option<&mut Vec<f32>> {
+    let any: &mut dyn Any = buf;
+    any.downcast_mut::<<Cpu as Storage<f32>>::Vec>().map(|v| &mut **v)
+}
+
+/// Threads the host kernels split rows over (the machine's cores, at most 8).
+pub(crate) fn host_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |t| t.get()).min(8)
+}

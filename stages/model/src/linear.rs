@@ -1,0 +1,133 @@
+//! One linear layer, `y = x Wᵀ + b (+ (alpha/r)·B(A(dropout(x))))`, whose weight storage is its
+//! backend, so the architecture ([`crate::qwen2`]) never sees how a weight is stored:
+//!
+//! | [`Store`] of `W` | product | gradient |
+//! |---|---|---|
+//! | `Flat` (trained: full fine-tuning) | dfdx's matmul on a view of the trained vector | `dW` and `dx` |
+//! | `Frozen` (inference, LoRA's base) | [`kernels::frozen::matmul_wt`]; CPU batch-1 without a tape: [`kernels::host_matmul`] | `dx` only, never `dW` |
+//!
+//! LoRA adapters ([`Adapter`]) sit on top of either. Quantised blocks for CPU inference and frozen
+//! bf16 on CUDA are further `Store` backends of this same type.
+
+use dfdx::prelude::*;
+
+use crate::kernels::{self, host_matmul};
+use crate::lora::{dropout_mask, mix_seed, LoraConfig};
+use crate::params::{Param, Store};
+
+pub(crate) type T1<D, T> = Tensor<(usize,), f32, D, T>;
+/// `[tokens, X]` activations.
+pub(crate) type Rows<X, D, T> = Tensor<(usize, X), f32, D, T>;
+
+/// What a forward needs besides the layer itself: the device, the trained vector that `Flat`
+/// weights view, and the LoRA settings (`None` when adapters are absent or switched off).
+pub(crate) struct Ctx<'a, D: Device<f32>> {
+    pub dev: &'a D,
+    pub flat: &'a T1<D, NoneTape>,
+    pub lora: Option<&'a LoraConfig>,
+    /// A training forward's seed for the LoRA dropout masks (`None`: no dropout).
+    pub dropout_seed: Option<u64>,
+}
+
+impl<D: Device<f32>> Ctx<'_, D> {
+    /// A weight's values as a flat tensor on tape `T` (frozen weights join the tape only as
+    /// constants: no op gives them a gradient unless the caller multiplies through them).
+    pub fn fetch<T: Tape<f32, D>>(&self, p: &Param<D>) -> T1<D, T> {
+        match &p.store {
+            Store::Frozen(t) => t.retaped::<T>(),
+            Store::Flat(off) => self.flat.retaped::<T>().slice((*off..*off + p.numel(),)),
+        }
+    }
+
+    /// A matrix `[o, i]` with typed dimensions (its shape was checked against the config, and the
+    /// config against the dimension types, when the model was built).
+    pub fn fetch2<O: Dim, I: Dim, T: Tape<f32, D>>(&self, p: &Param<D>, o: O, i: I) -> Tensor<(O, I), f32, D, T> {
+        debug_assert_eq!(p.shape, [o.size(), i.size()], "{}", p.name);
+        self.fetch::<T>(p).reshape_like(&(o, i))
+    }
+
+    /// `x Wᵀ` for a weight `W: [out, in]` on the backend its [`Store`] selects (module docs).
+    pub fn matmul_wt<I: Dim, O: Dim, T: Tape<f32, D> + Merge<T>>(
+        &self,
+        x: Rows<I, D, T>,
+        p: &Param<D>,
+        out: O,
+    ) -> Rows<O, D, T> {
+        let (n, inp) = *x.shape();
+        match &p.store {
+            Store::Frozen(t) => {
+                if !T::OWNS_TAPE
+                    && n <= host_matmul::HOST_MATMUL_MAX_ROWS
+                    && p.numel() >= host_matmul::HOST_MATMUL_MIN_WEIGHT
+                    && kernels::is_cpu::<D>()
+                    && host_matmul::host_matmul_on()
+                {
+                    let w = p.frozen_host().expect("frozen");
+                    let y = host_matmul::host_matmul_wt(&x.as_vec(), n, w, out.size());
+                    // no tape is recorded (`!OWNS_TAPE`): the result starts a fresh one of type T
+                    return self.dev.tensor_from_vec(y, (n, out)).retaped::<T>();
+                }
+                kernels::frozen::matmul_wt(x, t.clone().reshape_like(&(out, inp)))
+            }
+            Store::Flat(_) => {
+                let w = self.fetch2::<O, I, T>(p, out, inp);
+                x.matmul(w.permute::<(I, O), Axes2<1, 0>>())
+            }
+        }
+    }
+}
+
+/// LoRA adapters of one projection: `A: [r, in]`, `B: [out, r]` (peft's names).
+#[derive(Debug, Clone)]
+pub(crate) struct Adapter<D: Storage<f32>> {
+    pub a: Param<D>,
+    pub b: Param<D>,
+}
+
+/// A linear layer bound to its Hugging Face tensors (`<name>.weight`, optional `<name>.bias`).
+#[derive(Debug, Clone)]
+pub(crate) struct Linear<D: Storage<f32>> {
+    pub weight: Param<D>,
+    pub bias: Option<Param<D>>,
+    pub lora: Option<Adapter<D>>,
+    /// Distinguishes this layer's dropout masks from the others' in one forward.
+    pub salt: u64,
+}
+
+impl<D: Device<f32>> Linear<D> {
+    /// `[tokens, I]` → `[tokens, O]`.
+    pub fn forward<I: Dim, O: Dim, T: Tape<f32, D> + Merge<T>>(
+        &self,
+        ctx: &Ctx<'_, D>,
+        x: Rows<I, D, T>,
+        out: O,
+    ) -> Rows<O, D, T> {
+        let (n, inp) = *x.shape();
+        let lora = match (&self.lora, ctx.lora) {
+            (Some(ad), Some(lc)) => {
+                let xa = x.with_empty_tape();
+                let xa = match ctx.dropout_seed {
+                    Some(seed) if lc.dropout > 0.0 => {
+                        let mask = dropout_mask(n * inp.size(), lc.dropout, mix_seed(seed, self.salt));
+                        xa * ctx.dev.tensor_from_vec(mask, (n, inp)).retaped::<T>()
+                    }
+                    _ => xa,
+                };
+                Some((xa, ad, lc.scale()))
+            }
+            _ => None,
+        };
+        let mut y = ctx.matmul_wt(x, &self.weight, out);
+        if let Some(b) = &self.bias {
+            y = y + ctx.fetch::<T>(b).reshape_like(&(out,)).broadcast_like::<_, Axis<0>>(&(n, out));
+        }
+        if let Some((xa, ad, scale)) = lora {
+            let r = ad.a.shape[0];
+            let a = ctx.fetch2::<usize, I, T>(&ad.a, r, inp);
+            let b = ctx.fetch2::<O, usize, T>(&ad.b, out, r);
+            let z = xa.matmul(a.permute::<(I, usize), Axes2<1, 0>>()).matmul(b.permute::<(usize, O), Axes2<1, 0>>());
+            y = y + z * scale;
+        }
+        y
+    }
+}

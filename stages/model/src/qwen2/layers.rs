@@ -1,0 +1,195 @@
+//! The decoder's sub-layers, each bound to its Hugging Face tensors and with its own `forward`:
+//! [`RmsNorm`], [`Attention`] (`self_attn.{q,k,v,o}_proj`), [`Mlp`] (`mlp.{gate,up,down}_proj`) and
+//! [`DecoderLayer`] (`model.layers.{i}`). Every activation is typed with the model's dimension
+//! types `S` ([`crate::dims`]).
+
+use dfdx::prelude::*;
+
+use crate::batch::{Kv, KvPair};
+use crate::dims::{DimValues, Dims};
+use crate::linear::{Ctx, Linear, Rows};
+use crate::lora::Proj;
+use crate::params::Param;
+
+type T3<D, T> = Tensor<(usize, usize, usize), f32, D, T>;
+
+/// `x / sqrt(mean(x²) + eps) * weight` over the last axis.
+#[derive(Debug, Clone)]
+pub(crate) struct RmsNorm<D: Storage<f32>> {
+    pub weight: Param<D>,
+    pub eps: f32,
+}
+
+impl<D: Device<f32>> RmsNorm<D> {
+    pub fn forward<X: Dim, T: Tape<f32, D> + Merge<T>>(&self, ctx: &Ctx<'_, D>, x: Rows<X, D, T>) -> Rows<X, D, T> {
+        let (n, h) = *x.shape();
+        let ms = x.with_empty_tape().square().mean::<(usize,), Axis<1>>();
+        let inv = (ms + self.eps).sqrt().recip().broadcast_like::<_, Axis<1>>(&(n, h));
+        let w = ctx.fetch::<T>(&self.weight).reshape_like(&(h,)).broadcast_like::<_, Axis<0>>(&(n, h));
+        x * inv * w
+    }
+}
+
+/// What every layer of one forward shares: rotary tables of the batch's positions, the additive
+/// attention mask and the batch's shape.
+pub(crate) struct Step<'a, D: Device<f32>, S: Dims> {
+    pub dims: DimValues<S>,
+    /// `[tokens, head_dim]` (rotate-half convention: the half-width tables repeated twice).
+    pub cos: Rows<S::HeadDim, D, NoneTape>,
+    pub sin: Rows<S::HeadDim, D, NoneTape>,
+    /// `rotate_half` as a `[head_dim, head_dim]` signed permutation matrix.
+    pub rot: &'a Tensor<(S::HeadDim, S::HeadDim), f32, D>,
+    /// `[batch, seq, past + seq]`.
+    pub mask: T3<D, NoneTape>,
+    pub batch: usize,
+    pub seq: usize,
+    pub past: usize,
+}
+
+impl<D: Device<f32>, S: Dims> Step<'_, D, S> {
+    /// Rotary embedding of `[tokens, heads * head_dim]`.
+    fn rope<H: Dim, X: Dim, T: Tape<f32, D> + Merge<T>>(&self, x: Rows<X, D, T>, heads: H) -> Rows<X, D, T> {
+        let (n, width) = *x.shape();
+        let hd = self.dims.head_dim;
+        let x3 = x.reshape_like(&(n, heads, hd));
+        let rot = x3
+            .with_empty_tape()
+            .reshape_like(&(n * heads.size(), hd))
+            .matmul(self.rot.clone())
+            .reshape_like(&(n, heads, hd));
+        let c = self.cos.clone().broadcast_like::<_, Axis<1>>(&(n, heads, hd));
+        let s = self.sin.clone().broadcast_like::<_, Axis<1>>(&(n, heads, hd));
+        (x3 * c + rot * s).reshape_like(&(n, width))
+    }
+}
+
+/// Grouped-query self-attention with rotary positions (q/k/v biases for Qwen2).
+#[derive(Debug, Clone)]
+pub(crate) struct Attention<D: Storage<f32>> {
+    pub q_proj: Linear<D>,
+    pub k_proj: Linear<D>,
+    pub v_proj: Linear<D>,
+    pub o_proj: Linear<D>,
+}
+
+impl<D: Device<f32>> Attention<D> {
+    /// `[tokens, hidden]` → `[tokens, hidden]`; with a cache slot, the new keys/values are
+    /// appended to it and attention covers the cached prefix too.
+    pub fn forward<S: Dims, T: Tape<f32, D> + Merge<T>>(
+        &self,
+        ctx: &Ctx<'_, D>,
+        step: &Step<'_, D, S>,
+        x: Rows<S::Hidden, D, T>,
+        cache: Option<&mut Option<KvPair<D, S>>>,
+    ) -> Rows<S::Hidden, D, T> {
+        let DimValues { hidden, heads: nq, kv_heads: nkv, head_dim: hd, q_dim, kv_dim, .. } = step.dims;
+        let (b, s) = (step.batch, step.seq);
+        let (n, skv) = (b * s, step.past + s);
+        let rep = nq.size() / nkv.size();
+        let q = self.q_proj.forward(ctx, x.with_empty_tape(), q_dim);
+        let k = self.k_proj.forward(ctx, x.with_empty_tape(), kv_dim);
+        let v = self.v_proj.forward(ctx, x, kv_dim);
+        let q = step.rope(q, nq);
+        let k = step.rope(k, nkv);
+        // Grouped-query attention without repeating K/V: query head `j * rep + r` uses KV head
+        // `j` (transformers' `repeat_kv`), so the `rep` query heads of one KV head are stacked
+        // along the query axis, [b, nkv, rep * s, hd]. (Repeating K/V by broadcast + reshape
+        // trains wrongly on CUDA: dfdx 0.13's reshape backward visits only as many elements as
+        // the broadcast input stores, so K/V gradients lose all but 1/rep of their terms.)
+        let q = q.reshape_like(&(b, s, nq, hd)).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(b, nkv, rep * s, hd));
+        let mut k: Kv<S, D, T> = k.reshape_like(&(b, s, nkv, hd)).permute::<_, Axes4<0, 2, 1, 3>>();
+        let mut v: Kv<S, D, T> = v.reshape_like(&(b, s, nkv, hd)).permute::<_, Axes4<0, 2, 1, 3>>();
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.take() {
+                k = (pk.retaped::<T>(), k).concat_along(Axis::<2>);
+                v = (pv.retaped::<T>(), v).concat_along(Axis::<2>);
+            } else {
+                k = k.contiguous();
+                v = v.contiguous();
+            }
+            *slot = Some((k.retaped::<NoneTape>(), v.retaped::<NoneTape>()));
+        }
+        let scale = 1.0 / (hd.size() as f32).sqrt();
+        let scores = q.matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) * scale;
+        let scores = scores.reshape_like(&(b, nkv, rep, s, skv))
+            + step.mask.clone().broadcast_like::<_, Axes2<1, 2>>(&(b, nkv, rep, s, skv));
+        let probs = scores.softmax::<Axis<4>>().reshape_like(&(b, nkv, rep * s, skv));
+        let att =
+            probs.matmul(v).reshape_like(&(b, nq, s, hd)).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(n, q_dim));
+        self.o_proj.forward(ctx, att, hidden)
+    }
+}
+
+/// SwiGLU: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub(crate) struct Mlp<D: Storage<f32>> {
+    pub gate_proj: Linear<D>,
+    pub up_proj: Linear<D>,
+    pub down_proj: Linear<D>,
+}
+
+impl<D: Device<f32>> Mlp<D> {
+    pub fn forward<S: Dims, T: Tape<f32, D> + Merge<T>>(
+        &self,
+        ctx: &Ctx<'_, D>,
+        dims: &DimValues<S>,
+        x: Rows<S::Hidden, D, T>,
+    ) -> Rows<S::Hidden, D, T> {
+        let g = self.gate_proj.forward(ctx, x.with_empty_tape(), dims.intermediate);
+        let u = self.up_proj.forward(ctx, x, dims.intermediate);
+        let act = g.with_empty_tape().sigmoid() * g;
+        self.down_proj.forward(ctx, act * u, dims.hidden)
+    }
+}
+
+/// One pre-norm transformer block (`model.layers.{i}`).
+#[derive(Debug, Clone)]
+pub(crate) struct DecoderLayer<D: Storage<f32>> {
+    pub input_layernorm: RmsNorm<D>,
+    pub self_attn: Attention<D>,
+    pub post_attention_layernorm: RmsNorm<D>,
+    pub mlp: Mlp<D>,
+}
+
+impl<D: Storage<f32>> DecoderLayer<D> {
+    /// The projection `p`.
+    pub fn linear(&self, p: Proj) -> &Linear<D> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        match p {
+            Proj::Q => &a.q_proj,
+            Proj::K => &a.k_proj,
+            Proj::V => &a.v_proj,
+            Proj::O => &a.o_proj,
+            Proj::Gate => &m.gate_proj,
+            Proj::Up => &m.up_proj,
+            Proj::Down => &m.down_proj,
+        }
+    }
+    pub fn linear_mut(&mut self, p: Proj) -> &mut Linear<D> {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        match p {
+            Proj::Q => &mut a.q_proj,
+            Proj::K => &mut a.k_proj,
+            Proj::V => &mut a.v_proj,
+            Proj::O => &mut a.o_proj,
+            Proj::Gate => &mut m.gate_proj,
+            Proj::Up => &mut m.up_proj,
+            Proj::Down => &mut m.down_proj,
+        }
+    }
+}
+
+impl<D: Device<f32>> DecoderLayer<D> {
+    pub fn forward<S: Dims, T: Tape<f32, D> + Merge<T>>(
+        &self,
+        ctx: &Ctx<'_, D>,
+        step: &Step<'_, D, S>,
+        x: Rows<S::Hidden, D, T>,
+        cache: Option<&mut Option<KvPair<D, S>>>,
+    ) -> Rows<S::Hidden, D, T> {
+        let h = self.input_layernorm.forward(ctx, x.with_empty_tape());
+        let x = x + self.self_attn.forward(ctx, step, h, cache);
+        let h = self.post_attention_layernorm.forward(ctx, x.with_empty_tape());
+        x + self.mlp.forward(ctx, &step.dims, h)
+    }
+}

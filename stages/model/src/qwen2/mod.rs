@@ -1,0 +1,354 @@
+//! Qwen2 / Llama decoder-only transformer on dfdx, generic over the device `D` and the dimension
+//! types `S: Dims` (compile-time for the built-in preset, runtime for checkpoints; see [`crate::dims`]).
+//!
+//! Follows transformers' `modeling_qwen2.py` (Qwen2 technical report, arXiv:2407.10671) and
+//! `modeling_llama.py`: token embedding → N × [`DecoderLayer`] (RMSNorm → grouped-query
+//! self-attention with rotary position embeddings (rotate-half convention, θ = `rope_theta`), q/k/v
+//! bias for Qwen2 → residual → RMSNorm → SwiGLU MLP (`down(silu(gate(x)) * up(x))`) → residual) →
+//! RMSNorm → LM head (optionally tied to the embedding). The sub-layers live in [`layers`], bound
+//! by their Hugging Face names; every projection is one [`crate::linear::Linear`] whose storage is
+//! its backend (dense trained, frozen, LoRA on top), so this file never sees how a weight is stored.
+//! LoRA (peft semantics, [`crate::lora`]): `y = W x + b + (alpha/r) · B(A(dropout(x)))`, dropout in
+//! training forwards only.
+//!
+//! Positions are `cumsum(attention_mask) - 1` per row (what transformers' `generate` uses), so left
+//! padding works for batched generation; for unpadded or right-padded rows this is `0..len`.
+//!
+//! # Dimensions
+//! There is one implementation of the architecture: [`Qwen2<D, S>`]. Every activation of the
+//! forward pass is typed with `S`'s dimension types (`[tokens, S::Hidden]`,
+//! `[batch, S::KvHeads, len, S::HeadDim]`, ...); the batch, sequence and vocabulary axes are
+//! `usize`. `Qwen2<D>` (= `Qwen2<D, RuntimeDims>`) is what checkpoints from disk load into;
+//! `Qwen2<D, TinyDims>` is the built-in preset, checked at construction against the config.
+//! Parameters are stored as flat `(usize,)` device vectors for every `S` (the trainable ones in one
+//! [`FlatParams`], which dfdx's optimisers need to be a fixed tensor collection), and each weight is
+//! viewed with its typed shape when used. So training, LoRA, generation, saving and loading work
+//! unchanged for every `S`, and [`Qwen2::into_runtime`] / [`Qwen2::into_dims`] convert without
+//! copying a weight; the logits (`[batch, seq, vocab]`, all `usize`) have the same type either way.
+//!
+//! # The LM head and the loss
+//! [`Qwen2::forward_logprobs`] returns `log p(target)` per token. With a frozen head on the CPU
+//! (LoRA, inference) it runs the fused, chunked head + log-softmax ([`crate::kernels::fused_ce`]):
+//! the `[tokens × vocab]` logits never exist whole and no head gradient is computed; otherwise
+//! (a trained head, other devices) it is the reference `log_softmax(h·Wᵀ)` + select.
+
+mod layers;
+mod weights;
+
+use std::path::Path;
+
+use dfdx::prelude::*;
+
+use crate::batch::{Batch, KvCache, Positions};
+use crate::checkpoint;
+use crate::config::ModelConfig;
+use crate::dims::{DimValues, Dims, RuntimeDims};
+use crate::error::ModelError;
+use crate::host::HostTensors;
+use crate::kernels;
+use crate::linear::{Ctx, Rows};
+use crate::lora::LoraConfig;
+use crate::params::{FlatParams, Param, Store};
+use layers::{DecoderLayer, RmsNorm, Step};
+pub use weights::guess_arch;
+
+type T2<D, T> = Tensor<(usize, usize), f32, D, T>;
+type T3<D, T> = Tensor<(usize, usize, usize), f32, D, T>;
+
+/// What is trained.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Trainable {
+    /// Nothing (inference).
+    None,
+    /// The LoRA adapters alone.
+    Lora(LoraConfig),
+    /// Every weight (full fine-tuning).
+    Full,
+}
+
+/// The decoder (see the module docs): `Qwen2<D>` has runtime dimensions, `Qwen2<D, TinyDims>`
+/// the built-in preset's at compile time.
+#[derive(Debug, Clone)]
+pub struct Qwen2<D: Device<f32>, S: Dims = RuntimeDims> {
+    pub cfg: ModelConfig,
+    /// `cfg`'s dimensions typed by `S` (checked against `cfg` at construction).
+    dims: DimValues<S>,
+    dev: D,
+    /// `model.embed_tokens.weight`, `[vocab, hidden]`.
+    embed_tokens: Param<D>,
+    /// `model.layers.{i}`.
+    layers: Vec<DecoderLayer<D>>,
+    /// `model.norm`.
+    norm: RmsNorm<D>,
+    /// `lm_head.weight`, `[vocab, hidden]` (`None`: tied to `embed_tokens`).
+    lm_head: Option<Param<D>>,
+    lora: Option<LoraConfig>,
+    adapters_enabled: bool,
+    trainable: Trainable,
+    /// The trained weights (see [`FlatParams`]); hand this to a dfdx optimiser.
+    pub params: FlatParams<f32, D>,
+    /// `rotate_half` as a `[head_dim, head_dim]` signed permutation matrix.
+    rot: Tensor<(S::HeadDim, S::HeadDim), f32, D>,
+}
+
+/// `rotate_half` as a matrix: `x @ R` = `cat(-x[half..], x[..half])`.
+fn rot_matrix<D: Device<f32>, H: Dim>(dev: &D, hd: H) -> Tensor<(H, H), f32, D> {
+    let n = hd.size();
+    let mut rot = vec![0f32; n * n];
+    let half = n / 2;
+    for j in 0..half {
+        // out[j] = -x[j + half]; out[j + half] = x[j]; out = x @ R, R[row][col]
+        rot[(j + half) * n + j] = -1.0;
+        rot[j * n + j + half] = 1.0;
+    }
+    dev.tensor_from_vec(rot, (hd, hd))
+}
+
+/// Constructors of the runtime-dimension model (`Qwen2::from_host(..)` infers `S = RuntimeDims`;
+/// Rust does not apply a default type parameter during inference, so the generic constructors
+/// have their own names: [`Qwen2::from_host_with_dims`], [`Qwen2::load_hf_with_dims`]).
+impl<D: Device<f32>> Qwen2<D> {
+    /// Builds the model from HF-named host tensors, checking every name and shape against the
+    /// config. Extra tensors are an error, except rotary `inv_freq` buffers and a tied `lm_head`.
+    pub fn from_host(cfg: &ModelConfig, tensors: &HostTensors, dev: &D) -> Result<Self, ModelError> {
+        Self::from_host_with_dims(cfg, tensors, dev)
+    }
+
+    /// Reads a Hugging Face checkpoint folder (see [`checkpoint::load_hf_folder`]).
+    pub fn load_hf(dir: &Path, dev: &D) -> Result<Self, ModelError> {
+        Self::load_hf_with_dims(dir, dev)
+    }
+}
+
+impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
+    /// [`Qwen2::load_hf`] with dimension types `S` (the config is checked against `S`).
+    pub fn load_hf_with_dims(dir: &Path, dev: &D) -> Result<Self, ModelError> {
+        let ck = checkpoint::load_hf_folder(dir)?;
+        Self::from_host_with_dims(&ck.config, &ck.tensors, dev)
+    }
+
+    /// The same model with other dimension types, checked against the config (an error names the
+    /// field). Lossless and cheap: weights, adapters, the trainable vector and the adapter switch
+    /// move over as they are (no weight is copied), so `Qwen2<D, TinyDims>` → `Qwen2<D>` → back
+    /// gives bit-identical outputs.
+    pub fn into_dims<S2: Dims>(self) -> Result<Qwen2<D, S2>, ModelError> {
+        let dims = DimValues::<S2>::from_config(&self.cfg)?;
+        let rot = rot_matrix(&self.dev, dims.head_dim);
+        Ok(Qwen2 {
+            cfg: self.cfg,
+            dims,
+            dev: self.dev,
+            embed_tokens: self.embed_tokens,
+            layers: self.layers,
+            norm: self.norm,
+            lm_head: self.lm_head,
+            lora: self.lora,
+            adapters_enabled: self.adapters_enabled,
+            trainable: self.trainable,
+            params: self.params,
+            rot,
+        })
+    }
+
+    /// The runtime-dimension model ([`RuntimeDims`] accepts every config, so this cannot fail):
+    /// the boundary to code that takes `Qwen2<D>` only.
+    pub fn into_runtime(self) -> Qwen2<D> {
+        self.into_dims::<RuntimeDims>().expect("RuntimeDims accepts every config")
+    }
+
+    /// The dimension values typed by `S`.
+    pub fn dims(&self) -> &DimValues<S> {
+        &self.dims
+    }
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
+    }
+    pub fn trainable(&self) -> &Trainable {
+        &self.trainable
+    }
+
+    // ---------------------------------------------------------------- forward
+
+    fn ctx(&self, dropout_seed: Option<u64>) -> Ctx<'_, D> {
+        Ctx {
+            dev: &self.dev,
+            flat: &self.params.flat,
+            lora: self.lora.as_ref().filter(|_| self.adapters_enabled),
+            dropout_seed,
+        }
+    }
+
+    /// The LM head's weight (`lm_head`, or the embedding when tied).
+    fn head_weight(&self) -> &Param<D> {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Core forward: the final hidden states `[tokens, hidden]` of every token.
+    /// `dropout`: a training forward's seed for the LoRA dropout masks (`None`: no dropout).
+    fn hidden<T: Tape<f32, D> + Merge<T>>(
+        &self,
+        batch: &Batch,
+        mut cache: Option<&mut KvCache<D, S>>,
+        tape: T,
+        dropout: Option<u64>,
+    ) -> Result<Rows<S::Hidden, D, T>, ModelError> {
+        let cfg = &self.cfg;
+        let (b, s) = (batch.batch, batch.seq);
+        let n = b * s;
+        for (pos, &id) in batch.ids.iter().enumerate() {
+            if id as usize >= cfg.vocab_size {
+                return Err(ModelError::TokenOutOfRange { id, pos, vocab: cfg.vocab_size });
+            }
+        }
+        let pos = Positions::new(batch, cache.as_deref_mut(), cfg.num_hidden_layers)?;
+        let hd = self.dims.head_dim;
+        let hds = hd.size();
+        let half = hds / 2;
+        let mut cos = vec![0f32; n * hds];
+        let mut sin = vec![0f32; n * hds];
+        for (k, &p) in pos.ids.iter().enumerate() {
+            for i in 0..half {
+                let inv = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hds as f64);
+                let (sn, cs) = (p as f64 * inv).sin_cos();
+                cos[k * hds + i] = cs as f32;
+                cos[k * hds + i + half] = cs as f32;
+                sin[k * hds + i] = sn as f32;
+                sin[k * hds + i + half] = sn as f32;
+            }
+        }
+        let step = Step {
+            dims: self.dims,
+            cos: self.dev.tensor_from_vec(cos, (n, hd)),
+            sin: self.dev.tensor_from_vec(sin, (n, hd)),
+            rot: &self.rot,
+            mask: self.dev.tensor_from_vec(pos.mask, (b, s, pos.past + s)),
+            batch: b,
+            seq: s,
+            past: pos.past,
+        };
+        let ctx = self.ctx(dropout);
+        let ids: Tensor<(usize,), usize, D> =
+            self.dev.tensor_from_vec(batch.ids.iter().map(|&i| i as usize).collect(), (n,));
+        let (v, h) = (cfg.vocab_size, self.dims.hidden);
+        let mut x: Rows<S::Hidden, D, T> = match &self.embed_tokens.store {
+            // a frozen table joins no tape: its gather records no [vocab, hidden] gradient
+            Store::Frozen(_) => {
+                ctx.fetch2::<usize, S::Hidden, NoneTape>(&self.embed_tokens, v, h).gather(ids).put_tape(tape)
+            }
+            Store::Flat(_) => {
+                let (x, t0) = ctx.fetch2::<usize, S::Hidden, T>(&self.embed_tokens, v, h).gather(ids).split_tape();
+                x.put_tape(t0.merge(tape))
+            }
+        };
+        for (li, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[li]);
+            x = layer.forward(&ctx, &step, x, slot);
+        }
+        Ok(self.norm.forward(&ctx, x))
+    }
+
+    fn head<T: Tape<f32, D> + Merge<T>>(&self, hs: Rows<S::Hidden, D, T>) -> T2<D, T> {
+        self.ctx(None).matmul_wt(hs, self.head_weight(), self.cfg.vocab_size)
+    }
+
+    /// Logits `[batch, seq, vocab]` with whatever tape `tape` is (`NoneTape` for inference).
+    pub fn forward_with_tape<T: Tape<f32, D> + Merge<T>>(
+        &self,
+        batch: &Batch,
+        tape: T,
+    ) -> Result<T3<D, T>, ModelError> {
+        self.forward_train(batch, tape, None)
+    }
+
+    /// Logits of a training forward: with `dropout_seed`, the LoRA branches apply the adapters'
+    /// `lora_dropout` with masks drawn from that seed (one per layer and projection), so a step
+    /// replayed with the same seed (a resumed run) draws the same masks. `None`: no dropout.
+    pub fn forward_train<T: Tape<f32, D> + Merge<T>>(
+        &self,
+        batch: &Batch,
+        tape: T,
+        dropout_seed: Option<u64>,
+    ) -> Result<T3<D, T>, ModelError> {
+        let hs = self.hidden(batch, None, tape, dropout_seed)?;
+        let logits = self.head(hs);
+        Ok(logits.reshape_like(&(batch.batch, batch.seq, self.cfg.vocab_size)))
+    }
+
+    /// `log p(targets[t])` at every position `[batch, seq]`, what the training objectives consume
+    /// (`targets` are next-token ids, one per input position). Positions whose `needed` flag is
+    /// false (prompt or padding tokens a loss masks out) are 0 and get no gradient; `None`: all.
+    /// With a frozen head on the CPU this is the fused, chunked head + log-softmax (module docs);
+    /// the result equals the reference path within float rounding.
+    pub fn forward_logprobs<T: Tape<f32, D> + Merge<T>>(
+        &self,
+        batch: &Batch,
+        targets: &[usize],
+        needed: Option<&[bool]>,
+        tape: T,
+        dropout_seed: Option<u64>,
+    ) -> Result<T2<D, T>, ModelError> {
+        let (b, s, v) = (batch.batch, batch.seq, self.cfg.vocab_size);
+        if targets.len() != b * s || needed.is_some_and(|m| m.len() != b * s) {
+            return Err(ModelError::Batch(format!(
+                "{} targets and {} flags for [batch {b}, seq {s}]",
+                targets.len(),
+                needed.map_or(b * s, <[bool]>::len)
+            )));
+        }
+        if let Some(pos) = targets.iter().position(|&t| t >= v) {
+            return Err(ModelError::TokenOutOfRange { id: targets[pos] as u32, pos, vocab: v });
+        }
+        let all = vec![true; b * s];
+        let needed = needed.unwrap_or(&all);
+        let hs = self.hidden(batch, None, tape, dropout_seed)?;
+        let head = self.head_weight();
+        let fused = kernels::is_cpu::<D>() && !kernels::reference_only();
+        let lp = match fused.then(|| head.frozen_host()).flatten() {
+            Some(w) => kernels::fused_ce::target_logprobs(hs, w, targets, needed),
+            None => {
+                let idx = self.dev.tensor_from_vec(targets.to_vec(), (b * s,));
+                let keep = self.dev.tensor_from_vec(needed.iter().map(|&k| f32::from(u8::from(k))).collect(), (b * s,));
+                self.head(hs).log_softmax::<Axis<1>>().select(idx) * keep
+            }
+        };
+        Ok(lp.reshape_like(&(b, s)))
+    }
+
+    /// Inference logits `[batch, seq, vocab]`.
+    pub fn forward(&self, batch: &Batch) -> Result<T3<D, NoneTape>, ModelError> {
+        self.forward_with_tape(batch, NoneTape)
+    }
+
+    /// Training logits: gradients (from `self.params.alloc_grads()`) flow to [`Self::params`] only.
+    pub fn forward_traced(
+        &self,
+        batch: &Batch,
+        grads: Gradients<f32, D>,
+    ) -> Result<T3<D, OwnedTape<f32, D>>, ModelError> {
+        let (_, tape) = self.params.flat.trace(grads).split_tape();
+        self.forward_with_tape(batch, tape)
+    }
+
+    /// A fresh, empty KV cache.
+    pub fn new_cache(&self) -> KvCache<D, S> {
+        KvCache { layers: vec![None; self.cfg.num_hidden_layers], key_mask: Vec::new(), next_pos: Vec::new() }
+    }
+
+    /// Incremental decoding step: appends `batch` to `cache` and returns the logits of each row's
+    /// last position, `[batch][vocab]` on the host.
+    pub fn forward_cached(&self, batch: &Batch, cache: &mut KvCache<D, S>) -> Result<Vec<Vec<f32>>, ModelError> {
+        let hs = self.hidden(batch, Some(cache), NoneTape, None)?;
+        let (b, s) = (batch.batch, batch.seq);
+        let last: Tensor<(usize,), usize, D> = self.dev.tensor_from_vec((0..b).map(|r| r * s + s - 1).collect(), (b,));
+        let logits = self.head(hs.gather(last));
+        let v = self.cfg.vocab_size;
+        let flat = logits.as_vec();
+        Ok(flat.chunks(v).map(<[f32]>::to_vec).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,106 @@
+//! Unit tests of the decoder that need its private fields (parity with transformers and peft is
+//! in `tests/model.rs`).
+
+use dfdx::prelude::*;
+
+use super::*;
+use crate::kernels::host_matmul::HOST_MATMUL_MIN_WEIGHT;
+use crate::lora::LoraConfig;
+
+#[test]
+fn lora_dropout_acts_in_seeded_training_forwards_only() {
+    let dev = Cpu::default();
+    let cfg = ModelConfig::tiny(300);
+    let base = Qwen2::<Cpu>::random_host(&cfg, 4);
+    let batch = Batch::new((0..24).map(|i| (i * 13 % 300) as u32).collect(), 2, 12).unwrap();
+    let with = |p: f32| {
+        let mut m = Qwen2::from_host(&cfg, &base, &dev).unwrap();
+        m.set_trainable(Trainable::Lora(LoraConfig::all_linear(4, 8.0).with_dropout(p).unwrap()), 1).unwrap();
+        // non-zero B (peft initialises it to 0, which would hide the LoRA branch)
+        let n = m.params.flat.shape().0;
+        let v: Vec<f32> = (0..n).map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 0.2).collect();
+        m.params.flat = dev.tensor_from_vec(v, (n,));
+        m
+    };
+    let m = with(0.3);
+    let plain = m.forward(&batch).unwrap().as_vec();
+    assert_eq!(m.forward_train(&batch, NoneTape, None).unwrap().as_vec(), plain);
+    let a = m.forward_train(&batch, NoneTape, Some(11)).unwrap().as_vec();
+    assert_eq!(a, m.forward_train(&batch, NoneTape, Some(11)).unwrap().as_vec(), "same seed, same masks");
+    assert_ne!(a, plain);
+    assert_ne!(a, m.forward_train(&batch, NoneTape, Some(12)).unwrap().as_vec());
+    // p = 0: a training forward is the inference forward
+    let m0 = with(0.0);
+    assert_eq!(m0.forward_train(&batch, NoneTape, Some(11)).unwrap().as_vec(), plain);
+    // the mask is on the LoRA branch only: merged weights (no branch) ignore it
+    let mut merged = with(0.3);
+    merged.merge_lora().unwrap();
+    let mp = merged.forward(&batch).unwrap().as_vec();
+    assert_eq!(merged.forward_train(&batch, NoneTape, Some(11)).unwrap().as_vec(), mp);
+}
+
+/// The tiny preset with a 4,096-row head: the cached batch-1 step takes the host product for
+/// the head (262,144 elements), the full forward dfdx's gemm.
+#[test]
+fn host_path_decoding_matches_the_full_forward() {
+    let dev = Cpu::default();
+    let cfg = ModelConfig::tiny(4096);
+    let m = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, 4), &dev).unwrap();
+    assert!(m.embed_tokens.numel() >= HOST_MATMUL_MIN_WEIGHT);
+    let p: Vec<u32> = vec![17, 4000, 3, 999, 64];
+    let full = m.forward(&Batch::new(p.clone(), 1, 5).unwrap()).unwrap().as_vec();
+    let mut cache = m.new_cache();
+    m.forward_cached(&Batch::new(p[..4].to_vec(), 1, 4).unwrap(), &mut cache).unwrap();
+    let last = m.forward_cached(&Batch::new(p[4..].to_vec(), 1, 1).unwrap(), &mut cache).unwrap();
+    assert!(m.embed_tokens.has_host_copy(), "the host path was taken");
+    let want = &full[4 * 4096..];
+    let worst = last[0].iter().zip(want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+    assert!(worst <= 1e-5, "{worst}");
+}
+
+/// The fused head + log-softmax (CPU, frozen head) equals the reference path — logits from
+/// `forward`, log-softmax, select — in value and in the LoRA gradients it sends back.
+#[test]
+fn forward_logprobs_equals_log_softmax_of_the_logits() {
+    let dev = Cpu::default();
+    let cfg = ModelConfig::tiny(3000);
+    let mut m = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, 9), &dev).unwrap();
+    m.set_trainable(Trainable::Lora(LoraConfig::all_linear(4, 8.0)), 1).unwrap();
+    let n = m.params.flat.shape().0;
+    let v: Vec<f32> = (0..n).map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 0.2).collect();
+    m.params.flat = dev.tensor_from_vec(v, (n,));
+    let (b, s) = (2, 12);
+    let batch = Batch::new((0..24).map(|i| (i * 131 % 3000) as u32).collect(), b, s).unwrap();
+    let targets: Vec<usize> = (0..24).map(|i| (i * 577 + 5) % 3000).collect();
+    let needed: Vec<bool> = (0..24).map(|i| i % 4 != 0).collect();
+    let weights: Vec<f32> = (0..24).map(|i| (i % 5) as f32 - 1.5).collect();
+    let w: Tensor<(usize, usize), f32, Cpu> = dev.tensor_from_vec(weights, (b, s));
+
+    let fused =
+        m.forward_logprobs(&batch, &targets, Some(&needed), m.params.flat.leaky_trace().split_tape().1, None).unwrap();
+    let fused_v = fused.as_vec();
+    let g1 = (fused * w.clone()).sum::<(), _>().backward().get(&m.params.flat).as_vec();
+
+    let logits = m.forward_traced(&batch, m.params.alloc_grads()).unwrap();
+    let idx: Tensor<(usize, usize), usize, Cpu> = dev.tensor_from_vec(targets.clone(), (b, s));
+    let keep: Tensor<(usize, usize), f32, Cpu> =
+        dev.tensor_from_vec(needed.iter().map(|&k| if k { 1.0 } else { 0.0 }).collect(), (b, s));
+    let reference = logits.log_softmax::<Axis<2>>().select(idx) * keep;
+    let ref_v = reference.as_vec();
+    let g2 = (reference * w).sum::<(), _>().backward().get(&m.params.flat).as_vec();
+
+    for (a, r) in fused_v.iter().zip(&ref_v) {
+        assert!((a - r).abs() <= 1e-5 * (1.0 + r.abs()), "{a} vs {r}");
+    }
+    let scale = g2.iter().fold(0f32, |a, x| a.max(x.abs()));
+    assert!(scale > 0.0);
+    for (a, r) in g1.iter().zip(&g2) {
+        assert!((a - r).abs() <= 1e-4 * scale, "{a} vs {r}");
+    }
+    // a trained head (full fine-tuning) takes the reference path: same values
+    m.set_trainable(Trainable::Full, 0).unwrap();
+    let full = m.forward_logprobs(&batch, &targets, Some(&needed), NoneTape, None).unwrap().as_vec();
+    for (a, r) in full.iter().zip(&fused_v) {
+        assert!((a - r).abs() <= 1e-4 * (1.0 + r.abs()), "{a} vs {r}");
+    }
+}

@@ -1,0 +1,442 @@
+//! How a [`Qwen2`]'s weights are bound, stored and exported: building from HF-named host tensors
+//! (every name and shape checked against the config), random initialisation, what is trained
+//! ([`Trainable`]: nothing, LoRA adapters, every weight — moved in and out of the one
+//! [`FlatParams`] vector), peft adapters (install, merge), and saving.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use dfdx::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::layers::{Attention, DecoderLayer, Mlp, RmsNorm};
+use super::{rot_matrix, Qwen2, Trainable};
+use crate::checkpoint;
+use crate::config::{Arch, ModelConfig};
+use crate::dims::{DimValues, Dims};
+use crate::error::ModelError;
+use crate::host::{HostTensor, HostTensors};
+use crate::linear::{Adapter, Linear};
+use crate::lora::{peft_names, LoraConfig, Proj};
+use crate::params::{FlatParams, Param, Store};
+
+pub(crate) fn hf_names(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, &'static str)> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h], "vocab_size/hidden_size")];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h], "hidden_size"));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h], "hidden_size"));
+        for proj in Proj::ALL {
+            let (o, inp, field) = proj_dims(cfg, proj);
+            out.push((format!("{p}.{}.{}.weight", proj.parent(), proj.hf_name()), vec![o, inp], field));
+            if cfg.attention_bias && matches!(proj, Proj::Q | Proj::K | Proj::V) {
+                out.push((format!("{p}.{}.{}.bias", proj.parent(), proj.hf_name()), vec![o], field));
+            }
+        }
+    }
+    out.push(("model.norm.weight".to_string(), vec![h], "hidden_size"));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, h], "vocab_size/hidden_size"));
+    }
+    let _ = i;
+    out
+}
+
+/// (out, in, config fields) of a projection.
+fn proj_dims(cfg: &ModelConfig, p: Proj) -> (usize, usize, &'static str) {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    match p {
+        Proj::Q => (cfg.q_dim(), h, "num_attention_heads*head_dim/hidden_size"),
+        Proj::K | Proj::V => (cfg.kv_dim(), h, "num_key_value_heads*head_dim/hidden_size"),
+        Proj::O => (h, cfg.q_dim(), "hidden_size/num_attention_heads*head_dim"),
+        Proj::Gate | Proj::Up => (i, h, "intermediate_size/hidden_size"),
+        Proj::Down => (h, i, "hidden_size/intermediate_size"),
+    }
+}
+
+fn normal(rng: &mut ChaCha8Rng, std: f32) -> f32 {
+    // Box-Muller
+    let u1: f32 = rng.gen_range(f32::EPSILON..1.0);
+    let u2: f32 = rng.gen();
+    std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+}
+
+impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
+    /// [`Qwen2::from_host`] with dimension types `S`: the config is also checked against `S`
+    /// (e.g. `Qwen2::<Cpu, TinyDims>::from_host_with_dims(&ModelConfig::tiny(v), ..)`); a
+    /// mismatch is an error naming the config field.
+    pub fn from_host_with_dims(cfg: &ModelConfig, tensors: &HostTensors, dev: &D) -> Result<Self, ModelError> {
+        let dims = DimValues::<S>::from_config(cfg)?;
+        let expected = hf_names(cfg);
+        let mut known: BTreeMap<&str, ()> = BTreeMap::new();
+        for (name, shape, field) in &expected {
+            known.insert(name.as_str(), ());
+            let t = tensors.get(name).ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
+            if &t.shape != shape {
+                return Err(ModelError::ShapeMismatch {
+                    name: name.clone(),
+                    got: t.shape.clone(),
+                    expected: shape.clone(),
+                    field: field.to_string(),
+                });
+            }
+            if t.data.len() != shape.iter().product::<usize>() {
+                return Err(ModelError::ShapeMismatch {
+                    name: name.clone(),
+                    got: vec![t.data.len()],
+                    expected: shape.clone(),
+                    field: field.to_string(),
+                });
+            }
+        }
+        for name in tensors.keys() {
+            let ignorable =
+                name.ends_with("rotary_emb.inv_freq") || (cfg.tie_word_embeddings && name == "lm_head.weight");
+            if !known.contains_key(name.as_str()) && !ignorable {
+                return Err(ModelError::UnexpectedTensor { name: name.clone(), arch: cfg.arch.to_string() });
+            }
+        }
+        let frozen = |name: &str| -> Param<D> {
+            let t = &tensors[name];
+            Param::new(
+                name.to_string(),
+                t.shape.clone(),
+                Store::Frozen(dev.tensor_from_vec(t.data.clone(), (t.data.len(),))),
+            )
+        };
+        let eps = cfg.rms_norm_eps as f32;
+        let norm = |name: &str| RmsNorm { weight: frozen(name), eps };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let lin = |proj: Proj| -> Linear<D> {
+                let base = format!("{p}.{}.{}", proj.parent(), proj.hf_name());
+                let bias = (cfg.attention_bias && matches!(proj, Proj::Q | Proj::K | Proj::V))
+                    .then(|| frozen(&format!("{base}.bias")));
+                let salt = l as u64 * 8 + Proj::ALL.iter().position(|&x| x == proj).expect("a projection") as u64;
+                Linear { weight: frozen(&format!("{base}.weight")), bias, lora: None, salt }
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: norm(&format!("{p}.input_layernorm.weight")),
+                self_attn: Attention {
+                    q_proj: lin(Proj::Q),
+                    k_proj: lin(Proj::K),
+                    v_proj: lin(Proj::V),
+                    o_proj: lin(Proj::O),
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight")),
+                mlp: Mlp { gate_proj: lin(Proj::Gate), up_proj: lin(Proj::Up), down_proj: lin(Proj::Down) },
+            });
+        }
+        Ok(Qwen2 {
+            cfg: cfg.clone(),
+            dims,
+            dev: dev.clone(),
+            embed_tokens: frozen("model.embed_tokens.weight"),
+            layers,
+            norm: norm("model.norm.weight"),
+            lm_head: (!cfg.tie_word_embeddings).then(|| frozen("lm_head.weight")),
+            lora: None,
+            adapters_enabled: true,
+            trainable: Trainable::None,
+            params: FlatParams { flat: dev.zeros_like(&(1,)) },
+            rot: rot_matrix(dev, dims.head_dim),
+        })
+    }
+
+    /// Random weights as transformers initialises them (`normal(0, 0.02)` for linear layers and the
+    /// embedding, zero biases, unit norms), reproducible from `seed`.
+    pub fn random_host(cfg: &ModelConfig, seed: u64) -> HostTensors {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut out = HostTensors::new();
+        for (name, shape, _) in hf_names(cfg) {
+            let n: usize = shape.iter().product();
+            let data = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| normal(&mut rng, 0.02)).collect()
+            };
+            out.insert(name, HostTensor::new(shape, data));
+        }
+        out
+    }
+
+    fn all_params_mut(&mut self) -> Vec<&mut Param<D>> {
+        let mut v: Vec<&mut Param<D>> = vec![&mut self.embed_tokens];
+        for l in &mut self.layers {
+            let DecoderLayer { input_layernorm, self_attn, post_attention_layernorm, mlp } = l;
+            v.push(&mut input_layernorm.weight);
+            v.push(&mut post_attention_layernorm.weight);
+            let Attention { q_proj, k_proj, v_proj, o_proj } = self_attn;
+            let Mlp { gate_proj, up_proj, down_proj } = mlp;
+            for lin in [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] {
+                v.push(&mut lin.weight);
+                if let Some(b) = &mut lin.bias {
+                    v.push(b);
+                }
+                if let Some(ad) = &mut lin.lora {
+                    v.push(&mut ad.a);
+                    v.push(&mut ad.b);
+                }
+            }
+        }
+        v.push(&mut self.norm.weight);
+        if let Some(h) = &mut self.lm_head {
+            v.push(h);
+        }
+        v
+    }
+
+    fn all_params(&self) -> Vec<&Param<D>> {
+        let mut v: Vec<&Param<D>> = vec![&self.embed_tokens];
+        for l in &self.layers {
+            v.push(&l.input_layernorm.weight);
+            v.push(&l.post_attention_layernorm.weight);
+            for p in Proj::ALL {
+                let lin = l.linear(p);
+                v.push(&lin.weight);
+                if let Some(b) = &lin.bias {
+                    v.push(b);
+                }
+                if let Some(ad) = &lin.lora {
+                    v.push(&ad.a);
+                    v.push(&ad.b);
+                }
+            }
+        }
+        v.push(&self.norm.weight);
+        if let Some(h) = &self.lm_head {
+            v.push(h);
+        }
+        v
+    }
+
+    /// Host copy of a parameter's values.
+    fn host_of(&self, p: &Param<D>) -> Vec<f32> {
+        match &p.store {
+            Store::Frozen(t) => t.as_vec(),
+            Store::Flat(off) => {
+                let all = self.params.flat.as_vec();
+                all[*off..*off + p.numel()].to_vec()
+            }
+        }
+    }
+
+    /// Moves every parameter back to frozen storage (reading the current flat values).
+    fn freeze_all(&mut self) {
+        let flat = self.params.flat.as_vec();
+        let dev = self.dev.clone();
+        for p in self.all_params_mut() {
+            if let Store::Flat(off) = p.store {
+                let n = p.numel();
+                p.set_store(Store::Frozen(dev.tensor_from_vec(flat[off..off + n].to_vec(), (n,))));
+            }
+        }
+        self.params.flat = dev.zeros_like(&(1,));
+        self.trainable = Trainable::None;
+    }
+
+    /// Moves the parameters selected by `pick` into a fresh flat vector (new tensor id: optimiser
+    /// state from before does not carry over).
+    fn make_flat(&mut self, pick: impl Fn(&Param<D>) -> bool) {
+        let mut flat: Vec<f32> = Vec::new();
+        let dev = self.dev.clone();
+        for p in self.all_params_mut() {
+            if pick(p) {
+                let vals = match &p.store {
+                    Store::Frozen(t) => t.as_vec(),
+                    Store::Flat(_) => unreachable!("freeze_all ran first"),
+                };
+                p.set_store(Store::Flat(flat.len()));
+                flat.extend(vals);
+            }
+        }
+        if flat.is_empty() {
+            flat.push(0.0);
+        }
+        let n = flat.len();
+        self.params.flat = dev.tensor_from_vec(flat, (n,));
+    }
+
+    /// Selects what is trained: nothing, fresh LoRA adapters (A Kaiming-uniform as peft
+    /// initialises it, `U(-1/sqrt(in), 1/sqrt(in))`, B = 0; replaces existing adapters), or all weights.
+    pub fn set_trainable(&mut self, what: Trainable, seed: u64) -> Result<(), ModelError> {
+        self.freeze_all();
+        match &what {
+            Trainable::None => {}
+            Trainable::Full => self.make_flat(|_| true),
+            Trainable::Lora(lc) => {
+                if lc.r == 0 {
+                    return Err(ModelError::Lora("r must be positive".into()));
+                }
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                let mut host = HostTensors::new();
+                for l in 0..self.cfg.num_hidden_layers {
+                    for &p in &lc.targets {
+                        let (o, i, _) = proj_dims(&self.cfg, p);
+                        let bound = 1.0 / (i as f32).sqrt();
+                        let a: Vec<f32> = (0..lc.r * i).map(|_| rng.gen_range(-bound..bound)).collect();
+                        let (an, bn) = peft_names(l, p);
+                        host.insert(an, HostTensor::new(vec![lc.r, i], a));
+                        host.insert(bn, HostTensor::new(vec![o, lc.r], vec![0.0; o * lc.r]));
+                    }
+                }
+                self.install_lora(lc.clone(), &host)?;
+                self.make_flat(|p| p.name.contains(".lora_"));
+            }
+        }
+        self.trainable = what;
+        Ok(())
+    }
+
+    /// Loads a peft adapter (`adapter_config.json` + `adapter_model.safetensors`) and makes its
+    /// weights the trainable collection.
+    pub fn load_peft_adapter(&mut self, dir: &Path) -> Result<(), ModelError> {
+        let (cfg, tensors) = checkpoint::load_peft_adapter(dir)?;
+        let lc = LoraConfig::from_peft_json(&cfg)?;
+        self.load_lora_host(lc, &tensors)
+    }
+
+    /// Installs given adapter weights (peft names) and makes them the trainable collection.
+    pub fn load_lora_host(&mut self, lc: LoraConfig, tensors: &HostTensors) -> Result<(), ModelError> {
+        self.freeze_all();
+        self.install_lora(lc.clone(), tensors)?;
+        self.make_flat(|p| p.name.contains(".lora_"));
+        self.trainable = Trainable::Lora(lc);
+        Ok(())
+    }
+
+    fn install_lora(&mut self, lc: LoraConfig, tensors: &HostTensors) -> Result<(), ModelError> {
+        let mut used = 0usize;
+        let dev = self.dev.clone();
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            for p in Proj::ALL {
+                layer.linear_mut(p).lora = None;
+                if !lc.targets.contains(&p) {
+                    continue;
+                }
+                let (o, i, _) = proj_dims(&self.cfg, p);
+                let (an, bn) = peft_names(l, p);
+                let get = |name: &str, shape: Vec<usize>| -> Result<Param<D>, ModelError> {
+                    let t = tensors.get(name).ok_or_else(|| ModelError::MissingTensor { name: name.to_string() })?;
+                    if t.shape != shape {
+                        return Err(ModelError::ShapeMismatch {
+                            name: name.to_string(),
+                            got: t.shape.clone(),
+                            expected: shape,
+                            field: "r".into(),
+                        });
+                    }
+                    Ok(Param::new(
+                        name.to_string(),
+                        t.shape.clone(),
+                        Store::Frozen(dev.tensor_from_vec(t.data.clone(), (t.data.len(),))),
+                    ))
+                };
+                let a = get(&an, vec![lc.r, i])?;
+                let b = get(&bn, vec![o, lc.r])?;
+                layer.linear_mut(p).lora = Some(Adapter { a, b });
+                used += 2;
+            }
+        }
+        if used != tensors.len() {
+            let known: Vec<String> = (0..self.cfg.num_hidden_layers)
+                .flat_map(|l| {
+                    lc.targets.iter().flat_map(move |&p| {
+                        let (a, b) = peft_names(l, p);
+                        [a, b]
+                    })
+                })
+                .collect();
+            if let Some(extra) = tensors.keys().find(|k| !known.contains(k)) {
+                return Err(ModelError::UnexpectedTensor {
+                    name: extra.clone(),
+                    arch: format!("LoRA adapter on {}", self.cfg.arch),
+                });
+            }
+        }
+        self.lora = Some(lc);
+        self.adapters_enabled = true;
+        Ok(())
+    }
+
+    /// Turns the LoRA adapters off (the base model, e.g. DPO's reference) or back on.
+    pub fn set_adapters_enabled(&mut self, on: bool) {
+        self.adapters_enabled = on;
+    }
+    pub fn adapters_enabled(&self) -> bool {
+        self.adapters_enabled
+    }
+
+    /// Folds the adapters into the base weights, `W' = W + (alpha/r)·B·A`, and removes them.
+    pub fn merge_lora(&mut self) -> Result<(), ModelError> {
+        let Some(lc) = self.lora.clone() else {
+            return Err(ModelError::Lora("the model has no adapters to merge".into()));
+        };
+        self.freeze_all();
+        let s = lc.scale();
+        for layer in &mut self.layers {
+            for p in Proj::ALL {
+                let lin = layer.linear_mut(p);
+                if let Some(Adapter { a, b }) = lin.lora.take() {
+                    let (r, i) = (a.shape[0], a.shape[1]);
+                    let o = b.shape[0];
+                    let (Store::Frozen(at), Store::Frozen(bt), Store::Frozen(wt)) =
+                        (&a.store, &b.store, &lin.weight.store)
+                    else {
+                        unreachable!("freeze_all ran first")
+                    };
+                    let ba = bt.clone().reshape_like(&(o, r)).matmul(at.clone().reshape_like(&(r, i)));
+                    let w2 = wt.clone().reshape_like(&(o, i)) + ba * s;
+                    lin.weight.set_store(Store::Frozen(w2.reshape_like(&(o * i,))));
+                }
+            }
+        }
+        self.lora = None;
+        Ok(())
+    }
+
+    /// Base weights under their HF names (adapters excluded; merge first to include them).
+    pub fn to_host(&self) -> HostTensors {
+        self.all_params()
+            .into_iter()
+            .filter(|p| !p.name.contains(".lora_"))
+            .map(|p| (p.name.clone(), HostTensor::new(p.shape.clone(), self.host_of(p))))
+            .collect()
+    }
+
+    /// Adapter weights under peft's names (`base_model.model.<module>.lora_A.weight`).
+    pub fn lora_to_host(&self) -> HostTensors {
+        self.all_params()
+            .into_iter()
+            .filter(|p| p.name.contains(".lora_"))
+            .map(|p| (p.name.clone(), HostTensor::new(p.shape.clone(), self.host_of(p))))
+            .collect()
+    }
+
+    /// Writes `config.json` + `model.safetensors` (transformers' `from_pretrained` layout).
+    pub fn save_pretrained(&self, dir: &Path) -> Result<(), ModelError> {
+        checkpoint::save_hf_folder(dir, &self.cfg, &self.to_host())
+    }
+
+    /// Writes peft's `adapter_config.json` + `adapter_model.safetensors`.
+    pub fn save_adapter(&self, dir: &Path, base_model: &str) -> Result<(), ModelError> {
+        let lc = self.lora.as_ref().ok_or_else(|| ModelError::Lora("the model has no adapters to save".into()))?;
+        let cfg = serde_json::to_string_pretty(&lc.to_peft_json(base_model)).expect("json");
+        checkpoint::write_atomic(&dir.join("adapter_config.json"), cfg.as_bytes())?;
+        checkpoint::write_safetensors(&dir.join("adapter_model.safetensors"), &self.lora_to_host())
+    }
+}
+
+/// Which architecture a tensor set looks like (biases on q → Qwen2).
+pub fn guess_arch(tensors: &HostTensors) -> Arch {
+    if tensors.contains_key("model.layers.0.self_attn.q_proj.bias") {
+        Arch::Qwen2
+    } else {
+        Arch::Llama
+    }
+}
