@@ -42,6 +42,16 @@ fn kernels() -> &'static str {
     }
 }
 
+/// This process's user + system CPU time (Linux `/proc/self/stat`), so a figure taken on a busy
+/// machine still compares with the peer's (`time.process_time()`).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 fn report(model: &str, metric: &str, value: f64, unit: &str) {
     println!("bench\tdfdx\t{model}\t{metric}\t{value:.1}\t{unit}");
 }
@@ -125,13 +135,17 @@ fn bench_model<D: Device<f32> + Synchronize + TensorToArray<(), f32, Array = f32
         step(&mut m);
         m.device().synchronize();
         let sampler = gpu.then(MemSampler::start);
-        let t = Instant::now();
+        let (t, c) = (Instant::now(), cpu_seconds());
         for _ in 0..reps {
             step(&mut m);
         }
         m.device().synchronize();
         let tr = (reps * batch * seq) as f64 / t.elapsed().as_secs_f64();
-        report(name, &format!("LoRA SFT step [{batch}x{seq}] ({})", kernels()), tr, "tokens/s");
+        let what = format!("LoRA SFT step [{batch}x{seq}] ({})", kernels());
+        report(name, &what, tr, "tokens/s");
+        if let (Some(c0), Some(c1)) = (c, cpu_seconds()) {
+            report(name, &what, (reps * batch * seq) as f64 / (c1 - c0), "tokens per CPU-second");
+        }
         if let Some(sampler) = sampler {
             report(name, "GPU memory peak in LoRA steps (nvidia-smi)", sampler.peak(), "MiB");
         }

@@ -47,6 +47,22 @@ macro_rules! on_test_device {
     };
 }
 
+/// Runs a parity check written once, `$check::<D, S>(&dev)`, over both dimension kinds on the test
+/// device: runtime dimensions (`RuntimeDims`, how checkpoints load) and compile-time ones
+/// (`FixtureDims`, the code path of the built-in preset).
+macro_rules! on_both_dims {
+    ($check:ident) => {{
+        eprintln!("dims: RuntimeDims");
+        (|| {
+            on_test_device!($check::<RuntimeDims>);
+        })();
+        eprintln!("dims: FixtureDims");
+        (|| {
+            on_test_device!($check::<FixtureDims>);
+        })();
+    }};
+}
+
 fn golden() -> Value {
     let text = std::fs::read_to_string(fixtures().join("golden.json")).unwrap();
     serde_json::from_str(&text).unwrap()
@@ -106,12 +122,7 @@ impl Dims for FixtureDims {
 
 #[test]
 fn qwen2_logits_match_transformers() {
-    on_test_device!(qwen2_logits_match_transformers_on::<RuntimeDims>);
-}
-
-#[test]
-fn qwen2_logits_match_transformers_compile_time_dims() {
-    on_test_device!(qwen2_logits_match_transformers_on::<FixtureDims>);
+    on_both_dims!(qwen2_logits_match_transformers_on);
 }
 
 fn qwen2_logits_match_transformers_on<D: TestDevice, S: Dims>(dev: &D) {
@@ -126,12 +137,7 @@ fn qwen2_logits_match_transformers_on<D: TestDevice, S: Dims>(dev: &D) {
 
 #[test]
 fn qwen2_padded_batches_match_transformers() {
-    on_test_device!(qwen2_padded_batches_match_transformers_on::<RuntimeDims>);
-}
-
-#[test]
-fn qwen2_padded_batches_match_transformers_compile_time_dims() {
-    on_test_device!(qwen2_padded_batches_match_transformers_on::<FixtureDims>);
+    on_both_dims!(qwen2_padded_batches_match_transformers_on);
 }
 
 fn qwen2_padded_batches_match_transformers_on<D: TestDevice, S: Dims>(dev: &D) {
@@ -167,12 +173,7 @@ fn qwen2_padded_batches_match_transformers_on<D: TestDevice, S: Dims>(dev: &D) {
 
 #[test]
 fn qwen2_loss_and_seq_logprob_match_transformers() {
-    on_test_device!(qwen2_loss_and_seq_logprob_match_transformers_on::<RuntimeDims>);
-}
-
-#[test]
-fn qwen2_loss_and_seq_logprob_match_transformers_compile_time_dims() {
-    on_test_device!(qwen2_loss_and_seq_logprob_match_transformers_on::<FixtureDims>);
+    on_both_dims!(qwen2_loss_and_seq_logprob_match_transformers_on);
 }
 
 fn qwen2_loss_and_seq_logprob_match_transformers_on<D: TestDevice, S: Dims>(dev: &D) {
@@ -226,12 +227,7 @@ fn llama_sharded_bf16_tied_matches_transformers_on<D: TestDevice>(dev: &D) {
 
 #[test]
 fn lora_loss_gradients_and_merge_match_peft() {
-    on_test_device!(lora_loss_gradients_and_merge_match_peft_on::<RuntimeDims>);
-}
-
-#[test]
-fn lora_loss_gradients_and_merge_match_peft_compile_time_dims() {
-    on_test_device!(lora_loss_gradients_and_merge_match_peft_on::<FixtureDims>);
+    on_both_dims!(lora_loss_gradients_and_merge_match_peft_on);
 }
 
 fn lora_loss_gradients_and_merge_match_peft_on<D: TestDevice, S: Dims>(dev: &D) {
@@ -242,36 +238,52 @@ fn lora_loss_gradients_and_merge_match_peft_on<D: TestDevice, S: Dims>(dev: &D) 
     let mut labels: Vec<i64> = p.iter().map(|&x| x as i64).collect();
     labels[..5].fill(-100);
     let batch = Batch::new(p.clone(), 1, p.len()).unwrap();
-    let grads = m.params.alloc_grads();
-    let logits = m.forward_traced(&batch, grads).unwrap();
-    let loss = masked_cross_entropy(logits, &labels).unwrap();
-    assert_close(&[loss.array()], &[g["lora"]["loss"].as_f64().unwrap() as f32], TOL, "lora loss");
-    let grads = loss.backward();
-    let flat_grad = grads.get(&m.params.flat).as_vec();
-    // the flat vector holds the adapters in model order; map each slice to its peft name
-    let host = m.lora_to_host();
-    let mut off = 0;
-    let mut order: Vec<(String, usize)> = Vec::new();
-    for l in 0..m.cfg.num_hidden_layers {
-        for proj in pipeline_model::Proj::ALL {
-            let (a, b) = pipeline_model::lora::peft_names(l, proj);
-            order.push((a.clone(), host[&a].numel()));
-            order.push((b.clone(), host[&b].numel()));
+    // Two ways to the loss: logits + log-softmax (the reference), and the training objectives'
+    // `forward_logprobs` (on the CPU the fused LM head with frozen-weight products).
+    let targets: Vec<usize> = (0..p.len()).map(|t| labels.get(t + 1).map_or(0, |&l| l.max(0) as usize)).collect();
+    let needed: Vec<bool> = (0..p.len()).map(|t| labels.get(t + 1).is_some_and(|&l| l != -100)).collect();
+    let count = needed.iter().filter(|&&x| x).count() as f32;
+    for path in ["logits", "forward_logprobs"] {
+        let grads = m.params.alloc_grads();
+        let loss = if path == "logits" {
+            masked_cross_entropy(m.forward_traced(&batch, grads).unwrap(), &labels).unwrap()
+        } else {
+            let (_, tape) = m.params.flat.trace(grads).split_tape();
+            m.forward_logprobs(&batch, &targets, Some(&needed), tape, None).unwrap().sum::<(), _>() * (-1.0 / count)
+        };
+        assert_close(
+            &[loss.array()],
+            &[g["lora"]["loss"].as_f64().unwrap() as f32],
+            TOL,
+            &format!("lora loss ({path})"),
+        );
+        let grads = loss.backward();
+        let flat_grad = grads.get(&m.params.flat).as_vec();
+        // the flat vector holds the adapters in model order; map each slice to its peft name
+        let host = m.lora_to_host();
+        let mut off = 0;
+        let mut order: Vec<(String, usize)> = Vec::new();
+        for l in 0..m.cfg.num_hidden_layers {
+            for proj in pipeline_model::Proj::ALL {
+                let (a, b) = pipeline_model::lora::peft_names(l, proj);
+                order.push((a.clone(), host[&a].numel()));
+                order.push((b.clone(), host[&b].numel()));
+            }
         }
-    }
-    let want = g["lora"]["grads"].as_object().unwrap();
-    assert_eq!(want.len(), order.len());
-    for (name, n) in order {
-        let w = floats(&want[&name]);
-        // gradients can be tiny: compare relative to the tensor's largest entry
-        let scale = w.iter().fold(0f32, |a, x| a.max(x.abs()));
-        let got = &flat_grad[off..off + n];
-        for (i, (a, b)) in got.iter().zip(&w).enumerate() {
-            assert!((a - b).abs() <= TOL * scale, "{name}[{i}]: got {a}, want {b}");
+        let want = g["lora"]["grads"].as_object().unwrap();
+        assert_eq!(want.len(), order.len());
+        for (name, n) in order {
+            let w = floats(&want[&name]);
+            // gradients can be tiny: compare relative to the tensor's largest entry
+            let scale = w.iter().fold(0f32, |a, x| a.max(x.abs()));
+            let got = &flat_grad[off..off + n];
+            for (i, (a, b)) in got.iter().zip(&w).enumerate() {
+                assert!((a - b).abs() <= TOL * scale, "{name}[{i}] ({path}): got {a}, want {b}");
+            }
+            off += n;
         }
-        off += n;
+        assert_eq!(off, flat_grad.len());
     }
-    assert_eq!(off, flat_grad.len());
 
     // forward with adapters, then merged
     let p0 = ids(&g["prompts"][0]);
@@ -356,12 +368,7 @@ fn full_finetune_trains_every_weight() {
 
 #[test]
 fn kv_cache_matches_full_forward() {
-    on_test_device!(kv_cache_matches_full_forward_on::<RuntimeDims>);
-}
-
-#[test]
-fn kv_cache_matches_full_forward_compile_time_dims() {
-    on_test_device!(kv_cache_matches_full_forward_on::<FixtureDims>);
+    on_both_dims!(kv_cache_matches_full_forward_on);
 }
 
 fn kv_cache_matches_full_forward_on<D: TestDevice, S: Dims>(dev: &D) {
