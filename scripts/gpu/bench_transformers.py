@@ -116,6 +116,11 @@ def bench(impl, name, make, args, autocast):
     model.eval()
     del opt, pm
 
+    if args.gen == 0:  # --gen 0: no generation rows
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        return
     prompt = (torch.arange(1, 17, device="cuda") * 31 % cfg.vocab_size).reshape(1, 16)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad(), ctx():

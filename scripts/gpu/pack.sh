@@ -17,14 +17,15 @@ for m in map(json.loads, sys.stdin):
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
         print(m["executable"])' "$1" | tail -n1
 }
-tests=$(cargo test -p pipeline-model --features cuda --release --no-run --message-format=json | exe model)
-bench=$(cargo bench -p pipeline-model --features cuda --bench throughput --no-run --message-format=json | exe throughput)
+# against dfdx with scripts/gpu/dfdx-0.13.0.diff applied, in target/cuda (scripts/gpu/cargo-cuda.sh)
+tests=$(scripts/gpu/cargo-cuda.sh test -p pipeline-model --features cuda --release --no-run --message-format=json | exe model)
+bench=$(scripts/gpu/cargo-cuda.sh bench -p pipeline-model --features cuda --bench throughput --no-run --message-format=json | exe throughput)
 tmp=$(mktemp -d)
 cp "$tests" "$tmp/model-tests"
 cp "$bench" "$tmp/throughput"
 rm -rf .gpu
 ../shared/gpu/pack-for-device.sh "$tmp/model-tests" "$tmp/throughput" \
-  scripts/gpu/run-on-device.sh scripts/gpu/bench_transformers.py scripts/gpu/table.py
+  scripts/gpu/run-on-device.sh scripts/gpu/kernels-on-device.sh scripts/gpu/bench_transformers.py scripts/gpu/table.py
 rm -rf "$tmp"
 cp -r stages/model/tests/fixtures .gpu/fixtures
 if [ -n "${GPU_WHEELS:-}" ]; then cp "$GPU_WHEELS"/*.whl .gpu/; fi

@@ -152,6 +152,9 @@ fn bench_model<D: Device<f32> + Synchronize + TensorToArray<(), f32, Array = f32
         m.set_trainable(Trainable::None, 0).unwrap();
     }
 
+    if s.gen_tokens == 0 {
+        return;
+    }
     let cfg = GenerationConfig { max_new_tokens: s.gen_tokens, ..Default::default() };
     let prompt: Vec<u32> = (1..=16).map(|i| (i * 31) % v).collect();
     let _ = generate(&m, std::slice::from_ref(&prompt), &GenerationConfig { max_new_tokens: 2, ..cfg.clone() }, None);
@@ -194,6 +197,9 @@ fn env_usize(name: &str, default: usize) -> usize {
 #[cfg(feature = "cuda")]
 fn run_gpu() {
     let dev = Cuda::default();
+    let tf32 = std::env::var("PIPELINE_BENCH_TF32").is_ok_and(|v| v == "1");
+    pipeline_model::set_tf32(&dev, tf32);
+    eprintln!("kernels: {}, TF32 {}", kernels(), if tf32 { "on" } else { "off" });
     let s = Shapes {
         batch: env_usize("PIPELINE_BENCH_BATCH", 8),
         seq: env_usize("PIPELINE_BENCH_SEQ", 256),
@@ -201,9 +207,13 @@ fn run_gpu() {
         reps: env_usize("PIPELINE_BENCH_REPS", 5),
         train: true,
     };
+    let only = std::env::var("PIPELINE_BENCH_MODELS").unwrap_or_default();
     for (name, cfg) in
         [("SmolLM2-135M-shape", ModelConfig::smollm2_135m_shape()), ("Qwen2.5-0.5B-shape", qwen25_05b_shape())]
     {
+        if !only.is_empty() && !only.split(',').any(|m| name.starts_with(m)) {
+            continue;
+        }
         let t = Instant::now();
         let m = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, 0), &dev).unwrap();
         eprintln!("{name}: random init + upload {:.1} s", t.elapsed().as_secs_f64());

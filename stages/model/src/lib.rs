@@ -28,29 +28,47 @@
 //!   `adapter_model.safetensors`), [`Qwen2::to_host`], [`Qwen2::lora_to_host`].
 //! - Errors ([`ModelError`]) name the tensor or config field.
 //!
+//! # Layout
+//! [`qwen2`] is the architecture (sub-layers in `qwen2/layers.rs`, weight binding, LoRA install
+//! and saving in `qwen2/weights.rs`); every projection is one `linear::Linear` whose storage
+//! (`params::Store`: trained view, frozen) is its backend; [`lora`] holds peft's LoRA config and
+//! names; `kernels/` the products through frozen weights (no `dW`), the fused LM-head
+//! cross-entropy and the CPU's batch-1 row dot products, each tested against a dfdx reference.
+//!
 //! # Training API
-//! ```ignore
+//! ```
+//! use dfdx::optim::{Adam, AdamConfig};
 //! use dfdx::prelude::*;
-//! use pipeline_model::{loss, Batch, LoraConfig, Qwen2, Trainable};
-//! model.set_trainable(Trainable::Lora(LoraConfig::all_linear(8, 16.0)), seed)?; // or Trainable::Full
+//! use pipeline_model::{Batch, LoraConfig, ModelConfig, Qwen2, Trainable};
+//!
+//! let dev = Cpu::default();
+//! let cfg = ModelConfig::tiny(300);
+//! let mut model = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, 0), &dev)?;
+//! model.set_trainable(Trainable::Lora(LoraConfig::all_linear(8, 16.0)), 0)?; // or Trainable::Full
 //! let mut opt = Adam::new(&model.params, AdamConfig { lr: 1e-4, ..Default::default() });
-//! let batch = Batch::right_padded(&rows, pad_id)?;           // ids + padding mask [batch, seq]
-//! let grads = model.params.alloc_grads();                     // dfdx ZeroGrads on the collection
-//! let logits = model.forward_traced(&batch, grads)?;          // [batch, seq, vocab], OwnedTape
-//! let loss = loss::masked_cross_entropy(logits, &labels)?;    // labels [batch*seq], -100 masked
+//! let batch = Batch::right_padded(&[vec![1, 2, 3, 4], vec![5, 6]], 0)?; // ids + padding mask
+//! let targets = vec![2, 3, 4, 0, 6, 0, 0, 0];                           // next token per position
+//! let needed = vec![true, true, true, false, true, false, false, false]; // which ones the loss uses
+//! let (_, tape) = model.params.flat.trace(model.params.alloc_grads()).split_tape();
+//! let logp = model.forward_logprobs(&batch, &targets, Some(&needed), tape, None)?; // [batch, seq]
+//! let loss = logp.sum::<(), _>() * (-1.0 / 4.0);                      // mean NLL of 4 labels
 //! let g = loss.backward();
-//! opt.update(&mut model.params, &g)?;
+//! opt.update(&mut model.params, &g).expect("update");
+//! # Ok::<(), pipeline_model::ModelError>(())
 //! ```
 //! - `model.params` is a [`FlatParams`] — a dfdx `TensorCollection` holding exactly the trained
 //!   weights (all LoRA A/B matrices, or every weight for `Trainable::Full`) in one flat vector;
-//!   see [`params`] for why. Gradients reach only it (frozen weights are never updated).
-//! - LoRA: `y = W x + b + (alpha/r)·B(A x)`, A ~ U(±1/√in) (peft's Kaiming-uniform), B = 0, no
-//!   dropout; targets [`Proj`] (`all-linear` = q,k,v,o,gate,up,down; [`LoraConfig::with_targets`]).
+//!   see [`params`] for why. Gradients reach only it (frozen weights get none, and their products
+//!   do not even compute one).
+//! - LoRA: `y = W x + b + (alpha/r)·B(A(dropout(x)))`, A ~ U(±1/√in) (peft's Kaiming-uniform),
+//!   B = 0, `lora_dropout` on the branch's input in seeded training forwards only; targets
+//!   [`Proj`] (`all-linear` = q,k,v,o,gate,up,down; [`LoraConfig::with_targets`]).
 //!   [`Qwen2::set_adapters_enabled`]`(false)` gives the base model (DPO/KTO reference);
 //!   [`Qwen2::merge_lora`] folds `W' = W + (alpha/r)·B·A`.
-//! - Losses ([`loss`], transformers' shifted-label convention): [`loss::masked_cross_entropy`]
-//!   (mean over unmasked), [`loss::summed_cross_entropy`] (sum + count, for accumulation),
-//!   [`loss::sequence_logprobs`] (per-row SUM of completion log-probs, for DPO/KTO).
+//! - [`Qwen2::forward_logprobs`]: `log p(target)` per position, what the training objectives use
+//!   (fused LM head on the CPU when the head is frozen). Losses on full logits ([`loss`],
+//!   transformers' shifted-label convention): [`loss::masked_cross_entropy`],
+//!   [`loss::summed_cross_entropy`], [`loss::sequence_logprobs`].
 //! - [`Qwen2::forward`] (no tape) and [`Qwen2::forward_with_tape`] for any tape.
 //!
 //! # Generation ([`generate()`])
@@ -65,8 +83,8 @@
 //! holds `tokens × 151,936` floats). Recommended: the real Qwen2.5 tokenizer with the embedding
 //! restricted to the ids of the training corpus ([`vocab::VocabMap`], stored as
 //! `vocab_map.json`), so `pipeline generate` still prints real text. Measured in
-//! `benches/throughput.rs` (release, 2 shared cores): LoRA fwd+bwd on [8×64] runs at ~950
-//! tokens/s with a 4,096-token head and ~22 tokens/s with 151,936 rows.
+//! `benches/throughput.rs`; since the fused head ([`Qwen2::forward_logprobs`]) the LoRA step no
+//! longer materialises `tokens × 151,936` logits (figures in `scripts/bench/README.md`).
 //!
 //! Decoding on the CPU (`benches/decode.rs`, tokens per CPU-second, 2 shared cores): a batch-1
 //! KV-cached step with a weight of ≥ 131,072 elements (`x·Wᵀ`, one row, no tape) runs on a host
@@ -107,4 +125,11 @@ pub use generate::{generate, FinishReason, Generation, GenerationConfig};
 pub use host::{HostTensor, HostTensors};
 pub use lora::{LoraConfig, Proj};
 pub use params::FlatParams;
+
+/// cuBLAS TF32 tensor-op math for the f32 products on `dev` (the `tf32 = true` training option;
+/// off by default, as in PyTorch).
+#[cfg(feature = "cuda")]
+pub fn set_tf32(dev: &dfdx::tensor::Cuda, on: bool) {
+    kernels::cuda::set_tf32(dev, on)
+}
 pub use qwen2::{Qwen2, Trainable};

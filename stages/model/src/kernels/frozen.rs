@@ -17,6 +17,10 @@ pub(crate) fn matmul_wt<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<
     x: Rows<I, D, T>,
     w: Tensor<(O, I), f32, D>,
 ) -> Rows<O, D, T> {
+    #[cfg(feature = "cuda")]
+    if T::OWNS_TAPE && super::is_cuda::<D>() && !reference_only() {
+        return matmul_wt_cuda(x, w);
+    }
     if !T::OWNS_TAPE || !is_cpu::<D>() || reference_only() {
         return x.matmul(w.retaped::<T>().permute::<(I, O), Axes2<1, 0>>());
     }
@@ -34,6 +38,29 @@ pub(crate) fn matmul_wt<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<
             *d += s;
         }
         Ok(())
+    });
+    y.put_tape(tape)
+}
+
+/// [`matmul_wt`] on CUDA: the backward is one SGEMM into `dx` ([`super::cuda::frozen_backward`]).
+#[cfg(feature = "cuda")]
+fn matmul_wt_cuda<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
+    x: Rows<I, D, T>,
+    w: Tensor<(O, I), f32, D>,
+) -> Rows<O, D, T> {
+    use super::{cast, cuda, cuda_buffer};
+    let (x, mut tape) = x.contiguous().split_tape();
+    let y = x.clone().matmul(w.clone().permute::<(I, O), Axes2<1, 0>>());
+    let (xg, yg) = (x.ghost(), y.ghost());
+    let (o, i) = *w.shape();
+    let w: Tensor<(usize, usize), f32, Cuda> = cast(w.reshape_like(&(o.size(), i.size()))).expect("a CUDA tensor");
+    tape.add_backward_op(move |grads| {
+        grads.try_alloc_for(&yg)?;
+        let dy: Rows<O, D, NoneTape> = grads.get(&yg);
+        let (n, _) = *dy.shape();
+        let dy: Tensor<(usize, usize), f32, Cuda> = cast(dy.reshape_like(&(n, o.size()))).expect("a CUDA tensor");
+        let dst = cuda_buffer::<D>(grads.get_or_alloc_mut(&xg)?).expect("a CUDA buffer");
+        cuda::frozen_backward(&w.device().clone(), dst, &dy, &w).map_err(|e| cast::<CudaError, D::Err>(e).expect("CUDA error type"))
     });
     y.put_tape(tape)
 }

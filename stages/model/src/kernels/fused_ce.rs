@@ -279,6 +279,36 @@ pub(crate) fn target_logprobs<H: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>
     out.put_tape(tape)
 }
 
+/// [`target_logprobs`] on CUDA: `w` is the frozen head `[vocab × hidden]` on the device
+/// ([`super::cuda::head_logprobs`]; the backward is [`super::cuda::scale_rows_add`]).
+#[cfg(feature = "cuda")]
+pub(crate) fn target_logprobs_cuda<H: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
+    h: Tensor<(usize, H), f32, D, T>,
+    w: &Tensor<(usize,), f32, D>,
+    targets: &[usize],
+    needed: &[bool],
+) -> Tensor<(usize,), f32, D, T> {
+    use super::{cast, cuda, cuda_buffer};
+    let (n, hd) = *h.shape();
+    let (h, mut tape) = h.contiguous().split_tape();
+    let hc: Tensor<(usize, usize), f32, Cuda> = cast(h.clone().reshape_like(&(n, hd.size()))).expect("a CUDA tensor");
+    let wc: Tensor<(usize,), f32, Cuda> = cast(w.clone()).expect("a CUDA tensor");
+    let dev = hc.device().clone();
+    let vocab = w.shape().0 / hd.size();
+    let (lp, u) = cuda::head_logprobs(&dev, &hc, &wc, vocab, targets, needed).expect("CUDA fused cross-entropy");
+    let out: Tensor<(usize,), f32, D> = cast(dev.build_tensor((n,), [1], lp)).expect("the same device");
+    if T::OWNS_TAPE {
+        let (hg, og) = (h.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            grads.try_alloc_for(&og)?;
+            let g: Tensor<(usize,), f32, Cuda> = cast(grads.get(&og)).expect("a CUDA tensor");
+            let dst = cuda_buffer::<D>(grads.get_or_alloc_mut(&hg)?).expect("a CUDA buffer");
+            cuda::scale_rows_add(&dev, dst, &u, &g).map_err(|e| cast::<CudaError, D::Err>(e).expect("CUDA error type"))
+        });
+    }
+    out.put_tape(tape)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,8 @@
 //! ([`cpu_buffer`]). On other devices (CUDA until its kernels land) the callers take the
 //! reference path, so behaviour is identical everywhere and only the cost differs.
 
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub(crate) mod frozen;
 pub(crate) mod fused_ce;
 pub(crate) mod host_matmul;
@@ -32,6 +34,27 @@ pub(crate) fn is_cpu<D: 'static>() -> bool {
 pub(crate) fn cpu_buffer<D: Storage<f32>>(buf: &mut D::Vec) -> Option<&mut Vec<f32>> {
     let any: &mut dyn Any = buf;
     any.downcast_mut::<<Cpu as Storage<f32>>::Vec>().map(|v| &mut **v)
+}
+
+/// Whether `D` is dfdx's CUDA device.
+#[cfg(feature = "cuda")]
+pub(crate) fn is_cuda<D: 'static>() -> bool {
+    TypeId::of::<D>() == TypeId::of::<Cuda>()
+}
+
+/// A gradient buffer of device `D` as a CUDA slice, when `D` is the CUDA device.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_buffer<D: Storage<f32>>(buf: &mut D::Vec) -> Option<&mut cudarc::driver::CudaSlice<f32>> {
+    let any: &mut dyn Any = buf;
+    any.downcast_mut::<<Cuda as Storage<f32>>::Vec>().map(|v| &mut **v)
+}
+
+/// `value` as type `B` when it is one (device-generic code handing a concrete device's tensor or
+/// error back as its generic type).
+#[cfg(feature = "cuda")]
+pub(crate) fn cast<A: 'static, B: 'static>(value: A) -> Option<B> {
+    let boxed: Box<dyn Any> = Box::new(value);
+    boxed.downcast::<B>().ok().map(|b| *b)
 }
 
 /// Threads the host kernels split rows over (the machine's cores, at most 8).

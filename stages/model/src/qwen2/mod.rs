@@ -305,10 +305,15 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         let needed = needed.unwrap_or(&all);
         let hs = self.hidden(batch, None, tape, dropout_seed)?;
         let head = self.head_weight();
-        let fused = kernels::is_cpu::<D>() && !kernels::reference_only();
-        let lp = match fused.then(|| head.frozen_host()).flatten() {
-            Some(w) => kernels::fused_ce::target_logprobs(hs, w, targets, needed),
-            None => {
+        let lp = match &head.store {
+            Store::Frozen(_) if kernels::is_cpu::<D>() && !kernels::reference_only() => {
+                kernels::fused_ce::target_logprobs(hs, head.frozen_host().expect("frozen"), targets, needed)
+            }
+            #[cfg(feature = "cuda")]
+            Store::Frozen(w) if kernels::is_cuda::<D>() && !kernels::reference_only() => {
+                kernels::fused_ce::target_logprobs_cuda(hs, w, targets, needed)
+            }
+            _ => {
                 let idx = self.dev.tensor_from_vec(targets.to_vec(), (b * s,));
                 let keep = self.dev.tensor_from_vec(needed.iter().map(|&k| f32::from(u8::from(k))).collect(), (b * s,));
                 self.head(hs).log_softmax::<Axis<1>>().select(idx) * keep
