@@ -9,9 +9,12 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 # shellcheck disable=SC1091
 . "${PIPELINE_CUDA_ENV:-../shared/gpu/cuda-env.sh}"
-cargo build --features cuda --bin pipeline
+# against dfdx with scripts/gpu/dfdx-0.13.0.diff applied, in target/cuda (scripts/gpu/cargo-cuda.sh)
+scripts/gpu/cargo-cuda.sh build --features cuda --bin pipeline
+# shellcheck disable=SC1091
+. scripts/gpu/pack-lib.sh
 rm -rf .gpu .gpu-recipe
-../shared/gpu/pack-for-device.sh target/debug/pipeline scripts/gpu/recipe-on-device.sh \
+pack_for_device target/cuda/debug/pipeline scripts/gpu/device-setup.sh scripts/gpu/recipe-on-device.sh \
   scripts/gpu/make_random_qwen.py scripts/gpu/bench_sft_transformers.py scripts/gpu/sft_table.py
 mv .gpu .gpu-recipe
 if [ -n "${GPU_WHEELS:-}" ]; then cp "$GPU_WHEELS"/*.whl .gpu-recipe/; fi

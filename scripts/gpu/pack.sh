@@ -11,6 +11,8 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 # shellcheck disable=SC1091
 . "${PIPELINE_CUDA_ENV:-../shared/gpu/cuda-env.sh}"
+# shellcheck disable=SC1091
+. scripts/gpu/pack-lib.sh
 exe() { # executable of the cargo target named $1 in the JSON messages on stdin
   python3 -c 'import json,sys
 for m in map(json.loads, sys.stdin):
@@ -24,8 +26,8 @@ tmp=$(mktemp -d)
 cp "$tests" "$tmp/model-tests"
 cp "$bench" "$tmp/throughput"
 rm -rf .gpu
-../shared/gpu/pack-for-device.sh "$tmp/model-tests" "$tmp/throughput" \
-  scripts/gpu/run-on-device.sh scripts/gpu/kernels-on-device.sh scripts/gpu/bench_transformers.py scripts/gpu/table.py
+pack_for_device "$tmp/model-tests" "$tmp/throughput" \
+  scripts/gpu/device-setup.sh scripts/gpu/run-on-device.sh scripts/gpu/kernels-on-device.sh scripts/gpu/bench_transformers.py scripts/gpu/table.py
 rm -rf "$tmp"
 cp -r stages/model/tests/fixtures .gpu/fixtures
 if [ -n "${GPU_WHEELS:-}" ]; then cp "$GPU_WHEELS"/*.whl .gpu/; fi

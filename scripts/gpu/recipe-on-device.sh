@@ -11,23 +11,12 @@
 # STEPS picks parts (default "headline real"): `real` does 2-4, `bench` 3 alone. Each part stays under ~5 minutes.
 set -uo pipefail
 G=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-OUT=${OUT:-$G/out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-# shellcheck disable=SC1091
-source "$G/setup.sh"
 if [ ! -x "$G/pipeline" ] && [ -e "$G/pipeline.xz" ]; then
   python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$G/pipeline.xz" "$G/pipeline"
   chmod +x "$G/pipeline"
 fi
-if ! python3 -c 'import peft' 2>/dev/null && ls "$G"/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/*.whl && export PYTHONPATH=/tmp/site
-fi
-if ldd "$G/pipeline" | grep -q "not found"; then  # cuBLAS / NVRTC 13 from the wheels beside PyTorch
-  extra=$(python3 -c "import glob,site; print(':'.join(sorted({p.rsplit('/',1)[0] for s in site.getsitepackages() for p in glob.glob(s+'/nvidia/**/lib/lib*.so*', recursive=True)})))")
-  export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:$extra"
-fi
-export RUST_BACKTRACE=1 PYTHONUNBUFFERED=1
+# shellcheck disable=SC1091
+. "$G/device-setup.sh" "$G/pipeline"
 P=$G/pipeline
 status=0
 sample_mem() { # largest nvidia-smi memory.used (MiB) until the file $1.stop appears

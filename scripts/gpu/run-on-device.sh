@@ -7,21 +7,10 @@
 # 3. a Markdown table of both. Logs and the table go to $OUT (or .gpu/out).
 set -uo pipefail
 G=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-OUT=${OUT:-$G/out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 # shellcheck disable=SC1091
-source "$G/setup.sh"
-if ! python3 -c 'import peft' 2>/dev/null && ls "$G"/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/*.whl && export PYTHONPATH=/tmp/site
-fi
-# cuBLAS / NVRTC 13: from the CUDA install (setup.sh), else from the wheels beside PyTorch
-if ldd "$G/model-tests" | grep -q "not found"; then
-  extra=$(python3 -c "import glob,site; print(':'.join(sorted({p.rsplit('/',1)[0] for s in site.getsitepackages() for p in glob.glob(s+'/nvidia/**/lib/lib*.so*', recursive=True)})))")
-  export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:$extra"
-fi
+. "$G/device-setup.sh" "$G/model-tests"
 ldd "$G/model-tests" | grep -E "cuda|cublas|nvrtc"
-export PIPELINE_TEST_FIXTURES=$G/fixtures RUST_BACKTRACE=1 PYTHONUNBUFFERED=1
+export PIPELINE_TEST_FIXTURES=$G/fixtures
 status=0
 echo "== parity on cuda"
 PIPELINE_TEST_DEVICE=cuda timeout "${PARITY_TIMEOUT:-150}" "$G/model-tests" --test-threads 1 --nocapture \

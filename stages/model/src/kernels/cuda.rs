@@ -197,7 +197,10 @@ pub(crate) fn head_logprobs(
         let f = cu.get_func(MODULE, "add_target_rows").expect("loaded");
         // SAFETY: reads w rows at y (< vocab, checked by the caller), writes rows×hidden of uc.
         unsafe {
-            f.launch(LaunchConfig::for_num_elems((rows * hidden) as u32), (&mut uc, wb, &yc, &nc, rows as u64, hidden as u64))?
+            f.launch(
+                LaunchConfig::for_num_elems((rows * hidden) as u32),
+                (&mut uc, wb, &yc, &nc, rows as u64, hidden as u64),
+            )?
         };
         r0 += rows;
     }

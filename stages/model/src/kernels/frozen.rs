@@ -60,7 +60,8 @@ fn matmul_wt_cuda<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
         let (n, _) = *dy.shape();
         let dy: Tensor<(usize, usize), f32, Cuda> = cast(dy.reshape_like(&(n, o.size()))).expect("a CUDA tensor");
         let dst = cuda_buffer::<D>(grads.get_or_alloc_mut(&xg)?).expect("a CUDA buffer");
-        cuda::frozen_backward(&w.device().clone(), dst, &dy, &w).map_err(|e| cast::<CudaError, D::Err>(e).expect("CUDA error type"))
+        cuda::frozen_backward(&w.device().clone(), dst, &dy, &w)
+            .map_err(|e| cast::<CudaError, D::Err>(e).expect("CUDA error type"))
     });
     y.put_tape(tape)
 }

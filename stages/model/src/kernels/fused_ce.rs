@@ -144,7 +144,7 @@ fn block(
             if (v0..v0 + width).contains(&y) {
                 tgt[r] = row[y - v0];
             }
-            let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mx = row_max(row);
             if mx > m[r] {
                 let scale = if m[r] == f32::NEG_INFINITY { 0.0 } else { exp(m[r] - mx) };
                 l[r] *= scale;
@@ -200,50 +200,141 @@ fn exp_shifted(row: &mut [f32], m: f32) -> f32 {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
         return unsafe { exp_shifted_avx2(row, m) };
     }
-    exp_shifted_scalar(row, m)
+    exp_shifted_with::<false>(row, m)
 }
 
 #[inline(always)]
-fn exp_shifted_scalar(row: &mut [f32], m: f32) -> f32 {
+fn exp_shifted_with<const FMA: bool>(row: &mut [f32], m: f32) -> f32 {
     let mut sum = [0f32; 8];
     let mut chunks = row.chunks_exact_mut(8);
     for c in &mut chunks {
         for l in 0..8 {
-            c[l] = exp(c[l] - m);
+            c[l] = exp_with::<FMA>(c[l] - m);
             sum[l] += c[l];
         }
     }
     let mut total: f32 = sum.iter().sum();
     for x in chunks.into_remainder() {
-        *x = exp(*x - m);
+        *x = exp_with::<FMA>(*x - m);
         total += *x;
     }
     total
 }
 
+/// [`exp_shifted_with`] in AVX2 + FMA intrinsics (the compiler only half-vectorises the scalar
+/// form), tested against it.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_shifted_avx2(row: &mut [f32], m: f32) -> f32 {
-    exp_shifted_scalar(row, m)
+    use std::arch::x86_64::*;
+    let vm = _mm256_set1_ps(m);
+    let mut acc = _mm256_setzero_ps();
+    let full = row.len() / 8 * 8;
+    let ptr = row.as_mut_ptr();
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + 8 <= row.len()
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(ptr.add(i)), vm));
+        _mm256_storeu_ps(ptr.add(i), e);
+        acc = _mm256_add_ps(acc, e);
+        i += 8;
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    let mut total: f32 = lanes.iter().sum();
+    for x in &mut row[full..] {
+        *x = exp_with::<true>(*x - m);
+        total += *x;
+    }
+    total
+}
+
+/// [`exp_with`] on 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    const ROUND: f32 = 12_582_912.0;
+    let x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0)), _mm256_set1_ps(-87.0));
+    let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(ROUND));
+    let n = _mm256_sub_ps(t, _mm256_set1_ps(ROUND));
+    let k = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(ROUND.to_bits() as i32));
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.121_944_4e-4), _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693_359_4), x));
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let e = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0));
+    let scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
+    _mm256_mul_ps(e, scale)
+}
+
+/// The row's maximum (AVX2 when present).
+fn row_max(row: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { row_max_avx2(row) };
+    }
+    row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn row_max_avx2(row: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut mx = _mm256_set1_ps(f32::NEG_INFINITY);
+    let full = row.len() / 8 * 8;
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + 8 <= row.len()
+        mx = _mm256_max_ps(mx, _mm256_loadu_ps(row.as_ptr().add(i)));
+        i += 8;
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), mx);
+    lanes.iter().chain(&row[full..]).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// `a·b + c`, fused where the caller runs with FMA (a plain `mul_add` without the instruction is
+/// a slow library call).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `e^x` without fused multiply-adds (tests and the odd scalar caller).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    exp_with::<false>(x)
 }
 
 /// `e^x` for `x ≤ 0` (and moderate positive `x`) to about 2 ulp, written so the compiler
 /// vectorises it: `x = n·ln2 + r` with `|r| ≤ ln2/2`, a degree-6 polynomial for `e^r` (Cephes'
-/// `expf` coefficients), and `2^n` put into the exponent bits. Underflows to 0 below −87.
+/// `expf` coefficients), and `2^n` put into the exponent bits. `n` is rounded with the
+/// 1.5·2²³ trick and read from the float's bits, because a float-to-int `as` cast (saturating)
+/// does not vectorise. Underflows to ~1e-38 below −87.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+fn exp_with<const FMA: bool>(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer in the low mantissa bits
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let t = madd::<FMA>(x, std::f32::consts::LOG2_E, ROUND);
+    let n = t - ROUND;
+    let k = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32; // n as an integer
+    let r = madd::<FMA>(n, 2.121_944_4e-4, madd::<FMA>(n, -0.693_359_4, x));
     let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    e * scale
+    p = madd::<FMA>(p, r, 1.398_199_9e-3);
+    p = madd::<FMA>(p, r, 8.333_452e-3);
+    p = madd::<FMA>(p, r, 4.166_579_6e-2);
+    p = madd::<FMA>(p, r, 1.666_666_5e-1);
+    p = madd::<FMA>(p, r, 5.000_000_1e-1);
+    let e = madd::<FMA>(p * r, r, r) + 1.0;
+    e * f32::from_bits(((k + 127) as u32) << 23)
 }
 
 /// The fused op on a taped `h: [n, H]`: log-probs `[n]` whose backward adds `g[t]·u[t]` to `dh`.
@@ -319,11 +410,26 @@ mod tests {
         for i in 0..200_000 {
             let x = -87.0 + 95.0 * i as f32 / 200_000.0;
             let want = (x as f64).exp();
-            let rel = ((exp(x) as f64 - want) / want).abs();
-            worst = worst.max(rel);
+            for got in [exp_with::<false>(x), exp_with::<true>(x)] {
+                worst = worst.max(((got as f64 - want) / want).abs());
+            }
         }
         assert!(worst < 3e-7, "{worst:e}");
         assert!(exp(-200.0) < 1e-37 && exp(0.0) == 1.0);
+    }
+
+    #[test]
+    fn simd_exp_and_max_match_the_scalar_forms() {
+        let row: Vec<f32> = (0..1003).map(|i| ((i * 7919 % 1000) as f32 / 10.0) - 95.0).collect();
+        let want_max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        assert_eq!(row_max(&row), want_max);
+        let (mut a, mut b) = (row.clone(), row.clone());
+        let sa = exp_shifted(&mut a, 2.0);
+        let sb = exp_shifted_with::<false>(&mut b, 2.0);
+        assert!((sa - sb).abs() <= 1e-5 * sb.abs(), "{sa} vs {sb}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-6 * y.abs(), "{x} vs {y}");
+        }
     }
 
     /// Against the unfused f64 reference `log_softmax(h·Wᵀ)[y]` and its gradient, with a vocabulary
