@@ -50,11 +50,10 @@ use pipeline_train::lm::{
     precompute_dpo_reference, precompute_kto_reference, DpoObjective, KtoDataset, KtoObjective, PairDataset,
     PairExample,
 };
-use pipeline_train::stage::stage_error;
-use pipeline_train::{DpoConfig, KtoConfig, TrainOutcome};
+use pipeline_train::{DpoConfig, KtoConfig, TrainConfig, TrainOutcome};
 
 use crate::data::{read_dataset, Message, Sample};
-use crate::training::{self, TunerParams};
+use crate::training::{self, stage_error, TunerParams};
 
 pub(crate) struct Align;
 
@@ -65,50 +64,38 @@ enum RlhfType {
     Kto,
 }
 
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    #[serde(default = "dpo")]
-    rlhf_type: RlhfType,
-    #[serde(default = "beta")]
-    beta: f64,
-    #[serde(default)]
-    label_smoothing: f64,
-    #[serde(default)]
-    rpo_alpha: Option<f64>,
-    #[serde(default = "one")]
-    desirable_weight: f64,
-    #[serde(default = "one")]
-    undesirable_weight: f64,
+training::stage_params! {
+    /// `align`'s `[params]`: its own keys, the tuner keys and the training arguments (see the
+    /// module docs).
+    struct Params {
+        rlhf_type: RlhfType = RlhfType::Dpo,
+        /// KL strength.
+        beta: f64 = 0.1,
+        /// DPO: conservative DPO's ε, in [0, 0.5).
+        label_smoothing: f64 = 0.0,
+        /// DPO: weight of the chosen NLL term (RPO).
+        rpo_alpha: Option<f64> = None,
+        /// KTO: λ_D.
+        desirable_weight: f64 = 1.0,
+        /// KTO: λ_U.
+        undesirable_weight: f64 = 1.0,
+    }
+    groups {
+        tuner: TunerParams = training::with_tuner_args,
+        train: TrainConfig = pipeline_train::with_train_args,
+    }
 }
 
-fn dpo() -> RlhfType {
-    RlhfType::Dpo
-}
-fn beta() -> f64 {
-    0.1
-}
-fn one() -> f64 {
-    1.0
-}
-
-const OWN: &[&str] = &["rlhf_type", "beta", "label_smoothing", "rpo_alpha", "desirable_weight", "undesirable_weight"];
-
-fn parse(params: &toml::Table) -> Result<(pipeline_train::TrainConfig, TunerParams, Params), StageError> {
-    let (cfg, rest): (_, toml::Table) = training::split(params)?;
-    let (own, tuner): (toml::Table, toml::Table) = rest.into_iter().partition(|(k, _)| OWN.contains(&k.as_str()));
-    let tuner: TunerParams = pipeline_engine::stage::parse_params(&tuner)
-        .map_err(|e| StageError::Params(format!("{e}; align keys: {}", OWN.join(", "))))?;
-    tuner.check()?;
-    tuner.trainable()?;
-    let p: Params = pipeline_engine::stage::parse_params(&own)?;
+/// The stage's params, parsed and checked.
+fn parse(params: &toml::Table) -> Result<Params, StageError> {
+    let p = Params::parse(params)?;
     if p.beta <= 0.0 || !p.beta.is_finite() {
         return Err(StageError::Params("`beta` must be > 0".into()));
     }
     if !(0.0..0.5).contains(&p.label_smoothing) {
         return Err(StageError::Params("`label_smoothing` must be in [0, 0.5)".into()));
     }
-    Ok((cfg, tuner, p))
+    Ok(p)
 }
 
 /// Prompt ids and completion ids, in model ids.
@@ -158,8 +145,8 @@ impl Stage for Align {
     }
     fn declare(&self, ctx: &PlanCtx<'_>) -> Result<Declared, StageError> {
         ctx.check_inputs(&["data"], &["model"])?;
-        let (_, t, _) = parse(ctx.params)?;
-        let files = training::declared_model_files(ctx, t.model.as_deref())?;
+        let p = parse(ctx.params)?;
+        let files = training::declared_model_files(ctx, p.tuner.model.as_deref())?;
         Ok(Declared { outputs: vec!["model".into(), "metrics".into()], files })
     }
     fn run(&self, ctx: &RunCtx) -> Result<(), StageError> {
@@ -169,7 +156,8 @@ impl Stage for Align {
 
 fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
     let t0 = Instant::now();
-    let (cfg, t, p) = parse(ctx.raw_params())?;
+    let p = parse(ctx.raw_params())?;
+    let (cfg, t) = (&p.train, &p.tuner);
     let seed = cfg.seed_or(ctx.seed());
     let src = training::model_path(ctx, t.model.as_deref())?;
     let mut pre = training::load(&src, dev)?;
@@ -209,7 +197,7 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
             let mut obj = DpoObjective {
                 cfg: DpoConfig { beta: p.beta, label_smoothing: p.label_smoothing, rpo_alpha: p.rpo_alpha },
             };
-            training::fit(ctx, &label, &cfg, seed, dev, pre.model, &mut obj, &data, None)?
+            training::fit(ctx, &label, cfg, seed, dev, pre.model, &mut obj, &data, None)?
         }
         RlhfType::Kto => {
             let mut kto_rows = Vec::new();
@@ -240,7 +228,7 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
                     undesirable_weight: p.undesirable_weight,
                 },
             };
-            training::fit(ctx, &label, &cfg, seed, dev, pre.model, &mut obj, &data, None)?
+            training::fit(ctx, &label, cfg, seed, dev, pre.model, &mut obj, &data, None)?
         }
     };
     training::write_model(&model_dir, model, Some(&src), system.as_deref())?;

@@ -52,30 +52,36 @@ use pipeline_model::tokenizer::Tokenizer;
 use pipeline_model::vocab::VocabMap;
 use pipeline_model::{Dims, ModelConfig, Qwen2, TinyDims, Trainable};
 use pipeline_train::lm::CausalLmObjective;
-use pipeline_train::stage::stage_error;
 use pipeline_train::{pack_documents, split_indices, Subset, TokenDataset, TokenExample, TrainConfig};
 
 use crate::data::{read_dataset, Sample};
-use crate::training::{self, TrainType};
+use crate::training::{self, stage_error, TrainType};
 
 pub(crate) struct Pretrain;
 
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default, alias = "tuner_type")]
-    train_type: Option<TrainType>,
-    #[serde(default)]
-    system: Option<String>,
+training::stage_params! {
+    /// `pretrain`'s `[params]` (see the module docs).
+    struct Params {
+        /// HF folder to continue from; absent = the `model` input, else the tiny preset.
+        model: Option<String> = None,
+        /// Only `"full"`: pretraining trains every weight.
+        #[serde(alias = "tuner_type")]
+        train_type: Option<TrainType> = None,
+        /// Default system prompt when rendering chat rows.
+        system: Option<String> = None,
+    }
+    groups {
+        train: TrainConfig = pipeline_train::with_train_args,
+    }
 }
 
-fn check(p: &Params) -> Result<(), StageError> {
+/// The stage's params, parsed and checked.
+fn parse(params: &toml::Table) -> Result<Params, StageError> {
+    let p = Params::parse(params)?;
     if p.train_type == Some(TrainType::Lora) {
         return Err(StageError::Params("pretrain trains every weight: `train_type` must be \"full\"".into()));
     }
-    Ok(())
+    Ok(p)
 }
 
 /// Tokenizer ids of every document: the `text` column, else the rendered conversation.
@@ -129,8 +135,7 @@ impl Stage for Pretrain {
     }
     fn declare(&self, ctx: &PlanCtx<'_>) -> Result<Declared, StageError> {
         ctx.check_inputs(&["data"], &["vocab_data", "model"])?;
-        let (_, p): (_, Params) = training::split(ctx.params)?;
-        check(&p)?;
+        let p = parse(ctx.params)?;
         let files = p.model.iter().map(|m| ctx.resolve(training::shellexpand_env(m))).collect();
         Ok(Declared { outputs: vec!["model".into(), "metrics".into()], files })
     }
@@ -141,9 +146,8 @@ impl Stage for Pretrain {
 
 fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
     let t0 = Instant::now();
-    let (cfg, p): (_, Params) = training::split(ctx.raw_params())?;
-    check(&p)?;
-    let seed = cfg.seed_or(ctx.seed());
+    let p = parse(ctx.raw_params())?;
+    let seed = p.train.seed_or(ctx.seed());
     let rows = read_all(ctx.inputs("data"))?;
     let src = match (&p.model, ctx.input_opt("model")) {
         (None, None) => None,
@@ -157,7 +161,7 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
             let docs = documents(&pre.tokenizer, chat, &rows, p.system.as_deref())?;
             let docs: Vec<Vec<u32>> = docs.iter().map(|d| pre.to_model_ids(d)).collect();
             let eos = pre.to_model_ids(&[special(&pre.tokenizer, "<|endoftext|>")?])[0];
-            let run = Fit { ctx, cfg: &cfg, p: &p, seed, eos, vocab: None, src: Some(path), t0 };
+            let run = Fit { ctx, p: &p, seed, eos, vocab: None, src: Some(path), t0 };
             run.fit(pre.model, &docs)
         }
         None => {
@@ -177,7 +181,7 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
                 .map_err(StageError::failed)?;
             let docs: Vec<Vec<u32>> = docs.iter().map(|d| vocab.to_model(d, 0)).collect();
             let eos = vocab.to_model(&[required[0]], 0)[0];
-            let run = Fit { ctx, cfg: &cfg, p: &p, seed, eos, vocab: Some(&vocab), src: None, t0 };
+            let run = Fit { ctx, p: &p, seed, eos, vocab: Some(&vocab), src: None, t0 };
             run.fit(model, &docs)
         }
     }
@@ -186,7 +190,6 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
 /// What [`Fit::fit`] needs besides the model and the documents.
 struct Fit<'a> {
     ctx: &'a RunCtx,
-    cfg: &'a TrainConfig,
     p: &'a Params,
     seed: u64,
     /// `<|endoftext|>` as a model id: the packing separator.
@@ -203,7 +206,7 @@ impl Fit<'_> {
     /// model's device and dimension types: the tiny preset trains as `Qwen2<D, TinyDims>`, a model
     /// from disk as `Qwen2<D>`.
     fn fit<D: Device<f32>, S: Dims>(&self, mut model: Qwen2<D, S>, docs: &[Vec<u32>]) -> Result<(), StageError> {
-        let (ctx, cfg, seed) = (self.ctx, self.cfg, self.seed);
+        let (ctx, cfg, seed) = (self.ctx, &self.p.train, self.seed);
         if docs.is_empty() {
             return Err(StageError::failed("input `data` has no document (no `text` and no messages)"));
         }

@@ -47,13 +47,21 @@ use dfdx::prelude::Device;
 use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError};
 use pipeline_model::pretrained::Pretrained;
 use pipeline_train::lm::CausalLmObjective;
-use pipeline_train::stage::stage_error;
-use pipeline_train::{split_indices, Subset, TokenDataset, TokenExample};
+use pipeline_train::{split_indices, Subset, TokenDataset, TokenExample, TrainConfig};
 
 use crate::data::{read_dataset, Sample};
-use crate::training::{self, TunerParams};
+use crate::training::{self, stage_error, TunerParams};
 
 pub(crate) struct Sft;
+
+training::stage_params! {
+    /// `sft`'s `[params]`: the tuner keys and the training arguments (see the module docs).
+    struct Params {}
+    groups {
+        tuner: TunerParams = training::with_tuner_args,
+        train: TrainConfig = pipeline_train::with_train_args,
+    }
+}
 
 /// Token examples (model ids, assistant-token labels) of the rows that have an assistant turn;
 /// returns them and the number of rows skipped.
@@ -90,10 +98,8 @@ impl Stage for Sft {
     }
     fn declare(&self, ctx: &PlanCtx<'_>) -> Result<Declared, StageError> {
         ctx.check_inputs(&["data"], &["model", "eval"])?;
-        let (_, p): (_, TunerParams) = training::split(ctx.params)?;
-        p.check()?;
-        p.trainable()?;
-        let files = training::declared_model_files(ctx, p.model.as_deref())?;
+        let p = Params::parse(ctx.params)?;
+        let files = training::declared_model_files(ctx, p.tuner.model.as_deref())?;
         Ok(Declared { outputs: vec!["model".into(), "metrics".into()], files })
     }
     fn run(&self, ctx: &RunCtx) -> Result<(), StageError> {
@@ -103,8 +109,7 @@ impl Stage for Sft {
 
 fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
     let t0 = Instant::now();
-    let (cfg, p): (_, TunerParams) = training::split(ctx.raw_params())?;
-    p.check()?;
+    let Params { tuner: p, train: cfg } = Params::parse(ctx.raw_params())?;
     let seed = cfg.seed_or(ctx.seed());
     let src = training::model_path(ctx, p.model.as_deref())?;
     let mut pre = training::load(&src, dev)?;

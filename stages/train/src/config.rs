@@ -1,5 +1,11 @@
 //! [`TrainConfig`]: the training hyper-parameters, named as ms-swift / transformers'
 //! `TrainingArguments` name them so that a recipe reads like the `swift sft` command line.
+//!
+//! The fields are defined once, in [`with_train_args!`](crate::with_train_args): [`TrainConfig`]
+//! is built from that list by [`params_group!`](crate::params_group), and so is every training
+//! stage's `[params]` struct (pipeline-stages' `training::stage_params!`), which puts these keys
+//! beside the stage's own in one strict serde struct, so that a misspelt key in a recipe is an
+//! error that lists every key the stage knows.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,122 +26,101 @@ pub enum SchedulerType {
     ConstantWithWarmup,
 }
 
-/// Training hyper-parameters. Every field has a default; unknown keys are an error.
+/// The one definition of the training arguments: `with_train_args!({ path::to::m } tokens...)`
+/// expands to `path::to::m! { tokens... [ fields ] }`, each field written
+/// `#[attributes] name: Type = default,` (types and defaults are `$crate` paths, so they resolve
+/// in any crate). [`params_group!`](crate::params_group) turns the list into [`TrainConfig`];
+/// pipeline-stages' `stage_params!` merges it into a stage's params struct.
 ///
 /// Defaults follow ms-swift's `swift sft` where it has one (`weight_decay = 0.1`,
 /// `adam_beta2 = 0.95`, `split_ratio = 0.01`...). Differences from transformers, on purpose:
 /// `group_by_length` defaults to `true` (padding is expensive on a CPU), and `seed` defaults to the
 /// recipe's seed (the stage fills it in).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrainConfig {
-    /// Peak learning rate.
-    pub learning_rate: f64,
-    /// Passes over the training split (fractions allowed); ignored when `max_steps > 0`.
-    pub num_train_epochs: f64,
-    /// Total optimizer steps; `-1` (or any value <= 0) means "from `num_train_epochs`".
-    pub max_steps: i64,
-    /// Examples per micro-batch.
-    pub per_device_train_batch_size: usize,
-    /// Examples per evaluation batch.
-    pub per_device_eval_batch_size: usize,
-    /// Micro-batches per optimizer step.
-    pub gradient_accumulation_steps: usize,
-    /// Warmup length as a fraction of the total steps (used when `warmup_steps` is 0).
-    pub warmup_ratio: f64,
-    /// Warmup length in steps; wins over `warmup_ratio` when > 0.
-    pub warmup_steps: u64,
-    pub lr_scheduler_type: SchedulerType,
-    /// Decoupled (AdamW) weight decay; biases and norm weights are excluded (see [`crate::optim`]).
-    pub weight_decay: f64,
-    pub adam_beta1: f64,
-    pub adam_beta2: f64,
-    pub adam_epsilon: f64,
-    /// Clip the global L2 norm of the gradients to this value; 0 disables clipping.
-    pub max_grad_norm: f64,
-    /// Longest sequence in tokens; longer examples are truncated (packing block size for pretrain).
-    pub max_length: usize,
-    /// Log the averaged training loss, lr, grad norm and tokens/s every this many steps.
-    pub logging_steps: u64,
-    /// Evaluate every this many steps (default: `save_steps`). Evaluation also runs at the end.
-    pub eval_steps: Option<u64>,
-    /// Save a checkpoint every this many steps (and at the end).
-    pub save_steps: u64,
-    /// Keep at most this many `checkpoint-*` directories (the best one is kept apart).
-    pub save_total_limit: Option<usize>,
-    /// Fraction of the training data held out for evaluation when no `eval` input is given.
-    #[serde(alias = "split_dataset_ratio")]
-    pub split_ratio: f64,
-    /// Stop after this many evaluations without a lower eval loss.
-    pub early_stopping_patience: Option<u32>,
-    /// Put the parameters of the lowest-eval-loss checkpoint back at the end.
-    pub load_best_model_at_end: bool,
-    /// Batch examples of similar length together (transformers' `LengthGroupedSampler`).
-    pub group_by_length: bool,
-    /// Data order, split, dropout and init seed; `None` = the recipe's seed.
-    pub seed: Option<u64>,
+#[macro_export]
+macro_rules! with_train_args {
+    ({ $($callback:tt)* } $($args:tt)*) => {
+        $($callback)*! { $($args)* [
+            /// Peak learning rate.
+            learning_rate: f64 = 1e-4,
+            /// Passes over the training split (fractions allowed); ignored when `max_steps > 0`.
+            num_train_epochs: f64 = 1.0,
+            /// Total optimizer steps; `-1` (or any value <= 0) means "from `num_train_epochs`".
+            max_steps: i64 = -1,
+            /// Examples per micro-batch.
+            per_device_train_batch_size: usize = 1,
+            /// Examples per evaluation batch.
+            per_device_eval_batch_size: usize = 1,
+            /// Micro-batches per optimizer step.
+            gradient_accumulation_steps: usize = 1,
+            /// Warmup length as a fraction of the total steps (used when `warmup_steps` is 0).
+            warmup_ratio: f64 = 0.05,
+            /// Warmup length in steps; wins over `warmup_ratio` when > 0.
+            warmup_steps: u64 = 0,
+            /// Learning-rate schedule after warmup.
+            lr_scheduler_type: $crate::SchedulerType = $crate::SchedulerType::Cosine,
+            /// Decoupled (AdamW) weight decay; biases and norm weights are excluded (see `optim`).
+            weight_decay: f64 = 0.1,
+            adam_beta1: f64 = 0.9,
+            adam_beta2: f64 = 0.95,
+            adam_epsilon: f64 = 1e-8,
+            /// Clip the global L2 norm of the gradients to this value; 0 disables clipping.
+            max_grad_norm: f64 = 1.0,
+            /// Longest sequence in tokens; longer examples are truncated (packing block size for pretrain).
+            max_length: usize = 2048,
+            /// Log the averaged training loss, lr, grad norm and tokens/s every this many steps.
+            logging_steps: u64 = 5,
+            /// Evaluate every this many steps (default: `save_steps`). Evaluation also runs at the end.
+            eval_steps: ::core::option::Option<u64> = ::core::option::Option::None,
+            /// Save a checkpoint every this many steps (and at the end).
+            save_steps: u64 = 500,
+            /// Keep at most this many `checkpoint-*` directories (the best one is kept apart).
+            save_total_limit: ::core::option::Option<usize> = ::core::option::Option::None,
+            /// Fraction of the training data held out for evaluation when no `eval` input is given.
+            #[serde(alias = "split_dataset_ratio")]
+            split_ratio: f64 = 0.01,
+            /// Stop after this many evaluations without a lower eval loss.
+            early_stopping_patience: ::core::option::Option<u32> = ::core::option::Option::None,
+            /// Put the parameters of the lowest-eval-loss checkpoint back at the end.
+            load_best_model_at_end: bool = true,
+            /// Batch examples of similar length together (transformers' `LengthGroupedSampler`).
+            group_by_length: bool = true,
+            /// Data order, split, dropout and init seed; `None` = the recipe's seed.
+            seed: ::core::option::Option<u64> = ::core::option::Option::None,
+        ] }
+    };
 }
 
-impl Default for TrainConfig {
-    fn default() -> Self {
-        TrainConfig {
-            learning_rate: 1e-4,
-            num_train_epochs: 1.0,
-            max_steps: -1,
-            per_device_train_batch_size: 1,
-            per_device_eval_batch_size: 1,
-            gradient_accumulation_steps: 1,
-            warmup_ratio: 0.05,
-            warmup_steps: 0,
-            lr_scheduler_type: SchedulerType::Cosine,
-            weight_decay: 0.1,
-            adam_beta1: 0.9,
-            adam_beta2: 0.95,
-            adam_epsilon: 1e-8,
-            max_grad_norm: 1.0,
-            max_length: 2048,
-            logging_steps: 5,
-            eval_steps: None,
-            save_steps: 500,
-            save_total_limit: None,
-            split_ratio: 0.01,
-            early_stopping_patience: None,
-            load_best_model_at_end: true,
-            group_by_length: true,
-            seed: None,
+/// A plain struct from a field list in the [`with_train_args!`](crate::with_train_args) form:
+/// every field `pub`, `Debug + Clone + PartialEq + Serialize` (the field attributes may be
+/// `#[serde(...)]` ones, which serde reads when the same list builds a stage's wire struct), and a
+/// `Default` made of the listed defaults. The calling crate must depend on `serde`.
+#[macro_export]
+macro_rules! params_group {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident
+        [ $( $(#[$field_meta:meta])* $field:ident : $ty:ty = $default:expr ),* $(,)? ]
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+        $vis struct $name {
+            $( $(#[$field_meta])* pub $field: $ty, )*
         }
-    }
+
+        impl ::core::default::Default for $name {
+            fn default() -> Self {
+                $name { $( $field: $default, )* }
+            }
+        }
+    };
 }
 
-/// Every key [`TrainConfig`] accepts (aliases included), for stages that split one `params`
-/// table between their own config and this one (see [`TrainConfig::split_params`]).
-pub const TRAIN_CONFIG_KEYS: &[&str] = &[
-    "learning_rate",
-    "num_train_epochs",
-    "max_steps",
-    "per_device_train_batch_size",
-    "per_device_eval_batch_size",
-    "gradient_accumulation_steps",
-    "warmup_ratio",
-    "warmup_steps",
-    "lr_scheduler_type",
-    "weight_decay",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-    "max_grad_norm",
-    "max_length",
-    "logging_steps",
-    "eval_steps",
-    "save_steps",
-    "save_total_limit",
-    "split_ratio",
-    "split_dataset_ratio",
-    "early_stopping_patience",
-    "load_best_model_at_end",
-    "group_by_length",
-    "seed",
-];
+crate::with_train_args! {
+    { crate::params_group }
+    /// Training hyper-parameters (their meaning and defaults: [`with_train_args!`](crate::with_train_args)).
+    /// Ranges are checked by [`TrainConfig::validate`].
+    pub struct TrainConfig
+}
 
 impl TrainConfig {
     /// Check ranges; the message names the field.
@@ -207,18 +192,6 @@ impl TrainConfig {
     pub fn seed_or(&self, fallback: u64) -> u64 {
         self.seed.unwrap_or(fallback)
     }
-
-    /// Split a stage's `params` table into the training keys (parsed as a [`TrainConfig`] and
-    /// validated) and the rest, for the stage's own strict config. Serde's unknown-key message for
-    /// the rest lists only the stage's keys, so callers should append [`TRAIN_CONFIG_KEYS`] to it.
-    pub fn split_params(params: &toml::Table) -> Result<(TrainConfig, toml::Table), TrainError> {
-        let (train, rest): (toml::Table, toml::Table) =
-            params.clone().into_iter().partition(|(k, _)| TRAIN_CONFIG_KEYS.contains(&k.as_str()));
-        let cfg: TrainConfig =
-            toml::Value::Table(train).try_into().map_err(|e: toml::de::Error| TrainError::Config(e.to_string()))?;
-        cfg.validate()?;
-        Ok((cfg, rest))
-    }
 }
 
 #[cfg(test)]
@@ -226,18 +199,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_validate_and_unknown_keys_are_rejected() {
+    fn defaults_validate() {
         TrainConfig::default().validate().unwrap();
-        let err = serde_json::from_str::<TrainConfig>(r#"{"learning_rat": 1e-4}"#).unwrap_err().to_string();
-        assert!(err.contains("learning_rat") && err.contains("learning_rate"), "{err}");
     }
 
+    /// The field names, their order and the defaults, as a checkpoint's fingerprint serialises
+    /// them (a change here stops interrupted runs from resuming, and changes what recipes mean).
     #[test]
-    fn split_dataset_ratio_is_an_alias() {
-        let c: TrainConfig =
-            serde_json::from_str(r#"{"split_dataset_ratio": 0.2, "lr_scheduler_type": "linear"}"#).unwrap();
-        assert_eq!(c.split_ratio, 0.2);
-        assert_eq!(c.lr_scheduler_type, SchedulerType::Linear);
+    fn defaults_and_names_are_the_swift_ones() {
+        let json = serde_json::to_string(&TrainConfig::default()).unwrap();
+        assert_eq!(
+            json,
+            concat!(
+                r#"{"learning_rate":0.0001,"num_train_epochs":1.0,"max_steps":-1,"per_device_train_batch_size":1,"#,
+                r#""per_device_eval_batch_size":1,"gradient_accumulation_steps":1,"warmup_ratio":0.05,"#,
+                r#""warmup_steps":0,"lr_scheduler_type":"cosine","weight_decay":0.1,"adam_beta1":0.9,"#,
+                r#""adam_beta2":0.95,"adam_epsilon":1e-8,"max_grad_norm":1.0,"max_length":2048,"logging_steps":5,"#,
+                r#""eval_steps":null,"save_steps":500,"save_total_limit":null,"split_ratio":0.01,"#,
+                r#""early_stopping_patience":null,"load_best_model_at_end":true,"group_by_length":true,"seed":null}"#
+            )
+        );
     }
 
     #[test]
@@ -246,22 +227,5 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("gradient_accumulation_steps"));
         let c = TrainConfig { adam_beta2: 1.0, ..Default::default() };
         assert!(c.validate().unwrap_err().to_string().contains("adam_beta2"));
-    }
-
-    #[test]
-    fn every_field_is_listed_in_the_keys() {
-        let v = serde_json::to_value(TrainConfig::default()).unwrap();
-        for k in v.as_object().unwrap().keys() {
-            assert!(TRAIN_CONFIG_KEYS.contains(&k.as_str()), "{k} missing from TRAIN_CONFIG_KEYS");
-        }
-    }
-
-    #[test]
-    fn split_params_separates_train_keys() {
-        let m: toml::Table = toml::from_str("learning_rate = 2e-4\nlora_rank = 8").unwrap();
-        let (cfg, rest) = TrainConfig::split_params(&m).unwrap();
-        assert_eq!(cfg.learning_rate, 2e-4);
-        assert_eq!(rest.len(), 1);
-        assert!(rest.contains_key("lora_rank"));
     }
 }

@@ -21,19 +21,52 @@
 //!   directory) and `metrics.jsonl` + `loss_curve.png` into `TrainPaths::report`, and reports
 //!   through [`Callbacks`].
 //!
-//! ```ignore
-//! struct CausalLm<'a> { base: &'a Qwen2 }            // frozen base, LoRA adapters trained
-//! impl<'a, D: Device<f32>> Objective<LoraAdapters<D>, D> for CausalLm<'a> {
+//! A bigram language model (an embedding and a linear head, every weight trained) with the
+//! causal-LM loss on its labelled tokens, trained for a few steps:
+//!
+//! ```
+//! use dfdx::prelude::*;
+//! use pipeline_train::{
+//!     masked_mean_nll, token_logprobs, train, LmBatch, LossOutput, NoCallbacks, Objective, StepInfo, StopReason,
+//!     TokenDataset, TokenExample, TrainConfig, TrainError, TrainPaths,
+//! };
+//!
+//! const VOCAB: usize = 16;
+//! type Model = <(Embedding<VOCAB, 8>, Linear<8, VOCAB>) as BuildOnDevice<Cpu, f32>>::Built;
+//!
+//! /// Next-token cross-entropy, averaged over the labelled tokens of the batch.
+//! struct CausalLm;
+//!
+//! impl Objective<Model, Cpu> for CausalLm {
 //!     type Batch = LmBatch;
-//!     fn loss<T: Tape<f32, D>>(&mut self, lora: &LoraAdapters<D>, b: &LmBatch, tape: T, info: &StepInfo)
-//!         -> Result<LossOutput<D, T>, TrainError> {
-//!         let logits = self.base.forward_lora(lora, &b.input_ids, b.batch, b.seq, tape, info.seed)?;
-//!         let lp = token_logprobs(logits, &b.targets)?;
-//!         Ok(LossOutput { loss: masked_mean_nll(lp, &b.loss_mask)?, metrics: vec![] })
+//!     fn loss<T: Tape<f32, Cpu>>(
+//!         &mut self,
+//!         model: &Model,
+//!         b: &LmBatch,
+//!         tape: T,
+//!         _info: &StepInfo,
+//!     ) -> Result<LossOutput<Cpu, T>, TrainError> {
+//!         let ids = model.0.weight.device().tensor_from_vec(b.input_ids.clone(), (b.batch, b.seq));
+//!         // (batch, seq, VOCAB) with the vocabulary as a runtime dimension, as `token_logprobs` takes it.
+//!         let logits = model.forward(ids.put_tape(tape)).reshape_like(&(b.batch, b.seq, VOCAB));
+//!         let logprobs = token_logprobs(logits, &b.targets)?;
+//!         Ok(LossOutput { loss: masked_mean_nll(logprobs, &b.loss_mask)?, metrics: vec![] })
 //!     }
 //! }
-//! let outcome = train(&cfg, seed, &dev, &mut adapters, &mut CausalLm { base: &model },
-//!                     &train_set, Some(&eval_set), &paths, &mut callbacks)?;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dev = Cpu::seed_from_u64(0);
+//! let mut model = dev.build_module::<(Embedding<VOCAB, 8>, Linear<8, VOCAB>), f32>();
+//! // Every token of `1 2 3 ... 15` is a target; pad id 0, at most 64 tokens.
+//! let data = TokenDataset::new(vec![TokenExample::all_targets((1..16).collect()); 4], 0, 64)?;
+//! let cfg = TrainConfig { learning_rate: 1e-2, max_steps: 4, split_ratio: 0.0, ..Default::default() };
+//! let dir = tempfile::tempdir()?;
+//! let paths = TrainPaths { checkpoints: dir.path().join("checkpoints"), report: dir.path().join("report") };
+//! let outcome = train(&cfg, 7, &dev, &mut model, &mut CausalLm, &data, None, &paths, &mut NoCallbacks)?;
+//! assert_eq!((outcome.stop, outcome.global_step), (StopReason::Completed, 4));
+//! assert!(paths.report.join("metrics.jsonl").is_file() && paths.checkpoints.join("checkpoint-4").is_dir());
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! # The real model and the stages
@@ -44,9 +77,11 @@
 //!   [`lm::PairDataset`], [`lm::KtoObjective`] on [`lm::KtoDataset`], with the reference
 //!   log-probs precomputed once by [`lm::precompute_dpo_reference`] /
 //!   [`lm::precompute_kto_reference`] (adapters disabled for LoRA, initial weights otherwise).
-//! - [`stage`]: [`stage::RunCtxCallbacks`] (progress, `ctx.metric`, Ctrl-C → checkpoint and
-//!   `Cancelled`), [`stage::paths`] (checkpoints in `ctx.scratch_dir()`), [`stage::report`],
-//!   [`stage::stage_error`], and [`TrainConfig::split_params`] for a stage's `params` table.
+//! - The stages (pipeline-stages' `training.rs`) own everything that touches the engine: they map
+//!   [`Callbacks`] onto their run context (progress, metrics, Ctrl-C → checkpoint and
+//!   `Cancelled`), put the checkpoints in their scratch directory, and parse their `[params]`
+//!   into their own struct that embeds the training arguments of [`with_train_args!`] (this crate
+//!   does not depend on the engine).
 //!
 //! # Exactness
 //!
@@ -75,12 +110,11 @@ pub mod objectives;
 pub mod optim;
 pub mod params;
 pub mod schedule;
-pub mod stage;
 pub mod trainer;
 
 use std::path::PathBuf;
 
-pub use config::{SchedulerType, TrainConfig, TRAIN_CONFIG_KEYS};
+pub use config::{SchedulerType, TrainConfig};
 pub use data::{pack_documents, split_indices, Batch, Dataset, LmBatch, Subset, TokenDataset, TokenExample};
 pub use metrics::{EvalRecord, Record, TrainRecord};
 pub use objectives::{

@@ -4,8 +4,6 @@
 mod golden;
 #[path = "train/qwen.rs"]
 mod qwen;
-#[path = "train/stage_glue.rs"]
-mod stage_glue;
 #[path = "train/tiny.rs"]
 mod tiny;
 #[path = "train/training_loop.rs"]
