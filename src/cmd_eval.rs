@@ -16,7 +16,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Context;
-use pipeline_engine::{EventSink, PlanCtx, RunCtx, RunParts, Stage, StageError, StageEvent};
+use pipeline_engine::{Device, EventSink, PlanCtx, RunCtx, RunParts, Stage, StageError, StageEvent};
 use pipeline_metrics::eval::{qa_rows, score_jsonl};
 use pipeline_metrics::report::{compare, Report};
 use pipeline_stages::evaluate::Evaluate;
@@ -74,9 +74,10 @@ pub struct ModelEvalArgs {
     /// Keep report.json, report.csv and predictions.jsonl in this directory.
     #[arg(long, requires = "model")]
     pub output: Option<PathBuf>,
-    /// Where the model runs (`cuda` needs a binary built with `--features cuda`).
-    #[arg(long, value_enum, default_value = "cpu", requires = "model")]
-    pub device: crate::cmd_run::Device,
+    /// Where the model runs: `cpu`, `cuda` (GPU 0) or `cuda:<N>` (`cuda` needs a binary built
+    /// with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE", requires = "model")]
+    pub device: Device,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -163,10 +164,11 @@ fn run_model(model: &Path, a: &ModelEvalArgs) -> anyhow::Result<()> {
         inputs: BTreeMap::new(),
         outputs: BTreeMap::from([("report".to_string(), out.clone())]),
         scratch: tmp.join("scratch"),
-        options: BTreeMap::from([("device".to_string(), a.device.name().to_string())]),
+        options: BTreeMap::new(),
         sink: Arc::new(StderrSink),
         cancel: Arc::new(AtomicBool::new(false)),
-    });
+    })
+    .with_device(a.device);
     let result = stage.run(&ctx).map_err(usage).and_then(|()| Ok(Report::read(&out)?));
     let _ = std::fs::remove_dir_all(&tmp);
     print!("{}", result?.table());

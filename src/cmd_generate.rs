@@ -14,7 +14,8 @@ use anyhow::Context;
 use pipeline_cache::Store;
 
 use crate::common::{load_plan, CacheArgs, Usage};
-use dfdx::prelude::{Cpu, Device};
+use dfdx::prelude::Cpu;
+use pipeline_engine::Device;
 use pipeline_model::chat::Message;
 use pipeline_model::pretrained::ModelSource;
 use pipeline_model::{generate, GenerationConfig};
@@ -49,9 +50,10 @@ pub struct GenerateArgs {
     pub adapter: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
-    /// Where the model runs (`cuda` needs a binary built with `--features cuda`).
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: crate::cmd_run::Device,
+    /// Where the model runs: `cpu`, `cuda` (GPU 0) or `cuda:<N>` (`cuda` needs a binary built
+    /// with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: Device,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
@@ -77,7 +79,7 @@ fn recipe_model(recipe: &std::path::Path, stage: Option<&str>, cache: &CacheArgs
     let plan = load_plan(recipe)?;
     let id = match stage {
         Some(id) => {
-            let i = plan.require(id).map_err(Usage)?;
+            let i = plan.require(id).map_err(|e| Usage(e.to_string()))?;
             if !plan.stages[i].declared.outputs.iter().any(|o| o == "model") {
                 return Err(Usage(format!("stage `{id}` has no `model` output")).into());
             }
@@ -105,21 +107,18 @@ fn recipe_model(recipe: &std::path::Path, stage: Option<&str>, cache: &CacheArgs
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     match args.device {
-        crate::cmd_run::Device::Cpu => run_on(args, Cpu::default()),
+        Device::Cpu => run_on(args, Cpu::default()),
         #[cfg(feature = "cuda")]
-        crate::cmd_run::Device::Cuda => {
-            let dev = dfdx::prelude::Cuda::try_build(0, 0).map_err(|e| anyhow::anyhow!("cannot open GPU 0: {e:?}"))?;
+        Device::Cuda { ordinal } => {
+            let dev = pipeline_stages::cuda_device(ordinal)?;
             run_on(args, dev)
         }
         #[cfg(not(feature = "cuda"))]
-        crate::cmd_run::Device::Cuda => Err(Usage(
-            "--device cuda: this pipeline binary was built without CUDA support; rebuild with `cargo build --release --features cuda`".into(),
-        )
-        .into()),
+        Device::Cuda { .. } => Err(Usage(pipeline_stages::cuda_not_built(args.device).to_string()).into()),
     }
 }
 
-fn run_on<D: Device<f32>>(args: GenerateArgs, dev: D) -> anyhow::Result<()> {
+fn run_on<D: dfdx::prelude::Device<f32>>(args: GenerateArgs, dev: D) -> anyhow::Result<()> {
     let model = match (&args.model, &args.recipe) {
         (Some(m), _) => m.clone(),
         (None, Some(r)) => recipe_model(r, args.stage.as_deref(), &args.cache)?,

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use pipeline_cache::Store;
-use pipeline_engine::{exec, key, Freshness};
+use pipeline_engine::{exec, Freshness};
 
 use crate::common::{load_plan, CacheArgs, Usage};
 
@@ -32,7 +32,7 @@ fn open(cache: &CacheArgs, recipe: &std::path::Path) -> Option<Store> {
 pub fn plan(args: PlanArgs) -> anyhow::Result<()> {
     let plan = load_plan(&args.recipe)?;
     for id in &args.force {
-        plan.require(id).map_err(Usage)?;
+        plan.require(id).map_err(|e| Usage(e.to_string()))?;
     }
     let statuses = match open(&args.cache, &args.recipe) {
         Some(store) => exec::statuses(&plan, &store, &args.force),
@@ -62,6 +62,7 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<()> {
             Freshness::Waiting(up) => {
                 format!("will run if its inputs change: upstream {} will run first", up.join(", "))
             }
+            Freshness::Unkeyable(e) => format!("will run: {e}"),
         };
         let ins = if inputs.is_empty() { String::new() } else { format!(" <- {}", inputs.join(" ")) };
         println!("{:>3}. {:<w$}  {:<wk$}  {status}{ins}", i + 1, s.id, s.kind);
@@ -71,7 +72,7 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<()> {
 
 pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {
     let plan = load_plan(&args.recipe)?;
-    let idx = plan.require(&args.stage).map_err(Usage)?;
+    let idx = plan.require(&args.stage).map_err(|e| Usage(e.to_string()))?;
     let s = &plan.stages[idx];
     let Some(store) = open(&args.cache, &args.recipe) else {
         println!(
@@ -84,7 +85,6 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {
         return Ok(());
     };
     let st = exec::statuses(&plan, &store, &[]).swap_remove(idx);
-    let new = serde_json::to_value(&st.key)?;
     match &st.freshness {
         Freshness::Cached => {
             println!("stage `{}` ({} v{}): cached", s.id, s.kind, s.stage.version());
@@ -101,17 +101,19 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {
             s.stage.version(),
             up.join(", ")
         ),
+        Freshness::Unkeyable(e) => {
+            println!("stage `{}` ({} v{}): will run: {e}", s.id, s.kind, s.stage.version());
+            return Ok(());
+        }
     }
-    match &st.previous {
+    match &st.changes {
         None => println!("  no previous entry of this stage in the cache"),
-        Some(prev) => {
-            let d = key::diff(prev, &new);
-            if d.is_empty() {
-                println!("  the key is unchanged since its last entry; that entry's outputs are missing or corrupt");
-            }
-            for line in d {
-                let line = line.replace("\"pending:", "\"new output of ");
-                println!("  dirty: {line}");
+        Some(changes) if changes.is_empty() => {
+            println!("  the key is unchanged since its last entry; that entry's outputs are missing or corrupt")
+        }
+        Some(changes) => {
+            for c in changes {
+                println!("  dirty: {c}");
             }
         }
     }

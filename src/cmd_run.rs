@@ -7,26 +7,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use pipeline_cache::Store;
-use pipeline_engine::{exec, ExecError, ExecOptions, Reporter};
+use pipeline_engine::{exec, Device, ExecError, ExecOptions, Reporter};
 
 use crate::common::{load_plan, CacheArgs, Exit, Usage};
 use crate::report::{self, LogFormat};
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-pub enum Device {
-    Cpu,
-    Cuda,
-}
-
-impl Device {
-    /// The run option's value (`device = cpu | cuda`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Device::Cpu => "cpu",
-            Device::Cuda => "cuda",
-        }
-    }
-}
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -44,8 +28,9 @@ pub struct RunArgs {
     /// How many independent stages may run at once.
     #[arg(long, short = 'j', default_value_t = 1)]
     pub jobs: usize,
-    /// Where training and generation run (passed to stages as option `device`).
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// Where training, generation and evaluation run: `cpu`, `cuda` (GPU 0) or `cuda:<N>`; `cuda`
+    /// needs a binary built with `--features cuda`. Not part of the cache key.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     pub device: Device,
     #[command(flatten)]
     pub cache: CacheArgs,
@@ -54,7 +39,7 @@ pub struct RunArgs {
 pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
     let plan = load_plan(&args.recipe)?;
     for id in args.only.iter().chain(&args.until).chain(&args.force) {
-        plan.require(id).map_err(Usage)?;
+        plan.require(id).map_err(|e| Usage(e.to_string()))?;
     }
     if args.jobs == 0 {
         return Err(Usage("--jobs must be at least 1".into()).into());
@@ -76,13 +61,13 @@ pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
         signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.clone())?;
         signal_hook::flag::register(sig, cancel.clone())?;
     }
-    let device = args.device.name();
     let opts = ExecOptions {
         jobs: args.jobs,
         only: args.only,
         until: args.until,
         force: args.force,
-        options: BTreeMap::from([("device".to_string(), device.to_string())]),
+        device: args.device,
+        options: BTreeMap::new(),
         cancel,
     };
     let reporter: Arc<dyn Reporter> = match &json {
@@ -91,7 +76,7 @@ pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
     };
     let summary = match exec::run(&plan, &store, &opts, reporter) {
         Ok(s) => s,
-        Err(ExecError::Usage(m)) => return Err(Usage(m).into()),
+        Err(ExecError::UnknownStage(u)) => return Err(Usage(u.to_string()).into()),
         Err(e) => return Err(e.into()),
     };
     let ok = !summary.failed()

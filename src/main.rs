@@ -91,8 +91,34 @@ fn main() -> ExitCode {
                 eprintln!("error: {u}");
                 return ExitCode::from(2);
             }
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(&e));
             ExitCode::from(1)
         }
+    }
+}
+
+/// The error and its causes, `: `-separated like `{:#}`, except that a cause whose text already
+/// ends the message is not repeated (most library errors print their source in their own message).
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.is_empty() {
+            out = text;
+        } else if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_already_in_the_message_is_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(pipeline_engine::StageError::io("data/x.txt", io)).context("evaluating");
+        assert_eq!(super::chain(&e), "evaluating: data/x.txt: no such file");
     }
 }

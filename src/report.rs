@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pipeline_engine::{EventSink, Reporter, RunSummary, StageEvent, StageOutcome, Status};
+use pipeline_engine::{DirtyReason, EventSink, Reporter, RunSummary, StageEvent, StageOutcome, Status};
 use serde_json::json;
 
 use crate::common::{human_bytes, human_duration, report_counts};
@@ -83,7 +83,7 @@ impl Reporter for Human {
     fn warning(&self, msg: &str) {
         self.line(format!("warning: {msg}"));
     }
-    fn stage_started(&self, id: &str, kind: &str, reason: &str) {
+    fn stage_started(&self, id: &str, kind: &str, reason: &DirtyReason) {
         let b = self.mp.add(ProgressBar::new_spinner());
         b.set_style(spinner_style());
         b.set_prefix(id.to_string());
@@ -226,8 +226,8 @@ impl Reporter for Json {
     fn warning(&self, msg: &str) {
         self.emit(json!({"event": "warning", "message": msg}));
     }
-    fn stage_started(&self, id: &str, kind: &str, reason: &str) {
-        self.emit(json!({"event": "stage_started", "stage": id, "kind": kind, "reason": reason}));
+    fn stage_started(&self, id: &str, kind: &str, reason: &DirtyReason) {
+        self.emit(json!({"event": "stage_started", "stage": id, "kind": kind, "reason": reason.to_string()}));
     }
     fn stage_done(&self, o: &StageOutcome) {
         self.emit(outcome_json(o));

@@ -57,7 +57,9 @@ mod digest;
 mod store;
 
 pub use digest::{digest_file_memo, digest_tree, FileMemo, Tree, TreeFile};
-pub use store::{ArtifactCheck, CacheError, Entry, EntryOutput, LockGuard, Staging, Store, LAYOUT};
+pub use store::{
+    ArtifactCheck, CacheError, Corruption, Entry, EntryDefect, EntryOutput, LockGuard, Staging, Store, LAYOUT,
+};
 
 use sha2::{Digest as _, Sha256};
 

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::digest::{digest_tree, walk, TreeFile};
@@ -13,16 +14,31 @@ use crate::write_atomic;
 pub const LAYOUT: &str = "v1";
 const ENTRY_FORMAT: u32 = 1;
 
+/// An error of the store. The I/O error is part of the message (not a `source()`), so that a
+/// chain printer (`anyhow`'s `{:#}`) shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
-    #[error("cache entry {} is unreadable ({reason}); treating it as a miss", path.display())]
-    CorruptEntry { path: PathBuf, reason: String },
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: io::Error },
+    #[error("cache entry {} is unreadable ({defect}); treating it as a miss", path.display())]
+    CorruptEntry { path: PathBuf, defect: EntryDefect },
+}
+
+/// What is wrong with an unreadable entry file.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryDefect {
+    #[error("{0}")]
+    Json(serde_json::Error),
+    #[error("it is the entry of key {found}")]
+    KeyMismatch { found: String },
+    #[error("entry format {found}, expected {ENTRY_FORMAT}")]
+    Format { found: u32 },
+    #[error("it disappeared while being read")]
+    Vanished,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
-    move |source| CacheError::Io { path: path.to_path_buf(), source }
+    move |error| CacheError::Io { path: path.to_path_buf(), error }
 }
 
 /// One output artifact of an entry.
@@ -75,11 +91,27 @@ pub(crate) fn now_unix() -> u64 {
 }
 
 /// Result of checking an artifact against its name.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum ArtifactCheck {
     Ok,
     Missing,
-    Corrupt(String),
+    Corrupt(Corruption),
+}
+
+impl ArtifactCheck {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, ArtifactCheck::Ok)
+    }
+}
+
+/// Why an artifact does not match its name.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Corruption {
+    #[error("content digest is {} (expected {})", short(actual), short(expected))]
+    DigestMismatch { expected: String, actual: String },
+    /// Its files could not be read back to digest them.
+    #[error("{} is unreadable: {error}", path.display())]
+    Unreadable { path: PathBuf, error: Arc<io::Error> },
 }
 
 #[derive(serde::Serialize, serde::Deserialize, PartialEq)]
@@ -210,9 +242,14 @@ impl Store {
             Err(e) => return Err(io_err(&path)(e)),
         };
         match serde_json::from_slice::<Entry>(&bytes) {
-            Ok(e) if e.key == key && e.format == ENTRY_FORMAT => Ok(Some(e)),
-            Ok(_) => Err(CacheError::CorruptEntry { path, reason: "key or format mismatch".into() }),
-            Err(e) => Err(CacheError::CorruptEntry { path, reason: e.to_string() }),
+            Ok(e) if e.format != ENTRY_FORMAT => {
+                Err(CacheError::CorruptEntry { path, defect: EntryDefect::Format { found: e.format } })
+            }
+            Ok(e) if e.key != key => {
+                Err(CacheError::CorruptEntry { path, defect: EntryDefect::KeyMismatch { found: e.key } })
+            }
+            Ok(e) => Ok(Some(e)),
+            Err(e) => Err(CacheError::CorruptEntry { path, defect: EntryDefect::Json(e) }),
         }
     }
 
@@ -231,7 +268,10 @@ impl Store {
             .map(|n| {
                 let key = n.trim_end_matches(".json");
                 self.entry(key).and_then(|e| {
-                    e.ok_or_else(|| CacheError::CorruptEntry { path: self.entry_path(key), reason: "vanished".into() })
+                    e.ok_or_else(|| CacheError::CorruptEntry {
+                        path: self.entry_path(key),
+                        defect: EntryDefect::Vanished,
+                    })
                 })
             })
             .collect())
@@ -294,9 +334,9 @@ impl Store {
                 ArtifactCheck::Ok
             }
             Ok(t) => {
-                ArtifactCheck::Corrupt(format!("content digest is {} (expected {})", short(&t.digest), short(digest)))
+                ArtifactCheck::Corrupt(Corruption::DigestMismatch { expected: digest.to_string(), actual: t.digest })
             }
-            Err(e) => ArtifactCheck::Corrupt(e.to_string()),
+            Err(e) => ArtifactCheck::Corrupt(Corruption::Unreadable { path, error: Arc::new(e) }),
         }
     }
 
@@ -337,7 +377,7 @@ impl Store {
             let tree = digest_tree(dir).map_err(io_err(dir))?;
             let target = self.artifact_path(&tree.digest);
             let out = EntryOutput { digest: tree.digest.clone(), bytes: tree.bytes, files: tree.files.len() as u64 };
-            let reuse = target.is_dir() && self.check_artifact(&tree.digest) == ArtifactCheck::Ok;
+            let reuse = target.is_dir() && self.check_artifact(&tree.digest).is_ok();
             if !reuse {
                 if target.exists() {
                     self.remove_artifact(&tree.digest)?;
@@ -480,13 +520,23 @@ mod tests {
         let got = store.entry("k1").unwrap().unwrap();
         assert_eq!(got.outputs, e.outputs);
         let digest = &e.outputs["data"].digest;
-        assert_eq!(store.check_artifact(digest), ArtifactCheck::Ok);
+        assert!(store.check_artifact(digest).is_ok());
         // Same size, different bytes, later mtime: the stamp check falls back to the digest.
         std::thread::sleep(std::time::Duration::from_millis(20));
         fs::write(store.artifact_path(digest).join("a.txt"), "jello").unwrap();
-        assert!(matches!(store.check_artifact(digest), ArtifactCheck::Corrupt(_)));
+        let check = store.check_artifact(digest);
+        assert!(matches!(check, ArtifactCheck::Corrupt(Corruption::DigestMismatch { .. })), "{check:?}");
+        let ArtifactCheck::Corrupt(why) = check else { unreachable!() };
+        assert_eq!(
+            why.to_string(),
+            format!(
+                "content digest is {} (expected {})",
+                short(&digest_tree(&store.artifact_path(digest)).unwrap().digest),
+                short(digest)
+            )
+        );
         store.remove_artifact(digest).unwrap();
-        assert_eq!(store.check_artifact(digest), ArtifactCheck::Missing);
+        assert!(matches!(store.check_artifact(digest), ArtifactCheck::Missing));
         assert!(fs::read_dir(d.path().join("v1/tmp")).unwrap().next().is_none());
     }
 
@@ -512,6 +562,16 @@ mod tests {
         let p = d.path().join("v1/entries/k1.json");
         let b = fs::read(&p).unwrap();
         fs::write(&p, &b[..b.len() / 2]).unwrap();
-        assert!(matches!(store.entry("k1"), Err(CacheError::CorruptEntry { .. })));
+        let err = store.entry("k1").unwrap_err();
+        assert!(matches!(err, CacheError::CorruptEntry { defect: EntryDefect::Json(_), .. }), "{err}");
+        assert!(err.to_string().starts_with(&format!("cache entry {} is unreadable (", p.display())), "{err}");
+        // An entry file holding another key's entry is not used for this key either.
+        staged(&store, "k2", "y");
+        fs::copy(d.path().join("v1/entries/k2.json"), &p).unwrap();
+        let err = store.entry("k1").unwrap_err();
+        assert!(
+            matches!(&err, CacheError::CorruptEntry { defect: EntryDefect::KeyMismatch { found }, .. } if found == "k2"),
+            "{err}"
+        );
     }
 }

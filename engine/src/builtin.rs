@@ -1,7 +1,6 @@
 //! Built-in stage kinds that need no ML code: `files` (import local files as an artifact) and
-//! `concat` (concatenate artifacts). `test-step` is a test-only kind for the engine's own tests
-//! (sleep, fail, checkpoint, output independent of a param), registered only when the environment
-//! has `PIPELINE_TEST_STAGES=1`.
+//! `concat` (concatenate artifacts). The engine's own behaviour tests (`engine/tests/engine/`)
+//! register their test-only stages themselves; nothing here depends on the environment.
 
 use std::fs;
 use std::io::Write;
@@ -11,13 +10,10 @@ use serde::Deserialize;
 
 use crate::stage::{Declared, PlanCtx, Registry, RunCtx, Stage, StageError};
 
-/// Register the built-in kinds (and `test-step` when `PIPELINE_TEST_STAGES=1`).
+/// Register the built-in kinds.
 pub fn register(r: &mut Registry) {
     r.register(Files);
     r.register(Concat);
-    if std::env::var("PIPELINE_TEST_STAGES").as_deref() == Ok("1") {
-        r.register(TestStep);
-    }
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<u64, StageError> {
@@ -181,89 +177,6 @@ impl Stage for Concat {
         }
         ctx.progress_finish();
         ctx.set_report(serde_json::json!({ "files": files.len(), "bytes": bytes }));
-        Ok(())
-    }
-}
-
-/// Test-only kind (`PIPELINE_TEST_STAGES=1`). Output `data/out.txt` = `text` followed by the
-/// content of every input file. `salt` enters the key but not the output (early cutoff);
-/// `steps` × `step_ms` of cancellable work, checkpointed in the scratch dir when `checkpoint`;
-/// `fail` makes it fail.
-pub struct TestStep;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TestParams {
-    #[serde(default)]
-    text: String,
-    #[serde(default)]
-    #[allow(dead_code)]
-    salt: Option<toml::Value>,
-    #[serde(default)]
-    steps: u64,
-    #[serde(default)]
-    step_ms: u64,
-    #[serde(default)]
-    checkpoint: bool,
-    #[serde(default)]
-    fail: bool,
-}
-
-impl Stage for TestStep {
-    fn kind(&self) -> &'static str {
-        "test-step"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "(test only) write text plus inputs, optionally slowly, checkpointed or failing"
-    }
-    fn declare(&self, ctx: &PlanCtx<'_>) -> Result<Declared, StageError> {
-        let _: TestParams = ctx.params()?;
-        Ok(Declared { outputs: vec!["data".into()], files: vec![] })
-    }
-    fn run(&self, ctx: &RunCtx) -> Result<(), StageError> {
-        let p: TestParams = ctx.params()?;
-        let ckpt = ctx.scratch_dir().join("step");
-        let mut start = 0;
-        if p.checkpoint {
-            start = fs::read_to_string(&ckpt).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-            if start > 0 {
-                ctx.message(format!("resuming from checkpoint at step {start}"));
-            }
-        }
-        let out = ctx.output("data")?.join("out.txt");
-        // Write a partial output early: an interrupted run must never commit it.
-        fs::write(&out, "partial").map_err(|e| StageError::io(&out, e))?;
-        ctx.progress_start("working", Some(p.steps));
-        for step in start..p.steps {
-            ctx.check_cancelled()?;
-            std::thread::sleep(std::time::Duration::from_millis(p.step_ms));
-            if p.checkpoint {
-                pipeline_cache::write_atomic(&ckpt, (step + 1).to_string().as_bytes())
-                    .map_err(|e| StageError::io(&ckpt, e))?;
-            }
-            ctx.progress_set(step + 1);
-            ctx.metric("step", step + 1, (step + 1) as f64);
-        }
-        ctx.progress_finish();
-        if p.fail {
-            return Err(StageError::failed("failing as asked (`fail = true`)"));
-        }
-        let mut text = p.text.clone();
-        let names: Vec<String> = ctx.input_names().map(str::to_string).collect();
-        for name in names {
-            for part in ctx.inputs(&name) {
-                for f in files_under(part)? {
-                    text.push_str(&fs::read_to_string(&f).map_err(|e| StageError::io(&f, e))?);
-                }
-            }
-        }
-        fs::write(&out, &text).map_err(|e| StageError::io(&out, e))?;
-        ctx.set_report(
-            serde_json::json!({ "bytes": text.len(), "resumed_from": start, "device": ctx.option("device") }),
-        );
         Ok(())
     }
 }

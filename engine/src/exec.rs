@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use pipeline_cache::{ArtifactCheck, Entry, EntryOutput, FileMemo, Store};
 
-use crate::key::{self, FileKey, StageKey, KEY_SCHEMA};
-use crate::plan::Plan;
+use crate::device::Device;
+use crate::dirty::{self, DirtyReason, KeyChange};
+use crate::key::{self, FileKey, StageKey, KEY_SCHEMA, PENDING};
+use crate::plan::{Plan, UnknownStage};
 use crate::stage::{EventSink, RunCtx, RunParts, StageError, StageEvent};
 
 /// Run-wide choices (from the command line).
@@ -26,7 +28,9 @@ pub struct ExecOptions {
     pub until: Vec<String>,
     /// Re-run these stages even when cached.
     pub force: Vec<String>,
-    /// Passed to every stage (`RunCtx::option`), e.g. `device = cpu`.
+    /// Where stages run model work (`RunCtx::device`); not part of any key.
+    pub device: Device,
+    /// Other options passed to every stage (`RunCtx::option`); not part of any key.
     pub options: BTreeMap<String, String>,
     pub cancel: Arc<AtomicBool>,
 }
@@ -38,6 +42,7 @@ impl Default for ExecOptions {
             only: vec![],
             until: vec![],
             force: vec![],
+            device: Device::Cpu,
             options: BTreeMap::new(),
             cancel: Arc::new(AtomicBool::new(false)),
         }
@@ -107,7 +112,8 @@ impl RunSummary {
 /// through the [`EventSink`] supertrait.
 pub trait Reporter: EventSink {
     fn warning(&self, _msg: &str) {}
-    fn stage_started(&self, _id: &str, _kind: &str, _reason: &str) {}
+    /// A stage was dispatched, with why it is not cached.
+    fn stage_started(&self, _id: &str, _kind: &str, _reason: &DirtyReason) {}
     fn stage_done(&self, _outcome: &StageOutcome) {}
 }
 
@@ -123,18 +129,32 @@ impl Reporter for NullReporter {}
 pub enum ExecError {
     #[error(transparent)]
     Cache(#[from] pipeline_cache::CacheError),
-    #[error("{0}")]
-    Usage(String),
+    /// `--only`, `--until` or `--force` named a stage the recipe does not have.
+    #[error(transparent)]
+    UnknownStage(#[from] UnknownStage),
+}
+
+/// A stage's key cannot be computed (the stage fails; `plan` says it will run).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// A local file the stage declared (`Declared::files`) cannot be read.
+    #[error("cannot read {}: {error}", path.display())]
+    File { stage: String, path: PathBuf, error: std::io::Error },
+    /// The merged params do not convert to JSON.
+    #[error("params of stage `{stage}` cannot be keyed: {error}")]
+    Params { stage: String, error: serde_json::Error },
 }
 
 /// Whether a stage's entry can be used, and why not.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum Freshness {
     Cached,
     /// Will run, with the reason.
-    Dirty(String),
+    Dirty(DirtyReason),
     /// Some upstream stage will run first; the key is known only afterwards.
     Waiting(Vec<String>),
+    /// Will run, and fail: its key cannot be computed.
+    Unkeyable(KeyError),
 }
 
 /// Freshness of every stage, as `pipeline plan` shows it.
@@ -142,10 +162,12 @@ pub struct StageStatus {
     pub id: String,
     pub kind: String,
     pub freshness: Freshness,
-    pub key: StageKey,
+    /// The key as far as it is known (`pending:<stage>` inputs while upstream stages will run);
+    /// `None` when it cannot be computed.
+    pub key: Option<StageKey>,
     pub key_hex: Option<String>,
-    /// Key JSON of the latest entry of this stage (for explain).
-    pub previous: Option<serde_json::Value>,
+    /// What differs from the latest entry of this stage (`None`: there is none), for `explain`.
+    pub changes: Option<Vec<KeyChange>>,
 }
 
 pub(crate) struct Keyer<'a> {
@@ -162,7 +184,7 @@ impl<'a> Keyer<'a> {
         let _ = self.memo.lock().unwrap_or_else(|e| e.into_inner()).save(&self.store.file_memo_path());
     }
     /// The key of stage `i`, given its upstream outputs (`None` = upstream not resolved).
-    fn key(&self, i: usize, outs: &[Option<BTreeMap<String, EntryOutput>>]) -> Result<StageKey, String> {
+    fn key(&self, i: usize, outs: &[Option<BTreeMap<String, EntryOutput>>]) -> Result<StageKey, KeyError> {
         let s = &self.plan.stages[i];
         let mut inputs = BTreeMap::new();
         for (name, refs) in &s.inputs {
@@ -170,7 +192,7 @@ impl<'a> Keyer<'a> {
                 .iter()
                 .map(|r| match &outs[r.stage] {
                     Some(o) => o.get(&r.output).map(|e| e.digest.clone()).unwrap_or_default(),
-                    None => format!("pending:{}", self.plan.stages[r.stage].id),
+                    None => format!("{PENDING}{}", self.plan.stages[r.stage].id),
                 })
                 .collect();
             inputs.insert(name.clone(), v);
@@ -178,14 +200,15 @@ impl<'a> Keyer<'a> {
         let mut files = Vec::new();
         let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
         for f in &s.declared.files {
-            let digest = memo.digest(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+            let digest =
+                memo.digest(f).map_err(|error| KeyError::File { stage: s.id.clone(), path: f.clone(), error })?;
             files.push(FileKey { path: key::key_path(&self.plan.dir, f), digest });
         }
         Ok(StageKey {
             schema: KEY_SCHEMA,
             kind: s.kind.clone(),
             version: s.stage.version(),
-            params: serde_json::to_value(&s.params).map_err(|e| e.to_string())?,
+            params: serde_json::to_value(&s.params).map_err(|error| KeyError::Params { stage: s.id.clone(), error })?,
             inputs,
             files,
             seed: self.plan.seed,
@@ -197,15 +220,22 @@ fn hex_of(k: &StageKey) -> (String, serde_json::Value) {
     pipeline_cache::key_of(k).expect("a StageKey always serialises")
 }
 
-/// Look up a usable entry: present, readable, every output artifact passes the cheap check.
-fn lookup(store: &Store, key: &str, warn: &dyn Fn(String)) -> Result<Entry, String> {
+/// Why [`lookup`] found no usable entry.
+enum Miss {
+    NoEntry,
+    Unusable(DirtyReason),
+}
+
+/// Look up a usable entry: present, readable, every output artifact passes the cheap check. An
+/// unusable entry is a warning; it (and a corrupt artifact) is removed.
+fn lookup(store: &Store, key: &str, warn: &dyn Fn(String)) -> Result<Entry, Miss> {
     let entry = match store.entry(key) {
         Ok(Some(e)) => e,
-        Ok(None) => return Err("no cache entry".into()),
+        Ok(None) => return Err(Miss::NoEntry),
         Err(e) => {
             warn(e.to_string());
             let _ = store.remove_entry(key);
-            return Err("cache entry was unreadable".into());
+            return Err(Miss::Unusable(DirtyReason::EntryUnreadable));
         }
     };
     for (name, out) in &entry.outputs {
@@ -218,7 +248,7 @@ fn lookup(store: &Store, key: &str, warn: &dyn Fn(String)) -> Result<Entry, Stri
                     entry.stage
                 ));
                 let _ = store.remove_entry(key);
-                return Err(format!("output `{name}` was missing from the cache"));
+                return Err(Miss::Unusable(DirtyReason::ArtifactMissing { output: name.clone() }));
             }
             ArtifactCheck::Corrupt(why) => {
                 warn(format!(
@@ -228,7 +258,7 @@ fn lookup(store: &Store, key: &str, warn: &dyn Fn(String)) -> Result<Entry, Stri
                 ));
                 let _ = store.remove_artifact(&out.digest);
                 let _ = store.remove_entry(key);
-                return Err(format!("output `{name}` was corrupt"));
+                return Err(Miss::Unusable(DirtyReason::ArtifactCorrupt { output: name.clone() }));
             }
         }
     }
@@ -239,15 +269,19 @@ fn short(d: &str) -> &str {
     &d[..d.len().min(12)]
 }
 
-fn dirty_reason(store: &Store, plan: &Plan, id: &str, json: &serde_json::Value) -> (String, Option<serde_json::Value>) {
-    let prev = store.last(&plan.name, id).and_then(|k| store.entry(&k).ok().flatten()).map(|e| e.key_fields);
-    match &prev {
-        None => ("no cache entry (never ran)".into(), prev),
-        Some(p) if p == json => ("cached output missing or corrupt".into(), prev),
-        Some(p) => {
-            let f = key::changed_fields(p, json);
-            (format!("changed: {}", f.join(", ")), prev)
-        }
+/// The key JSON of the latest entry of stage `id` of this recipe.
+fn previous_key(store: &Store, plan: &Plan, id: &str) -> Option<serde_json::Value> {
+    store.last(&plan.name, id).and_then(|k| store.entry(&k).ok().flatten()).map(|e| e.key_fields)
+}
+
+/// Why a stage whose key has no usable entry will run: compared with its latest entry.
+fn dirty_reason(previous: Option<&serde_json::Value>, key: &StageKey) -> DirtyReason {
+    match previous {
+        None => DirtyReason::NeverRan,
+        Some(p) => match dirty::changes(p, key) {
+            c if c.is_empty() => DirtyReason::OutputsLost,
+            c => DirtyReason::Changed(c),
+        },
     }
 }
 
@@ -257,65 +291,37 @@ pub fn statuses(plan: &Plan, store: &Store, force: &[String]) -> Vec<StageStatus
     let mut outs: Vec<Option<BTreeMap<String, EntryOutput>>> = vec![None; plan.stages.len()];
     let mut result = Vec::new();
     for (i, s) in plan.stages.iter().enumerate() {
-        let prev_of = |store: &Store| {
-            store.last(&plan.name, &s.id).and_then(|k| store.entry(&k).ok().flatten()).map(|e| e.key_fields)
+        let previous = previous_key(store, plan, &s.id);
+        let status = |freshness, key: Option<StageKey>, key_hex| {
+            let changes = previous.as_ref().zip(key.as_ref()).map(|(p, k)| dirty::changes(p, k));
+            StageStatus { id: s.id.clone(), kind: s.kind.clone(), freshness, key, key_hex, changes }
         };
         let key = match keyer.key(i, &outs) {
             Ok(k) => k,
             Err(e) => {
-                let k = StageKey {
-                    schema: KEY_SCHEMA,
-                    kind: s.kind.clone(),
-                    version: 0,
-                    params: serde_json::Value::Null,
-                    inputs: BTreeMap::new(),
-                    files: vec![],
-                    seed: plan.seed,
-                };
-                result.push(StageStatus {
-                    id: s.id.clone(),
-                    kind: s.kind.clone(),
-                    freshness: Freshness::Dirty(e),
-                    key: k,
-                    key_hex: None,
-                    previous: prev_of(store),
-                });
+                result.push(status(Freshness::Unkeyable(e), None, None));
                 continue;
             }
         };
         if !key.is_complete() {
             let waiting: Vec<String> =
                 s.deps.iter().filter(|&&d| outs[d].is_none()).map(|&d| plan.stages[d].id.clone()).collect();
-            result.push(StageStatus {
-                id: s.id.clone(),
-                kind: s.kind.clone(),
-                freshness: Freshness::Waiting(waiting),
-                key,
-                key_hex: None,
-                previous: prev_of(store),
-            });
+            result.push(status(Freshness::Waiting(waiting), Some(key), None));
             continue;
         }
-        let (hex, json) = hex_of(&key);
+        let (hex, _) = hex_of(&key);
         let freshness = if force.contains(&s.id) {
-            Freshness::Dirty("forced (--force)".into())
+            Freshness::Dirty(DirtyReason::Forced)
         } else {
             match lookup_quiet(store, &hex) {
                 Some(e) => {
                     outs[i] = Some(e.outputs);
                     Freshness::Cached
                 }
-                None => Freshness::Dirty(dirty_reason(store, plan, &s.id, &json).0),
+                None => Freshness::Dirty(dirty_reason(previous.as_ref(), &key)),
             }
         };
-        result.push(StageStatus {
-            id: s.id.clone(),
-            kind: s.kind.clone(),
-            freshness,
-            key,
-            key_hex: Some(hex),
-            previous: prev_of(store),
-        });
+        result.push(status(freshness, Some(key), Some(hex)));
     }
     keyer.save();
     result
@@ -323,7 +329,7 @@ pub fn statuses(plan: &Plan, store: &Store, force: &[String]) -> Vec<StageStatus
 
 fn lookup_quiet(store: &Store, key: &str) -> Option<Entry> {
     let e = store.entry(key).ok().flatten()?;
-    e.outputs.values().all(|o| store.check_artifact(&o.digest) == ArtifactCheck::Ok).then_some(e)
+    e.outputs.values().all(|o| store.check_artifact(&o.digest).is_ok()).then_some(e)
 }
 
 #[derive(Clone)]
@@ -339,15 +345,17 @@ enum WorkResult {
     Committed(Box<Entry>),
     Failed(String),
     Cancelled,
-    /// An input artifact failed its digest check: (plan index of the producer).
-    CorruptInput(usize, String),
+    /// An input artifact failed its digest check: plan index and output name of the producer, the
+    /// warning.
+    CorruptInput(usize, String, String),
 }
 
 struct Job {
     idx: usize,
     key: String,
     key_json: serde_json::Value,
-    inputs: BTreeMap<String, Vec<(usize, String)>>,
+    /// Input name → (producer's plan index, its output name, artifact digest).
+    inputs: BTreeMap<String, Vec<(usize, String, String)>>,
 }
 
 /// Run the plan. Takes no lock: the caller holds [`Store::lock`] for the whole run.
@@ -359,9 +367,8 @@ pub fn run(
 ) -> Result<RunSummary, ExecError> {
     let started = Instant::now();
     let n = plan.stages.len();
-    let resolve = |ids: &[String]| -> Result<Vec<usize>, ExecError> {
-        ids.iter().map(|id| plan.require(id).map_err(ExecError::Usage)).collect()
-    };
+    let resolve =
+        |ids: &[String]| -> Result<Vec<usize>, ExecError> { ids.iter().map(|id| Ok(plan.require(id)?)).collect() };
     let only = resolve(&opts.only)?;
     let until = resolve(&opts.until)?;
     let force: BTreeSet<usize> = resolve(&opts.force)?.into_iter().collect();
@@ -383,6 +390,9 @@ pub fn run(
     let mut state: Vec<State> = vec![State::Pending; n];
     let mut outcomes: Vec<Option<StageOutcome>> = vec![None; n];
     let mut retries = vec![0u32; n];
+    // Why a stage's entry was unusable when first looked up (the lookup removed it, so a later look
+    // finds no entry at all).
+    let mut misses: Vec<Option<DirtyReason>> = vec![None; n];
     let verified: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
     let mut failed = false;
     let (tx, rx) = mpsc::channel::<(usize, String, Duration, Option<serde_json::Value>, WorkResult)>();
@@ -445,7 +455,8 @@ pub fn run(
                         Err(e) => {
                             state[i] = State::Failed;
                             failed = true;
-                            let o = outcome(i, Status::Failed(e), None, Duration::ZERO, BTreeMap::new(), None);
+                            let o =
+                                outcome(i, Status::Failed(e.to_string()), None, Duration::ZERO, BTreeMap::new(), None);
                             reporter.stage_done(&o);
                             outcomes[i] = Some(o);
                             progressed = true;
@@ -455,7 +466,7 @@ pub fn run(
                     let (hex, json) = hex_of(&key);
                     let forced = force.contains(&i) && outcomes[i].is_none();
                     let reason = if forced {
-                        "forced (--force)".to_string()
+                        DirtyReason::Forced
                     } else {
                         match lookup(store, &hex, &|m| warn(m)) {
                             Ok(entry) => {
@@ -475,8 +486,13 @@ pub fn run(
                                 progressed = true;
                                 continue;
                             }
-                            Err(why) if why == "no cache entry" => dirty_reason(store, plan, &s.id, &json).0,
-                            Err(why) => why,
+                            Err(Miss::NoEntry) => misses[i]
+                                .clone()
+                                .unwrap_or_else(|| dirty_reason(previous_key(store, plan, &s.id).as_ref(), &key)),
+                            Err(Miss::Unusable(why)) => {
+                                misses[i] = Some(why.clone());
+                                why
+                            }
                         }
                     };
                     if !selected.contains(&i) {
@@ -511,7 +527,7 @@ pub fn run(
                                         }
                                         _ => String::new(),
                                     };
-                                    (r.stage, d)
+                                    (r.stage, r.output.clone(), d)
                                 })
                                 .collect();
                             (name.clone(), v)
@@ -526,11 +542,11 @@ pub fn run(
                     let reporter = reporter.clone();
                     let verified = verified.clone();
                     let cancel = cancel.clone();
-                    let options = opts.options.clone();
+                    let run_opts = (opts.device, opts.options.clone());
                     scope.spawn(move || {
                         let t0 = Instant::now();
                         let key = job.key.clone();
-                        let (res, report) = work(plan, store, job, reporter, verified, cancel, options);
+                        let (res, report) = work(plan, store, job, reporter, verified, cancel, run_opts);
                         let _ = tx.send((i, key, t0.elapsed(), report, res));
                     });
                 }
@@ -548,15 +564,16 @@ pub fn run(
                     outcomes[i] = Some(o);
                     state[i] = State::Done(entry.outputs);
                 }
-                WorkResult::CorruptInput(p, msg) if retries[i] < 2 => {
+                WorkResult::CorruptInput(p, output, msg) if retries[i] < 2 => {
                     warn(msg);
                     retries[i] += 1;
                     retries[p] += 1;
                     state[i] = State::Pending;
                     state[p] = State::Pending;
                     outcomes[p] = None;
+                    misses[p] = Some(DirtyReason::ArtifactCorrupt { output });
                 }
-                WorkResult::CorruptInput(_, msg) | WorkResult::Failed(msg) => {
+                WorkResult::CorruptInput(_, _, msg) | WorkResult::Failed(msg) => {
                     failed = true;
                     state[i] = State::Failed;
                     let o = outcome(i, Status::Failed(msg), Some(key), dur, BTreeMap::new(), report);
@@ -618,7 +635,7 @@ fn work(
     reporter: Arc<dyn Reporter>,
     verified: Arc<Mutex<HashSet<String>>>,
     cancel: Arc<AtomicBool>,
-    options: BTreeMap<String, String>,
+    (device, options): (Device, BTreeMap<String, String>),
 ) -> (WorkResult, Option<serde_json::Value>) {
     let s = &plan.stages[job.idx];
     let span = tracing::info_span!("stage", id = %s.id, kind = %s.kind);
@@ -626,7 +643,7 @@ fn work(
     // Full digest check of every input, once per process.
     let mut inputs: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
     for (name, list) in &job.inputs {
-        for (producer, digest) in list {
+        for (producer, output, digest) in list {
             let done = verified.lock().unwrap_or_else(|e| e.into_inner()).contains(digest);
             if !done {
                 match store.verify_artifact(digest) {
@@ -636,8 +653,8 @@ fn work(
                     bad => {
                         let p = &plan.stages[*producer];
                         let why = match bad {
-                            ArtifactCheck::Corrupt(w) => w,
-                            _ => "missing".into(),
+                            ArtifactCheck::Corrupt(w) => w.to_string(),
+                            _ => "missing".to_string(),
                         };
                         if let Some(k) = store.last(&plan.name, &p.id) {
                             let _ = store.remove_entry(&k);
@@ -646,6 +663,7 @@ fn work(
                         return (
                             WorkResult::CorruptInput(
                                 *producer,
+                                output.clone(),
                                 format!(
                                     "artifact {} (output of `{}`) is corrupt ({why}); re-running `{}`",
                                     short(digest),
@@ -680,7 +698,8 @@ fn work(
         options,
         sink: Arc::new(Sink(reporter)),
         cancel,
-    });
+    })
+    .with_device(device);
     let t0 = Instant::now();
     tracing::info!(key = %short(&job.key), "running");
     let res = std::panic::catch_unwind(AssertUnwindSafe(|| s.stage.run(&ctx)));

@@ -12,34 +12,48 @@
 //! - [`exec::run`]: for each stage whose inputs are resolved, computes its key, looks it up, and
 //!   either reuses the entry or runs the stage on a worker thread (at most `jobs` at once), then
 //!   commits its outputs. Events go to a [`exec::Reporter`]; only the CLI draws.
+//! - [`dirty`]: why a stage will run, as data ([`DirtyReason`], [`KeyChange`]): computed by
+//!   [`exec::run`] and [`exec::statuses`] from the key JSON stored in the stage's latest entry,
+//!   rendered by `pipeline plan` / `explain` through `Display`.
+//! - [`device`]: the typed `--device` ([`Device`]) stages read from [`RunCtx::device`].
 //!
 //! ## What enters the key ([`key::StageKey`])
 //!
-//! | field     | source                                                            |
-//! |-----------|-------------------------------------------------------------------|
-//! | `schema`  | [`key::KEY_SCHEMA`] (the key format itself)                       |
-//! | `kind`    | `kind = "..."`                                                     |
-//! | `version` | `Stage::version()`                                                 |
-//! | `params`  | merged params (defaults + stage), canonical JSON                  |
-//! | `inputs`  | input name → content digests of the bound upstream artifacts      |
-//! | `files`   | `Declared::files`: path relative to the recipe dir + content digest |
-//! | `seed`    | `[pipeline] seed`                                                  |
+//! | field     | source                                                               | a change reads ([`KeyChange`])          |
+//! |-----------|----------------------------------------------------------------------|------------------------------------------|
+//! | `schema`  | [`key::KEY_SCHEMA`] (the key format itself)                          | `schema`                                 |
+//! | `kind`    | `kind = "..."`                                                       | `kind`                                   |
+//! | `version` | `Stage::version()`                                                   | `version`                                |
+//! | `params`  | merged params (defaults + stage), canonical JSON                     | `params.<dotted path>`, one per leaf     |
+//! | `inputs`  | input name → content digests of the bound upstream artifacts         | `inputs.<name>`                          |
+//! | `files`   | `Declared::files`: path relative to the recipe dir + content digest  | `files.<path>`; `files` when reordered   |
+//! | `seed`    | `[pipeline] seed`                                                    | `seed`                                   |
+//!
+//! A stage with no usable entry runs for one [`DirtyReason`]: it never ran, its key changed
+//! (the list of [`KeyChange`]s above, against the key JSON stored in its latest entry), its entry
+//! or an output was missing, unreadable or corrupt, or `--force`.
 //!
 //! Not in the key: stage ids, the recipe's name or location, mtimes, absolute paths, `--jobs`,
-//! `--device` and other run options (a stage whose output depends on an option must put it in its
-//! params). Inputs enter by content, so a re-run producing identical bytes leaves downstream stages
-//! cached (early cutoff). Corruption checks are described in `pipeline_cache`.
+//! `--only` / `--until` / `--force`, the [`Device`] (`--device`: a stage trained on the CPU stays
+//! cached for a CUDA run) and the other run options ([`ExecOptions::options`]; a stage whose output
+//! depends on an option must put it in its params). Inputs enter by content, so a re-run producing
+//! identical bytes leaves downstream stages cached (early cutoff). Corruption checks are described
+//! in `pipeline_cache`.
 
 pub mod builtin;
+pub mod device;
+pub mod dirty;
 pub mod exec;
 pub mod key;
 pub mod plan;
 pub mod recipe;
 pub mod stage;
 
+pub use device::{Device, ParseDeviceError};
+pub use dirty::{DirtyReason, InputDigest, KeyChange};
 pub use exec::{
-    ExecError, ExecOptions, Freshness, NullReporter, Reporter, RunSummary, StageOutcome, StageStatus, Status,
+    ExecError, ExecOptions, Freshness, KeyError, NullReporter, Reporter, RunSummary, StageOutcome, StageStatus, Status,
 };
-pub use plan::{plan, plan_source, Plan, PlannedStage};
+pub use plan::{plan, plan_source, Plan, PlannedStage, UnknownStage};
 pub use recipe::{RecipeError, Source};
 pub use stage::{Declared, EventSink, NullSink, PlanCtx, Registry, RunCtx, RunParts, Stage, StageError, StageEvent};

@@ -60,16 +60,24 @@ impl Plan {
         }
         seen
     }
-    /// Unknown stage id → an error with the known ids.
-    pub fn require(&self, id: &str) -> Result<usize, String> {
-        self.index_of(id).ok_or_else(|| {
-            format!(
-                "recipe {} has no stage `{id}`; its stages: {}",
-                self.path.display(),
-                self.stages.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", ")
-            )
+    /// The plan index of stage `id`; an unknown id is an error listing the known ones.
+    pub fn require(&self, id: &str) -> Result<usize, UnknownStage> {
+        self.index_of(id).ok_or_else(|| UnknownStage {
+            recipe: self.path.clone(),
+            id: id.to_string(),
+            known: self.stages.iter().map(|s| s.id.clone()).collect(),
         })
     }
+}
+
+/// A stage id (from `--only`, `--until`, `--force`, `explain`...) that the recipe does not define.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("recipe {} has no stage `{id}`; its stages: {}", recipe.display(), known.join(", "))]
+pub struct UnknownStage {
+    pub recipe: PathBuf,
+    pub id: String,
+    /// The recipe's stage ids, in execution order.
+    pub known: Vec<String>,
 }
 
 fn valid_id(id: &str) -> bool {

@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::de::DeserializeOwned;
 
+use crate::device::Device;
+
 /// Everything that can go wrong inside a stage. Messages name the file, line or field at fault;
 /// the engine prefixes the stage id.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,15 @@ pub enum StageError {
     /// The run was interrupted (Ctrl-C); nothing is committed.
     #[error("cancelled")]
     Cancelled,
+    /// `RunCtx::input` asked for an input the recipe does not bind.
+    #[error("input `{name}` is not bound")]
+    UnboundInput { name: String },
+    /// `RunCtx::input` asked for one artifact of a list-valued input.
+    #[error("input `{name}` is bound to {count} artifacts; expected one")]
+    SeveralInputs { name: String, count: usize },
+    /// `RunCtx::output` asked for an output the stage did not declare.
+    #[error("output `{name}` was not declared")]
+    UndeclaredOutput { name: String },
     /// Any other failure, already phrased for a user.
     #[error("{0}")]
     Failed(String),
@@ -160,7 +171,8 @@ pub struct RunParts {
     /// A directory that survives an interrupted run of the same cache key (checkpoints);
     /// the engine deletes it once the stage's entry is committed.
     pub scratch: PathBuf,
-    /// Run-wide options from the command line, e.g. `device = "cuda"`.
+    /// Other run-wide `key = value` options a caller passes to stages ([`RunCtx::option`]); like
+    /// the device ([`RunCtx::with_device`]) they never enter the cache key.
     pub options: BTreeMap<String, String>,
     pub sink: Arc<dyn EventSink>,
     pub cancel: Arc<AtomicBool>,
@@ -169,12 +181,23 @@ pub struct RunParts {
 /// What a stage sees while it runs.
 pub struct RunCtx {
     parts: RunParts,
+    device: Device,
     report: Mutex<Option<serde_json::Value>>,
 }
 
 impl RunCtx {
+    /// A context running on the CPU; see [`with_device`](Self::with_device).
     pub fn new(parts: RunParts) -> Self {
-        RunCtx { parts, report: Mutex::new(None) }
+        RunCtx { parts, device: Device::Cpu, report: Mutex::new(None) }
+    }
+    /// Run model work on `device` (`--device`).
+    pub fn with_device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+    /// Where model work runs (`--device`; CPU unless the run asked otherwise). Not in the cache key.
+    pub fn device(&self) -> Device {
+        self.device
     }
     pub fn stage_id(&self) -> &str {
         &self.parts.stage_id
@@ -200,8 +223,8 @@ impl RunCtx {
     pub fn input(&self, name: &str) -> Result<&Path, StageError> {
         match self.parts.inputs.get(name).map(Vec::as_slice) {
             Some([one]) => Ok(one),
-            Some([]) | None => Err(StageError::failed(format!("input `{name}` is not bound"))),
-            Some(_) => Err(StageError::failed(format!("input `{name}` is bound to several artifacts; expected one"))),
+            Some([]) | None => Err(StageError::UnboundInput { name: name.into() }),
+            Some(many) => Err(StageError::SeveralInputs { name: name.into(), count: many.len() }),
         }
     }
     pub fn input_opt(&self, name: &str) -> Option<&Path> {
@@ -220,7 +243,7 @@ impl RunCtx {
             .outputs
             .get(name)
             .map(PathBuf::as_path)
-            .ok_or_else(|| StageError::failed(format!("output `{name}` was not declared")))
+            .ok_or_else(|| StageError::UndeclaredOutput { name: name.into() })
     }
     pub fn scratch_dir(&self) -> &Path {
         &self.parts.scratch

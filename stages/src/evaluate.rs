@@ -111,8 +111,8 @@ pub struct PredictorSpec<'a> {
     /// An adapter model's explicit base (the `base_model` param).
     pub base_model: Option<&'a Path>,
     pub max_new_tokens: usize,
-    /// Run-wide options (e.g. `device`).
-    pub device: Option<&'a str>,
+    /// Where the model runs (`--device`).
+    pub device: pipeline_engine::Device,
     /// Shown in the table's Model column unless the loader has a better name.
     pub model_name: Option<&'a str>,
 }
@@ -210,7 +210,7 @@ impl Stage for Evaluate {
             model_dir: &model,
             base_model: base.as_deref(),
             max_new_tokens: cfg.max_new_tokens,
-            device: ctx.option("device"),
+            device: ctx.device(),
             model_name: cfg.model_name.as_deref(),
         };
         let mut predictor = (self.load)(&spec)?;

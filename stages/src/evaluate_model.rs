@@ -54,9 +54,11 @@ fn checkpoint_path(dir: &Path) -> PathBuf {
 /// [`crate::evaluate::LoadPredictor`] for pipeline-model checkpoints.
 /// Runs on the device `spec.device` names (`cuda` needs the `cuda` feature).
 pub fn load_model_predictor(spec: &PredictorSpec<'_>) -> Result<Box<dyn Predictor>, StageError> {
-    match crate::training::DeviceKind::parse(spec.device)? {
+    match crate::training::require_device(spec.device)? {
         #[cfg(feature = "cuda")]
-        crate::training::DeviceKind::Cuda => Ok(Box::new(ModelPredictor::load(spec, crate::training::cuda()?)?)),
+        pipeline_engine::Device::Cuda { ordinal } => {
+            Ok(Box::new(ModelPredictor::load(spec, crate::training::cuda_device(ordinal)?)?))
+        }
         _ => Ok(Box::new(ModelPredictor::load(spec, Cpu::default())?)),
     }
 }
@@ -242,8 +244,13 @@ mod tests {
     }
 
     fn logits(model: &Path, base: Option<&Path>) -> Vec<f32> {
-        let spec =
-            PredictorSpec { model_dir: model, base_model: base, max_new_tokens: 1, device: None, model_name: None };
+        let spec = PredictorSpec {
+            model_dir: model,
+            base_model: base,
+            max_new_tokens: 1,
+            device: Default::default(),
+            model_name: None,
+        };
         let p = super::ModelPredictor::load(&spec, Cpu::default()).unwrap();
         let ids: Vec<u32> = (0..24).map(|i| (i * 5 + 1) % p.pretrained().model.cfg.vocab_size as u32).collect();
         p.pretrained().model.forward(&Batch::new(ids.clone(), 1, ids.len()).unwrap()).unwrap().as_vec()

@@ -17,10 +17,14 @@ mod training;
 
 use pipeline_engine::Registry;
 
+#[cfg(feature = "cuda")]
+pub use training::cuda_device;
+pub use training::cuda_not_built;
+
 /// All stage kinds, by recipe `kind` name.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    // Built-in engine kinds: `files`, `concat` (and `test-step` under PIPELINE_TEST_STAGES=1).
+    // Built-in engine kinds: `files`, `concat`.
     pipeline_engine::builtin::register(&mut r);
     r.register(collect::Collect);
     r.register(dedupe::Dedupe);

@@ -254,38 +254,27 @@ pub(crate) fn shellexpand_env(p: &str) -> String {
     out
 }
 
-/// Where a training stage runs: `pipeline run --device cpu|cuda` (the run option `device`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DeviceKind {
-    Cpu,
-    Cuda,
+/// The error for a CUDA device in a build without the `cuda` feature: it says how to get one.
+pub fn cuda_not_built(device: pipeline_engine::Device) -> StageError {
+    StageError::failed(format!(
+        "--device {device}: this pipeline binary was built without CUDA support; rebuild with `cargo build --release --features cuda` (see scripts/gpu/README.md)"
+    ))
 }
 
-impl DeviceKind {
-    /// The run option `device` (absent = CPU); `cuda` in a binary built without the `cuda`
-    /// feature is an error that says how to get one.
-    pub(crate) fn of(ctx: &RunCtx) -> Result<Self, StageError> {
-        Self::parse(ctx.option("device"))
+/// The run's device (`RunCtx::device`, parsed once from `--device`), checked against this build.
+pub(crate) fn require_device(device: pipeline_engine::Device) -> Result<pipeline_engine::Device, StageError> {
+    if device.is_cuda() && !cfg!(feature = "cuda") {
+        return Err(cuda_not_built(device));
     }
-
-    /// The value of a `device` option (absent = CPU).
-    pub(crate) fn parse(device: Option<&str>) -> Result<Self, StageError> {
-        match device.unwrap_or("cpu") {
-            "cpu" => Ok(DeviceKind::Cpu),
-            "cuda" if cfg!(feature = "cuda") => Ok(DeviceKind::Cuda),
-            "cuda" => Err(StageError::failed(
-                "--device cuda: this pipeline binary was built without CUDA support; rebuild with `cargo build --release --features cuda` (see scripts/gpu/README.md)",
-            )),
-            other => Err(StageError::failed(format!("unknown device `{other}` (expected cpu or cuda)"))),
-        }
-    }
+    Ok(device)
 }
 
-/// The CUDA device (GPU 0), or an error naming the cause (no GPU, no driver).
+/// The CUDA device `ordinal`, or an error naming the cause (no GPU, no driver).
 #[cfg(feature = "cuda")]
-pub(crate) fn cuda() -> Result<dfdx::prelude::Cuda, StageError> {
-    dfdx::prelude::Cuda::try_build(0, 0)
-        .map_err(|e| StageError::failed(format!("--device cuda: cannot open GPU 0: {e:?}")))
+pub fn cuda_device(ordinal: usize) -> Result<dfdx::prelude::Cuda, StageError> {
+    let device = pipeline_engine::Device::Cuda { ordinal };
+    dfdx::prelude::Cuda::try_build(ordinal, 0)
+        .map_err(|e| StageError::failed(format!("--device {device}: cannot open GPU {ordinal}: {e}")))
 }
 
 /// `on_device!(ctx, |dev| body)`: evaluates `body` with `dev` bound to the device the run asked
@@ -293,10 +282,10 @@ pub(crate) fn cuda() -> Result<dfdx::prelude::Cuda, StageError> {
 /// function generic over `D: Device<f32>`.
 macro_rules! on_device {
     ($ctx:expr, |$dev:ident| $body:expr) => {
-        match $crate::training::DeviceKind::of($ctx)? {
+        match $crate::training::require_device($ctx.device())? {
             #[cfg(feature = "cuda")]
-            $crate::training::DeviceKind::Cuda => {
-                let $dev = $crate::training::cuda()?;
+            pipeline_engine::Device::Cuda { ordinal } => {
+                let $dev = $crate::training::cuda_device(ordinal)?;
                 $body
             }
             _ => {
@@ -811,8 +800,8 @@ mod tests {
 
     use super::*;
 
-    fn ctx_with_device(device: Option<&str>) -> RunCtx {
-        RunCtx::new(RunParts {
+    fn ctx_on(device: Option<pipeline_engine::Device>) -> RunCtx {
+        let ctx = RunCtx::new(RunParts {
             stage_id: "sft".into(),
             params: toml::Table::new(),
             seed: 1,
@@ -820,24 +809,33 @@ mod tests {
             inputs: BTreeMap::new(),
             outputs: BTreeMap::new(),
             scratch: PathBuf::from("scratch"),
-            options: device.map(|d| ("device".to_string(), d.to_string())).into_iter().collect(),
+            options: BTreeMap::new(),
             sink: Arc::new(NullSink),
             cancel: Arc::new(AtomicBool::new(false)),
-        })
+        });
+        match device {
+            Some(d) => ctx.with_device(d),
+            None => ctx,
+        }
     }
 
     #[test]
     fn device_option_selects_the_device_or_says_how_to_get_cuda() {
-        assert_eq!(DeviceKind::of(&ctx_with_device(None)).unwrap(), DeviceKind::Cpu);
-        assert_eq!(DeviceKind::of(&ctx_with_device(Some("cpu"))).unwrap(), DeviceKind::Cpu);
-        let cuda = DeviceKind::of(&ctx_with_device(Some("cuda")));
-        if cfg!(feature = "cuda") {
-            assert_eq!(cuda.unwrap(), DeviceKind::Cuda);
-        } else {
-            let msg = cuda.unwrap_err().to_string();
-            assert!(msg.contains("built without CUDA") && msg.contains("--features cuda"), "{msg}");
+        use pipeline_engine::Device;
+        assert_eq!(require_device(ctx_on(None).device()).unwrap(), Device::Cpu, "CPU unless the run asks otherwise");
+        assert_eq!(require_device(ctx_on(Some(Device::Cpu)).device()).unwrap(), Device::Cpu);
+        for (device, name) in [(Device::Cuda { ordinal: 0 }, "cuda"), (Device::Cuda { ordinal: 1 }, "cuda:1")] {
+            let got = require_device(ctx_on(Some(device)).device());
+            if cfg!(feature = "cuda") {
+                assert_eq!(got.unwrap(), device);
+            } else {
+                let msg = got.unwrap_err().to_string();
+                assert!(
+                    msg.starts_with(&format!("--device {name}: this pipeline binary was built without CUDA")),
+                    "{msg}"
+                );
+                assert!(msg.contains("--features cuda"), "{msg}");
+            }
         }
-        let msg = DeviceKind::of(&ctx_with_device(Some("tpu"))).unwrap_err().to_string();
-        assert!(msg.contains("unknown device `tpu`"), "{msg}");
     }
 }
