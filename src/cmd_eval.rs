@@ -164,7 +164,6 @@ fn run_model(model: &Path, a: &ModelEvalArgs) -> anyhow::Result<()> {
         inputs: BTreeMap::new(),
         outputs: BTreeMap::from([("report".to_string(), out.clone())]),
         scratch: tmp.join("scratch"),
-        options: BTreeMap::new(),
         sink: Arc::new(StderrSink),
         cancel: Arc::new(AtomicBool::new(false)),
     })

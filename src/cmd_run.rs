@@ -1,6 +1,5 @@
 //! `pipeline run`: plan, lock the cache, execute, print the summary.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -67,7 +66,6 @@ pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
         until: args.until,
         force: args.force,
         device: args.device,
-        options: BTreeMap::new(),
         cancel,
     };
     let reporter: Arc<dyn Reporter> = match &json {

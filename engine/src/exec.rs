@@ -30,8 +30,6 @@ pub struct ExecOptions {
     pub force: Vec<String>,
     /// Where stages run model work (`RunCtx::device`); not part of any key.
     pub device: Device,
-    /// Other options passed to every stage (`RunCtx::option`); not part of any key.
-    pub options: BTreeMap<String, String>,
     pub cancel: Arc<AtomicBool>,
 }
 
@@ -43,7 +41,6 @@ impl Default for ExecOptions {
             until: vec![],
             force: vec![],
             device: Device::Cpu,
-            options: BTreeMap::new(),
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -542,11 +539,11 @@ pub fn run(
                     let reporter = reporter.clone();
                     let verified = verified.clone();
                     let cancel = cancel.clone();
-                    let run_opts = (opts.device, opts.options.clone());
+                    let device = opts.device;
                     scope.spawn(move || {
                         let t0 = Instant::now();
                         let key = job.key.clone();
-                        let (res, report) = work(plan, store, job, reporter, verified, cancel, run_opts);
+                        let (res, report) = work(plan, store, job, reporter, verified, cancel, device);
                         let _ = tx.send((i, key, t0.elapsed(), report, res));
                     });
                 }
@@ -635,7 +632,7 @@ fn work(
     reporter: Arc<dyn Reporter>,
     verified: Arc<Mutex<HashSet<String>>>,
     cancel: Arc<AtomicBool>,
-    (device, options): (Device, BTreeMap<String, String>),
+    device: Device,
 ) -> (WorkResult, Option<serde_json::Value>) {
     let s = &plan.stages[job.idx];
     let span = tracing::info_span!("stage", id = %s.id, kind = %s.kind);
@@ -695,7 +692,6 @@ fn work(
         inputs,
         outputs: staging.outputs().clone(),
         scratch,
-        options,
         sink: Arc::new(Sink(reporter)),
         cancel,
     })

@@ -171,9 +171,6 @@ pub struct RunParts {
     /// A directory that survives an interrupted run of the same cache key (checkpoints);
     /// the engine deletes it once the stage's entry is committed.
     pub scratch: PathBuf,
-    /// Other run-wide `key = value` options a caller passes to stages ([`RunCtx::option`]); like
-    /// the device ([`RunCtx::with_device`]) they never enter the cache key.
-    pub options: BTreeMap<String, String>,
     pub sink: Arc<dyn EventSink>,
     pub cancel: Arc<AtomicBool>,
 }
@@ -247,9 +244,6 @@ impl RunCtx {
     }
     pub fn scratch_dir(&self) -> &Path {
         &self.parts.scratch
-    }
-    pub fn option(&self, key: &str) -> Option<&str> {
-        self.parts.options.get(key).map(String::as_str)
     }
     pub fn is_cancelled(&self) -> bool {
         self.parts.cancel.load(Ordering::Relaxed)

@@ -85,7 +85,6 @@ fn run(kind: &str, params: &str, dir: &Path, input: Option<&Path>) -> (PathBuf, 
         inputs: input.map(|p| ("data".to_string(), vec![p.to_path_buf()])).into_iter().collect(),
         outputs,
         scratch: out.join("scratch"),
-        options: BTreeMap::new(),
         sink: Arc::new(NullSink),
         cancel: Arc::new(AtomicBool::new(false)),
     });

@@ -356,7 +356,6 @@ mod tests {
             inputs: BTreeMap::from([("model".to_string(), vec![model])]),
             outputs: BTreeMap::from([("report".to_string(), out.clone())]),
             scratch: tmp.path().join("scratch"),
-            options: BTreeMap::new(),
             sink: sink.clone(),
             cancel: Arc::new(AtomicBool::new(false)),
         });

@@ -235,7 +235,6 @@ mod tests {
             inputs: model_input.map(|m| ("model".to_string(), vec![m.to_path_buf()])).into_iter().collect(),
             outputs: BTreeMap::from([("report".to_string(), out.to_path_buf())]),
             scratch: out.join("scratch"),
-            options: BTreeMap::new(),
             sink: Arc::new(NullSink),
             cancel: Arc::new(AtomicBool::new(false)),
         });
@@ -361,7 +360,6 @@ mod tests {
             inputs: BTreeMap::from([("model".to_string(), vec![model])]),
             outputs: BTreeMap::from([("report".to_string(), out.clone())]),
             scratch: tmp.path().join("scratch"),
-            options: BTreeMap::new(),
             sink: Arc::new(NullSink),
             cancel: Arc::new(AtomicBool::new(false)),
         });

@@ -709,7 +709,6 @@ mod glue_tests {
             inputs: BTreeMap::new(),
             outputs: [("metrics".to_string(), root.join("metrics"))].into(),
             scratch: root.join("scratch"),
-            options: BTreeMap::new(),
             cancel: sink.1.clone(),
             sink: sink.clone(),
         });
@@ -809,7 +808,6 @@ mod tests {
             inputs: BTreeMap::new(),
             outputs: BTreeMap::new(),
             scratch: PathBuf::from("scratch"),
-            options: BTreeMap::new(),
             sink: Arc::new(NullSink),
             cancel: Arc::new(AtomicBool::new(false)),
         });

@@ -49,7 +49,6 @@ fn run_stage(kind: &str, params: &str, recipe_dir: &Path, inputs: &[(&str, &Path
         inputs: inputs.iter().map(|(n, p)| (n.to_string(), vec![p.to_path_buf()])).collect(),
         outputs: outputs.clone(),
         scratch: tmp.path().join("scratch"),
-        options: BTreeMap::new(),
         sink: Arc::new(NullSink),
         cancel: Arc::new(AtomicBool::new(false)),
     });

@@ -52,14 +52,16 @@ macro_rules! on_test_device {
 /// (`FixtureDims`, the code path of the built-in preset).
 macro_rules! on_both_dims {
     ($check:ident) => {{
-        eprintln!("dims: RuntimeDims");
-        (|| {
+        fn runtime() {
+            eprintln!("dims: RuntimeDims");
             on_test_device!($check::<RuntimeDims>);
-        })();
-        eprintln!("dims: FixtureDims");
-        (|| {
+        }
+        fn fixture() {
+            eprintln!("dims: FixtureDims");
             on_test_device!($check::<FixtureDims>);
-        })();
+        }
+        runtime();
+        fixture();
     }};
 }
 
