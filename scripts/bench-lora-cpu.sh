@@ -7,7 +7,7 @@
 # tokens/s (wall) and tokens per CPU-second (robust on a busy machine). Results: scripts/bench/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv=target/bench-venv
+venv=${BENCH_VENV:-target/bench-venv}
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q torch transformers peft

@@ -419,6 +419,7 @@ where
     O: Objective<TrainModel<D, S>, D>,
 {
     let metrics_dir = ctx.output("metrics")?;
+    pipeline_model::set_tf32(dev, cfg.tf32);
     let mut tm = TrainModel(model);
     let mut cb = RunCtxCallbacks { ctx, label: label.into() };
     let outcome = train(cfg, seed, dev, &mut tm, objective, train_set, eval, &train_paths(ctx, metrics_dir), &mut cb)

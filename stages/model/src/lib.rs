@@ -127,9 +127,15 @@ pub use lora::{LoraConfig, Proj};
 pub use params::FlatParams;
 
 /// cuBLAS TF32 tensor-op math for the f32 products on `dev` (the `tf32 = true` training option;
-/// off by default, as in PyTorch).
-#[cfg(feature = "cuda")]
-pub fn set_tf32(dev: &dfdx::tensor::Cuda, on: bool) {
-    kernels::cuda::set_tf32(dev, on)
+/// off by default, as in PyTorch). Returns whether `dev` has it (a CUDA device); the CPU has no
+/// TF32 and is left as it is.
+pub fn set_tf32<D: dfdx::prelude::Device<f32>>(dev: &D, on: bool) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Some(cuda) = (dev as &dyn std::any::Any).downcast_ref::<dfdx::tensor::Cuda>() {
+        kernels::cuda::set_tf32(cuda, on);
+        return true;
+    }
+    let _ = (dev, on);
+    false
 }
 pub use qwen2::{Qwen2, Trainable};

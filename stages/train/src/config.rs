@@ -86,6 +86,11 @@ macro_rules! with_train_args {
             group_by_length: bool = true,
             /// Data order, split, dropout and init seed; `None` = the recipe's seed.
             seed: ::core::option::Option<u64> = ::core::option::Option::None,
+            /// TF32 tensor-op math for the f32 products on CUDA (transformers' `tf32`); off by
+            /// default, as in PyTorch. No effect on the CPU. Serialised only when on, so reports and
+            /// checkpoint fingerprints of runs without it are unchanged.
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            tf32: bool = false,
         ] }
     };
 }
