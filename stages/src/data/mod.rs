@@ -39,18 +39,9 @@ pub const DATA_FILE: &str = "data.parquet";
 /// Rows per Parquet row group, and per batch of [`DatasetReader`].
 pub const ROW_GROUP: usize = 16_384;
 
-/// One chat turn.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message { role: role.into(), content: content.into() }
-    }
-}
+/// One chat turn: the workspace's one type ([`pipeline_chat::Message`]), passed to chat
+/// templates and evaluation as it is.
+pub use pipeline_chat::Message;
 
 /// A row label; its type follows the task (SPECS.md §1).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
