@@ -38,7 +38,8 @@
 //! # Atomicity and corruption
 //!
 //! A stage writes into `tmp/`; after it succeeds each output is digested and *renamed* into
-//! `artifacts/`, then the entry is written to a temp file and renamed into `entries/`. The entry is
+//! `artifacts/`, then the entry is written with [`fs::write_atomic`] (unique temp file, fsync,
+//! rename, directory fsync — the one atomic write every crate of the workspace uses). The entry is
 //! the commit point: a process killed at any moment leaves either no entry (the stage re-runs) or a
 //! complete one. Unreferenced artifacts and `tmp/` leftovers are harmless and removed by
 //! `tmp` cleaning and `cache gc`.
@@ -54,9 +55,11 @@
 //! `pipeline cache verify` runs the full check on every artifact.
 
 mod digest;
+pub mod fs;
 mod store;
 
 pub use digest::{digest_file_memo, digest_tree, FileMemo, Tree, TreeFile};
+pub use fs::write_atomic;
 pub use store::{
     ArtifactCheck, CacheError, Corruption, Entry, EntryDefect, EntryOutput, LockGuard, Staging, Store, LAYOUT,
 };
@@ -69,30 +72,6 @@ pub fn key_of<T: serde::Serialize>(value: &T) -> Result<(String, serde_json::Val
     let json = serde_json::to_value(value)?;
     let bytes = serde_json::to_vec(&json)?;
     Ok((hex::encode(Sha256::digest(&bytes)), json))
-}
-
-/// Write `bytes` to `path` atomically: a temp file in the same directory, then rename.
-pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(std::path::Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.{}.{}.tmp", std::process::id(), unique()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_data()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-pub(crate) fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 #[cfg(test)]

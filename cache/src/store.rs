@@ -361,7 +361,7 @@ impl Store {
 
     /// Fresh empty output directories for a stage about to run.
     pub fn staging(&self, key: &str, outputs: &[String]) -> Result<Staging, CacheError> {
-        let root = self.base.join("tmp").join(format!("{}.{}.{}", short(key), std::process::id(), crate::unique()));
+        let root = self.base.join("tmp").join(format!("{}.{}.{}", short(key), std::process::id(), crate::fs::unique()));
         let mut map = BTreeMap::new();
         for name in outputs {
             let d = root.join("out").join(safe_name(name));

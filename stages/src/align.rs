@@ -113,12 +113,9 @@ fn prompt_completion<D: Device<f32>>(
     let Some(last) = s.messages.iter().rposition(|m| m.role == "assistant") else { return Ok(None) };
     let mut msgs: Vec<Message> = s.messages[..last].to_vec();
     let err = |e: pipeline_model::chat::ChatError| StageError::failed(format!("row {}: {e}", s.id));
-    let prompt_msgs = training::chat_messages(&Sample { messages: msgs.clone(), ..Default::default() });
-    let prompt = chat.encode_prompt(&pre.tokenizer, &prompt_msgs, system).map_err(err)?;
+    let prompt = chat.encode_prompt(&pre.tokenizer, &msgs, system).map_err(err)?;
     msgs.push(Message::new("assistant", content));
-    let full = chat
-        .encode_chat(&pre.tokenizer, &training::chat_messages(&Sample { messages: msgs, ..Default::default() }), system)
-        .map_err(err)?;
+    let full = chat.encode_chat(&pre.tokenizer, &msgs, system).map_err(err)?;
     if !full.ids.starts_with(&prompt) {
         return Err(StageError::failed(format!(
             "row {}: the prompt's tokens are not a prefix of the conversation",

@@ -88,7 +88,7 @@ impl<D: Device<f32>> ModelPredictor<D> {
         if let Some(sys) = self.system.as_ref().filter(|_| !prompt.messages.iter().any(|m| m.role == "system")) {
             msgs.push(Message::system(sys.clone()));
         }
-        msgs.extend(prompt.messages.iter().map(|m| Message::new(m.role.clone(), m.content.clone())));
+        msgs.extend(prompt.messages.iter().cloned());
         let text = match &self.p.chat {
             Some(chat) => chat.render(&msgs, true)?,
             None => msgs.iter().map(|m| m.content.clone()).collect::<Vec<_>>().join("\n"),

@@ -98,7 +98,7 @@ fn documents(
                 tok.encode(t, false).map_err(|e| StageError::failed(format!("row {}: {e}", s.id)))?
             }
             _ if !s.messages.is_empty() => {
-                chat.encode_chat(tok, &training::chat_messages(s), system)
+                chat.encode_chat(tok, &s.messages, system)
                     .map_err(|e| StageError::failed(format!("row {}: {e}", s.id)))?
                     .ids
             }

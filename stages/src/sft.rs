@@ -79,7 +79,7 @@ pub(crate) fn encode_rows<D: Device<f32>>(
             continue;
         }
         let enc = chat
-            .encode_chat(&p.tokenizer, &training::chat_messages(s), system)
+            .encode_chat(&p.tokenizer, &s.messages, system)
             .map_err(|e| StageError::failed(format!("row {}: {e}", s.id)))?;
         out.push(TokenExample { input_ids: p.to_model_ids(&enc.ids), labels: enc.assistant_mask });
     }

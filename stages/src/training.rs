@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use dfdx::prelude::Device;
 use pipeline_engine::{PlanCtx, RunCtx, StageError};
-use pipeline_model::chat::{ChatTemplate, Message as ChatMessage};
+use pipeline_model::chat::ChatTemplate;
 use pipeline_model::pretrained::{load_pretrained, ModelSource, Pretrained};
 use pipeline_model::{Dims, LoraConfig, Qwen2, Trainable};
 use pipeline_train::lm::TrainModel;
@@ -37,8 +37,6 @@ use pipeline_train::{
     train, Callbacks, Control, Dataset, Objective, Record, StopReason, TrainConfig, TrainError, TrainOutcome,
     TrainPaths, TrainPlan,
 };
-
-use crate::data::Sample;
 
 /// `train_type` (ms-swift; alias `tuner_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -304,10 +302,6 @@ pub(crate) fn load<D: Device<f32>>(path: &Path, dev: &D) -> Result<Pretrained<D>
 /// The chat template of a loaded model (Qwen2.5's when the tokenizer has none).
 pub(crate) fn chat_template<D: Device<f32>>(p: &Pretrained<D>) -> Result<&ChatTemplate, StageError> {
     p.chat.as_ref().ok_or_else(|| StageError::failed("the model's tokenizer has no chat template"))
-}
-
-pub(crate) fn chat_messages(s: &Sample) -> Vec<ChatMessage> {
-    s.messages.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect()
 }
 
 /// The default system prompt a model folder was trained with (`chat_defaults.json`; for an

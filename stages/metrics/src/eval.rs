@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::mcq::{extract_answer, fewshot_examples, list_mcq_subsets, load_mcq_subset, mcq_prompt, LETTERS};
-use crate::qa::{list_qa_subsets, load_qa_jsonl, ChatMessage};
+use crate::qa::{list_qa_subsets, load_qa_jsonl, Message};
 use crate::report::ReportRow;
 use crate::score::{mean_scores, score_pair, PairScores};
 use crate::DataError;
@@ -17,7 +17,7 @@ use crate::DataError;
 /// scoring, e.g. `答案：`; empty for free generation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Prompt {
-    pub messages: Vec<ChatMessage>,
+    pub messages: Vec<Message>,
     #[serde(default)]
     pub assistant_prefix: String,
 }
@@ -96,7 +96,7 @@ pub struct McqRecord {
 pub struct QaRecord {
     pub subset: String,
     pub id: String,
-    pub messages: Vec<ChatMessage>,
+    pub messages: Vec<Message>,
     pub prediction: String,
     pub reference: String,
     pub scores: Map<String, Value>,
@@ -152,7 +152,7 @@ pub fn run_mcq(
                     let prompts: Vec<Prompt> = texts
                         .iter()
                         .map(|t| Prompt {
-                            messages: vec![ChatMessage::new("user", t.clone())],
+                            messages: vec![Message::new("user", t.clone())],
                             assistant_prefix: String::new(),
                         })
                         .collect();
@@ -175,7 +175,7 @@ pub fn run_mcq(
                     let mut v = Vec::new();
                     for (it, t) in chunk.iter().zip(&texts) {
                         let p = Prompt {
-                            messages: vec![ChatMessage::new("user", t.clone())],
+                            messages: vec![Message::new("user", t.clone())],
                             assistant_prefix: "答案：".to_string(),
                         };
                         let conts: Vec<String> = LETTERS[..it.choices.len()].iter().map(|s| s.to_string()).collect();

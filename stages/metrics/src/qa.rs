@@ -10,18 +10,9 @@ use serde_json::Value;
 use crate::mcq::read_utf8;
 use crate::DataError;
 
-/// One chat turn.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
-
-impl ChatMessage {
-    pub fn new(role: &str, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.to_string(), content: content.into() }
-    }
-}
+/// One chat turn: the workspace's one type ([`pipeline_chat::Message`]), which the evaluate
+/// stage hands to the model's chat template as it is.
+pub use pipeline_chat::Message;
 
 /// One question with its reference answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,7 +20,7 @@ pub struct QaItem {
     /// The row's `id` when it has one, else its line number.
     pub id: String,
     /// The conversation to answer: optional system turn, earlier turns, the final user turn.
-    pub messages: Vec<ChatMessage>,
+    pub messages: Vec<Message>,
     pub reference: String,
     pub line: usize,
 }
@@ -45,7 +36,7 @@ fn str_field<'a>(row: &'a serde_json::Map<String, Value>, keys: &[&str]) -> Resu
     Ok(None)
 }
 
-fn parse_row(row: &Value) -> Result<(Vec<ChatMessage>, String, Option<String>), String> {
+fn parse_row(row: &Value) -> Result<(Vec<Message>, String, Option<String>), String> {
     let obj = row.as_object().ok_or("row is not a JSON object")?;
     let reference = str_field(obj, &["response", "answer"])?.ok_or("missing `response` (or `answer`)")?.to_string();
     let id = obj.get("id").map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string));
@@ -59,7 +50,7 @@ fn parse_row(row: &Value) -> Result<(Vec<ChatMessage>, String, Option<String>), 
             if !matches!(role, "system" | "user" | "assistant") {
                 return Err(format!("messages[{i}]: unknown role `{role}`"));
             }
-            out.push(ChatMessage::new(role, content));
+            out.push(Message::new(role, content));
         }
         if out.last().map(|m| m.role.as_str()) != Some("user") {
             return Err("`messages` must end with a user turn".into());
@@ -69,9 +60,9 @@ fn parse_row(row: &Value) -> Result<(Vec<ChatMessage>, String, Option<String>), 
         let query = str_field(obj, &["query", "question"])?.ok_or("missing `query` (or `question`, or `messages`)")?;
         let mut out = Vec::new();
         if let Some(system) = str_field(obj, &["system"])? {
-            out.push(ChatMessage::new("system", system));
+            out.push(Message::new("system", system));
         }
-        out.push(ChatMessage::new("user", query));
+        out.push(Message::new("user", query));
         out
     };
     Ok((messages, reference, id))

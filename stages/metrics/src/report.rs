@@ -1,7 +1,6 @@
 //! The seed's result table (`Model | Dataset | Metric | Subset | Num | Score | Cat.0`), its JSON and
 //! CSV artifacts, and the side-by-side comparison of two runs.
 
-use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -140,20 +139,10 @@ impl Report {
     }
 }
 
-/// Write a file via a temp file in the same directory and a rename.
+/// Write a file atomically ([`pipeline_cache::fs::write_atomic`]: unique temp file in the same
+/// directory, fsync, rename), creating the directory; an error names `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("out")));
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    res.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        DataError::new(path, None, e)
-    })
+    pipeline_cache::fs::write_atomic(path, bytes).map_err(|e| DataError::new(path, None, e))
 }
 
 /// The two reports side by side, rows matched on (dataset, metric, subset), with `b - a`.

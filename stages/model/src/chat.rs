@@ -30,31 +30,12 @@ use std::str::FromStr;
 
 use minijinja::value::{Value, ValueKind};
 use minijinja::{Environment, ErrorKind};
-use serde::{Deserialize, Serialize};
 
 use crate::tokenizer::{SpecialTokens, Tokenizer, TokenizerError};
 
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message { role: role.into(), content: content.into() }
-    }
-    pub fn system(content: impl Into<String>) -> Self {
-        Self::new("system", content)
-    }
-    pub fn user(content: impl Into<String>) -> Self {
-        Self::new("user", content)
-    }
-    pub fn assistant(content: impl Into<String>) -> Self {
-        Self::new("assistant", content)
-    }
-}
+/// One chat message: the workspace's one type ([`pipeline_chat::Message`]), shared with the
+/// datasets and evaluation.
+pub use pipeline_chat::Message;
 
 /// Token ids of a rendered conversation and which of them are assistant output.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 //! full weights or a peft LoRA adapter the way transformers / peft read them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
@@ -89,14 +89,10 @@ pub fn load_hf_folder(dir: &Path) -> Result<Checkpoint, ModelError> {
     Ok(Checkpoint { config, raw_config, tensors })
 }
 
-/// Writes `path` atomically (temp file in the same folder, then rename).
+/// Writes `path` atomically ([`pipeline_cache::fs::write_atomic`]: unique temp file in the same
+/// folder, fsync, rename), creating the folder; an error names `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    let tmp: PathBuf =
-        dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+    pipeline_cache::fs::write_atomic(path, bytes).map_err(|e| ModelError::io(path, e))
 }
 
 /// Serialises tensors as an F32 safetensors file (with `{"format": "pt"}` metadata, which

@@ -16,8 +16,10 @@
 //!   have exactly one entry per embedding row (llama.cpp's rule), else an error naming both.
 //! - [`GgufWriter`] / [`quantize`]: writing (layout byte-identical to `gguf.GGUFWriter`) and
 //!   quantising F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K, for the quantize/export stages;
-//!   [`hf_name`] and [`unpermute_rope`] for name/layout mapping; [`export_gguf`] / [`write_gguf`]
-//!   turn an HF model (config, tensors, tokenizer, template) back into a llama.cpp GGUF.
+//!   [`hf_name`] / [`gguf_name`] (one table, both directions) and [`permute_rope`] /
+//!   [`unpermute_rope`] (one index map, both directions) for name/layout mapping (`gguf/names.rs`);
+//!   [`export_gguf`] / [`write_gguf`] turn an HF model (config, tensors, tokenizer, template)
+//!   back into a llama.cpp GGUF.
 //!
 //! Tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K are dequantised on load
 //! exactly as the PyPI `gguf` package does (golden tests in `tests/`). Llama-architecture files
@@ -30,6 +32,7 @@
 mod dequant;
 mod export;
 mod hf;
+mod names;
 mod vocab;
 mod writer;
 
@@ -38,8 +41,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use dequant::{ggml_type_name, GgmlType};
-pub use export::{add_tokenizer_metadata, export_gguf, gguf_name, permute_rope, write_gguf};
-pub use hf::{hf_name, load_gguf, unpermute_rope, GgufModel};
+pub use export::{add_tokenizer_metadata, export_gguf, write_gguf};
+pub use hf::{load_gguf, GgufModel};
+pub use names::{gguf_name, hf_name, permute_rope, unpermute_rope};
 pub use vocab::tokenizer_from_gguf;
 pub use writer::{quantize, GgufWriter, QuantizeError};
 

@@ -27,6 +27,7 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
+use pipeline_cache::fs::AtomicFile;
 use pipeline_engine::StageError;
 use polars::prelude::*;
 use polars_arrow::array::{Array, ListArray, MutableBinaryViewArray, StructArray, Utf8ViewArray};
@@ -38,18 +39,9 @@ pub const DATA_FILE: &str = "data.parquet";
 /// Rows per Parquet row group, and per batch of [`DatasetReader`].
 pub const ROW_GROUP: usize = 16_384;
 
-/// One chat turn.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message { role: role.into(), content: content.into() }
-    }
-}
+/// One chat turn: the workspace's one type ([`pipeline_chat::Message`]), passed to chat
+/// templates and evaluation as it is.
+pub use pipeline_chat::Message;
 
 /// A row label; its type follows the task (SPECS.md §1).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -350,26 +342,27 @@ pub fn frame_to_samples(df: &DataFrame) -> PolarsResult<Vec<Sample>> {
 /// Streams samples into `<dir>/data.parquet` in row groups; the file appears (rename) only on
 /// [`DatasetWriter::finish`].
 pub struct DatasetWriter {
-    tmp: PathBuf,
     dest: PathBuf,
+    /// Writes through a second handle on `file`'s temp file (polars keeps its sink); declared
+    /// first so it is dropped before `file` removes an uncommitted temp file.
     writer: polars::io::parquet::write::BatchedWriter<BufWriter<File>>,
+    file: AtomicFile,
     pending: Vec<Sample>,
     rows: usize,
 }
 
 impl DatasetWriter {
     pub fn create(dir: &Path) -> Result<Self, StageError> {
-        std::fs::create_dir_all(dir).map_err(|e| StageError::io(dir, e))?;
         let dest = dir.join(DATA_FILE);
-        let tmp = dir.join(format!(".{DATA_FILE}.tmp"));
-        let file = File::create(&tmp).map_err(|e| StageError::io(&tmp, e))?;
+        let file = AtomicFile::create(&dest).map_err(|e| StageError::io(&dest, e))?;
+        let sink = file.try_clone_file().map_err(|e| StageError::io(file.temp_path(), e))?;
         let schema = samples_to_frame(&[]).map_err(|e| polars_err(&dest, e))?.schema().as_ref().clone();
-        let writer = ParquetWriter::new(BufWriter::with_capacity(1 << 20, file))
+        let writer = ParquetWriter::new(BufWriter::with_capacity(1 << 20, sink))
             .with_compression(ParquetCompression::Uncompressed)
             .with_row_group_size(Some(ROW_GROUP))
             .batched(&schema)
             .map_err(|e| polars_err(&dest, e))?;
-        Ok(DatasetWriter { tmp, dest, writer, pending: Vec::new(), rows: 0 })
+        Ok(DatasetWriter { dest, writer, file, pending: Vec::new(), rows: 0 })
     }
 
     pub fn push(&mut self, s: Sample) -> Result<(), StageError> {
@@ -415,10 +408,12 @@ impl DatasetWriter {
     /// Flush, close and rename into place; returns the number of rows written.
     pub fn finish(mut self) -> Result<usize, StageError> {
         self.flush()?;
+        // Writes the footer and flushes the `BufWriter` (errors included) into the temp file.
         self.writer.finish().map_err(|e| polars_err(&self.dest, e))?;
-        drop(self.writer);
-        std::fs::rename(&self.tmp, &self.dest).map_err(|e| StageError::io(&self.dest, e))?;
-        Ok(self.rows)
+        let DatasetWriter { dest, writer, file, rows, .. } = self;
+        drop(writer);
+        file.commit().map_err(|e| StageError::io(&dest, e))?;
+        Ok(rows)
     }
 }
 
@@ -496,28 +491,24 @@ pub fn read_dataset(dir: &Path) -> Result<Vec<Sample>, StageError> {
     Ok(out)
 }
 
-/// Write `value` as pretty JSON to `path` atomically (temp + rename).
+/// Write `value` as pretty JSON to `path` atomically ([`pipeline_cache::fs::write_atomic`]).
 pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), StageError> {
-    let tmp = path.with_extension("json.tmp");
     let mut text = serde_json::to_string_pretty(value).map_err(StageError::failed)?;
     text.push('\n');
-    std::fs::write(&tmp, text).map_err(|e| StageError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| StageError::io(path, e))
+    pipeline_cache::fs::write_atomic(path, text.as_bytes()).map_err(|e| StageError::io(path, e))
 }
 
 /// Write `samples` as JSON Lines to `path` atomically (used for side records like quarantine).
 pub fn write_jsonl<T: serde::Serialize>(path: &Path, rows: &[T]) -> Result<(), StageError> {
     use std::io::Write;
-    let tmp = path.with_extension("jsonl.tmp");
-    let f = File::create(&tmp).map_err(|e| StageError::io(&tmp, e))?;
-    let mut w = BufWriter::new(f);
-    for r in rows {
-        serde_json::to_writer(&mut w, r).map_err(StageError::failed)?;
-        w.write_all(b"\n").map_err(|e| StageError::io(&tmp, e))?;
-    }
-    w.flush().map_err(|e| StageError::io(&tmp, e))?;
-    drop(w);
-    std::fs::rename(&tmp, path).map_err(|e| StageError::io(path, e))
+    pipeline_cache::fs::write_atomic_with(path, |w| {
+        for r in rows {
+            serde_json::to_writer(&mut *w, r)?;
+            w.write_all(b"\n")?;
+        }
+        Ok(())
+    })
+    .map_err(|e| StageError::io(path, e))
 }
 
 /// Milliseconds since `t`, rounded (reports).

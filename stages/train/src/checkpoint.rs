@@ -95,14 +95,10 @@ fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
-/// Write a file atomically: temp file in the same directory, then rename.
+/// Write a file atomically ([`pipeline_cache::fs::write_atomic`]: unique temp file in the same
+/// directory, fsync, rename), creating the directory; an error names `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io(dir))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".tmp-{name}"));
-    fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))
+    pipeline_cache::fs::write_atomic(path, bytes).map_err(io(path))
 }
 
 /// A checkpoint read back.

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::OnceLock;
 
+use image::codecs::png::PngEncoder;
+use image::{ColorType, ImageEncoder};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -100,7 +102,30 @@ pub fn plot_loss_curve(path: &Path, records: &[Record], title: &str) -> Result<b
     Ok(text)
 }
 
+/// The chart's size in pixels.
+const SIZE: (u32, u32) = (900, 540);
+
 fn draw(path: &Path, records: &[Record], title: &str, text: bool) -> Result<(), TrainError> {
+    let err = |e: &dyn std::fmt::Display| TrainError::Report(format!("{}: {e}", path.display()));
+    // Drawn into memory, then PNG-encoded into an atomic write: plotters' file backend would
+    // pick the format from the (temp) file name and write it in place.
+    let mut rgb = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
+    draw_on(BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(), records, title, text)
+        .map_err(|e| err(&e))?;
+    pipeline_cache::fs::write_atomic_with(path, |w| {
+        // The encoder plotters' file backend uses (`image`'s default PNG settings), so the bytes
+        // are those `BitMapBackend::new(path)` writes.
+        PngEncoder::new(w).write_image(&rgb, SIZE.0, SIZE.1, ColorType::Rgb8).map_err(std::io::Error::other)
+    })
+    .map_err(|source| TrainError::Io { path: path.to_path_buf(), source })
+}
+
+fn draw_on<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    records: &[Record],
+    title: &str,
+    text: bool,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let train: Vec<(f64, f64)> = records
         .iter()
         .filter_map(|r| match r {
@@ -124,46 +149,33 @@ fn draw(path: &Path, records: &[Record], title: &str, text: bool) -> Result<(), 
     let pad = ((hi - lo) * 0.05).max(1e-3);
     let (lo, hi) = ((lo - pad).max(0.0_f64.min(lo)), hi + pad);
 
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| TrainError::Io { path: dir.to_path_buf(), source: e })?;
-    let tmp = dir.join(".tmp-loss_curve.png");
-    let err = |e: &dyn std::fmt::Display| TrainError::Report(format!("{}: {e}", path.display()));
-    {
-        let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| err(&e))?;
-        let mut builder = ChartBuilder::on(&root);
-        builder.margin(20);
-        if text {
-            builder.caption(title, ("sans-serif", 22)).x_label_area_size(40).y_label_area_size(60);
-        }
-        let mut chart = builder.build_cartesian_2d(0.0..max_step, lo..hi).map_err(|e| err(&e))?;
-        if text {
-            chart.configure_mesh().x_desc("step").y_desc("loss").draw().map_err(|e| err(&e))?;
-        } else {
-            chart.configure_mesh().x_labels(0).y_labels(0).draw().map_err(|e| err(&e))?;
-        }
-        let s = chart.draw_series(LineSeries::new(train, BLUE.stroke_width(2))).map_err(|e| err(&e))?;
-        if text {
-            s.label("train loss").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-        }
-        if !eval.is_empty() {
-            let s = chart.draw_series(LineSeries::new(eval.clone(), RED.stroke_width(2))).map_err(|e| err(&e))?;
-            if text {
-                s.label("eval loss").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
-            }
-            chart.draw_series(eval.iter().map(|&p| Circle::new(p, 3, RED.filled()))).map_err(|e| err(&e))?;
-        }
-        if text {
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| err(&e))?;
-        }
-        root.present().map_err(|e| err(&e))?;
+    root.fill(&WHITE)?;
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(20);
+    if text {
+        builder.caption(title, ("sans-serif", 22)).x_label_area_size(40).y_label_area_size(60);
     }
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::Io { path: path.to_path_buf(), source: e })
+    let mut chart = builder.build_cartesian_2d(0.0..max_step, lo..hi)?;
+    if text {
+        chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
+    } else {
+        chart.configure_mesh().x_labels(0).y_labels(0).draw()?;
+    }
+    let s = chart.draw_series(LineSeries::new(train, BLUE.stroke_width(2)))?;
+    if text {
+        s.label("train loss").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    }
+    if !eval.is_empty() {
+        let s = chart.draw_series(LineSeries::new(eval.clone(), RED.stroke_width(2)))?;
+        if text {
+            s.label("eval loss").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        }
+        chart.draw_series(eval.iter().map(|&p| Circle::new(p, 3, RED.filled())))?;
+    }
+    if text {
+        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    }
+    root.present()
 }
 
 #[cfg(test)]
@@ -219,6 +231,23 @@ mod tests {
             let bytes = std::fs::read(&p).unwrap();
             assert_eq!(&bytes[1..4], b"PNG");
             assert!(bytes.len() > 2000, "{} bytes", bytes.len());
+        }
+    }
+
+    /// The in-memory drawing + atomic write produces exactly the file plotters' own file backend
+    /// writes, so `loss_curve.png` (a stage output) is byte-for-byte what it was.
+    #[test]
+    fn png_bytes_equal_plotters_file_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        for text in [false, true] {
+            if text && !font_available() {
+                continue;
+            }
+            let ours = dir.path().join(format!("ours-{text}.png"));
+            draw(&ours, &records(), "loss", text).unwrap();
+            let theirs = dir.path().join(format!("theirs-{text}.png"));
+            draw_on(BitMapBackend::new(&theirs, SIZE).into_drawing_area(), &records(), "loss", text).unwrap();
+            assert_eq!(std::fs::read(&ours).unwrap(), std::fs::read(&theirs).unwrap(), "text: {text}");
         }
     }
 }

@@ -10,8 +10,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::names::{gguf_name, permute_rope, rope_heads};
 use super::{GgmlType, GgufError, GgufValue, GgufWriter};
-use crate::host::{HostTensor, HostTensors};
+use crate::host::HostTensors;
 use crate::tokenizer::Tokenizer;
 
 const QWEN2_REGEX: &str = super::vocab::QWEN2_REGEX;
@@ -19,54 +20,6 @@ const LLAMA3_REGEX: &str = super::vocab::LLAMA3_REGEX;
 
 fn err(key: &str, msg: impl Into<String>) -> GgufError {
     GgufError::Metadata { path: "<export>".into(), key: key.to_string(), msg: msg.into() }
-}
-
-/// HF name -> llama.cpp name (inverse of [`super::hf_name`]).
-pub fn gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, suffix) = part.rsplit_once('.')?;
-    let g = match module {
-        "input_layernorm" => "attn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "post_attention_layernorm" => "ffn_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.{suffix}"))
-}
-
-/// llama.cpp's `permute` (HF -> GGUF row order for interleaved RoPE).
-pub fn permute_rope(t: &HostTensor, n_head: usize) -> Result<HostTensor, String> {
-    let rows = t.shape[0];
-    let cols: usize = t.shape[1..].iter().product();
-    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
-        return Err(format!("{rows} rows cannot be split into {n_head} heads of even size"));
-    }
-    let half = rows / n_head / 2;
-    let mut out = vec![0f32; t.data.len()];
-    for h in 0..n_head {
-        for i in 0..half {
-            for j in 0..2 {
-                let dst = (h * half + i) * 2 + j;
-                let src = (h * 2 + j) * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    Ok(HostTensor { shape: t.shape.clone(), data: out })
 }
 
 fn cfg_u64(c: &Value, k: &str) -> Result<u64, GgufError> {
@@ -125,10 +78,9 @@ pub fn export_gguf(
             msg: "no llama.cpp counterpart for this tensor".into(),
         })?;
         let terr = |msg: String| GgufError::Tensor { path: "<export>".into(), tensor: name.clone(), msg };
-        let t = if arch == "llama" && (g.contains(".attn_q.") || g.contains(".attn_k.")) {
-            permute_rope(t, if g.contains(".attn_q.") { heads } else { kv } as usize).map_err(terr)?
-        } else {
-            t.clone()
+        let t = match rope_heads(name, heads as usize, kv as usize).filter(|_| arch == "llama") {
+            Some(h) => permute_rope(t, h).map_err(terr)?,
+            None => t.clone(),
         };
         let mut chosen = if t.shape.len() < 2 { GgmlType::F32 } else { ty(name) };
         let inner = *t.shape.last().unwrap_or(&0);

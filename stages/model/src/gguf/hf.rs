@@ -4,8 +4,9 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use super::names::{hf_name, rope_heads, unpermute_rope, BLOCK};
 use super::{GgufError, GgufFile};
-use crate::host::{HostTensor, HostTensors};
+use crate::host::HostTensors;
 use crate::tokenizer::Tokenizer;
 
 /// A GGUF model in Hugging Face terms.
@@ -70,17 +71,8 @@ pub fn load_gguf(path: impl AsRef<Path>) -> Result<GgufModel, GgufError> {
             return Err(f.tensor_err(&info.name, "no Hugging Face counterpart for this llama.cpp tensor name"));
         };
         let mut t = f.dequantize(&info.name)?;
-        if permute_qk {
-            let heads = if hf_name.ends_with("q_proj.weight") || hf_name.ends_with("q_proj.bias") {
-                Some(n_heads)
-            } else if hf_name.ends_with("k_proj.weight") || hf_name.ends_with("k_proj.bias") {
-                Some(n_kv)
-            } else {
-                None
-            };
-            if let Some(h) = heads {
-                t = unpermute_rope(&t, h as usize).map_err(|m| f.tensor_err(&info.name, m))?;
-            }
+        if let Some(h) = rope_heads(&hf_name, n_heads as usize, n_kv as usize).filter(|_| permute_qk) {
+            t = unpermute_rope(&t, h).map_err(|m| f.tensor_err(&info.name, m))?;
         }
         tensors.insert(hf_name, t);
     }
@@ -144,21 +136,10 @@ pub fn load_gguf(path: impl AsRef<Path>) -> Result<GgufModel, GgufError> {
 
 /// Every block must have its norms and projections (biases optional).
 fn check_layers(f: &GgufFile, t: &HostTensors, n_layers: u64) -> Result<(), GgufError> {
-    const PARTS: [(&str, &str); 9] = [
-        ("input_layernorm.weight", "attn_norm.weight"),
-        ("self_attn.q_proj.weight", "attn_q.weight"),
-        ("self_attn.k_proj.weight", "attn_k.weight"),
-        ("self_attn.v_proj.weight", "attn_v.weight"),
-        ("self_attn.o_proj.weight", "attn_output.weight"),
-        ("post_attention_layernorm.weight", "ffn_norm.weight"),
-        ("mlp.gate_proj.weight", "ffn_gate.weight"),
-        ("mlp.up_proj.weight", "ffn_up.weight"),
-        ("mlp.down_proj.weight", "ffn_down.weight"),
-    ];
     for i in 0..n_layers {
-        for (hf, gg) in PARTS {
-            if !t.contains_key(&format!("model.layers.{i}.{hf}")) {
-                return Err(f.tensor_err(&format!("blk.{i}.{gg}"), "missing"));
+        for b in &BLOCK {
+            if !t.contains_key(&format!("model.layers.{i}.{}.weight", b.hf)) {
+                return Err(f.tensor_err(&format!("blk.{i}.{}.weight", b.gguf), "missing"));
             }
         }
     }
@@ -166,93 +147,4 @@ fn check_layers(f: &GgufFile, t: &HostTensors, n_layers: u64) -> Result<(), Gguf
         return Err(f.tensor_err("output_norm.weight", "missing"));
     }
     Ok(())
-}
-
-/// llama.cpp name -> HF name (None for names without a counterpart).
-pub fn hf_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, suffix) = part.rsplit_once('.')?;
-    if suffix != "weight" && suffix != "bias" {
-        return None;
-    }
-    let hf = match module {
-        "attn_norm" => "input_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
-}
-
-/// Undo llama.cpp's `permute` of Q/K rows: `w.reshape(h, hd/2, 2, rest).swapaxes(1, 2)`.
-/// Works on weights `[h*hd, d]` and biases `[h*hd]`.
-pub fn unpermute_rope(t: &HostTensor, n_head: usize) -> Result<HostTensor, String> {
-    let rows = t.shape[0];
-    let cols: usize = t.shape[1..].iter().product();
-    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
-        return Err(format!("{rows} rows cannot be split into {n_head} heads of even size for RoPE un-permutation"));
-    }
-    let half = rows / n_head / 2;
-    let mut out = vec![0f32; t.data.len()];
-    for h in 0..n_head {
-        for i in 0..half {
-            for j in 0..2 {
-                // source (h, i, j) in [h, half, 2] -> destination (h, j, i) in [h, 2, half]
-                let src = (h * half + i) * 2 + j;
-                let dst = (h * 2 + j) * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    Ok(HostTensor { shape: t.shape.clone(), data: out })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_map_to_hf() {
-        assert_eq!(hf_name("blk.12.attn_q.bias").as_deref(), Some("model.layers.12.self_attn.q_proj.bias"));
-        assert_eq!(hf_name("blk.0.ffn_down.weight").as_deref(), Some("model.layers.0.mlp.down_proj.weight"));
-        assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
-        assert_eq!(hf_name("blk.x.attn_q.weight"), None);
-        assert_eq!(hf_name("blk.0.attn_qkv.weight"), None);
-    }
-
-    /// Permute as llama.cpp's converter does, then check we get the HF rows back.
-    #[test]
-    fn unpermute_inverts_llama_cpp_permute() {
-        let (h, hd, d) = (3, 4, 2);
-        let rows = h * hd;
-        let hf: Vec<f32> = (0..rows * d).map(|x| x as f32).collect();
-        // permute: reshape(h, 2, hd/2, d).swapaxes(1, 2): dst (h, i, j) <- src (h, j, i)
-        let mut gg = vec![0f32; hf.len()];
-        for hh in 0..h {
-            for i in 0..hd / 2 {
-                for j in 0..2 {
-                    let dst = (hh * (hd / 2) + i) * 2 + j;
-                    let src = (hh * 2 + j) * (hd / 2) + i;
-                    gg[dst * d..dst * d + d].copy_from_slice(&hf[src * d..src * d + d]);
-                }
-            }
-        }
-        let back = unpermute_rope(&HostTensor::new(vec![rows, d], gg), h).unwrap();
-        assert_eq!(back.data, hf);
-        assert!(unpermute_rope(&HostTensor::new(vec![6, 1], vec![0.0; 6]), 2).is_err());
-    }
 }

@@ -55,6 +55,14 @@ impl GgufWriter {
 
     /// The whole file.
     pub fn to_bytes(&self) -> Result<Vec<u8>, GgufError> {
+        let mut out = self.header()?;
+        self.write_tensor_data(&mut out).expect("writing to a Vec cannot fail");
+        Ok(out)
+    }
+
+    /// Everything before the tensor data (magic, counts, key/values, tensor infos), padded to the
+    /// alignment; the duplicate-key check happens here, before any file is opened.
+    fn header(&self) -> Result<Vec<u8>, GgufError> {
         let mut out = Vec::new();
         out.extend_from_slice(b"GGUF");
         out.extend_from_slice(&3u32.to_le_bytes());
@@ -85,23 +93,29 @@ impl GgufWriter {
             offset += bytes.len().next_multiple_of(ALIGN) as u64;
         }
         out.resize(out.len().next_multiple_of(ALIGN), 0);
-        for (_, _, _, bytes) in &self.tensors {
-            out.extend_from_slice(bytes);
-            out.resize(out.len().next_multiple_of(ALIGN), 0);
-        }
         Ok(out)
     }
 
-    /// Write atomically (temp file beside `path`, then rename).
+    /// The tensor data after an aligned header: each tensor padded to the alignment.
+    fn write_tensor_data(&self, w: &mut impl Write) -> std::io::Result<()> {
+        const PAD: [u8; ALIGN] = [0; ALIGN];
+        for (_, _, _, bytes) in &self.tensors {
+            w.write_all(bytes)?;
+            w.write_all(&PAD[..bytes.len().next_multiple_of(ALIGN) - bytes.len()])?;
+        }
+        Ok(())
+    }
+
+    /// Stream the file to `path` atomically ([`pipeline_cache::fs::write_atomic_with`]: unique
+    /// temp file beside `path`, fsync, rename), without assembling it in memory first.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<(), GgufError> {
         let path = path.as_ref();
-        let io = |source| GgufError::Io { path: path.to_path_buf(), source };
-        let bytes = self.to_bytes()?;
-        let tmp = path.with_extension("gguf.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        let header = self.header()?;
+        pipeline_cache::fs::write_atomic_with(path, |w| {
+            w.write_all(&header)?;
+            self.write_tensor_data(w)
+        })
+        .map_err(|source| GgufError::Io { path: path.to_path_buf(), source })
     }
 }
 
@@ -386,5 +400,43 @@ fn quantize_q4_k_block(x: &[f32], out: &mut Vec<u8>) {
     out.extend_from_slice(&sc);
     for j in (0..256).step_by(64) {
         out.extend((0..32).map(|i| l[j + i] | (l[j + i + 32] << 4)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `write` streams header and padded tensors into the file; the bytes are `to_bytes()`'s
+    /// (which the golden test compares with `gguf.GGUFWriter`'s files).
+    #[test]
+    fn streamed_file_equals_to_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let mut w = GgufWriter::new();
+        w.add_metadata("general.architecture", GgufValue::String("llama".into()));
+        w.add_metadata("general.name", GgufValue::String("odd length name".into()));
+        // Sizes that are not multiples of the alignment, so padding is exercised.
+        w.add_raw_tensor("a", vec![3], 0, vec![1; 12]);
+        w.add_raw_tensor("b", vec![5, 2], 0, vec![2; 40]);
+        w.add_raw_tensor("c", vec![8], 0, vec![3; 32]);
+        w.write(&path).unwrap();
+        let bytes = w.to_bytes().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        assert_eq!(bytes.len() % ALIGN, 0);
+    }
+
+    #[test]
+    fn duplicate_key_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        std::fs::write(&path, b"old").unwrap();
+        let mut w = GgufWriter::new();
+        w.add_metadata("k", GgufValue::U32(1));
+        w.add_metadata("k", GgufValue::U32(2));
+        let e = w.write(&path).unwrap_err().to_string();
+        assert!(e.contains("`k`") && e.contains("duplicate"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file is left");
     }
 }
