@@ -466,8 +466,8 @@ pub(crate) fn write_model<D: Device<f32>, S: Dims>(
 }
 
 /// The stage report: sizes, steps, final/best losses, why it stopped, the metrics and loss-curve
-/// files relative to `metrics_dir` (the output that holds them), throughput, the output paths and
-/// `extra` (the stage's own figures).
+/// files relative to `metrics_dir` (the output that holds them), throughput and `extra` (the
+/// stage's own figures).
 pub(crate) fn report(
     ctx: &RunCtx,
     outcome: &TrainOutcome,
@@ -499,9 +499,10 @@ pub(crate) fn report(
         "metrics": rel(&outcome.metrics_path),
         "loss_curve": rel(&outcome.loss_curve_path),
         "tokens_per_second": tps,
-        "model": model_dir.display().to_string(),
-        "metrics_dir": metrics_dir.display().to_string(),
     });
+    // No `model` / `metrics_dir` paths: they are the run's scratch folders, gone once the cache
+    // entry is committed (the outputs' final paths are listed with the entry, `pipeline cache ls`).
+    let _ = model_dir;
     if let (Some(o), Some(e)) = (r.as_object_mut(), extra.as_object()) {
         for (k, v) in e {
             o.insert(k.clone(), v.clone());
@@ -772,6 +773,9 @@ mod glue_tests {
         assert_eq!(r["rows"], 8);
         assert!(r["tokens_per_second"].as_f64().is_some_and(|t| t > 0.0), "{r}");
         assert!(metrics.join("loss_curve.png").is_file());
+        // Regression (issue 15, point 9): the report kept paths to scratch folders that are
+        // gone once the entry is committed.
+        assert!(r.get("model").is_none() && r.get("metrics_dir").is_none(), "{r}");
     }
 
     #[test]

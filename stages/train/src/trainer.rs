@@ -425,8 +425,7 @@ where
             let dir = paths.checkpoints.join(format!("best-{best}"));
             let ck = checkpoint::load::<TrainerState>(&dir)?;
             write_params(model, &ck.params)?;
-            callbacks
-                .on_message(&format!("loaded the best checkpoint (step {best}, eval loss {:?})", state.best_eval_loss));
+            callbacks.on_message(&loaded_best_message(best, state.best_eval_loss));
         }
     }
 
@@ -509,4 +508,25 @@ where
 /// Where [`train`] keeps the best checkpoint of step `step` (for callers that want its files).
 pub fn best_checkpoint_dir(checkpoints: &Path, step: u64) -> PathBuf {
     checkpoints.join(format!("best-{step}"))
+}
+
+/// What is said when the best checkpoint replaces the last weights: the eval loss as a number
+/// (it printed as `Some(5.4579…)` through `Debug`).
+fn loaded_best_message(step: u64, eval_loss: Option<f64>) -> String {
+    match eval_loss {
+        Some(l) => format!("loaded the best checkpoint (step {step}, eval loss {l:.4})"),
+        None => format!("loaded the best checkpoint (step {step})"),
+    }
+}
+
+#[cfg(test)]
+mod message_tests {
+    use super::loaded_best_message;
+
+    // Regression (issue 15, point 9): the early-stopping message printed `Some(5.4579…)`.
+    #[test]
+    fn best_checkpoint_message_prints_the_number() {
+        insta::assert_snapshot!(loaded_best_message(40, Some(5.457_912_3)), @"loaded the best checkpoint (step 40, eval loss 5.4579)");
+        assert_eq!(loaded_best_message(7, None), "loaded the best checkpoint (step 7)");
+    }
 }
