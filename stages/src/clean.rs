@@ -2,11 +2,20 @@
 //!
 //! ## What it does
 //! Normalises every text field of every row, then filters rows. In order:
-//! 1. Unicode NFKC; 2. control and invisible characters removed (zero-width, bidi controls, soft
+//! 1. Unicode NFKC, except that CJK full-width punctuation is kept as written (`，` `：` `！`
+//!    `（）` `？` `；` `～` `￥`, every full-width form of an ASCII symbol, and the ellipsis `…`),
+//!    since NFKC would turn Chinese punctuation into ASCII (`，` → `,`) and change the training
+//!    text; full-width letters and digits are still folded (`ＡＢ１` → `AB1`, so PII masking sees
+//!    them). `fold_fullwidth_punctuation = true` gives plain NFKC; 2. control and invisible characters removed (zero-width, bidi controls, soft
 //!    hyphen, BOM; `\n` and `\t` kept); 3. HTML remnants (tags other than the `<image>` /
 //!    `<audio>` / `<video>` media tags, comments, character entities decoded); 4. whitespace
 //!    (runs of spaces collapsed, lines trimmed, at most one blank line, ends trimmed);
-//!    5. optional PII masking (`[EMAIL]`, `[PHONE]`, `[ID]`).
+//!    5. optional PII masking: e-mail → `[EMAIL]`; IPv4 → `[IP]`; 18-digit resident IDs (ISO 7064
+//!    MOD 11-2 check digit, `X` included), 15-digit IDs and US SSNs → `[ID]`; bank card numbers
+//!    (Luhn-checked, plain or grouped by four) → `[CARD]`; mainland mobiles (`1[3-9]` + 9 digits,
+//!    optional `+86`) and phone numbers with separators → `[PHONE]`. A number is masked only when
+//!    no ASCII letter or digit touches it, so it is found beside Chinese text too
+//!    (`身份证号是110101199003074514，电话13812345678` → `身份证号是[ID]，电话[PHONE]`).
 //!
 //! Then the filters, each off when its param is unset, applied to the row's joined text: length
 //! in characters, length in tokens (with `tokenizer`), language (script-based guess), and the
@@ -28,7 +37,8 @@
 //! | name | default | meaning |
 //! |---|---|---|
 //! | `nfkc`, `remove_control`, `strip_html`, `normalize_whitespace` | `true` | normalisations |
-//! | `mask_pii` | `false` | mask emails, phone numbers, ID numbers |
+//! | `fold_fullwidth_punctuation` | `false` | with `nfkc`, fold CJK full-width punctuation to ASCII too (plain NFKC) |
+//! | `mask_pii` | `false` | mask e-mails, IPv4 addresses, ID numbers, bank cards, phone numbers |
 //! | `min_chars`, `max_chars` | unset | character bounds on the joined text |
 //! | `tokenizer` | unset | path to a HF `tokenizer.json`, needed by the token bounds |
 //! | `min_tokens`, `max_tokens` | unset | token bounds on the joined text |
@@ -61,7 +71,7 @@ use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError};
 use regex::Regex;
 use unicode_normalization::{is_nfkc_quick, IsNormalized, UnicodeNormalization};
 
-use crate::data::text::{for_each_word, guess_language, hash64, mix64};
+use crate::data::text::{for_each_word, guess_language, hash64, mask_pii, mix64};
 use crate::data::{write_jsonl, DatasetReader, DatasetWriter, Sample};
 
 pub(crate) struct Clean;
@@ -71,6 +81,8 @@ pub(crate) struct Clean;
 pub(crate) struct Params {
     #[serde(default = "yes")]
     pub nfkc: bool,
+    #[serde(default)]
+    pub fold_fullwidth_punctuation: bool,
     #[serde(default = "yes")]
     pub remove_control: bool,
     #[serde(default = "yes")]
@@ -139,16 +151,6 @@ static HTML_TAG: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?s)<!--.*?-->|</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>").expect("static regex"));
 static ENTITY: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[a-zA-Z]{2,8});").expect("static regex"));
-static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}").expect("static regex")
-});
-static ID_NUMBER: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"\b(?:\d{17}[\dXx]|\d{15}|\d{3}-\d{2}-\d{4})\b").expect("static regex"));
-static PHONE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?:\+\d{1,3}[ .-]?)?(?:\b1[3-9]\d{9}\b|(?:\(\d{3}\)|\b\d{3})[ .-]?\d{3}[ .-]?\d{4}\b)")
-        .expect("static regex")
-});
-
 fn is_invisible(c: char) -> bool {
     matches!(c,
         '\u{00AD}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' |
@@ -278,20 +280,6 @@ pub(crate) fn normalize_whitespace(s: &str) -> Cow<'_, str> {
     }
 }
 
-pub(crate) fn mask_pii(s: &str) -> Cow<'_, str> {
-    if !s.bytes().any(|b| b.is_ascii_digit() || b == b'@') {
-        return Cow::Borrowed(s);
-    }
-    let a = EMAIL.replace_all(s, "[EMAIL]");
-    let b = ID_NUMBER.replace_all(&a, "[ID]");
-    let c = PHONE.replace_all(&b, "[PHONE]");
-    if c == s {
-        Cow::Borrowed(s)
-    } else {
-        Cow::Owned(c.into_owned())
-    }
-}
-
 /// A `Hasher` over [`hash64`]: keys here are lines and already-mixed 64-bit n-gram hashes, so
 /// SipHash's DoS resistance buys nothing. Map iteration order never reaches the output.
 #[derive(Default)]
@@ -375,6 +363,41 @@ fn nfkc(x: &str) -> Cow<'_, str> {
     }
 }
 
+/// CJK full-width punctuation that NFKC folds to ASCII or to a narrower form: the full-width
+/// forms of the ASCII symbols (U+FF01-FF0F, FF1A-FF20, FF3B-FF40, FF5B-FF60: `！（），：；？～`),
+/// the full-width currency and sign forms (U+FFE0-FFE6: `￥`), and the ellipsis `…` (U+2026, which
+/// NFKC turns into `...`).
+fn is_cjk_punctuation(c: char) -> bool {
+    matches!(c,
+        '\u{FF01}'..='\u{FF0F}' | '\u{FF1A}'..='\u{FF20}' | '\u{FF3B}'..='\u{FF40}' | '\u{FF5B}'..='\u{FF60}' |
+        '\u{FFE0}'..='\u{FFE6}' | '\u{2026}')
+}
+
+/// NFKC that keeps CJK full-width punctuation ([`is_cjk_punctuation`]) as written. Each kept
+/// character is a starter that composes with nothing, so normalising the text between them
+/// piece by piece equals normalising the whole.
+fn nfkc_keeping_cjk_punctuation(x: &str) -> Cow<'_, str> {
+    if x.is_ascii() || is_nfkc_quick(x.chars()) == IsNormalized::Yes {
+        return Cow::Borrowed(x);
+    }
+    if !x.chars().any(is_cjk_punctuation) {
+        return nfkc(x);
+    }
+    let mut out = String::with_capacity(x.len());
+    let mut rest = x;
+    while let Some((i, c)) = rest.char_indices().find(|&(_, c)| is_cjk_punctuation(c)) {
+        out.push_str(&nfkc(&rest[..i]));
+        out.push(c);
+        rest = &rest[i + c.len_utf8()..];
+    }
+    out.push_str(&nfkc(rest));
+    if out == x {
+        Cow::Borrowed(x)
+    } else {
+        Cow::Owned(out)
+    }
+}
+
 /// One text normalisation: returns `Borrowed` when nothing changed.
 type Step = fn(&str) -> Cow<'_, str>;
 
@@ -390,7 +413,7 @@ impl Cleaner {
         let mut changed = [false; 5];
         for t in s.texts_mut() {
             let steps: [(bool, Step); 5] = [
-                (self.p.nfkc, nfkc),
+                (self.p.nfkc, if self.p.fold_fullwidth_punctuation { nfkc } else { nfkc_keeping_cjk_punctuation }),
                 (self.p.remove_control, remove_control),
                 (self.p.strip_html, strip_html),
                 (self.p.normalize_whitespace, normalize_whitespace),
@@ -473,7 +496,8 @@ impl Stage for Clean {
         "clean"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: PII masking finds numbers beside CJK text, validates IDs and cards, masks IPv4.
+        2
     }
     fn summary(&self) -> &'static str {
         "Normalise text (NFKC, control chars, HTML, whitespace, PII) and filter rows by length, language, repetition"
@@ -555,10 +579,23 @@ mod tests {
         }
         assert_eq!(
             mask_pii("mail bob@example.com or call 138 0013 8000? no: 13800138000, id 11010519491231002X"),
-            "mail [EMAIL] or call 138 0013 8000? no: [PHONE], id [ID]"
+            "mail [EMAIL] or call [PHONE]? no: [PHONE], id [ID]"
         );
         assert_eq!(mask_pii("call (555) 123-4567 now, ssn 123-45-6789"), "call [PHONE] now, ssn [ID]");
         assert_eq!("ｈｅｌｌｏ①".nfkc().collect::<String>(), "hello1");
+    }
+
+    // Regression (issue 15, point 4): NFKC rewrote Chinese punctuation (`，` → `,`, `：` → `:`).
+    #[test]
+    fn default_normalisation_keeps_cjk_punctuation() {
+        let zh = "注意：你好，世界！（测试）……价格￥５０？ｈｅｌｌｏ①";
+        assert_eq!(nfkc_keeping_cjk_punctuation(zh), "注意：你好，世界！（测试）……价格￥50？hello1");
+        assert_eq!(nfkc(zh), "注意:你好,世界!(测试)......价格¥50?hello1");
+        // Text whose only non-NFKC characters are kept punctuation comes back borrowed.
+        assert!(matches!(nfkc_keeping_cjk_punctuation("你好，世界！"), Cow::Borrowed(_)));
+        // Composition still happens between kept characters: e + combining acute → é.
+        assert_eq!(nfkc_keeping_cjk_punctuation("cafe\u{301}，ﬁ"), "café，fi");
+        assert_eq!(nfkc_keeping_cjk_punctuation("Ｈｅｌｌｏ, world"), "Hello, world");
     }
 
     #[test]

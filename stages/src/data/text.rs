@@ -1,5 +1,10 @@
 //! Text helpers shared by the data stages: a fast deterministic hash, word/CJK tokenisation for
-//! shingles and n-grams, script classification.
+//! shingles and n-grams, script classification, PII masking.
+
+use std::borrow::Cow;
+use std::sync::LazyLock;
+
+use regex::Regex;
 
 /// A fast, seedable, platform-independent 64-bit hash (FxHash-style mixing with a splitmix64
 /// finaliser). Not cryptographic; used for shingles and buckets. Exact dedupe uses SHA-256.
@@ -218,6 +223,148 @@ pub fn guess_language(s: &str) -> Option<(&'static str, f64)> {
     Some((lang, *n as f64 / total as f64))
 }
 
+/// E-mail addresses. The character classes are ASCII, so an address ends where CJK text starts.
+static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}").expect("static regex")
+});
+/// `inner` as a regex that only matches where no ASCII letter or digit touches it, nor a
+/// `.digit` continuation (so `1.2.3.4.5` holds no address): the boundary `\b` fails to be beside
+/// CJK text, since `是` and `，` are word characters to `\b` but not ASCII alphanumerics. The
+/// regex crate has no look-around, so the characters either side are matched (group 0 spans
+/// them) and `inner` is capture group 1; the trailing one is searched again for the next match.
+fn standalone(inner: &str) -> Regex {
+    Regex::new(&format!(r"(?:^|[^0-9A-Za-z.]|(?:^|[^0-9])\.)({inner})(?:$|[^0-9A-Za-z.]|\.(?:$|[^0-9]))"))
+        .expect("static regex")
+}
+
+/// Dotted quads; each octet is range-checked by [`is_ipv4`].
+static IPV4: LazyLock<Regex> = LazyLock::new(|| standalone(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}"));
+/// Mainland mobile numbers, with an optional `+86` / `0086` / `86` prefix.
+static MOBILE_CN: LazyLock<Regex> = LazyLock::new(|| standalone(r"(?:(?:\+|00)?86[ -]?)?1[3-9][0-9]{9}"));
+/// Unseparated digit runs (resident IDs, bank cards, the old 15-digit IDs), classified by
+/// [`classify_digit_run`].
+static DIGIT_RUN: LazyLock<Regex> = LazyLock::new(|| standalone(r"[0-9]{13,19}[Xx]?"));
+/// Bank card numbers written in groups of four (`6222 0202 0000 1234 567`), Luhn-checked.
+static GROUPED_CARD: LazyLock<Regex> =
+    LazyLock::new(|| standalone(r"[0-9]{4}(?:[ -][0-9]{4}){2,3}(?:[ -][0-9]{1,3})?"));
+/// US social security numbers.
+static SSN: LazyLock<Regex> = LazyLock::new(|| standalone(r"[0-9]{3}-[0-9]{2}-[0-9]{4}"));
+/// Phone numbers with separators: `138 0013 8000`, `010-12345678`, `(0755) 1234567`,
+/// `(555) 123-4567`, `555.123.4567`, each with an optional `+CC` / `00CC` country code.
+static PHONE: LazyLock<Regex> = LazyLock::new(|| {
+    standalone(concat!(
+        r"(?:(?:\+|00)[0-9]{1,3}[ .-]?)?",
+        r"(?:1[3-9][0-9][ .-][0-9]{4}[ .-][0-9]{4}",
+        r"|\(0[0-9]{2,3}\)[ -]?[0-9]{7,8}",
+        r"|0[0-9]{2,3}-[0-9]{7,8}",
+        r"|\([0-9]{3}\)[ .-]?[0-9]{3}[ .-]?[0-9]{4}",
+        r"|[0-9]{3}[ .-]?[0-9]{3}[ .-]?[0-9]{4})"
+    ))
+});
+
+/// ISO 7064 MOD 11-2, the check digit of an 18-digit PRC resident identity number (GB 11643):
+/// true when `id` is 17 digits followed by the right check character (`0`-`9` or `X`).
+pub fn is_resident_id(id: &str) -> bool {
+    const WEIGHTS: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
+    const CHECK: &[u8; 11] = b"10X98765432";
+    let b = id.as_bytes();
+    if b.len() != 18 || !b[..17].iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    let sum: u32 = b[..17].iter().zip(WEIGHTS).map(|(d, w)| u32::from(d - b'0') * w).sum();
+    b[17].to_ascii_uppercase() == CHECK[(sum % 11) as usize]
+}
+
+/// The Luhn checksum of a card number's digits (separators ignored).
+pub fn luhn_valid(number: &str) -> bool {
+    let digits: Vec<u32> = number.bytes().filter(u8::is_ascii_digit).map(|d| u32::from(d - b'0')).collect();
+    if digits.len() < 12 {
+        return false;
+    }
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        // every second digit from the right doubled, then its digits summed
+        .map(|(i, &d)| d * (1 + (i % 2) as u32))
+        .map(|x| x / 10 + x % 10)
+        .sum();
+    sum % 10 == 0
+}
+
+fn is_ipv4(s: &str) -> bool {
+    s.split('.').all(|o| o.parse::<u8>().is_ok() && (o == "0" || !o.starts_with('0')))
+}
+
+/// What an unseparated run of 13-19 digits (18 may end in `X`) is, if anything.
+fn classify_digit_run(run: &str) -> Option<&'static str> {
+    if run.len() == 18 && is_resident_id(run) {
+        return Some("[ID]");
+    }
+    if !run.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if luhn_valid(run) {
+        return Some("[CARD]");
+    }
+    // The 15-digit resident ID of before 1999 has no check digit.
+    (run.len() == 15).then_some("[ID]")
+}
+
+/// Replaces group 1 of each match of a [`standalone`] regex that `label` accepts with the label
+/// it returns. A rejected match is retried one character further on.
+fn replace_standalone<'a>(s: &'a str, re: &Regex, label: impl Fn(&str) -> Option<&'static str>) -> Cow<'a, str> {
+    let mut out = String::new();
+    let (mut last, mut pos) = (0, 0);
+    while pos < s.len() {
+        let Some(m) = re.captures_at(s, pos).and_then(|c| c.get(1)) else { break };
+        match label(m.as_str()) {
+            Some(l) => {
+                out.push_str(&s[last..m.start()]);
+                out.push_str(l);
+                last = m.end();
+                pos = m.end();
+            }
+            None => pos = m.start() + s[m.start()..].chars().next().map_or(1, char::len_utf8),
+        }
+    }
+    if last == 0 {
+        return Cow::Borrowed(s);
+    }
+    out.push_str(&s[last..]);
+    Cow::Owned(out)
+}
+
+/// Masks personal data in `s`: e-mail addresses → `[EMAIL]`, IPv4 addresses → `[IP]`, 18-digit
+/// resident IDs (MOD 11-2 check digit), 15-digit IDs and US SSNs → `[ID]`, bank card numbers
+/// (Luhn-checked, plain or in groups of four) → `[CARD]`, mainland mobiles and phone numbers with
+/// separators → `[PHONE]`. A number counts only when no ASCII letter or digit touches it, which
+/// works beside Chinese text (`身份证号是…，电话…`) where `\b` does not.
+pub fn mask_pii(s: &str) -> Cow<'_, str> {
+    if !s.bytes().any(|b| b.is_ascii_digit() || b == b'@') {
+        return Cow::Borrowed(s);
+    }
+    let mut t: Cow<'_, str> = EMAIL.replace_all(s, "[EMAIL]");
+    let passes: [(&Regex, fn(&str) -> Option<&'static str>); 6] = [
+        (&IPV4, |m| is_ipv4(m).then_some("[IP]")),
+        (&MOBILE_CN, |_| Some("[PHONE]")),
+        (&DIGIT_RUN, classify_digit_run),
+        (&GROUPED_CARD, |m| luhn_valid(m).then_some("[CARD]")),
+        (&SSN, |_| Some("[ID]")),
+        (&PHONE, |_| Some("[PHONE]")),
+    ];
+    for (re, label) in passes {
+        if let Cow::Owned(o) = replace_standalone(&t, re, label) {
+            t = Cow::Owned(o);
+        }
+    }
+    if t == s {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(t.into_owned())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +393,74 @@ mod tests {
         assert_eq!(guess_language("hello world").unwrap().0, "en");
         assert_eq!(guess_language("こんにちは世界").unwrap().0, "ja");
         assert!(guess_language("123 !!").is_none());
+    }
+
+    #[test]
+    fn resident_id_check_digit_and_luhn() {
+        assert!(is_resident_id("110101199003074514"));
+        assert!(is_resident_id("11010519491231002X") && is_resident_id("11010519491231002x"));
+        assert!(!is_resident_id("110101199003074515"), "wrong check digit");
+        assert!(!is_resident_id("11010119900307451"), "17 digits");
+        assert!(luhn_valid("4111 1111 1111 1111") && luhn_valid("6222020200001234562"));
+        assert!(!luhn_valid("4111111111111112") && !luhn_valid("6222020200001234567"));
+    }
+
+    // Regression (issue 15, point 3): `\b` never matches between a CJK character and a digit, so
+    // `身份证号是110101199003074514，电话13812345678` came out unchanged.
+    #[test]
+    fn pii_beside_chinese_text_is_masked() {
+        assert_eq!(mask_pii("身份证号是110101199003074514，电话13812345678"), "身份证号是[ID]，电话[PHONE]");
+    }
+
+    #[test]
+    fn pii_resident_ids() {
+        assert_eq!(mask_pii("证件号码：11010519491231002X。"), "证件号码：[ID]。");
+        assert_eq!(mask_pii("ID 11010519491231002x on file"), "ID [ID] on file");
+        // A wrong check digit is not an ID (nor a Luhn-valid card): an order number stays.
+        assert_eq!(mask_pii("订单号110101199003074515已发货"), "订单号110101199003074515已发货");
+        assert_eq!(mask_pii("order 110101199003074515 shipped"), "order 110101199003074515 shipped");
+        // Inside a longer run of digits or glued to letters, nothing is masked.
+        assert_eq!(mask_pii("x1101011990030745149"), "x1101011990030745149");
+        assert_eq!(mask_pii("abc110101199003074514"), "abc110101199003074514");
+    }
+
+    #[test]
+    fn pii_mobiles() {
+        assert_eq!(mask_pii("请拨打13812345678或+86 139-1234-5678联系"), "请拨打[PHONE]或[PHONE]联系");
+        assert_eq!(mask_pii("call 13812345678, or +8613912345678."), "call [PHONE], or [PHONE].");
+        assert_eq!(mask_pii("电话：138 0013 8000"), "电话：[PHONE]");
+        // `12` is no mobile prefix, and 12 digits are no mobile.
+        assert_eq!(mask_pii("编号12812345678"), "编号12812345678");
+        assert_eq!(mask_pii("n 138123456789 x"), "n 138123456789 x");
+    }
+
+    #[test]
+    fn pii_emails() {
+        assert_eq!(mask_pii("邮箱是bob.li@example.com，欢迎来信"), "邮箱是[EMAIL]，欢迎来信");
+        assert_eq!(mask_pii("write to bob+ml@mail.example.org."), "write to [EMAIL].");
+    }
+
+    #[test]
+    fn pii_phones_with_separators() {
+        assert_eq!(mask_pii("座机010-12345678，传真(0755) 1234567"), "座机[PHONE]，传真[PHONE]");
+        assert_eq!(mask_pii("call (555) 123-4567 or +1 555.123.4567 now"), "call [PHONE] or [PHONE] now");
+    }
+
+    #[test]
+    fn pii_ipv4() {
+        assert_eq!(mask_pii("服务器地址192.168.1.10，端口8080"), "服务器地址[IP]，端口8080");
+        assert_eq!(mask_pii("ping 10.0.0.255 then 8.8.8.8."), "ping [IP] then [IP].");
+        // Octets past 255, leading zeros and five-part versions are no addresses.
+        assert_eq!(mask_pii("版本1.2.3.4.5与300.1.1.1"), "版本1.2.3.4.5与300.1.1.1");
+    }
+
+    #[test]
+    fn pii_bank_cards() {
+        assert_eq!(mask_pii("银行卡号6222020200001234562，请核对"), "银行卡号[CARD]，请核对");
+        assert_eq!(mask_pii("card 4111 1111 1111 1111 expires"), "card [CARD] expires");
+        assert_eq!(mask_pii("卡号：4111-1111-1111-1111"), "卡号：[CARD]");
+        // Luhn fails: left alone.
+        assert_eq!(mask_pii("流水号6222020200001234567"), "流水号6222020200001234567");
+        assert_eq!(mask_pii("ref 4111 1111 1111 1112"), "ref 4111 1111 1111 1112");
     }
 }
