@@ -289,7 +289,7 @@ pub fn luhn_valid(number: &str) -> bool {
         .map(|(i, &d)| d * (1 + (i % 2) as u32))
         .map(|x| x / 10 + x % 10)
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 fn is_ipv4(s: &str) -> bool {
@@ -335,6 +335,9 @@ fn replace_standalone<'a>(s: &'a str, re: &Regex, label: impl Fn(&str) -> Option
     Cow::Owned(out)
 }
 
+/// The label for a PII match, or `None` when the match fails its check (Luhn, ID check digit).
+type Labeller = fn(&str) -> Option<&'static str>;
+
 /// Masks personal data in `s`: e-mail addresses → `[EMAIL]`, IPv4 addresses → `[IP]`, 18-digit
 /// resident IDs (MOD 11-2 check digit), 15-digit IDs and US SSNs → `[ID]`, bank card numbers
 /// (Luhn-checked, plain or in groups of four) → `[CARD]`, mainland mobiles and phone numbers with
@@ -345,7 +348,7 @@ pub fn mask_pii(s: &str) -> Cow<'_, str> {
         return Cow::Borrowed(s);
     }
     let mut t: Cow<'_, str> = EMAIL.replace_all(s, "[EMAIL]");
-    let passes: [(&Regex, fn(&str) -> Option<&'static str>); 6] = [
+    let passes: [(&Regex, Labeller); 6] = [
         (&IPV4, |m| is_ipv4(m).then_some("[IP]")),
         (&MOBILE_CN, |_| Some("[PHONE]")),
         (&DIGIT_RUN, classify_digit_run),
