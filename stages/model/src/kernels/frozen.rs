@@ -24,6 +24,27 @@ pub(crate) fn matmul_wt<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<
     if !T::OWNS_TAPE || !is_cpu::<D>() || reference_only() {
         return x.matmul(w.retaped::<T>().permute::<(I, O), Axes2<1, 0>>());
     }
+    with_dx_backward(x, w, |dx_buf, dy, w| {
+        let dx = dy.matmul(w.clone()).as_vec();
+        let dst = cpu_buffer::<D>(dx_buf).expect("the CPU path runs on the CPU");
+        for (d, s) in dst.iter_mut().zip(dx) {
+            *d += s;
+        }
+        Ok(())
+    })
+}
+
+/// `y = x · Wᵀ` with the tape's backward replaced by `add_dx(dx, dy, W)`, which adds `dy · W` to
+/// `x`'s gradient buffer `dx`; `W` gets no gradient.
+fn with_dx_backward<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>, F>(
+    x: Rows<I, D, T>,
+    w: Tensor<(O, I), f32, D>,
+    add_dx: F,
+) -> Rows<O, D, T>
+where
+    F: 'static
+        + FnOnce(&mut <D as Storage<f32>>::Vec, Rows<O, D, NoneTape>, &Tensor<(O, I), f32, D>) -> Result<(), D::Err>,
+{
     // the gradient buffer of `x` is laid out like its data: make both row-major
     let (x, mut tape) = x.contiguous().split_tape();
     let y = x.clone().matmul(w.clone().permute::<(I, O), Axes2<1, 0>>());
@@ -31,13 +52,7 @@ pub(crate) fn matmul_wt<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<
     tape.add_backward_op(move |grads| {
         grads.try_alloc_for(&yg)?;
         let dy: Rows<O, D, NoneTape> = grads.get(&yg);
-        let dx = dy.matmul(w).as_vec();
-        let buf = grads.get_or_alloc_mut(&xg)?;
-        let dst = cpu_buffer::<D>(buf).expect("the CPU path runs on the CPU");
-        for (d, s) in dst.iter_mut().zip(dx) {
-            *d += s;
-        }
-        Ok(())
+        add_dx(grads.get_or_alloc_mut(&xg)?, dy, &w)
     });
     y.put_tape(tape)
 }
@@ -49,21 +64,15 @@ fn matmul_wt_cuda<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
     w: Tensor<(O, I), f32, D>,
 ) -> Rows<O, D, T> {
     use super::{cast, cuda, cuda_buffer};
-    let (x, mut tape) = x.contiguous().split_tape();
-    let y = x.clone().matmul(w.clone().permute::<(I, O), Axes2<1, 0>>());
-    let (xg, yg) = (x.ghost(), y.ghost());
-    let (o, i) = *w.shape();
-    let w: Tensor<(usize, usize), f32, Cuda> = cast(w.reshape_like(&(o.size(), i.size()))).expect("a CUDA tensor");
-    tape.add_backward_op(move |grads| {
-        grads.try_alloc_for(&yg)?;
-        let dy: Rows<O, D, NoneTape> = grads.get(&yg);
-        let (n, _) = *dy.shape();
+    with_dx_backward(x, w, |dx_buf, dy, w| {
+        let ((n, o), i) = (*dy.shape(), w.shape().1);
+        let w: Tensor<(usize, usize), f32, Cuda> =
+            cast(w.clone().reshape_like(&(o.size(), i.size()))).expect("a CUDA tensor");
         let dy: Tensor<(usize, usize), f32, Cuda> = cast(dy.reshape_like(&(n, o.size()))).expect("a CUDA tensor");
-        let dst = cuda_buffer::<D>(grads.get_or_alloc_mut(&xg)?).expect("a CUDA buffer");
+        let dst = cuda_buffer::<D>(dx_buf).expect("a CUDA buffer");
         cuda::frozen_backward(&w.device().clone(), dst, &dy, &w)
             .map_err(|e| cast::<CudaError, D::Err>(e).expect("CUDA error type"))
-    });
-    y.put_tape(tape)
+    })
 }
 
 #[cfg(test)]
