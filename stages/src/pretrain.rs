@@ -5,8 +5,10 @@
 //! Qwen2 preset (`ModelConfig::tiny`: hidden 64, 2 layers; built as `Qwen2<D, TinyDims>` on the run's device, its
 //! dimensions fixed at compile time, the vocabulary a runtime one) from random init with the real
 //! Qwen2.5 tokenizer and a *restricted vocabulary*: the embedding covers only the tokenizer ids
-//! that occur in its inputs (`data` and `vocab_data`) plus `<|endoftext|>`, `<|im_start|>`,
-//! `<|im_end|>` (pipeline-model's `VocabMap`, stored as `vocab_map.json`). Pass the downstream
+//! that occur in its inputs (`data` and `vocab_data`: the learned part) plus `<|endoftext|>`,
+//! `<|im_start|>`, `<|im_end|>` and the 256 byte-level base tokens (pipeline-model's `VocabMap`,
+//! stored as `vocab_map.json`); a later stage's text outside the learned part encodes as bytes,
+//! losslessly, and its report counts those tokens (`tokens_outside_vocab`). Pass the downstream
 //! chat data as `vocab_data` (or in `data`) so that the SFT conversations are in the vocabulary.
 //! Documents are the `text` column of rows that have one, and the chat-template rendering of the
 //! other rows' conversations (so the model also learns the chat format); they are packed into
@@ -128,7 +130,8 @@ impl Stage for Pretrain {
         "pretrain"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: the tiny preset's vocabulary holds the 256 byte-level base tokens (byte fallback).
+        2
     }
     fn summary(&self) -> &'static str {
         "Causal-LM pretraining on packed documents (the tiny Qwen2 preset from random init by default)"
@@ -159,9 +162,11 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
             let pre = training::load(path, dev)?;
             let chat = training::chat_template(&pre)?;
             let docs = documents(&pre.tokenizer, chat, &rows, p.system.as_deref())?;
-            let docs: Vec<Vec<u32>> = docs.iter().map(|d| pre.to_model_ids(d)).collect();
+            let docs: Vec<_> = docs.iter().map(|d| pre.to_model_ids_counted(d)).collect();
+            let outside = docs.iter().map(|d| d.outside).sum();
+            let docs: Vec<Vec<u32>> = docs.into_iter().map(|d| d.ids).collect();
             let eos = pre.to_model_ids(&[special(&pre.tokenizer, "<|endoftext|>")?])[0];
-            let run = Fit { ctx, p: &p, seed, eos, vocab: None, src: Some(path), t0 };
+            let run = Fit { ctx, p: &p, seed, eos, vocab: None, outside, src: Some(path), t0 };
             run.fit(pre.model, &docs)
         }
         None => {
@@ -171,7 +176,10 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
             let extra = documents(&tok, &chat, &read_all(ctx.inputs("vocab_data"))?, p.system.as_deref())?;
             let required =
                 [special(&tok, "<|endoftext|>")?, special(&tok, "<|im_start|>")?, special(&tok, "<|im_end|>")?];
-            let vocab = VocabMap::new(&required, docs.iter().chain(&extra).flatten().copied());
+            // The learned part (the inputs' tokens), the specials and the 256 byte-level base
+            // tokens, so that text outside the learned part still encodes (as bytes).
+            let vocab = VocabMap::with_byte_fallback(&tok, &required, docs.iter().chain(&extra).flatten().copied())
+                .map_err(StageError::failed)?;
             let mut mc = ModelConfig::tiny(vocab.len());
             // <|im_end|>, <|endoftext|> (model ids: `required` order)
             mc.eos_token_id = vec![2, 0];
@@ -179,9 +187,12 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
             // the vocabulary (chosen from the data above) is a runtime dimension.
             let model = Qwen2::<D, TinyDims>::from_host_with_dims(&mc, &Qwen2::<D>::random_host(&mc, seed), dev)
                 .map_err(StageError::failed)?;
-            let docs: Vec<Vec<u32>> = docs.iter().map(|d| vocab.to_model(d, 0)).collect();
+            // Every token of `docs` is in the map by construction: `outside` is 0.
+            let docs: Vec<_> = docs.iter().map(|d| vocab.encode(&tok, d, 0)).collect();
+            let outside = docs.iter().map(|d| d.outside).sum();
+            let docs: Vec<Vec<u32>> = docs.into_iter().map(|d| d.ids).collect();
             let eos = vocab.to_model(&[required[0]], 0)[0];
-            let run = Fit { ctx, p: &p, seed, eos, vocab: Some(&vocab), src: None, t0 };
+            let run = Fit { ctx, p: &p, seed, eos, vocab: Some(&vocab), outside, src: None, t0 };
             run.fit(model, &docs)
         }
     }
@@ -196,6 +207,8 @@ struct Fit<'a> {
     eos: u32,
     /// The tiny preset's restricted vocabulary.
     vocab: Option<&'a VocabMap>,
+    /// Corpus tokens outside a restricted vocabulary (re-encoded as byte-level tokens).
+    outside: usize,
     /// The model folder continued from (`None`: the tiny preset).
     src: Option<&'a Path>,
     t0: Instant,
@@ -239,6 +252,7 @@ impl Fit<'_> {
                 "corpus_tokens": n_tokens,
                 "blocks": data.examples.len(),
                 "vocab_size": self.vocab.map(VocabMap::len),
+                "tokens_outside_vocab": self.outside,
                 "seconds": self.t0.elapsed().as_secs_f64(),
             }),
         ));

@@ -64,15 +64,16 @@ training::stage_params! {
 }
 
 /// Token examples (model ids, assistant-token labels) of the rows that have an assistant turn;
-/// returns them and the number of rows skipped.
+/// returns them, the number of rows skipped and the tokenizer tokens outside the model's
+/// restricted vocabulary (re-encoded as byte-level tokens; 0 without one).
 pub(crate) fn encode_rows<D: Device<f32>>(
     p: &Pretrained<D>,
     rows: &[Sample],
     system: Option<&str>,
-) -> Result<(Vec<TokenExample>, usize), StageError> {
+) -> Result<(Vec<TokenExample>, usize, usize), StageError> {
     let chat = training::chat_template(p)?;
     let mut out = Vec::with_capacity(rows.len());
-    let mut skipped = 0;
+    let (mut skipped, mut outside) = (0, 0);
     for s in rows {
         if !s.messages.iter().any(|m| m.role == "assistant") {
             skipped += 1;
@@ -81,9 +82,18 @@ pub(crate) fn encode_rows<D: Device<f32>>(
         let enc = chat
             .encode_chat(&p.tokenizer, &s.messages, system)
             .map_err(|e| StageError::failed(format!("row {}: {e}", s.id)))?;
-        out.push(TokenExample { input_ids: p.to_model_ids(&enc.ids), labels: enc.assistant_mask });
+        let ids = p.to_model_ids_counted(&enc.ids);
+        outside += ids.outside;
+        let labels = if ids.outside == 0 { enc.assistant_mask } else { remap_mask(p, &enc.ids, &enc.assistant_mask) };
+        out.push(TokenExample { input_ids: ids.ids, labels });
     }
-    Ok((out, skipped))
+    Ok((out, skipped, outside))
+}
+
+/// The assistant mask of tokenizer ids `ids` stretched over their model ids: a token re-encoded
+/// as several byte-level tokens gives each of them its mask value.
+fn remap_mask<D: Device<f32>>(p: &Pretrained<D>, ids: &[u32], mask: &[bool]) -> Vec<bool> {
+    ids.iter().zip(mask).flat_map(|(&t, &m)| std::iter::repeat_n(m, p.to_model_ids(&[t]).len())).collect()
 }
 
 impl Stage for Sft {
@@ -91,7 +101,8 @@ impl Stage for Sft {
         "sft"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: tokens outside a restricted vocabulary train as byte-level tokens, not as unknown.
+        2
     }
     fn summary(&self) -> &'static str {
         "Supervised fine-tuning (LoRA or full) on chat data, assistant tokens only"
@@ -115,13 +126,13 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
     let mut pre = training::load(&src, dev)?;
     let system = p.system.clone().or_else(|| training::trained_system(&src));
     let rows = read_dataset(ctx.input("data")?)?;
-    let (examples, skipped) = encode_rows(&pre, &rows, system.as_deref())?;
+    let (examples, skipped, outside) = encode_rows(&pre, &rows, system.as_deref())?;
     let pad = pre.to_model_ids(&pre.tokenizer.pad_id().or(pre.tokenizer.eos_id()).into_iter().collect::<Vec<_>>());
     let pad = pad.first().copied().unwrap_or(0);
     let data = TokenDataset::new(examples, pad, cfg.max_length).map_err(stage_error)?;
     let eval_data = match ctx.input_opt("eval") {
         Some(dir) => {
-            let (e, _) = encode_rows(&pre, &read_dataset(dir)?, system.as_deref())?;
+            let (e, _, _) = encode_rows(&pre, &read_dataset(dir)?, system.as_deref())?;
             Some(TokenDataset::new(e, pad, cfg.max_length).map_err(stage_error)?)
         }
         None => None,
@@ -149,7 +160,7 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
             &outcome,
             &metrics_dir,
             &model_dir,
-            serde_json::json!({ "rows": rows.len(), "skipped_rows": skipped, "train_type": p.train_type, "seconds": t0.elapsed().as_secs_f64() }),
+            serde_json::json!({ "rows": rows.len(), "skipped_rows": skipped, "tokens_outside_vocab": outside, "train_type": p.train_type, "seconds": t0.elapsed().as_secs_f64() }),
         ));
     Ok(())
 }

@@ -215,12 +215,17 @@ impl<D: Device<f32>> Pretrained<D> {
 }
 
 impl<D: Device<f32>> Pretrained<D> {
-    /// Tokenizer ids -> model ids (identity without a vocabulary map; ids outside the map become
-    /// model id 0, the map's first required token).
+    /// Tokenizer ids -> model ids (identity without a vocabulary map; ids outside the map are
+    /// re-encoded as byte-level base tokens, see [`VocabMap::encode`]).
     pub fn to_model_ids(&self, tokenizer_ids: &[u32]) -> Vec<u32> {
+        self.to_model_ids_counted(tokenizer_ids).ids
+    }
+
+    /// [`Pretrained::to_model_ids`], counting the tokens outside the map (0 without one).
+    pub fn to_model_ids_counted(&self, tokenizer_ids: &[u32]) -> crate::vocab::Encoded {
         match &self.vocab {
-            Some(v) => v.to_model(tokenizer_ids, 0),
-            None => tokenizer_ids.to_vec(),
+            Some(v) => v.encode(&self.tokenizer, tokenizer_ids, 0),
+            None => crate::vocab::Encoded { ids: tokenizer_ids.to_vec(), outside: 0 },
         }
     }
 
