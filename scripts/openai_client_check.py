@@ -52,14 +52,14 @@ try:
     raise AssertionError("a bad key was accepted")
 except openai.AuthenticationError as e:
     assert e.status_code == 401 and e.body["type"] == "authentication_error", e.body
-print("bad key: 401", e.body["type"])
+    print("bad key: 401", e.body["type"])
 
 try:
     client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=5)
     raise AssertionError("temperature 5 was accepted")
 except openai.BadRequestError as e:
     assert e.status_code == 400 and e.body["param"] == "temperature", e.body
-print("bad request: 400", e.body["message"])
+    print("bad request: 400", e.body["message"])
 
 try:
     client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=4)

@@ -42,7 +42,10 @@ pub struct ChatArgs {
 }
 
 /// Model index 1 when an adapter was loaded beside the base, else the base.
-fn start(model: &ModelArgs, adapter: Option<&PathBuf>) -> anyhow::Result<(EngineHandle, std::sync::Arc<TextCodec>, usize)> {
+fn start(
+    model: &ModelArgs,
+    adapter: Option<&PathBuf>,
+) -> anyhow::Result<(EngineHandle, std::sync::Arc<TextCodec>, usize)> {
     let adapters: Vec<PathBuf> = adapter.into_iter().cloned().collect();
     let loaded = serve::load(model, &adapters, EngineLimits { max_running: 1, max_queue: 1 })?;
     Ok((loaded.engine, loaded.codec, adapters.len()))
@@ -108,7 +111,10 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let mut history = base.clone();
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
-    eprintln!("chatting with {} (/clear starts over, /exit quits)", args.model.model.as_ref().or(args.model.recipe.as_ref()).map_or_else(String::new, |p| p.display().to_string()));
+    eprintln!(
+        "chatting with {} (/clear starts over, /exit quits)",
+        args.model.model.as_ref().or(args.model.recipe.as_ref()).map_or_else(String::new, |p| p.display().to_string())
+    );
     let mut line = String::new();
     loop {
         write!(stdout, "<<< ")?;

@@ -10,8 +10,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use crate::common::{default_system, model_path, CacheArgs, Usage};
+use anyhow::Context;
 use dfdx::prelude::{Cpu, Device};
 use pipeline_model::chat::Message;
 use pipeline_model::pretrained::ModelSource;

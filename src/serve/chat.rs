@@ -11,7 +11,9 @@ use pipeline_model::chat::Message;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::openai::{finish_reason, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs, ChatMessageOut, Usage};
+use super::openai::{
+    finish_reason, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs, ChatMessageOut, Usage,
+};
 use super::request::{collect, new_id, now_secs, parse_body, pick_model, plan, submit};
 use super::stream::{self, Meta, Shape};
 use super::AppState;
@@ -51,16 +53,18 @@ pub fn messages(v: &Value) -> Result<Vec<Message>, ApiError> {
                 let mut texts = Vec::with_capacity(parts.len());
                 for (j, p) in parts.iter().enumerate() {
                     let pat = at(&format!(".content[{j}]"));
-                    let kind = p
-                        .get("type")
-                        .and_then(Value::as_str)
-                        .ok_or_else(|| ApiError::invalid_at(format!("{pat}.type"), format!("`{pat}.type` must be a string")))?;
+                    let kind = p.get("type").and_then(Value::as_str).ok_or_else(|| {
+                        ApiError::invalid_at(format!("{pat}.type"), format!("`{pat}.type` must be a string"))
+                    })?;
                     match kind {
                         "text" | "input_text" => texts.push(
                             p.get("text")
                                 .and_then(Value::as_str)
                                 .ok_or_else(|| {
-                                    ApiError::invalid_at(format!("{pat}.text"), format!("`{pat}.text` must be a string"))
+                                    ApiError::invalid_at(
+                                        format!("{pat}.text"),
+                                        format!("`{pat}.text` must be a string"),
+                                    )
                                 })?
                                 .to_string(),
                         ),
@@ -109,11 +113,13 @@ async fn handle(state: Arc<AppState>, body: Bytes) -> Result<Response, ApiError>
     let msgs = messages(&req.messages)?;
     let prompt = state.codec.encode_chat(&msgs).map_err(|e| ApiError::invalid("messages", e))?;
     let planned = plan(&state, model, prompt, &req.common(), "messages")?;
-    let (n, prompt_tokens, logprobs) = (planned.req.n, planned.req.prompt.len(), planned.req.sampling.logprobs.is_some());
+    let (n, prompt_tokens, logprobs) =
+        (planned.req.n, planned.req.prompt.len(), planned.req.sampling.logprobs.is_some());
     let rx = submit(&state, planned.req)?;
     let (id, created, name) = (new_id("chatcmpl"), now_secs(), state.models[model].clone());
     if planned.stream {
-        let meta = Meta { id, created, model: name, prompt_tokens, include_usage: planned.include_usage, shape: Shape::Chat };
+        let meta =
+            Meta { id, created, model: name, prompt_tokens, include_usage: planned.include_usage, shape: Shape::Chat };
         return Ok(stream::respond(rx, meta, n));
     }
     let choices = collect(rx, n).await?;

@@ -41,9 +41,8 @@ impl TextCodec {
     /// The conversation rendered with the chat template and its generation prompt, as model ids.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>, String> {
         let chat = self.chat.as_ref().ok_or("this model has no chat template: use /v1/completions")?;
-        let ids = chat
-            .encode_prompt(&self.tokenizer, messages, self.system_default.as_deref())
-            .map_err(|e| e.to_string())?;
+        let ids =
+            chat.encode_prompt(&self.tokenizer, messages, self.system_default.as_deref()).map_err(|e| e.to_string())?;
         Ok(self.to_model_ids(&ids))
     }
 

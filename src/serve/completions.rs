@@ -29,9 +29,9 @@ fn prompt_ids(state: &AppState, v: &Value) -> Result<Vec<u32>, ApiError> {
                 .collect::<Result<_, _>>()?;
             state.codec.model_ids_of(&ids).map_err(|e| ApiError::invalid("prompt", e))
         }
-        Value::Array(items) if items.len() > 1 && items.iter().all(|x| x.is_string() || x.is_array()) => {
-            Err(ApiError::invalid("prompt", format!("`prompt` holds {} prompts; send one prompt per request", items.len())))
-        }
+        Value::Array(items) if items.len() > 1 && items.iter().all(|x| x.is_string() || x.is_array()) => Err(
+            ApiError::invalid("prompt", format!("`prompt` holds {} prompts; send one prompt per request", items.len())),
+        ),
         _ => Err(bad()),
     }
 }
@@ -54,12 +54,19 @@ async fn handle(state: Arc<AppState>, body: Bytes) -> Result<Response, ApiError>
     }
     let prompt = prompt_ids(&state, &req.prompt)?;
     let planned = plan(&state, model, prompt, &req.common(), "prompt")?;
-    let (n, prompt_tokens, logprobs) = (planned.req.n, planned.req.prompt.len(), planned.req.sampling.logprobs.is_some());
+    let (n, prompt_tokens, logprobs) =
+        (planned.req.n, planned.req.prompt.len(), planned.req.sampling.logprobs.is_some());
     let rx = submit(&state, planned.req)?;
     let (id, created, name) = (new_id("cmpl"), now_secs(), state.models[model].clone());
     if planned.stream {
-        let meta =
-            Meta { id, created, model: name, prompt_tokens, include_usage: planned.include_usage, shape: Shape::Completion };
+        let meta = Meta {
+            id,
+            created,
+            model: name,
+            prompt_tokens,
+            include_usage: planned.include_usage,
+            shape: Shape::Completion,
+        };
         return Ok(stream::respond(rx, meta, n));
     }
     let choices = collect(rx, n).await?;

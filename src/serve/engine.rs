@@ -136,7 +136,8 @@ pub fn spawn<D: Device<f32> + Send + 'static>(
 ) -> std::io::Result<EngineHandle> {
     let (tx, rx) = mpsc::channel();
     let counts = Arc::new(Counts::default());
-    let mut engine = Engine { models, codec, limits, counts: counts.clone(), waiting: VecDeque::new(), groups: Vec::new() };
+    let mut engine =
+        Engine { models, codec, limits, counts: counts.clone(), waiting: VecDeque::new(), groups: Vec::new() };
     std::thread::Builder::new().name("pipeline-engine".into()).spawn(move || engine.run(rx))?;
     Ok(EngineHandle { tx, counts, limits })
 }

@@ -88,7 +88,9 @@ impl ApiError {
     pub fn from_status(status: StatusCode, text: &str) -> Self {
         let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
         let message = match status {
-            StatusCode::NOT_FOUND => "no such route (the API is under /v1: /v1/models, /v1/chat/completions, /v1/completions)".into(),
+            StatusCode::NOT_FOUND => {
+                "no such route (the API is under /v1: /v1/models, /v1/chat/completions, /v1/completions)".into()
+            }
             StatusCode::METHOD_NOT_ALLOWED => "method not allowed on this route".into(),
             StatusCode::PAYLOAD_TOO_LARGE => format!("request body too large ({})", text.trim()),
             _ if text.trim().is_empty() => status.canonical_reason().unwrap_or("error").to_string(),

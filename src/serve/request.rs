@@ -77,7 +77,10 @@ fn stop_strings(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
         Some(_) => return Err(ApiError::invalid("stop", "`stop` must be a string or a list of strings")),
     };
     if list.len() > MAX_STOP {
-        return Err(ApiError::invalid("stop", format!("`stop` has {} strings; at most {MAX_STOP} are allowed", list.len())));
+        return Err(ApiError::invalid(
+            "stop",
+            format!("`stop` has {} strings; at most {MAX_STOP} are allowed", list.len()),
+        ));
     }
     if list.iter().any(String::is_empty) {
         return Err(ApiError::invalid("stop", "`stop` strings must not be empty"));
@@ -139,7 +142,12 @@ pub fn plan(
     let top_k = match f.top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
-        Some(k) => return Err(ApiError::invalid("top_k", format!("`top_k` is {k}; use -1 or 0 for off, or a positive number"))),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("`top_k` is {k}; use -1 or 0 for off, or a positive number"),
+            ))
+        }
     };
     let presence_penalty = range(f.presence_penalty, "presence_penalty", -2.0, 2.0, 0.0)?;
     let frequency_penalty = range(f.frequency_penalty, "frequency_penalty", -2.0, 2.0, 0.0)?;

@@ -54,7 +54,13 @@ struct State {
 }
 
 impl State {
-    fn chunk(&self, choice: usize, text: Option<String>, logprob: Option<&super::sequence::TokenLogprob>, finish: Option<&'static str>) -> String {
+    fn chunk(
+        &self,
+        choice: usize,
+        text: Option<String>,
+        logprob: Option<&super::sequence::TokenLogprob>,
+        finish: Option<&'static str>,
+    ) -> String {
         let m = &self.meta;
         match m.shape {
             Shape::Chat => {
@@ -84,7 +90,12 @@ impl State {
                     object: "text_completion",
                     created: m.created,
                     model: m.model.clone(),
-                    choices: vec![CompletionChoice { index: choice, text: text.unwrap_or_default(), logprobs, finish_reason: finish }],
+                    choices: vec![CompletionChoice {
+                        index: choice,
+                        text: text.unwrap_or_default(),
+                        logprobs,
+                        finish_reason: finish,
+                    }],
                     usage: None,
                 })
             }
@@ -143,7 +154,8 @@ impl State {
                 self.end();
             }
             None => {
-                self.pending.push_back(super::error::ApiError::internal("the engine stopped while generating".into()).json());
+                self.pending
+                    .push_back(super::error::ApiError::internal("the engine stopped while generating".into()).json());
                 self.end();
             }
         }
