@@ -200,6 +200,10 @@ impl<D: Device<f32>> Engine<D> {
     }
 
     fn admit(&mut self) {
+        // a client that left while its request waited frees its place in the queue at once
+        let before = self.waiting.len();
+        self.waiting.retain(|j| !j.tx.is_closed());
+        self.counts.waiting.fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
         let mut running = self.running_seqs();
         while let Some(job) = self.waiting.front() {
             // a request larger than the whole budget still runs, alone
@@ -208,9 +212,6 @@ impl<D: Device<f32>> Engine<D> {
             }
             let job = self.waiting.pop_front().expect("front");
             self.counts.waiting.fetch_sub(1, Ordering::SeqCst);
-            if job.tx.is_closed() {
-                continue;
-            }
             if job.req.deadline.is_some_and(|d| Instant::now() >= d) {
                 let _ = job.tx.send(Event::Failed(Failure::Timeout(job.req.deadline.unwrap() - job.submitted)));
                 continue;

@@ -263,6 +263,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         println!("listening on http://{addr}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
+        // each token is a small write: without TCP_NODELAY, Nagle + delayed ACKs hold a stream's
+        // first chunk ~40 ms
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
         anyhow::Ok(())
     })
