@@ -10,8 +10,9 @@
 
 use std::path::PathBuf;
 
-use crate::common::{default_system, model_path, CacheArgs, Usage};
 use anyhow::Context;
+
+use crate::common::{default_system, model_path, CacheArgs, Usage};
 use dfdx::prelude::{Cpu, Device};
 use pipeline_model::chat::Message;
 use pipeline_model::pretrained::ModelSource;

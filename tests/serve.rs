@@ -267,6 +267,28 @@ fn models_health_chat_completions_and_streams() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).strip_suffix('\n').unwrap(), text, "pipeline generate");
+    let out = Command::new(BIN)
+        .args(["generate", "--stream", "--prompt", "Who are you?", "--max-tokens", "12", "--model"])
+        .arg(f.model())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).strip_suffix('\n').unwrap(), text, "pipeline generate --stream");
+    // `pipeline chat`: the same first answer, kept in the history, forgotten after /clear
+    let mut chat = Command::new(BIN)
+        .args(["chat", "--max-new-tokens", "12", "--model"])
+        .arg(f.model())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    chat.stdin.take().unwrap().write_all(b"Who are you?\nWho are you?\n/clear\nWho are you?\n/exit\n").unwrap();
+    let out = String::from_utf8(chat.wait_with_output().unwrap().stdout).unwrap();
+    let replies: Vec<&str> = out.split(">>> ").skip(1).map(|r| r.split("\n<<< ").next().unwrap()).collect();
+    assert_eq!(replies.len(), 3, "{out}");
+    assert_eq!((replies[0], replies[2]), (text.as_str(), text.as_str()), "{out}");
+    assert!(out.contains("(the conversation is cleared)"), "{out}");
     // deterministic, and the model may be omitted
     let mut again = req.clone();
     again.as_object_mut().unwrap().remove("model");
