@@ -11,9 +11,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use pipeline_cache::Store;
 
-use crate::common::{load_plan, CacheArgs, Usage};
+use crate::common::{default_system, model_path, CacheArgs, Usage};
 use dfdx::prelude::Cpu;
 use pipeline_engine::Device;
 use pipeline_model::chat::Message;
@@ -72,40 +71,15 @@ pub struct GenerateArgs {
     /// Feed the prompt as is, without the chat template.
     #[arg(long)]
     pub raw: bool,
-}
-
-/// The `model` artifact of a recipe's stage, from the cache.
-fn recipe_model(recipe: &std::path::Path, stage: Option<&str>, cache: &CacheArgs) -> anyhow::Result<PathBuf> {
-    let plan = load_plan(recipe)?;
-    let id = match stage {
-        Some(id) => {
-            let i = plan.require(id).map_err(|e| Usage(e.to_string()))?;
-            if !plan.stages[i].declared.outputs.iter().any(|o| o == "model") {
-                return Err(Usage(format!("stage `{id}` has no `model` output")).into());
-            }
-            id.to_string()
-        }
-        None => plan
-            .stages
-            .iter()
-            .rev()
-            .find(|s| s.declared.outputs.iter().any(|o| o == "model"))
-            .map(|s| s.id.clone())
-            .ok_or_else(|| Usage(format!("{}: no stage has a `model` output", recipe.display())))?,
-    };
-    let dir = cache.resolve(Some(recipe));
-    let store = Store::open_existing(&dir).ok_or_else(|| {
-        Usage(format!("no cache at {}: run `pipeline run {}` first", dir.display(), recipe.display()))
-    })?;
-    let entry = store
-        .last(&plan.name, &id)
-        .and_then(|k| store.entry(&k).ok().flatten())
-        .ok_or_else(|| Usage(format!("stage `{id}` has not run yet: run `pipeline run {}` first", recipe.display())))?;
-    let out = entry.outputs.get("model").ok_or_else(|| Usage(format!("stage `{id}`'s cache entry has no `model`")))?;
-    Ok(store.artifact_path(&out.digest))
+    /// Print the text as it is generated (same text; runs on `pipeline serve`'s engine).
+    #[arg(long)]
+    pub stream: bool,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if args.stream {
+        return crate::cmd_chat::generate_stream(&args);
+    }
     match args.device {
         Device::Cpu => run_on(args, Cpu::default()),
         #[cfg(feature = "cuda")]
@@ -119,17 +93,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn run_on<D: dfdx::prelude::Device<f32>>(args: GenerateArgs, dev: D) -> anyhow::Result<()> {
-    let model = match (&args.model, &args.recipe) {
-        (Some(m), _) => m.clone(),
-        (None, Some(r)) => recipe_model(r, args.stage.as_deref(), &args.cache)?,
-        (None, None) => return Err(Usage("give --model or --recipe".into()).into()),
-    };
+    let model = model_path(args.model.as_deref(), args.recipe.as_deref(), args.stage.as_deref(), &args.cache)?;
     let src = ModelSource::resolve(&model, args.base.as_deref()).map_err(|e| Usage(e.to_string()))?;
-    let system = args.system.clone().or_else(|| {
-        let text = std::fs::read_to_string(src.find_file("chat_defaults.json")?).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        v.get("system")?.as_str().map(str::to_string)
-    });
+    let system = args.system.clone().or_else(|| default_system(&src));
     let mut p = src.load(&dev).with_context(|| format!("loading {}", model.display()))?;
     if let Some(a) = &args.adapter {
         p.model.load_peft_adapter(a).with_context(|| format!("loading adapter {}", a.display()))?;

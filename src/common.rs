@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
+use pipeline_cache::Store;
 use pipeline_engine::{Plan, Registry};
+use pipeline_model::pretrained::ModelSource;
 
 /// Exit codes: 0 ok, 1 a stage failed, 2 usage or recipe error.
 #[derive(Debug)]
@@ -52,6 +54,61 @@ pub fn registry() -> Registry {
 /// Plan a recipe; a recipe error becomes exit code 2 with its diagnostic.
 pub fn load_plan(path: &Path) -> anyhow::Result<Plan> {
     Ok(pipeline_engine::plan(path, &registry())?)
+}
+
+/// The `model` artifact of a recipe's stage, from the cache: `stage`, or the last stage (in execution
+/// order) that declares a `model` output. Usage errors say which command to run first.
+pub fn recipe_model(recipe: &std::path::Path, stage: Option<&str>, cache: &CacheArgs) -> anyhow::Result<PathBuf> {
+    let plan = load_plan(recipe)?;
+    let id = match stage {
+        Some(id) => {
+            let i = plan.require(id).map_err(|e| Usage(e.to_string()))?;
+            if !plan.stages[i].declared.outputs.iter().any(|o| o == "model") {
+                return Err(Usage(format!("stage `{id}` has no `model` output")).into());
+            }
+            id.to_string()
+        }
+        None => plan
+            .stages
+            .iter()
+            .rev()
+            .find(|s| s.declared.outputs.iter().any(|o| o == "model"))
+            .map(|s| s.id.clone())
+            .ok_or_else(|| Usage(format!("{}: no stage has a `model` output", recipe.display())))?,
+    };
+    let dir = cache.resolve(Some(recipe));
+    let store = Store::open_existing(&dir).ok_or_else(|| {
+        Usage(format!("no cache at {}: run `pipeline run {}` first", dir.display(), recipe.display()))
+    })?;
+    let entry = store
+        .last(&plan.name, &id)
+        .and_then(|k| store.entry(&k).ok().flatten())
+        .ok_or_else(|| Usage(format!("stage `{id}` has not run yet: run `pipeline run {}` first", recipe.display())))?;
+    let out = entry.outputs.get("model").ok_or_else(|| Usage(format!("stage `{id}`'s cache entry has no `model`")))?;
+    Ok(store.artifact_path(&out.digest))
+}
+
+/// The model a command was pointed at: `--model PATH`, or `--recipe R [--stage S]`'s trained model
+/// from the cache (`pipeline generate`, `pipeline serve`, `pipeline chat`).
+pub fn model_path(
+    model: Option<&Path>,
+    recipe: Option<&Path>,
+    stage: Option<&str>,
+    cache: &CacheArgs,
+) -> anyhow::Result<PathBuf> {
+    match (model, recipe) {
+        (Some(m), _) => Ok(m.to_path_buf()),
+        (None, Some(r)) => recipe_model(r, stage, cache),
+        (None, None) => Err(Usage("give --model or --recipe".into()).into()),
+    }
+}
+
+/// The system prompt a model was trained with (`chat_defaults.json`'s `system`, as the training
+/// stages write it beside the model), used when the user gives none.
+pub fn default_system(src: &ModelSource) -> Option<String> {
+    let text = std::fs::read_to_string(src.find_file("chat_defaults.json")?).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("system")?.as_str().map(str::to_string)
 }
 
 pub fn human_bytes(b: u64) -> String {

@@ -3,12 +3,14 @@
 //! then add one `Command` variant and one match arm below.
 
 mod cmd_cache;
+mod cmd_chat;
 mod cmd_eval;
 mod cmd_generate;
 mod cmd_plan;
 mod cmd_run;
 mod common;
 mod report;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -43,6 +45,10 @@ enum Command {
     Eval(cmd_eval::EvalArgs),
     /// Generate text with a model: a HF folder, a .gguf file, or a recipe's trained stage.
     Generate(cmd_generate::GenerateArgs),
+    /// Chat with a model in the terminal, streaming (`/clear` starts over, `/exit` quits).
+    Chat(cmd_chat::ChatArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (chat and text completions, streaming).
+    Serve(serve::ServeArgs),
     /// List the stage kinds this build knows.
     Stages,
 }
@@ -70,6 +76,8 @@ fn main() -> ExitCode {
         Command::Cache(c) => cmd_cache::run(c),
         Command::Eval(a) => cmd_eval::run(a),
         Command::Generate(a) => cmd_generate::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Chat(a) => cmd_chat::run(a),
         Command::Stages => {
             for s in common::registry().iter() {
                 println!("{:<10} v{:<3} {}", s.kind(), s.version(), s.summary());

@@ -1,0 +1,300 @@
+//! The engine: one thread that owns the model (the base and one copy per LoRA adapter, sharing the
+//! base's frozen weights) and schedules sequences, fed by a channel — llama.cpp server's slots,
+//! vLLM's scheduler in miniature.
+//!
+//! Scheduling is iteration-level: each turn of the loop takes new requests off the channel, admits
+//! waiting ones while fewer than `max_running` sequences run (a request with `n` choices is `n`
+//! sequences sharing one prefill), then advances every running sequence by one token, whatever
+//! model or adapter it uses. A request therefore never waits for another to finish, and requests
+//! to different adapters decode in the same iteration, each through its own adapter. Each sequence
+//! has its own KV cache and sampling generator ([`Sequence`]).
+//!
+//! A sequence is dropped at once when its client has gone (its event receiver is closed: the HTTP
+//! connection dropped the response), when its request's deadline passes, or when the model fails
+//! on it (a panic included: it fails that request, not the engine). Requests past the queue limit
+//! are refused at [`EngineHandle::submit`] (HTTP 429).
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use dfdx::prelude::Device;
+use pipeline_model::{FinishReason, Qwen2};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use super::codec::TextCodec;
+use super::sequence::{Sampling, Sequence, TokenLogprob};
+
+/// Scheduler limits.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineLimits {
+    /// Sequences decoded side by side (a request with `n` choices takes `n`).
+    pub max_running: usize,
+    /// Requests that may wait for a free slot; more are refused.
+    pub max_queue: usize,
+}
+
+/// One generation request, already tokenised and validated.
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    /// Which model: 0 the base, `i` the `i`-th adapter.
+    pub model: usize,
+    pub prompt: Vec<u32>,
+    pub sampling: Sampling,
+    /// Choices (each its own sequence).
+    pub n: usize,
+    /// The request fails with [`Failure::Timeout`] when still running then.
+    pub deadline: Option<Instant>,
+}
+
+/// What the engine tells a request's receiver.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Choice `choice` produced a token; `text` is what it added to the content (maybe empty).
+    Token { choice: usize, text: String, logprob: Option<TokenLogprob> },
+    /// Choice `choice` is complete after `completion_tokens` tokens.
+    Finished { choice: usize, reason: FinishReason, completion_tokens: usize },
+    /// The request ended early; no further events follow.
+    Failed(Failure),
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Failure {
+    #[error("the request ran longer than the server's request timeout ({}s, --request-timeout)", .0.as_secs())]
+    Timeout(Duration),
+    #[error("the model failed on this request: {0}")]
+    Model(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the server is busy: {waiting} requests are already waiting (--max-queue {limit}); retry later")]
+    QueueFull { waiting: usize, limit: usize },
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+struct Job {
+    req: GenRequest,
+    tx: UnboundedSender<Event>,
+    submitted: Instant,
+}
+
+/// The handlers' side of the engine (cheap to clone).
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Job>,
+    counts: Arc<Counts>,
+    limits: EngineLimits,
+}
+
+#[derive(Default)]
+struct Counts {
+    /// Submitted, not yet admitted.
+    waiting: AtomicUsize,
+    /// Sequences running.
+    running: AtomicUsize,
+}
+
+impl EngineHandle {
+    /// Queues a request; its events arrive on the returned receiver. Dropping the receiver cancels
+    /// the request (its sequences are freed before the next token).
+    pub fn submit(&self, req: GenRequest) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        let free = self.limits.max_running.saturating_sub(self.counts.running.load(Ordering::Relaxed));
+        let waiting = self.counts.waiting.fetch_add(1, Ordering::SeqCst);
+        if waiting >= self.limits.max_queue + free {
+            self.counts.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull { waiting, limit: self.limits.max_queue });
+        }
+        let (tx, rx) = unbounded_channel();
+        if self.tx.send(Job { req, tx, submitted: Instant::now() }).is_err() {
+            self.counts.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Stopped);
+        }
+        Ok(rx)
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.counts.waiting.load(Ordering::Relaxed)
+    }
+    pub fn running(&self) -> usize {
+        self.counts.running.load(Ordering::Relaxed)
+    }
+    pub fn limits(&self) -> EngineLimits {
+        self.limits
+    }
+}
+
+/// Starts the engine thread. `models[0]` is the base, the others its adapters. The thread ends
+/// when every [`EngineHandle`] is dropped and no request is left.
+pub fn spawn<D: Device<f32> + Send + 'static>(
+    models: Vec<Qwen2<D>>,
+    codec: Arc<TextCodec>,
+    limits: EngineLimits,
+) -> std::io::Result<EngineHandle> {
+    let (tx, rx) = mpsc::channel();
+    let counts = Arc::new(Counts::default());
+    let mut engine =
+        Engine { models, codec, limits, counts: counts.clone(), waiting: VecDeque::new(), groups: Vec::new() };
+    std::thread::Builder::new().name("pipeline-engine".into()).spawn(move || engine.run(rx))?;
+    Ok(EngineHandle { tx, counts, limits })
+}
+
+/// The sequences of one request.
+struct Group<D: Device<f32>> {
+    model: usize,
+    tx: UnboundedSender<Event>,
+    seqs: Vec<Sequence<D>>,
+    deadline: Option<Instant>,
+    submitted: Instant,
+    /// When each choice produced its last token (inter-token latency).
+    last_token: Vec<Option<Instant>>,
+}
+
+struct Engine<D: Device<f32>> {
+    models: Vec<Qwen2<D>>,
+    codec: Arc<TextCodec>,
+    limits: EngineLimits,
+    counts: Arc<Counts>,
+    waiting: VecDeque<Job>,
+    groups: Vec<Group<D>>,
+}
+
+/// A panic's message (the model code asserts on shapes it was promised).
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+impl<D: Device<f32>> Engine<D> {
+    fn run(&mut self, rx: mpsc::Receiver<Job>) {
+        loop {
+            if self.groups.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(job) => self.waiting.push_back(job),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = rx.try_recv() {
+                self.waiting.push_back(job);
+            }
+            self.admit();
+            self.step_all();
+            self.publish();
+        }
+    }
+
+    fn running_seqs(&self) -> usize {
+        self.groups.iter().map(|g| g.seqs.iter().filter(|s| !s.finished).count()).sum()
+    }
+
+    fn publish(&self) {
+        let running = self.running_seqs();
+        self.counts.running.store(running, Ordering::Relaxed);
+        metrics::gauge!("pipeline_running_sequences").set(running as f64);
+        metrics::gauge!("pipeline_queue_depth").set(self.counts.waiting.load(Ordering::Relaxed) as f64);
+    }
+
+    fn admit(&mut self) {
+        // a client that left while its request waited frees its place in the queue at once
+        let before = self.waiting.len();
+        self.waiting.retain(|j| !j.tx.is_closed());
+        self.counts.waiting.fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
+        let mut running = self.running_seqs();
+        while let Some(job) = self.waiting.front() {
+            // a request larger than the whole budget still runs, alone
+            if running > 0 && running + job.req.n > self.limits.max_running {
+                break;
+            }
+            let job = self.waiting.pop_front().expect("front");
+            self.counts.waiting.fetch_sub(1, Ordering::SeqCst);
+            if job.req.deadline.is_some_and(|d| Instant::now() >= d) {
+                let _ = job.tx.send(Event::Failed(Failure::Timeout(job.req.deadline.unwrap() - job.submitted)));
+                continue;
+            }
+            let Job { req, tx, submitted } = job;
+            let Some(model) = self.models.get(req.model) else {
+                let _ = tx.send(Event::Failed(Failure::Model(format!("no model #{}", req.model))));
+                continue;
+            };
+            metrics::counter!("pipeline_prompt_tokens_total").increment(req.prompt.len() as u64);
+            let (prompt, sampling) = (Arc::new(req.prompt), Arc::new(req.sampling));
+            let prefill =
+                std::panic::catch_unwind(AssertUnwindSafe(|| Sequence::prefill(model, prompt, sampling, req.n)));
+            match prefill {
+                Ok(Ok(seqs)) => {
+                    running += seqs.len();
+                    self.groups.push(Group {
+                        model: req.model,
+                        tx,
+                        last_token: vec![None; seqs.len()],
+                        seqs,
+                        deadline: req.deadline,
+                        submitted,
+                    });
+                }
+                Ok(Err(e)) => {
+                    let _ = tx.send(Event::Failed(Failure::Model(e.to_string())));
+                }
+                Err(p) => {
+                    let _ = tx.send(Event::Failed(Failure::Model(panic_message(p))));
+                }
+            }
+        }
+    }
+
+    fn step_all(&mut self) {
+        let now = Instant::now();
+        let (models, codec) = (&self.models, &*self.codec);
+        self.groups.retain_mut(|g| {
+            if g.tx.is_closed() {
+                return false;
+            }
+            if let Some(d) = g.deadline.filter(|&d| now >= d) {
+                let _ = g.tx.send(Event::Failed(Failure::Timeout(d - g.submitted)));
+                return false;
+            }
+            let model = &models[g.model];
+            for (choice, seq) in g.seqs.iter_mut().enumerate() {
+                if seq.finished {
+                    continue;
+                }
+                let step = match std::panic::catch_unwind(AssertUnwindSafe(|| seq.step(model, codec))) {
+                    Ok(Ok(step)) => step,
+                    Ok(Err(e)) => {
+                        let _ = g.tx.send(Event::Failed(Failure::Model(e.to_string())));
+                        return false;
+                    }
+                    Err(p) => {
+                        let _ = g.tx.send(Event::Failed(Failure::Model(panic_message(p))));
+                        return false;
+                    }
+                };
+                let t = Instant::now();
+                match g.last_token[choice] {
+                    None if choice == 0 => {
+                        metrics::histogram!("pipeline_time_to_first_token_seconds")
+                            .record((t - g.submitted).as_secs_f64());
+                    }
+                    None => {}
+                    Some(prev) => {
+                        metrics::histogram!("pipeline_inter_token_latency_seconds").record((t - prev).as_secs_f64());
+                    }
+                }
+                g.last_token[choice] = Some(t);
+                metrics::counter!("pipeline_generation_tokens_total").increment(1);
+                if !step.text.is_empty() || step.logprob.is_some() {
+                    let _ = g.tx.send(Event::Token { choice, text: step.text, logprob: step.logprob });
+                }
+                if let Some(reason) = step.finish {
+                    let _ = g.tx.send(Event::Finished { choice, reason, completion_tokens: seq.generated() });
+                }
+            }
+            g.seqs.iter().any(|s| !s.finished)
+        });
+    }
+}
