@@ -12,9 +12,14 @@
 //!   under-sampling (random removal from over-represented labels) towards a target label
 //!   distribution (`uniform` or a table of fractions). Unlabelled rows pass through.
 //!
-//! Deterministic for a seed: one ChaCha8 stream, rows visited in order. Streams: the input is read
-//! in batches once for the labels, once for the originals and once per noise / paraphrase pass;
-//! memory holds one batch, the labels, and the rows that over-sampling copies.
+//! Balancing applies to the final output, noise and paraphrase copies included (under-sampling
+//! drops copies before originals). A noise copy that comes out equal to its source is not emitted
+//! (the report counts it as `noise_unchanged`).
+//!
+//! Deterministic for a seed: each copy has its own ChaCha8 stream derived from (seed, operation,
+//! row, copy), the balancing choices one more. Streams: the input is read in batches once to list
+//! what the output would hold, then once for the originals and once per noise / paraphrase pass;
+//! memory holds one batch, that list, and the rows that over-sampling copies.
 //!
 //! ## Inputs
 //! `data`: a canonical dataset.
@@ -288,62 +293,184 @@ fn each_row<'a>(
     Ok(())
 }
 
-/// The augmentation, streamed: `source` is read once for the labels, once for the originals (and
-/// the rows over-sampling copies), then once per noise / paraphrase pass; `emit` receives the
-/// output rows in order (originals, over-sampled, noised, paraphrased copies). Memory holds one
-/// batch, the labels, and the rows over-sampling copies. The RNG is consumed in the same order
-/// as visiting the rows in memory would, so the output is the same.
+/// One row of the output before balancing: an original, or copy `c` of row `i` made by noise or
+/// paraphrase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Item {
+    Original(usize),
+    Noise(usize, usize),
+    Para(usize, usize),
+}
+
+impl Item {
+    fn row(self) -> usize {
+        match self {
+            Item::Original(i) | Item::Noise(i, _) | Item::Para(i, _) => i,
+        }
+    }
+}
+
+/// The random stream of one copy: a function of (seed, operation, row, copy) alone, so a copy is
+/// the same whenever it is made — when counting what the output will hold, and when writing it.
+fn copy_rng(seed: u64, op: u64, row: usize, copy: usize) -> ChaCha8Rng {
+    // splitmix64 over the four values.
+    let mut z = seed;
+    for v in [op, row as u64, copy as u64] {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_add(v);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+    }
+    ChaCha8Rng::seed_from_u64(z)
+}
+
+/// Noise copy `c` of `s`, or `None` when the row is not picked (`fraction`) or the noise left
+/// the text as it was (such a copy is not emitted).
+fn noise_copy(s: &Sample, n: &Noise, seed: u64, i: usize, c: usize) -> Option<Sample> {
+    let mut rng = copy_rng(seed, 1, i, c);
+    if !rng.gen_bool(n.fraction) {
+        return None;
+    }
+    let mut t = s.clone();
+    let mut touched = false;
+    for m in t.messages.iter_mut().filter(|m| m.role == "user") {
+        m.content = noisy(&m.content, n, &mut rng);
+        touched = true;
+    }
+    if let (false, Some(text)) = (touched, t.text.as_mut()) {
+        *text = noisy(text, n, &mut rng);
+    }
+    if t.messages == s.messages && t.text == s.text {
+        return None;
+    }
+    t.id = format!("{}:aug-noise{}", s.id, c + 1);
+    t.augmented = true;
+    Some(t)
+}
+
+/// Paraphrase copy `c` of `s` (its last user turn through a template of its language), or `None`
+/// when the row is not picked, has no user turn or no template of its language.
+fn para_copy(s: &Sample, pp: &Paraphrase, seed: u64, i: usize, c: usize) -> Option<Sample> {
+    let mut rng = copy_rng(seed, 2, i, c);
+    if !rng.gen_bool(pp.fraction) {
+        return None;
+    }
+    let qi = s.messages.iter().rposition(|m| m.role == "user")?;
+    let q = &s.messages[qi].content;
+    let zh = guess_language(q).is_some_and(|(l, _)| l == "zh");
+    let pool: Vec<&String> =
+        (if zh { &pp.templates_zh } else { &pp.templates_en }).iter().filter(|t| t.as_str() != "{query}").collect();
+    if pool.is_empty() {
+        return None;
+    }
+    let text = pool[rng.gen_range(0..pool.len())].replace("{query}", q);
+    if &text == q {
+        return None;
+    }
+    let mut t = s.clone();
+    t.messages[qi].content = text;
+    t.id = format!("{}:aug-para{}", s.id, c + 1);
+    t.augmented = true;
+    Some(t)
+}
+
+/// Item `it` of row `s` as a sample (`None` for a copy that is not made).
+fn materialise(it: Item, s: &Sample, p: &Params, seed: u64) -> Option<Sample> {
+    match it {
+        Item::Original(_) => Some(s.clone()),
+        Item::Noise(i, c) => noise_copy(s, p.noise.as_ref()?, seed, i, c),
+        Item::Para(i, c) => para_copy(s, p.paraphrase.as_ref()?, seed, i, c),
+    }
+}
+
+/// The augmentation, streamed. `source` is read once to list what the output would hold before
+/// balancing (each original and each noise / paraphrase copy that is made, with its label), then
+/// balancing picks over that whole list — so the target distribution holds for the final output,
+/// copies included — and three more passes write the kept originals (then the over-sampled
+/// copies), the kept noise copies and the kept paraphrase copies. Memory holds one batch, the
+/// list, and the rows over-sampling copies. Deterministic for a seed.
 pub(crate) fn augment_stream<'a>(
     source: &mut dyn FnMut() -> Result<Batches<'a>, StageError>,
     emit: &mut dyn FnMut(Sample) -> Result<(), StageError>,
     p: &Params,
     seed: u64,
 ) -> Result<serde_json::Value, StageError> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut labels: Vec<Option<String>> = Vec::new();
-    each_row(source, |_, s| {
-        labels.push(label_key(&s));
+    let mut items: Vec<(Item, Option<String>)> = Vec::new();
+    let mut before: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut rows_in, mut noise_unchanged) = (0usize, 0usize);
+    each_row(source, |i, s| {
+        rows_in += 1;
+        let label = label_key(&s);
+        if let Some(l) = &label {
+            *before.entry(l.clone()).or_default() += 1;
+        }
+        items.push((Item::Original(i), label.clone()));
+        if let Some(n) = &p.noise {
+            for c in 0..n.copies {
+                // Picked by `fraction` but unchanged by the noise: counted, not emitted.
+                let picked = copy_rng(seed, 1, i, c).gen_bool(n.fraction);
+                match noise_copy(&s, n, seed, i, c) {
+                    Some(_) => items.push((Item::Noise(i, c), label.clone())),
+                    None if picked => noise_unchanged += 1,
+                    None => {}
+                }
+            }
+        }
+        if let Some(pp) = &p.paraphrase {
+            for c in 0..pp.copies {
+                if para_copy(&s, pp, seed, i, c).is_some() {
+                    items.push((Item::Para(i, c), label.clone()));
+                }
+            }
+        }
         Ok(())
     })?;
-    let rows_in = labels.len();
-    let mut before = BTreeMap::new();
-    for l in labels.iter().flatten() {
-        *before.entry(l.clone()).or_default() += 1usize;
-    }
-    let (mut noised, mut paraphrased, mut under) = (0usize, 0usize, 0usize);
-    let mut dropped = vec![false; rows_in];
-    // (original index, copy number) of each over-sampled copy, in output order.
-    let mut over_picks: Vec<(usize, usize)> = Vec::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut dropped: std::collections::HashSet<Item> = std::collections::HashSet::new();
+    // (item, copy number) of each over-sampled copy, in output order.
+    let mut over_picks: Vec<(Item, usize)> = Vec::new();
     if let Some(b) = &p.balance {
-        let targets = balance_targets(&before, b);
-        // Under-sampling: a seeded choice of rows to drop per label.
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for l in items.iter().filter_map(|(_, l)| l.as_ref()) {
+            *counts.entry(l.clone()).or_default() += 1;
+        }
+        let targets = balance_targets(&counts, b);
+        // Under-sampling drops a seeded choice per label, augmentation copies before originals.
         if matches!(b.mode, Mode::Under | Mode::Both) {
             for (label, &want) in &targets {
-                let mut idx: Vec<usize> = (0..rows_in).filter(|&i| labels[i].as_deref() == Some(label)).collect();
-                if idx.len() > want {
-                    idx.shuffle(&mut rng);
-                    for &i in &idx[want..] {
-                        dropped[i] = true;
-                        under += 1;
-                    }
-                }
+                let of_label = |copy: bool| -> Vec<Item> {
+                    items
+                        .iter()
+                        .filter(|(it, l)| l.as_deref() == Some(label) && matches!(it, Item::Original(_)) != copy)
+                        .map(|(it, _)| *it)
+                        .collect()
+                };
+                let (mut copies, mut originals) = (of_label(true), of_label(false));
+                copies.shuffle(&mut rng);
+                originals.shuffle(&mut rng);
+                let have = copies.len() + originals.len();
+                dropped.extend(copies.into_iter().chain(originals).take(have.saturating_sub(want)));
             }
         }
         if matches!(b.mode, Mode::Over | Mode::Both) {
             for (label, &want) in &targets {
-                let idx: Vec<usize> =
-                    (0..rows_in).filter(|&i| !dropped[i] && labels[i].as_deref() == Some(label)).collect();
-                if idx.is_empty() {
+                let kept: Vec<Item> = items
+                    .iter()
+                    .filter(|(it, l)| l.as_deref() == Some(label) && !dropped.contains(it))
+                    .map(|(it, _)| *it)
+                    .collect();
+                if kept.is_empty() {
                     continue;
                 }
-                for k in 0..want.saturating_sub(idx.len()) {
-                    over_picks.push((idx[rng.gen_range(0..idx.len())], k + 1));
+                for k in 0..want.saturating_sub(kept.len()) {
+                    over_picks.push((kept[rng.gen_range(0..kept.len())], k + 1));
                 }
             }
         }
     }
+    let kept = |it: &Item| !dropped.contains(it);
     let mut after: BTreeMap<String, usize> = BTreeMap::new();
-    let mut rows_out = 0usize;
+    let (mut rows_out, mut noised, mut paraphrased) = (0usize, 0usize, 0usize);
     let mut put = |s: Sample, after: &mut BTreeMap<String, usize>| -> Result<(), StageError> {
         if let Some(l) = label_key(&s) {
             *after.entry(l).or_default() += 1;
@@ -351,20 +478,21 @@ pub(crate) fn augment_stream<'a>(
         rows_out += 1;
         emit(s)
     };
-    // Originals, and the rows over-sampling copies.
-    let wanted: std::collections::BTreeSet<usize> = over_picks.iter().map(|&(i, _)| i).collect();
+    // Originals, and the rows that over-sampling copies.
+    let exists: std::collections::HashSet<Item> = items.iter().map(|(it, _)| *it).collect();
+    let wanted: std::collections::BTreeSet<usize> = over_picks.iter().map(|(it, _)| it.row()).collect();
     let mut sources: std::collections::HashMap<usize, Sample> = std::collections::HashMap::new();
     each_row(source, |i, s| {
-        if dropped[i] {
-            return Ok(());
-        }
         if wanted.contains(&i) {
             sources.insert(i, s.clone());
         }
-        put(s, &mut after)
+        if kept(&Item::Original(i)) {
+            put(s, &mut after)?;
+        }
+        Ok(())
     })?;
-    for &(i, k) in &over_picks {
-        let mut s = sources[&i].clone();
+    for &(it, k) in &over_picks {
+        let Some(mut s) = materialise(it, &sources[&it.row()], p, seed) else { continue };
         s.id = format!("{}:aug-over{k}", s.id);
         s.augmented = true;
         put(s, &mut after)?;
@@ -372,56 +500,28 @@ pub(crate) fn augment_stream<'a>(
     drop(sources);
     if let Some(n) = &p.noise {
         each_row(source, |i, s| {
-            if dropped[i] {
-                return Ok(());
-            }
             for c in 0..n.copies {
-                if !rng.gen_bool(n.fraction) {
-                    continue;
+                let it = Item::Noise(i, c);
+                if exists.contains(&it) && kept(&it) {
+                    if let Some(t) = noise_copy(&s, n, seed, i, c) {
+                        put(t, &mut after)?;
+                        noised += 1;
+                    }
                 }
-                let mut t = s.clone();
-                let mut touched = false;
-                for m in t.messages.iter_mut().filter(|m| m.role == "user") {
-                    m.content = noisy(&m.content, n, &mut rng);
-                    touched = true;
-                }
-                if let (false, Some(text)) = (touched, t.text.as_mut()) {
-                    *text = noisy(text, n, &mut rng);
-                }
-                t.id = format!("{}:aug-noise{}", s.id, c + 1);
-                t.augmented = true;
-                put(t, &mut after)?;
-                noised += 1;
             }
             Ok(())
         })?;
     }
     if let Some(pp) = &p.paraphrase {
         each_row(source, |i, s| {
-            if dropped[i] {
-                return Ok(());
-            }
-            let Some(qi) = s.messages.iter().rposition(|m| m.role == "user") else { return Ok(()) };
-            let q = &s.messages[qi].content;
-            let zh = guess_language(q).is_some_and(|(l, _)| l == "zh");
-            let pool: Vec<&String> = (if zh { &pp.templates_zh } else { &pp.templates_en })
-                .iter()
-                .filter(|t| t.as_str() != "{query}")
-                .collect();
-            if pool.is_empty() {
-                return Ok(());
-            }
             for c in 0..pp.copies {
-                if !rng.gen_bool(pp.fraction) {
-                    continue;
+                let it = Item::Para(i, c);
+                if exists.contains(&it) && kept(&it) {
+                    if let Some(t) = para_copy(&s, pp, seed, i, c) {
+                        put(t, &mut after)?;
+                        paraphrased += 1;
+                    }
                 }
-                let tpl = pool[rng.gen_range(0..pool.len())];
-                let mut t = s.clone();
-                t.messages[qi].content = tpl.replace("{query}", q);
-                t.id = format!("{}:aug-para{}", s.id, c + 1);
-                t.augmented = true;
-                put(t, &mut after)?;
-                paraphrased += 1;
             }
             Ok(())
         })?;
@@ -430,9 +530,10 @@ pub(crate) fn augment_stream<'a>(
         "rows_in": rows_in,
         "rows_out": rows_out,
         "noised": noised,
+        "noise_unchanged": noise_unchanged,
         "paraphrased": paraphrased,
         "oversampled": over_picks.len(),
-        "undersampled": under,
+        "undersampled": dropped.len(),
         "labels_before": before,
         "labels_after": after,
     }))
@@ -456,7 +557,9 @@ impl Stage for Augment {
         "augment"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: balancing over the final output (copies included), no copy equal to its source,
+        // one random stream per copy.
+        2
     }
     fn summary(&self) -> &'static str {
         "Text noise, template paraphrase and class balancing (over/under-sampling); augmented rows are marked"
@@ -525,5 +628,41 @@ mod tests {
         let (out, rep) = augment(rows, &p, 5);
         assert_eq!(out.len(), 6);
         assert_eq!(rep["undersampled"], 6);
+    }
+
+    /// Issue: a uniform target came out 5/8/4 once noise and paraphrase copies were added after
+    /// balancing, and some noised copies equalled their source.
+    #[test]
+    fn balance_holds_for_the_final_output_with_noise_and_paraphrase() {
+        let mut rows: Vec<_> = (0..5).map(|i| row(&format!("a{i}"), &format!("who are you number {i}"), "a")).collect();
+        rows.extend((0..8).map(|i| row(&format!("b{i}"), &format!("what is your name {i} please"), "b")));
+        rows.extend((0..4).map(|i| row(&format!("c{i}"), "hi", "c")));
+        for mode in ["over", "under", "both"] {
+            let p: Params = toml::from_str(&format!(
+                "noise = {{ char_drop = 0.05, copies = 2 }}\nparaphrase = {{ copies = 1, fraction = 0.5 }}\n\
+                 balance = {{ target = \"uniform\", mode = \"{mode}\" }}"
+            ))
+            .unwrap();
+            let (out, rep) = augment(rows.clone(), &p, 11);
+            let mut counts = BTreeMap::new();
+            for s in &out {
+                *counts.entry(label_key(s).unwrap()).or_insert(0usize) += 1;
+            }
+            let (lo, hi) = (counts.values().min().unwrap(), counts.values().max().unwrap());
+            assert!(hi - lo <= 1, "{mode}: {counts:?}");
+            assert_eq!(serde_json::to_value(&counts).unwrap(), rep["labels_after"], "{mode}");
+            let by_id: BTreeMap<&str, &Sample> = rows.iter().map(|s| (s.id.as_str(), s)).collect();
+            for s in out.iter().filter(|s| s.id.contains(":aug-noise") && !s.id.contains(":aug-over")) {
+                let src = by_id[s.id.rsplit_once(":aug-noise").unwrap().0];
+                assert_ne!(s.messages, src.messages, "{mode}: {} equals its source", s.id);
+            }
+            assert_eq!(augment(rows.clone(), &p, 11).0, out, "{mode}: deterministic");
+        }
+        // "hi" at 5% character drop usually survives unchanged: such copies are counted, not emitted.
+        let p: Params = toml::from_str("noise = { char_drop = 0.05, copies = 4 }").unwrap();
+        let (out, rep) = augment(rows, &p, 11);
+        let unchanged = rep["noise_unchanged"].as_u64().unwrap() as usize;
+        assert!(unchanged > 0);
+        assert_eq!(out.len(), 17 + 17 * 4 - unchanged);
     }
 }

@@ -410,9 +410,16 @@ fn augment_marks_rows_and_is_deterministic() {
     let b = run_stage("augment", params, tmp.path(), &[("data", &input)]).unwrap();
     let rows = a.rows();
     assert_eq!(rows, b.rows());
-    assert_eq!(rows.len(), 60);
-    assert_eq!(rows.iter().filter(|s| s.augmented).count(), 40);
+    let noised = a.report["noised"].as_u64().unwrap() as usize;
+    let unchanged = a.report["noise_unchanged"].as_u64().unwrap() as usize;
+    assert_eq!(noised + unchanged, 20, "each row gets one noise copy unless the noise left it unchanged");
+    assert_eq!(rows.len(), 40 + noised);
+    assert_eq!(rows.iter().filter(|s| s.augmented).count(), 20 + noised);
     assert!(rows[..20].iter().all(|s| !s.augmented));
+    for s in rows.iter().filter(|s| s.id.contains(":aug-noise")) {
+        let src = rows.iter().find(|o| Some(o.id.as_str()) == s.id.rsplit_once(":aug-noise").map(|p| p.0)).unwrap();
+        assert_ne!(s.messages, src.messages, "{} equals its source", s.id);
+    }
     let para: Vec<_> = rows.iter().filter(|s| s.id.contains(":aug-para")).collect();
     assert_eq!(para.len(), 20);
     assert!(para.iter().all(|s| s.messages.iter().any(|m| m.role == "assistant" && m.content.contains("Pipo"))));
