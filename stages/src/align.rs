@@ -159,7 +159,8 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
     let src = training::model_path(ctx, t.model.as_deref())?;
     let mut pre = training::load(&src, dev)?;
     let system = t.system.clone().or_else(|| training::trained_system(&src));
-    let rows = read_dataset(ctx.input("data")?)?;
+    let mut rows = read_dataset(ctx.input("data")?)?;
+    let media_dropped = training::text_only_rows(&mut rows, t.drop_media, &src)?;
     let pad = pre.to_model_ids(&pre.tokenizer.pad_id().or(pre.tokenizer.eos_id()).into_iter().collect::<Vec<_>>());
     let pad = pad.first().copied().unwrap_or(0);
     pre.model.set_trainable(t.trainable()?, seed).map_err(StageError::failed)?;
@@ -234,7 +235,7 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
             &outcome,
             &metrics_dir,
             &model_dir,
-            serde_json::json!({ "rlhf_type": p.rlhf_type, "rows": rows.len(), "used_rows": used, "seconds": t0.elapsed().as_secs_f64() }),
+            serde_json::json!({ "rlhf_type": p.rlhf_type, "rows": rows.len(), "used_rows": used, "media_dropped": media_dropped, "seconds": t0.elapsed().as_secs_f64() }),
         ));
     Ok(())
 }

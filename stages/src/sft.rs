@@ -27,6 +27,7 @@
 //! | `lora_dropout` | 0 | peft's dropout on the LoRA branch's input during training, in [0, 1) (ms-swift's default is 0.05); masks are drawn from the step's seed, so a resumed run draws the same ones |
 //! | `target_modules` | `["all-linear"]` | or e.g. `["q_proj", "v_proj"]` |
 //! | `system` | unset | default system prompt |
+//! | `drop_media` | false | rows with images / audio / video (files or `<image>` tags) fail on a text-only model unless this strips them (counted as `media_dropped`) |
 //! | every `TrainConfig` key | see pipeline-train | `learning_rate`, `num_train_epochs`, `gradient_accumulation_steps`, `max_length`, ... |
 //!
 //! ## Cache key
@@ -125,14 +126,17 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
     let src = training::model_path(ctx, p.model.as_deref())?;
     let mut pre = training::load(&src, dev)?;
     let system = p.system.clone().or_else(|| training::trained_system(&src));
-    let rows = read_dataset(ctx.input("data")?)?;
+    let mut rows = read_dataset(ctx.input("data")?)?;
+    let media_dropped = training::text_only_rows(&mut rows, p.drop_media, &src)?;
     let (examples, skipped, outside) = encode_rows(&pre, &rows, system.as_deref())?;
     let pad = pre.to_model_ids(&pre.tokenizer.pad_id().or(pre.tokenizer.eos_id()).into_iter().collect::<Vec<_>>());
     let pad = pad.first().copied().unwrap_or(0);
     let data = TokenDataset::new(examples, pad, cfg.max_length).map_err(stage_error)?;
     let eval_data = match ctx.input_opt("eval") {
         Some(dir) => {
-            let (e, _, _) = encode_rows(&pre, &read_dataset(dir)?, system.as_deref())?;
+            let mut rows = read_dataset(dir)?;
+            training::text_only_rows(&mut rows, p.drop_media, &src)?;
+            let (e, _, _) = encode_rows(&pre, &rows, system.as_deref())?;
             Some(TokenDataset::new(e, pad, cfg.max_length).map_err(stage_error)?)
         }
         None => None,
@@ -160,7 +164,7 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
             &outcome,
             &metrics_dir,
             &model_dir,
-            serde_json::json!({ "rows": rows.len(), "skipped_rows": skipped, "tokens_outside_vocab": outside, "train_type": p.train_type, "seconds": t0.elapsed().as_secs_f64() }),
+            serde_json::json!({ "rows": rows.len(), "skipped_rows": skipped, "tokens_outside_vocab": outside, "media_dropped": media_dropped, "train_type": p.train_type, "seconds": t0.elapsed().as_secs_f64() }),
         ));
     Ok(())
 }

@@ -64,6 +64,9 @@ macro_rules! with_tuner_args {
             target_modules: Vec<String> = vec!["all-linear".into()],
             /// Default system prompt for conversations that have none.
             system: Option<String> = None,
+            /// Strip images / audio / video (the files and their `<image>`-style tags) from rows
+            /// for a text-only model instead of failing on them; the report counts what was dropped.
+            drop_media: bool = false,
         ] }
     };
 }
@@ -94,6 +97,59 @@ impl TunerParams {
             }
         })
     }
+}
+
+/// The `<image>`-style placeholders of multimodal rows.
+const MEDIA_TAGS: [&str; 3] = ["<image>", "<audio>", "<video>"];
+
+/// Multimodal rows on a text-only model (every model this build trains is one): an error naming
+/// the first such row, what it holds and the model, unless `drop` (`drop_media = true`), which
+/// removes the media files and their tags from every row. Returns how many media items (files or
+/// tags without a file) were dropped.
+pub(crate) fn text_only_rows(rows: &mut [crate::data::Sample], drop: bool, model: &Path) -> Result<usize, StageError> {
+    let mut dropped = 0usize;
+    for s in rows.iter_mut() {
+        let files = s.images.len() + s.audios.len() + s.videos.len();
+        let texts = s
+            .messages
+            .iter()
+            .map(|m| m.content.as_str())
+            .chain(s.text.as_deref())
+            .chain(s.rejected_response.as_deref());
+        let tags: usize = texts.map(|t| MEDIA_TAGS.iter().map(|tag| t.matches(tag).count()).sum::<usize>()).sum();
+        if files == 0 && tags == 0 {
+            continue;
+        }
+        if !drop {
+            let what: Vec<String> = [("image", s.images.len()), ("audio", s.audios.len()), ("video", s.videos.len())]
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(k, n)| format!("{n} {k} file(s)"))
+                .chain((tags > 0).then(|| format!("{tags} media tag(s) such as `<image>`")))
+                .collect();
+            return Err(StageError::Params(format!(
+                "row `{}` has {}, but the model {} is text-only (Qwen2/Llama causal LM); remove the media, or set \
+                 `drop_media = true` on this stage to strip it from every row (the report counts what is dropped)",
+                s.id,
+                what.join(" and "),
+                model.display()
+            )));
+        }
+        dropped += files.max(tags);
+        s.images.clear();
+        s.audios.clear();
+        s.videos.clear();
+        let strip = |t: &mut String| {
+            for tag in MEDIA_TAGS {
+                *t = t.replace(tag, "");
+            }
+            *t = t.trim().to_string();
+        };
+        s.messages.iter_mut().for_each(|m| strip(&mut m.content));
+        s.text.as_mut().map(strip);
+        s.rejected_response.as_mut().map(strip);
+    }
+    Ok(dropped)
 }
 
 /// The range checks of a group of params that [`stage_params!`] embeds, as a params error.
@@ -834,5 +890,47 @@ mod tests {
                 assert!(msg.contains("--features cuda"), "{msg}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod media_tests {
+    use super::*;
+    use crate::data::{Message, Sample};
+
+    fn rows() -> Vec<Sample> {
+        vec![
+            Sample {
+                id: "a.jsonl:1".into(),
+                messages: vec![Message::new("user", "hi"), Message::new("assistant", "yo")],
+                ..Default::default()
+            },
+            Sample {
+                id: "a.jsonl:2".into(),
+                messages: vec![
+                    Message::new("user", "<image>What is in the picture?"),
+                    Message::new("assistant", "A cat."),
+                ],
+                images: vec!["cat.png".into()],
+                ..Default::default()
+            },
+        ]
+    }
+
+    /// Issue: multimodal rows on a text-only model were trained as plain text, `<image>` tags left in.
+    #[test]
+    fn multimodal_rows_on_a_text_only_model_fail_naming_row_and_model_unless_dropped() {
+        let mut r = rows();
+        let e = text_only_rows(&mut r, false, Path::new("models/tiny")).unwrap_err().to_string();
+        assert!(e.contains("a.jsonl:2") && e.contains("1 image file(s)") && e.contains("models/tiny"), "{e}");
+        assert!(e.contains("drop_media = true"), "{e}");
+        assert_eq!(r, rows(), "nothing changes on error");
+        assert_eq!(text_only_rows(&mut r, true, Path::new("models/tiny")).unwrap(), 1);
+        assert!(r[1].images.is_empty());
+        assert_eq!(r[1].messages[0].content, "What is in the picture?");
+        assert_eq!(r[0], rows()[0]);
+        // A tag without a file counts too.
+        let mut t = vec![Sample { id: "b:1".into(), text: Some("<video> clip".into()), ..Default::default() }];
+        assert!(text_only_rows(&mut t, false, Path::new("m")).unwrap_err().to_string().contains("1 media tag(s)"));
     }
 }
