@@ -24,6 +24,10 @@ pub struct RunArgs {
     /// Re-run this stage even if it is cached (repeatable).
     #[arg(long, value_name = "STAGE")]
     pub force: Vec<String>,
+    /// After a stage fails, still run the stages that do not depend on it (they are cached); the
+    /// summary lists what failed and what was skipped. Without it nothing new starts after a failure.
+    #[arg(long, short = 'k')]
+    pub keep_going: bool,
     /// How many independent stages may run at once.
     #[arg(long, short = 'j', default_value_t = 1)]
     pub jobs: usize,
@@ -66,6 +70,7 @@ pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
         until: args.until,
         force: args.force,
         device: args.device,
+        keep_going: args.keep_going,
         cancel,
     };
     let reporter: Arc<dyn Reporter> = match &json {

@@ -30,6 +30,9 @@ pub struct ExecOptions {
     pub force: Vec<String>,
     /// Where stages run model work (`RunCtx::device`); not part of any key.
     pub device: Device,
+    /// After a failure, keep running (and caching) the stages that do not depend on it, as
+    /// `make -k` does; without it the run starts nothing new after the first failure.
+    pub keep_going: bool,
     pub cancel: Arc<AtomicBool>,
 }
 
@@ -41,6 +44,7 @@ impl Default for ExecOptions {
             until: vec![],
             force: vec![],
             device: Device::Cpu,
+            keep_going: false,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -413,7 +417,7 @@ pub fn run(
 
     std::thread::scope(|scope| -> Result<(), ExecError> {
         loop {
-            let stop = failed || cancel.load(std::sync::atomic::Ordering::Relaxed);
+            let stop = (failed && !opts.keep_going) || cancel.load(std::sync::atomic::Ordering::Relaxed);
             let mut progressed = true;
             while progressed {
                 progressed = false;

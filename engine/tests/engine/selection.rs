@@ -80,3 +80,22 @@ fn a_failing_stage_commits_nothing_and_skips_downstream() {
     let r = p.run().ok();
     assert_eq!(r.with_status("ran"), v(&["c", "d", "e"]));
 }
+
+/// Issue: one failed stage cancelled stages that do not depend on it.
+#[test]
+fn keep_going_finishes_independent_branches_after_a_failure() {
+    let p = Project::new(DIAMOND);
+    p.edit("params.text = \"C\"", "params.text = \"C\"\nparams.fail = true");
+    let r = p.run_with(&ExecOptions { keep_going: true, ..Default::default() });
+    assert!(r.summary.failed());
+    assert_eq!(r.with_status("failed"), v(&["c"]));
+    assert_eq!(r.with_status("ran"), v(&["a", "b", "d"]), "d does not depend on c");
+    assert_eq!(r.with_status("skipped"), v(&["e"]));
+    let Status::Skipped(why) = &r.outcome("e").status else { unreachable!() };
+    assert_eq!(why, "upstream `c` did not complete");
+    // What ran is cached: the next run (c fixed) runs only c and e.
+    p.edit("params.fail = true", "params.fail = false");
+    let r = p.run().ok();
+    assert_eq!(r.with_status("ran"), v(&["c", "e"]));
+    assert_eq!(r.with_status("cached"), v(&["a", "b", "d"]));
+}
