@@ -34,6 +34,8 @@ pub struct EngineLimits {
     pub max_running: usize,
     /// Requests that may wait for a free slot; more are refused.
     pub max_queue: usize,
+    /// Sequences of one model decoded in one batched forward (1: each on its own).
+    pub max_batch: usize,
 }
 
 /// One generation request, already tokenised and validated.
@@ -247,9 +249,12 @@ impl<D: Device<f32>> Engine<D> {
         }
     }
 
+    /// One decoding iteration: every running sequence samples a token (its events go out at
+    /// once), then the sampled tokens of each model's sequences run through that model in one
+    /// batched forward ([`Sequence::advance`]), at most `max_batch` rows at a time.
     fn step_all(&mut self) {
         let now = Instant::now();
-        let (models, codec) = (&self.models, &*self.codec);
+        let codec = &*self.codec;
         self.groups.retain_mut(|g| {
             if g.tx.is_closed() {
                 return false;
@@ -258,17 +263,12 @@ impl<D: Device<f32>> Engine<D> {
                 let _ = g.tx.send(Event::Failed(Failure::Timeout(d - g.submitted)));
                 return false;
             }
-            let model = &models[g.model];
             for (choice, seq) in g.seqs.iter_mut().enumerate() {
                 if seq.finished {
                     continue;
                 }
-                let step = match std::panic::catch_unwind(AssertUnwindSafe(|| seq.step(model, codec))) {
-                    Ok(Ok(step)) => step,
-                    Ok(Err(e)) => {
-                        let _ = g.tx.send(Event::Failed(Failure::Model(e.to_string())));
-                        return false;
-                    }
+                let step = match std::panic::catch_unwind(AssertUnwindSafe(|| seq.sample(codec))) {
+                    Ok(step) => step,
                     Err(p) => {
                         let _ = g.tx.send(Event::Failed(Failure::Model(panic_message(p))));
                         return false;
@@ -296,5 +296,38 @@ impl<D: Device<f32>> Engine<D> {
             }
             g.seqs.iter().any(|s| !s.finished)
         });
+        // The batched forwards, per model; a failure fails the requests of that batch only.
+        let mut failed: Vec<(usize, String)> = Vec::new();
+        for m in 0..self.models.len() {
+            let model = &self.models[m];
+            let mut batch: Vec<(usize, &mut Sequence<D>)> = Vec::new();
+            for (gi, g) in self.groups.iter_mut().enumerate().filter(|(_, g)| g.model == m) {
+                batch.extend(g.seqs.iter_mut().filter(|s| s.pending().is_some()).map(|s| (gi, s)));
+            }
+            for chunk in batch.chunks_mut(self.limits.max_batch.max(1)) {
+                let groups: Vec<usize> = chunk.iter().map(|(gi, _)| *gi).collect();
+                let mut seqs: Vec<&mut Sequence<D>> = chunk.iter_mut().map(|(_, s)| &mut **s).collect();
+                let err = match std::panic::catch_unwind(AssertUnwindSafe(|| Sequence::advance(model, &mut seqs))) {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(p) => panic_message(p),
+                };
+                failed.extend(groups.into_iter().map(|gi| (gi, err.clone())));
+            }
+        }
+        if !failed.is_empty() {
+            let mut gi = 0;
+            self.groups.retain(|g| {
+                let keep = match failed.iter().find(|(i, _)| *i == gi) {
+                    Some((_, msg)) => {
+                        let _ = g.tx.send(Event::Failed(Failure::Model(msg.clone())));
+                        false
+                    }
+                    None => true,
+                };
+                gi += 1;
+                keep
+            });
+        }
     }
 }

@@ -110,9 +110,14 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on /v1 routes (401 otherwise; /health and /metrics stay open).
     #[arg(long, env = "PIPELINE_API_KEY", hide_env_values = true, value_name = "KEY")]
     pub api_key: Option<String>,
-    /// Sequences decoded side by side (a request with `n` choices takes `n`); more requests wait.
+    /// Sequences decoded side by side, the tokens of one model's sequences in one batched forward
+    /// (a request with `n` choices takes `n`); more requests wait.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_num_seqs: u32,
+    /// Sequences of one model decoded in one batched forward [default: --max-num-seqs]; 1 steps
+    /// each sequence on its own (one pass over the weights per sequence and token).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_batch_size: Option<u32>,
     /// Requests that may wait for a free sequence slot; past that the server answers 429.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub max_queue: u32,
@@ -172,7 +177,9 @@ pub fn load(args: &ModelArgs, adapters: &[PathBuf], limits: EngineLimits) -> any
             load_on(args, adapters, limits, dev)
         }
         #[cfg(not(feature = "cuda"))]
-        pipeline_engine::Device::Cuda { .. } => Err(Usage(pipeline_stages::cuda_not_built(args.device).to_string()).into()),
+        pipeline_engine::Device::Cuda { .. } => {
+            Err(Usage(pipeline_stages::cuda_not_built(args.device).to_string()).into())
+        }
     }
 }
 
@@ -221,7 +228,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(dup) = names.iter().enumerate().find_map(|(i, n)| names[..i].contains(n).then_some(n)) {
         return Err(Usage(format!("--adapters: the name `{dup}` is given twice")).into());
     }
-    let limits = EngineLimits { max_running: args.max_num_seqs as usize, max_queue: args.max_queue as usize };
+    let limits = EngineLimits {
+        max_running: args.max_num_seqs as usize,
+        max_queue: args.max_queue as usize,
+        max_batch: args.max_batch_size.unwrap_or(args.max_num_seqs) as usize,
+    };
     let paths: Vec<PathBuf> = args.adapters.iter().map(|(_, p)| p.clone()).collect();
     let loaded = load(&args.model, &paths, limits)?;
     let base = args.served_model_name.clone().unwrap_or_else(|| default_name(&args.model, &loaded.path));

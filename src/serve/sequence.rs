@@ -1,7 +1,9 @@
 //! One sequence being generated: its own KV cache, sampling generator and text, stepped one token
-//! at a time by the engine. A step is exactly one iteration of `pipeline_model::generate`'s loop
-//! for a batch of one (same `forward_cached` calls, same `sample_next`, same stop rules), so greedy
-//! output equals `pipeline generate`'s.
+//! at a time by the engine: [`Sequence::sample`] picks the token, [`Sequence::advance`] runs the
+//! pending tokens of several sequences through the model in one batched forward. Alone, a step is
+//! exactly one iteration of `pipeline_model::generate`'s loop for a batch of one (same
+//! `forward_cached` calls, same `sample_next`, same stop rules), so greedy output equals
+//! `pipeline generate`'s.
 //!
 //! Text is released incrementally ([`TextTracker`]): what has been sent is always a prefix of the
 //! final text, holding back an incomplete UTF-8 character (a trailing U+FFFD) and any tail that
@@ -61,6 +63,8 @@ pub struct Sequence<D: Device<f32>> {
     sampling: Arc<Sampling>,
     text: TextTracker,
     pub finished: bool,
+    /// Sampled, not yet run through the model (see [`Self::advance`]).
+    pending: Option<u32>,
 }
 
 impl<D: Device<f32>> Sequence<D> {
@@ -88,6 +92,7 @@ impl<D: Device<f32>> Sequence<D> {
                 text: TextTracker::new(sampling.gen.stop_strings.clone()),
                 sampling: sampling.clone(),
                 finished: false,
+                pending: None,
             })
             .collect())
     }
@@ -97,8 +102,9 @@ impl<D: Device<f32>> Sequence<D> {
         self.tokens.len()
     }
 
-    /// Samples one token, updates the text, and (unless finished) runs it through the model.
-    pub fn step(&mut self, model: &Qwen2<D>, codec: &TextCodec) -> Result<Step, ModelError> {
+    /// Samples one token and updates the text; unless that finished the sequence, the token waits
+    /// in [`Self::pending`] for [`Self::advance`] to run it through the model.
+    pub fn sample(&mut self, codec: &TextCodec) -> Step {
         let s = &*self.sampling;
         let mut logits = std::mem::take(&mut self.logits);
         let top = s.logprobs.map(|k| top_logprobs(&logits, k));
@@ -126,12 +132,43 @@ impl<D: Device<f32>> Sequence<D> {
             _ => None,
         };
         if finish.is_none() {
-            let mut next = model.forward_cached(&Batch::new(vec![t], 1, 1)?, &mut self.cache)?;
-            self.logits = next.pop().ok_or_else(|| ModelError::Batch("no logits".into()))?;
+            self.pending = Some(t);
         } else {
             self.finished = true;
         }
-        Ok(Step { text, logprob, finish })
+        Step { text, logprob, finish }
+    }
+
+    /// The sampled token that still has to run through the model.
+    pub fn pending(&self) -> Option<u32> {
+        self.pending
+    }
+
+    /// Runs the pending token of every sequence in `seqs` (all of `model`) through the model in
+    /// one forward: their caches are stacked into one batch (left-padded to the longest), stepped
+    /// once, and split back — so N sequences read the weights once per token instead of N times.
+    /// A batch of one is exactly `pipeline generate`'s step.
+    pub fn advance(model: &Qwen2<D>, seqs: &mut [&mut Sequence<D>]) -> Result<(), ModelError> {
+        let tokens: Vec<u32> = seqs.iter().filter_map(|s| s.pending).collect();
+        if tokens.len() != seqs.len() {
+            return Err(ModelError::Batch("a sequence without a pending token in a decoding batch".into()));
+        }
+        if let [one] = seqs {
+            let mut next = model.forward_cached(&Batch::new(tokens, 1, 1)?, &mut one.cache)?;
+            one.logits = next.pop().ok_or_else(|| ModelError::Batch("no logits".into()))?;
+            one.pending = None;
+            return Ok(());
+        }
+        let caches: Vec<KvCache<D>> =
+            seqs.iter_mut().map(|s| std::mem::replace(&mut s.cache, model.new_cache())).collect();
+        let (mut cache, pads) = KvCache::stack(caches)?;
+        let logits = model.forward_cached(&Batch::new(tokens.clone(), tokens.len(), 1)?, &mut cache)?;
+        for ((s, c), l) in seqs.iter_mut().zip(cache.split(&pads)?).zip(logits) {
+            s.cache = c;
+            s.logits = l;
+            s.pending = None;
+        }
+        Ok(())
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {

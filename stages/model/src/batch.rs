@@ -73,6 +73,89 @@ impl<D: Storage<f32>, S: Dims> KvCache<D, S> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Rows (sequences) the cache holds.
+    pub fn rows(&self) -> usize {
+        self.key_mask.len()
+    }
+}
+
+impl<D: Device<f32>, S: Dims> KvCache<D, S> {
+    /// One cache of `caches.len()` rows from caches of one row each (of one model; lengths may
+    /// differ): shorter rows are left-padded with masked positions, so a decoding step over the
+    /// result attends to each row's own tokens only, at each row's own positions — what
+    /// continuous batching in a server needs. Returns the stacked cache and each row's padding,
+    /// which [`KvCache::split`] takes back.
+    pub fn stack(caches: Vec<KvCache<D, S>>) -> Result<(KvCache<D, S>, Vec<usize>), ModelError> {
+        let first = caches.first().ok_or_else(|| ModelError::Batch("no KV cache to stack".into()))?;
+        let layers = first.layers.len();
+        if let Some(c) =
+            caches.iter().find(|c| c.rows() != 1 || c.layers.len() != layers || c.layers.iter().any(Option::is_none))
+        {
+            return Err(ModelError::Batch(format!(
+                "only filled one-row caches of one model stack (got {} rows, {} of {layers} layers)",
+                c.rows(),
+                c.layers.iter().filter(|l| l.is_some()).count()
+            )));
+        }
+        let longest = caches.iter().map(KvCache::len).max().unwrap_or(0);
+        let pads: Vec<usize> = caches.iter().map(|c| longest - c.len()).collect();
+        let mut key_mask = Vec::with_capacity(caches.len());
+        let mut next_pos = Vec::with_capacity(caches.len());
+        let mut stacked: Vec<Option<KvPair<D, S>>> = vec![None; layers];
+        for (c, &pad) in caches.into_iter().zip(&pads) {
+            let mut km = vec![false; pad];
+            km.extend_from_slice(&c.key_mask[0]);
+            key_mask.push(km);
+            next_pos.push(c.next_pos.first().copied().unwrap_or(0));
+            for (slot, layer) in stacked.iter_mut().zip(c.layers) {
+                let (k, v) = layer.expect("checked above");
+                let (k, v) = (left_pad::<D, S>(k, pad), left_pad::<D, S>(v, pad));
+                *slot = Some(match slot.take() {
+                    None => (k, v),
+                    Some((sk, sv)) => ((sk, k).concat_along(Axis::<0>), (sv, v).concat_along(Axis::<0>)),
+                });
+            }
+        }
+        Ok((KvCache { layers: stacked, key_mask, next_pos }, pads))
+    }
+
+    /// The one-row caches [`KvCache::stack`] was given, each grown by what was appended to its row
+    /// since (`pads`: what `stack` returned).
+    pub fn split(self, pads: &[usize]) -> Result<Vec<KvCache<D, S>>, ModelError> {
+        if pads.len() != self.rows() {
+            return Err(ModelError::Batch(format!("{} paddings for a cache of {} rows", pads.len(), self.rows())));
+        }
+        let len = self.len();
+        let mut out: Vec<KvCache<D, S>> = pads
+            .iter()
+            .enumerate()
+            .map(|(r, &pad)| KvCache {
+                layers: Vec::with_capacity(self.layers.len()),
+                key_mask: vec![self.key_mask[r][pad..].to_vec()],
+                next_pos: vec![self.next_pos[r]],
+            })
+            .collect();
+        for layer in self.layers {
+            let (k, v) = layer.ok_or_else(|| ModelError::Batch("an empty layer in a stacked cache".into()))?;
+            for (r, (c, &pad)) in out.iter_mut().zip(pads).enumerate() {
+                c.layers.push(Some((
+                    k.clone().slice((r..r + 1, .., pad..len, ..)),
+                    v.clone().slice((r..r + 1, .., pad..len, ..)),
+                )));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `pad` zero positions before a one-row cache tensor's positions (masked out by the key mask).
+fn left_pad<D: Device<f32>, S: Dims>(t: Kv<S, D, NoneTape>, pad: usize) -> Kv<S, D, NoneTape> {
+    if pad == 0 {
+        return t;
+    }
+    let (b, h, _, d) = *t.shape();
+    let zeros: Kv<S, D, NoneTape> = t.device().zeros_like(&(b, h, pad, d));
+    (zeros, t).concat_along(Axis::<2>)
 }
 
 /// Additive attention-mask value for hidden keys (large enough that `exp` underflows to 0).

@@ -58,6 +58,49 @@ fn host_path_decoding_matches_the_full_forward() {
     assert!(worst <= 1e-5, "{worst}");
 }
 
+/// Continuous batching: caches of sequences of different lengths stacked into one batch, stepped
+/// together and split back give each sequence the logits (and caches) of decoding it alone.
+#[test]
+fn stacked_caches_decode_like_each_sequence_alone() {
+    let dev = Cpu::default();
+    let cfg = ModelConfig::tiny(300);
+    let m = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, 5), &dev).unwrap();
+    let prompts: [Vec<u32>; 3] = [vec![5, 17, 250, 3, 9, 44, 71], vec![1, 2], vec![200, 100, 50, 25]];
+    let alone = |p: &[u32], next: &[u32]| {
+        let mut c = m.new_cache();
+        m.forward_cached(&Batch::new(p.to_vec(), 1, p.len()).unwrap(), &mut c).unwrap();
+        next.iter()
+            .map(|&t| m.forward_cached(&Batch::new(vec![t], 1, 1).unwrap(), &mut c).unwrap().remove(0))
+            .collect::<Vec<_>>()
+    };
+    let nexts: [Vec<u32>; 3] = [vec![8, 9, 10], vec![30, 31, 32], vec![7, 6, 5]];
+    let want: Vec<Vec<Vec<f32>>> = prompts.iter().zip(&nexts).map(|(p, n)| alone(p, n)).collect();
+    let mut caches: Vec<KvCache<Cpu>> = prompts
+        .iter()
+        .map(|p| {
+            let mut c = m.new_cache();
+            m.forward_cached(&Batch::new(p.clone(), 1, p.len()).unwrap(), &mut c).unwrap();
+            c
+        })
+        .collect();
+    for step in 0..3 {
+        let (mut stacked, pads) = KvCache::stack(std::mem::take(&mut caches)).unwrap();
+        assert_eq!(stacked.rows(), 3);
+        let tokens: Vec<u32> = nexts.iter().map(|n| n[step]).collect();
+        let got = m.forward_cached(&Batch::new(tokens, 3, 1).unwrap(), &mut stacked).unwrap();
+        for (r, row) in got.iter().enumerate() {
+            let worst = row.iter().zip(&want[r][step]).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(worst <= 1e-5, "step {step} row {r}: {worst}");
+        }
+        caches = stacked.split(&pads).unwrap();
+        for (c, p) in caches.iter().zip(&prompts) {
+            assert_eq!(c.len(), p.len() + step + 1, "split gives each row its own length back");
+        }
+    }
+    assert!(KvCache::<Cpu>::stack(vec![]).is_err());
+    assert!(KvCache::stack(vec![m.new_cache()]).is_err(), "an unfilled cache does not stack");
+}
+
 /// The fused head + log-softmax (CPU, frozen head) equals the reference path — logits from
 /// `forward`, log-softmax, select — in value and in the LoRA gradients it sends back.
 #[test]
