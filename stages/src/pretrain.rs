@@ -21,7 +21,8 @@
 //! ## Outputs
 //! `model`: a complete HF folder (`config.json`, `model.safetensors`, `tokenizer.json`,
 //! `tokenizer_config.json`, `vocab_map.json` for the tiny preset, `chat_defaults.json` when
-//! `system` is set). `metrics`: `metrics.jsonl` + `loss_curve.png`.
+//! `system` is set). `metrics`: `metrics.jsonl` + `loss_curve.png` + TensorBoard event files in
+//! `tensorboard/`.
 //!
 //! ## Parameters
 //! | name | default | meaning |
@@ -29,6 +30,7 @@
 //! | `model` | input `model`, else the tiny preset | HF folder (`${VAR}` expanded) |
 //! | `train_type` / `tuner_type` | `"full"` | only `"full"` (pretraining trains every weight) |
 //! | `system` | unset | default system prompt when rendering chat rows |
+//! | `report_to`, `logging_dir` | `["tensorboard"]`, see `training.rs` | TensorBoard event files (`"none"`: off) and where `pipeline run` puts the run's copy |
 //! | every `TrainConfig` key | see pipeline-train | `max_length` is the packing block size |
 //!
 //! ## Cache key
@@ -72,6 +74,7 @@ training::stage_params! {
     }
     groups {
         train: TrainConfig = pipeline_train::with_train_args,
+        report: training::ReportParams = training::with_report_args,
     }
 }
 
@@ -128,7 +131,8 @@ impl Stage for Pretrain {
         "pretrain"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: TensorBoard event files in `metrics/tensorboard/` (`report_to`).
+        2
     }
     fn summary(&self) -> &'static str {
         "Causal-LM pretraining on packed documents (the tiny Qwen2 preset from random init by default)"

@@ -16,7 +16,7 @@
 //! ## Outputs
 //! `model`: a complete HF folder (see `training.rs`: merged weights, tokenizer, `vocab_map.json`
 //! for the tiny preset, `chat_defaults.json`, and the peft adapter under `adapter/` for LoRA).
-//! `metrics`: `metrics.jsonl` + `loss_curve.png`.
+//! `metrics`: `metrics.jsonl` + `loss_curve.png` + TensorBoard event files in `tensorboard/`.
 //!
 //! ## Parameters
 //! | name | default | meaning |
@@ -27,6 +27,7 @@
 //! | `lora_dropout` | 0 | peft's dropout on the LoRA branch's input during training, in [0, 1) (ms-swift's default is 0.05); masks are drawn from the step's seed, so a resumed run draws the same ones |
 //! | `target_modules` | `["all-linear"]` | or e.g. `["q_proj", "v_proj"]` |
 //! | `system` | unset | default system prompt |
+//! | `report_to`, `logging_dir` | `["tensorboard"]`, see `training.rs` | TensorBoard event files (`"none"`: off) and where `pipeline run` puts the run's copy |
 //! | every `TrainConfig` key | see pipeline-train | `learning_rate`, `num_train_epochs`, `gradient_accumulation_steps`, `max_length`, ... |
 //!
 //! ## Cache key
@@ -60,6 +61,7 @@ training::stage_params! {
     groups {
         tuner: TunerParams = training::with_tuner_args,
         train: TrainConfig = pipeline_train::with_train_args,
+        report: training::ReportParams = training::with_report_args,
     }
 }
 
@@ -91,7 +93,8 @@ impl Stage for Sft {
         "sft"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: TensorBoard event files in `metrics/tensorboard/` (`report_to`).
+        2
     }
     fn summary(&self) -> &'static str {
         "Supervised fine-tuning (LoRA or full) on chat data, assistant tokens only"
@@ -109,7 +112,7 @@ impl Stage for Sft {
 
 fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
     let t0 = Instant::now();
-    let Params { tuner: p, train: cfg } = Params::parse(ctx.raw_params())?;
+    let Params { tuner: p, train: cfg, report: _ } = Params::parse(ctx.raw_params())?;
     let seed = cfg.seed_or(ctx.seed());
     let src = training::model_path(ctx, p.model.as_deref())?;
     let mut pre = training::load(&src, dev)?;
