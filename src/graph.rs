@@ -327,7 +327,7 @@ mod tests {
         assert!(lines[0].starts_with("digraph \"") && lines[0].ends_with(" {"), "{}", lines[0]);
         assert_eq!(*lines.last().unwrap(), "}");
         let string = r#""(?:[^"\\]|\\.)*""#;
-        let attrs = format!(r#"\[(?:[a-z]+=(?:{string}|[a-z]+|"[^"]*")(?:, )?)+\]"#);
+        let attrs = format!(r#"\[(?:[a-z]+=(?:{string}|[a-z0-9]+)(?:, )?)+\]"#);
         let stmt = regex_lite(&format!(
             r#"^  (?:rankdir=LR|(?:node|edge) {attrs}|{string} {attrs}|{string} -> {string} {attrs});$"#
         ));

@@ -14,7 +14,7 @@ use std::time::Duration;
 use pipeline_train::Record;
 
 use crate::common::{human_bytes, human_duration};
-use crate::graph::{Graph, NodeStatus};
+use crate::graph::Graph;
 
 /// One stage as the page shows it.
 #[derive(Debug, Clone, Default)]
@@ -500,7 +500,7 @@ mod tests {
     use pipeline_train::{EvalRecord, TrainRecord};
 
     use super::*;
-    use crate::graph::{Edge, Node};
+    use crate::graph::{Edge, Node, NodeStatus};
 
     fn view() -> RunView {
         let node = |id: &str, kind: &str, status, inputs| Node { id: id.into(), kind: kind.into(), status, inputs };
