@@ -681,6 +681,7 @@ mod params_tests {
         groups {
             tuner: TunerParams = with_tuner_args,
             train: TrainConfig = pipeline_train::with_train_args,
+            report: ReportParams = with_report_args,
         }
     }
 
@@ -749,6 +750,28 @@ mod params_tests {
             Ok(_) => panic!("`{params}` planned"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn report_to_takes_a_string_or_a_list_and_none_turns_it_off() {
+        assert!(parse("").unwrap().report.report_to.tensorboard(), "on by default, as in ms-swift");
+        for off in ["report_to = \"none\"", "report_to = []", "report_to = [\"none\"]"] {
+            assert_eq!(parse(off).unwrap().report.report_to, ReportTo(vec![]), "{off}");
+        }
+        for on in ["report_to = \"tensorboard\"", "report_to = [\"tensorboard\"]", "report_to = \"all\""] {
+            assert!(parse(on).unwrap().report.report_to.tensorboard(), "{on}");
+        }
+        let msg = parse("report_to = [\"wandb\"]").unwrap_err().to_string();
+        assert!(msg.contains("`report_to`: unknown integration `wandb`; this build writes \"tensorboard\""), "{msg}");
+        let msg = parse("report_to = 3").unwrap_err().to_string();
+        assert!(msg.contains("`report_to` must be a string or a list of strings"), "{msg}");
+        let p = parse("logging_dir = \"tb/sft\"").unwrap();
+        assert_eq!(p.report.logging_dir.as_deref(), Some("tb/sft"));
+        let t: toml::Table = toml::from_str("report_to = \"none\"\nlogging_dir = \"x\"").unwrap();
+        assert_eq!(
+            ReportParams::of(&t).unwrap(),
+            ReportParams { report_to: ReportTo(vec![]), logging_dir: Some("x".into()) }
+        );
     }
 
     #[test]
@@ -916,6 +939,34 @@ mod glue_tests {
         // Regression (issue 15, point 9): the report kept paths to scratch folders that are
         // gone once the entry is committed.
         assert!(r.get("model").is_none() && r.get("metrics_dir").is_none(), "{r}");
+    }
+
+    #[test]
+    fn event_files_follow_report_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |params: &str| {
+            let (c, _) = ctx(dir.path(), 0);
+            RunCtx::new(RunParts {
+                stage_id: "sft".into(),
+                params: toml::from_str(params).unwrap(),
+                seed: 1,
+                recipe_dir: dir.path().to_path_buf(),
+                inputs: BTreeMap::new(),
+                outputs: BTreeMap::new(),
+                scratch: c.scratch_dir().to_path_buf(),
+                cancel: Arc::new(AtomicBool::new(false)),
+                sink: Arc::new(pipeline_engine::NullSink),
+            })
+        };
+        let events = |_: f64| Vec::new();
+        let on = dir.path().join("on");
+        assert_eq!(write_tensorboard(&with(""), &on, events).unwrap().as_deref(), Some(TENSORBOARD_DIR));
+        let files: Vec<_> =
+            std::fs::read_dir(on.join(TENSORBOARD_DIR)).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(files.len() == 1 && files[0].to_string_lossy().starts_with("events.out.tfevents."), "{files:?}");
+        let off = dir.path().join("off");
+        assert_eq!(write_tensorboard(&with("report_to = \"none\""), &off, events).unwrap(), None);
+        assert!(!off.exists());
     }
 
     #[test]
