@@ -232,53 +232,6 @@ impl Reporter for Human {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plain_progress_lines_read_like_the_trainers_logs() {
-        let figures = BTreeMap::from([
-            ("loss".to_string(), 2.345_678),
-            ("learning_rate".to_string(), 0.000_5),
-            ("grad_norm".to_string(), 1.25),
-            ("tokens_per_second".to_string(), 1234.4),
-        ]);
-        insta::assert_snapshot!(
-            progress_line("sft", 10, Some(40), &figures, Some(Duration::from_secs(65))),
-            @"[sft] step 10/40 (25%) | loss 2.3457 | lr 5.000e-4 | grad_norm 1.250 | tokens/s 1234 | eta 1m05s"
-        );
-        let eval = BTreeMap::from([("eval_loss".to_string(), 1.5)]);
-        insta::assert_snapshot!(progress_line("sft", 40, Some(40), &eval, None), @"[sft] step 40/40 (100%) | eval_loss 1.5000");
-    }
-
-    /// The events a training stage sends (metrics of a window, then its step) make one line per
-    /// window, with an ETA measured from the steps seen.
-    #[test]
-    fn a_line_per_logging_window_from_the_stage_events() {
-        let h = Human {
-            mp: MultiProgress::with_draw_target(ProgressDrawTarget::hidden()),
-            bars: Mutex::new(HashMap::new()),
-            plain: Some(Mutex::new(HashMap::new())),
-        };
-        let ev = |e: StageEvent| h.plain_event("sft", &e);
-        let metric = |name: &str, step: u64, value: f64| StageEvent::Metric { name: name.into(), step, value };
-        assert_eq!(ev(StageEvent::ProgressStart { label: "sft".into(), total: Some(4) }), None);
-        assert_eq!(ev(StageEvent::ProgressSet { pos: 1 }), None, "no window ended at step 1");
-        for (n, v) in [("loss", 2.0), ("learning_rate", 1e-3), ("grad_norm", 0.5), ("tokens_per_second", 99.0)] {
-            assert_eq!(ev(metric(n, 2, v)), None);
-        }
-        let line = ev(StageEvent::ProgressSet { pos: 2 }).expect("the window of step 2 ends");
-        assert!(
-            line.starts_with("[sft] step 2/4 (50%) | loss 2.0000 | lr 1.000e-3 | grad_norm 0.500 | tokens/s 99 | eta "),
-            "{line}"
-        );
-        assert_eq!(ev(StageEvent::ProgressSet { pos: 3 }), None);
-        assert_eq!(ev(metric("eval_loss", 3, 1.25)).as_deref(), Some("[sft] step 3/4 (75%) | eval_loss 1.2500"));
-        assert_eq!(ev(metric("samples_per_s", 3, 1.0)), None, "other figures make no line");
-    }
-}
-
 /// The table printed after a human run.
 pub fn summary_table(s: &RunSummary) -> String {
     let rows: Vec<[String; 6]> = s
@@ -404,5 +357,52 @@ impl Reporter for Json {
     }
     fn stage_done(&self, o: &StageOutcome) {
         self.emit(outcome_json(o));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_progress_lines_read_like_the_trainers_logs() {
+        let figures = BTreeMap::from([
+            ("loss".to_string(), 2.345_678),
+            ("learning_rate".to_string(), 0.000_5),
+            ("grad_norm".to_string(), 1.25),
+            ("tokens_per_second".to_string(), 1234.4),
+        ]);
+        insta::assert_snapshot!(
+            progress_line("sft", 10, Some(40), &figures, Some(Duration::from_secs(65))),
+            @"[sft] step 10/40 (25%) | loss 2.3457 | lr 5.000e-4 | grad_norm 1.250 | tokens/s 1234 | eta 1m05s"
+        );
+        let eval = BTreeMap::from([("eval_loss".to_string(), 1.5)]);
+        insta::assert_snapshot!(progress_line("sft", 40, Some(40), &eval, None), @"[sft] step 40/40 (100%) | eval_loss 1.5000");
+    }
+
+    /// The events a training stage sends (metrics of a window, then its step) make one line per
+    /// window, with an ETA measured from the steps seen.
+    #[test]
+    fn a_line_per_logging_window_from_the_stage_events() {
+        let h = Human {
+            mp: MultiProgress::with_draw_target(ProgressDrawTarget::hidden()),
+            bars: Mutex::new(HashMap::new()),
+            plain: Some(Mutex::new(HashMap::new())),
+        };
+        let ev = |e: StageEvent| h.plain_event("sft", &e);
+        let metric = |name: &str, step: u64, value: f64| StageEvent::Metric { name: name.into(), step, value };
+        assert_eq!(ev(StageEvent::ProgressStart { label: "sft".into(), total: Some(4) }), None);
+        assert_eq!(ev(StageEvent::ProgressSet { pos: 1 }), None, "no window ended at step 1");
+        for (n, v) in [("loss", 2.0), ("learning_rate", 1e-3), ("grad_norm", 0.5), ("tokens_per_second", 99.0)] {
+            assert_eq!(ev(metric(n, 2, v)), None);
+        }
+        let line = ev(StageEvent::ProgressSet { pos: 2 }).expect("the window of step 2 ends");
+        assert!(
+            line.starts_with("[sft] step 2/4 (50%) | loss 2.0000 | lr 1.000e-3 | grad_norm 0.500 | tokens/s 99 | eta "),
+            "{line}"
+        );
+        assert_eq!(ev(StageEvent::ProgressSet { pos: 3 }), None);
+        assert_eq!(ev(metric("eval_loss", 3, 1.25)).as_deref(), Some("[sft] step 3/4 (75%) | eval_loss 1.2500"));
+        assert_eq!(ev(metric("samples_per_s", 3, 1.0)), None, "other figures make no line");
     }
 }

@@ -572,6 +572,20 @@ fn headline_self_cognition_recipe_cold_warm_and_generate() {
         let row = e["report"]["rows"].as_array().unwrap().iter().find(|r| r["metric"] == metric).unwrap();
         assert_eq!((row["model"].as_str(), row["num"].as_u64()), (Some("swift-robot"), Some(num)), "{stage}");
     }
+    // `tensorboard --logdir` on the run's log directory finds every training and evaluate stage;
+    // the run report shows every stage (issue 16).
+    let run_dir = p.path().join(".pipeline/runs/qwen-self-cognition");
+    for stage in ["pretrain", "sft", "align", "eval", "eval-mcq"] {
+        let files: Vec<_> = std::fs::read_dir(run_dir.join("tensorboard").join(stage))
+            .unwrap_or_else(|e| panic!("{stage}: {e}"))
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(files.len() == 1 && files[0].starts_with("events.out.tfevents."), "{stage}: {files:?}");
+    }
+    let html = std::fs::read_to_string(run_dir.join("report.html")).unwrap();
+    for stage in stages {
+        assert!(html.contains(&format!("id=\"stage-{stage}\"")), "{stage} missing from report.html");
+    }
     let t = std::time::Instant::now();
     let warm = p.run(&[]).ok();
     eprintln!("warm run: {:.3}s", t.elapsed().as_secs_f64());
