@@ -144,6 +144,9 @@ fn place_tensorboard(plan: &Plan, store: &Store, found: &[Found], run_dir: &Path
                 written.push(name);
             }
         }
+        if written.is_empty() {
+            continue;
+        }
         for old in std::fs::read_dir(&target)? {
             let old = old?;
             let name = old.file_name();
