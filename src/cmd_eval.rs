@@ -18,7 +18,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use pipeline_engine::{Device, EventSink, PlanCtx, RunCtx, RunParts, Stage, StageError, StageEvent};
 use pipeline_metrics::eval::{qa_rows, score_jsonl};
-use pipeline_metrics::report::{compare, Report};
+use pipeline_metrics::report::{column_names, compare, Report};
 use pipeline_stages::evaluate::Evaluate;
 use pipeline_stages::evaluate_model::load_model_predictor;
 
@@ -185,7 +185,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         (Some(paths), _) => {
             let a = Report::read(&paths[0])?;
             let b = Report::read(&paths[1])?;
-            print!("{}", compare(&a, &b, &paths[0].display().to_string(), &paths[1].display().to_string()));
+            let (na, nb) = column_names(&a, &b, &paths[0].display().to_string(), &paths[1].display().to_string());
+            print!("{}", compare(&a, &b, &na, &nb));
             Ok(())
         }
         (None, Some(EvalCmd::Score(s))) => {

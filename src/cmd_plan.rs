@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use pipeline_cache::Store;
 use pipeline_engine::{exec, Freshness};
 
+use crate::graph::{self, Graph};
+
 use crate::common::{load_plan, CacheArgs, Usage};
 
 #[derive(clap::Args, Debug)]
@@ -13,8 +15,20 @@ pub struct PlanArgs {
     /// Show the plan as if these stages were forced.
     #[arg(long, value_name = "STAGE")]
     pub force: Vec<String>,
+    /// `text` (numbered lines), `dot` (Graphviz: `| dot -Tsvg`), `mermaid` (a Markdown
+    /// viewer's flowchart) or `json`.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: PlanFormat,
     #[command(flatten)]
     pub cache: CacheArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanFormat {
+    Text,
+    Dot,
+    Mermaid,
+    Json,
 }
 
 #[derive(clap::Args, Debug)]
@@ -44,28 +58,12 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<()> {
             s
         }
     };
-    println!("plan for `{}` ({}), {} stages, seed {}:", plan.name, args.recipe.display(), plan.stages.len(), plan.seed);
-    let w = plan.stages.iter().map(|s| s.id.len()).max().unwrap_or(0);
-    let wk = plan.stages.iter().map(|s| s.kind.len()).max().unwrap_or(0);
-    for (i, (s, st)) in plan.stages.iter().zip(&statuses).enumerate() {
-        let inputs: Vec<String> = s
-            .inputs
-            .iter()
-            .map(|(n, refs)| {
-                let r: Vec<String> = refs.iter().map(|r| format!("{}.{}", plan.stages[r.stage].id, r.output)).collect();
-                format!("{n}={}", r.join("+"))
-            })
-            .collect();
-        let status = match &st.freshness {
-            Freshness::Cached => "cached".to_string(),
-            Freshness::Dirty(why) => format!("will run: {why}"),
-            Freshness::Waiting(up) => {
-                format!("will run if its inputs change: upstream {} will run first", up.join(", "))
-            }
-            Freshness::Unkeyable(e) => format!("will run: {e}"),
-        };
-        let ins = if inputs.is_empty() { String::new() } else { format!(" <- {}", inputs.join(" ")) };
-        println!("{:>3}. {:<w$}  {:<wk$}  {status}{ins}", i + 1, s.id, s.kind);
+    let g = Graph::from_plan(&plan, &statuses);
+    match args.format {
+        PlanFormat::Text => print!("{}", graph::to_text(&g, &args.recipe.display().to_string())),
+        PlanFormat::Dot => print!("{}", graph::to_dot(&g)),
+        PlanFormat::Mermaid => print!("{}", graph::to_mermaid(&g)),
+        PlanFormat::Json => println!("{}", serde_json::to_string_pretty(&graph::to_json(&g))?),
     }
     Ok(())
 }

@@ -82,6 +82,17 @@ pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
         Err(ExecError::UnknownStage(u)) => return Err(Usage(u.to_string()).into()),
         Err(e) => return Err(e.into()),
     };
+    // The page and the TensorBoard copies are for people: failing to write them is a warning.
+    let written = match crate::run_outputs::after_run(&plan, &store, &summary) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            eprintln!(
+                "warning: writing the run report in {}: {e}",
+                crate::run_outputs::run_dir(&store, &plan).display()
+            );
+            None
+        }
+    };
     let ok = !summary.failed()
         && !summary.cancelled
         && !summary.outcomes.iter().any(|o| matches!(o.status, pipeline_engine::Status::Skipped(_)));
@@ -93,8 +104,18 @@ pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
             "elapsed_ms": summary.elapsed.as_millis() as u64,
             "ran": summary.outcomes.iter().filter(|o| o.status == pipeline_engine::Status::Ran).count(),
             "cached": summary.outcomes.iter().filter(|o| o.status == pipeline_engine::Status::Cached).count(),
+            "report": written.as_ref().map(|w| w.report.display().to_string()),
+            "tensorboard": written.as_ref().and_then(|w| w.tensorboard.as_ref()).map(|t| t.display().to_string()),
         })),
-        None => print!("{}", report::summary_table(&summary)),
+        None => {
+            print!("{}", report::summary_table(&summary));
+            if let Some(w) = &written {
+                println!("\nreport: {}", w.report.display());
+                if let Some(tb) = &w.tensorboard {
+                    println!("tensorboard: tensorboard --logdir {}", tb.display());
+                }
+            }
+        }
     }
     if !ok {
         return Err(Exit(1).into());

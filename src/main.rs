@@ -7,10 +7,14 @@ mod cmd_chat;
 mod cmd_eval;
 mod cmd_generate;
 mod cmd_plan;
+mod cmd_report;
 mod cmd_run;
 mod common;
+mod graph;
+mod html_report;
 mod report;
 mod serve;
+mod run_outputs;
 
 use std::process::ExitCode;
 
@@ -36,6 +40,8 @@ enum Command {
     Run(cmd_run::RunArgs),
     /// Print the validated DAG in execution order with each stage's cache status.
     Plan(cmd_plan::PlanArgs),
+    /// Write the run's report.html (DAG, curves, tables) and TensorBoard logs from the cache.
+    Report(cmd_report::ReportArgs),
     /// Show why a stage will run: which key fields changed since its cached entry.
     Explain(cmd_plan::ExplainArgs),
     /// Inspect or clean the cache.
@@ -73,6 +79,7 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd_run::run(a, fmt),
         Command::Plan(a) => cmd_plan::plan(a),
         Command::Explain(a) => cmd_plan::explain(a),
+        Command::Report(a) => cmd_report::run(a),
         Command::Cache(c) => cmd_cache::run(c),
         Command::Eval(a) => cmd_eval::run(a),
         Command::Generate(a) => cmd_generate::run(a),

@@ -1,9 +1,9 @@
 //! Reporters: indicatif bars + summary table for humans, one JSON event per line for machines.
 
-use std::collections::HashMap;
-use std::io::Write;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pipeline_engine::{DirtyReason, EventSink, Reporter, RunSummary, StageEvent, StageOutcome, Status};
@@ -18,20 +18,136 @@ pub enum LogFormat {
 }
 
 /// Progress bars on stderr (hidden when stderr is not a terminal) and one line per finished stage.
+///
+/// When stdout is not a terminal (`pipeline run ... > run.log`, CI, nohup, Slurm), the lines go
+/// to stdout instead, plain, with one line per stage start and, for training stages, one line
+/// per logging window (`logging_steps`): step/total, loss, learning rate, tokens/s and ETA, as
+/// transformers' Trainer logs them.
 pub struct Human {
     mp: MultiProgress,
     bars: Mutex<HashMap<String, ProgressBar>>,
+    /// Per-stage progress for the plain lines; `None` when stdout is a terminal.
+    plain: Option<Mutex<HashMap<String, Plain>>>,
+}
+
+/// What a plain progress line needs to know about a running stage.
+#[derive(Default)]
+struct Plain {
+    total: Option<u64>,
+    /// The first position reported and when (the ETA is measured from there, so a resumed
+    /// run's rate is not inflated by the steps it skipped).
+    first: Option<(u64, Instant)>,
+    started: Option<Instant>,
+    /// Training figures of the window being reported: (step, name → value).
+    pending: Option<(u64, BTreeMap<String, f64>)>,
+}
+
+impl Plain {
+    fn eta(&self, pos: u64, now: Instant) -> Option<Duration> {
+        let total = self.total?;
+        let (p0, t0) = match self.first {
+            Some((p0, t0)) if pos > p0 => (p0, t0),
+            // Only one position seen: assume it is one step done since the start.
+            _ => (pos.saturating_sub(1), self.started?),
+        };
+        let per_step = now.duration_since(t0).as_secs_f64() / (pos - p0).max(1) as f64;
+        Some(Duration::from_secs_f64(per_step * total.saturating_sub(pos) as f64))
+    }
+}
+
+/// The plain line of one logging window (`eta` from the steps done so far).
+pub fn progress_line(
+    stage: &str,
+    step: u64,
+    total: Option<u64>,
+    figures: &BTreeMap<String, f64>,
+    eta: Option<Duration>,
+) -> String {
+    let mut line = match total {
+        Some(t) if t > 0 => format!("[{stage}] step {step}/{t} ({:.0}%)", step as f64 * 100.0 / t as f64),
+        _ => format!("[{stage}] step {step}"),
+    };
+    let mut add = |name: &str, text: String| line.push_str(&format!(" | {name} {text}"));
+    if let Some(v) = figures.get("loss") {
+        add("loss", format!("{v:.4}"));
+    }
+    if let Some(v) = figures.get("learning_rate") {
+        add("lr", format!("{v:.3e}"));
+    }
+    if let Some(v) = figures.get("grad_norm") {
+        add("grad_norm", format!("{v:.3}"));
+    }
+    if let Some(v) = figures.get("tokens_per_second") {
+        add("tokens/s", format!("{v:.0}"));
+    }
+    if let Some(v) = figures.get("eval_loss") {
+        add("eval_loss", format!("{v:.4}"));
+    }
+    if let Some(e) = eta {
+        add("eta", human_duration(e));
+    }
+    line
 }
 
 impl Human {
     pub fn new() -> Self {
-        Human { mp: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()), bars: Mutex::new(HashMap::new()) }
+        let plain = (!std::io::stdout().is_terminal()).then(|| Mutex::new(HashMap::new()));
+        Human {
+            mp: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+            bars: Mutex::new(HashMap::new()),
+            plain,
+        }
     }
     fn line(&self, s: String) {
-        if self.mp.is_hidden() {
+        if self.plain.is_some() {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{s}");
+            let _ = out.flush();
+        } else if self.mp.is_hidden() {
             eprintln!("{s}");
         } else {
             let _ = self.mp.println(s);
+        }
+    }
+    /// Plain-mode bookkeeping of a stage event; returns the line to print, if any.
+    fn plain_event(&self, stage_id: &str, event: &StageEvent) -> Option<String> {
+        let mut map = self.plain.as_ref()?.lock().unwrap_or_else(|e| e.into_inner());
+        let p = map.entry(stage_id.to_string()).or_default();
+        let now = Instant::now();
+        match event {
+            StageEvent::ProgressStart { total, .. } => {
+                *p = Plain { total: *total, started: Some(now), ..Default::default() };
+                None
+            }
+            StageEvent::Metric { name, step, value } if name == "eval_loss" => {
+                Some(progress_line(stage_id, *step, p.total, &BTreeMap::from([(name.clone(), *value)]), None))
+            }
+            StageEvent::Metric { name, step, value }
+                if ["loss", "learning_rate", "grad_norm", "tokens_per_second"].contains(&name.as_str()) =>
+            {
+                match &mut p.pending {
+                    Some((s, figures)) if s == step => {
+                        figures.insert(name.clone(), *value);
+                    }
+                    _ => p.pending = Some((*step, BTreeMap::from([(name.clone(), *value)]))),
+                }
+                None
+            }
+            StageEvent::ProgressSet { pos } => {
+                if p.first.is_none() {
+                    p.first = Some((*pos, now));
+                }
+                match p.pending.take() {
+                    Some((step, figures)) if step == *pos => {
+                        Some(progress_line(stage_id, step, p.total, &figures, p.eta(step, now)))
+                    }
+                    other => {
+                        p.pending = other;
+                        None
+                    }
+                }
+            }
+            _ => None,
         }
     }
 }
@@ -48,6 +164,9 @@ fn bar_style() -> ProgressStyle {
 
 impl EventSink for Human {
     fn stage_event(&self, stage_id: &str, event: StageEvent) {
+        if let Some(line) = self.plain_event(stage_id, &event) {
+            self.line(line);
+        }
         let bars = self.bars.lock().unwrap_or_else(|e| e.into_inner());
         let bar = bars.get(stage_id);
         match event {
@@ -81,9 +200,16 @@ impl EventSink for Human {
 
 impl Reporter for Human {
     fn warning(&self, msg: &str) {
-        self.line(format!("warning: {msg}"));
+        if self.mp.is_hidden() {
+            eprintln!("warning: {msg}");
+        } else {
+            let _ = self.mp.println(format!("warning: {msg}"));
+        }
     }
     fn stage_started(&self, id: &str, kind: &str, reason: &DirtyReason) {
+        if self.plain.is_some() {
+            self.line(format!(" start {id} ({kind}): {reason}"));
+        }
         let b = self.mp.add(ProgressBar::new_spinner());
         b.set_style(spinner_style());
         b.set_prefix(id.to_string());
@@ -231,5 +357,52 @@ impl Reporter for Json {
     }
     fn stage_done(&self, o: &StageOutcome) {
         self.emit(outcome_json(o));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_progress_lines_read_like_the_trainers_logs() {
+        let figures = BTreeMap::from([
+            ("loss".to_string(), 2.345_678),
+            ("learning_rate".to_string(), 0.000_5),
+            ("grad_norm".to_string(), 1.25),
+            ("tokens_per_second".to_string(), 1234.4),
+        ]);
+        insta::assert_snapshot!(
+            progress_line("sft", 10, Some(40), &figures, Some(Duration::from_secs(65))),
+            @"[sft] step 10/40 (25%) | loss 2.3457 | lr 5.000e-4 | grad_norm 1.250 | tokens/s 1234 | eta 1m05s"
+        );
+        let eval = BTreeMap::from([("eval_loss".to_string(), 1.5)]);
+        insta::assert_snapshot!(progress_line("sft", 40, Some(40), &eval, None), @"[sft] step 40/40 (100%) | eval_loss 1.5000");
+    }
+
+    /// The events a training stage sends (metrics of a window, then its step) make one line per
+    /// window, with an ETA measured from the steps seen.
+    #[test]
+    fn a_line_per_logging_window_from_the_stage_events() {
+        let h = Human {
+            mp: MultiProgress::with_draw_target(ProgressDrawTarget::hidden()),
+            bars: Mutex::new(HashMap::new()),
+            plain: Some(Mutex::new(HashMap::new())),
+        };
+        let ev = |e: StageEvent| h.plain_event("sft", &e);
+        let metric = |name: &str, step: u64, value: f64| StageEvent::Metric { name: name.into(), step, value };
+        assert_eq!(ev(StageEvent::ProgressStart { label: "sft".into(), total: Some(4) }), None);
+        assert_eq!(ev(StageEvent::ProgressSet { pos: 1 }), None, "no window ended at step 1");
+        for (n, v) in [("loss", 2.0), ("learning_rate", 1e-3), ("grad_norm", 0.5), ("tokens_per_second", 99.0)] {
+            assert_eq!(ev(metric(n, 2, v)), None);
+        }
+        let line = ev(StageEvent::ProgressSet { pos: 2 }).expect("the window of step 2 ends");
+        assert!(
+            line.starts_with("[sft] step 2/4 (50%) | loss 2.0000 | lr 1.000e-3 | grad_norm 0.500 | tokens/s 99 | eta "),
+            "{line}"
+        );
+        assert_eq!(ev(StageEvent::ProgressSet { pos: 3 }), None);
+        assert_eq!(ev(metric("eval_loss", 3, 1.25)).as_deref(), Some("[sft] step 3/4 (75%) | eval_loss 1.2500"));
+        assert_eq!(ev(metric("samples_per_s", 3, 1.0)), None, "other figures make no line");
     }
 }

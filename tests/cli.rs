@@ -174,11 +174,17 @@ fn human_output_has_summary_table_and_plan_explains() {
     let p = Project::five();
     let out = p.pipeline(&["run", "r.toml"]);
     assert!(out.status.success());
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.starts_with("stage  kind    status  duration  output  report"), "{table}");
+    // stdout is not a terminal here: plain lines (one per stage start and end) come first, on
+    // stdout like the table, so `pipeline run > run.log` has them (issue 15, point 11).
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let at = stdout.find("stage  kind    status  duration  output  report").unwrap_or_else(|| panic!("{stdout}"));
+    let (lines, table) = stdout.split_at(at);
+    assert!(lines.contains(" start e (concat): no cache entry (never ran)\n"), "one line per stage start: {lines}");
+    assert!(lines.contains("   ran e (concat) in "), "one line per finished stage: {lines}");
     assert!(table.contains("5 ran, 0 cached, 0 failed, 0 skipped"), "{table}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("   ran e (concat) in "), "one line per finished stage: {stderr}");
+    let report = p.path().join(".pipeline/runs/t/report.html");
+    assert!(table.contains(&format!("\nreport: {}\n", Path::new(".pipeline/runs/t/report.html").display())), "{table}");
+    assert!(report.is_file());
     assert!(p.stdout(&["run", "r.toml"]).contains("0 ran, 5 cached"));
 
     p.edit("separator = \"|\"", "separator = \"||\"");
@@ -259,9 +265,10 @@ fn a_failing_stage_exits_1_and_skips_downstream() {
     assert_eq!(r.events.last().unwrap()["ok"], false);
     let human = p.pipeline(&["run", "r.toml"]);
     assert_eq!(human.status.code(), Some(1));
-    let (out, err) = (String::from_utf8_lossy(&human.stdout), String::from_utf8_lossy(&human.stderr));
-    assert!(err.contains(&format!("failed raw (files): cannot read {}: ", dir.display())), "{err}");
-    assert!(err.contains("  skip all (concat): upstream `raw` did not complete"), "{err}");
+    // stdout is not a terminal: the per-stage lines are on it, before the table.
+    let out = String::from_utf8_lossy(&human.stdout);
+    assert!(out.contains(&format!("failed raw (files): cannot read {}: ", dir.display())), "{out}");
+    assert!(out.contains("  skip all (concat): upstream `raw` did not complete"), "{out}");
     assert!(out.contains("0 ran, 0 cached, 1 failed, 1 skipped"), "{out}");
     let plan = p.stdout(&["plan", "r.toml"]);
     assert!(plan.contains(&format!("raw  files   will run: cannot read {}: ", dir.display())), "{plan}");
@@ -409,6 +416,115 @@ fn every_invalid_recipe_gives_its_snapshotted_message() {
     }
 }
 
+/// `plan --format dot|mermaid|json`: the DAG with each stage's status (cached, will run and why,
+/// waiting on upstream); Graphviz, when installed, accepts the dot text.
+#[test]
+fn plan_formats_draw_the_dag_with_statuses() {
+    let p = Project::five();
+    p.run(&[]).ok();
+    p.edit("separator = \"|\"", "separator = \"||\"");
+    for format in ["dot", "mermaid", "json"] {
+        let out = p.pipeline(&["plan", "r.toml", "--format", format]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        insta::with_settings!({snapshot_path => "../snapshots/cli"}, {
+            insta::assert_snapshot!(format!("plan_format_{format}"), text)
+        });
+        if format == "json" {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            let status: Vec<&str> =
+                v["stages"].as_array().unwrap().iter().map(|s| s["status"].as_str().unwrap()).collect();
+            assert_eq!(status, ["cached", "cached", "will-run", "cached", "waiting"]);
+        }
+        if format == "dot" {
+            if let Ok(mut dot) = Command::new("dot").arg("-Tsvg").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn() {
+                use std::io::Write;
+                dot.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+                let svg = dot.wait_with_output().unwrap();
+                assert!(svg.status.success() && String::from_utf8_lossy(&svg.stdout).contains("<svg"));
+            }
+        }
+    }
+    // `text` is the default and unchanged.
+    assert_eq!(p.stdout(&["plan", "r.toml", "--format", "text"]), p.stdout(&["plan", "r.toml"]));
+}
+
+/// A short training recipe (pretrain with an eval split → DPO → evaluate), run as CI or a log
+/// file sees it (stdout not a terminal): plain progress lines every `logging_steps`; TensorBoard
+/// event files in each stage's artifact and copied to the run's log directory, one folder per
+/// stage; `report.html` with every stage; `pipeline report` writes both again from the cache.
+#[test]
+fn training_run_logs_plain_progress_tensorboard_files_and_a_report() {
+    let p = Project::new(&std::fs::read_to_string(repo().join("recipes/tiny-train-eval.toml")).unwrap());
+    for f in [
+        "data/self-cognition/dpo.jsonl",
+        "data/self-cognition/eval-mcq/example_val.csv",
+        "data/self-cognition/eval-mcq/example_dev.csv",
+    ] {
+        p.write(f, &std::fs::read_to_string(repo().join("recipes").join(f)).unwrap());
+    }
+    let out = p.pipeline(&["run", "r.toml"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(" start pretrain (pretrain): no cache entry (never ran)\n"), "{stdout}");
+    let re = regex::Regex::new(
+        r"\[pretrain\] step 2/6 \(33%\) \| loss [0-9.]+ \| lr [0-9.e-]+ \| grad_norm [0-9.]+ \| tokens/s [0-9]+ \| eta [0-9ms.]+\n",
+    )
+    .unwrap();
+    assert!(re.is_match(&stdout), "a line per logging window: {stdout}");
+    assert!(stdout.contains("[pretrain] step 2/6 (33%) | eval_loss "), "{stdout}");
+    assert!(stdout.contains("[align] step 3/3 (100%) | loss "), "logging_steps = 1: {stdout}");
+    assert!(stdout.contains("   ran eval-mcq (evaluate) in "), "{stdout}");
+
+    let run_dir = p.path().join(".pipeline/runs/tiny-train-eval");
+    let logdir = run_dir.join("tensorboard");
+    assert!(
+        stdout.contains(&format!(
+            "tensorboard: tensorboard --logdir {}",
+            Path::new(".pipeline/runs/tiny-train-eval/tensorboard").display()
+        )),
+        "{stdout}"
+    );
+    let events = |dir: &Path| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents."))
+            .collect();
+        v.sort();
+        v
+    };
+    for stage in ["pretrain", "align", "eval-mcq"] {
+        let files = events(&logdir.join(stage));
+        assert_eq!(files.len(), 1, "{stage}: {files:?}");
+        // The copy is the stage artifact's file, byte for byte.
+        let json = p.run(&[]).ok();
+        let e = json.event(stage, "stage_cached");
+        let output = if stage == "eval-mcq" { "report" } else { "metrics" };
+        let art = p.artifact(e["outputs"][output].as_str().unwrap()).join("tensorboard");
+        let art_files = events(&art);
+        assert_eq!(art_files.len(), 1, "{stage}");
+        assert_eq!(std::fs::read(&files[0]).unwrap(), std::fs::read(&art_files[0]).unwrap(), "{stage}");
+    }
+    let html = std::fs::read_to_string(run_dir.join("report.html")).unwrap();
+    for stage in ["corpus", "prefs", "pretrain", "align", "eval-mcq"] {
+        assert!(html.contains(&format!("id=\"stage-{stage}\"")), "{stage} missing from the report");
+    }
+    assert!(html.contains("id=\"loss-chart\"") && html.contains("<td>general_mcq</td>"));
+
+    // From the cache alone.
+    std::fs::remove_dir_all(&logdir).unwrap();
+    std::fs::remove_file(run_dir.join("report.html")).unwrap();
+    let again = p.pipeline(&["report", "r.toml"]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(text.starts_with("report: ") && text.contains("tensorboard: tensorboard --logdir "), "{text}");
+    assert_eq!(std::fs::read_to_string(run_dir.join("report.html")).unwrap().matches("class=\"stage\"").count(), 5);
+    for stage in ["pretrain", "align", "eval-mcq"] {
+        assert_eq!(events(&logdir.join(stage)).len(), 1, "{stage}");
+    }
+}
+
 #[test]
 fn demo_recipe_plans() {
     let out = Command::new(BIN)
@@ -455,6 +571,20 @@ fn headline_self_cognition_recipe_cold_warm_and_generate() {
         );
         let row = e["report"]["rows"].as_array().unwrap().iter().find(|r| r["metric"] == metric).unwrap();
         assert_eq!((row["model"].as_str(), row["num"].as_u64()), (Some("swift-robot"), Some(num)), "{stage}");
+    }
+    // `tensorboard --logdir` on the run's log directory finds every training and evaluate stage;
+    // the run report shows every stage (issue 16).
+    let run_dir = p.path().join(".pipeline/runs/qwen-self-cognition");
+    for stage in ["pretrain", "sft", "align", "eval", "eval-mcq"] {
+        let files: Vec<_> = std::fs::read_dir(run_dir.join("tensorboard").join(stage))
+            .unwrap_or_else(|e| panic!("{stage}: {e}"))
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(files.len() == 1 && files[0].starts_with("events.out.tfevents."), "{stage}: {files:?}");
+    }
+    let html = std::fs::read_to_string(run_dir.join("report.html")).unwrap();
+    for stage in stages {
+        assert!(html.contains(&format!("id=\"stage-{stage}\"")), "{stage} missing from report.html");
     }
     let t = std::time::Instant::now();
     let warm = p.run(&[]).ok();

@@ -54,6 +54,23 @@ fn score_writes_one_row_per_input_and_prints_the_table() {
     assert!(cmp.status.success());
     let text = String::from_utf8_lossy(&cmp.stdout);
     assert!(text.contains("| general_qa | rouge-l-f | pairs  |       2 |") && text.contains("+0.0000"), "{text}");
+    // Columns are named by model (issue 15, point 9), not by path; the same model twice is told
+    // apart by a / b.
+    assert!(text.contains("Score (m, a)") && text.contains("Score (m, b)"), "{text}");
+    assert!(!text.contains(&d.path().display().to_string()), "{text}");
+
+    // A report of another model: its name heads its column.
+    let other = d.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let mut report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("run/report.json")).unwrap()).unwrap();
+    for row in report["rows"].as_array_mut().unwrap() {
+        row["model"] = "sft".into();
+    }
+    std::fs::write(other.join("report.json"), report.to_string()).unwrap();
+    let cmp = pipeline().args(["eval", "--compare"]).arg(d.path().join("run")).arg(&other).output().unwrap();
+    let text = String::from_utf8_lossy(&cmp.stdout);
+    assert!(cmp.status.success() && text.contains("Score (m)") && text.contains("Score (sft)"), "{text}");
 }
 
 #[test]

@@ -15,11 +15,11 @@
 //!
 //! ## Outputs
 //! `model` (the same folder layout as `sft`), `metrics` (`metrics.jsonl` with `rewards/*`,
-//! `loss_curve.png`).
+//! `loss_curve.png`, TensorBoard event files in `tensorboard/` with `train/rewards/*`).
 //!
 //! ## Parameters
 //! The `sft` model/tuner keys (`model`, `train_type`, `lora_rank`, `lora_alpha`, `lora_dropout`,
-//! `target_modules`, `system`), every `TrainConfig` key, and the keys below. Like TRL
+//! `target_modules`, `system`), `report_to` / `logging_dir` (as `sft`), every `TrainConfig` key, and the keys below. Like TRL
 //! (`disable_dropout = True`), the DPO/KTO forwards run without dropout; `lora_dropout` is only
 //! recorded in the adapter's config.
 //! | name | default | meaning |
@@ -83,6 +83,7 @@ training::stage_params! {
     groups {
         tuner: TunerParams = training::with_tuner_args,
         train: TrainConfig = pipeline_train::with_train_args,
+        report: training::ReportParams = training::with_report_args,
     }
 }
 
@@ -135,7 +136,8 @@ impl Stage for Align {
         "align"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: TensorBoard event files in `metrics/tensorboard/` (`report_to`).
+        2
     }
     fn summary(&self) -> &'static str {
         "Preference alignment: DPO on chosen/rejected pairs or KTO on labelled completions"

@@ -34,6 +34,8 @@
 //! | `limit` | none | at most N samples per subset |
 //! | `max_new_tokens` | 256 | generation length |
 //! | `model_name` | input name | the table's Model column |
+//! | `report_to` | `["tensorboard"]` | also write the scores as TensorBoard scalars (`<dataset>/<subset>/<metric>`, step 0) and the params as text, in `report/tensorboard/`; `"none"`: not |
+//! | `logging_dir` | `<cache>/runs/<name>/tensorboard/<stage>` | where `pipeline run` copies those event files |
 //!
 //! ## Cache key
 //! Kind, version, params, the model artifact's digest and the dataset folder's content; with the
@@ -94,6 +96,12 @@ pub struct EvaluateConfig {
     pub max_new_tokens: usize,
     #[serde(default)]
     pub model_name: Option<String>,
+    /// `["tensorboard"]` (default): the scores also as TensorBoard scalars; `"none"`: not.
+    #[serde(default)]
+    pub report_to: crate::training::ReportTo,
+    /// Where `pipeline run` puts the run's copy of the event files (see `training.rs`).
+    #[serde(default)]
+    pub logging_dir: Option<String>,
 }
 
 fn default_batch() -> usize {
@@ -145,7 +153,8 @@ impl Stage for Evaluate {
     }
     fn version(&self) -> u32 {
         // 2: prompts without a system message get the model's chat_defaults.json system prompt.
-        2
+        // 3: the scores also as TensorBoard scalars in `report/tensorboard/`.
+        3
     }
     fn summary(&self) -> &'static str {
         "Score a model on general_mcq (accuracy) or general_qa (BLEU/ROUGE) exactly as evalscope does"
@@ -264,6 +273,24 @@ pub fn evaluate_with(
         }
     }
     let report = Report { rows, scorer };
+    if cfg.report_to.tensorboard() {
+        use pipeline_train::tensorboard::{now, write_events, Event, Value};
+        let wall_time = now();
+        let mut events = vec![Event {
+            wall_time,
+            step: 0,
+            tag: "hparams".into(),
+            value: Value::Text(crate::training::hparams_text(ctx, "evaluate")),
+        }];
+        events.extend(report.rows.iter().map(|r| Event {
+            wall_time,
+            step: 0,
+            tag: format!("{}/{}/{}", r.dataset, r.subset, r.metric),
+            value: Value::Scalar(r.score as f32),
+        }));
+        write_events(&out.join(crate::training::TENSORBOARD_DIR), wall_time, &events)
+            .map_err(crate::training::stage_error)?;
+    }
     report.write(out).map_err(|e| StageError::Input { path: e.path, line: e.line, message: e.message })?;
     let mut lines = String::new();
     for p in &predictions {

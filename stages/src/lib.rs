@@ -19,7 +19,7 @@ use pipeline_engine::Registry;
 
 #[cfg(feature = "cuda")]
 pub use training::cuda_device;
-pub use training::cuda_not_built;
+pub use training::{cuda_not_built, ReportTo, TENSORBOARD_DIR};
 
 /// All stage kinds, by recipe `kind` name.
 pub fn registry() -> Registry {

@@ -23,7 +23,8 @@
 //! ## Outputs
 //! `model`: a complete HF folder (`config.json`, `model.safetensors`, `tokenizer.json`,
 //! `tokenizer_config.json`, `vocab_map.json` for the tiny preset, `chat_defaults.json` when
-//! `system` is set). `metrics`: `metrics.jsonl` + `loss_curve.png`.
+//! `system` is set). `metrics`: `metrics.jsonl` + `loss_curve.png` + TensorBoard event files in
+//! `tensorboard/`.
 //!
 //! ## Parameters
 //! | name | default | meaning |
@@ -31,6 +32,7 @@
 //! | `model` | input `model`, else the tiny preset | HF folder (`${VAR}` expanded) |
 //! | `train_type` / `tuner_type` | `"full"` | only `"full"` (pretraining trains every weight) |
 //! | `system` | unset | default system prompt when rendering chat rows |
+//! | `report_to`, `logging_dir` | `["tensorboard"]`, see `training.rs` | TensorBoard event files (`"none"`: off) and where `pipeline run` puts the run's copy |
 //! | every `TrainConfig` key | see pipeline-train | `max_length` is the packing block size |
 //!
 //! ## Cache key
@@ -74,6 +76,7 @@ training::stage_params! {
     }
     groups {
         train: TrainConfig = pipeline_train::with_train_args,
+        report: training::ReportParams = training::with_report_args,
     }
 }
 
@@ -130,7 +133,8 @@ impl Stage for Pretrain {
         "pretrain"
     }
     fn version(&self) -> u32 {
-        // 2: the tiny preset's vocabulary holds the 256 byte-level base tokens (byte fallback).
+        // 2: the tiny preset's vocabulary holds the 256 byte-level base tokens (byte fallback);
+        // TensorBoard event files in `metrics/tensorboard/` (`report_to`).
         2
     }
     fn summary(&self) -> &'static str {

@@ -16,7 +16,7 @@
 //! ## Outputs
 //! `model`: a complete HF folder (see `training.rs`: merged weights, tokenizer, `vocab_map.json`
 //! for the tiny preset, `chat_defaults.json`, and the peft adapter under `adapter/` for LoRA).
-//! `metrics`: `metrics.jsonl` + `loss_curve.png`.
+//! `metrics`: `metrics.jsonl` + `loss_curve.png` + TensorBoard event files in `tensorboard/`.
 //!
 //! ## Parameters
 //! | name | default | meaning |
@@ -28,6 +28,7 @@
 //! | `target_modules` | `["all-linear"]` | or e.g. `["q_proj", "v_proj"]` |
 //! | `system` | unset | default system prompt |
 //! | `drop_media` | false | rows with images / audio / video (files or `<image>` tags) fail on a text-only model unless this strips them (counted as `media_dropped`) |
+//! | `report_to`, `logging_dir` | `["tensorboard"]`, see `training.rs` | TensorBoard event files (`"none"`: off) and where `pipeline run` puts the run's copy |
 //! | every `TrainConfig` key | see pipeline-train | `learning_rate`, `num_train_epochs`, `gradient_accumulation_steps`, `max_length`, ... |
 //!
 //! ## Cache key
@@ -61,6 +62,7 @@ training::stage_params! {
     groups {
         tuner: TunerParams = training::with_tuner_args,
         train: TrainConfig = pipeline_train::with_train_args,
+        report: training::ReportParams = training::with_report_args,
     }
 }
 
@@ -102,7 +104,8 @@ impl Stage for Sft {
         "sft"
     }
     fn version(&self) -> u32 {
-        // 2: tokens outside a restricted vocabulary train as byte-level tokens, not as unknown.
+        // 2: tokens outside a restricted vocabulary train as byte-level tokens, not as unknown;
+        // TensorBoard event files in `metrics/tensorboard/` (`report_to`).
         2
     }
     fn summary(&self) -> &'static str {
@@ -121,7 +124,7 @@ impl Stage for Sft {
 
 fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
     let t0 = Instant::now();
-    let Params { tuner: p, train: cfg } = Params::parse(ctx.raw_params())?;
+    let Params { tuner: p, train: cfg, report: _ } = Params::parse(ctx.raw_params())?;
     let seed = cfg.seed_or(ctx.seed());
     let src = training::model_path(ctx, p.model.as_deref())?;
     let mut pre = training::load(&src, dev)?;

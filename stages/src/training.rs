@@ -16,6 +16,17 @@
 //! "unknown field" error, which lists every key the stage takes. The cache key hashes the table
 //! as written (the engine's), so none of this enters it.
 //!
+//! # TensorBoard
+//! With `report_to = ["tensorboard"]` (the default, as in ms-swift; `"none"` or `[]` turns it
+//! off) the stage writes one event file into its `metrics` output under `tensorboard/`, made from
+//! the same records as `metrics.jsonl` once the loop ends (so a resumed run's file holds the
+//! whole history): the tags transformers' Trainer writes (`train/loss`, `train/learning_rate`,
+//! `train/grad_norm`, `train/tokens_per_second`, `eval/loss`, DPO/KTO `train/rewards/*`,
+//! `train/logps/*`; see `pipeline_train::tensorboard`) and the stage's `[params]` as the text
+//! `hparams`. `pipeline run` copies the files of every stage of the run to
+//! `<cache dir>/runs/<pipeline name>/tensorboard/<stage id>/` (or the stage's `logging_dir`), so
+//! `tensorboard --logdir .pipeline/runs/<name>/tensorboard` shows the whole run.
+//!
 //! # The output `model` folder
 //! Always a complete Hugging Face folder that `load_pretrained` (and so `pipeline generate`)
 //! reads on its own: `config.json` + `model.safetensors` (F32; with LoRA the adapters are merged
@@ -151,6 +162,128 @@ pub(crate) fn text_only_rows(rows: &mut [crate::data::Sample], drop: bool, model
     }
     Ok(dropped)
 }
+
+/// `report_to`: where a stage's logs go besides `metrics.jsonl` (transformers' `report_to`; a
+/// string or a list). `"tensorboard"` (the default, as in ms-swift) writes TensorBoard event
+/// files; `"none"` or `[]` writes none; `"all"` is every integration this build has.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReportTo(pub Vec<String>);
+
+/// The integrations `report_to` may name.
+pub(crate) const REPORT_INTEGRATIONS: &[&str] = &["tensorboard"];
+
+impl Default for ReportTo {
+    fn default() -> Self {
+        ReportTo(vec!["tensorboard".into()])
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ReportTo {
+    fn deserialize<De: serde::Deserializer<'de>>(de: De) -> Result<Self, De::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        let names = match OneOrMany::deserialize(de)
+            .map_err(|_| serde::de::Error::custom("`report_to` must be a string or a list of strings"))?
+        {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        };
+        let mut out = Vec::new();
+        for n in names {
+            match n.as_str() {
+                "none" => {}
+                "all" => out.extend(REPORT_INTEGRATIONS.iter().map(|s| s.to_string())),
+                other if REPORT_INTEGRATIONS.contains(&other) => out.push(n),
+                other => {
+                    return Err(serde::de::Error::custom(format!(
+                        "`report_to`: unknown integration `{other}`; this build writes {} (or \"none\")",
+                        REPORT_INTEGRATIONS.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")
+                    )))
+                }
+            }
+        }
+        out.dedup();
+        Ok(ReportTo(out))
+    }
+}
+
+impl ReportTo {
+    pub fn tensorboard(&self) -> bool {
+        self.0.iter().any(|s| s == "tensorboard")
+    }
+}
+
+/// The logging parameters every training and evaluate stage takes, in the field-list form of
+/// `pipeline_train::with_train_args!`.
+macro_rules! with_report_args {
+    ({ $($callback:tt)* } $($args:tt)*) => {
+        $($callback)*! { $($args)* [
+            /// Where logs go besides `metrics.jsonl`: `["tensorboard"]` (default) or `"none"`.
+            report_to: $crate::training::ReportTo = $crate::training::ReportTo::default(),
+            /// Where the run's copy of the TensorBoard event files goes (relative to the recipe);
+            /// default `<cache dir>/runs/<pipeline name>/tensorboard/<stage id>/`. The files are
+            /// also in the stage's output (`tensorboard/`). Read by `pipeline run`, not the stage.
+            logging_dir: Option<String> = None,
+        ] }
+    };
+}
+pub(crate) use with_report_args;
+
+with_report_args! {
+    { pipeline_train::params_group }
+    /// `report_to` and `logging_dir` (fields: [`with_report_args!`]).
+    pub(crate) struct ReportParams
+}
+
+impl CheckParams for ReportParams {
+    fn check(&self) -> Result<(), StageError> {
+        Ok(())
+    }
+}
+
+impl ReportParams {
+    /// The stage's report params, read from its raw `[params]` (its strict parse, which takes
+    /// these keys through its `report` group, has accepted them at plan time).
+    pub(crate) fn of(params: &toml::Table) -> Result<ReportParams, StageError> {
+        let mut p = ReportParams::default();
+        if let Some(v) = params.get("report_to") {
+            p.report_to = v.clone().try_into().map_err(|e: toml::de::Error| StageError::Params(e.to_string()))?;
+        }
+        if let Some(v) = params.get("logging_dir") {
+            p.logging_dir =
+                Some(v.as_str().ok_or_else(|| StageError::Params("`logging_dir` must be a path".into()))?.into());
+        }
+        Ok(p)
+    }
+}
+
+/// The stage's `[params]` as the markdown the TensorBoard `hparams` text shows.
+pub(crate) fn hparams_text(ctx: &RunCtx, kind: &str) -> String {
+    let params: Vec<(String, String)> = ctx.raw_params().iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+    pipeline_train::tensorboard::hparams_markdown(&format!("{} ({kind})", ctx.stage_id()), &params)
+}
+
+/// TensorBoard event files of `events` in `<out>/tensorboard/` when `report_to` asks for them;
+/// returns the directory relative to `out` (for the report).
+pub(crate) fn write_tensorboard(
+    ctx: &RunCtx,
+    out: &Path,
+    events: impl FnOnce(f64) -> Vec<pipeline_train::tensorboard::Event>,
+) -> Result<Option<String>, StageError> {
+    if !ReportParams::of(ctx.raw_params())?.report_to.tensorboard() {
+        return Ok(None);
+    }
+    let now = pipeline_train::tensorboard::now();
+    pipeline_train::tensorboard::write_events(&out.join(TENSORBOARD_DIR), now, &events(now)).map_err(stage_error)?;
+    Ok(Some(TENSORBOARD_DIR.to_string()))
+}
+
+/// The folder of an output artifact that holds a stage's TensorBoard event files.
+pub const TENSORBOARD_DIR: &str = "tensorboard";
 
 /// The range checks of a group of params that [`stage_params!`] embeds, as a params error.
 pub(crate) trait CheckParams {
@@ -475,6 +608,10 @@ where
     let outcome = train(cfg, seed, dev, &mut tm, objective, train_set, eval, &train_paths(ctx, metrics_dir), &mut cb)
         .map_err(stage_error)?;
     check_stopped(&outcome)?;
+    let hparams = hparams_text(ctx, label);
+    write_tensorboard(ctx, metrics_dir, |now| {
+        pipeline_train::tensorboard::training_events(&outcome.history, now, Some(&hparams))
+    })?;
     Ok((outcome, tm.0))
 }
 
@@ -556,6 +693,9 @@ pub(crate) fn report(
         "loss_curve": rel(&outcome.loss_curve_path),
         "tokens_per_second": tps,
     });
+    if metrics_dir.join(TENSORBOARD_DIR).is_dir() {
+        r["tensorboard"] = serde_json::json!(TENSORBOARD_DIR);
+    }
     // No `model` / `metrics_dir` paths: they are the run's scratch folders, gone once the cache
     // entry is committed (the outputs' final paths are listed with the entry, `pipeline cache ls`).
     let _ = model_dir;
@@ -597,6 +737,7 @@ mod params_tests {
         groups {
             tuner: TunerParams = with_tuner_args,
             train: TrainConfig = pipeline_train::with_train_args,
+            report: ReportParams = with_report_args,
         }
     }
 
@@ -665,6 +806,28 @@ mod params_tests {
             Ok(_) => panic!("`{params}` planned"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn report_to_takes_a_string_or_a_list_and_none_turns_it_off() {
+        assert!(parse("").unwrap().report.report_to.tensorboard(), "on by default, as in ms-swift");
+        for off in ["report_to = \"none\"", "report_to = []", "report_to = [\"none\"]"] {
+            assert_eq!(parse(off).unwrap().report.report_to, ReportTo(vec![]), "{off}");
+        }
+        for on in ["report_to = \"tensorboard\"", "report_to = [\"tensorboard\"]", "report_to = \"all\""] {
+            assert!(parse(on).unwrap().report.report_to.tensorboard(), "{on}");
+        }
+        let msg = parse("report_to = [\"wandb\"]").unwrap_err().to_string();
+        assert!(msg.contains("`report_to`: unknown integration `wandb`; this build writes \"tensorboard\""), "{msg}");
+        let msg = parse("report_to = 3").unwrap_err().to_string();
+        assert!(msg.contains("`report_to` must be a string or a list of strings"), "{msg}");
+        let p = parse("logging_dir = \"tb/sft\"").unwrap();
+        assert_eq!(p.report.logging_dir.as_deref(), Some("tb/sft"));
+        let t: toml::Table = toml::from_str("report_to = \"none\"\nlogging_dir = \"x\"").unwrap();
+        assert_eq!(
+            ReportParams::of(&t).unwrap(),
+            ReportParams { report_to: ReportTo(vec![]), logging_dir: Some("x".into()) }
+        );
     }
 
     #[test]
@@ -832,6 +995,34 @@ mod glue_tests {
         // Regression (issue 15, point 9): the report kept paths to scratch folders that are
         // gone once the entry is committed.
         assert!(r.get("model").is_none() && r.get("metrics_dir").is_none(), "{r}");
+    }
+
+    #[test]
+    fn event_files_follow_report_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |params: &str| {
+            let (c, _) = ctx(dir.path(), 0);
+            RunCtx::new(RunParts {
+                stage_id: "sft".into(),
+                params: toml::from_str(params).unwrap(),
+                seed: 1,
+                recipe_dir: dir.path().to_path_buf(),
+                inputs: BTreeMap::new(),
+                outputs: BTreeMap::new(),
+                scratch: c.scratch_dir().to_path_buf(),
+                cancel: Arc::new(AtomicBool::new(false)),
+                sink: Arc::new(pipeline_engine::NullSink),
+            })
+        };
+        let events = |_: f64| Vec::new();
+        let on = dir.path().join("on");
+        assert_eq!(write_tensorboard(&with(""), &on, events).unwrap().as_deref(), Some(TENSORBOARD_DIR));
+        let files: Vec<_> =
+            std::fs::read_dir(on.join(TENSORBOARD_DIR)).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(files.len() == 1 && files[0].to_string_lossy().starts_with("events.out.tfevents."), "{files:?}");
+        let off = dir.path().join("off");
+        assert_eq!(write_tensorboard(&with("report_to = \"none\""), &off, events).unwrap(), None);
+        assert!(!off.exists());
     }
 
     #[test]

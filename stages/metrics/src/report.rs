@@ -145,6 +145,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
     pipeline_cache::fs::write_atomic(path, bytes).map_err(|e| DataError::new(path, None, e))
 }
 
+/// The names `compare`'s score columns get: each report's model names (its rows' `Model`
+/// column: the `model_name` param or the evaluate stage's model), in row order; the file path
+/// only when a report names no model. Two reports of the same model are told apart by `, a` /
+/// `, b`.
+pub fn column_names(a: &Report, b: &Report, a_path: &str, b_path: &str) -> (String, String) {
+    let name = |r: &Report, path: &str| {
+        let mut models: Vec<&str> = Vec::new();
+        for row in &r.rows {
+            if !row.model.is_empty() && !models.contains(&row.model.as_str()) {
+                models.push(&row.model);
+            }
+        }
+        if models.is_empty() {
+            path.to_string()
+        } else {
+            models.join(", ")
+        }
+    };
+    let (na, nb) = (name(a, a_path), name(b, b_path));
+    if na == nb {
+        (format!("{na}, a"), format!("{nb}, b"))
+    } else {
+        (na, nb)
+    }
+}
+
 /// The two reports side by side, rows matched on (dataset, metric, subset), with `b - a`.
 pub fn compare(a: &Report, b: &Report, a_name: &str, b_name: &str) -> String {
     let key = |r: &ReportRow| (r.dataset.clone(), r.metric.clone(), r.subset.clone());

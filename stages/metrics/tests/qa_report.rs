@@ -102,3 +102,23 @@ fn qa_run_table_json_csv_and_compare() {
     b.rows.pop();
     snap().bind(|| insta::assert_snapshot!("qa_compare", compare(&report, &b, "base", "sft")));
 }
+
+/// Regression (issue 15, point 9): `eval --compare` named its columns by path, not by model.
+#[test]
+fn compare_columns_are_named_by_model() {
+    let row = |model: &str| pipeline_metrics::report::ReportRow {
+        model: model.into(),
+        dataset: "general_qa".into(),
+        metric: "bleu-4".into(),
+        subset: "s".into(),
+        num: 1,
+        score: 0.5,
+        cat0: "default".into(),
+    };
+    let rep = |models: &[&str]| Report { rows: models.iter().map(|m| row(m)).collect(), scorer: None };
+    let names = |a: &Report, b: &Report| pipeline_metrics::report::column_names(a, b, "runs/a", "runs/b");
+    assert_eq!(names(&rep(&["base"]), &rep(&["sft"])), ("base".into(), "sft".into()));
+    assert_eq!(names(&rep(&["sft", "dpo", "sft"]), &rep(&["x"])), ("sft, dpo".into(), "x".into()));
+    assert_eq!(names(&rep(&["m"]), &rep(&["m"])), ("m, a".into(), "m, b".into()), "the same model twice");
+    assert_eq!(names(&rep(&[""]), &rep(&["sft"])), ("runs/a".into(), "sft".into()), "no model name: the path");
+}

@@ -110,13 +110,14 @@ pub mod objectives;
 pub mod optim;
 pub mod params;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
 use std::path::PathBuf;
 
 pub use config::{SchedulerType, TrainConfig};
 pub use data::{pack_documents, split_indices, Batch, Dataset, LmBatch, Subset, TokenDataset, TokenExample};
-pub use metrics::{EvalRecord, Record, TrainRecord};
+pub use metrics::{CurveMarks, EvalRecord, Record, TrainRecord};
 pub use objectives::{
     dpo_loss, kto_kl_baseline, kto_loss, masked_mean_nll, rotate_by_one, sequence_logprobs, token_logprobs, DpoConfig,
     KtoConfig, LossOutput,

@@ -94,23 +94,33 @@ fn font_available() -> bool {
     })
 }
 
-/// Draw training loss (and eval loss, when any) against the step as a PNG. Returns whether the
-/// chart has text (a font was found). Written to a temp file and renamed.
-pub fn plot_loss_curve(path: &Path, records: &[Record], title: &str) -> Result<bool, TrainError> {
+/// Events of the run marked on the loss curve.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CurveMarks {
+    /// The step of the best evaluation (the checkpoint `load_best_model_at_end` loads): a green
+    /// ring on the eval curve and a dashed green vertical line.
+    pub best_step: Option<u64>,
+    /// The step early stopping ended the run at: a dashed black vertical line.
+    pub early_stop: Option<u64>,
+}
+
+/// Draw training loss (and eval loss, when any) against the step as a PNG, with `marks`. Returns
+/// whether the chart has text (a font was found). Written to a temp file and renamed.
+pub fn plot_loss_curve(path: &Path, records: &[Record], title: &str, marks: CurveMarks) -> Result<bool, TrainError> {
     let text = font_available();
-    draw(path, records, title, text)?;
+    draw(path, records, title, text, marks)?;
     Ok(text)
 }
 
 /// The chart's size in pixels.
 const SIZE: (u32, u32) = (900, 540);
 
-fn draw(path: &Path, records: &[Record], title: &str, text: bool) -> Result<(), TrainError> {
+fn draw(path: &Path, records: &[Record], title: &str, text: bool, marks: CurveMarks) -> Result<(), TrainError> {
     let err = |e: &dyn std::fmt::Display| TrainError::Report(format!("{}: {e}", path.display()));
     // Drawn into memory, then PNG-encoded into an atomic write: plotters' file backend would
     // pick the format from the (temp) file name and write it in place.
     let mut rgb = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
-    draw_on(BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(), records, title, text)
+    draw_on(BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(), records, title, text, marks)
         .map_err(|e| err(&e))?;
     pipeline_cache::fs::write_atomic_with(path, |w| {
         // The encoder plotters' file backend uses (`image`'s default PNG settings), so the bytes
@@ -125,6 +135,7 @@ fn draw_on<DB: DrawingBackend>(
     records: &[Record],
     title: &str,
     text: bool,
+    marks: CurveMarks,
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let train: Vec<(f64, f64)> = records
         .iter()
@@ -171,6 +182,30 @@ fn draw_on<DB: DrawingBackend>(
             s.label("eval loss").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
         }
         chart.draw_series(eval.iter().map(|&p| Circle::new(p, 3, RED.filled())))?;
+    }
+    let green = RGBColor(0, 150, 0);
+    let vline = |step: u64| DashedLineSeries::new(vec![(step as f64, lo), (step as f64, hi)], 6, 4, BLACK.into());
+    if let Some(best) = marks.best_step {
+        let s = chart.draw_series(DashedLineSeries::new(
+            vec![(best as f64, lo), (best as f64, hi)],
+            6,
+            4,
+            green.stroke_width(2),
+        ))?;
+        if text {
+            s.label(format!("best checkpoint (step {best})"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], green));
+        }
+        if let Some(&p) = eval.iter().find(|p| p.0 == best as f64) {
+            chart.draw_series(std::iter::once(Circle::new(p, 7, green.stroke_width(2))))?;
+        }
+    }
+    if let Some(stop) = marks.early_stop {
+        let s = chart.draw_series(vline(stop))?;
+        if text {
+            s.label(format!("early stop (step {stop})"))
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        }
     }
     if text {
         chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
@@ -227,11 +262,40 @@ mod tests {
                 continue;
             }
             let p = dir.path().join(format!("curve-{text}.png"));
-            draw(&p, &records(), "loss", text).unwrap();
+            draw(&p, &records(), "loss", text, CurveMarks::default()).unwrap();
             let bytes = std::fs::read(&p).unwrap();
             assert_eq!(&bytes[1..4], b"PNG");
             assert!(bytes.len() > 2000, "{} bytes", bytes.len());
         }
+    }
+
+    /// Regression (issue 15, point 9): the curve did not show the best checkpoint or the early
+    /// stop. The marks are drawn in their colours at their steps' x positions.
+    #[test]
+    fn best_checkpoint_and_early_stop_are_marked() {
+        let mut plain = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
+        let mut marked = plain.clone();
+        let area = BitMapBackend::with_buffer(&mut plain, SIZE).into_drawing_area();
+        draw_on(area, &records(), "loss", false, CurveMarks::default()).unwrap();
+        let marks = CurveMarks { best_step: Some(5), early_stop: Some(8) };
+        let area = BitMapBackend::with_buffer(&mut marked, SIZE).into_drawing_area();
+        draw_on(area, &records(), "loss", false, marks).unwrap();
+        let px = |buf: &[u8], x: usize, y: usize| {
+            let i = (y * SIZE.0 as usize + x) * 3;
+            (buf[i], buf[i + 1], buf[i + 2])
+        };
+        // Columns holding green (best) and black (early stop) pixels that the plain chart lacks.
+        let columns = |want: (u8, u8, u8)| -> Vec<usize> {
+            (0..SIZE.0 as usize)
+                .filter(|&x| (0..SIZE.1 as usize).any(|y| px(&marked, x, y) == want && px(&plain, x, y) != want))
+                .collect()
+        };
+        let green = columns((0, 150, 0));
+        let black = columns((0, 0, 0));
+        assert!(!green.is_empty() && !black.is_empty(), "green {green:?} black {black:?}");
+        // Step 5 of 10 sits left of step 8: the best mark is left of the early-stop line.
+        let mid = |c: &[usize]| c[c.len() / 2];
+        assert!(mid(&green) < mid(&black), "green {green:?} black {black:?}");
     }
 
     /// The in-memory drawing + atomic write produces exactly the file plotters' own file backend
@@ -244,9 +308,10 @@ mod tests {
                 continue;
             }
             let ours = dir.path().join(format!("ours-{text}.png"));
-            draw(&ours, &records(), "loss", text).unwrap();
+            let marks = CurveMarks { best_step: Some(5), early_stop: Some(10) };
+            draw(&ours, &records(), "loss", text, marks).unwrap();
             let theirs = dir.path().join(format!("theirs-{text}.png"));
-            draw_on(BitMapBackend::new(&theirs, SIZE).into_drawing_area(), &records(), "loss", text).unwrap();
+            draw_on(BitMapBackend::new(&theirs, SIZE).into_drawing_area(), &records(), "loss", text, marks).unwrap();
             assert_eq!(std::fs::read(&ours).unwrap(), std::fs::read(&theirs).unwrap(), "text: {text}");
         }
     }

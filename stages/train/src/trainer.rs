@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint;
 use crate::config::TrainConfig;
 use crate::data::{epoch_batches, Batch, Dataset};
-use crate::metrics::{plot_loss_curve, write_jsonl, EvalRecord, Record, TrainRecord};
+use crate::metrics::{plot_loss_curve, write_jsonl, CurveMarks, EvalRecord, Record, TrainRecord};
 use crate::objectives::LossOutput;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::params::{read_grads, read_params, write_params};
@@ -432,7 +432,11 @@ where
     let metrics_path = paths.report.join("metrics.jsonl");
     let loss_curve_path = paths.report.join("loss_curve.png");
     write_jsonl(&metrics_path, &state.history)?;
-    let loss_curve_text = plot_loss_curve(&loss_curve_path, &state.history, "training loss")?;
+    let marks = CurveMarks {
+        best_step: state.best_step,
+        early_stop: (stop == StopReason::EarlyStopped).then_some(state.global_step),
+    };
+    let loss_curve_text = plot_loss_curve(&loss_curve_path, &state.history, "training loss", marks)?;
     let final_train_loss = state.history.iter().rev().find_map(|r| match r {
         Record::Train(t) => Some(t.loss),
         Record::Eval(_) => None,
