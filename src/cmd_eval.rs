@@ -23,6 +23,7 @@ use pipeline_stages::evaluate::Evaluate;
 use pipeline_stages::evaluate_model::load_model_predictor;
 
 use crate::common::Usage;
+use crate::report::{print_json, LogFormat};
 
 /// Evaluate a model (evalscope's general_mcq / general_qa), score pairs, compare reports.
 #[derive(clap::Args, Debug)]
@@ -102,17 +103,35 @@ pub struct ScoreArgs {
     pub model: String,
 }
 
-/// Prints the stage's one-line messages on stderr.
-struct StderrSink;
-impl EventSink for StderrSink {
+/// Prints the stage's one-line messages on stderr, or as JSON `message` events on stdout.
+struct MessageSink(LogFormat);
+impl EventSink for MessageSink {
     fn stage_event(&self, _: &str, event: StageEvent) {
         if let StageEvent::Message(m) = event {
-            eprintln!("{m}");
+            match self.0 {
+                LogFormat::Human => eprintln!("{m}"),
+                LogFormat::Json => print_json(serde_json::json!({"event": "message", "text": m})),
+            }
         }
     }
 }
 
-fn run_model(model: &Path, a: &ModelEvalArgs) -> anyhow::Result<()> {
+/// The report: its table (human) or one `event` with its rows (JSON).
+fn print_report(report: &Report, fmt: LogFormat, event: &str, extra: serde_json::Value) -> anyhow::Result<()> {
+    match fmt {
+        LogFormat::Human => print!("{}", report.table()),
+        LogFormat::Json => {
+            let mut v = serde_json::json!({"event": event, "report": report});
+            if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
+                o.extend(e);
+            }
+            print_json(v);
+        }
+    }
+    Ok(())
+}
+
+fn run_model(model: &Path, a: &ModelEvalArgs, fmt: LogFormat) -> anyhow::Result<()> {
     let abs = |p: &Path| std::path::absolute(p).with_context(|| format!("resolving {}", p.display()));
     let cwd = std::env::current_dir().context("the current directory")?;
     let mut params = toml::Table::new();
@@ -164,29 +183,36 @@ fn run_model(model: &Path, a: &ModelEvalArgs) -> anyhow::Result<()> {
         inputs: BTreeMap::new(),
         outputs: BTreeMap::from([("report".to_string(), out.clone())]),
         scratch: tmp.join("scratch"),
-        sink: Arc::new(StderrSink),
+        sink: Arc::new(MessageSink(fmt)),
         cancel: Arc::new(AtomicBool::new(false)),
     })
     .with_device(a.device);
     let result = stage.run(&ctx).map_err(usage).and_then(|()| Ok(Report::read(&out)?));
     let _ = std::fs::remove_dir_all(&tmp);
-    print!("{}", result?.table());
-    if a.output.is_some() {
+    let output = a.output.as_ref().map(|_| out.display().to_string());
+    print_report(&result?, fmt, "eval_finished", serde_json::json!({ "output": output }))?;
+    if a.output.is_some() && fmt == LogFormat::Human {
         eprintln!("report.json, report.csv, predictions.jsonl -> {}", out.display());
     }
     Ok(())
 }
 
-pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+pub fn run(args: EvalArgs, fmt: LogFormat) -> anyhow::Result<()> {
     if let Some(model) = &args.model.model {
-        return run_model(model, &args.model);
+        return run_model(model, &args.model, fmt);
     }
     match (args.compare, args.cmd) {
         (Some(paths), _) => {
             let a = Report::read(&paths[0])?;
             let b = Report::read(&paths[1])?;
             let (na, nb) = column_names(&a, &b, &paths[0].display().to_string(), &paths[1].display().to_string());
-            print!("{}", compare(&a, &b, &na, &nb));
+            match fmt {
+                LogFormat::Human => print!("{}", compare(&a, &b, &na, &nb)),
+                LogFormat::Json => print_json(serde_json::json!({
+                    "event": "eval_compare",
+                    "runs": [{"name": na, "path": paths[0], "report": a}, {"name": nb, "path": paths[1], "report": b}],
+                })),
+            }
             Ok(())
         }
         (None, Some(EvalCmd::Score(s))) => {
@@ -198,8 +224,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
                 report.write(dir)?;
             }
-            print!("{}", report.table());
-            eprintln!("scored {} pairs -> {}", scored.len(), s.output.display());
+            let extra = serde_json::json!({"pairs": scored.len(), "output": s.output});
+            print_report(&report, fmt, "eval_scored", extra)?;
+            if fmt == LogFormat::Human {
+                eprintln!("scored {} pairs -> {}", scored.len(), s.output.display());
+            }
             Ok(())
         }
         (None, None) => anyhow::bail!(

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::common::{default_system, model_path, CacheArgs, Usage};
+use crate::report::LogFormat;
 use dfdx::prelude::Cpu;
 use pipeline_engine::Device;
 use pipeline_model::chat::Message;
@@ -76,23 +77,25 @@ pub struct GenerateArgs {
     pub stream: bool,
 }
 
-pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    if args.stream {
+pub fn run(args: GenerateArgs, fmt: LogFormat) -> anyhow::Result<()> {
+    // With `--log-format json` the generation is one event (`--stream` only changes when text
+    // appears on a terminal).
+    if args.stream && fmt == LogFormat::Human {
         return crate::cmd_chat::generate_stream(&args);
     }
     match args.device {
-        Device::Cpu => run_on(args, Cpu::default()),
+        Device::Cpu => run_on(args, Cpu::default(), fmt),
         #[cfg(feature = "cuda")]
         Device::Cuda { ordinal } => {
             let dev = pipeline_stages::cuda_device(ordinal)?;
-            run_on(args, dev)
+            run_on(args, dev, fmt)
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda { .. } => Err(Usage(pipeline_stages::cuda_not_built(args.device).to_string()).into()),
     }
 }
 
-fn run_on<D: dfdx::prelude::Device<f32>>(args: GenerateArgs, dev: D) -> anyhow::Result<()> {
+fn run_on<D: dfdx::prelude::Device<f32>>(args: GenerateArgs, dev: D, fmt: LogFormat) -> anyhow::Result<()> {
     let model = model_path(args.model.as_deref(), args.recipe.as_deref(), args.stage.as_deref(), &args.cache)?;
     let src = ModelSource::resolve(&model, args.base.as_deref()).map_err(|e| Usage(e.to_string()))?;
     let system = args.system.clone().or_else(|| default_system(&src));
@@ -122,7 +125,22 @@ fn run_on<D: dfdx::prelude::Device<f32>>(args: GenerateArgs, dev: D) -> anyhow::
         seed: args.seed,
     };
     let decode = |ids: &[u32]| p.decode_model_ids(ids).unwrap_or_default();
+    let prompt_tokens = ids.len();
     let out = generate(&p.model, &[ids], &cfg, Some(&decode))?;
-    println!("{}", out[0].text.as_deref().unwrap_or_default());
+    let text = out[0].text.as_deref().unwrap_or_default();
+    match fmt {
+        LogFormat::Human => println!("{text}"),
+        LogFormat::Json => crate::report::print_json(serde_json::json!({
+            "event": "generation",
+            "model": model.display().to_string(),
+            "text": text,
+            "finish_reason": match out[0].finish {
+                pipeline_model::FinishReason::Stop => "stop",
+                pipeline_model::FinishReason::Length => "length",
+            },
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": out[0].tokens.len(),
+        })),
+    }
     Ok(())
 }

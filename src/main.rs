@@ -13,8 +13,8 @@ mod common;
 mod graph;
 mod html_report;
 mod report;
-mod serve;
 mod run_outputs;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -29,7 +29,9 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// `human` (progress bars, summary table) or `json` (one event per line on stdout).
+    /// `human` (progress bars, tables, text) or `json`: every command prints JSON objects, one per
+    /// line on stdout (`run`: one event per stage; other commands: their result), and an error
+    /// as `{"event": "error", "message", "exit_code"}`.
     #[arg(long, global = true, value_enum, default_value = "human")]
     log_format: report::LogFormat,
 }
@@ -77,17 +79,22 @@ fn main() -> ExitCode {
     let fmt = cli.log_format;
     let result = match cli.command {
         Command::Run(a) => cmd_run::run(a, fmt),
-        Command::Plan(a) => cmd_plan::plan(a),
-        Command::Explain(a) => cmd_plan::explain(a),
+        Command::Plan(a) => cmd_plan::plan(a, fmt),
+        Command::Explain(a) => cmd_plan::explain(a, fmt),
         Command::Report(a) => cmd_report::run(a),
         Command::Cache(c) => cmd_cache::run(c),
-        Command::Eval(a) => cmd_eval::run(a),
-        Command::Generate(a) => cmd_generate::run(a),
+        Command::Eval(a) => cmd_eval::run(a, fmt),
+        Command::Generate(a) => cmd_generate::run(a, fmt),
         Command::Serve(a) => serve::run(a),
         Command::Chat(a) => cmd_chat::run(a),
         Command::Stages => {
             for s in common::registry().iter() {
-                println!("{:<10} v{:<3} {}", s.kind(), s.version(), s.summary());
+                match fmt {
+                    report::LogFormat::Json => report::print_json(serde_json::json!({
+                        "event": "stage_kind", "kind": s.kind(), "version": s.version(), "summary": s.summary(),
+                    })),
+                    report::LogFormat::Human => println!("{:<10} v{:<3} {}", s.kind(), s.version(), s.summary()),
+                }
             }
             Ok(())
         }
@@ -95,19 +102,24 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if let Some(common::Exit(code)) = e.downcast_ref() {
+            let (code, message) = if let Some(common::Exit(code)) = e.downcast_ref() {
+                // already reported (a failed stage, a failed check)
                 return ExitCode::from(*code);
-            }
-            if let Some(r) = e.downcast_ref::<pipeline_engine::RecipeError>() {
+            } else if let Some(r) = e.downcast_ref::<pipeline_engine::RecipeError>() {
                 eprintln!("{r}");
-                return ExitCode::from(2);
-            }
-            if let Some(u) = e.downcast_ref::<common::Usage>() {
+                (2, r.to_string())
+            } else if let Some(u) = e.downcast_ref::<common::Usage>() {
                 eprintln!("error: {u}");
-                return ExitCode::from(2);
+                (2, u.to_string())
+            } else {
+                let m = chain(&e);
+                eprintln!("error: {m}");
+                (1, m)
+            };
+            if fmt == report::LogFormat::Json {
+                report::print_json(serde_json::json!({"event": "error", "message": message, "exit_code": code}));
             }
-            eprintln!("error: {}", chain(&e));
-            ExitCode::from(1)
+            ExitCode::from(code)
         }
     }
 }

@@ -299,6 +299,13 @@ pub struct Json {
     out: Mutex<std::io::Stdout>,
 }
 
+/// One JSON event on its own stdout line (`--log-format json` for the commands other than `run`).
+pub fn print_json(v: serde_json::Value) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{v}");
+    let _ = o.flush();
+}
+
 impl Json {
     pub fn new() -> Self {
         Json { out: Mutex::new(std::io::stdout()) }

@@ -648,4 +648,84 @@ fn headline_self_cognition_recipe_cold_warm_and_generate() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("swift-robot"), "generate --model <adapter>: {text}");
+
+    // `--log-format json`: generate and eval print JSON objects only (issue 15, point 7).
+    let lines = |out: Output| -> Vec<Value> {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+    let gen = lines(p.pipeline(&[
+        "--log-format",
+        "json",
+        "generate",
+        "--recipe",
+        "r.toml",
+        "--prompt",
+        "Who are you?",
+        "--max-tokens",
+        "40",
+    ]));
+    assert_eq!(gen.len(), 1, "{gen:?}");
+    assert_eq!(gen[0]["event"], "generation");
+    assert!(gen[0]["text"].as_str().unwrap().contains("swift-robot"), "{gen:?}");
+    assert!(gen[0]["completion_tokens"].as_u64().unwrap() > 0 && gen[0]["prompt_tokens"].as_u64().unwrap() > 0);
+    let mut c = p.cmd(&["--log-format", "json", "eval", "--model"]);
+    c.arg(&merged).args([
+        "--dataset",
+        "general_qa",
+        "--local-path",
+        "data/self-cognition/eval-qa",
+        "--model-name",
+        "sft",
+    ]);
+    let ev = lines(c.output().unwrap());
+    let done = ev.last().unwrap();
+    assert_eq!(done["event"], "eval_finished", "{ev:?}");
+    assert_eq!(done["report"]["rows"][0]["model"], "sft");
+    assert!(ev[..ev.len() - 1].iter().all(|e| e["event"] == "message"), "{ev:?}");
+}
+
+/// Issue 15, point 7: `--log-format json` worked for `run` only. Every command prints JSON objects,
+/// one per line on stdout, errors included.
+#[test]
+fn every_command_honours_log_format_json() {
+    let p = Project::five();
+    p.run(&[]).ok();
+    let json = |args: &[&str]| -> (i32, Vec<Value>) {
+        let mut a = vec!["--log-format", "json"];
+        a.extend(args);
+        let out = p.pipeline(&a);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v =
+            stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{args:?}: {e}: {l}"))).collect();
+        (out.status.code().unwrap_or(-1), v)
+    };
+    let (code, plan) = json(&["plan", "r.toml"]);
+    assert_eq!(code, 0);
+    assert_eq!(plan.len(), 1);
+    assert_eq!(plan[0]["stages"].as_array().unwrap().len(), 5, "{plan:?}");
+    let (_, dot) = (0, p.stdout(&["--log-format", "json", "plan", "r.toml", "--format", "dot"]));
+    assert!(dot.starts_with("digraph"), "an explicit drawing format wins: {dot}");
+    p.edit("separator = \"|\"", "separator = \"||\"");
+    let (code, ex) = json(&["explain", "r.toml", "c"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        (ex[0]["event"].as_str(), ex[0]["stage"].as_str(), ex[0]["status"].as_str()),
+        (Some("explain"), Some("c"), Some("will_run"))
+    );
+    assert_eq!(ex[0]["changes"][0], "params.separator: \"|\" → \"||\"");
+    let (_, ex) = json(&["explain", "r.toml", "d"]);
+    assert_eq!(ex[0]["status"], "cached");
+    assert_eq!(ex[0]["key"].as_str().unwrap().len(), 64);
+    let (code, kinds) = json(&["stages"]);
+    assert_eq!(code, 0);
+    assert!(kinds.iter().all(|k| k["event"] == "stage_kind" && k["version"].as_u64().is_some()));
+    assert!(kinds.iter().any(|k| k["kind"] == "sft"), "{kinds:?}");
+    let (code, err) = json(&["explain", "r.toml", "nope"]);
+    assert_eq!(code, 2);
+    assert_eq!((err[0]["event"].as_str(), err[0]["exit_code"].as_u64()), (Some("error"), Some(2)));
+    assert!(err[0]["message"].as_str().unwrap().contains("nope"), "{err:?}");
 }
