@@ -392,7 +392,7 @@ fn quantizers_equal_gguf_package() {
         let got: String = quantize(ty, &x).unwrap().iter().map(|b| format!("{b:02x}")).collect();
         assert!(got == want.as_str().unwrap(), "{}: differs from gguf.quants.quantize", ty.name());
     }
-    assert!(quantize(GgmlType::Q6_K, &x[..256]).unwrap_err().to_string().contains("Q6_K"));
+    assert_eq!(quantize(GgmlType::Q6_K, &x[..256]).unwrap().len(), 210);
     assert!(quantize(GgmlType::Q8_0, &x[..33]).is_err());
 
     // Round trip through a written file.
