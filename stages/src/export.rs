@@ -345,6 +345,22 @@ pub(crate) mod tests {
         }
     }
 
+    /// With `PIPELINE_KEEP_EXPORT=DIR`, a copy of an output file or folder in `DIR` for the
+    /// oracle scripts (`scripts/oracles/check_quantize.py`, `scripts/oracles/check_hf_export.py`).
+    fn keep(path: &Path, name: &str) {
+        let Some(dir) = std::env::var_os("PIPELINE_KEEP_EXPORT") else { return };
+        let dest = Path::new(&dir).join(name);
+        if path.is_dir() {
+            std::fs::create_dir_all(&dest).unwrap();
+            for e in std::fs::read_dir(path).unwrap() {
+                let e = e.unwrap();
+                std::fs::copy(e.path(), dest.join(e.file_name())).unwrap();
+            }
+        } else {
+            std::fs::copy(path, dest).unwrap();
+        }
+    }
+
     /// Last-position logits of `ids` under a loaded model.
     fn last_logits(p: &pipeline_model::pretrained::Pretrained<Cpu>, ids: &[u32]) -> Vec<f32> {
         let logits = p.model.forward(&Batch::new(ids.to_vec(), 1, ids.len()).unwrap()).unwrap();
@@ -366,6 +382,8 @@ pub(crate) mod tests {
             insta::assert_json_snapshot!("export_hf_gguf_report", ran.report);
         });
         let out = &ran.outputs["model"];
+        keep(out, "hf");
+        keep(&ran.outputs["gguf"].join("model.gguf"), "F32.gguf");
         for f in
             ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
         {
@@ -410,6 +428,7 @@ pub(crate) mod tests {
         for (ty, tol) in [("F16", 1e-2), ("BF16", 5e-2), ("Q8_0", 5e-2), ("Q4_0", 0.3), ("Q4_K_M", 0.3)] {
             let ran = run_stage("quantize", &format!("quant_method = \"gguf\"\ngguf_type = \"{ty}\""), &src).unwrap();
             let path = ran.outputs["model"].join("model.gguf");
+            keep(&path, &format!("{ty}.gguf"));
             let f = GgufFile::open(&path).unwrap();
             let ty_of = |n: &str| GgmlType::from_id(f.tensor_info(n).unwrap().ggml_type).unwrap();
             assert_eq!(ty_of("output_norm.weight"), GgmlType::F32);
