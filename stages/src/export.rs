@@ -413,6 +413,52 @@ pub(crate) mod tests {
         }
     }
 
+    /// The bf16 HF export, loaded on its own with the standard Qwen2.5 tokenizer, renders the chat
+    /// prompt as the template says and decodes greedily. With `PIPELINE_KEEP_EXPORT=DIR` the folder
+    /// and our figures (`DIR/hf-bf16.pipeline.json`: prompt ids, logits at every trained id, argmax,
+    /// 8 greedy tokens) are kept for `scripts/oracles/check_hf_export.py`, which loads the folder
+    /// with transformers and compares.
+    #[test]
+    fn hf_export_bf16_generates_through_the_full_tokenizer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("trained");
+        let (vocab, _) = tiny_model(&src);
+        let ran = run_stage("export", "format = \"hf\"\ndtype = \"bfloat16\"", &src).unwrap();
+        let out = &ran.outputs["model"];
+        assert_eq!(ran.report["hf"]["dtype"], "bfloat16");
+        let p = load_pretrained(out, &Cpu::default()).unwrap();
+        let chat = p.chat.as_ref().unwrap();
+        let msgs = [
+            pipeline_model::chat::Message::new("system", "You are a helpful assistant."),
+            pipeline_model::chat::Message::new("user", "Who are you?"),
+        ];
+        let text = chat.render(&msgs, true).unwrap();
+        assert_eq!(
+            text,
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let prompt = p.tokenizer.encode(&text, false).unwrap();
+        let logits = last_logits(&p, &prompt);
+        let argmax = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a))).unwrap();
+        let cfg = pipeline_model::GenerationConfig { max_new_tokens: 8, ..Default::default() };
+        let gen = pipeline_model::generate(&p.model, std::slice::from_ref(&prompt), &cfg, None).unwrap();
+        assert_eq!(gen[0].tokens[0] as usize, argmax);
+        assert!(gen[0].tokens.iter().all(|&t| vocab.model_id(t).is_some()), "greedy stays in the trained vocabulary");
+        let trained: Vec<u32> = (0..151_936u32).filter(|&t| vocab.model_id(t).is_some()).collect();
+        keep(out, "hf-bf16");
+        if let Some(dir) = std::env::var_os("PIPELINE_KEEP_EXPORT") {
+            let ours = serde_json::json!({
+                "text": text,
+                "prompt_ids": prompt,
+                "trained_ids": trained,
+                "logits": trained.iter().map(|&t| logits[t as usize]).collect::<Vec<_>>(),
+                "argmax": argmax,
+                "greedy": gen[0].tokens,
+            });
+            std::fs::write(Path::new(&dir).join("hf-bf16.pipeline.json"), ours.to_string()).unwrap();
+        }
+    }
+
     /// Each GGUF type of `quantize`: the file loads, its tensors have llama.cpp's types for the
     /// tiny shapes (hidden 64, FFN 176: Q4_K → Q5_0, Q6_K head → Q8_0, 176-wide rows → F16), and
     /// the logits stay close to the F32 model's.
