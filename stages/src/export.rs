@@ -303,12 +303,17 @@ pub(crate) mod tests {
 
     /// Plan (declare) then run `kind` with `params` (TOML) on the model folder `model`.
     pub(crate) fn run_stage(kind: &str, params: &str, model: &Path) -> Result<Ran, StageError> {
+        run_stage_with(kind, params, &[("model", model)])
+    }
+
+    /// [`run_stage`] with the inputs `inputs` (the recipe dir is the first input's parent).
+    pub(crate) fn run_stage_with(kind: &str, params: &str, inputs: &[(&str, &Path)]) -> Result<Ran, StageError> {
         let reg = crate::registry();
         let stage = reg.get(kind).unwrap();
         let params: toml::Table = toml::from_str(params).unwrap();
-        let recipe_dir = model.parent().unwrap();
-        let declared =
-            stage.declare(&PlanCtx { stage_id: kind, params: &params, input_names: vec!["model"], recipe_dir })?;
+        let recipe_dir = inputs[0].1.parent().unwrap();
+        let input_names = inputs.iter().map(|(n, _)| *n).collect();
+        let declared = stage.declare(&PlanCtx { stage_id: kind, params: &params, input_names, recipe_dir })?;
         let tmp = tempfile::tempdir().unwrap();
         let outputs: BTreeMap<String, PathBuf> =
             declared.outputs.iter().map(|o| (o.clone(), tmp.path().join(o))).collect();
@@ -320,7 +325,7 @@ pub(crate) mod tests {
             params,
             seed: 42,
             recipe_dir: recipe_dir.to_path_buf(),
-            inputs: [("model".to_string(), vec![model.to_path_buf()])].into(),
+            inputs: inputs.iter().map(|(n, p)| (n.to_string(), vec![p.to_path_buf()])).collect(),
             outputs: outputs.clone(),
             scratch: tmp.path().join("scratch"),
             sink: Arc::new(NullSink),
@@ -498,6 +503,41 @@ pub(crate) mod tests {
         insta::with_settings!({ snapshot_path => "../../snapshots/stages", prepend_module_to_snapshot => false }, {
             insta::assert_json_snapshot!("quantize_gguf_reports", reports);
         });
+    }
+
+    /// With a `data` input the report has llama.cpp's scoreboard figures: perplexity of both
+    /// models and the mean KL divergence, which is 0 for the unquantised file type (F32 is refused,
+    /// so F16 stands in: tiny but not zero) and grows from Q8_0 to Q4_0.
+    #[test]
+    fn quantize_reports_perplexity_and_kl_divergence() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("trained");
+        tiny_model(&src);
+        let data = tmp.path().join("heldout");
+        let rows: Vec<crate::data::Sample> = ["Who are you?", "你是谁？"]
+            .iter()
+            .enumerate()
+            .map(|(i, q)| crate::data::Sample {
+                id: format!("h:{i}"),
+                messages: vec![
+                    crate::data::Message::new("user", *q),
+                    crate::data::Message::new("assistant", "I am swift-robot, made by swift."),
+                ],
+                ..Default::default()
+            })
+            .collect();
+        crate::data::write_dataset(&data, &rows).unwrap();
+        let kld = |ty: &str| {
+            let params = format!("quant_method = \"gguf\"\ngguf_type = \"{ty}\"");
+            let r = run_stage_with("quantize", &params, &[("model", &src), ("data", &data)]).unwrap().report;
+            let q = &r["quality"];
+            assert_eq!(q["texts"], 2);
+            assert!(q["perplexity_f32"].as_f64().unwrap() > 1.0, "{q}");
+            q["mean_kld"].as_f64().unwrap()
+        };
+        let (f16, q8, q4) = (kld("F16"), kld("Q8_0"), kld("Q4_0"));
+        assert!(f16 < q8 && q8 < q4, "KLD F16 {f16}, Q8_0 {q8}, Q4_0 {q4}");
+        assert!(f16 < 1e-4, "{f16}");
     }
 
     /// Bad params are plan-time errors naming the key and the allowed values.
