@@ -86,7 +86,7 @@ impl FileType {
         let is_head = name == "lm_head.weight" || (tied && name == "model.embed_tokens.weight");
         let mut ty = self.base();
         if self.is_quantized() && is_head {
-            ty = if row % 256 != 0 {
+            ty = if !row.is_multiple_of(256) {
                 GgmlType::Q8_0
             } else if ty == GgmlType::Q8_0 {
                 ty
@@ -100,14 +100,14 @@ impl FileType {
                 }
             }
         }
-        if row % ty.block().0 != 0 {
+        if !row.is_multiple_of(ty.block().0) {
             ty = match ty {
                 GgmlType::Q4_K => GgmlType::Q5_0,
                 GgmlType::Q6_K => GgmlType::Q8_0,
                 other => other,
             };
         }
-        if row % ty.block().0 != 0 {
+        if !row.is_multiple_of(ty.block().0) {
             ty = GgmlType::F16;
         }
         ty
@@ -116,7 +116,7 @@ impl FileType {
 
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third between.
 pub fn use_more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
 /// The layer of `model.layers.N.<suffix>` for one of `suffixes`.
