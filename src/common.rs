@@ -72,9 +72,9 @@ pub fn recipe_model(recipe: &std::path::Path, stage: Option<&str>, cache: &Cache
             .stages
             .iter()
             .rev()
-            .find(|s| s.declared.outputs.iter().any(|o| o == "model"))
+            .find(|s| TRAINING_KINDS.contains(&s.kind.as_str()) && s.declared.outputs.iter().any(|o| o == "model"))
             .map(|s| s.id.clone())
-            .ok_or_else(|| Usage(format!("{}: no stage has a `model` output", recipe.display())))?,
+            .ok_or_else(|| Usage(format!("{}: no training stage has a `model` output", recipe.display())))?,
     };
     let dir = cache.resolve(Some(recipe));
     let store = Store::open_existing(&dir).ok_or_else(|| {
@@ -85,8 +85,12 @@ pub fn recipe_model(recipe: &std::path::Path, stage: Option<&str>, cache: &Cache
         .and_then(|k| store.entry(&k).ok().flatten())
         .ok_or_else(|| Usage(format!("stage `{id}` has not run yet: run `pipeline run {}` first", recipe.display())))?;
     let out = entry.outputs.get("model").ok_or_else(|| Usage(format!("stage `{id}`'s cache entry has no `model`")))?;
-    Ok(store.artifact_path(&out.digest))
+    // A `quantize` artifact holds one `.gguf` file.
+    Ok(pipeline_stages::evaluate_model::checkpoint_path(&store.artifact_path(&out.digest)))
 }
+
+/// The stage kinds whose `model` output `--recipe` picks by default (the last one in the plan).
+const TRAINING_KINDS: [&str; 3] = ["pretrain", "sft", "align"];
 
 /// The model a command was pointed at: `--model PATH`, or `--recipe R [--stage S]`'s trained model
 /// from the cache (`pipeline generate`, `pipeline serve`, `pipeline chat`).

@@ -556,13 +556,31 @@ fn headline_self_cognition_recipe_cold_warm_and_generate() {
     let t = std::time::Instant::now();
     let cold = p.run(&[]).ok();
     eprintln!("cold run: {:.1}s", t.elapsed().as_secs_f64());
-    let stages = ["collect", "corpus", "prefs", "dedupe", "clean", "pretrain", "sft", "align", "eval", "eval-mcq"];
+    let stages = [
+        "collect",
+        "corpus",
+        "prefs",
+        "dedupe",
+        "clean",
+        "pretrain",
+        "sft",
+        "align",
+        "eval",
+        "eval-mcq",
+        "export",
+        "quantize",
+        "eval-q4km",
+    ];
     assert_eq!(cold.with_status("ran"), {
         let mut s = v(&stages);
         s.sort();
         s
     });
-    for (stage, metric, num) in [("eval", "rouge-l-f", 12), ("eval-mcq", "AverageAccuracy", 2)] {
+    for (stage, metric, num, model) in [
+        ("eval", "rouge-l-f", 12, "swift-robot"),
+        ("eval-mcq", "AverageAccuracy", 2, "swift-robot"),
+        ("eval-q4km", "rouge-l-f", 12, "swift-robot-q4_k_m"),
+    ] {
         let e = cold.events.iter().find(|e| e["stage"] == stage && e["event"] == "stage_finished").unwrap();
         eprintln!(
             "{stage}: {:.1}s\n{}",
@@ -570,7 +588,46 @@ fn headline_self_cognition_recipe_cold_warm_and_generate() {
             e["report"]["table"].as_str().unwrap()
         );
         let row = e["report"]["rows"].as_array().unwrap().iter().find(|r| r["metric"] == metric).unwrap();
-        assert_eq!((row["model"].as_str(), row["num"].as_u64()), (Some("swift-robot"), Some(num)), "{stage}");
+        assert_eq!((row["model"].as_str(), row["num"].as_u64()), (Some(model), Some(num)), "{stage}");
+    }
+    // The deployment stages: a bf16 HF folder and an F16 GGUF, and a Q4_K_M GGUF about 4x
+    // smaller than the F32 weights, whose answers `eval-q4km` scored above.
+    let report = |stage: &str| {
+        cold.events.iter().find(|e| e["stage"] == stage && e["event"] == "stage_finished").unwrap()["report"].clone()
+    };
+    let (export, quant) = (report("export"), report("quantize"));
+    eprintln!("export: {export}\nquantize: {quant}");
+    assert_eq!(export["hf"]["dtype"], "bfloat16");
+    assert_eq!(export["gguf"]["file_type"], "F16");
+    assert_eq!(quant["file_type"], "Q4_K_M");
+    assert!(quant["compression"].as_f64().unwrap() > 3.0, "{quant}");
+    let exported = |stage: &str, output: &str| {
+        let e = cold.events.iter().find(|e| e["stage"] == stage && e["event"] == "stage_finished").unwrap();
+        p.artifact(e["outputs"][output].as_str().unwrap())
+    };
+    for model in [
+        exported("export", "model"),
+        exported("export", "gguf").join("model.gguf"),
+        exported("quantize", "model").join("model.gguf"),
+    ] {
+        let out = p
+            .cmd(&[
+                "generate",
+                "--prompt",
+                "Who are you?",
+                "--max-tokens",
+                "40",
+                "--system",
+                "You are a helpful assistant.",
+            ])
+            .arg("--model")
+            .arg(&model)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{} -> {text}", model.display());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("swift-robot"), "generate --model {}: {text}", model.display());
     }
     // `tensorboard --logdir` on the run's log directory finds every training and evaluate stage;
     // the run report shows every stage (issue 16).

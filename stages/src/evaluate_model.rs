@@ -35,7 +35,7 @@ pub(crate) fn default_system(src: &ModelSource) -> Option<String> {
 }
 
 /// The checkpoint inside an artifact: the directory itself (HF layout) or its only `.gguf` file.
-fn checkpoint_path(dir: &Path) -> PathBuf {
+pub fn checkpoint_path(dir: &Path) -> PathBuf {
     if dir.is_dir() && !dir.join("config.json").exists() {
         if let Ok(rd) = std::fs::read_dir(dir) {
             let ggufs: Vec<PathBuf> = rd

@@ -9,9 +9,10 @@ pub mod data;
 mod dedupe;
 pub mod evaluate;
 pub mod evaluate_model;
+mod export;
 mod label;
-mod pending;
 mod pretrain;
+mod quantize;
 mod sft;
 mod training;
 
@@ -35,8 +36,7 @@ pub fn registry() -> Registry {
     r.register(sft::Sft);
     r.register(align::Align);
     r.register(evaluate::Evaluate::new(evaluate_model::load_model_predictor));
-    for kind in ["quantize", "export"] {
-        r.register(pending::Pending(kind));
-    }
+    r.register(quantize::Quantize);
+    r.register(export::Export);
     r
 }

@@ -33,6 +33,7 @@ mod dequant;
 mod export;
 mod hf;
 mod names;
+mod policy;
 mod vocab;
 mod writer;
 
@@ -44,6 +45,7 @@ pub use dequant::{ggml_type_name, GgmlType};
 pub use export::{add_tokenizer_metadata, export_gguf, write_gguf};
 pub use hf::{load_gguf, GgufModel};
 pub use names::{gguf_name, hf_name, permute_rope, unpermute_rope};
+pub use policy::{use_more_bits, FileType};
 pub use vocab::tokenizer_from_gguf;
 pub use writer::{quantize, GgufWriter, QuantizeError};
 

@@ -104,6 +104,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dims;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod gguf;
 pub mod host;

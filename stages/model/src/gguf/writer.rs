@@ -4,8 +4,11 @@
 //! order, tensor data aligned to 32 bytes, each tensor padded).
 //!
 //! Quantisers: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (bit-equal to `gguf.quants.quantize`)
-//! and Q4_K (a port of `quantize_row_q4_K_ref`, bit-equal to llama.cpp's C compiled without FMA
-//! contraction; golden from `scripts/oracles/q4k_golden.py`). Q6_K is read-only here.
+//! and Q4_K (after `quantize_row_q4_K_ref`, bit-equal to llama.cpp's C compiled without FMA
+//! contraction; golden from `scripts/oracles/q4k_golden.py`) and Q6_K (after
+//! `quantize_row_q6_K_ref`: 16 sub-blocks of 16 with `make_qx_quants(nmax = 32, rmse_type = 1)`
+//! scales, re-quantised to int8 against one f16 super-block scale; checked by dequantising our
+//! blocks with `gguf.quants.dequantize`, golden from `scripts/oracles/quant_golden.py`).
 
 use std::io::Write;
 use std::path::Path;
@@ -172,8 +175,6 @@ fn put_value(out: &mut Vec<u8>, v: &GgufValue) {
 pub enum QuantizeError {
     #[error("{0} values are not a whole number of {1}-value blocks")]
     Blocks(usize, usize),
-    #[error("quantising to {0} is not implemented (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K are)")]
-    Unsupported(&'static str),
 }
 
 /// C's `roundf`: halves away from zero.
@@ -258,7 +259,7 @@ pub fn quantize(ty: GgmlType, data: &[f32]) -> Result<Vec<u8>, QuantizeError> {
             }
         }
         GgmlType::Q4_K => data.chunks_exact(256).for_each(|b| quantize_q4_k_block(b, &mut out)),
-        other => return Err(QuantizeError::Unsupported(other.name())),
+        GgmlType::Q6_K => data.chunks_exact(256).for_each(|b| quantize_q6_k_block(b, &mut out)),
     }
     Ok(out)
 }
@@ -403,9 +404,144 @@ fn quantize_q4_k_block(x: &[f32], out: &mut Vec<u8>) {
     }
 }
 
+/// ggml's `GROUP_MAX_EPS`: a (sub-)block whose largest |x| is below it quantises to zeros.
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+/// ggml's `make_qx_quants(n, nmax, x, L, rmse_type = 1, qw = NULL)`: a symmetric scale for the
+/// values `x` (levels `l[i]` in `0..2·nmax`, value ≈ scale·(l − nmax)), weighted by x², refined
+/// over 18 trial inverse scales `-(nmax + 0.1·is)/max`.
+fn make_qx_quants(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        l.iter_mut().for_each(|q| *q = 0);
+        return 0.0;
+    }
+    let level = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+    let sums = |iscale: f32| {
+        let (mut sumlx, mut suml2) = (0f32, 0f32);
+        for &v in x {
+            let q = level(iscale, v) as f32;
+            let w = v * v;
+            sumlx += w * v * q;
+            suml2 += w * q * q;
+        }
+        (sumlx, suml2)
+    };
+    let iscale = -(nmax as f32) / max;
+    for (q, &v) in l.iter_mut().zip(x) {
+        *q = (level(iscale, v) + nmax) as i8;
+    }
+    let (sumlx, suml2) = sums(iscale);
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        let iscale = -(nmax as f32 + 0.1 * is as f32) / max;
+        let (sumlx, suml2) = sums(iscale);
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            for (q, &v) in l.iter_mut().zip(x) {
+                *q = (level(iscale, v) + nmax) as i8;
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
+}
+
+/// ggml's `quantize_row_q6_K_ref` for one 256-value super-block: `ql[128]` (low nibbles),
+/// `qh[64]` (high 2 bits), `scales[16]` (int8), `d` (f16); value = d·scale[j]·(q − 32).
+fn quantize_q6_k_block(x: &[f32], out: &mut Vec<u8>) {
+    let mut l = [0i8; 256];
+    let mut scales = [0f32; 16];
+    let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
+    for ib in 0..16 {
+        let s = make_qx_quants(&x[16 * ib..16 * ib + 16], 32, &mut l[16 * ib..16 * ib + 16]);
+        scales[ib] = s;
+        if s.abs() > max_abs_scale {
+            max_abs_scale = s.abs();
+            max_scale = s;
+        }
+    }
+    if max_abs_scale < GROUP_MAX_EPS {
+        out.extend(std::iter::repeat_n(0u8, 210));
+        return;
+    }
+    let iscale = -128.0 / max_scale;
+    let d = f16::from_f32(1.0 / iscale);
+    let mut sc = [0i8; 16];
+    for (q, &s) in sc.iter_mut().zip(&scales) {
+        *q = nearest_int(iscale * s).min(127) as i8;
+    }
+    for j in 0..16 {
+        let dd = d.to_f32() * sc[j] as f32;
+        if dd == 0.0 {
+            continue;
+        }
+        for ii in 0..16 {
+            let q = nearest_int(x[16 * j + ii] / dd).clamp(-32, 31);
+            l[16 * j + ii] = (q + 32) as i8;
+        }
+    }
+    let l = l.map(|v| v as u8);
+    let mut ql = [0u8; 128];
+    let mut qh = [0u8; 64];
+    for (half, j) in (0..256).step_by(128).enumerate() {
+        for i in 0..32 {
+            let (q1, q2, q3, q4) = (l[j + i], l[j + i + 32], l[j + i + 64], l[j + i + 96]);
+            ql[64 * half + i] = (q1 & 0xF) | ((q3 & 0xF) << 4);
+            ql[64 * half + i + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4);
+            qh[32 * half + i] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+        }
+    }
+    out.extend_from_slice(&ql);
+    out.extend_from_slice(&qh);
+    out.extend(sc.iter().map(|&s| s as u8));
+    out.extend_from_slice(&d.to_le_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Q6_K round trip through our dequantiser (itself golden-tested against `gguf`): each value
+    /// is its nearest level of its sub-block's step (error at most half a step) unless it lies past
+    /// the levels -32..=31 and is clamped (the int8 sub-block scales are rounded), and zero blocks
+    /// are exact.
+    #[test]
+    fn q6_k_round_trips_to_the_nearest_level() {
+        let mut rng = 0x9E37_79B9u32;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 17;
+            rng ^= rng << 5;
+            (rng as f32 / u32::MAX as f32) - 0.5
+        };
+        let mut x: Vec<f32> = (0..1024).map(|i| next() * if i % 97 == 0 { 8.0 } else { 1.0 }).collect();
+        x[512..768].iter_mut().for_each(|v| *v = 0.0);
+        let q = quantize(GgmlType::Q6_K, &x).unwrap();
+        assert_eq!(q.len(), 4 * 210);
+        let y = super::super::dequant::dequantize(GgmlType::Q6_K, &q, x.len());
+        for (sb, (xs, ys)) in x.chunks(256).zip(y.chunks(256)).enumerate() {
+            let d = f16::from_le_bytes([q[210 * sb + 208], q[210 * sb + 209]]).to_f32();
+            for (j, (xb, yb)) in xs.chunks(16).zip(ys.chunks(16)).enumerate() {
+                let step = (d * q[210 * sb + 192 + j] as i8 as f32).abs();
+                for (a, b) in xb.iter().zip(yb) {
+                    let bound = if a.abs() <= 31.5 * step { 0.5 * step } else { a.abs() - 31.0 * step };
+                    assert!((a - b).abs() <= bound + 1e-6, "block {sb}.{j}: {a} vs {b} (step {step})");
+                }
+            }
+        }
+        assert!(y[512..768].iter().all(|&v| v == 0.0));
+    }
 
     /// `write` streams header and padded tensors into the file; the bytes are `to_bytes()`'s
     /// (which the golden test compares with `gguf.GGUFWriter`'s files).
