@@ -74,8 +74,12 @@ pub struct GenerateArgs {
     pub raw: bool,
 }
 
-/// The `model` artifact of a recipe's stage, from the cache.
-fn recipe_model(recipe: &std::path::Path, stage: Option<&str>, cache: &CacheArgs) -> anyhow::Result<PathBuf> {
+/// The `model` artifact of a recipe's stage, from the cache, and the store it is in.
+fn recipe_model(
+    recipe: &std::path::Path,
+    stage: Option<&str>,
+    cache: &CacheArgs,
+) -> anyhow::Result<(PathBuf, Store, String)> {
     let plan = load_plan(recipe)?;
     let id = match stage {
         Some(id) => {
@@ -98,11 +102,41 @@ fn recipe_model(recipe: &std::path::Path, stage: Option<&str>, cache: &CacheArgs
         Usage(format!("no cache at {}: run `pipeline run {}` first", dir.display(), recipe.display()))
     })?;
     let entry = store
-        .last(&plan.name, &id)
+        .last(&pipeline_engine::exec::recipe_identity(&plan, &store), &id)
         .and_then(|k| store.entry(&k).ok().flatten())
         .ok_or_else(|| Usage(format!("stage `{id}` has not run yet: run `pipeline run {}` first", recipe.display())))?;
     let out = entry.outputs.get("model").ok_or_else(|| Usage(format!("stage `{id}`'s cache entry has no `model`")))?;
-    Ok(store.artifact_path(&out.digest))
+    Ok((store.artifact_path(&out.digest), store, id))
+}
+
+/// Every cache artifact a model source reads (the model, an adapter's base), armed for checked
+/// reads ([`Store::expect_reads`]): a corrupt byte is an error while it is read, never output.
+fn arm_checked_reads(store: &Store, src: &ModelSource) -> anyhow::Result<()> {
+    let mut s = Some(src);
+    while let Some(cur) = s {
+        if let Some(d) = store.artifact_of(cur.path()) {
+            if let pipeline_cache::ArtifactCheck::Corrupt(why) = store.expect_reads(&d) {
+                return Err(corrupt(store, &d, &why.to_string()));
+            }
+        }
+        s = match cur {
+            ModelSource::Adapter { base, .. } => Some(base),
+            _ => None,
+        };
+    }
+    Ok(())
+}
+
+/// Drop a corrupt artifact's entries and say so (exit 1).
+fn corrupt(store: &Store, digest: &str, why: &str) -> anyhow::Error {
+    let stages: Vec<String> =
+        store.invalidate(digest).unwrap_or_default().into_iter().map(|e| format!("`{}`", e.stage)).collect();
+    anyhow::anyhow!(
+        "the cached artifact {} is corrupt ({why}); dropped it and the cache entries of {}: \
+         `pipeline run` re-creates them",
+        &digest[..digest.len().min(12)],
+        if stages.is_empty() { "no stage".to_string() } else { stages.join(", ") }
+    )
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -119,18 +153,31 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn run_on<D: dfdx::prelude::Device<f32>>(args: GenerateArgs, dev: D) -> anyhow::Result<()> {
-    let model = match (&args.model, &args.recipe) {
-        (Some(m), _) => m.clone(),
-        (None, Some(r)) => recipe_model(r, args.stage.as_deref(), &args.cache)?,
+    let (model, store) = match (&args.model, &args.recipe) {
+        (Some(m), _) => (m.clone(), None),
+        (None, Some(r)) => {
+            let (m, store, _) = recipe_model(r, args.stage.as_deref(), &args.cache)?;
+            (m, Some(store))
+        }
         (None, None) => return Err(Usage("give --model or --recipe".into()).into()),
     };
     let src = ModelSource::resolve(&model, args.base.as_deref()).map_err(|e| Usage(e.to_string()))?;
+    if let Some(store) = &store {
+        arm_checked_reads(store, &src)?;
+    }
     let system = args.system.clone().or_else(|| {
         let text = std::fs::read_to_string(src.find_file("chat_defaults.json")?).ok()?;
         let v: serde_json::Value = serde_json::from_str(&text).ok()?;
         v.get("system")?.as_str().map(str::to_string)
     });
-    let mut p = src.load(&dev).with_context(|| format!("loading {}", model.display()))?;
+    let loaded = src.load(&dev);
+    if let (Some(store), Some(dir)) = (&store, pipeline_cache::checked::take_corrupt().first()) {
+        if let Some(d) = store.artifact_of(dir) {
+            let why = loaded.as_ref().err().map(|e| e.to_string()).unwrap_or_else(|| "a file differs".into());
+            return Err(corrupt(store, &d, &why));
+        }
+    }
+    let mut p = loaded.with_context(|| format!("loading {}", model.display()))?;
     if let Some(a) = &args.adapter {
         p.model.load_peft_adapter(a).with_context(|| format!("loading adapter {}", a.display()))?;
     }
@@ -156,6 +203,15 @@ fn run_on<D: dfdx::prelude::Device<f32>>(args: GenerateArgs, dev: D) -> anyhow::
         seed: args.seed,
     };
     let decode = |ids: &[u32]| p.decode_model_ids(ids).unwrap_or_default();
+    let context = p.model.cfg.max_position_embeddings;
+    if ids.len().checked_add(args.max_tokens).is_none_or(|n| n > context) {
+        return Err(Usage(format!(
+            "--max-tokens {} after a prompt of {} tokens exceeds the model's context of {context} tokens",
+            args.max_tokens,
+            ids.len()
+        ))
+        .into());
+    }
     let out = generate(&p.model, &[ids], &cfg, Some(&decode))?;
     println!("{}", out[0].text.as_deref().unwrap_or_default());
     Ok(())
