@@ -59,6 +59,10 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<()> {
         let status = match &st.freshness {
             Freshness::Cached => "cached".to_string(),
             Freshness::Dirty(why) => format!("will run: {why}"),
+            // Issue 14, defect 9: a stage that never ran was said to run only "if its inputs change".
+            Freshness::Waiting(up) if st.changes.is_none() => {
+                format!("will run: no cache entry (never ran); upstream {} will run first", up.join(", "))
+            }
             Freshness::Waiting(up) => {
                 format!("will run if its inputs change: upstream {} will run first", up.join(", "))
             }
