@@ -103,31 +103,38 @@ pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
                 for r in &recipes {
                     let plan = load_plan(r)?;
                     k.extend(exec::statuses(&plan, &store, &[]).into_iter().filter_map(|s| s.key_hex));
+                    // Downstream of a stage that will run, the key is known only after it ran; early
+                    // cutoff may reuse the latest entries, so they are kept too.
+                    let id = exec::recipe_identity(&plan, &store);
+                    k.extend(plan.stages.iter().filter_map(|s| store.last(&id, &s.id)));
                 }
                 k
             };
             let now = SystemTime::now();
-            let (mut dropped, mut kept) = (0, 0);
+            let older = |t: Option<SystemTime>| {
+                max_age.is_some_and(|a| t.and_then(|t| now.duration_since(t).ok()).is_some_and(|d| d.as_secs() >= a))
+            };
+            let verb = if dry_run { "would drop" } else { "dropped" };
+            let (mut dropped, mut kept, mut entry_bytes) = (0, 0, 0u64);
             for e in store.entries()? {
-                let (key, why) = match e {
+                let (key, what, why) = match e {
                     Ok(e) => {
-                        let old = max_age.is_some_and(|a| {
-                            store
-                                .entry_last_used(&e.key)
-                                .and_then(|t| now.duration_since(t).ok())
-                                .is_some_and(|d| d.as_secs() >= a)
-                        });
-                        let why = if old {
+                        let why = if older(store.entry_last_used(&e.key)) {
                             Some("older than --older-than")
                         } else if !keep.contains(&e.key) {
                             Some("not referenced")
                         } else {
                             None
                         };
-                        (e.key, why)
+                        let what = format!("{} / {}, {}", e.recipe, e.stage, human_bytes(e.output_bytes()));
+                        if why.is_some() {
+                            entry_bytes += e.output_bytes();
+                        }
+                        (e.key, what, why)
                     }
                     Err(pipeline_cache::CacheError::CorruptEntry { path, .. }) => (
                         path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+                        "unreadable entry".to_string(),
                         Some("unreadable"),
                     ),
                     Err(e) => return Err(e.into()),
@@ -135,55 +142,96 @@ pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
                 match why {
                     Some(why) => {
                         dropped += 1;
-                        if dry_run {
-                            println!("would drop {} ({why})", &key[..key.len().min(12)]);
-                        } else {
+                        println!("{verb} entry {} ({what}): {why}", &key[..key.len().min(12)]);
+                        if !dry_run {
                             store.remove_entry(&key)?;
                         }
                     }
                     None => kept += 1,
                 }
             }
+            // Scratch directories hold the checkpoints of interrupted training (a committed stage's
+            // is removed at its commit): kept unless older than asked.
+            let (mut scratch_n, mut scratch_bytes) = (0, 0u64);
+            for k in store.scratch_keys() {
+                let Some((bytes, newest)) = store.scratch_usage(&k) else { continue };
+                if older(Some(newest)) {
+                    println!(
+                        "{verb} scratch {} ({}, checkpoints of an interrupted run, last written {} ago)",
+                        &k[..k.len().min(12)],
+                        human_bytes(bytes),
+                        age(Some(newest))
+                    );
+                    scratch_n += 1;
+                    scratch_bytes += bytes;
+                    if !dry_run {
+                        store.remove_scratch(&k);
+                    }
+                }
+            }
             if dry_run {
-                println!("{dropped} entries would be dropped, {kept} kept");
+                println!(
+                    "{dropped} entries ({}) and {scratch_n} scratch directories ({}) would be dropped, {kept} kept",
+                    human_bytes(entry_bytes),
+                    human_bytes(scratch_bytes)
+                );
                 return Ok(());
             }
             let (n, bytes) = store.sweep_artifacts()?;
             store.prune_last();
-            for k in store.scratch_keys() {
-                if max_age.is_some() || !keep.contains(&k) {
-                    store.remove_scratch(&k);
-                }
-            }
-            println!("dropped {dropped} entries and {n} artifacts ({}); kept {kept} entries", human_bytes(bytes));
+            println!(
+                "dropped {dropped} entries and {n} artifacts ({}), {scratch_n} scratch directories ({}); kept {kept} entries",
+                human_bytes(bytes),
+                human_bytes(scratch_bytes)
+            );
             Ok(())
         }
         CacheCommand::Verify { recipe, cache } => {
             let store = open(&cache, recipe.as_deref())?;
+            let _lock = store.lock(|| eprintln!("waiting: another pipeline process is using the cache ..."))?;
             let mut bad = 0;
             let arts = store.artifacts()?;
             for d in &arts {
                 if let ArtifactCheck::Corrupt(why) = store.verify_artifact(d) {
-                    println!("corrupt: {d}: {why}");
+                    // Invalidated: the entries that produced it are dropped, so the next run
+                    // re-creates it instead of trusting it.
+                    let stages: Vec<String> = store.invalidate(d)?.iter().map(|e| format!("`{}`", e.stage)).collect();
+                    let entries = if stages.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" and the entries of {} (they re-run next time)", stages.join(", "))
+                    };
+                    println!("corrupt: {d}: {why}; removed it{entries}");
                     bad += 1;
                 }
             }
             for e in store.entries()? {
                 match e {
                     Ok(e) => {
-                        for (name, o) in &e.outputs {
-                            if !store.artifact_path(&o.digest).is_dir() {
-                                println!("missing: output `{name}` of {} ({})", e.stage, &e.key[..12]);
-                                bad += 1;
-                            }
+                        if let Some(name) =
+                            e.outputs.iter().find(|(_, o)| !store.artifact_path(&o.digest).is_dir()).map(|(n, _)| n)
+                        {
+                            println!(
+                                "missing: output `{name}` of {} ({}); removed the entry (it re-runs next time)",
+                                e.stage,
+                                &e.key[..12]
+                            );
+                            store.remove_entry(&e.key)?;
+                            bad += 1;
                         }
                     }
                     Err(err) => {
-                        println!("unreadable: {err}");
+                        if let pipeline_cache::CacheError::CorruptEntry { path, .. } = &err {
+                            if let Some(key) = path.file_stem() {
+                                store.remove_entry(&key.to_string_lossy())?;
+                            }
+                        }
+                        println!("unreadable: {err}; removed it");
                         bad += 1;
                     }
                 }
             }
+            store.prune_last();
             println!("{} artifacts checked, {bad} problems", arts.len());
             if bad > 0 {
                 return Err(Exit(1).into());

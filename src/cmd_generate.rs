@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use pipeline_cache::Store;
 
 use crate::common::{default_system, model_path, CacheArgs, Usage};
 use crate::report::LogFormat;
@@ -77,6 +78,36 @@ pub struct GenerateArgs {
     pub stream: bool,
 }
 
+/// Every cache artifact a model source reads (the model, an adapter's base), armed for checked
+/// reads ([`Store::expect_reads`]): a corrupt byte is an error while it is read, never output.
+fn arm_checked_reads(store: &Store, src: &ModelSource) -> anyhow::Result<()> {
+    let mut s = Some(src);
+    while let Some(cur) = s {
+        if let Some(d) = store.artifact_of(cur.path()) {
+            if let pipeline_cache::ArtifactCheck::Corrupt(why) = store.expect_reads(&d) {
+                return Err(corrupt(store, &d, &why.to_string()));
+            }
+        }
+        s = match cur {
+            ModelSource::Adapter { base, .. } => Some(base),
+            _ => None,
+        };
+    }
+    Ok(())
+}
+
+/// Drop a corrupt artifact's entries and say so (exit 1).
+fn corrupt(store: &Store, digest: &str, why: &str) -> anyhow::Error {
+    let stages: Vec<String> =
+        store.invalidate(digest).unwrap_or_default().into_iter().map(|e| format!("`{}`", e.stage)).collect();
+    anyhow::anyhow!(
+        "the cached artifact {} is corrupt ({why}); dropped it and the cache entries of {}: \
+         `pipeline run` re-creates them",
+        &digest[..digest.len().min(12)],
+        if stages.is_empty() { "no stage".to_string() } else { stages.join(", ") }
+    )
+}
+
 pub fn run(args: GenerateArgs, fmt: LogFormat) -> anyhow::Result<()> {
     // With `--log-format json` the generation is one event (`--stream` only changes when text
     // appears on a terminal).
@@ -96,10 +127,21 @@ pub fn run(args: GenerateArgs, fmt: LogFormat) -> anyhow::Result<()> {
 }
 
 fn run_on<D: dfdx::prelude::Device<f32>>(args: GenerateArgs, dev: D, fmt: LogFormat) -> anyhow::Result<()> {
-    let model = model_path(args.model.as_deref(), args.recipe.as_deref(), args.stage.as_deref(), &args.cache)?;
+    let (model, store) =
+        model_path(args.model.as_deref(), args.recipe.as_deref(), args.stage.as_deref(), &args.cache)?;
     let src = ModelSource::resolve(&model, args.base.as_deref()).map_err(|e| Usage(e.to_string()))?;
+    if let Some(store) = &store {
+        arm_checked_reads(store, &src)?;
+    }
     let system = args.system.clone().or_else(|| default_system(&src));
-    let mut p = src.load(&dev).with_context(|| format!("loading {}", model.display()))?;
+    let loaded = src.load(&dev);
+    if let (Some(store), Some(dir)) = (&store, pipeline_cache::checked::take_corrupt().first()) {
+        if let Some(d) = store.artifact_of(dir) {
+            let why = loaded.as_ref().err().map(|e| e.to_string()).unwrap_or_else(|| "a file differs".into());
+            return Err(corrupt(store, &d, &why));
+        }
+    }
+    let mut p = loaded.with_context(|| format!("loading {}", model.display()))?;
     if let Some(a) = &args.adapter {
         p.model.load_peft_adapter(a).with_context(|| format!("loading adapter {}", a.display()))?;
     }
@@ -125,6 +167,15 @@ fn run_on<D: dfdx::prelude::Device<f32>>(args: GenerateArgs, dev: D, fmt: LogFor
         seed: args.seed,
     };
     let decode = |ids: &[u32]| p.decode_model_ids(ids).unwrap_or_default();
+    let context = p.model.cfg.max_position_embeddings;
+    if ids.len().checked_add(args.max_tokens).is_none_or(|n| n > context) {
+        return Err(Usage(format!(
+            "--max-tokens {} after a prompt of {} tokens exceeds the model's context of {context} tokens",
+            args.max_tokens,
+            ids.len()
+        ))
+        .into());
+    }
     let prompt_tokens = ids.len();
     let out = generate(&p.model, &[ids], &cfg, Some(&decode))?;
     let text = out[0].text.as_deref().unwrap_or_default();

@@ -117,8 +117,46 @@ pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
             }
         }
     }
+    if summary.cancelled {
+        // Exit 130 (128 + SIGINT) like any interrupted command, saying what the next run resumes from.
+        for o in summary.outcomes.iter().filter(|o| o.status == pipeline_engine::Status::Cancelled) {
+            let Some(key) = &o.key else { continue };
+            let msg = match latest_checkpoint(&store.scratch_path(key)) {
+                Some(step) => {
+                    format!("interrupted: `{}` kept a checkpoint at step {step}; the next run resumes from it", o.id)
+                }
+                None => format!("interrupted: `{}` kept no checkpoint; the next run starts it over", o.id),
+            };
+            match &json {
+                Some(j) => j.emit(serde_json::json!({"event": "interrupted", "stage": o.id, "message": msg})),
+                None => eprintln!("{msg}"),
+            }
+        }
+        return Err(Exit(130).into());
+    }
     if !ok {
         return Err(Exit(1).into());
     }
     Ok(())
+}
+
+/// The highest step of a complete `checkpoint-<step>` directory (one holding `trainer_state.json`)
+/// anywhere in a stage's scratch directory.
+fn latest_checkpoint(scratch: &std::path::Path) -> Option<u64> {
+    let mut best = None;
+    let mut stack = vec![scratch.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if !p.is_dir() {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            match name.strip_prefix("checkpoint-").and_then(|s| s.parse::<u64>().ok()) {
+                Some(step) if p.join("trainer_state.json").is_file() => best = best.max(Some(step)),
+                _ => stack.push(p),
+            }
+        }
+    }
+    best
 }

@@ -58,7 +58,11 @@ pub fn load_plan(path: &Path) -> anyhow::Result<Plan> {
 
 /// The `model` artifact of a recipe's stage, from the cache: `stage`, or the last stage (in execution
 /// order) that declares a `model` output. Usage errors say which command to run first.
-pub fn recipe_model(recipe: &std::path::Path, stage: Option<&str>, cache: &CacheArgs) -> anyhow::Result<PathBuf> {
+pub fn recipe_model(
+    recipe: &std::path::Path,
+    stage: Option<&str>,
+    cache: &CacheArgs,
+) -> anyhow::Result<(PathBuf, Store)> {
     let plan = load_plan(recipe)?;
     let id = match stage {
         Some(id) => {
@@ -81,28 +85,28 @@ pub fn recipe_model(recipe: &std::path::Path, stage: Option<&str>, cache: &Cache
         Usage(format!("no cache at {}: run `pipeline run {}` first", dir.display(), recipe.display()))
     })?;
     let entry = store
-        .last(&plan.name, &id)
+        .last(&pipeline_engine::exec::recipe_identity(&plan, &store), &id)
         .and_then(|k| store.entry(&k).ok().flatten())
         .ok_or_else(|| Usage(format!("stage `{id}` has not run yet: run `pipeline run {}` first", recipe.display())))?;
     let out = entry.outputs.get("model").ok_or_else(|| Usage(format!("stage `{id}`'s cache entry has no `model`")))?;
     // A `quantize` artifact holds one `.gguf` file.
-    Ok(pipeline_stages::evaluate_model::checkpoint_path(&store.artifact_path(&out.digest)))
+    Ok((pipeline_stages::evaluate_model::checkpoint_path(&store.artifact_path(&out.digest)), store))
 }
 
 /// The stage kinds whose `model` output `--recipe` picks by default (the last one in the plan).
 const TRAINING_KINDS: [&str; 3] = ["pretrain", "sft", "align"];
 
 /// The model a command was pointed at: `--model PATH`, or `--recipe R [--stage S]`'s trained model
-/// from the cache (`pipeline generate`, `pipeline serve`, `pipeline chat`).
+/// from the cache (`pipeline generate`, `pipeline serve`, `pipeline chat`), with the cache it is in.
 pub fn model_path(
     model: Option<&Path>,
     recipe: Option<&Path>,
     stage: Option<&str>,
     cache: &CacheArgs,
-) -> anyhow::Result<PathBuf> {
+) -> anyhow::Result<(PathBuf, Option<Store>)> {
     match (model, recipe) {
-        (Some(m), _) => Ok(m.to_path_buf()),
-        (None, Some(r)) => recipe_model(r, stage, cache),
+        (Some(m), _) => Ok((m.to_path_buf(), None)),
+        (None, Some(r)) => recipe_model(r, stage, cache).map(|(p, s)| (p, Some(s))),
         (None, None) => Err(Usage("give --model or --recipe".into()).into()),
     }
 }

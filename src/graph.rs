@@ -64,10 +64,14 @@ impl NodeStatus {
             NodeStatus::NotRun(_) => "#eeeeee",
         }
     }
-    pub fn from_freshness(f: &Freshness) -> NodeStatus {
-        match f {
+    pub fn from_status(st: &pipeline_engine::StageStatus) -> NodeStatus {
+        match &st.freshness {
             Freshness::Cached => NodeStatus::Cached,
             Freshness::Dirty(why) => NodeStatus::WillRun(why.to_string()),
+            // Issue 14, defect 9: a stage that never ran was said to run only "if its inputs change".
+            Freshness::Waiting(up) if st.changes.is_none() => {
+                NodeStatus::WillRun(format!("no cache entry (never ran); upstream {} will run first", up.join(", ")))
+            }
             Freshness::Waiting(up) => NodeStatus::Waiting(up.clone()),
             Freshness::Unkeyable(e) => NodeStatus::Unkeyable(e.to_string()),
         }
@@ -102,7 +106,7 @@ pub struct Graph {
 impl Graph {
     /// The plan's stages with the statuses `exec::statuses` gave them.
     pub fn from_plan(plan: &Plan, statuses: &[StageStatus]) -> Graph {
-        Graph::with_statuses(plan, statuses.iter().map(|s| NodeStatus::from_freshness(&s.freshness)).collect())
+        Graph::with_statuses(plan, statuses.iter().map(NodeStatus::from_status).collect())
     }
 
     pub fn with_statuses(plan: &Plan, statuses: Vec<NodeStatus>) -> Graph {

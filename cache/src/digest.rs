@@ -32,6 +32,8 @@ pub struct Tree {
     pub dirs: Vec<String>,
     /// Total size of the files.
     pub bytes: u64,
+    /// sha256 hex of each file's content, in the order of `files`.
+    pub hashes: Vec<String>,
 }
 
 pub(crate) fn mtime_ns(meta: &fs::Metadata) -> u128 {
@@ -91,16 +93,31 @@ pub(crate) fn walk(root: &Path) -> io::Result<Walk> {
 /// Digest a file or directory by content (see the module doc for the exact encoding).
 pub fn digest_tree(root: &Path) -> io::Result<Tree> {
     let (files, dirs) = walk(root)?;
+    let mut hashes = Vec::with_capacity(files.len());
+    for (_, path) in &files {
+        hashes.push(hex::encode(hash_file(path)?));
+    }
+    let files: Vec<TreeFile> = files.into_iter().map(|(f, _)| f).collect();
+    let listed: Vec<(&str, u64, &str)> =
+        files.iter().zip(&hashes).map(|(f, h)| (f.rel.as_str(), f.size, h.as_str())).collect();
+    let digest = combine(&dirs, &listed);
+    let bytes = files.iter().map(|f| f.size).sum();
+    Ok(Tree { digest, files, dirs, bytes, hashes })
+}
+
+/// The tree digest of directories `dirs` and files `(rel, size, sha256 hex)`: what
+/// [`digest_tree`] computes once the files are hashed (so a manifest of per-file hashes can be
+/// checked against an artifact's name without reading the files).
+pub(crate) fn combine(dirs: &[String], files: &[(&str, u64, &str)]) -> String {
     // Entries in byte order of their relative path (dirs and files interleaved).
-    let mut entries: BTreeMap<&str, Option<(&TreeFile, &PathBuf)>> = BTreeMap::new();
-    for d in &dirs {
+    let mut entries: BTreeMap<&str, Option<(u64, &str)>> = BTreeMap::new();
+    for d in dirs {
         entries.insert(d, None);
     }
-    for (f, p) in &files {
-        entries.insert(&f.rel, Some((f, p)));
+    for (rel, size, hash) in files {
+        entries.insert(rel, Some((*size, hash)));
     }
     let mut h = Sha256::new();
-    let mut bytes = 0;
     for (rel, e) in entries {
         match e {
             None => {
@@ -108,18 +125,16 @@ pub fn digest_tree(root: &Path) -> io::Result<Tree> {
                 h.update(rel.as_bytes());
                 h.update(b"\n");
             }
-            Some((f, path)) => {
-                let fh = hash_file(path)?;
+            Some((size, hash)) => {
                 h.update(b"F\0");
                 h.update(rel.as_bytes());
-                h.update(format!("\0{}\0", f.size).as_bytes());
-                h.update(hex::encode(fh).as_bytes());
+                h.update(format!("\0{size}\0").as_bytes());
+                h.update(hash.as_bytes());
                 h.update(b"\n");
-                bytes += f.size;
             }
         }
     }
-    Ok(Tree { digest: hex::encode(h.finalize()), files: files.into_iter().map(|(f, _)| f).collect(), dirs, bytes })
+    hex::encode(h.finalize())
 }
 
 /// A memo of local-file digests keyed by (absolute path, size, mtime), so that a recipe's data

@@ -54,6 +54,7 @@
 //!
 //! `pipeline cache verify` runs the full check on every artifact.
 
+pub mod checked;
 mod digest;
 pub mod fs;
 mod store;

@@ -118,6 +118,10 @@ pub enum Corruption {
 struct Stamp {
     files: Vec<TreeFile>,
     dirs: Vec<String>,
+    /// Relative path → sha256 hex of each file (what [`Store::expect_reads`] checks reads
+    /// against); absent in stamps written before it existed.
+    #[serde(default)]
+    hashes: BTreeMap<String, String>,
 }
 
 /// Held while a process writes to the store; released on drop.
@@ -330,7 +334,8 @@ impl Store {
         }
         match digest_tree(&path) {
             Ok(t) if t.digest == digest => {
-                self.write_stamp(digest, t.files, t.dirs);
+                let hashes = t.files.iter().map(|f| f.rel.clone()).zip(t.hashes).collect();
+                self.write_stamp(digest, t.files, t.dirs, hashes);
                 ArtifactCheck::Ok
             }
             Ok(t) => {
@@ -340,8 +345,76 @@ impl Store {
         }
     }
 
-    fn write_stamp(&self, digest: &str, files: Vec<TreeFile>, dirs: Vec<String>) {
-        if let Ok(b) = serde_json::to_vec(&Stamp { files, dirs }) {
+    /// Arm the checked reads of artifact `digest` ([`crate::checked::read`]): every file a loader
+    /// reads from it through that function is compared with the hash its stamp records while it
+    /// is read. The stamp's hashes are first checked to combine into `digest` (no file content is
+    /// read); a stamp without them, or whose files changed size, falls back to the full check.
+    pub fn expect_reads(&self, digest: &str) -> ArtifactCheck {
+        let path = self.artifact_path(digest);
+        let Ok((files, dirs)) = walk(&path) else {
+            return ArtifactCheck::Missing;
+        };
+        let stamp: Option<Stamp> = fs::read(self.stamp_path(digest)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let manifest = stamp.and_then(|s| {
+            let same_files = s.dirs == dirs
+                && s.files.len() == files.len()
+                && s.files.iter().zip(&files).all(|(a, (b, _))| a.rel == b.rel && a.size == b.size);
+            if !same_files || s.hashes.len() != s.files.len() {
+                return None;
+            }
+            let listed: Option<Vec<(&str, u64, &str)>> =
+                s.files.iter().map(|f| Some((f.rel.as_str(), f.size, s.hashes.get(&f.rel)?.as_str()))).collect();
+            (crate::digest::combine(&s.dirs, &listed?) == digest)
+                .then(|| s.files.iter().map(|f| (f.rel.clone(), (f.size, s.hashes[&f.rel].clone()))).collect())
+        });
+        match manifest {
+            Some(m) => {
+                crate::checked::register(&path, m);
+                ArtifactCheck::Ok
+            }
+            None => match self.verify_artifact(digest) {
+                ArtifactCheck::Ok => self.expect_reads_after_verify(digest),
+                bad => bad,
+            },
+        }
+    }
+
+    fn expect_reads_after_verify(&self, digest: &str) -> ArtifactCheck {
+        let stamp: Option<Stamp> = fs::read(self.stamp_path(digest)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        match stamp {
+            Some(s) if s.hashes.len() == s.files.len() => {
+                let m = s.files.iter().map(|f| (f.rel.clone(), (f.size, s.hashes[&f.rel].clone()))).collect();
+                crate::checked::register(&self.artifact_path(digest), m);
+                ArtifactCheck::Ok
+            }
+            // The stamp could not be written (a read-only cache): the full check just passed.
+            _ => ArtifactCheck::Ok,
+        }
+    }
+
+    /// Remove artifact `digest` and every entry whose outputs include it (a corrupt artifact: the
+    /// stages that produced it re-run next time). Returns the removed entries.
+    pub fn invalidate(&self, digest: &str) -> Result<Vec<Entry>, CacheError> {
+        let mut removed = Vec::new();
+        for e in self.entries()?.into_iter().flatten() {
+            if e.outputs.values().any(|o| o.digest == digest) {
+                self.remove_entry(&e.key)?;
+                removed.push(e);
+            }
+        }
+        self.remove_artifact(digest)?;
+        Ok(removed)
+    }
+
+    /// The artifact digest whose directory is `path` (as [`Store::artifact_path`] gives it).
+    pub fn artifact_of(&self, path: &Path) -> Option<String> {
+        let dir = std::path::absolute(self.base.join("artifacts")).ok()?;
+        let p = std::path::absolute(path).ok()?;
+        p.strip_prefix(&dir).ok()?.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned())
+    }
+
+    fn write_stamp(&self, digest: &str, files: Vec<TreeFile>, dirs: Vec<String>, hashes: BTreeMap<String, String>) {
+        if let Ok(b) = serde_json::to_vec(&Stamp { files, dirs, hashes }) {
             let _ = write_atomic(&self.stamp_path(digest), &b);
         }
     }
@@ -390,7 +463,8 @@ impl Store {
                 }
                 // The stamp must describe the files at their final place (rename keeps mtimes).
                 if let Ok((files, dirs)) = walk(&target) {
-                    self.write_stamp(&tree.digest, files.into_iter().map(|(f, _)| f).collect(), dirs);
+                    let hashes = tree.files.iter().map(|f| f.rel.clone()).zip(tree.hashes.iter().cloned()).collect();
+                    self.write_stamp(&tree.digest, files.into_iter().map(|(f, _)| f).collect(), dirs, hashes);
                 }
             }
             entry.outputs.insert(name.clone(), out);
@@ -408,8 +482,21 @@ impl Store {
         fs::create_dir_all(&d).map_err(io_err(&d))?;
         Ok(d)
     }
+    /// Where `key`'s scratch directory is (it may not exist).
+    pub fn scratch_path(&self, key: &str) -> PathBuf {
+        self.base.join("scratch").join(key)
+    }
     pub fn remove_scratch(&self, key: &str) {
         let _ = fs::remove_dir_all(self.base.join("scratch").join(key));
+    }
+    /// Size in bytes and newest modification time of the files of `key`'s scratch directory
+    /// (an interrupted run's checkpoints), `None` when there is none.
+    pub fn scratch_usage(&self, key: &str) -> Option<(u64, SystemTime)> {
+        let (files, _) = walk(&self.base.join("scratch").join(key)).ok()?;
+        let bytes = files.iter().map(|(f, _)| f.size).sum();
+        let newest = files.iter().map(|(f, _)| f.mtime_ns).max().unwrap_or(0);
+        let newest = UNIX_EPOCH + std::time::Duration::from_nanos(u64::try_from(newest).unwrap_or(u64::MAX));
+        Some((bytes, newest))
     }
     /// Scratch directories present, with their keys.
     pub fn scratch_keys(&self) -> Vec<String> {
@@ -573,5 +660,61 @@ mod tests {
             matches!(&err, CacheError::CorruptEntry { defect: EntryDefect::KeyMismatch { found }, .. } if found == "k2"),
             "{err}"
         );
+    }
+
+    /// Regression (issue 14, defect 1): 4 KiB overwritten in the middle of a committed artifact
+    /// with its mtime restored passed the stamp check, and the loader used the corrupt bytes.
+    /// Reads through `checked::read` now fail on the mismatch, in the same pass as the read.
+    #[test]
+    fn corrupt_artifact_with_restored_mtime_is_an_error_when_read() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path()).unwrap();
+        let st = store.staging("k1", &["model".to_string()]).unwrap();
+        let big: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+        fs::write(st.outputs()["model"].join("model.safetensors"), &big).unwrap();
+        fs::write(st.outputs()["model"].join("config.json"), "{}").unwrap();
+        let e = store.commit(st, Entry::new("k1", serde_json::json!({}), "r", "s", "k")).unwrap();
+        let digest = &e.outputs["model"].digest;
+        let file = store.artifact_path(digest).join("model.safetensors");
+        assert!(store.expect_reads(digest).is_ok());
+        assert_eq!(crate::checked::read(&file).unwrap(), big);
+
+        let mtime = fs::metadata(&file).unwrap().modified().unwrap();
+        let mut bad = big.clone();
+        bad[30_000..30_000 + 4096].fill(0xAA);
+        fs::write(&file, &bad).unwrap();
+        fs::File::options().write(true).open(&file).unwrap().set_modified(mtime).unwrap();
+        // The cheap check cannot see it (same size, same mtime) ...
+        assert!(store.check_artifact(digest).is_ok());
+        // ... the checked read does.
+        assert!(store.expect_reads(digest).is_ok());
+        let err = crate::checked::read(&file).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("corrupt cache artifact"), "{err}");
+        let corrupt = crate::checked::take_corrupt();
+        assert_eq!(corrupt.len(), 1);
+        assert_eq!(store.artifact_of(&corrupt[0]).as_deref(), Some(digest.as_str()));
+        // Other files of the artifact still read.
+        assert_eq!(crate::checked::read(&store.artifact_path(digest).join("config.json")).unwrap(), b"{}");
+    }
+
+    /// Regression (issue 14, defect 1): `cache verify` reported a corrupt artifact but left its
+    /// entry valid, so the next run trusted it. `invalidate` drops the artifact and its entries.
+    #[test]
+    fn cache_verify_invalidates_corrupt_entries() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path()).unwrap();
+        let a = staged(&store, "k1", "hello");
+        staged(&store, "k2", "hello");
+        let keep = staged(&store, "k3", "other");
+        let digest = &a.outputs["data"].digest;
+        fs::write(store.artifact_path(digest).join("a.txt"), "jello").unwrap();
+        assert!(matches!(store.verify_artifact(digest), ArtifactCheck::Corrupt(_)));
+        let removed: Vec<String> = store.invalidate(digest).unwrap().into_iter().map(|e| e.key).collect();
+        assert_eq!(removed, vec!["k1", "k2"]);
+        assert!(store.entry("k1").unwrap().is_none() && store.entry("k2").unwrap().is_none());
+        assert!(store.entry("k3").unwrap().is_some());
+        assert!(matches!(store.check_artifact(digest), ArtifactCheck::Missing));
+        assert!(store.check_artifact(&keep.outputs["data"].digest).is_ok());
     }
 }

@@ -270,9 +270,23 @@ fn short(d: &str) -> &str {
     &d[..d.len().min(12)]
 }
 
+/// The name under which a recipe's "last run" pointers are kept (`last/<identity>/<stage>`): the
+/// `[pipeline] name` for reading, then a digest of the recipe file's path relative to the cache
+/// directory's parent (so two recipes that share a name never share pointers, and a project copied
+/// or moved with its `.pipeline/` keeps them); a recipe outside that directory is named by its
+/// absolute path. Pointers are a local memo, never part of a key.
+pub fn recipe_identity(plan: &Plan, store: &Store) -> String {
+    let file = plan.dir.join(plan.path.file_name().unwrap_or_default());
+    let base = std::path::absolute(store.root()).ok().and_then(|r| r.parent().map(std::path::Path::to_path_buf));
+    let rel = base.as_deref().and_then(|b| file.strip_prefix(b).ok()).unwrap_or(&file);
+    let rel: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+    let (digest, _) = pipeline_cache::key_of(&rel.join("/")).expect("a string serialises");
+    format!("{}.{}", plan.name, &digest[..12])
+}
+
 /// The key JSON of the latest entry of stage `id` of this recipe.
 fn previous_key(store: &Store, plan: &Plan, id: &str) -> Option<serde_json::Value> {
-    store.last(&plan.name, id).and_then(|k| store.entry(&k).ok().flatten()).map(|e| e.key_fields)
+    store.last(&recipe_identity(plan, store), id).and_then(|k| store.entry(&k).ok().flatten()).map(|e| e.key_fields)
 }
 
 /// Why a stage whose key has no usable entry will run: compared with its latest entry.
@@ -384,6 +398,7 @@ pub fn run(
     let needed = plan.ancestors(&selected.iter().copied().collect::<Vec<_>>());
 
     let keyer = Keyer::new(plan, store);
+    let recipe_id = recipe_identity(plan, store);
     let warn = |m: String| {
         tracing::warn!("{m}");
         reporter.warning(&m);
@@ -472,7 +487,7 @@ pub fn run(
                         match lookup(store, &hex, &|m| warn(m)) {
                             Ok(entry) => {
                                 store.touch_entry(&hex);
-                                let _ = store.set_last(&plan.name, &s.id, &hex);
+                                let _ = store.set_last(&recipe_id, &s.id, &hex);
                                 let o = outcome(
                                     i,
                                     Status::Cached,
@@ -559,7 +574,7 @@ pub fn run(
             running -= 1;
             match res {
                 WorkResult::Committed(entry) => {
-                    let _ = store.set_last(&plan.name, &plan.stages[i].id, &key);
+                    let _ = store.set_last(&recipe_id, &plan.stages[i].id, &key);
                     let o = outcome(i, Status::Ran, Some(key), dur, entry.outputs.clone(), entry.report.clone());
                     reporter.stage_done(&o);
                     outcomes[i] = Some(o);
@@ -657,7 +672,7 @@ fn work(
                             ArtifactCheck::Corrupt(w) => w.to_string(),
                             _ => "missing".to_string(),
                         };
-                        if let Some(k) = store.last(&plan.name, &p.id) {
+                        if let Some(k) = store.last(&recipe_identity(plan, store), &p.id) {
                             let _ = store.remove_entry(&k);
                         }
                         let _ = store.remove_artifact(digest);
@@ -735,5 +750,51 @@ fn work(
                 .unwrap_or_else(|| "unknown panic".into());
             (WorkResult::Failed(format!("the stage panicked: {msg}")), report)
         }
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use std::path::Path;
+
+    use pipeline_cache::Store;
+
+    use crate::recipe::Source;
+    use crate::stage::Registry;
+
+    fn plan_at(dir: &Path, name: &str) -> crate::plan::Plan {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("x.txt"), dir.display().to_string()).unwrap();
+        let text =
+            format!("[pipeline]\nname = \"{name}\"\n\n[stages.a]\nkind = \"files\"\nparams.paths = [\"x.txt\"]\n");
+        let path = dir.join("r.toml");
+        std::fs::write(&path, &text).unwrap();
+        let mut reg = Registry::new();
+        crate::builtin::register(&mut reg);
+        crate::plan::plan_source(&Source { path, text }, &reg).unwrap()
+    }
+
+    /// Regression (issue 14, defect 4): two recipes sharing a `[pipeline] name` (and a cache)
+    /// overwrote each other's "last run" pointers, so gc dropped the other's entries. Pointers are
+    /// keyed by recipe identity; a copied project keeps its identity.
+    #[test]
+    fn recipes_sharing_a_name_keep_separate_last_pointers() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(&root.path().join(".pipeline")).unwrap();
+        let (a, b) = (plan_at(&root.path().join("a"), "same"), plan_at(&root.path().join("b"), "same"));
+        assert_ne!(super::recipe_identity(&a, &store), super::recipe_identity(&b, &store));
+        let opts = super::ExecOptions::default();
+        for p in [&a, &b] {
+            super::run(p, &store, &opts, std::sync::Arc::new(super::NullReporter)).unwrap();
+        }
+        let last = store.all_last();
+        assert_eq!(last.len(), 2, "{last:?}");
+        assert_ne!(last[0].2, last[1].2, "each recipe's own entry is its latest");
+
+        // A copy of the project (recipe dirs and cache moved together) keeps the identities.
+        let copy = tempfile::tempdir().unwrap();
+        let store2 = Store::open(&copy.path().join(".pipeline")).unwrap();
+        let a2 = plan_at(&copy.path().join("a"), "same");
+        assert_eq!(super::recipe_identity(&a, &store), super::recipe_identity(&a2, &store2));
     }
 }

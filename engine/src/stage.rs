@@ -249,6 +249,10 @@ impl RunCtx {
         self.parts.cancel.load(Ordering::Relaxed)
     }
     /// `Err(Cancelled)` once the user pressed Ctrl-C; call it between units of work.
+    /// The run's Ctrl-C flag, for code that must poll it without a `RunCtx` (a generation loop).
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.parts.cancel.clone()
+    }
     pub fn check_cancelled(&self) -> Result<(), StageError> {
         if self.is_cancelled() {
             Err(StageError::Cancelled)

@@ -189,7 +189,7 @@ fn load_on<D: Device<f32> + Send + 'static>(
     limits: EngineLimits,
     dev: D,
 ) -> anyhow::Result<Loaded> {
-    let path = model_path(args.model.as_deref(), args.recipe.as_deref(), args.stage.as_deref(), &args.cache)?;
+    let (path, _) = model_path(args.model.as_deref(), args.recipe.as_deref(), args.stage.as_deref(), &args.cache)?;
     let src = ModelSource::resolve(&path, args.base.as_deref()).map_err(|e| Usage(e.to_string()))?;
     let system = default_system(&src);
     let p = src.load(&dev).with_context(|| format!("loading {}", path.display()))?;

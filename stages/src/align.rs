@@ -136,7 +136,8 @@ impl Stage for Align {
         "align"
     }
     fn version(&self) -> u32 {
-        // 2: TensorBoard event files in `metrics/tensorboard/` (`report_to`).
+        // 2: TensorBoard event files in `metrics/tensorboard/` (`report_to`);
+        // the adapter's `base_model_name_or_path` is relative to the cache (issue 14, defect 5).
         2
     }
     fn summary(&self) -> &'static str {
@@ -165,6 +166,10 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
     let media_dropped = training::text_only_rows(&mut rows, t.drop_media, &src)?;
     let pad = pre.to_model_ids(&pre.tokenizer.pad_id().or(pre.tokenizer.eos_id()).into_iter().collect::<Vec<_>>());
     let pad = pad.first().copied().unwrap_or(0);
+    if t.train_type == training::TrainType::Lora {
+        let c = &pre.model.cfg;
+        training::check_lora_rank(t.lora_rank, c.hidden_size, c.intermediate_size)?;
+    }
     pre.model.set_trainable(t.trainable()?, seed).map_err(StageError::failed)?;
     let metrics_dir = ctx.output("metrics")?.to_path_buf();
     let model_dir = ctx.output("model")?.to_path_buf();

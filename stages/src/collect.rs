@@ -133,10 +133,33 @@ pub(crate) struct Spec {
     pub count: Option<usize>,
 }
 
+/// The most rows a `name#N` spec may ask for (its row index alone takes 16 bytes a row).
+const MAX_SAMPLE_ROWS: usize = 100_000_000;
+
+fn human_bytes(b: f64) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB", "PB", "EB"];
+    let mut v = b;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < units.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
 pub(crate) fn parse_spec(s: &str) -> Result<Spec, StageError> {
     if let Some((name, n)) = s.rsplit_once('#') {
         if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
-            let count = n.parse().map_err(|_| StageError::Params(format!("dataset `{s}`: bad sample count `{n}`")))?;
+            let count: usize =
+                n.parse().map_err(|_| StageError::Params(format!("dataset `{s}`: bad sample count `{n}`")))?;
+            // Regression (issue 14, defect 6): `#999999999999` tried to allocate a 16 TB row index
+            // and aborted the process.
+            if count > MAX_SAMPLE_ROWS {
+                return Err(StageError::Params(format!(
+                    "dataset `{s}`: {count} rows need at least {} of memory for the sample's row index alone; at most {MAX_SAMPLE_ROWS} rows can be sampled",
+                    human_bytes(count as f64 * 16.0)
+                )));
+            }
             return Ok(Spec { name: name.to_string(), count: Some(count) });
         }
     }
@@ -153,7 +176,8 @@ impl Stage for Collect {
         "collect"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: quarantine rows name their file relative to the recipe, not by absolute path.
+        2
     }
     fn summary(&self) -> &'static str {
         "Read local datasets and builtins in any ms-swift/LLaMA-Factory format into canonical Parquet rows"
@@ -181,7 +205,17 @@ impl Stage for Collect {
                     ));
                 }
             } else {
-                files.push(ctx.resolve(&spec.name));
+                let path = ctx.resolve(&spec.name);
+                // Issue 14, defect 9: a missing dataset was found only at run time, after other
+                // stages ran; it is a recipe error now, as for the `files` kind.
+                if !path.exists() {
+                    return Err(StageError::Params(format!(
+                        "dataset `{}` not found: {} does not exist (neither a file nor a directory)",
+                        spec.name,
+                        path.display()
+                    )));
+                }
+                files.push(path);
             }
         }
         Ok(Declared { outputs: vec!["data".into(), "quarantine".into()], files })
@@ -225,8 +259,13 @@ impl Stage for Collect {
                                 return Err(StageError::input(path, line, error));
                             }
                             st.quarantined += 1;
+                            // Relative to the recipe (issue 14, defect 5): an absolute path made
+                            // the artifact's digest depend on where the project lives.
+                            let shown = path.strip_prefix(ctx.recipe_dir()).unwrap_or(&path);
+                            let shown: Vec<String> =
+                                shown.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
                             quarantine.push(serde_json::json!({
-                                "source": spec.name, "path": path.display().to_string(), "line": line,
+                                "source": spec.name, "path": shown.join("/"), "line": line,
                                 "field": error.field, "reason": error.message, "row": raw,
                             }));
                         }
@@ -243,6 +282,10 @@ impl Stage for Collect {
                     held.extend(rows)?;
                 }
                 _ => st.rows_out = st.rows_read,
+            }
+            if st.rows_read == 0 && st.quarantined == 0 {
+                // Issue 14, defect 8: an empty dataset gave 0 rows without a word.
+                ctx.message(format!("warning: dataset `{d}` has no rows"));
             }
             per_dataset.push(serde_json::json!({
                 "dataset": d, "rows_read": st.rows_read, "rows_out": st.rows_out,
@@ -398,11 +441,11 @@ impl Loader<'_> {
 
     fn jsonl(&self, mut r: impl BufRead, path: &Path, id_prefix: &str, emit: &mut Emit<'_>) -> Result<(), StageError> {
         let base = path.parent().unwrap_or(Path::new("."));
-        let mut line = String::new();
+        let mut bytes = Vec::new();
         let mut no = 0usize;
         loop {
-            line.clear();
-            let n = r.read_line(&mut line).map_err(|e| StageError::io(path, e))?;
+            bytes.clear();
+            let n = r.read_until(b'\n', &mut bytes).map_err(|e| StageError::io(path, e))?;
             if n == 0 {
                 return Ok(());
             }
@@ -410,6 +453,25 @@ impl Loader<'_> {
             if no.is_multiple_of(65_536) {
                 self.ctx.check_cancelled()?;
             }
+            // Regression (issue 14, defect 8): invalid UTF-8 failed the whole file without a line
+            // number, whatever `on_error` said; it is now a bad row of its line.
+            let line = match std::str::from_utf8(&bytes) {
+                Ok(l) => l,
+                Err(e) => {
+                    emit(RowOutcome::Bad {
+                        path: path.to_path_buf(),
+                        line: Some(no),
+                        error: RowError {
+                            field: "(json)".into(),
+                            message: format!("invalid UTF-8 at byte {} of the line", e.valid_up_to() + 1),
+                        },
+                        raw: String::from_utf8_lossy(&bytes).trim().to_string(),
+                    })?;
+                    continue;
+                }
+            };
+            // A byte-order mark on the first line (Windows editors write one) is not data.
+            let line = if no == 1 { line.strip_prefix('\u{feff}').unwrap_or(line) } else { line };
             let t = line.trim();
             if t.is_empty() {
                 continue;
@@ -727,5 +789,17 @@ mod tests {
     fn spec_parsing() {
         assert_eq!(parse_spec("a.jsonl#12").unwrap(), Spec { name: "a.jsonl".into(), count: Some(12) });
         assert_eq!(parse_spec("dir/#x").unwrap(), Spec { name: "dir/#x".into(), count: None });
+    }
+
+    #[cfg(test)]
+    mod absurd_sizes {
+        /// Regression (issue 14, defect 6): `dataset#999999999999` aborted on a 16 TB allocation.
+        #[test]
+        fn absurd_sample_count_is_a_params_error_with_the_estimate() {
+            let e = super::parse_spec("data.jsonl#999999999999").unwrap_err().to_string();
+            assert!(e.contains("999999999999 rows need at least 16.0 TB"), "{e}");
+            assert!(e.contains("at most 100000000 rows"), "{e}");
+            assert_eq!(super::parse_spec("d.jsonl#500").unwrap().count, Some(500));
+        }
     }
 }

@@ -123,6 +123,8 @@ pub struct PredictorSpec<'a> {
     pub device: pipeline_engine::Device,
     /// Shown in the table's Model column unless the loader has a better name.
     pub model_name: Option<&'a str>,
+    /// The run's Ctrl-C flag: generation polls it between tokens.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Opens a model artifact as a [`Predictor`]. The model crate provides the real one.
@@ -221,9 +223,14 @@ impl Stage for Evaluate {
             max_new_tokens: cfg.max_new_tokens,
             device: ctx.device(),
             model_name: cfg.model_name.as_deref(),
+            cancel: Some(ctx.cancel_flag()),
         };
         let mut predictor = (self.load)(&spec)?;
-        evaluate_with(ctx, &cfg, &dir, out, predictor.as_mut())
+        match evaluate_with(ctx, &cfg, &dir, out, predictor.as_mut()) {
+            // A generation stopped by Ctrl-C fails its batch: the stage was interrupted.
+            Err(_) if ctx.is_cancelled() => Err(StageError::Cancelled),
+            other => other,
+        }
     }
 }
 

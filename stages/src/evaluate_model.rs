@@ -15,7 +15,7 @@ use pipeline_engine::StageError;
 use pipeline_metrics::eval::{PredictError, Predictor, Prompt};
 use pipeline_model::chat::Message;
 use pipeline_model::pretrained::{ModelSource, Pretrained};
-use pipeline_model::{generate, Batch, GenerationConfig};
+use pipeline_model::{generate_until, Batch, GenerationConfig};
 
 use crate::evaluate::PredictorSpec;
 
@@ -23,6 +23,7 @@ pub struct ModelPredictor<D: Device<f32> = Cpu> {
     p: Pretrained<D>,
     name: String,
     max_new_tokens: usize,
+    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// The trained-with system prompt (`chat_defaults.json`), for prompts that have none.
     system: Option<String>,
 }
@@ -75,7 +76,21 @@ impl<D: Device<f32>> ModelPredictor<D> {
             .model_name
             .map(str::to_string)
             .unwrap_or_else(|| path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string());
-        Ok(ModelPredictor { p, name, max_new_tokens: spec.max_new_tokens, system: default_system(&src) })
+        let context = p.model.cfg.max_position_embeddings;
+        if spec.max_new_tokens >= context {
+            return Err(StageError::Params(format!(
+                "max_new_tokens = {} exceeds the context of {} ({context} tokens, config field `max_position_embeddings`)",
+                spec.max_new_tokens,
+                path.display()
+            )));
+        }
+        Ok(ModelPredictor {
+            p,
+            name,
+            max_new_tokens: spec.max_new_tokens,
+            system: default_system(&src),
+            cancel: spec.cancel.clone(),
+        })
     }
 
     /// The loaded model (tests compare logits through it).
@@ -128,7 +143,8 @@ impl<D: Device<f32>> Predictor for ModelPredictor<D> {
         };
         let p = &self.p;
         let decode = |ids: &[u32]| p.decode_model_ids(ids).unwrap_or_default();
-        let out = generate(&self.p.model, &ids, &cfg, Some(&decode))?;
+        let interrupted = || self.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
+        let out = generate_until(&self.p.model, &ids, &cfg, Some(&decode), &interrupted)?;
         Ok(out.into_iter().map(|g| g.text.unwrap_or_default()).collect())
     }
 
@@ -249,6 +265,7 @@ mod tests {
             max_new_tokens: 1,
             device: Default::default(),
             model_name: None,
+            cancel: None,
         };
         let p = super::ModelPredictor::load(&spec, Cpu::default()).unwrap();
         let ids: Vec<u32> = (0..24).map(|i| (i * 5 + 1) % p.pretrained().model.cfg.vocab_size as u32).collect();

@@ -105,7 +105,8 @@ impl Stage for Sft {
     }
     fn version(&self) -> u32 {
         // 2: tokens outside a restricted vocabulary train as byte-level tokens, not as unknown;
-        // TensorBoard event files in `metrics/tensorboard/` (`report_to`).
+        // TensorBoard event files in `metrics/tensorboard/` (`report_to`);
+        // the adapter's `base_model_name_or_path` is relative to the cache (issue 14, defect 5).
         2
     }
     fn summary(&self) -> &'static str {
@@ -156,6 +157,10 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
         None if !held.indices.is_empty() => Some(&held),
         None => None,
     };
+    if p.train_type == training::TrainType::Lora {
+        let c = &pre.model.cfg;
+        training::check_lora_rank(p.lora_rank, c.hidden_size, c.intermediate_size)?;
+    }
     pre.model.set_trainable(p.trainable()?, seed).map_err(|e| StageError::failed(e.to_string()))?;
     let metrics_dir = ctx.output("metrics")?.to_path_buf();
     let model_dir = ctx.output("model")?.to_path_buf();

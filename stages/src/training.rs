@@ -285,6 +285,24 @@ pub(crate) fn write_tensorboard(
 /// The folder of an output artifact that holds a stage's TensorBoard event files.
 pub const TENSORBOARD_DIR: &str = "tensorboard";
 
+/// The largest LoRA rank a recipe may ask for (the hidden size of the widest models).
+const MAX_LORA_RANK: usize = 16_384;
+
+fn gib(bytes: f64) -> String {
+    format!("{:.1} GiB", bytes / f64::from(1u32 << 30))
+}
+
+/// Refuse a LoRA rank above the smaller side of every matrix of the model (it would add
+/// parameters and memory, and nothing a lower rank cannot express), naming the model's sizes.
+pub(crate) fn check_lora_rank(rank: usize, hidden: usize, intermediate: usize) -> Result<(), StageError> {
+    if rank > hidden.max(intermediate) {
+        return Err(StageError::Params(format!(
+            "`lora_rank = {rank}` exceeds every dimension of the model (hidden_size {hidden}, intermediate_size {intermediate}); use at most {hidden}"
+        )));
+    }
+    Ok(())
+}
+
 /// The range checks of a group of params that [`stage_params!`] embeds, as a params error.
 pub(crate) trait CheckParams {
     fn check(&self) -> Result<(), StageError>;
@@ -303,6 +321,16 @@ impl CheckParams for TunerParams {
         }
         if self.train_type == TrainType::Lora && self.lora_rank == 0 {
             return Err(StageError::Params("`lora_rank` must be at least 1".into()));
+        }
+        // Regression (issue 14, defect 6): `lora_rank = 100000000` aborted on a 25.6 GB
+        // allocation. No supported model is wider than MAX_LORA_RANK, and a rank above a matrix's
+        // smaller side adds nothing (the run-time check against the model is in `check_lora_rank`).
+        if self.train_type == TrainType::Lora && self.lora_rank > MAX_LORA_RANK {
+            return Err(StageError::Params(format!(
+                "`lora_rank = {}` is absurd: its A and B matrices alone take {} per 1024-wide linear layer; at most {MAX_LORA_RANK}",
+                self.lora_rank,
+                gib(self.lora_rank as f64 * 2048.0 * 4.0)
+            )));
         }
         self.trainable().map(|_| ())
     }
@@ -547,6 +575,9 @@ impl Callbacks for RunCtxCallbacks<'_> {
     fn on_message(&mut self, message: &str) {
         self.ctx.message(message.to_string());
     }
+    fn on_resume(&mut self, step: u64, checkpoint: &str) {
+        self.ctx.message(format!("resuming {} from step {step} ({checkpoint})", self.ctx.stage_id()));
+    }
     fn control(&mut self, _next_step: u64) -> Control {
         if self.ctx.is_cancelled() {
             Control::Interrupt
@@ -615,6 +646,23 @@ where
     Ok((outcome, tm.0))
 }
 
+/// `base_model_name_or_path` for an adapter written into this stage's `model` output (read
+/// relative to the adapter folder, `<artifact>/adapter/`). A base that is a cache artifact
+/// (`.../artifacts/<digest>[/sub]`, an upstream stage's model) is written relative,
+/// `../../<digest>[/sub]`, which holds once this output is committed beside it: no absolute path
+/// enters the artifact (issue 14, defect 5), so a copied or moved project keeps its digests and its
+/// adapters load. Any other base is written absolute (the cache dir may be relative to the working
+/// directory).
+fn adapter_base_path(src: &Path) -> String {
+    let abs = std::path::absolute(src).unwrap_or_else(|_| src.to_path_buf());
+    let comps: Vec<String> = abs.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+    let is_digest = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    match (1..comps.len()).rev().find(|&i| comps[i - 1] == "artifacts" && is_digest(&comps[i])) {
+        Some(i) => format!("../../{}", comps[i..].join("/")),
+        None => abs.display().to_string(),
+    }
+}
+
 /// Write the output model folder (see the module docs). `src` is the folder the model was loaded
 /// from (tokenizer files and vocabulary map are copied from it), or `None` for the tiny preset
 /// (the embedded Qwen2.5 tokenizer files are written).
@@ -626,11 +674,7 @@ pub(crate) fn write_model<D: Device<f32>, S: Dims>(
 ) -> Result<(), StageError> {
     let merr = |e: pipeline_model::ModelError| StageError::failed(format!("writing {}: {e}", out.display()));
     if model.lora_config().is_some() {
-        // Absolute: the cache dir may be given relative to the working directory, and a relative
-        // `base_model_name_or_path` is read relative to the adapter folder.
-        let base = src
-            .map(|s| std::path::absolute(s).unwrap_or_else(|_| s.to_path_buf()).display().to_string())
-            .unwrap_or_else(|| "tiny".into());
+        let base = src.map(adapter_base_path).unwrap_or_else(|| "tiny".into());
         model.save_adapter(&out.join("adapter"), &base).map_err(merr)?;
         model.merge_lora().map_err(merr)?;
     }
@@ -976,9 +1020,9 @@ mod glue_tests {
         assert_eq!(out.plan.resumed_from, Some(3));
         let events = sink2.0.lock().unwrap().clone();
         assert!(
-            events.iter().any(
-                |e| matches!(e, StageEvent::Message(m) if m.contains("resuming from") && m.contains("checkpoint-3"))
-            ),
+            events
+                .iter()
+                .any(|e| matches!(e, StageEvent::Message(m) if m == "resuming sft from step 3 (checkpoint-3)")),
             "{events:?}"
         );
         assert!(events.contains(&StageEvent::ProgressSet { pos: 3 }), "{events:?}");
@@ -1032,6 +1076,31 @@ mod glue_tests {
         assert!(matches!(stage_error(io), StageError::Io { path, .. } if path == Path::new("p")));
         let e = stage_error(TrainError::NonFinite("loss is NaN at step 3".into()));
         assert_eq!(e.to_string(), "training diverged: loss is NaN at step 3");
+    }
+}
+
+#[cfg(test)]
+mod adapter_base_tests {
+    use std::path::Path;
+
+    /// Regression (issue 14, defect 5): an sft adapter's `base_model_name_or_path` pointed into
+    /// the cache by absolute path, so the artifact's digest depended on where the cache lived.
+    #[test]
+    fn adapter_base_in_the_cache_is_relative() {
+        let d = "a".repeat(64);
+        assert_eq!(
+            super::adapter_base_path(Path::new(&format!("/home/x/p/.pipeline/v1/artifacts/{d}"))),
+            format!("../../{d}")
+        );
+        assert_eq!(super::adapter_base_path(Path::new(&format!("/y/artifacts/{d}/sub"))), format!("../../{d}/sub"));
+        assert_eq!(super::adapter_base_path(Path::new("/models/Qwen")), "/models/Qwen");
+        // The relative form resolves from `<artifact>/adapter/` to the base artifact.
+        let root = tempfile::tempdir().unwrap();
+        let base = root.path().join("artifacts").join(&d);
+        let adapter = root.path().join("artifacts").join("b".repeat(64)).join("adapter");
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::create_dir_all(&adapter).unwrap();
+        assert!(adapter.join(super::adapter_base_path(&base)).canonicalize().unwrap() == base.canonicalize().unwrap());
     }
 }
 

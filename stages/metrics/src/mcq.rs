@@ -145,6 +145,10 @@ pub fn list_mcq_subsets(dir: &Path) -> Result<Vec<String>, DataError> {
 pub fn load_mcq_subset(dir: &Path, subset: &str) -> Result<McqSubset, DataError> {
     let val_path = dir.join(format!("{subset}_val.csv"));
     let val = load_mcq_csv(&val_path)?;
+    if val.is_empty() {
+        // Regression (issue 14, defect 8): a header-only file scored 0.0 with success.
+        return Err(DataError::new(&val_path, None, "has a header but no questions: nothing to score"));
+    }
     let dev_path = dir.join(format!("{subset}_dev.csv"));
     let dev = if dev_path.exists() { load_mcq_csv(&dev_path)? } else { Vec::new() };
     Ok(McqSubset { name: subset.to_string(), val_path, val, dev })

@@ -122,3 +122,17 @@ fn bad_csv_names_file_and_line() {
         assert!(err.contains(name) && err.contains(want), "{name}: {err}");
     }
 }
+
+/// Regression (issue 14, defect 8): a header-only `_val.csv` scored 0.0 with exit 0; a bad row
+/// names its line in the file (the header is line 1), not its data-row number.
+#[test]
+fn header_only_csv_is_an_error_and_bad_rows_name_file_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x_val.csv"), "id,question,A,B,C,D,answer\n").unwrap();
+    let e = load_mcq_subset(dir.path(), "x").unwrap_err().to_string();
+    assert!(e.contains("x_val.csv") && e.contains("no questions"), "{e}");
+    let p = dir.path().join("y_val.csv");
+    std::fs::write(&p, "id,question,A,B,C,D,answer\n1,q,a,b,c,d,A\n2,q,a,b,c,d,Z\n").unwrap();
+    let e = load_mcq_csv(&p).unwrap_err().to_string();
+    assert!(e.contains(":3"), "the bad row is line 3 of the file: {e}");
+}

@@ -102,7 +102,7 @@ impl ChatTemplate {
     /// The `chat_template` and special tokens of a `tokenizer_config.json`.
     pub fn from_tokenizer_config(path: impl AsRef<Path>) -> Result<Self, ChatError> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path)
+        let bytes = pipeline_cache::checked::read(path)
             .map_err(|e| ChatError::Config { path: path.display().to_string(), msg: e.to_string() })?;
         let special = crate::tokenizer::parse_tokenizer_config(&bytes, &path.display().to_string())?;
         let src =

@@ -13,7 +13,7 @@ use crate::host::{HostTensor, HostTensors};
 
 /// Reads every tensor of one `.safetensors` file, converted to f32.
 pub fn read_safetensors(path: &Path) -> Result<HostTensors, ModelError> {
-    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    let bytes = pipeline_cache::checked::read(path).map_err(|e| ModelError::io(path, e))?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;
     let mut out = HostTensors::new();
@@ -47,7 +47,7 @@ pub struct Checkpoint {
 /// `dir/model.safetensors.index.json`.
 pub fn load_hf_folder(dir: &Path) -> Result<Checkpoint, ModelError> {
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+    let text = pipeline_cache::checked::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
     let raw_config: serde_json::Value =
         serde_json::from_str(&text).map_err(|source| ModelError::Json { path: cfg_path.clone(), source })?;
     let config = ModelConfig::from_hf_value(&raw_config)?;
@@ -56,7 +56,7 @@ pub fn load_hf_folder(dir: &Path) -> Result<Checkpoint, ModelError> {
     let tensors = if single.exists() {
         read_safetensors(&single)?
     } else if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let text = pipeline_cache::checked::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index.clone(), source })?;
         let map = v
@@ -124,7 +124,7 @@ pub fn save_hf_folder(dir: &Path, config: &ModelConfig, tensors: &HostTensors) -
 /// Reads a peft adapter folder: `adapter_config.json` + `adapter_model.safetensors`.
 pub fn load_peft_adapter(dir: &Path) -> Result<(serde_json::Value, HostTensors), ModelError> {
     let p = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| ModelError::io(&p, e))?;
+    let text = pipeline_cache::checked::read_to_string(&p).map_err(|e| ModelError::io(&p, e))?;
     let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json { path: p, source })?;
     let tensors = read_safetensors(&dir.join("adapter_model.safetensors"))?;
     Ok((cfg, tensors))

@@ -122,7 +122,7 @@ impl ModelConfig {
 
     /// Reads and validates `config.json`.
     pub fn from_hf_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let text = pipeline_cache::checked::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
         let raw: HfConfig =
             serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })?;
         Self::from_raw(raw)

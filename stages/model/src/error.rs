@@ -38,6 +38,12 @@ pub enum ModelError {
     Batch(String),
     #[error("LoRA: {0}")]
     Lora(String),
+    /// The logits are NaN or infinite: the weights hold such values.
+    #[error("the model's logits are {0} (its weights hold NaN or infinite values); nothing can be generated")]
+    NonFinite(&'static str),
+    /// Generation stopped on Ctrl-C / SIGTERM.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 impl ModelError {

@@ -136,6 +136,30 @@ pub fn generate<D: Device<f32>, S: Dims>(
     cfg: &GenerationConfig,
     decode: Option<Decoder<'_>>,
 ) -> Result<Vec<Generation>, ModelError> {
+    generate_until(model, prompts, cfg, decode, &|| false)
+}
+
+/// [`generate`], asking `interrupted` before every decoding step: when it says `true` (Ctrl-C),
+/// generation stops with [`ModelError::Interrupted`] within one token's time. A prompt plus
+/// `max_new_tokens` longer than the model's context is refused before anything runs.
+pub fn generate_until<D: Device<f32>, S: Dims>(
+    model: &Qwen2<D, S>,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    decode: Option<Decoder<'_>>,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<Vec<Generation>, ModelError> {
+    let context = model.cfg.max_position_embeddings;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if longest.checked_add(cfg.max_new_tokens).is_none_or(|n| n > context) {
+        return Err(ModelError::config(
+            "max_new_tokens",
+            format!(
+                "{} new tokens after a prompt of {longest} exceed the model's context of {context} tokens",
+                cfg.max_new_tokens
+            ),
+        ));
+    }
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
@@ -166,10 +190,18 @@ pub fn generate<D: Device<f32>, S: Dims>(
         Vec::new()
     };
     for step in 0..cfg.max_new_tokens {
+        if interrupted() {
+            return Err(ModelError::Interrupted);
+        }
         let mut next = vec![0u32; b];
         for r in 0..b {
             if done[r] {
                 continue;
+            }
+            // Regression (issue 14, defect 9): NaN weights gave NaN logits, argmax picked id 0 and
+            // an empty string came out with success.
+            if logits[r].iter().any(|l| l.is_nan()) {
+                return Err(ModelError::NonFinite("NaN"));
             }
             let mut hist = prompts[r].clone();
             hist.extend_from_slice(&out[r].tokens);

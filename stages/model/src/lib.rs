@@ -122,7 +122,7 @@ pub use batch::{Batch, KvCache};
 pub use config::{Arch, ModelConfig};
 pub use dims::{DimValues, Dims, RuntimeDims, TinyDims};
 pub use error::ModelError;
-pub use generate::{generate, FinishReason, Generation, GenerationConfig};
+pub use generate::{generate, generate_until, FinishReason, Generation, GenerationConfig};
 pub use host::{HostTensor, HostTensors};
 pub use lora::{LoraConfig, Proj};
 pub use params::FlatParams;

@@ -88,7 +88,8 @@ pub fn is_adapter_dir(path: &Path) -> bool {
 /// value and the path tried.
 pub fn adapter_base(dir: &Path) -> Result<PathBuf, LoadError> {
     let config = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&config).map_err(|e| ModelError::Io { path: config.clone(), source: e })?;
+    let text = pipeline_cache::checked::read_to_string(&config)
+        .map_err(|e| ModelError::Io { path: config.clone(), source: e })?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|source| ModelError::Json { path: config.clone(), source })?;
     let value = match v.get("base_model_name_or_path") {

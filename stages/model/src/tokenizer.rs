@@ -72,7 +72,9 @@ impl Tokenizer {
     /// Load a `tokenizer.json`; reads `tokenizer_config.json` from the same directory if present.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, TokenizerError> {
         let path = path.as_ref();
-        let read = |p: &Path| std::fs::read(p).map_err(|source| TokenizerError::Io { path: p.to_path_buf(), source });
+        let read = |p: &Path| {
+            pipeline_cache::checked::read(p).map_err(|source| TokenizerError::Io { path: p.to_path_buf(), source })
+        };
         let json = read(path)?;
         let cfg_path = path.with_file_name("tokenizer_config.json");
         let cfg = if cfg_path.is_file() { Some(read(&cfg_path)?) } else { None };

@@ -160,7 +160,7 @@ impl VocabMap {
     }
 
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let text = pipeline_cache::checked::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })?;
         let ids = v

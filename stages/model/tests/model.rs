@@ -702,3 +702,46 @@ fn tiny_dims_reject_a_mismatched_config_naming_the_field() {
     let host = Qwen2::<Cpu>::random_host(&cfg, 0);
     assert!(Qwen2::<Cpu, TinyDims>::from_host_with_dims(&cfg, &host, &dev).is_ok());
 }
+
+/// Regression (issue 14, defect 7): generation could not be stopped (`max_new_tokens =
+/// 1000000000` was accepted and a run ignored SIGTERM for 10 minutes). A length past the model's
+/// context is refused before anything runs, and `generate_until` stops within one token of the
+/// interrupt.
+#[test]
+fn generation_is_bounded_by_the_context_and_stops_on_interrupt() {
+    let dev = Cpu::default();
+    let m = qwen(&dev);
+    let p = vec![vec![1u32, 2, 3]];
+    let huge = GenerationConfig { max_new_tokens: 1_000_000_000, ..Default::default() };
+    let e = generate(&m, &p, &huge, None).unwrap_err().to_string();
+    assert!(e.contains("max_new_tokens") && e.contains("exceed the model's context"), "{e}");
+    let overflow = GenerationConfig { max_new_tokens: usize::MAX, ..Default::default() };
+    assert!(generate(&m, &p, &overflow, None).is_err());
+
+    let cfg = GenerationConfig { max_new_tokens: 8, ..Default::default() };
+    let calls = std::cell::Cell::new(0);
+    let stop_after_two = || {
+        calls.set(calls.get() + 1);
+        calls.get() > 2
+    };
+    let e = pipeline_model::generate_until(&m, &p, &cfg, None, &stop_after_two).unwrap_err();
+    assert!(matches!(e, ModelError::Interrupted), "{e}");
+    assert_eq!(calls.get(), 3, "asked before every token, stopped at the first `true`");
+}
+
+/// Regression (issue 14, defect 9): NaN weights generated an empty string with exit 0.
+#[test]
+fn nan_weights_are_an_error_not_an_empty_generation() {
+    let dev = Cpu::default();
+    let dir = tempfile::tempdir().unwrap();
+    let good = qwen(&dev);
+    let mut host = good.to_host();
+    for t in host.values_mut() {
+        t.data.iter_mut().for_each(|x| *x = f32::NAN);
+    }
+    pipeline_model::checkpoint::save_hf_folder(dir.path(), &good.cfg, &host).unwrap();
+    let m = Qwen2::load_hf(dir.path(), &dev).unwrap();
+    let e = generate(&m, &[vec![1u32, 2]], &GenerationConfig { max_new_tokens: 4, ..Default::default() }, None)
+        .unwrap_err();
+    assert!(matches!(e, ModelError::NonFinite("NaN")), "{e}");
+}

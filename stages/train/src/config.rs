@@ -73,6 +73,11 @@ macro_rules! with_train_args {
             eval_steps: ::core::option::Option<u64> = ::core::option::Option::None,
             /// Save a checkpoint every this many steps (and at the end).
             save_steps: u64 = 500,
+            /// Also save a checkpoint once this many seconds of training passed since the last
+            /// one, so that a killed run loses at most about this much (0: by steps only). Not
+            /// part of checkpoint fingerprints: changing it does not stop a run from resuming.
+            #[serde(skip_serializing)]
+            save_interval_secs: u64 = 60,
             /// Keep at most this many `checkpoint-*` directories (the best one is kept apart).
             save_total_limit: ::core::option::Option<usize> = ::core::option::Option::None,
             /// Fraction of the training data held out for evaluation when no `eval` input is given.
@@ -129,6 +134,7 @@ crate::with_train_args! {
 
 impl TrainConfig {
     /// Check ranges; the message names the field.
+    /// Check every field's range, before anything runs (the stages call it at plan time).
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |field: &str, msg: &str| Err(TrainError::Config(format!("`{field}` {msg}")));
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
@@ -167,6 +173,42 @@ impl TrainConfig {
         if self.max_length < 2 {
             return bad("max_length", "must be at least 2 tokens");
         }
+        // Regression (issue 14, defect 6): absurd sizes overflowed a multiply (a panic) or asked
+        // for terabytes; they are refused here, with the size they imply.
+        for (field, v) in [
+            ("per_device_train_batch_size", self.per_device_train_batch_size),
+            ("per_device_eval_batch_size", self.per_device_eval_batch_size),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps),
+        ] {
+            if v == 0 {
+                return bad(field, "must be at least 1");
+            }
+            if v > MAX_BATCH {
+                return bad(field, &format!("{v} is absurd: at most {MAX_BATCH}"));
+            }
+        }
+        if self.max_length > MAX_LENGTH {
+            return bad("max_length", &format!("{} tokens is absurd: at most {MAX_LENGTH}", self.max_length));
+        }
+        let tokens = self.per_device_train_batch_size.max(self.per_device_eval_batch_size) * self.max_length;
+        if tokens > MAX_BATCH_TOKENS {
+            return bad(
+                "per_device_train_batch_size",
+                &format!(
+                    "{} examples x max_length {} = {tokens} tokens a micro-batch need at least {:.1} GB for the \
+                     token ids and logits of even a 1000-token vocabulary; at most {MAX_BATCH_TOKENS} tokens",
+                    self.per_device_train_batch_size.max(self.per_device_eval_batch_size),
+                    self.max_length,
+                    tokens as f64 * 4.0 * 1000.0 / 1e9
+                ),
+            );
+        }
+        if !(self.num_train_epochs.is_finite() && self.num_train_epochs <= 1e6) {
+            return bad("num_train_epochs", "must be a finite number of at most 1000000");
+        }
+        if self.max_steps > MAX_STEPS {
+            return bad("max_steps", &format!("{} is absurd: at most {MAX_STEPS}", self.max_steps));
+        }
         if self.logging_steps == 0 {
             return bad("logging_steps", "must be at least 1");
         }
@@ -199,6 +241,13 @@ impl TrainConfig {
     }
 }
 
+/// Bounds on sizes (issue 14, defect 6): far beyond any real run, small enough that products of
+/// them never overflow.
+const MAX_BATCH: usize = 1 << 16;
+const MAX_LENGTH: usize = 1 << 20;
+const MAX_BATCH_TOKENS: usize = 1 << 24;
+const MAX_STEPS: i64 = 1 << 40;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +273,24 @@ mod tests {
                 r#""early_stopping_patience":null,"load_best_model_at_end":true,"group_by_length":true,"seed":null}"#
             )
         );
+    }
+
+    /// Regression (issue 14, defect 6): `per_device_train_batch_size = 1000000000000000000`
+    /// panicked on a multiply overflow; absurd sizes are a config error naming the field and the
+    /// size they imply.
+    #[test]
+    fn absurd_sizes_are_refused_with_the_estimate() {
+        let c = TrainConfig { per_device_train_batch_size: 1_000_000_000_000_000_000, ..Default::default() };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("`per_device_train_batch_size` 1000000000000000000 is absurd: at most 65536"), "{e}");
+        let c = TrainConfig { per_device_train_batch_size: 60_000, max_length: 4096, ..Default::default() };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("60000 examples x max_length 4096 = 245760000 tokens"), "{e}");
+        assert!(e.contains("983.0 GB"), "{e}");
+        let c = TrainConfig { max_length: usize::MAX, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("`max_length`"));
+        let c = TrainConfig { max_steps: i64::MAX, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("`max_steps`"));
     }
 
     #[test]

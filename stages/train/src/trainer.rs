@@ -77,6 +77,10 @@ pub trait Callbacks {
     /// Every record as it is appended to the history (train windows and evaluations).
     fn on_record(&mut self, _record: &Record) {}
     fn on_message(&mut self, _message: &str) {}
+    /// The run resumed from checkpoint `checkpoint` (a directory name) at step `step`.
+    fn on_resume(&mut self, step: u64, checkpoint: &str) {
+        self.on_message(&format!("resuming from step {step} ({checkpoint})"));
+    }
     /// Asked before every step.
     fn control(&mut self, _next_step: u64) -> Control {
         Control::Continue
@@ -273,7 +277,8 @@ where
                 opt.load_state(ck.state.global_step, ck.optimizer)?;
                 state = ck.state;
                 plan.resumed_from = Some(state.global_step);
-                callbacks.on_message(&format!("resuming from {} (step {step})", dir.display()));
+                let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                callbacks.on_resume(step, &name);
                 break;
             }
             Ok(_) => {
@@ -290,6 +295,9 @@ where
 
     let mut epoch_cache: Option<(u64, Vec<Vec<usize>>)> = None;
     let mut window_start = Instant::now();
+    // Wall-clock checkpoints: a kill loses at most `save_interval_secs` of training.
+    let mut last_save = Instant::now();
+    let save_interval = std::time::Duration::from_secs(cfg.save_interval_secs);
     let mut stop = state.stop.unwrap_or(StopReason::Completed);
     while state.global_step < total_steps && state.stop.is_none() {
         match callbacks.control(state.global_step) {
@@ -415,8 +423,10 @@ where
         if let Some(reason) = state.stop {
             stop = reason;
         }
-        if step.is_multiple_of(cfg.save_steps) || step == total_steps || state.stop.is_some() {
+        let overdue = cfg.save_interval_secs > 0 && last_save.elapsed() >= save_interval;
+        if step.is_multiple_of(cfg.save_steps) || step == total_steps || state.stop.is_some() || overdue {
             save_checkpoint(model, &opt, &state, paths, cfg)?;
+            last_save = Instant::now();
         }
     }
 

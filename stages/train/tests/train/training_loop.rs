@@ -223,3 +223,47 @@ fn early_stopping_restores_the_best_checkpoint() {
     assert_eq!(kept.len(), 2, "{kept:?}");
     assert_eq!(kept.last().unwrap().0, out.global_step);
 }
+
+/// Slow steps (a sleep in `control`), then a kill (`Abort`, nothing saved) at `kill_at`.
+struct SlowThenKilled {
+    step_time: std::time::Duration,
+    kill_at: u64,
+    resumed: Vec<(u64, String)>,
+}
+impl Callbacks for SlowThenKilled {
+    fn control(&mut self, next_step: u64) -> Control {
+        if next_step == self.kill_at {
+            return Control::Abort;
+        }
+        std::thread::sleep(self.step_time);
+        Control::Continue
+    }
+    fn on_resume(&mut self, step: u64, checkpoint: &str) {
+        self.resumed.push((step, checkpoint.to_string()));
+    }
+}
+
+/// Regression (issue 14, defect 2): with `save_steps` larger than the run, a kill lost every step
+/// done, and the re-run started at step 0 without a word. Checkpoints are now also taken by wall
+/// clock (`save_interval_secs`), and the re-run says where it resumes.
+#[test]
+fn kill_before_the_first_save_step_loses_at_most_the_save_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig { save_steps: 1000, eval_steps: Some(1000), save_interval_secs: 1, ..cfg() };
+    let (full, full_params) = run(&cfg, 3, &paths(dir.path(), "full"), &mut Quiet);
+    let p = paths(dir.path(), "killed");
+    // 300 ms a step: a wall-clock checkpoint after step 4 (1.2 s), killed before step 8.
+    let mut cb = SlowThenKilled { step_time: std::time::Duration::from_millis(300), kill_at: 8, resumed: vec![] };
+    let (part, _) = run(&cfg, 3, &p, &mut cb);
+    assert_eq!(part.stop, StopReason::Interrupted);
+    let saved: Vec<u64> =
+        pipeline_train::checkpoint::list(&p.checkpoints, "checkpoint").unwrap().into_iter().map(|c| c.0).collect();
+    assert!(saved.last().is_some_and(|&s| (2..=8).contains(&s)), "checkpoints by wall clock: {saved:?}");
+    let mut cb = SlowThenKilled { step_time: std::time::Duration::ZERO, kill_at: u64::MAX, resumed: vec![] };
+    let (resumed, params) = run(&cfg, 99, &p, &mut cb);
+    let last = *saved.last().unwrap();
+    assert_eq!(cb.resumed, vec![(last, format!("checkpoint-{last}"))]);
+    assert_eq!(resumed.plan.resumed_from, Some(last));
+    assert_eq!(curve(&resumed.history), curve(&full.history));
+    assert_eq!(params, full_params, "a wall-clock checkpoint resumes exactly");
+}
