@@ -127,8 +127,7 @@ pub fn run(args: GenerateArgs, fmt: LogFormat) -> anyhow::Result<()> {
 }
 
 fn run_on<D: dfdx::prelude::Device<f32>>(args: GenerateArgs, dev: D, fmt: LogFormat) -> anyhow::Result<()> {
-    let (model, store) =
-        model_path(args.model.as_deref(), args.recipe.as_deref(), args.stage.as_deref(), &args.cache)?;
+    let (model, store) = model_path(args.model.as_deref(), args.recipe.as_deref(), args.stage.as_deref(), &args.cache)?;
     let src = ModelSource::resolve(&model, args.base.as_deref()).map_err(|e| Usage(e.to_string()))?;
     if let Some(store) = &store {
         arm_checked_reads(store, &src)?;

@@ -89,7 +89,7 @@ fn from_cache(plan: &Plan, store: &Store) -> Vec<Found> {
         .into_iter()
         .zip(&plan.stages)
         .map(|(st, s)| {
-            let status = NodeStatus::from_status(st);
+            let status = NodeStatus::from_status(&st);
             let current = st.key_hex.as_deref().filter(|_| status == NodeStatus::Cached);
             let (entry, stale) = match current {
                 Some(k) => (store.entry(k).ok().flatten(), false),

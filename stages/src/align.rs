@@ -236,7 +236,7 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
             training::fit(ctx, &label, cfg, seed, dev, pre.model, &mut obj, &data, None)?
         }
     };
-    training::write_model(&model_dir, model, Some(&src), system.as_deref())?;
+    training::write_model(&model_dir, model, Some(&src), Some(&pre.tokenizer), system.as_deref())?;
     ctx.set_report(training::report(
             ctx,
             &outcome,

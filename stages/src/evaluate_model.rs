@@ -233,7 +233,7 @@ mod tests {
             }
         }
         p.model.load_lora_host(lc, &host).unwrap();
-        crate::training::write_model(out, p.model, Some(base), None).unwrap();
+        crate::training::write_model(out, p.model, Some(base), None, None).unwrap();
     }
 
     fn run_eval(params: &str, model_input: Option<&Path>, out: &Path) -> Result<Report, pipeline_engine::StageError> {

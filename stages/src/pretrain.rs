@@ -170,7 +170,17 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
             let outside = docs.iter().map(|d| d.outside).sum();
             let docs: Vec<Vec<u32>> = docs.into_iter().map(|d| d.ids).collect();
             let eos = pre.to_model_ids(&[special(&pre.tokenizer, "<|endoftext|>")?])[0];
-            let run = Fit { ctx, p: &p, seed, eos, vocab: None, outside, src: Some(path), t0 };
+            let run = Fit {
+                ctx,
+                p: &p,
+                seed,
+                eos,
+                vocab: None,
+                outside,
+                src: Some(path),
+                tokenizer: Some(&pre.tokenizer),
+                t0,
+            };
             run.fit(pre.model, &docs)
         }
         None => {
@@ -196,7 +206,7 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
             let outside = docs.iter().map(|d| d.outside).sum();
             let docs: Vec<Vec<u32>> = docs.into_iter().map(|d| d.ids).collect();
             let eos = vocab.to_model(&[required[0]], 0)[0];
-            let run = Fit { ctx, p: &p, seed, eos, vocab: Some(&vocab), outside, src: None, t0 };
+            let run = Fit { ctx, p: &p, seed, eos, vocab: Some(&vocab), outside, src: None, tokenizer: None, t0 };
             run.fit(model, &docs)
         }
     }
@@ -215,6 +225,8 @@ struct Fit<'a> {
     outside: usize,
     /// The model folder continued from (`None`: the tiny preset).
     src: Option<&'a Path>,
+    /// Its tokenizer (written beside the model when `src` is a `.gguf` file).
+    tokenizer: Option<&'a Tokenizer>,
     t0: Instant,
 }
 
@@ -242,7 +254,7 @@ impl Fit<'_> {
         let dev = model.device().clone();
         let (outcome, model) =
             training::fit(ctx, "pretrain", cfg, seed, &dev, model, &mut CausalLmObjective, &train_set, eval_ref)?;
-        training::write_model(&model_dir, model, self.src, self.p.system.as_deref())?;
+        training::write_model(&model_dir, model, self.src, self.tokenizer, self.p.system.as_deref())?;
         if let Some(v) = self.vocab {
             v.save(&model_dir.join("vocab_map.json")).map_err(StageError::failed)?;
         }

@@ -166,7 +166,7 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
     let model_dir = ctx.output("model")?.to_path_buf();
     let (outcome, model) =
         training::fit(ctx, "sft", &cfg, seed, dev, pre.model, &mut CausalLmObjective, &train_set, eval_ref)?;
-    training::write_model(&model_dir, model, Some(&src), system.as_deref())?;
+    training::write_model(&model_dir, model, Some(&src), Some(&pre.tokenizer), system.as_deref())?;
     ctx.set_report(training::report(
             ctx,
             &outcome,

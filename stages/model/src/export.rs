@@ -153,19 +153,20 @@ impl ExportModel {
         let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).expect("json");
         write_atomic(&dir.join("config.json"), &json(&self.hf_config(dtype)))?;
         write_safetensors_as(&dir.join("model.safetensors"), &self.tensors, dtype)?;
-        let tok_json = self
-            .tokenizer
-            .inner()
-            .to_string(false)
-            .map_err(|e| ModelError::config("tokenizer", format!("cannot serialise tokenizer.json: {e}")))?;
-        write_atomic(&dir.join("tokenizer.json"), tok_json.as_bytes())?;
         let copy = |src: &Path, name: &str| -> Result<(), ModelError> {
             let bytes = std::fs::read(src).map_err(|e| ModelError::io(src, e))?;
             write_atomic(&dir.join(name), &bytes)
         };
         match tokenizer_config {
-            Some(src) => copy(src, "tokenizer_config.json")?,
-            None => write_atomic(&dir.join("tokenizer_config.json"), &json(&self.tokenizer_config()))?,
+            Some(src) => {
+                let json =
+                    self.tokenizer.inner().to_string(false).map_err(|e| {
+                        ModelError::config("tokenizer", format!("cannot serialise tokenizer.json: {e}"))
+                    })?;
+                write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+                copy(src, "tokenizer_config.json")?
+            }
+            None => self.tokenizer.write_hf_files(dir, self.config.max_position_embeddings)?,
         }
         match generation_config {
             Some(src) => copy(src, "generation_config.json")?,
@@ -180,24 +181,6 @@ impl ExportModel {
             files.push("chat_defaults.json".into());
         }
         Ok(files)
-    }
-
-    /// A `tokenizer_config.json` for a tokenizer that came without one (from a `.gguf` file).
-    fn tokenizer_config(&self) -> serde_json::Value {
-        let s = self.tokenizer.special_tokens();
-        let mut v = serde_json::json!({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "model_max_length": self.config.max_position_embeddings,
-            "clean_up_tokenization_spaces": false,
-            "add_bos_token": false,
-            "eos_token": s.eos,
-            "bos_token": s.bos,
-            "pad_token": s.pad.clone().or(s.eos.clone()),
-        });
-        if let Some(t) = self.tokenizer.chat_template() {
-            v["chat_template"] = t.into();
-        }
-        v
     }
 
     /// Greedy decoding with the model's stop ids (what `pipeline generate` does by default).

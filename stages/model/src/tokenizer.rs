@@ -99,6 +99,34 @@ impl Tokenizer {
         crate::checkpoint::write_atomic(&dir.join("tokenizer_config.json"), QWEN25_TOKENIZER_CONFIG)
     }
 
+    /// Write this tokenizer as `tokenizer.json` and a `tokenizer_config.json` (special tokens, chat
+    /// template, `model_max_length`) into `dir`: what a model folder needs when its tokenizer came
+    /// from somewhere other than a folder (a `.gguf` file's metadata).
+    pub fn write_hf_files(&self, dir: &Path, model_max_length: usize) -> Result<(), crate::ModelError> {
+        let json = self
+            .inner()
+            .to_string(false)
+            .map_err(|e| crate::ModelError::config("tokenizer", format!("cannot serialise tokenizer.json: {e}")))?;
+        crate::checkpoint::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+        let s = self.special_tokens();
+        let mut v = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": model_max_length,
+            "clean_up_tokenization_spaces": false,
+            "add_bos_token": false,
+            "eos_token": s.eos,
+            "bos_token": s.bos,
+            "pad_token": s.pad.clone().or(s.eos.clone()),
+        });
+        if let Some(t) = self.chat_template() {
+            v["chat_template"] = t.into();
+        }
+        crate::checkpoint::write_atomic(
+            &dir.join("tokenizer_config.json"),
+            &serde_json::to_vec_pretty(&v).expect("json of strings"),
+        )
+    }
+
     /// `tokenizer.json` bytes and optional `tokenizer_config.json` bytes; `what` names the source
     /// in errors.
     pub fn from_bytes(json: &[u8], config: Option<&[u8]>, what: &str) -> Result<Self, TokenizerError> {
