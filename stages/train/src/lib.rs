@@ -114,7 +114,7 @@ pub mod trainer;
 
 use std::path::PathBuf;
 
-pub use config::{SchedulerType, TrainConfig};
+pub use config::{SchedulerType, TorchDtype, TrainConfig};
 pub use data::{pack_documents, split_indices, Batch, Dataset, LmBatch, Subset, TokenDataset, TokenExample};
 pub use metrics::{EvalRecord, Record, TrainRecord};
 pub use objectives::{
