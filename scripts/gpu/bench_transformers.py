@@ -6,7 +6,11 @@ shapes as the Rust bench: forward tokens/s on [batch, seq]; one LoRA SFT step (r
 all linear layers, no dropout; forward + backward + Adam update) tokens/s; peak GPU memory during the
 LoRA steps (nvidia-smi sampled during the steps, as the Rust bench does) and torch's peak allocation; greedy
 generation tokens/s from a 16-token prompt, batch 1 and 8. Precisions: f32 (what the Rust
-code runs) and bf16 autocast (the usual setting). One warm-up, then `--reps` timed repetitions.
+code runs), bf16 (f32 weights, bf16 autocast) and bf16base (base weights in bf16, LoRA adapters
+f32 as peft keeps them, bf16 autocast: ms-swift's `--torch_dtype bfloat16`). One warm-up, then
+`--reps` timed repetitions; the loss of every step is printed. `--weights DIR` loads
+DIR/<model name> (written by the Rust bench with PIPELINE_BENCH_SAVE=DIR) instead of a random
+init, so both sides start from identical weights and data.
 
 Output lines: bench<TAB>impl<TAB>model<TAB>metric<TAB>value<TAB>unit (see scripts/gpu/table.py).
 """
@@ -65,13 +69,23 @@ class MemSampler:
 
 
 def report(impl, model, metric, value, unit):
-    print(f"bench\t{impl}\t{model}\t{metric}\t{value:.1f}\t{unit}", flush=True)
+    digits = 4 if unit == "nats" else 1
+    print(f"bench\t{impl}\t{model}\t{metric}\t{value:.{digits}f}\t{unit}", flush=True)
 
 
-def bench(impl, name, make, args, autocast):
+def bench(impl, name, make, args, autocast, bf16_base=False):
     torch.manual_seed(0)
     cls, cfg = make()
-    model = cls(cfg).to("cuda").eval()
+    cfg._attn_implementation = "sdpa"
+    if args.weights:
+        import os
+        model = cls.from_pretrained(os.path.join(args.weights, name), attn_implementation="sdpa",
+                                    dtype=torch.bfloat16 if bf16_base else torch.float32)
+    else:
+        model = cls(cfg)
+        if bf16_base:
+            model = model.to(torch.bfloat16)
+    model = model.to("cuda").eval()
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
     b, s, reps = args.batch, args.seq, args.reps
     ids = (torch.arange(b * s, device="cuda") * 7919 % cfg.vocab_size).reshape(b, s)
@@ -100,15 +114,16 @@ def bench(impl, name, make, args, autocast):
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    step()
+    report(impl, name, f"loss step 1 [{b}x{s}]", step(), "nats")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     with MemSampler() as mem:
         t = time.perf_counter()
-        for _ in range(reps):
-            step()
+        losses = [step() for _ in range(reps)]
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
+    for k, loss in enumerate(losses):
+        report(impl, name, f"loss step {k + 2} [{b}x{s}]", loss, "nats")
     report(impl, name, f"LoRA SFT step [{b}x{s}]", reps * b * s / dt, "tokens/s")
     report(impl, name, "GPU memory peak in LoRA steps (nvidia-smi)", mem.peak, "MiB")
     report(impl, name, "torch peak allocated in LoRA steps", torch.cuda.max_memory_allocated() / 2**20, "MiB")
@@ -145,7 +160,9 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--precisions", default="f32,bf16", help="comma list of f32, bf16 (autocast)")
+    ap.add_argument("--precisions", default="f32,bf16", help="comma list of f32, bf16 (autocast), bf16base")
+    ap.add_argument("--models", default="", help="comma list of model-name prefixes (default: all)")
+    ap.add_argument("--weights", default="", help="folder of <model name>/ checkpoints to load")
     args = ap.parse_args()
     # f32 means f32: no TF32 matmuls (the Rust code runs plain f32 cuBLAS)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -160,7 +177,10 @@ def main():
           f"device {torch.cuda.get_device_name(0)}", flush=True)
     for prec in args.precisions.split(","):
         for name, make in (("SmolLM2-135M-shape", smollm2_135m_shape), ("Qwen2.5-0.5B-shape", qwen25_05b_shape)):
-            bench(f"transformers-{prec}", name, make, args, autocast=(prec == "bf16"))
+            if args.models and not any(name.startswith(m) for m in args.models.split(",")):
+                continue
+            bench(f"transformers-{prec}", name, make, args, autocast=prec in ("bf16", "bf16base"),
+                  bf16_base=prec == "bf16base")
 
 
 if __name__ == "__main__":

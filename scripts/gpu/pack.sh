@@ -27,7 +27,7 @@ cp "$tests" "$tmp/model-tests"
 cp "$bench" "$tmp/throughput"
 rm -rf .gpu
 pack_for_device "$tmp/model-tests" "$tmp/throughput" \
-  scripts/gpu/device-setup.sh scripts/gpu/run-on-device.sh scripts/gpu/kernels-on-device.sh scripts/gpu/bench_transformers.py scripts/gpu/table.py
+  scripts/gpu/device-setup.sh scripts/gpu/run-on-device.sh scripts/gpu/kernels-on-device.sh scripts/gpu/bf16-on-device.sh scripts/gpu/bench_transformers.py scripts/gpu/table.py
 rm -rf "$tmp"
 cp -r stages/model/tests/fixtures .gpu/fixtures
 if [ -n "${GPU_WHEELS:-}" ]; then cp "$GPU_WHEELS"/*.whl .gpu/; fi

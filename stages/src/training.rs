@@ -622,7 +622,7 @@ pub(crate) fn fit<D, S, O>(
     cfg: &TrainConfig,
     seed: u64,
     dev: &D,
-    model: Qwen2<D, S>,
+    mut model: Qwen2<D, S>,
     objective: &mut O,
     train_set: &dyn Dataset<Batch = O::Batch>,
     eval: Option<&dyn Dataset<Batch = O::Batch>>,
@@ -634,6 +634,16 @@ where
 {
     let metrics_dir = ctx.output("metrics")?;
     pipeline_model::set_tf32(dev, cfg.tf32);
+    // torch_dtype unset: bf16 for checkpoints from disk (runtime dimensions), f32 for the preset
+    let from_disk = std::any::TypeId::of::<S>() == std::any::TypeId::of::<pipeline_model::RuntimeDims>();
+    let dtype = match cfg.torch_dtype {
+        Some(pipeline_train::TorchDtype::Bfloat16) => pipeline_model::FrozenDtype::Bf16,
+        Some(pipeline_train::TorchDtype::Float32) => pipeline_model::FrozenDtype::F32,
+        None if from_disk => pipeline_model::FrozenDtype::Bf16,
+        None => pipeline_model::FrozenDtype::F32,
+    };
+    model.set_frozen_dtype(dtype).map_err(|e| StageError::failed(format!("{label}: torch_dtype: {e}")))?;
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing);
     let mut tm = TrainModel(model);
     let mut cb = RunCtxCallbacks { ctx, label: label.into() };
     let outcome = train(cfg, seed, dev, &mut tm, objective, train_set, eval, &train_paths(ctx, metrics_dir), &mut cb)

@@ -35,11 +35,26 @@ struct Shapes {
 /// Which kernels the LoRA step runs: the fused/frozen-weight ones, or with
 /// `PIPELINE_REFERENCE_KERNELS=1` dfdx's reference ops (what the model ran before they existed).
 fn kernels() -> &'static str {
-    if std::env::var("PIPELINE_REFERENCE_KERNELS").is_ok_and(|v| v == "1") {
-        "reference kernels"
-    } else {
-        "fused kernels"
+    if std::env::var("PIPELINE_BENCH_GC").is_ok_and(|v| v == "1") {
+        return match (std::env::var("PIPELINE_REFERENCE_KERNELS").is_ok_and(|v| v == "1"), bf16_base()) {
+            (true, _) => "reference kernels, gradient checkpointing",
+            (false, false) => "fused kernels, gradient checkpointing",
+            (false, true) => "fused kernels, bf16 base, gradient checkpointing",
+        };
     }
+    let bf16 = bf16_base();
+    match (std::env::var("PIPELINE_REFERENCE_KERNELS").is_ok_and(|v| v == "1"), bf16) {
+        (true, false) => "reference kernels",
+        (true, true) => "reference kernels, bf16 base",
+        (false, false) => "fused kernels",
+        (false, true) => "fused kernels, bf16 base",
+    }
+}
+
+/// `PIPELINE_BENCH_DTYPE=bf16`: the frozen base matrices held as bf16 on the GPU
+/// (`torch_dtype = "bfloat16"`), as the transformers + peft peer holds them.
+fn bf16_base() -> bool {
+    std::env::var("PIPELINE_BENCH_DTYPE").is_ok_and(|v| v == "bf16")
 }
 
 /// This process's user + system CPU time (Linux `/proc/self/stat`), so a figure taken on a busy
@@ -53,7 +68,11 @@ fn cpu_seconds() -> Option<f64> {
 }
 
 fn report(model: &str, metric: &str, value: f64, unit: &str) {
-    println!("bench\tdfdx\t{model}\t{metric}\t{value:.1}\t{unit}");
+    if unit == "nats" {
+        println!("bench\tdfdx\t{model}\t{metric}\t{value:.4}\t{unit}");
+    } else {
+        println!("bench\tdfdx\t{model}\t{metric}\t{value:.1}\t{unit}");
+    }
 }
 
 /// Memory in use on GPU 0 as `nvidia-smi` sees it (MiB; CUDA context and allocator caches
@@ -132,14 +151,19 @@ fn bench_model<D: Device<f32> + Synchronize + TensorToArray<(), f32, Array = f32
             opt.update(&mut m.params, &g).unwrap();
             l
         };
-        step(&mut m);
+        let l0 = step(&mut m);
+        report(name, &format!("loss step 1 [{batch}x{seq}]"), l0 as f64, "nats");
         m.device().synchronize();
         let sampler = gpu.then(MemSampler::start);
         let (t, c) = (Instant::now(), cpu_seconds());
+        let mut losses = Vec::with_capacity(reps);
         for _ in 0..reps {
-            step(&mut m);
+            losses.push(step(&mut m));
         }
         m.device().synchronize();
+        for (k, l) in losses.iter().enumerate() {
+            report(name, &format!("loss step {} [{batch}x{seq}]", k + 2), *l as f64, "nats");
+        }
         let tr = (reps * batch * seq) as f64 / t.elapsed().as_secs_f64();
         let what = format!("LoRA SFT step [{batch}x{seq}] ({})", kernels());
         report(name, &what, tr, "tokens/s");
@@ -215,7 +239,18 @@ fn run_gpu() {
             continue;
         }
         let t = Instant::now();
-        let m = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, 0), &dev).unwrap();
+        let host = Qwen2::<Cpu>::random_host(&cfg, 0);
+        if let Some(dir) = std::env::var_os("PIPELINE_BENCH_SAVE") {
+            // the same weights for the transformers peer (bench_transformers.py --weights)
+            let dir = PathBuf::from(dir).join(name);
+            if !dir.join("model.safetensors").is_file() {
+                pipeline_model::checkpoint::save_hf_folder(&dir, &cfg, &host).unwrap();
+            }
+        }
+        let dtype = if bf16_base() { pipeline_model::FrozenDtype::Bf16 } else { pipeline_model::FrozenDtype::F32 };
+        let mut m = Qwen2::from_host_with_dtype(&cfg, &host, &dev, dtype).unwrap();
+        m.set_gradient_checkpointing(std::env::var("PIPELINE_BENCH_GC").is_ok_and(|v| v == "1"));
+        drop(host);
         eprintln!("{name}: random init + upload {:.1} s", t.elapsed().as_secs_f64());
         bench_model(name, m, &s, true);
         dev.empty_cache();

@@ -16,6 +16,9 @@ pub enum ModelError {
         #[source]
         source: serde_json::Error,
     },
+    /// A CUDA kernel of this crate failed (NVRTC compile error, out of device memory, driver error).
+    #[error("CUDA kernels: {0}")]
+    Kernel(String),
     #[error("config field `{field}`: {msg}")]
     Config { field: String, msg: String },
     #[error("{path}: invalid safetensors file: {msg}")]

@@ -125,7 +125,7 @@ pub use error::ModelError;
 pub use generate::{generate, generate_until, FinishReason, Generation, GenerationConfig};
 pub use host::{HostTensor, HostTensors};
 pub use lora::{LoraConfig, Proj};
-pub use params::FlatParams;
+pub use params::{FlatParams, FrozenDtype};
 
 /// cuBLAS TF32 tensor-op math for the f32 products on `dev` (the `tf32 = true` training option;
 /// off by default, as in PyTorch). Returns whether `dev` has it (a CUDA device); the CPU has no

@@ -5,9 +5,10 @@
 //! |---|---|---|
 //! | `Flat` (trained: full fine-tuning) | dfdx's matmul on a view of the trained vector | `dW` and `dx` |
 //! | `Frozen` (inference, LoRA's base) | [`kernels::frozen::matmul_wt`]; CPU batch-1 without a tape: [`kernels::host_matmul`] | `dx` only, never `dW` |
+//! | `FrozenBf16` (CUDA, `torch_dtype = "bfloat16"`) | [`kernels::frozen::matmul_wt_bf16`]: bf16 tensor-core GEMM, f32 accumulate | `dx` only (f32) |
 //!
-//! LoRA adapters ([`Adapter`]) sit on top of either. Quantised blocks for CPU inference and frozen
-//! bf16 on CUDA are further `Store` backends of this same type.
+//! LoRA adapters ([`Adapter`]) sit on top of any of them, in f32 (peft's mixed precision).
+//! Quantised blocks for CPU inference would be a further `Store` backend of this same type.
 
 use dfdx::prelude::*;
 
@@ -35,6 +36,7 @@ impl<D: Device<f32>> Ctx<'_, D> {
     pub fn fetch<T: Tape<f32, D>>(&self, p: &Param<D>) -> T1<D, T> {
         match &p.store {
             Store::Frozen(t) => t.retaped::<T>(),
+            Store::FrozenBf16(w) => crate::params::bf16_to_f32::<D>(w).retaped::<T>(),
             Store::Flat(off) => self.flat.retaped::<T>().slice((*off..*off + p.numel(),)),
         }
     }
@@ -69,6 +71,7 @@ impl<D: Device<f32>> Ctx<'_, D> {
                 }
                 kernels::frozen::matmul_wt(x, t.clone().reshape_like(&(out, inp)))
             }
+            Store::FrozenBf16(w) => kernels::frozen::matmul_wt_bf16(x, w, out),
             Store::Flat(_) => {
                 let w = self.fetch2::<O, I, T>(p, out, inp);
                 x.matmul(w.permute::<(I, O), Axes2<1, 0>>())

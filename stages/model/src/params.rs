@@ -52,11 +52,71 @@ impl<E: Dtype, D: Device<E>> TensorCollection<E, D> for FlatParams<E, D> {
     }
 }
 
+/// A frozen weight held as bf16 on a CUDA device ([`crate::kernels::cuda::Bf16Weight`]).
+#[cfg(feature = "cuda")]
+pub(crate) use crate::kernels::cuda::Bf16Weight;
+
+/// Without the `cuda` feature no weight is ever bf16: the type has no values, so the
+/// [`Store::FrozenBf16`] arms compile everywhere and cannot run on the CPU.
+#[cfg(not(feature = "cuda"))]
+#[derive(Debug, Clone)]
+pub(crate) enum Bf16Weight {}
+
+/// The precision frozen base weights are held in on the device (training's `torch_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrozenDtype {
+    /// f32 (the CPU always, and CUDA when asked for `float32`).
+    F32,
+    /// bf16 matrices (projections, embedding, LM head) on a CUDA device, products on tensor cores
+    /// with f32 accumulation; norms, biases and LoRA adapters stay f32.
+    Bf16,
+}
+
+impl<D: Device<f32>> Param<D> {
+    /// The frozen values as an f32 device vector (a bf16 weight is widened into a new buffer);
+    /// `None` for a trained weight.
+    pub fn frozen_f32(&self) -> Option<Tensor<(usize,), f32, D>> {
+        match &self.store {
+            Store::Frozen(t) => Some(t.clone()),
+            Store::FrozenBf16(w) => Some(bf16_to_f32::<D>(w)),
+            Store::Flat(_) => None,
+        }
+    }
+}
+
+/// `w` widened to f32 on its device, as a tensor of `D` (which is the CUDA device: only it holds
+/// bf16 weights). Out of memory panics, as dfdx's own infallible ops do.
+#[cfg(feature = "cuda")]
+pub(crate) fn bf16_to_f32<D: Device<f32>>(w: &Bf16Weight) -> Tensor<(usize,), f32, D> {
+    let t = w.to_f32().unwrap_or_else(|e| panic!("widening a bf16 weight: {e}"));
+    crate::kernels::cast(t).expect("bf16 weights live on the CUDA device")
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn bf16_to_f32<D: Device<f32>>(w: &Bf16Weight) -> Tensor<(usize,), f32, D> {
+    match *w {}
+}
+
+/// `w`'s values on the host as f32.
+#[cfg(feature = "cuda")]
+pub(crate) fn bf16_to_host(w: &Bf16Weight) -> Vec<f32> {
+    w.to_host().unwrap_or_else(|e| panic!("reading a bf16 weight: {e}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn bf16_to_host(w: &Bf16Weight) -> Vec<f32> {
+    match *w {}
+}
+
 /// Where one weight lives: frozen on the device, or a view into the model's [`FlatParams`].
 #[derive(Debug, Clone)]
 pub(crate) enum Store<D: Storage<f32>> {
     /// Not trained: products through it record no gradient for it ([`crate::kernels::frozen`]).
     Frozen(Tensor<(usize,), f32, D>),
+    /// Not trained, held as bf16 on a CUDA device (`torch_dtype = "bfloat16"`); never built
+    /// without the `cuda` feature (the payload type has no values there).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    FrozenBf16(Bf16Weight),
     /// Trained: `numel` values at this offset of [`FlatParams::flat`].
     Flat(usize),
 }
@@ -94,6 +154,7 @@ impl<D: Storage<f32>> Param<D> {
     {
         match &self.store {
             Store::Frozen(t) => Some(self.host.0.get_or_init(|| Arc::new(t.as_vec()))),
+            Store::FrozenBf16(w) => Some(self.host.0.get_or_init(|| Arc::new(bf16_to_host(w)))),
             Store::Flat(_) => None,
         }
     }

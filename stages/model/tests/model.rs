@@ -592,6 +592,119 @@ fn cuda_matches_cpu() {
     assert_eq!(generate(&qwen(&gpu), &p, &gen, None).unwrap(), generate(&qwen(&cpu), &p, &gen, None).unwrap());
 }
 
+/// Cosine similarity of two vectors (f64 sums).
+#[cfg(feature = "cuda")]
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb).max(1e-30)
+}
+
+/// bf16 frozen base weights (`torch_dtype = "bfloat16"`: bf16 tensor-core products with f32
+/// accumulation, the fused head over a bf16 head, the bf16 embedding gather) against the f32
+/// path on the same GPU, within bf16 tolerance: logits of a random SmolLM2-135M-shaped Llama, and
+/// the LoRA log-prob loss and adapter gradients of the fixture Qwen2 with its peft adapter.
+/// Uploading as bf16 and converting a loaded f32 model give the same weights.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU: run with scripts/gpu/run-on-device.sh"]
+fn cuda_bf16_matches_f32() {
+    use pipeline_model::FrozenDtype;
+    let gpu = Cuda::default();
+    let report = |what: &str, a: &[f32], b: &[f32], tol: f32, min_cos: f64| {
+        let (abs, rel) = diff(a, b);
+        let cos = cosine(a, b);
+        let scale = b.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+        eprintln!("bf16 vs f32 {what}: max abs {abs:e} (largest |value| {scale:e}), max rel {rel:e}, cosine {cos:.6} over {} values", a.len());
+        assert!(abs <= tol * scale, "{what}: bf16 and f32 differ by {abs} (largest |value| {scale})");
+        assert!(cos >= min_cos, "{what}: cosine {cos}");
+    };
+    let cfg = ModelConfig::smollm2_135m_shape();
+    let host = Qwen2::<Cpu>::random_host(&cfg, 11);
+    let m32 = Qwen2::from_host(&cfg, &host, &gpu).unwrap();
+    let m16: Qwen2<Cuda> = Qwen2::from_host_with_dtype(&cfg, &host, &gpu, FrozenDtype::Bf16).unwrap();
+    assert_eq!(m16.frozen_dtype(), FrozenDtype::Bf16);
+    let mut conv = Qwen2::from_host(&cfg, &host, &gpu).unwrap();
+    assert!(conv.set_frozen_dtype(FrozenDtype::Bf16).unwrap());
+    let p: Vec<u32> = (0..128).map(|i| (i * 7919) % cfg.vocab_size as u32).collect();
+    let b = Batch::new(p, 2, 64).unwrap();
+    // host and device round to bf16 alike: the same weights, bit for bit (the logits are not
+    // compared exactly: dfdx's CUDA reductions use atomics, and a last-bit change in an activation
+    // can flip its bf16 rounding)
+    let (w16, wconv) = (m16.to_host(), conv.to_host());
+    for (name, t) in &w16 {
+        assert_eq!(t.data, wconv[name].data, "{name}: bf16 upload and on-device conversion differ");
+    }
+    let l16 = m16.forward(&b).unwrap().as_vec();
+    report("SmolLM2-135M-shape logits", &l16, &m32.forward(&b).unwrap().as_vec(), 3e-2, 0.999);
+    // LoRA: log-prob loss (the fused head) and adapter gradients
+    let g = golden();
+    let prompts: Vec<Vec<u32>> = g["prompts"].as_array().unwrap().iter().map(ids).collect();
+    let b = Batch::right_padded(&prompts, 0).unwrap();
+    let n = b.batch * b.seq;
+    let targets: Vec<usize> = (0..n).map(|k| if (k + 1) % b.seq == 0 { 0 } else { b.ids[k + 1] as usize }).collect();
+    let needed: Vec<bool> = (0..n).map(|k| (k + 1) % b.seq != 0 && b.mask[k + 1]).collect();
+    let count = needed.iter().filter(|&&x| x).count() as f32;
+    let run = |m: &Qwen2<Cuda>| {
+        let (_, tape) = m.params.flat.trace(m.params.alloc_grads()).split_tape();
+        let lp = m.forward_logprobs(&b, &targets, Some(&needed), tape, None).unwrap();
+        let loss = lp.sum::<(), _>() * (-1.0 / count);
+        let l = loss.array();
+        (l, loss.backward().get(&m.params.flat).as_vec())
+    };
+    let mut a32 = qwen(&gpu);
+    a32.load_peft_adapter(&fixtures().join("lora_tiny")).unwrap();
+    let mut a16 = qwen(&gpu);
+    a16.set_frozen_dtype(FrozenDtype::Bf16).unwrap();
+    a16.load_peft_adapter(&fixtures().join("lora_tiny")).unwrap();
+    assert_eq!(a16.frozen_dtype(), FrozenDtype::Bf16, "adapters load on top of the bf16 base");
+    let (l32, g32) = run(&a32);
+    let (l16, g16) = run(&a16);
+    report("lora log-prob loss", &[l16], &[l32], 1e-2, 0.0);
+    report("lora grads", &g16, &g32, 5e-2, 0.999);
+    // merging folds the adapters into a bf16 base that stays bf16
+    a16.merge_lora().unwrap();
+    assert_eq!(a16.frozen_dtype(), FrozenDtype::Bf16);
+}
+
+/// Gradient checkpointing (each decoder layer recomputed in the backward) leaves the loss and the
+/// LoRA and full fine-tuning gradients as the plain backward computes them.
+#[test]
+fn gradient_checkpointing_keeps_loss_and_gradients() {
+    on_test_device!(gradient_checkpointing_keeps_loss_and_gradients_on);
+}
+
+fn gradient_checkpointing_keeps_loss_and_gradients_on<D: TestDevice>(dev: &D) {
+    let g = golden();
+    let prompts: Vec<Vec<u32>> = g["prompts"].as_array().unwrap().iter().map(ids).collect();
+    let b = Batch::right_padded(&prompts, 0).unwrap();
+    let labels: Vec<i64> = b.ids.iter().zip(&b.mask).map(|(&t, &m)| if m { t as i64 } else { -100 }).collect();
+    for what in ["lora", "full"] {
+        let run = |gc: bool| {
+            let mut m = qwen(dev);
+            if what == "lora" {
+                m.load_peft_adapter(&fixtures().join("lora_tiny")).unwrap();
+            } else {
+                m.set_trainable(Trainable::Full, 0).unwrap();
+            }
+            m.set_gradient_checkpointing(gc);
+            assert_eq!(m.gradient_checkpointing(), gc);
+            let loss = masked_cross_entropy(m.forward_traced(&b, m.params.alloc_grads()).unwrap(), &labels).unwrap();
+            let l = loss.array();
+            (l, loss.backward().get(&m.params.flat).as_vec())
+        };
+        let (l0, g0) = run(false);
+        let (l1, g1) = run(true);
+        let scale = g0.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+        let d = max_abs_diff(&g1, &g0);
+        eprintln!("gradient checkpointing ({what}): loss {l1} vs {l0}, grads max |diff| {d:e} (largest {scale:e})");
+        assert!((l1 - l0).abs() <= 1e-6 * l0.abs().max(1.0), "{what}: loss {l1} vs {l0}");
+        assert!(d <= 1e-5 * scale, "{what}: gradients differ by {d}");
+        assert!(g0.iter().any(|&x| x != 0.0), "{what}: gradients reach the trained weights");
+    }
+}
+
 // ------------------------------------------------------------- compile-time tiny preset
 
 /// The tiny preset built twice from the same random weights: runtime and compile-time dimensions.

@@ -26,6 +26,17 @@ pub enum SchedulerType {
     ConstantWithWarmup,
 }
 
+/// The precision frozen base weights are held in (ms-swift's `--torch_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TorchDtype {
+    /// f32 weights (the only precision on the CPU).
+    Float32,
+    /// bf16 frozen base matrices on CUDA, products on tensor cores with f32 accumulation; LoRA
+    /// adapters, gradients and optimiser state stay f32 (peft's mixed precision).
+    Bfloat16,
+}
+
 /// The one definition of the training arguments: `with_train_args!({ path::to::m } tokens...)`
 /// expands to `path::to::m! { tokens... [ fields ] }`, each field written
 /// `#[attributes] name: Type = default,` (types and defaults are `$crate` paths, so they resolve
@@ -96,6 +107,17 @@ macro_rules! with_train_args {
             /// checkpoint fingerprints of runs without it are unchanged.
             #[serde(skip_serializing_if = "std::ops::Not::not")]
             tf32: bool = false,
+            /// Precision of the frozen base weights on CUDA (ms-swift's `torch_dtype`): `"bfloat16"`
+            /// or `"float32"`. Unset: bf16 for a checkpoint loaded from disk on CUDA, f32 otherwise
+            /// (the built-in preset, the CPU). Serialised only when set, so reports and checkpoint
+            /// fingerprints of runs without it are unchanged.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            torch_dtype: ::core::option::Option<$crate::TorchDtype> = ::core::option::Option::None,
+            /// Recompute each decoder layer in the backward instead of keeping its activations
+            /// (transformers' `gradient_checkpointing`): less memory, one more forward per step.
+            /// Serialised only when on.
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            gradient_checkpointing: bool = false,
         ] }
     };
 }

@@ -8,6 +8,14 @@
 //!   the max, `logsumexp`, the target's log-prob and `P = softmax(S)` in place, then
 //!   `u = W[y] − P · W` (SGEMM + kernel). The backward is `dh[t] += g[t] · u[t]` (kernel).
 //! - [`set_tf32`]: cuBLAS TF32 tensor-op math for the f32 products (`tf32 = true`).
+//! - [`Bf16Weight`]: a frozen weight held as bf16 on the device (`torch_dtype = "bfloat16"`), and
+//!   its products on tensor cores with cuBLAS `GemmEx` (bf16 inputs, f32 accumulate and output;
+//!   the f32 activation is rounded to bf16 by a small kernel first, as autocast does):
+//!   [`bf16_linear`] (`y = x·Wᵀ`), [`bf16_dx`] (`dx += dy·W`), [`bf16_gather`] (embedding rows)
+//!   and [`head_logprobs_bf16`] (the fused head over a bf16 `W`).
+//!
+//! Failures are returned, never panicked: NVRTC compile errors as [`KernelError::Nvrtc`], driver
+//! and cuBLAS errors (out of memory included) as dfdx's [`CudaError`].
 
 use std::sync::Arc;
 
@@ -17,14 +25,28 @@ use dfdx::prelude::*;
 use dfdx::tensor::Tensorlike;
 
 const MODULE: &str = "pipeline_kernels";
-const FUNCS: &[&str] = &["row_logsoftmax", "add_target_rows", "scale_rows_add"];
+const FUNCS: &[&str] = &[
+    "row_logsoftmax",
+    "row_logsoftmax_bf16",
+    "add_target_rows",
+    "add_target_rows_bf16",
+    "scale_rows_add",
+    "f32_to_bf16",
+    "bf16_to_f32",
+    "gather_bf16",
+    "add_into",
+];
 const SRC: &str = r#"
-extern "C" __global__ void row_logsoftmax(float* s, const unsigned long long* y, const unsigned char* need,
-                                          float* lp, unsigned long long rows, unsigned long long v) {
-    // one block per row; s is [rows, v]; writes lp[row] and s = softmax(s)
-    unsigned long long r = blockIdx.x;
-    if (r >= rows) return;
-    float* row = s + r * v;
+// bf16 as its 16 bits (no cuda_bf16.h: NVRTC runs without the toolkit's headers on the device)
+__device__ __forceinline__ unsigned short f2bf(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u); // quiet NaN
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);                // round to nearest even
+}
+__device__ __forceinline__ float bf2f(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
+
+// log-sum-exp of one row, by the whole block (blockDim.x a multiple of 32, at most 1024)
+__device__ float row_lse(const float* row, unsigned long long v) {
     __shared__ float red[32];
     float mx = -3.402823466e38f;
     for (unsigned long long j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, row[j]);
@@ -51,9 +73,68 @@ extern "C" __global__ void row_logsoftmax(float* s, const unsigned long long* y,
     }
     __syncthreads();
     float lse = mx + logf(red[0]);
-    if (threadIdx.x == 0) lp[r] = need[r] ? row[y[r]] - lse : 0.f;
     __syncthreads();
+    return lse;
+}
+
+extern "C" __global__ void row_logsoftmax(float* s, const unsigned long long* y, const unsigned char* need,
+                                          float* lp, unsigned long long rows, unsigned long long v) {
+    // one block per row; s is [rows, v]; writes lp[row] and s = softmax(s)
+    unsigned long long r = blockIdx.x;
+    if (r >= rows) return;
+    float* row = s + r * v;
+    float lse = row_lse(row, v);
+    if (threadIdx.x == 0) lp[r] = need[r] ? row[y[r]] - lse : 0.f;
+    __syncthreads(); // row[y] is read before the row is overwritten
     for (unsigned long long j = threadIdx.x; j < v; j += blockDim.x) row[j] = __expf(row[j] - lse);
+}
+
+extern "C" __global__ void row_logsoftmax_bf16(const float* s, const unsigned long long* y, const unsigned char* need,
+                                               float* lp, unsigned short* p, unsigned long long rows,
+                                               unsigned long long v) {
+    // as row_logsoftmax, but P = softmax(s) goes to p [rows, v] as bf16 (the next product's input)
+    unsigned long long r = blockIdx.x;
+    if (r >= rows) return;
+    const float* row = s + r * v;
+    unsigned short* prow = p + r * v;
+    float lse = row_lse(row, v);
+    if (threadIdx.x == 0) lp[r] = need[r] ? row[y[r]] - lse : 0.f;
+    for (unsigned long long j = threadIdx.x; j < v; j += blockDim.x) prow[j] = f2bf(__expf(row[j] - lse));
+}
+
+extern "C" __global__ void add_target_rows_bf16(float* u, const unsigned short* w, const unsigned long long* y,
+                                                const unsigned char* need, unsigned long long rows,
+                                                unsigned long long h) {
+    unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    if (i >= rows * h) return;
+    unsigned long long r = i / h, k = i % h;
+    u[i] = need[r] ? u[i] + bf2f(w[y[r] * h + k]) : 0.f;
+}
+
+extern "C" __global__ void f32_to_bf16(const float* x, unsigned short* y, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        y[i] = f2bf(x[i]);
+}
+
+extern "C" __global__ void bf16_to_f32(const unsigned short* x, float* y, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        y[i] = bf2f(x[i]);
+}
+
+extern "C" __global__ void add_into(float* dst, const float* src, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        dst[i] += src[i];
+}
+
+extern "C" __global__ void gather_bf16(const unsigned short* w, const unsigned long long* ids, float* out,
+                                       unsigned long long n, unsigned long long h) {
+    // out[t][k] = w[ids[t]][k]
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n * h;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        out[i] = bf2f(w[ids[i / h] * h + i % h]);
 }
 
 extern "C" __global__ void add_target_rows(float* u, const float* w, const unsigned long long* y,
@@ -74,23 +155,59 @@ extern "C" __global__ void scale_rows_add(float* dst, const float* u, const floa
 }
 "#;
 
-fn driver_err(e: impl std::fmt::Debug) -> CudaError {
-    // dfdx's error type has no variant for our own failures; NVRTC / launch errors are bugs of
-    // this module, reported with their cause
-    panic!("pipeline CUDA kernel: {e:?}")
+/// A failure of this module's kernels: dfdx's [`CudaError`] has no variant for an NVRTC compile
+/// error, so the forward entry points return this (the tape's backward ops, which must return
+/// [`CudaError`], only run after their forward loaded the module).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum KernelError {
+    #[error("compiling the CUDA kernels with NVRTC failed: {0}")]
+    Nvrtc(String),
+    // dfdx's CudaError implements Display but not std::error::Error, so it is no `#[source]`
+    #[error("CUDA: {0}")]
+    Cuda(CudaError),
 }
 
-fn module(dev: &Arc<CudaDevice>) -> Result<(), CudaError> {
+impl From<CudaError> for KernelError {
+    fn from(e: CudaError) -> Self {
+        KernelError::Cuda(e)
+    }
+}
+
+impl From<cudarc::driver::DriverError> for KernelError {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        KernelError::Cuda(CudaError::Driver(e))
+    }
+}
+
+/// Compiles and loads the kernels once per device.
+pub(crate) fn module(dev: &Arc<CudaDevice>) -> Result<(), KernelError> {
     if !dev.has_func(MODULE, FUNCS[0]) {
-        let ptx = cudarc::nvrtc::compile_ptx(SRC).map_err(driver_err)?;
+        let ptx = cudarc::nvrtc::compile_ptx(SRC).map_err(|e| KernelError::Nvrtc(e.to_string()))?;
         dev.load_ptx(ptx, MODULE, FUNCS)?;
     }
     Ok(())
 }
 
+/// A kernel of the loaded module (`CUDA_ERROR_NOT_FOUND` if [`module`] never ran on `dev`).
+fn func(dev: &Arc<CudaDevice>, name: &str) -> Result<cudarc::driver::CudaFunction, CudaError> {
+    dev.get_func(MODULE, name)
+        .ok_or(CudaError::Driver(cudarc::driver::DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_FOUND)))
+}
+
+/// A launch over `n` elements for the grid-stride kernels.
+fn elems(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65_535 * 16) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// The CUDA buffer of a tensor.
 fn buf<S: Shape, T>(t: &Tensor<S, f32, Cuda, T>) -> &CudaSlice<f32> {
     Tensorlike::data(t).expect("a tensor holds its data")
+}
+
+/// The raw device address of a slice (for cuBLAS and our kernels' pointer arguments).
+fn ptr<T, P: DevicePtr<T>>(p: &P) -> u64 {
+    *p.device_ptr()
 }
 
 /// Row-major `c[m×n] (+)= a[m×k] · op(b)`, where `b_t` says `b` is stored `[n×k]` (so `op = ᵀ`)
@@ -164,7 +281,7 @@ pub(crate) fn head_logprobs(
     vocab: usize,
     targets: &[usize],
     needed: &[bool],
-) -> Result<(CudaSlice<f32>, CudaSlice<f32>), CudaError> {
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>), KernelError> {
     let cu = dev.cuda_device();
     module(cu)?;
     let (n, hidden) = *h.shape();
@@ -184,7 +301,7 @@ pub(crate) fn head_logprobs(
         let mut sc = s.slice_mut(..rows * vocab);
         // SAFETY: hc is [rows×hidden], w is [vocab×hidden] (so `ᵀ`), sc holds rows×vocab.
         unsafe { gemm_rm(dev.cuda_blas(), rows, vocab, hidden, &hc, wb, true, &mut sc, 1.0, 0.0)? };
-        let f = cu.get_func(MODULE, "row_logsoftmax").expect("loaded");
+        let f = func(cu, "row_logsoftmax")?;
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
         let (yc, nc) = (y.slice(r0..r0 + rows), need.slice(r0..r0 + rows));
         let mut lpc = lp.slice_mut(r0..r0 + rows);
@@ -194,7 +311,7 @@ pub(crate) fn head_logprobs(
         // uc[rows×hidden] = -P[rows×vocab] · W[vocab×hidden]
         // SAFETY: shapes as stated; sc now holds P.
         unsafe { gemm_rm(dev.cuda_blas(), rows, hidden, vocab, &sc, wb, false, &mut uc, -1.0, 0.0)? };
-        let f = cu.get_func(MODULE, "add_target_rows").expect("loaded");
+        let f = func(cu, "add_target_rows")?;
         // SAFETY: reads w rows at y (< vocab, checked by the caller), writes rows×hidden of uc.
         unsafe {
             f.launch(
@@ -215,11 +332,264 @@ pub(crate) fn scale_rows_add(
     g: &Tensor<(usize,), f32, Cuda>,
 ) -> Result<(), CudaError> {
     let cu = dev.cuda_device();
-    module(cu)?;
     let rows = g.shape().0;
     let h = u.len() / rows.max(1);
-    let f = cu.get_func(MODULE, "scale_rows_add").expect("loaded");
+    let f = func(cu, "scale_rows_add")?;
     // SAFETY: dst and u hold rows×h floats, g holds rows.
     unsafe { f.launch(LaunchConfig::for_num_elems((rows * h) as u32), (dst, u, buf(g), rows as u64, h as u64))? };
+    Ok(())
+}
+
+// ---------------------------------------------------------------- bf16 frozen weights
+
+/// A frozen weight held as bf16 on the device (its 16-bit patterns), with the device it lives on.
+/// Cloning shares the buffer.
+#[derive(Clone)]
+pub(crate) struct Bf16Weight {
+    data: Arc<CudaSlice<u16>>,
+    dev: Cuda,
+}
+
+impl std::fmt::Debug for Bf16Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bf16Weight({} values)", self.data.len())
+    }
+}
+
+/// `x` rounded to the nearest bf16 (ties to even; NaN stays NaN), as the device kernel does.
+pub(crate) fn f32_to_bf16_host(x: f32) -> u16 {
+    let u = x.to_bits();
+    if u & 0x7fff_ffff > 0x7f80_0000 {
+        return ((u >> 16) | 0x40) as u16;
+    }
+    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+impl Bf16Weight {
+    /// Rounds host values to bf16 and uploads them (no f32 copy on the device).
+    pub(crate) fn from_host(dev: &Cuda, values: &[f32]) -> Result<Self, KernelError> {
+        let cu = dev.cuda_device();
+        module(cu)?;
+        let bits: Vec<u16> = values.iter().map(|&v| f32_to_bf16_host(v)).collect();
+        Ok(Bf16Weight { data: Arc::new(cu.htod_copy(bits)?), dev: dev.clone() })
+    }
+
+    /// Rounds an f32 device vector to bf16 on the device.
+    pub(crate) fn from_device(t: &Tensor<(usize,), f32, Cuda>) -> Result<Self, KernelError> {
+        let dev = t.device().clone();
+        let cu = dev.cuda_device();
+        module(cu)?;
+        let data = to_bf16(cu, ptr(buf(t)), t.shape().0)?;
+        Ok(Bf16Weight { data: Arc::new(data), dev })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub(crate) fn device(&self) -> &Cuda {
+        &self.dev
+    }
+
+    /// The values widened to f32 on the device (for the reference paths and full fine-tuning).
+    pub(crate) fn to_f32(&self) -> Result<Tensor<(usize,), f32, Cuda>, KernelError> {
+        let cu = self.dev.cuda_device();
+        let n = self.len();
+        // SAFETY: every element is written by the kernel below.
+        let mut out = unsafe { cu.alloc::<f32>(n)? };
+        let f = func(cu, "bf16_to_f32")?;
+        // SAFETY: reads n u16, writes n f32.
+        unsafe { f.launch(elems(n), (ptr(&*self.data), ptr(&out), n as u64))? };
+        let _ = &mut out;
+        Ok(self.dev.build_tensor((n,), [1], out))
+    }
+
+    /// The values widened to f32 on the host.
+    pub(crate) fn to_host(&self) -> Result<Vec<f32>, KernelError> {
+        let bits = self.dev.cuda_device().dtoh_sync_copy(&*self.data)?;
+        Ok(bits.into_iter().map(|b| f32::from_bits(u32::from(b) << 16)).collect())
+    }
+}
+
+/// `n` f32 values at device address `x` rounded to a fresh bf16 buffer.
+fn to_bf16(cu: &Arc<CudaDevice>, x: u64, n: usize) -> Result<CudaSlice<u16>, CudaError> {
+    // SAFETY: every element is written by the kernel below.
+    let out = unsafe { cu.alloc::<u16>(n)? };
+    let f = func(cu, "f32_to_bf16")?;
+    // SAFETY: reads n f32 at x, writes n u16.
+    unsafe { f.launch(elems(n), (x, ptr(&out), n as u64))? };
+    Ok(out)
+}
+
+/// Row-major `c[m×n] = alpha · a[m×k] · op(b) + beta · c` with `a`, `b` bf16 and `c` f32 (cuBLAS
+/// `GemmEx`, f32 compute: tensor cores); `b_t`: `b` is stored `[n×k]`. Same column-major trick as
+/// [`gemm_rm`].
+///
+/// # Safety
+/// The addresses must hold the stated shapes on `blas`'s device.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_bf16_rm(
+    blas: &cudarc::cublas::CudaBlas,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: u64,
+    b: u64,
+    b_t: bool,
+    c: u64,
+    alpha: f32,
+    beta: f32,
+) -> Result<(), CudaError> {
+    use blas_sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+    let op = if b_t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+    blas_sys::cublasGemmEx(
+        *blas.handle(),
+        op,
+        cublasOperation_t::CUBLAS_OP_N,
+        n as i32,
+        m as i32,
+        k as i32,
+        (&alpha as *const f32).cast(),
+        b as *const std::ffi::c_void,
+        cudaDataType_t::CUDA_R_16BF,
+        if b_t { k as i32 } else { n as i32 },
+        a as *const std::ffi::c_void,
+        cudaDataType_t::CUDA_R_16BF,
+        k as i32,
+        (&beta as *const f32).cast(),
+        c as *mut std::ffi::c_void,
+        cudaDataType_t::CUDA_R_32F,
+        n as i32,
+        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+    )
+    .result()
+    .map_err(CudaError::Blas)
+}
+
+/// `y[n×o] = bf16(x[n×i]) · Wᵀ` for a frozen bf16 `W: [o, i]`; `x` is contiguous f32.
+pub(crate) fn bf16_linear(
+    x: &CudaSlice<f32>,
+    n: usize,
+    i: usize,
+    w: &Bf16Weight,
+    o: usize,
+) -> Result<CudaSlice<f32>, CudaError> {
+    let cu = w.dev.cuda_device();
+    let x16 = to_bf16(cu, ptr(x), n * i)?;
+    // SAFETY: written whole by the product (beta = 0).
+    let y = unsafe { cu.alloc::<f32>(n * o)? };
+    // SAFETY: x16 is [n×i], W is [o×i] (so `ᵀ`), y holds n×o.
+    unsafe { gemm_bf16_rm(w.dev.cuda_blas(), n, o, i, ptr(&x16), ptr(&*w.data), true, ptr(&y), 1.0, 0.0)? };
+    Ok(y)
+}
+
+/// The backward of [`bf16_linear`]: `dx[n×i] += bf16(dy[n×o]) · W`.
+pub(crate) fn bf16_dx(
+    dx: &mut CudaSlice<f32>,
+    dy: &CudaSlice<f32>,
+    n: usize,
+    o: usize,
+    w: &Bf16Weight,
+    i: usize,
+) -> Result<(), CudaError> {
+    let cu = w.dev.cuda_device();
+    let dy16 = to_bf16(cu, ptr(dy), n * o)?;
+    // SAFETY: dy16 is [n×o], W is [o×i], dx holds n×i f32.
+    unsafe { gemm_bf16_rm(w.dev.cuda_blas(), n, i, o, ptr(&dy16), ptr(&*w.data), false, ptr(dx), 1.0, 1.0) }
+}
+
+/// Rows `ids` of a bf16 table `[_, h]`, widened to f32 `[ids.len(), h]`.
+pub(crate) fn bf16_gather(w: &Bf16Weight, ids: &[usize], h: usize) -> Result<CudaSlice<f32>, KernelError> {
+    let cu = w.dev.cuda_device();
+    module(cu)?;
+    let n = ids.len();
+    let idx = cu.htod_copy(ids.iter().map(|&i| i as u64).collect::<Vec<u64>>())?;
+    // SAFETY: written whole by the kernel.
+    let out = unsafe { cu.alloc::<f32>(n * h)? };
+    let f = func(cu, "gather_bf16")?;
+    // SAFETY: ids are < rows of w (checked by the caller against the vocabulary), out holds n×h.
+    unsafe { f.launch(elems(n * h), (ptr(&*w.data), ptr(&idx), ptr(&out), n as u64, h as u64))? };
+    Ok(out)
+}
+
+/// [`head_logprobs`] over a bf16 head: `S = bf16(H_c)·Wᵀ` and `u = W[y] − bf16(P)·W` on tensor
+/// cores, the log-softmax in f32. Returns `lp [n]` and `u [n, hidden]` (f32).
+pub(crate) fn head_logprobs_bf16(
+    h: &CudaSlice<f32>,
+    hidden: usize,
+    w: &Bf16Weight,
+    vocab: usize,
+    targets: &[usize],
+    needed: &[bool],
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>), KernelError> {
+    let (dev, cu) = (&w.dev, w.dev.cuda_device());
+    module(cu)?;
+    let n = targets.len();
+    let y = cu.htod_copy(targets.iter().map(|&t| t as u64).collect::<Vec<u64>>())?;
+    let need = cu.htod_copy(needed.iter().map(|&k| u8::from(k)).collect::<Vec<u8>>())?;
+    let h16 = to_bf16(cu, ptr(h), n * hidden)?;
+    let mut lp = cu.alloc_zeros::<f32>(n)?;
+    let mut u = cu.alloc_zeros::<f32>(n * hidden)?;
+    let c = chunk_rows(vocab).min(n).max(1);
+    // SAFETY: each chunk's rows are written by the product before they are read.
+    let s = unsafe { cu.alloc::<f32>(c * vocab)? };
+    // SAFETY: as above, written by the softmax kernel before the second product reads it.
+    let p = unsafe { cu.alloc::<u16>(c * vocab)? };
+    let wb = ptr(&*w.data);
+    let (soft, target) = (func(cu, "row_logsoftmax_bf16")?, func(cu, "add_target_rows_bf16")?);
+    let mut r0 = 0;
+    while r0 < n {
+        let rows = c.min(n - r0);
+        let uc = ptr(&u) + (r0 * hidden * 4) as u64;
+        // SAFETY: h16 rows r0.. are [rows×hidden] bf16, W [vocab×hidden] (so `ᵀ`), s holds rows×vocab.
+        unsafe {
+            gemm_bf16_rm(
+                dev.cuda_blas(),
+                rows,
+                vocab,
+                hidden,
+                ptr(&h16) + (r0 * hidden * 2) as u64,
+                wb,
+                true,
+                ptr(&s),
+                1.0,
+                0.0,
+            )?
+        };
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        let (yc, nc, lpc) = (ptr(&y) + (r0 * 8) as u64, ptr(&need) + r0 as u64, ptr(&lp) + (r0 * 4) as u64);
+        // SAFETY: reads rows×vocab of s and rows of yc/nc, writes rows of lpc and rows×vocab of p.
+        unsafe { soft.clone().launch(cfg, (ptr(&s), yc, nc, lpc, ptr(&p), rows as u64, vocab as u64))? };
+        // uc[rows×hidden] = -P[rows×vocab] · W[vocab×hidden]
+        // SAFETY: shapes as stated.
+        unsafe { gemm_bf16_rm(dev.cuda_blas(), rows, hidden, vocab, ptr(&p), wb, false, uc, -1.0, 0.0)? };
+        // SAFETY: reads W rows at y (< vocab, checked by the caller), writes rows×hidden of uc.
+        unsafe {
+            target.clone().launch(
+                LaunchConfig::for_num_elems((rows * hidden) as u32),
+                (uc, wb, yc, nc, rows as u64, hidden as u64),
+            )?
+        };
+        r0 += rows;
+    }
+    let _ = (&mut lp, &mut u);
+    Ok((lp, u))
+}
+
+/// `dst += src` (gradient buffers of one length; gradient checkpointing's accumulation).
+pub(crate) fn add_into(dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) -> Result<(), CudaError> {
+    let cu = dst.device();
+    module(&cu).map_err(|e| match e {
+        KernelError::Cuda(e) => e,
+        // an NVRTC failure surfaces at the first forward (module loads there); never reached
+        KernelError::Nvrtc(_) => {
+            CudaError::Driver(cudarc::driver::DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_INVALID_PTX))
+        }
+    })?;
+    let n = dst.len().min(src.len());
+    let f = func(&cu, "add_into")?;
+    // SAFETY: both hold at least n floats.
+    unsafe { f.launch(elems(n), (ptr(dst), ptr(src), n as u64))? };
     Ok(())
 }

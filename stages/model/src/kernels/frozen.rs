@@ -75,6 +75,64 @@ fn matmul_wt_cuda<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
     })
 }
 
+/// `x · Wᵀ` for a frozen bf16 `w: [out, in]` (only a CUDA device holds one): the product and the
+/// `dx`-only backward are bf16 tensor-core GEMMs with f32 accumulation
+/// ([`super::cuda::bf16_linear`], [`super::cuda::bf16_dx`]); with `PIPELINE_REFERENCE_KERNELS=1`
+/// the weight is widened to f32 and the f32 path runs.
+#[cfg(feature = "cuda")]
+pub(crate) fn matmul_wt_bf16<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
+    x: Rows<I, D, T>,
+    w: &crate::params::Bf16Weight,
+    out: O,
+) -> Rows<O, D, T> {
+    use super::{cast, cuda, cuda_buffer, cuda_data};
+    let (n, inp) = *x.shape();
+    if reference_only() {
+        let wf = crate::params::bf16_to_f32::<D>(w).reshape_like(&(out, inp));
+        return matmul_wt(x, wf);
+    }
+    let (x, mut tape) = x.contiguous().split_tape();
+    let xb = cuda_data(&x).expect("bf16 weights live on the CUDA device");
+    let y = cuda::bf16_linear(xb, n, inp.size(), w, out.size())
+        .unwrap_or_else(|e| panic!("bf16 frozen product [{n}x{}] -> {}: {e}", inp.size(), out.size()));
+    let y: Rows<O, D, NoneTape> =
+        cast(w.device().build_tensor((n, out), (n, out).strides(), y)).expect("the CUDA device");
+    if T::OWNS_TAPE {
+        let (xg, yg, w) = (x.ghost(), y.ghost(), w.clone());
+        tape.add_backward_op(move |grads| {
+            grads.try_alloc_for(&yg)?;
+            let dy: Rows<O, D, NoneTape> = grads.get(&yg);
+            let dy = cuda_data(&dy).expect("a CUDA tensor");
+            let dx = cuda_buffer::<D>(grads.get_or_alloc_mut(&xg)?).expect("a CUDA buffer");
+            cuda::bf16_dx(dx, dy, n, out.size(), &w, inp.size())
+                .map_err(|e| cast::<CudaError, D::Err>(e).expect("CUDA error type"))
+        });
+    }
+    y.put_tape(tape)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn matmul_wt_bf16<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
+    _x: Rows<I, D, T>,
+    w: &crate::params::Bf16Weight,
+    _out: O,
+) -> Rows<O, D, T> {
+    match *w {}
+}
+
+/// Rows `ids` of a frozen bf16 table `[_, H]` as f32 `[ids.len(), H]` (the embedding lookup; the
+/// table gets no gradient). Errors (out of memory) are returned.
+#[cfg(feature = "cuda")]
+pub(crate) fn gather_bf16<H: Dim, D: Device<f32>>(
+    w: &crate::params::Bf16Weight,
+    ids: &[usize],
+    h: H,
+) -> Result<Rows<H, D, NoneTape>, super::cuda::KernelError> {
+    let rows = super::cuda::bf16_gather(w, ids, h.size())?;
+    let n = ids.len();
+    Ok(super::cast(w.device().build_tensor((n, h), (n, h).strides(), rows)).expect("the CUDA device"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

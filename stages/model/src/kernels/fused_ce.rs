@@ -370,23 +370,35 @@ pub(crate) fn target_logprobs<H: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>
     out.put_tape(tape)
 }
 
-/// [`target_logprobs`] on CUDA: `w` is the frozen head `[vocab × hidden]` on the device
-/// ([`super::cuda::head_logprobs`]; the backward is [`super::cuda::scale_rows_add`]).
+/// [`target_logprobs`] on CUDA over a frozen head `[vocab × hidden]` on the device, f32
+/// ([`super::cuda::head_logprobs`]) or bf16 ([`super::cuda::head_logprobs_bf16`]); the backward is
+/// [`super::cuda::scale_rows_add`]. NVRTC and driver failures (out of memory) are returned.
 #[cfg(feature = "cuda")]
 pub(crate) fn target_logprobs_cuda<H: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
     h: Tensor<(usize, H), f32, D, T>,
-    w: &Tensor<(usize,), f32, D>,
+    w: CudaHead<'_, D>,
     targets: &[usize],
     needed: &[bool],
-) -> Tensor<(usize,), f32, D, T> {
-    use super::{cast, cuda, cuda_buffer};
+) -> Result<Tensor<(usize,), f32, D, T>, super::cuda::KernelError> {
+    use super::{cast, cuda, cuda_buffer, cuda_data};
     let (n, hd) = *h.shape();
     let (h, mut tape) = h.contiguous().split_tape();
-    let hc: Tensor<(usize, usize), f32, Cuda> = cast(h.clone().reshape_like(&(n, hd.size()))).expect("a CUDA tensor");
-    let wc: Tensor<(usize,), f32, Cuda> = cast(w.clone()).expect("a CUDA tensor");
-    let dev = hc.device().clone();
-    let vocab = w.shape().0 / hd.size();
-    let (lp, u) = cuda::head_logprobs(&dev, &hc, &wc, vocab, targets, needed).expect("CUDA fused cross-entropy");
+    let (dev, lp, u) = match w {
+        CudaHead::F32(w) => {
+            let hc: Tensor<(usize, usize), f32, Cuda> =
+                cast(h.clone().reshape_like(&(n, hd.size()))).expect("a CUDA tensor");
+            let wc: Tensor<(usize,), f32, Cuda> = cast(w.clone()).expect("a CUDA tensor");
+            let dev = hc.device().clone();
+            let vocab = w.shape().0 / hd.size();
+            let (lp, u) = cuda::head_logprobs(&dev, &hc, &wc, vocab, targets, needed)?;
+            (dev, lp, u)
+        }
+        CudaHead::Bf16(w) => {
+            let hb = cuda_data(&h).expect("a CUDA tensor");
+            let (lp, u) = cuda::head_logprobs_bf16(hb, hd.size(), w, w.len() / hd.size(), targets, needed)?;
+            (w.device().clone(), lp, u)
+        }
+    };
     let out: Tensor<(usize,), f32, D> = cast(dev.build_tensor((n,), [1], lp)).expect("the same device");
     if T::OWNS_TAPE {
         let (hg, og) = (h.ghost(), out.ghost());
@@ -397,7 +409,14 @@ pub(crate) fn target_logprobs_cuda<H: Dim, D: Device<f32>, T: Tape<f32, D> + Mer
             cuda::scale_rows_add(&dev, dst, &u, &g).map_err(|e| cast::<CudaError, D::Err>(e).expect("CUDA error type"))
         });
     }
-    out.put_tape(tape)
+    Ok(out.put_tape(tape))
+}
+
+/// The frozen head [`target_logprobs_cuda`] reads.
+#[cfg(feature = "cuda")]
+pub(crate) enum CudaHead<'a, D: Storage<f32>> {
+    F32(&'a Tensor<(usize,), f32, D>),
+    Bf16(&'a crate::params::Bf16Weight),
 }
 
 #[cfg(test)]

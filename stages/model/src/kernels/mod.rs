@@ -49,12 +49,37 @@ pub(crate) fn cuda_buffer<D: Storage<f32>>(buf: &mut D::Vec) -> Option<&mut cuda
     any.downcast_mut::<<Cuda as Storage<f32>>::Vec>().map(|v| &mut **v)
 }
 
+/// The CUDA buffer of a tensor of device `D`, when `D` is the CUDA device.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_data<S: Shape, D: Storage<f32>, T>(
+    t: &Tensor<S, f32, D, T>,
+) -> Option<&cudarc::driver::CudaSlice<f32>> {
+    let any: &dyn Any = dfdx::tensor::Tensorlike::data(t)?;
+    any.downcast_ref::<<Cuda as Storage<f32>>::Vec>().map(|v| &**v)
+}
+
 /// `value` as type `B` when it is one (device-generic code handing a concrete device's tensor or
 /// error back as its generic type).
 #[cfg(feature = "cuda")]
 pub(crate) fn cast<A: 'static, B: 'static>(value: A) -> Option<B> {
     let boxed: Box<dyn Any> = Box::new(value);
     boxed.downcast::<B>().ok().map(|b| *b)
+}
+
+/// `dst += src` for two gradient buffers of device `D` of one length (the CPU's or CUDA's).
+pub(crate) fn add_assign_buf<D: Storage<f32>>(dst: &mut D::Vec, src: &D::Vec) -> Result<(), D::Err> {
+    let s: &dyn Any = src;
+    #[cfg(feature = "cuda")]
+    if let Some(s) = s.downcast_ref::<<Cuda as Storage<f32>>::Vec>() {
+        let d = cuda_buffer::<D>(dst).expect("both buffers are on the CUDA device");
+        return cuda::add_into(d, s).map_err(|e| cast::<CudaError, D::Err>(e).expect("CUDA error type"));
+    }
+    let s = s.downcast_ref::<<Cpu as Storage<f32>>::Vec>().expect("a CPU or CUDA gradient buffer");
+    let d = cpu_buffer::<D>(dst).expect("both buffers are on the CPU");
+    for (a, b) in d.iter_mut().zip(s.iter()) {
+        *a += b;
+    }
+    Ok(())
 }
 
 /// Threads the host kernels split rows over (the machine's cores, at most 8).

@@ -180,6 +180,45 @@ impl<D: Storage<f32>> DecoderLayer<D> {
 }
 
 impl<D: Device<f32>> DecoderLayer<D> {
+    /// [`Self::forward`] with gradient checkpointing (`gradient_checkpointing = true`): the
+    /// forward runs without recording its intermediates, and one backward op keeps only the
+    /// layer's input; when the backward reaches it, it runs the layer again on a tape of its own,
+    /// back-propagates the output gradient through it and adds the input's and the trained
+    /// vector's gradients into the outer ones. Activation memory is then one layer's instead of
+    /// every layer's, for one more forward per step. Dropout masks are drawn from the same seed,
+    /// so the recomputation is the forward that ran.
+    pub fn forward_checkpointed<S: Dims, T: Tape<f32, D> + Merge<T>>(
+        &self,
+        ctx: &Ctx<'_, D>,
+        step: &Step<'_, D, S>,
+        x: Rows<S::Hidden, D, T>,
+    ) -> Rows<S::Hidden, D, T> {
+        let (x, mut tape) = x.split_tape();
+        let y = self.forward(ctx, step, x.clone(), None);
+        if !T::OWNS_TAPE {
+            return y.put_tape(tape);
+        }
+        let layer = self.clone();
+        let (dev, flat, lora, seed) = (ctx.dev.clone(), ctx.flat.clone(), ctx.lora.cloned(), ctx.dropout_seed);
+        let (dims, cos, sin, rot, mask) =
+            (step.dims, step.cos.clone(), step.sin.clone(), step.rot.clone(), step.mask.clone());
+        let (batch, seq, past) = (step.batch, step.seq, step.past);
+        let yg = y.ghost();
+        tape.add_backward_op(move |grads| {
+            grads.try_alloc_for(&yg)?;
+            let dy: Rows<S::Hidden, D, NoneTape> = grads.get(&yg);
+            let ctx = Ctx { dev: &dev, flat: &flat, lora: lora.as_ref(), dropout_seed: seed };
+            let step =
+                Step { dims, cos: cos.clone(), sin: sin.clone(), rot: &rot, mask: mask.clone(), batch, seq, past };
+            let (_, t0) = flat.trace(Gradients::leaky()).split_tape();
+            let y = layer.forward(&ctx, &step, x.clone().put_tape(t0), None);
+            let mut inner = (y * dy).try_sum::<(), _>()?.try_backward()?;
+            crate::kernels::add_assign_buf::<D>(grads.get_or_alloc_mut(&x)?, inner.get_or_alloc_mut(&x)?)?;
+            crate::kernels::add_assign_buf::<D>(grads.get_or_alloc_mut(&flat)?, inner.get_or_alloc_mut(&flat)?)
+        });
+        y.put_tape(tape)
+    }
+
     pub fn forward<S: Dims, T: Tape<f32, D> + Merge<T>>(
         &self,
         ctx: &Ctx<'_, D>,

@@ -30,7 +30,8 @@
 //! [`Qwen2::forward_logprobs`] returns `log p(target)` per token. With a frozen head on the CPU
 //! (LoRA, inference) it runs the fused, chunked head + log-softmax ([`crate::kernels::fused_ce`]):
 //! the `[tokens × vocab]` logits never exist whole and no head gradient is computed; otherwise
-//! (a trained head, other devices) it is the reference `log_softmax(h·Wᵀ)` + select.
+//! (a trained head, other devices) it is the reference `log_softmax(h·Wᵀ)` + select. On CUDA the
+//! fused head runs over an f32 or a bf16 head ([`Qwen2::set_frozen_dtype`]).
 
 mod layers;
 mod weights;
@@ -89,6 +90,8 @@ pub struct Qwen2<D: Device<f32>, S: Dims = RuntimeDims> {
     pub params: FlatParams<f32, D>,
     /// `rotate_half` as a `[head_dim, head_dim]` signed permutation matrix.
     rot: Tensor<(S::HeadDim, S::HeadDim), f32, D>,
+    /// Recompute each decoder layer in the backward ([`Qwen2::set_gradient_checkpointing`]).
+    checkpointing: bool,
 }
 
 /// `rotate_half` as a matrix: `x @ R` = `cat(-x[half..], x[..half])`.
@@ -147,6 +150,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
             trainable: self.trainable,
             params: self.params,
             rot,
+            checkpointing: self.checkpointing,
         })
     }
 
@@ -168,6 +172,16 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
     }
     pub fn trainable(&self) -> &Trainable {
         &self.trainable
+    }
+
+    /// Gradient checkpointing (`gradient_checkpointing = true`): taped forwards keep only each
+    /// decoder layer's input and recompute the layer in the backward (one more forward per step,
+    /// a layer's activations instead of every layer's). Gradients are unchanged.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpointing
     }
 
     // ---------------------------------------------------------------- forward
@@ -238,12 +252,25 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
             Store::Frozen(_) => {
                 ctx.fetch2::<usize, S::Hidden, NoneTape>(&self.embed_tokens, v, h).gather(ids).put_tape(tape)
             }
+            #[cfg(feature = "cuda")]
+            Store::FrozenBf16(w) => {
+                let rows: Vec<usize> = batch.ids.iter().map(|&i| i as usize).collect();
+                kernels::frozen::gather_bf16::<S::Hidden, D>(w, &rows, h)
+                    .map_err(|e| ModelError::Kernel(e.to_string()))?
+                    .put_tape(tape)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Store::FrozenBf16(w) => match *w {},
             Store::Flat(_) => {
                 let (x, t0) = ctx.fetch2::<usize, S::Hidden, T>(&self.embed_tokens, v, h).gather(ids).split_tape();
                 x.put_tape(t0.merge(tape))
             }
         };
         for (li, layer) in self.layers.iter().enumerate() {
+            if self.checkpointing && T::OWNS_TAPE && cache.is_none() {
+                x = layer.forward_checkpointed(&ctx, &step, x);
+                continue;
+            }
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[li]);
             x = layer.forward(&ctx, &step, x, slot);
         }
@@ -311,7 +338,13 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
             }
             #[cfg(feature = "cuda")]
             Store::Frozen(w) if kernels::is_cuda::<D>() && !kernels::reference_only() => {
-                kernels::fused_ce::target_logprobs_cuda(hs, w, targets, needed)
+                kernels::fused_ce::target_logprobs_cuda(hs, kernels::fused_ce::CudaHead::F32(w), targets, needed)
+                    .map_err(|e| ModelError::Kernel(format!("fused LM head: {e}")))?
+            }
+            #[cfg(feature = "cuda")]
+            Store::FrozenBf16(w) if !kernels::reference_only() => {
+                kernels::fused_ce::target_logprobs_cuda(hs, kernels::fused_ce::CudaHead::Bf16(w), targets, needed)
+                    .map_err(|e| ModelError::Kernel(format!("fused LM head (bf16): {e}")))?
             }
             _ => {
                 let idx = self.dev.tensor_from_vec(targets.to_vec(), (b * s,));

@@ -19,7 +19,7 @@ use crate::error::ModelError;
 use crate::host::{HostTensor, HostTensors};
 use crate::linear::{Adapter, Linear};
 use crate::lora::{peft_names, LoraConfig, Proj};
-use crate::params::{FlatParams, Param, Store};
+use crate::params::{FlatParams, FrozenDtype, Param, Store};
 
 pub(crate) fn hf_names(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, &'static str)> {
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
@@ -68,6 +68,18 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
     /// (e.g. `Qwen2::<Cpu, TinyDims>::from_host_with_dims(&ModelConfig::tiny(v), ..)`); a
     /// mismatch is an error naming the config field.
     pub fn from_host_with_dims(cfg: &ModelConfig, tensors: &HostTensors, dev: &D) -> Result<Self, ModelError> {
+        Self::from_host_with_dtype(cfg, tensors, dev, FrozenDtype::F32)
+    }
+
+    /// [`Qwen2::from_host_with_dims`] holding the frozen matrices in `dtype` on the device: with
+    /// bf16 on CUDA each matrix is rounded on the host and uploaded as bf16, so no f32 copy of the
+    /// model ever exists on the device ([`Qwen2::set_frozen_dtype`] converts a loaded model).
+    pub fn from_host_with_dtype(
+        cfg: &ModelConfig,
+        tensors: &HostTensors,
+        dev: &D,
+        dtype: FrozenDtype,
+    ) -> Result<Self, ModelError> {
         let dims = DimValues::<S>::from_config(cfg)?;
         let expected = hf_names(cfg);
         let mut known: BTreeMap<&str, ()> = BTreeMap::new();
@@ -106,43 +118,56 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                 Store::Frozen(dev.tensor_from_vec(t.data.clone(), (t.data.len(),))),
             )
         };
+        // a matrix in `dtype`
+        let matrix = |name: &str| -> Result<Param<D>, ModelError> {
+            #[cfg(feature = "cuda")]
+            if let (FrozenDtype::Bf16, Some(cuda)) = (dtype, (dev as &dyn std::any::Any).downcast_ref::<Cuda>()) {
+                let t = &tensors[name];
+                let w = crate::params::Bf16Weight::from_host(cuda, &t.data)
+                    .map_err(|e| ModelError::Kernel(format!("uploading `{name}` as bf16: {e}")))?;
+                return Ok(Param::new(name.to_string(), t.shape.clone(), Store::FrozenBf16(w)));
+            }
+            let _ = dtype;
+            Ok(frozen(name))
+        };
         let eps = cfg.rms_norm_eps as f32;
         let norm = |name: &str| RmsNorm { weight: frozen(name), eps };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let lin = |proj: Proj| -> Linear<D> {
+            let lin = |proj: Proj| -> Result<Linear<D>, ModelError> {
                 let base = format!("{p}.{}.{}", proj.parent(), proj.hf_name());
                 let bias = (cfg.attention_bias && matches!(proj, Proj::Q | Proj::K | Proj::V))
                     .then(|| frozen(&format!("{base}.bias")));
                 let salt = l as u64 * 8 + Proj::ALL.iter().position(|&x| x == proj).expect("a projection") as u64;
-                Linear { weight: frozen(&format!("{base}.weight")), bias, lora: None, salt }
+                Ok(Linear { weight: matrix(&format!("{base}.weight"))?, bias, lora: None, salt })
             };
             layers.push(DecoderLayer {
                 input_layernorm: norm(&format!("{p}.input_layernorm.weight")),
                 self_attn: Attention {
-                    q_proj: lin(Proj::Q),
-                    k_proj: lin(Proj::K),
-                    v_proj: lin(Proj::V),
-                    o_proj: lin(Proj::O),
+                    q_proj: lin(Proj::Q)?,
+                    k_proj: lin(Proj::K)?,
+                    v_proj: lin(Proj::V)?,
+                    o_proj: lin(Proj::O)?,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight")),
-                mlp: Mlp { gate_proj: lin(Proj::Gate), up_proj: lin(Proj::Up), down_proj: lin(Proj::Down) },
+                mlp: Mlp { gate_proj: lin(Proj::Gate)?, up_proj: lin(Proj::Up)?, down_proj: lin(Proj::Down)? },
             });
         }
         Ok(Qwen2 {
             cfg: cfg.clone(),
             dims,
             dev: dev.clone(),
-            embed_tokens: frozen("model.embed_tokens.weight"),
+            embed_tokens: matrix("model.embed_tokens.weight")?,
             layers,
             norm: norm("model.norm.weight"),
-            lm_head: (!cfg.tie_word_embeddings).then(|| frozen("lm_head.weight")),
+            lm_head: (!cfg.tie_word_embeddings).then(|| matrix("lm_head.weight")).transpose()?,
             lora: None,
             adapters_enabled: true,
             trainable: Trainable::None,
             params: FlatParams { flat: dev.zeros_like(&(1,)) },
             rot: rot_matrix(dev, dims.head_dim),
+            checkpointing: false,
         })
     }
 
@@ -219,6 +244,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
     fn host_of(&self, p: &Param<D>) -> Vec<f32> {
         match &p.store {
             Store::Frozen(t) => t.as_vec(),
+            Store::FrozenBf16(w) => crate::params::bf16_to_host(w),
             Store::Flat(off) => {
                 let all = self.params.flat.as_vec();
                 all[*off..*off + p.numel()].to_vec()
@@ -249,6 +275,8 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
             if pick(p) {
                 let vals = match &p.store {
                     Store::Frozen(t) => t.as_vec(),
+                    // trained weights are f32 (full fine-tuning of a bf16 base trains in f32)
+                    Store::FrozenBf16(w) => crate::params::bf16_to_host(w),
                     Store::Flat(_) => unreachable!("freeze_all ran first"),
                 };
                 p.set_store(Store::Flat(flat.len()));
@@ -385,19 +413,60 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                 if let Some(Adapter { a, b }) = lin.lora.take() {
                     let (r, i) = (a.shape[0], a.shape[1]);
                     let o = b.shape[0];
-                    let (Store::Frozen(at), Store::Frozen(bt), Store::Frozen(wt)) =
-                        (&a.store, &b.store, &lin.weight.store)
+                    let (Store::Frozen(at), Store::Frozen(bt), Some(wt)) =
+                        (&a.store, &b.store, lin.weight.frozen_f32())
                     else {
                         unreachable!("freeze_all ran first")
                     };
+                    let was_bf16 = matches!(lin.weight.store, Store::FrozenBf16(_));
                     let ba = bt.clone().reshape_like(&(o, r)).matmul(at.clone().reshape_like(&(r, i)));
-                    let w2 = wt.clone().reshape_like(&(o, i)) + ba * s;
-                    lin.weight.set_store(Store::Frozen(w2.reshape_like(&(o * i,))));
+                    let w2 = (wt.reshape_like(&(o, i)) + ba * s).reshape_like(&(o * i,));
+                    lin.weight.set_store(Store::Frozen(w2));
+                    if was_bf16 {
+                        // the merged weight goes back to the precision its base was held in
+                        to_bf16_store(&mut lin.weight)?;
+                    }
                 }
             }
         }
         self.lora = None;
         Ok(())
+    }
+
+    /// Holds the frozen base matrices (projections, embedding, LM head) in `dtype` on the device:
+    /// bf16 (`torch_dtype = "bfloat16"`) rounds each to bf16 on the device and frees its f32
+    /// copy; products through them then run on tensor cores with f32 accumulation. Norm weights,
+    /// biases and LoRA adapters stay f32, and trained (flat) weights are not touched. Only a CUDA
+    /// device holds bf16 weights: on other devices this does nothing and returns `false`.
+    pub fn set_frozen_dtype(&mut self, dtype: FrozenDtype) -> Result<bool, ModelError> {
+        #[cfg(feature = "cuda")]
+        if crate::kernels::is_cuda::<D>() {
+            for p in self.all_params_mut() {
+                match (&p.store, dtype) {
+                    (Store::Frozen(_), FrozenDtype::Bf16) if p.shape.len() == 2 && !p.name.contains(".lora_") => {
+                        to_bf16_store(p)?
+                    }
+                    (Store::FrozenBf16(_), FrozenDtype::F32) => {
+                        let t = p.frozen_f32().expect("frozen");
+                        p.set_store(Store::Frozen(t));
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(true);
+        }
+        let _ = dtype;
+        Ok(false)
+    }
+
+    /// The precision the frozen base matrices are held in.
+    pub fn frozen_dtype(&self) -> FrozenDtype {
+        let bf16 = self.all_params().iter().any(|p| matches!(p.store, Store::FrozenBf16(_)));
+        if bf16 {
+            FrozenDtype::Bf16
+        } else {
+            FrozenDtype::F32
+        }
     }
 
     /// Base weights under their HF names (adapters excluded; merge first to include them).
@@ -430,6 +499,20 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         checkpoint::write_atomic(&dir.join("adapter_config.json"), cfg.as_bytes())?;
         checkpoint::write_safetensors(&dir.join("adapter_model.safetensors"), &self.lora_to_host())
     }
+}
+
+/// Replaces a frozen f32 weight on the CUDA device by its bf16 rounding (a no-op elsewhere).
+fn to_bf16_store<D: Device<f32>>(p: &mut Param<D>) -> Result<(), ModelError> {
+    #[cfg(feature = "cuda")]
+    if let Store::Frozen(t) = &p.store {
+        if let Some(t) = crate::kernels::cast::<_, Tensor<(usize,), f32, Cuda>>(t.clone()) {
+            let w = crate::params::Bf16Weight::from_device(&t)
+                .map_err(|e| ModelError::Kernel(format!("`{}` to bf16: {e}", p.name)))?;
+            p.set_store(Store::FrozenBf16(w));
+        }
+    }
+    let _ = p;
+    Ok(())
 }
 
 /// Which architecture a tensor set looks like (biases on q → Qwen2).

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# bf16 frozen base weights on the GPU machine, in one call (.gpu/ from scripts/gpu/pack.sh carried):
+#   bash .gpu/bf16-on-device.sh
+# 1. parity on CUDA: the transformers/peft golden-value tests, `cuda_matches_cpu` (CPU vs CUDA,
+#    f32) and `cuda_bf16_matches_f32` (the bf16 base against the f32 path on the same GPU);
+# 2. Qwen2.5-0.5B-shaped LoRA step at each of $SHAPES, ours then transformers + peft from the
+#    same weights (our bench writes them, PIPELINE_BENCH_SAVE) and data: ours with the bf16 base
+#    (variants `tf32:gc`, TF32 off/on for the remaining f32 products, gradient checkpointing off/on;
+#    $VARIANTS, or $VARIANTS_<shape>), the peer with its base in bf16 + autocast
+#    (bf16base) and with an f32 base + autocast (bf16). Every step's loss is printed on both sides.
+# Logs to $OUT (or .gpu/out).
+set -uo pipefail
+G=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck disable=SC1091
+. "$G/device-setup.sh" "$G/model-tests"
+export PIPELINE_TEST_FIXTURES=$G/fixtures
+W=${WEIGHTS_DIR:-/tmp/pipeline-bench-weights}
+status=0
+if [ "${PARITY:-1}" = 1 ]; then
+  echo "== parity on cuda"
+  PIPELINE_TEST_DEVICE=cuda timeout "${PARITY_TIMEOUT:-150}" "$G/model-tests" --test-threads 1 --nocapture \
+    > "$OUT/parity.log" 2>&1 || status=1
+  for t in cuda_matches_cpu cuda_bf16_matches_f32; do
+    PIPELINE_TEST_DEVICE=cuda timeout "${PARITY_TIMEOUT:-150}" "$G/model-tests" --ignored "$t" --nocapture \
+      >> "$OUT/parity.log" 2>&1 || status=1
+  done
+  grep -E "^test |test result|cuda vs cpu|bf16 vs f32|checkpointing|panicked|assert" "$OUT/parity.log" | tee "$OUT/parity-summary.log" | head -60
+  gzip -f "$OUT/parity.log"
+fi
+for shape in ${SHAPES:-8x512 4x2048}; do
+  b=${shape%x*}; s=${shape#*x}
+  export PIPELINE_BENCH_DEVICE=cuda PIPELINE_BENCH_BATCH=$b PIPELINE_BENCH_SEQ=$s PIPELINE_BENCH_REPS=${REPS:-19} \
+    PIPELINE_BENCH_GEN=0 PIPELINE_BENCH_MODELS=Qwen2.5 PIPELINE_BENCH_SAVE=$W
+  var=VARIANTS_$shape
+  for v in ${!var:-${VARIANTS:-0:0 1:0}}; do
+    tf32=${v%:*}; gc=${v#*:}
+    echo "== [$shape] ours: bf16 base, TF32 $tf32, gradient checkpointing $gc"
+    PIPELINE_BENCH_DTYPE=bf16 PIPELINE_BENCH_TF32=$tf32 PIPELINE_BENCH_GC=$gc timeout "${BENCH_TIMEOUT:-150}" "$G/throughput" 2>&1 \
+      | sed "s/bf16 base/bf16 base, TF32 $tf32/" | tee -a "$OUT/bench-dfdx.log" \
+      | grep -E "LoRA|memory|loss step (1|2|20) |kernels|panicked|rror" || status=1
+  done
+  [ "${PEER:-1}" = 1 ] || continue
+  echo "== [$shape] transformers + peft"
+  timeout "${PEER_TIMEOUT:-200}" python3 "$G/bench_transformers.py" --batch "$b" --seq "$s" --gen 0 \
+    --reps "${REPS:-19}" --models Qwen2.5 --precisions "${PEER_PRECISIONS:-bf16base,bf16}" --weights "$W" 2>&1 \
+    | grep -E "Qwen2.5|^#|rror" | grep -viE "forward" | tee -a "$OUT/bench-transformers.log" \
+    | grep -E "LoRA|memory|allocated|loss step (1|2|20) |^#|rror" || status=1
+done
+NSYS=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/*/bin/nsys /usr/local/cuda*/nsight-systems*/bin/nsys 2>/dev/null | head -n1)
+[ -n "${PROFILE:-}" ] && echo "nsys: ${NSYS:-not found}"
+if [ -n "${PROFILE:-}" ] && [ -n "$NSYS" ]; then
+  # where the time of our step goes: a kernel summary of $PROFILE (a shape) with the bf16 base + TF32
+  b=${PROFILE%x*}; s=${PROFILE#*x}
+  echo "== nsys: ours [$PROFILE], bf16 base, TF32"
+  PIPELINE_BENCH_DEVICE=cuda PIPELINE_BENCH_BATCH=$b PIPELINE_BENCH_SEQ=$s PIPELINE_BENCH_REPS=3 PIPELINE_BENCH_GEN=0 \
+    PIPELINE_BENCH_MODELS=Qwen2.5 PIPELINE_BENCH_DTYPE=bf16 PIPELINE_BENCH_TF32=1 \
+    timeout 200 "$NSYS" profile -o /tmp/ours --force-overwrite true "$G/throughput" > /dev/null 2>&1
+  "$NSYS" stats --report cuda_gpu_kern_sum --format csv -o /tmp/ours /tmp/ours.nsys-rep > /dev/null 2>&1
+  python3 - "$OUT/nsys-kernels.txt" <<'PY' /tmp/ours_cuda_gpu_kern_sum.csv
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[2])))
+with open(sys.argv[1], "w") as f:
+    for r in rows[:40]:
+        f.write(f"{float(r['Time (%)']):5.1f}%  {int(r['Total Time (ns)'])/1e6:9.1f} ms  {r['Instances']:>7}  {r['Name'][:110]}\n")
+PY
+  head -30 "$OUT/nsys-kernels.txt"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$OUT/device.txt"
+exit $status
