@@ -8,6 +8,7 @@ use pipeline_cache::{ArtifactCheck, Store};
 use pipeline_engine::exec;
 
 use crate::common::{human_bytes, load_plan, parse_age, CacheArgs, Exit, Usage};
+use crate::report::LogFormat;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum CacheCommand {
@@ -55,7 +56,19 @@ fn age(t: Option<SystemTime>) -> String {
     }
 }
 
-pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
+/// A line for people, or (with `--log-format json`) one JSON object per line.
+struct Out(LogFormat);
+impl Out {
+    fn say(&self, human: impl FnOnce() -> String, json: impl FnOnce() -> serde_json::Value) {
+        match self.0 {
+            LogFormat::Human => println!("{}", human()),
+            LogFormat::Json => crate::report::print_json(json()),
+        }
+    }
+}
+
+pub fn run(cmd: CacheCommand, fmt: LogFormat) -> anyhow::Result<()> {
+    let out = Out(fmt);
     match cmd {
         CacheCommand::Ls { recipe, cache } => {
             let store = open(&cache, recipe.as_deref())?;
@@ -73,23 +86,41 @@ pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
                 }
             }
             rows.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.stage.cmp(&b.1.stage)));
-            println!(
-                "  {:<12}  {:<16}  {:<16}  {:<10}  {:>10}  {:>6}",
-                "key", "recipe", "stage", "kind", "output", "used"
-            );
-            for (_, e) in rows {
-                let mark = if latest.contains(&e.key) { '*' } else { ' ' };
+            if fmt == LogFormat::Human {
                 println!(
-                    "{mark} {:<12}  {:<16}  {:<16}  {:<10}  {:>10}  {:>6}",
-                    &e.key[..12],
-                    e.recipe,
-                    e.stage,
-                    e.kind,
-                    human_bytes(e.output_bytes()),
-                    age(store.entry_last_used(&e.key))
+                    "  {:<12}  {:<16}  {:<16}  {:<10}  {:>10}  {:>6}",
+                    "key", "recipe", "stage", "kind", "output", "used"
                 );
             }
-            println!("{n} entries, {} of artifacts, in {}", human_bytes(total), store.root().display());
+            for (_, e) in rows {
+                let last_used = store.entry_last_used(&e.key);
+                out.say(
+                    || {
+                        let mark = if latest.contains(&e.key) { '*' } else { ' ' };
+                        format!(
+                            "{mark} {:<12}  {:<16}  {:<16}  {:<10}  {:>10}  {:>6}",
+                            &e.key[..12],
+                            e.recipe,
+                            e.stage,
+                            e.kind,
+                            human_bytes(e.output_bytes()),
+                            age(last_used)
+                        )
+                    },
+                    || {
+                        let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                        serde_json::json!({
+                            "event": "cache_entry", "key": e.key, "recipe": e.recipe, "stage": e.stage,
+                            "kind": e.kind, "output_bytes": e.output_bytes(), "created_unix": e.created_unix,
+                            "last_used_unix": last_used.map(unix), "latest": latest.contains(&e.key),
+                        })
+                    },
+                );
+            }
+            out.say(
+                || format!("{n} entries, {} of artifacts, in {}", human_bytes(total), store.root().display()),
+                || serde_json::json!({"event": "cache_summary", "entries": n, "output_bytes": total, "root": store.root()}),
+            );
             Ok(())
         }
         CacheCommand::Gc { recipes, older_than, dry_run, cache } => {
@@ -142,7 +173,10 @@ pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
                 match why {
                     Some(why) => {
                         dropped += 1;
-                        println!("{verb} entry {} ({what}): {why}", &key[..key.len().min(12)]);
+                        out.say(
+                            || format!("{verb} entry {} ({what}): {why}", &key[..key.len().min(12)]),
+                            || serde_json::json!({"event": "cache_drop", "what": "entry", "key": key, "detail": what, "reason": why, "dry_run": dry_run}),
+                        );
                         if !dry_run {
                             store.remove_entry(&key)?;
                         }
@@ -156,11 +190,16 @@ pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
             for k in store.scratch_keys() {
                 let Some((bytes, newest)) = store.scratch_usage(&k) else { continue };
                 if older(Some(newest)) {
-                    println!(
-                        "{verb} scratch {} ({}, checkpoints of an interrupted run, last written {} ago)",
-                        &k[..k.len().min(12)],
-                        human_bytes(bytes),
-                        age(Some(newest))
+                    out.say(
+                        || {
+                            format!(
+                                "{verb} scratch {} ({}, checkpoints of an interrupted run, last written {} ago)",
+                                &k[..k.len().min(12)],
+                                human_bytes(bytes),
+                                age(Some(newest))
+                            )
+                        },
+                        || serde_json::json!({"event": "cache_drop", "what": "scratch", "key": k, "bytes": bytes, "reason": "older than --older-than", "dry_run": dry_run}),
                     );
                     scratch_n += 1;
                     scratch_bytes += bytes;
@@ -170,19 +209,29 @@ pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
                 }
             }
             if dry_run {
-                println!(
-                    "{dropped} entries ({}) and {scratch_n} scratch directories ({}) would be dropped, {kept} kept",
-                    human_bytes(entry_bytes),
-                    human_bytes(scratch_bytes)
+                out.say(
+                    || {
+                        format!(
+                            "{dropped} entries ({}) and {scratch_n} scratch directories ({}) would be dropped, {kept} kept",
+                            human_bytes(entry_bytes),
+                            human_bytes(scratch_bytes)
+                        )
+                    },
+                    || serde_json::json!({"event": "gc_finished", "dry_run": true, "entries_dropped": dropped, "entry_bytes": entry_bytes, "scratch_dropped": scratch_n, "scratch_bytes": scratch_bytes, "entries_kept": kept}),
                 );
                 return Ok(());
             }
             let (n, bytes) = store.sweep_artifacts()?;
             store.prune_last();
-            println!(
-                "dropped {dropped} entries and {n} artifacts ({}), {scratch_n} scratch directories ({}); kept {kept} entries",
-                human_bytes(bytes),
-                human_bytes(scratch_bytes)
+            out.say(
+                || {
+                    format!(
+                        "dropped {dropped} entries and {n} artifacts ({}), {scratch_n} scratch directories ({}); kept {kept} entries",
+                        human_bytes(bytes),
+                        human_bytes(scratch_bytes)
+                    )
+                },
+                || serde_json::json!({"event": "gc_finished", "dry_run": false, "entries_dropped": dropped, "artifacts_dropped": n, "artifact_bytes": bytes, "scratch_dropped": scratch_n, "scratch_bytes": scratch_bytes, "entries_kept": kept}),
             );
             Ok(())
         }
@@ -201,7 +250,10 @@ pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
                     } else {
                         format!(" and the entries of {} (they re-run next time)", stages.join(", "))
                     };
-                    println!("corrupt: {d}: {why}; removed it{entries}");
+                    out.say(
+                        || format!("corrupt: {d}: {why}; removed it{entries}"),
+                        || serde_json::json!({"event": "verify_problem", "problem": "corrupt", "artifact": d, "detail": why.to_string(), "invalidated_stages": stages}),
+                    );
                     bad += 1;
                 }
             }
@@ -211,10 +263,15 @@ pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
                         if let Some(name) =
                             e.outputs.iter().find(|(_, o)| !store.artifact_path(&o.digest).is_dir()).map(|(n, _)| n)
                         {
-                            println!(
-                                "missing: output `{name}` of {} ({}); removed the entry (it re-runs next time)",
-                                e.stage,
-                                &e.key[..12]
+                            out.say(
+                                || {
+                                    format!(
+                                        "missing: output `{name}` of {} ({}); removed the entry (it re-runs next time)",
+                                        e.stage,
+                                        &e.key[..12]
+                                    )
+                                },
+                                || serde_json::json!({"event": "verify_problem", "problem": "missing", "stage": e.stage, "key": e.key, "output": name}),
                             );
                             store.remove_entry(&e.key)?;
                             bad += 1;
@@ -226,13 +283,19 @@ pub fn run(cmd: CacheCommand) -> anyhow::Result<()> {
                                 store.remove_entry(&key.to_string_lossy())?;
                             }
                         }
-                        println!("unreadable: {err}; removed it");
+                        out.say(
+                            || format!("unreadable: {err}; removed it"),
+                            || serde_json::json!({"event": "verify_problem", "problem": "unreadable", "detail": err.to_string()}),
+                        );
                         bad += 1;
                     }
                 }
             }
             store.prune_last();
-            println!("{} artifacts checked, {bad} problems", arts.len());
+            out.say(
+                || format!("{} artifacts checked, {bad} problems", arts.len()),
+                || serde_json::json!({"event": "verify_finished", "artifacts": arts.len(), "problems": bad}),
+            );
             if bad > 0 {
                 return Err(Exit(1).into());
             }

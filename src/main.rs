@@ -82,7 +82,7 @@ fn main() -> ExitCode {
         Command::Plan(a) => cmd_plan::plan(a, fmt),
         Command::Explain(a) => cmd_plan::explain(a, fmt),
         Command::Report(a) => cmd_report::run(a),
-        Command::Cache(c) => cmd_cache::run(c),
+        Command::Cache(c) => cmd_cache::run(c, fmt),
         Command::Eval(a) => cmd_eval::run(a, fmt),
         Command::Generate(a) => cmd_generate::run(a, fmt),
         Command::Serve(a) => serve::run(a),

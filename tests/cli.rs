@@ -812,6 +812,17 @@ fn every_command_honours_log_format_json() {
     assert_eq!(code, 0);
     assert!(kinds.iter().all(|k| k["event"] == "stage_kind" && k["version"].as_u64().is_some()));
     assert!(kinds.iter().any(|k| k["kind"] == "sft"), "{kinds:?}");
+    let (code, ls) = json(&["cache", "ls", "r.toml"]);
+    assert_eq!(code, 0);
+    assert_eq!(ls.iter().filter(|e| e["event"] == "cache_entry").count(), 5, "{ls:?}");
+    assert_eq!(ls.last().unwrap()["event"], "cache_summary");
+    assert_eq!(ls.last().unwrap()["entries"], 5);
+    let (code, v) = json(&["cache", "verify", "r.toml"]);
+    assert_eq!(code, 0);
+    assert_eq!((v[0]["event"].as_str(), v[0]["problems"].as_u64()), (Some("verify_finished"), Some(0)));
+    let (code, gc) = json(&["cache", "gc", "--dry-run"]);
+    assert_eq!(code, 0);
+    assert_eq!(gc.last().unwrap()["event"], "gc_finished", "{gc:?}");
     let (code, err) = json(&["explain", "r.toml", "nope"]);
     assert_eq!(code, 2);
     assert_eq!((err[0]["event"].as_str(), err[0]["exit_code"].as_u64()), (Some("error"), Some(2)));
