@@ -154,15 +154,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
 
 /// `pipeline generate --stream`: the same completion as `pipeline generate`, printed token by token.
 pub fn generate_stream(args: &crate::cmd_generate::GenerateArgs) -> anyhow::Result<()> {
-    let model = ModelArgs {
-        model: args.model.clone(),
-        base: args.base.clone(),
-        recipe: args.recipe.clone(),
-        stage: args.stage.clone(),
-        cache: args.cache.clone(),
-        device: args.device,
-    };
-    let (engine, codec, index) = start(&model, args.adapter.as_ref())?;
+    let (engine, codec, index) = start(&args.model, args.adapter.as_ref())?;
     let prompt = if args.raw {
         codec.encode_raw(&args.prompt)
     } else {

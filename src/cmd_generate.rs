@@ -13,8 +13,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use pipeline_cache::Store;
 
-use crate::common::{default_system, model_path, CacheArgs, Usage};
+use crate::common::{default_system, model_path, Usage};
 use crate::report::LogFormat;
+use crate::serve::ModelArgs;
 use dfdx::prelude::Cpu;
 use pipeline_engine::Device;
 use pipeline_model::chat::Message;
@@ -24,22 +25,10 @@ use pipeline_model::{generate, GenerationConfig};
 /// Generate text with a model (greedy by default; the chat template is applied unless `--raw`).
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
-    /// A Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json), a .gguf file,
-    /// or a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors; merged into
-    /// the base its `base_model_name_or_path` names, or --base).
-    #[arg(long, required_unless_present = "recipe", conflicts_with = "recipe")]
-    pub model: Option<PathBuf>,
-    /// With an adapter folder as --model: its base model (overrides `base_model_name_or_path`).
-    #[arg(long, requires = "model")]
-    pub base: Option<PathBuf>,
-    /// Use the model trained by this recipe (from its cache; run the recipe first).
-    #[arg(long)]
-    pub recipe: Option<PathBuf>,
-    /// With --recipe: the stage whose `model` output to use [default: the last training stage].
-    #[arg(long, requires = "recipe")]
-    pub stage: Option<String>,
+    /// `--model` / `--base` / `--recipe` / `--stage` / `--cache-dir` / `--device`, as `serve` and
+    /// `chat` take them.
     #[command(flatten)]
-    pub cache: CacheArgs,
+    pub model: ModelArgs,
     /// The user message (or, with --raw, the text to continue).
     #[arg(long)]
     pub prompt: String,
@@ -51,10 +40,6 @@ pub struct GenerateArgs {
     pub adapter: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
-    /// Where the model runs: `cpu`, `cuda` (GPU 0) or `cuda:<N>` (`cuda` needs a binary built
-    /// with `--features cuda`).
-    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
-    pub device: Device,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
@@ -114,7 +99,7 @@ pub fn run(args: GenerateArgs, fmt: LogFormat) -> anyhow::Result<()> {
     if args.stream && fmt == LogFormat::Human {
         return crate::cmd_chat::generate_stream(&args);
     }
-    match args.device {
+    match args.model.device {
         Device::Cpu => run_on(args, Cpu::default(), fmt),
         #[cfg(feature = "cuda")]
         Device::Cuda { ordinal } => {
@@ -122,13 +107,14 @@ pub fn run(args: GenerateArgs, fmt: LogFormat) -> anyhow::Result<()> {
             run_on(args, dev, fmt)
         }
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda { .. } => Err(Usage(pipeline_stages::cuda_not_built(args.device).to_string()).into()),
+        Device::Cuda { .. } => Err(Usage(pipeline_stages::cuda_not_built(args.model.device).to_string()).into()),
     }
 }
 
 fn run_on<D: dfdx::prelude::Device<f32>>(args: GenerateArgs, dev: D, fmt: LogFormat) -> anyhow::Result<()> {
-    let (model, store) = model_path(args.model.as_deref(), args.recipe.as_deref(), args.stage.as_deref(), &args.cache)?;
-    let src = ModelSource::resolve(&model, args.base.as_deref()).map_err(|e| Usage(e.to_string()))?;
+    let m = &args.model;
+    let (model, store) = model_path(m.model.as_deref(), m.recipe.as_deref(), m.stage.as_deref(), &m.cache)?;
+    let src = ModelSource::resolve(&model, m.base.as_deref()).map_err(|e| Usage(e.to_string()))?;
     if let Some(store) = &store {
         arm_checked_reads(store, &src)?;
     }

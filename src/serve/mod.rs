@@ -55,14 +55,15 @@ pub const MAX_BODY_BYTES: usize = 16 << 20;
 /// A client has this long to send its request body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Which model to load (shared by `pipeline serve` and `pipeline chat`).
+/// Which model to load (shared by `pipeline serve`, `pipeline chat` and `pipeline generate`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
-    /// A Hugging Face checkpoint folder, a .gguf file, or a peft LoRA adapter folder (merged into
+    /// A Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json), a .gguf file,
+    /// or a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors; merged into
     /// the base its `base_model_name_or_path` names, or --base).
     #[arg(long, required_unless_present = "recipe", conflicts_with = "recipe")]
     pub model: Option<PathBuf>,
-    /// With an adapter folder as --model: its base model.
+    /// With an adapter folder as --model: its base model (overrides `base_model_name_or_path`).
     #[arg(long, requires = "model")]
     pub base: Option<PathBuf>,
     /// Use the model trained by this recipe (from its cache; run the recipe first).
