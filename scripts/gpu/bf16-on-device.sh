@@ -5,8 +5,9 @@
 #    f32) and `cuda_bf16_matches_f32` (the bf16 base against the f32 path on the same GPU);
 # 2. Qwen2.5-0.5B-shaped LoRA step at each of $SHAPES, ours then transformers + peft from the
 #    same weights (our bench writes them, PIPELINE_BENCH_SAVE) and data: ours with the bf16 base
-#    (variants `tf32:gc`, TF32 off/on for the remaining f32 products, gradient checkpointing off/on;
-#    $VARIANTS, or $VARIANTS_<shape>), the peer with its base in bf16 + autocast
+#    (variants `tf32:gc[:flash]`, TF32 off/on for the remaining f32 products, gradient
+#    checkpointing off/on, the fused flash-attention kernel on (default) / off; $VARIANTS, or
+#    $VARIANTS_<shape>), the peer with its base in bf16 + autocast
 #    (bf16base) and with an f32 base + autocast (bf16). Every step's loss is printed on both sides.
 # Logs to $OUT (or .gpu/out).
 set -uo pipefail
@@ -20,11 +21,11 @@ if [ "${PARITY:-1}" = 1 ]; then
   echo "== parity on cuda"
   PIPELINE_TEST_DEVICE=cuda timeout "${PARITY_TIMEOUT:-150}" "$G/model-tests" --test-threads 1 --nocapture \
     > "$OUT/parity.log" 2>&1 || status=1
-  for t in cuda_matches_cpu cuda_bf16_matches_f32; do
+  for t in ${PARITY_TESTS:-cuda_matches_cpu cuda_bf16_matches_f32 cuda_flash_attention_matches_dfdx_attention}; do
     PIPELINE_TEST_DEVICE=cuda timeout "${PARITY_TIMEOUT:-150}" "$G/model-tests" --ignored "$t" --nocapture \
       >> "$OUT/parity.log" 2>&1 || status=1
   done
-  grep -E "^test |test result|cuda vs cpu|bf16 vs f32|checkpointing|panicked|assert" "$OUT/parity.log" | tee "$OUT/parity-summary.log" | head -60
+  grep -E "^test |test result|cuda vs cpu|bf16 vs f32|flash vs dfdx|checkpointing|panicked|assert" "$OUT/parity.log" | tee "$OUT/parity-summary.log" | head -60
   gzip -f "$OUT/parity.log"
 fi
 for shape in ${SHAPES:-8x512 4x2048}; do
@@ -33,11 +34,12 @@ for shape in ${SHAPES:-8x512 4x2048}; do
     PIPELINE_BENCH_GEN=0 PIPELINE_BENCH_MODELS=Qwen2.5 PIPELINE_BENCH_SAVE=$W
   var=VARIANTS_$shape
   for v in ${!var:-${VARIANTS:-0:0 1:0}}; do
-    tf32=${v%:*}; gc=${v#*:}
-    echo "== [$shape] ours: bf16 base, TF32 $tf32, gradient checkpointing $gc"
-    PIPELINE_BENCH_DTYPE=bf16 PIPELINE_BENCH_TF32=$tf32 PIPELINE_BENCH_GC=$gc timeout "${BENCH_TIMEOUT:-150}" "$G/throughput" 2>&1 \
-      | sed "s/bf16 base/bf16 base, TF32 $tf32/" | tee -a "$OUT/bench-dfdx.log" \
-      | grep -E "LoRA|memory|loss step (1|2|20) |kernels|panicked|rror" || status=1
+    IFS=: read -r tf32 gc flash <<< "$v"; flash=${flash:-1}
+    echo "== [$shape] ours: bf16 base, TF32 $tf32, gradient checkpointing $gc, flash attention $flash"
+    PIPELINE_BENCH_DTYPE=bf16 PIPELINE_BENCH_TF32=$tf32 PIPELINE_BENCH_GC=$gc PIPELINE_BENCH_FLASH=$flash \
+      timeout "${BENCH_TIMEOUT:-150}" "$G/throughput" 2>&1 \
+      | sed "s/bf16 base/bf16 base, TF32 $tf32, flash $flash/" | tee -a "$OUT/bench-dfdx.log" \
+      | grep -E "LoRA|memory|loss step (1|2|20) |kernels|attention|panicked|rror" || status=1
   done
   [ "${PEER:-1}" = 1 ] || continue
   echo "== [$shape] transformers + peft"

@@ -644,6 +644,7 @@ where
     };
     model.set_frozen_dtype(dtype).map_err(|e| StageError::failed(format!("{label}: torch_dtype: {e}")))?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing);
+    model.set_flash_attention(cfg.attn_impl != Some(pipeline_train::AttnImpl::Eager));
     let mut tm = TrainModel(model);
     let mut cb = RunCtxCallbacks { ctx, label: label.into() };
     let outcome = train(cfg, seed, dev, &mut tm, objective, train_set, eval, &train_paths(ctx, metrics_dir), &mut cb)

@@ -223,7 +223,8 @@ fn run_gpu() {
     let dev = Cuda::default();
     let tf32 = std::env::var("PIPELINE_BENCH_TF32").is_ok_and(|v| v == "1");
     pipeline_model::set_tf32(&dev, tf32);
-    eprintln!("kernels: {}, TF32 {}", kernels(), if tf32 { "on" } else { "off" });
+    let flash = !std::env::var("PIPELINE_BENCH_FLASH").is_ok_and(|v| v == "0");
+    eprintln!("kernels: {}, TF32 {}, flash attention {}", kernels(), if tf32 { "on" } else { "off" }, if flash { "on where it applies" } else { "off" });
     let s = Shapes {
         batch: env_usize("PIPELINE_BENCH_BATCH", 8),
         seq: env_usize("PIPELINE_BENCH_SEQ", 256),
@@ -250,6 +251,8 @@ fn run_gpu() {
         let dtype = if bf16_base() { pipeline_model::FrozenDtype::Bf16 } else { pipeline_model::FrozenDtype::F32 };
         let mut m = Qwen2::from_host_with_dtype(&cfg, &host, &dev, dtype).unwrap();
         m.set_gradient_checkpointing(std::env::var("PIPELINE_BENCH_GC").is_ok_and(|v| v == "1"));
+        m.set_flash_attention(flash);
+        eprintln!("{name}: attention {}", if m.flash_attention() { "fused (flash) kernel" } else { "dfdx ops (f32)" });
         drop(host);
         eprintln!("{name}: random init + upload {:.1} s", t.elapsed().as_secs_f64());
         bench_model(name, m, &s, true);

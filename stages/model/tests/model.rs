@@ -668,6 +668,81 @@ fn cuda_bf16_matches_f32() {
     assert_eq!(a16.frozen_dtype(), FrozenDtype::Bf16);
 }
 
+/// The fused causal attention kernel (bf16 tensor cores, online softmax, FlashAttention-2's
+/// backward) against dfdx's f32 attention in the same bf16-base model on the GPU: logits of the
+/// unpadded tokens, the LoRA log-prob loss and the adapter gradients (with and without gradient
+/// checkpointing), for head dimensions 64 (Qwen2.5-0.5B's 14 / 2 heads) and 128 (7B's), over
+/// right-padded rows whose lengths are not multiples of the kernel's 64-token tiles.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU: run with scripts/gpu/run-on-device.sh"]
+fn cuda_flash_attention_matches_dfdx_attention() {
+    use pipeline_model::{Arch, FrozenDtype};
+    let gpu = Cuda::default();
+    for (hidden, heads, kv_heads, head_dim) in [(896, 14, 2, 64), (1024, 8, 2, 128)] {
+        let cfg = ModelConfig {
+            arch: Arch::Qwen2,
+            vocab_size: 1000,
+            hidden_size: hidden,
+            intermediate_size: 512,
+            num_hidden_layers: 3,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e6,
+            tie_word_embeddings: true,
+            attention_bias: true,
+            max_position_embeddings: 4096,
+            bos_token_id: None,
+            eos_token_id: vec![],
+        };
+        let host = Qwen2::<Cpu>::random_host(&cfg, 5);
+        let rows: Vec<Vec<u32>> =
+            [150usize, 97, 64, 3].iter().map(|&n| (0..n as u32).map(|i| (i * 7919 + n as u32) % 1000).collect()).collect();
+        let b = Batch::right_padded(&rows, 0).unwrap();
+        let (n, seq) = (b.batch * b.seq, b.seq);
+        let targets: Vec<usize> = (0..n).map(|k| if (k + 1) % seq == 0 { 0 } else { b.ids[k + 1] as usize }).collect();
+        let needed: Vec<bool> = (0..n).map(|k| (k + 1) % seq != 0 && b.mask[k + 1]).collect();
+        let count = needed.iter().filter(|&&x| x).count() as f32;
+        let model = |flash: bool, gc: bool| {
+            let mut m: Qwen2<Cuda> = Qwen2::from_host_with_dtype(&cfg, &host, &gpu, FrozenDtype::Bf16).unwrap();
+            m.set_trainable(Trainable::Lora(LoraConfig::all_linear(8, 16.0)), 3).unwrap();
+            m.set_flash_attention(flash);
+            m.set_gradient_checkpointing(gc);
+            assert_eq!(m.flash_attention(), flash);
+            m
+        };
+        let run = |m: &Qwen2<Cuda>| {
+            let logits = m.forward(&b).unwrap().as_vec();
+            let (_, tape) = m.params.flat.trace(m.params.alloc_grads()).split_tape();
+            let lp = m.forward_logprobs(&b, &targets, Some(&needed), tape, None).unwrap();
+            let loss = lp.sum::<(), _>() * (-1.0 / count);
+            let l = loss.array();
+            (logits, l, loss.backward().get(&m.params.flat).as_vec())
+        };
+        let (ref_logits, ref_loss, ref_grads) = run(&model(false, false));
+        let v = cfg.vocab_size;
+        let valid = |x: &[f32]| -> Vec<f32> {
+            x.chunks(v).zip(&b.mask).filter(|(_, &m)| m).flat_map(|(r, _)| r.to_vec()).collect()
+        };
+        for gc in [false, true] {
+            let (logits, loss, grads) = run(&model(true, gc));
+            let what = format!("head_dim {head_dim}, checkpointing {gc}");
+            let (a, r) = (valid(&logits), valid(&ref_logits));
+            let (abs, _) = diff(&a, &r);
+            let scale = r.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+            let cos = cosine(&a, &r);
+            eprintln!("flash vs dfdx attention, {what}: logits max abs {abs:e} (largest {scale:e}), cosine {cos:.7}; loss {loss} vs {ref_loss}; grads cosine {:.7}", cosine(&grads, &ref_grads));
+            assert!(a.iter().all(|x| x.is_finite()), "{what}: non-finite logits");
+            assert!(abs <= 3e-2 * scale && cos >= 0.9999, "{what}: logits differ by {abs} (cosine {cos})");
+            assert!((loss - ref_loss).abs() <= 2e-3 * ref_loss.abs().max(1.0), "{what}: loss {loss} vs {ref_loss}");
+            let gcos = cosine(&grads, &ref_grads);
+            assert!(gcos >= 0.999, "{what}: LoRA gradients cosine {gcos}");
+        }
+    }
+}
+
 /// Gradient checkpointing (each decoder layer recomputed in the backward) leaves the loss and the
 /// LoRA and full fine-tuning gradients as the plain backward computes them.
 #[test]

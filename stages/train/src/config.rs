@@ -37,6 +37,19 @@ pub enum TorchDtype {
     Bfloat16,
 }
 
+/// How attention is computed (ms-swift's `--attn_impl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttnImpl {
+    /// The fused memory-efficient causal attention kernel (FlashAttention-2's algorithm, bf16
+    /// tensor cores) wherever it applies: CUDA with a bf16 base and head dimension 64 or 128;
+    /// elsewhere `eager`.
+    #[serde(alias = "flash_attention_2")]
+    FlashAttn,
+    /// Scores and softmax as separate f32 tensor ops (exact f32 attention, more memory).
+    Eager,
+}
+
 /// The one definition of the training arguments: `with_train_args!({ path::to::m } tokens...)`
 /// expands to `path::to::m! { tokens... [ fields ] }`, each field written
 /// `#[attributes] name: Type = default,` (types and defaults are `$crate` paths, so they resolve
@@ -118,6 +131,11 @@ macro_rules! with_train_args {
             /// Serialised only when on.
             #[serde(skip_serializing_if = "std::ops::Not::not")]
             gradient_checkpointing: bool = false,
+            /// Attention implementation (ms-swift's `attn_impl`): `"flash_attn"` or `"eager"`.
+            /// Unset: `flash_attn` where it applies (CUDA, bf16 base), `eager` otherwise.
+            /// Serialised only when set.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            attn_impl: ::core::option::Option<$crate::AttnImpl> = ::core::option::Option::None,
         ] }
     };
 }

@@ -115,7 +115,7 @@ pub mod trainer;
 
 use std::path::PathBuf;
 
-pub use config::{SchedulerType, TorchDtype, TrainConfig};
+pub use config::{AttnImpl, SchedulerType, TorchDtype, TrainConfig};
 pub use data::{pack_documents, split_indices, Batch, Dataset, LmBatch, Subset, TokenDataset, TokenExample};
 pub use metrics::{CurveMarks, EvalRecord, Record, TrainRecord};
 pub use objectives::{

@@ -9,6 +9,8 @@
 //! reference path, so behaviour is identical everywhere and only the cost differs.
 
 #[cfg(feature = "cuda")]
+pub(crate) mod attention;
+#[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub(crate) mod frozen;
 pub(crate) mod fused_ce;

@@ -44,6 +44,10 @@ pub(crate) struct Step<'a, D: Device<f32>, S: Dims> {
     pub batch: usize,
     pub seq: usize,
     pub past: usize,
+    /// The batch's attention mask `[batch * seq]` when attention runs as the fused CUDA kernel
+    /// ([`crate::kernels::attention`]: bf16 base on CUDA, no KV cache); `None`: dfdx's ops.
+    #[cfg(feature = "cuda")]
+    pub flash: Option<std::sync::Arc<Vec<bool>>>,
 }
 
 impl<D: Device<f32>, S: Dims> Step<'_, D, S> {
@@ -91,6 +95,15 @@ impl<D: Device<f32>> Attention<D> {
         let v = self.v_proj.forward(ctx, x, kv_dim);
         let q = step.rope(q, nq);
         let k = step.rope(k, nkv);
+        #[cfg(feature = "cuda")]
+        if let (None, Some(valid)) = (&cache, &step.flash) {
+            use crate::kernels::attention::{causal_attention, AttnShape};
+            let sh = AttnShape { batch: b, seq: s, heads: nq.size(), kv_heads: nkv.size(), head_dim: hd.size() };
+            // infallible like every op of this forward: a device error here is dfdx's OOM panic
+            let att = causal_attention(q, k, v, valid, sh)
+                .unwrap_or_else(|e| panic!("fused attention over [{b} x {s}] tokens, {} heads: {e}", sh.heads));
+            return self.o_proj.forward(ctx, att, hidden);
+        }
         // Grouped-query attention without repeating K/V: query head `j * rep + r` uses KV head
         // `j` (transformers' `repeat_kv`), so the `rep` query heads of one KV head are stacked
         // along the query axis, [b, nkv, rep * s, hd]. (Repeating K/V by broadcast + reshape
@@ -203,13 +216,25 @@ impl<D: Device<f32>> DecoderLayer<D> {
         let (dims, cos, sin, rot, mask) =
             (step.dims, step.cos.clone(), step.sin.clone(), step.rot.clone(), step.mask.clone());
         let (batch, seq, past) = (step.batch, step.seq, step.past);
+        #[cfg(feature = "cuda")]
+        let flash = step.flash.clone();
         let yg = y.ghost();
         tape.add_backward_op(move |grads| {
             grads.try_alloc_for(&yg)?;
             let dy: Rows<S::Hidden, D, NoneTape> = grads.get(&yg);
             let ctx = Ctx { dev: &dev, flat: &flat, lora: lora.as_ref(), dropout_seed: seed };
-            let step =
-                Step { dims, cos: cos.clone(), sin: sin.clone(), rot: &rot, mask: mask.clone(), batch, seq, past };
+            let step = Step {
+                dims,
+                cos: cos.clone(),
+                sin: sin.clone(),
+                rot: &rot,
+                mask: mask.clone(),
+                batch,
+                seq,
+                past,
+                #[cfg(feature = "cuda")]
+                flash: flash.clone(),
+            };
             let (_, t0) = flat.trace(Gradients::leaky()).split_tape();
             let y = layer.forward(&ctx, &step, x.clone().put_tape(t0), None);
             let mut inner = (y * dy).try_sum::<(), _>()?.try_backward()?;

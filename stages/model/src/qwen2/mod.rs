@@ -92,6 +92,8 @@ pub struct Qwen2<D: Device<f32>, S: Dims = RuntimeDims> {
     rot: Tensor<(S::HeadDim, S::HeadDim), f32, D>,
     /// Recompute each decoder layer in the backward ([`Qwen2::set_gradient_checkpointing`]).
     checkpointing: bool,
+    /// Run attention as the fused CUDA kernel where it applies ([`Qwen2::set_flash_attention`]).
+    flash_attention: bool,
 }
 
 /// `rotate_half` as a matrix: `x @ R` = `cat(-x[half..], x[..half])`.
@@ -151,6 +153,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
             params: self.params,
             rot,
             checkpointing: self.checkpointing,
+            flash_attention: self.flash_attention,
         })
     }
 
@@ -179,6 +182,20 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
     /// a layer's activations instead of every layer's). Gradients are unchanged.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.checkpointing = on;
+    }
+    /// `attn_impl`: with `true` (the default) attention runs as the fused memory-efficient CUDA
+    /// kernel ([`crate::kernels`]' `attention`) whenever it applies — a bf16 base on CUDA, head
+    /// dimension 64 or 128, no KV cache; `false` keeps dfdx's f32 ops everywhere (`eager`).
+    pub fn set_flash_attention(&mut self, on: bool) {
+        self.flash_attention = on;
+    }
+    /// Whether the fused attention kernel runs in this model's forwards (see
+    /// [`Self::set_flash_attention`]).
+    pub fn flash_attention(&self) -> bool {
+        self.flash_attention
+            && cfg!(feature = "cuda")
+            && self.frozen_dtype() == crate::params::FrozenDtype::Bf16
+            && matches!(self.dims.head_dim.size(), 64 | 128)
     }
     pub fn gradient_checkpointing(&self) -> bool {
         self.checkpointing
@@ -242,6 +259,14 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
             batch: b,
             seq: s,
             past: pos.past,
+            #[cfg(feature = "cuda")]
+            flash: (pos.past == 0
+                && cache.is_none()
+                && kernels::is_cuda::<D>()
+                && !kernels::reference_only()
+                && kernels::attention::supported(hds)
+                && self.flash_attention())
+                .then(|| std::sync::Arc::new(batch.mask.clone())),
         };
         let ctx = self.ctx(dropout);
         let ids: Tensor<(usize,), usize, D> =

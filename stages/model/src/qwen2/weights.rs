@@ -168,6 +168,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
             params: FlatParams { flat: dev.zeros_like(&(1,)) },
             rot: rot_matrix(dev, dims.head_dim),
             checkpointing: false,
+            flash_attention: true,
         })
     }
 

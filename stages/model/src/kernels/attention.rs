@@ -1,0 +1,564 @@
+//! Memory-efficient causal grouped-query attention on CUDA (FlashAttention-2's algorithm: Dao,
+//! arXiv:2307.08691), forward and backward, on bf16 tensor cores with f32 accumulation.
+//!
+//! The dfdx path ([`crate::qwen2`]'s `Attention::forward`) materialises the scores and the
+//! softmax, `[batch, heads, seq, seq]` f32 each, plus their gradients: at 2,048 tokens that is
+//! most of a training step's memory and time. Here the scores of a 64-query × 64-key tile live in
+//! registers only:
+//!
+//! - forward (`flash_fwd_*`, one block of 4 warps per 64 queries of one head): `S = Q·Kᵀ` by
+//!   `mma.sync.m16n8k16` (bf16 in, f32 out), causal and key-padding mask, online softmax (running
+//!   max and sum per row), `O += P·V` with `P` rounded to bf16 straight from the accumulator
+//!   registers; writes `O` (f32) and the row's `logsumexp` for the backward. Key tiles after the
+//!   last query of the block are skipped (causal).
+//! - backward (`attn_delta`, then `flash_bwd_*`, one block per 64 keys of one query head):
+//!   `D = rowsum(dO ∘ O)`; per query tile `P = exp(S − lse)`, `dV += Pᵀ·dO`, `dP = dO·Vᵀ`,
+//!   `dS = P ∘ (dP − D)`, `dK += dSᵀ·Q`, `dQ += dS·K` (atomically: several key blocks add into
+//!   one query row, and the `rep` query heads of one KV head into one `dK`/`dV` row).
+//!
+//! Inputs are read in the layout the projections write (`[batch·seq, heads·head_dim]` rows), so
+//! no permute or copy is made; `Q`, `K`, `V`, `P`, `dO` and `dS` are rounded to bf16 for the tensor
+//! cores (as PyTorch's SDPA does under bf16 autocast), everything else is f32. Used on CUDA when
+//! the frozen base is bf16 (`torch_dtype = "bfloat16"`, the mixed-precision mode) and the head
+//! dimension is 64 or 128; `PIPELINE_REFERENCE_KERNELS=1` and f32 training keep dfdx's exact f32
+//! attention. A query row with no visible key (left padding) gets a zero output; such rows feed
+//! nothing (their keys are masked for every query and their loss is masked).
+//!
+//! No CUDA headers are needed: bf16 conversion is done on the bit patterns and the tensor-core
+//! product is inline PTX (NVRTC on the GPU machine runs without the toolkit's headers).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaDevice, CudaSlice, DevicePtr, DeviceRepr, LaunchAsync, LaunchConfig};
+use dfdx::prelude::*;
+
+use super::cuda::KernelError;
+use super::{cast, cuda_buffer, cuda_data};
+
+type Rows<X, D, T> = Tensor<(usize, X), f32, D, T>;
+
+const MODULE: &str = "pipeline_attention";
+const FUNCS: &[&str] = &["flash_fwd_64", "flash_fwd_128", "flash_bwd_64", "flash_bwd_128", "attn_delta"];
+const ON_GPU: &str = "causal_attention's tensors live on the CUDA device";
+/// Queries per forward block and keys per backward block (4 warps × 16 rows).
+const BLOCK: usize = 64;
+
+const SRC: &str = r#"
+struct AttnDims { int b; int s; int nq; int nkv; float scale; };
+
+__device__ __forceinline__ unsigned short f2bf(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+__device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+    return (unsigned int)f2bf(lo) | ((unsigned int)f2bf(hi) << 16);
+}
+__device__ __forceinline__ unsigned int ld2(const unsigned short* p) { return *(const unsigned int*)p; }
+// two bf16 of one column from consecutive rows of a row-major tile (a B operand read "transposed")
+__device__ __forceinline__ unsigned int ld2col(const unsigned short* p, int pitch) {
+    return (unsigned int)p[0] | ((unsigned int)p[pitch] << 16);
+}
+#define NEG_INF __int_as_float(0xff800000)
+#define POS_INF __int_as_float(0x7f800000)
+
+// c[16x8] += a[16x16] * b[16x8], bf16 in, f32 accumulate (PTX ISA fragment layouts:
+// a: {row g, cols 2t..2t+1}, {row g+8, ...}, {row g, cols 2t+8..}, {row g+8, cols 2t+8..};
+// b: {rows 2t..2t+1, col g}, {rows 2t+8.., col g}; c: {row g, cols 2t, 2t+1}, {row g+8, ...})
+__device__ __forceinline__ void mma16816(float* c, const unsigned int* a, unsigned int b0, unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// A fragments of rows r0, r0+8 of a row-major f32 matrix (row stride `stride`), cols kk*16..
+template <int HD>
+__device__ __forceinline__ void load_a_rows(unsigned int (*fa)[4], const float* base, long stride, int r0, int r1, int s, int t) {
+    for (int kk = 0; kk < HD / 16; ++kk) {
+        int c = kk * 16 + t * 2;
+        const float* p0 = base + (long)r0 * stride + c;
+        const float* p1 = base + (long)r1 * stride + c;
+        fa[kk][0] = r0 < s ? pack2(p0[0], p0[1]) : 0u;
+        fa[kk][1] = r1 < s ? pack2(p1[0], p1[1]) : 0u;
+        fa[kk][2] = r0 < s ? pack2(p0[8], p0[9]) : 0u;
+        fa[kk][3] = r1 < s ? pack2(p1[8], p1[9]) : 0u;
+    }
+}
+
+template <int HD>
+__device__ void flash_fwd(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                          const unsigned char* __restrict__ kvalid, float* __restrict__ o, float* __restrict__ lse,
+                          AttnDims d) {
+    const int BQ = 64, BK = 64, KP = HD + 8, VP = BK + 8;
+    __shared__ unsigned short ks[BK * KP];
+    __shared__ unsigned short vt[HD * VP];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * BQ, h = blockIdx.y, bb = blockIdx.z;
+    const int kvh = h / (d.nq / d.nkv);
+    const long qstride = (long)d.nq * HD, kstride = (long)d.nkv * HD;
+    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    const float* qb = q + (long)bb * d.s * qstride + (long)h * HD;
+    const float* kb = k + (long)bb * d.s * kstride + (long)kvh * HD;
+    const float* vb = v + (long)bb * d.s * kstride + (long)kvh * HD;
+    const unsigned char* valid = kvalid + (long)bb * d.s;
+    unsigned int qa[HD / 16][4];
+    load_a_rows<HD>(qa, qb, qstride, r0, r1, d.s, t);
+    float acc[HD / 8][4];
+    for (int i = 0; i < HD / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    const int kend = d.s < q0 + BQ ? d.s : q0 + BQ;
+    for (int k0 = 0; k0 < kend; k0 += BK) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < BK * HD; e += blockDim.x) {
+            int j = e / HD, c = e % HD;
+            float kv = 0.f, vv = 0.f;
+            if (k0 + j < d.s) {
+                kv = kb[(long)(k0 + j) * kstride + c];
+                vv = vb[(long)(k0 + j) * kstride + c];
+            }
+            ks[j * KP + c] = f2bf(kv);
+            vt[c * VP + j] = f2bf(vv);
+        }
+        __syncthreads();
+        float sc[BK / 8][4];
+        for (int nt = 0; nt < BK / 8; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+        for (int kk = 0; kk < HD / 16; ++kk)
+            for (int nt = 0; nt < BK / 8; ++nt) {
+                const unsigned short* kr = ks + (nt * 8 + g) * KP + kk * 16 + t * 2;
+                mma16816(sc[nt], qa[kk], ld2(kr), ld2(kr + 8));
+            }
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+        for (int nt = 0; nt < BK / 8; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                int j = k0 + nt * 8 + t * 2 + (e & 1);
+                int i = e < 2 ? r0 : r1;
+                bool ok = j < d.s && j <= i && valid[j];
+                float x = ok ? sc[nt][e] * d.scale : NEG_INF;
+                sc[nt][e] = x;
+                if (e < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
+            }
+        mx0 = quad_max(mx0);
+        mx1 = quad_max(mx1);
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        const float a0 = n0 == NEG_INF ? 1.f : __expf(m0 - n0);
+        const float a1 = n1 == NEG_INF ? 1.f : __expf(m1 - n1);
+        float s0 = 0.f, s1 = 0.f;
+        for (int nt = 0; nt < BK / 8; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                float x = sc[nt][e];
+                float p = x == NEG_INF ? 0.f : __expf(x - (e < 2 ? n0 : n1));
+                sc[nt][e] = p;
+                if (e < 2) s0 += p; else s1 += p;
+            }
+        l0 = l0 * a0 + quad_sum(s0);
+        l1 = l1 * a1 + quad_sum(s1);
+        m0 = n0;
+        m1 = n1;
+        for (int dn = 0; dn < HD / 8; ++dn) {
+            acc[dn][0] *= a0; acc[dn][1] *= a0; acc[dn][2] *= a1; acc[dn][3] *= a1;
+        }
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            unsigned int pa[4] = {pack2(sc[2 * kk][0], sc[2 * kk][1]), pack2(sc[2 * kk][2], sc[2 * kk][3]),
+                                  pack2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]), pack2(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+            for (int dn = 0; dn < HD / 8; ++dn) {
+                const unsigned short* vr = vt + (dn * 8 + g) * VP + kk * 16 + t * 2;
+                mma16816(acc[dn], pa, ld2(vr), ld2(vr + 8));
+            }
+        }
+    }
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    float* ob = o + (long)bb * d.s * qstride + (long)h * HD;
+    for (int dn = 0; dn < HD / 8; ++dn) {
+        int c = dn * 8 + t * 2;
+        if (r0 < d.s) { ob[(long)r0 * qstride + c] = acc[dn][0] * i0; ob[(long)r0 * qstride + c + 1] = acc[dn][1] * i0; }
+        if (r1 < d.s) { ob[(long)r1 * qstride + c] = acc[dn][2] * i1; ob[(long)r1 * qstride + c + 1] = acc[dn][3] * i1; }
+    }
+    if (t == 0) {
+        float* lb = lse + ((long)bb * d.nq + h) * d.s;
+        if (r0 < d.s) lb[r0] = l0 > 0.f ? m0 + logf(l0) : POS_INF;
+        if (r1 < d.s) lb[r1] = l1 > 0.f ? m1 + logf(l1) : POS_INF;
+    }
+}
+
+// delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]; one warp per (row, head)
+extern "C" __global__ void attn_delta(const float* dout, const float* o, float* delta, int hd, AttnDims d) {
+    long w = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    long rows = (long)d.b * d.s * d.nq;
+    if (w >= rows) return;
+    long bi = w / d.nq;            // b * s + i
+    int h = (int)(w % d.nq);
+    const float* a = dout + w * hd;
+    const float* c = o + w * hd;
+    float x = 0.f;
+    for (int e = lane; e < hd; e += 32) x += a[e] * c[e];
+    for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+    if (lane == 0) {
+        long bb = bi / d.s, i = bi % d.s;
+        delta[(bb * d.nq + h) * d.s + i] = x;
+    }
+}
+
+template <int HD>
+__device__ void flash_bwd(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                          const float* __restrict__ dout, const float* __restrict__ lse,
+                          const float* __restrict__ delta, const unsigned char* __restrict__ kvalid,
+                          float* dq, float* dk, float* dv, AttnDims d) {
+    const int BQ = 32, BK = 64, QP = HD + 8, KTP = BK + 8, SP = BK + 8;
+    __shared__ unsigned short qs[BQ * QP];
+    __shared__ unsigned short dos[BQ * QP];
+    __shared__ unsigned short kt[HD * KTP];
+    __shared__ unsigned short dss[BQ * SP];
+    __shared__ float ls[BQ], dls[BQ];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int k0 = blockIdx.x * BK, h = blockIdx.y, bb = blockIdx.z;
+    const int kvh = h / (d.nq / d.nkv);
+    const long qstride = (long)d.nq * HD, kstride = (long)d.nkv * HD;
+    const int j0 = k0 + warp * 16 + g, j1 = j0 + 8;
+    const float* qb = q + (long)bb * d.s * qstride + (long)h * HD;
+    const float* dob = dout + (long)bb * d.s * qstride + (long)h * HD;
+    float* dqb = dq + (long)bb * d.s * qstride + (long)h * HD;
+    const float* kb = k + (long)bb * d.s * kstride + (long)kvh * HD;
+    const float* vb = v + (long)bb * d.s * kstride + (long)kvh * HD;
+    const float* lb = lse + ((long)bb * d.nq + h) * d.s;
+    const float* db = delta + ((long)bb * d.nq + h) * d.s;
+    const unsigned char* valid = kvalid + (long)bb * d.s;
+    unsigned int ka[HD / 16][4], va[HD / 16][4];
+    load_a_rows<HD>(ka, kb, kstride, j0, j1, d.s, t);
+    load_a_rows<HD>(va, vb, kstride, j0, j1, d.s, t);
+    for (int e = threadIdx.x; e < BK * HD; e += blockDim.x) {
+        int j = e / HD, c = e % HD;
+        kt[c * KTP + j] = f2bf(k0 + j < d.s ? kb[(long)(k0 + j) * kstride + c] : 0.f);
+    }
+    const bool v0 = j0 < d.s && valid[j0], v1 = j1 < d.s && valid[j1];
+    float dka[HD / 8][4], dva[HD / 8][4];
+    for (int i = 0; i < HD / 8; ++i)
+        for (int e = 0; e < 4; ++e) dka[i][e] = dva[i][e] = 0.f;
+    // dQ: the tile [BQ x HD] is split over the warps as row groups x column parts
+    const int RG = BQ / 16, DW = HD / (4 / RG);
+    const int rg = warp % RG, dpart = warp / RG;
+    for (int qt0 = (k0 / BQ) * BQ; qt0 < d.s; qt0 += BQ) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < BQ * HD; e += blockDim.x) {
+            int i = e / HD, c = e % HD;
+            bool in = qt0 + i < d.s;
+            qs[i * QP + c] = f2bf(in ? qb[(long)(qt0 + i) * qstride + c] : 0.f);
+            dos[i * QP + c] = f2bf(in ? dob[(long)(qt0 + i) * qstride + c] : 0.f);
+        }
+        for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
+            bool in = qt0 + i < d.s;
+            ls[i] = in ? lb[qt0 + i] : POS_INF;
+            dls[i] = in ? db[qt0 + i] : 0.f;
+        }
+        __syncthreads();
+        // S^T = K Q^T (this warp's 16 keys x BQ queries), then P^T = exp(S^T * scale - lse)
+        float st[BQ / 8][4];
+        for (int nt = 0; nt < BQ / 8; ++nt) st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
+        for (int kk = 0; kk < HD / 16; ++kk)
+            for (int nt = 0; nt < BQ / 8; ++nt) {
+                const unsigned short* qr = qs + (nt * 8 + g) * QP + kk * 16 + t * 2;
+                mma16816(st[nt], ka[kk], ld2(qr), ld2(qr + 8));
+            }
+        for (int nt = 0; nt < BQ / 8; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                int il = nt * 8 + t * 2 + (e & 1), i = qt0 + il;
+                int j = e < 2 ? j0 : j1;
+                bool ok = i < d.s && j <= i && (e < 2 ? v0 : v1);
+                st[nt][e] = ok ? __expf(st[nt][e] * d.scale - ls[il]) : 0.f;
+            }
+        // dV += P^T dO
+        for (int kq = 0; kq < BQ / 16; ++kq) {
+            unsigned int pa[4] = {pack2(st[2 * kq][0], st[2 * kq][1]), pack2(st[2 * kq][2], st[2 * kq][3]),
+                                  pack2(st[2 * kq + 1][0], st[2 * kq + 1][1]), pack2(st[2 * kq + 1][2], st[2 * kq + 1][3])};
+            for (int dn = 0; dn < HD / 8; ++dn) {
+                const unsigned short* p = dos + (kq * 16 + t * 2) * QP + dn * 8 + g;
+                mma16816(dva[dn], pa, ld2col(p, QP), ld2col(p + 8 * QP, QP));
+            }
+        }
+        // dP^T = V dO^T, dS^T = P^T (dP^T - D)
+        float dpt[BQ / 8][4];
+        for (int nt = 0; nt < BQ / 8; ++nt) dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
+        for (int kk = 0; kk < HD / 16; ++kk)
+            for (int nt = 0; nt < BQ / 8; ++nt) {
+                const unsigned short* dr = dos + (nt * 8 + g) * QP + kk * 16 + t * 2;
+                mma16816(dpt[nt], va[kk], ld2(dr), ld2(dr + 8));
+            }
+        for (int nt = 0; nt < BQ / 8; ++nt)
+            for (int e = 0; e < 4; ++e) st[nt][e] *= dpt[nt][e] - dls[nt * 8 + t * 2 + (e & 1)];
+        // dK += dS^T Q
+        for (int kq = 0; kq < BQ / 16; ++kq) {
+            unsigned int sa[4] = {pack2(st[2 * kq][0], st[2 * kq][1]), pack2(st[2 * kq][2], st[2 * kq][3]),
+                                  pack2(st[2 * kq + 1][0], st[2 * kq + 1][1]), pack2(st[2 * kq + 1][2], st[2 * kq + 1][3])};
+            for (int dn = 0; dn < HD / 8; ++dn) {
+                const unsigned short* p = qs + (kq * 16 + t * 2) * QP + dn * 8 + g;
+                mma16816(dka[dn], sa, ld2col(p, QP), ld2col(p + 8 * QP, QP));
+            }
+        }
+        // dS (query-major) to shared memory for dQ = dS K
+        for (int nt = 0; nt < BQ / 8; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                int il = nt * 8 + t * 2 + (e & 1), jl = warp * 16 + g + (e < 2 ? 0 : 8);
+                dss[il * SP + jl] = f2bf(st[nt][e]);
+            }
+        __syncthreads();
+        float dqa[DW / 8][4];
+        for (int dn = 0; dn < DW / 8; ++dn) dqa[dn][0] = dqa[dn][1] = dqa[dn][2] = dqa[dn][3] = 0.f;
+        for (int kj = 0; kj < BK / 16; ++kj) {
+            const unsigned short* s0 = dss + (rg * 16 + g) * SP + kj * 16 + t * 2;
+            const unsigned short* s1 = s0 + 8 * SP;
+            unsigned int a[4] = {ld2(s0), ld2(s1), ld2(s0 + 8), ld2(s1 + 8)};
+            for (int dn = 0; dn < DW / 8; ++dn) {
+                const unsigned short* kr = kt + (dpart * DW + dn * 8 + g) * KTP + kj * 16 + t * 2;
+                mma16816(dqa[dn], a, ld2(kr), ld2(kr + 8));
+            }
+        }
+        const int i0 = qt0 + rg * 16 + g, i1 = i0 + 8;
+        for (int dn = 0; dn < DW / 8; ++dn) {
+            int c = dpart * DW + dn * 8 + t * 2;
+            if (i0 < d.s) {
+                atomicAdd(dqb + (long)i0 * qstride + c, dqa[dn][0] * d.scale);
+                atomicAdd(dqb + (long)i0 * qstride + c + 1, dqa[dn][1] * d.scale);
+            }
+            if (i1 < d.s) {
+                atomicAdd(dqb + (long)i1 * qstride + c, dqa[dn][2] * d.scale);
+                atomicAdd(dqb + (long)i1 * qstride + c + 1, dqa[dn][3] * d.scale);
+            }
+        }
+    }
+    // the rep query heads of one KV head add into the same dK / dV rows
+    float* dkb = dk + (long)bb * d.s * kstride + (long)kvh * HD;
+    float* dvb = dv + (long)bb * d.s * kstride + (long)kvh * HD;
+    for (int dn = 0; dn < HD / 8; ++dn) {
+        int c = dn * 8 + t * 2;
+        if (j0 < d.s) {
+            atomicAdd(dkb + (long)j0 * kstride + c, dka[dn][0] * d.scale);
+            atomicAdd(dkb + (long)j0 * kstride + c + 1, dka[dn][1] * d.scale);
+            atomicAdd(dvb + (long)j0 * kstride + c, dva[dn][0]);
+            atomicAdd(dvb + (long)j0 * kstride + c + 1, dva[dn][1]);
+        }
+        if (j1 < d.s) {
+            atomicAdd(dkb + (long)j1 * kstride + c, dka[dn][2] * d.scale);
+            atomicAdd(dkb + (long)j1 * kstride + c + 1, dka[dn][3] * d.scale);
+            atomicAdd(dvb + (long)j1 * kstride + c, dva[dn][2]);
+            atomicAdd(dvb + (long)j1 * kstride + c + 1, dva[dn][3]);
+        }
+    }
+}
+
+extern "C" __global__ void flash_fwd_64(const float* q, const float* k, const float* v, const unsigned char* kv,
+                                        float* o, float* lse, AttnDims d) { flash_fwd<64>(q, k, v, kv, o, lse, d); }
+extern "C" __global__ void flash_fwd_128(const float* q, const float* k, const float* v, const unsigned char* kv,
+                                         float* o, float* lse, AttnDims d) { flash_fwd<128>(q, k, v, kv, o, lse, d); }
+extern "C" __global__ void flash_bwd_64(const float* q, const float* k, const float* v, const float* dout,
+                                        const float* lse, const float* delta, const unsigned char* kv, float* dq,
+                                        float* dk, float* dv, AttnDims d) {
+    flash_bwd<64>(q, k, v, dout, lse, delta, kv, dq, dk, dv, d);
+}
+extern "C" __global__ void flash_bwd_128(const float* q, const float* k, const float* v, const float* dout,
+                                         const float* lse, const float* delta, const unsigned char* kv, float* dq,
+                                         float* dk, float* dv, AttnDims d) {
+    flash_bwd<128>(q, k, v, dout, lse, delta, kv, dq, dk, dv, d);
+}
+"#;
+
+/// The kernels' shape argument (`struct AttnDims` in [`SRC`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct AttnDims {
+    b: i32,
+    s: i32,
+    nq: i32,
+    nkv: i32,
+    scale: f32,
+}
+
+// SAFETY: a plain `#[repr(C)]` struct of 4-byte scalars, passed to the kernels by value.
+unsafe impl DeviceRepr for AttnDims {}
+
+/// The shape of one attention call: `batch × seq` tokens, `heads` query heads sharing
+/// `kv_heads` key/value heads (`heads % kv_heads == 0`), `head_dim` each.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    fn dims(&self) -> Result<AttnDims, KernelError> {
+        let i = |x: usize| i32::try_from(x).map_err(|_| KernelError::Nvrtc(format!("attention size {x} exceeds i32")));
+        Ok(AttnDims {
+            b: i(self.batch)?,
+            s: i(self.seq)?,
+            nq: i(self.heads)?,
+            nkv: i(self.kv_heads)?,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+        })
+    }
+}
+
+/// Whether the fused kernels cover this head dimension.
+pub(crate) fn supported(head_dim: usize) -> bool {
+    head_dim == 64 || head_dim == 128
+}
+
+fn module(dev: &Arc<CudaDevice>) -> Result<(), KernelError> {
+    if !dev.has_func(MODULE, FUNCS[0]) {
+        // mma.sync with bf16 operands needs sm_80 or newer; the driver JIT-compiles this PTX for
+        // the card it runs on.
+        let opts = cudarc::nvrtc::CompileOptions { arch: Some("compute_80"), ..Default::default() };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SRC, opts).map_err(|e| KernelError::Nvrtc(e.to_string()))?;
+        dev.load_ptx(ptx, MODULE, FUNCS)?;
+    }
+    Ok(())
+}
+
+fn func(dev: &Arc<CudaDevice>, name: &str) -> Result<cudarc::driver::CudaFunction, CudaError> {
+    dev.get_func(MODULE, name)
+        .ok_or(CudaError::Driver(cudarc::driver::DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_FOUND)))
+}
+
+fn ptr<P: DevicePtr<T>, T>(p: &P) -> u64 {
+    *p.device_ptr()
+}
+
+/// Forward: `O [b·s, heads·hd]` and `lse [b, heads, s]`.
+fn forward(
+    cu: &Arc<CudaDevice>,
+    sh: &AttnShape,
+    q: &CudaSlice<f32>,
+    k: &CudaSlice<f32>,
+    v: &CudaSlice<f32>,
+    valid: &CudaSlice<u8>,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>), KernelError> {
+    module(cu)?;
+    let dims = sh.dims()?;
+    let n = sh.batch * sh.seq;
+    let o = cu.alloc_zeros::<f32>(n * sh.heads * sh.head_dim)?;
+    let lse = cu.alloc_zeros::<f32>(sh.batch * sh.heads * sh.seq)?;
+    let name = if sh.head_dim == 64 { "flash_fwd_64" } else { "flash_fwd_128" };
+    let cfg = LaunchConfig {
+        grid_dim: (sh.seq.div_ceil(BLOCK) as u32, sh.heads as u32, sh.batch as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: q is [n, heads·hd], k and v [n, kv_heads·hd], valid [n]; o and lse are sized as the
+    // kernel writes them; every index is bounded by the dims passed.
+    unsafe { func(cu, name)?.launch(cfg, (ptr(q), ptr(k), ptr(v), ptr(valid), ptr(&o), ptr(&lse), dims))? };
+    Ok((o, lse))
+}
+
+/// Backward: `(dQ, dK, dV)` as fresh buffers.
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    cu: &Arc<CudaDevice>,
+    sh: &AttnShape,
+    q: &CudaSlice<f32>,
+    k: &CudaSlice<f32>,
+    v: &CudaSlice<f32>,
+    o: &CudaSlice<f32>,
+    lse: &CudaSlice<f32>,
+    dout: &CudaSlice<f32>,
+    valid: &CudaSlice<u8>,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>), CudaError> {
+    let dims = sh.dims().map_err(|_| CudaError::Driver(cudarc::driver::DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_INVALID_VALUE)))?;
+    let n = sh.batch * sh.seq;
+    let rows = n * sh.heads;
+    let delta = cu.alloc_zeros::<f32>(rows)?;
+    let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: dout and o are [rows, hd]; delta holds one value per row.
+    unsafe { func(cu, "attn_delta")?.launch(cfg, (ptr(dout), ptr(o), ptr(&delta), sh.head_dim as i32, dims))? };
+    let dq = cu.alloc_zeros::<f32>(n * sh.heads * sh.head_dim)?;
+    let dk = cu.alloc_zeros::<f32>(n * sh.kv_heads * sh.head_dim)?;
+    let dv = cu.alloc_zeros::<f32>(n * sh.kv_heads * sh.head_dim)?;
+    let name = if sh.head_dim == 64 { "flash_bwd_64" } else { "flash_bwd_128" };
+    let cfg = LaunchConfig {
+        grid_dim: (sh.seq.div_ceil(BLOCK) as u32, sh.heads as u32, sh.batch as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let args = (ptr(q), ptr(k), ptr(v), ptr(dout), ptr(lse), ptr(&delta), ptr(valid), ptr(&dq), ptr(&dk), ptr(&dv), dims);
+    // SAFETY: shapes as in `forward`; dq/dk/dv are zeroed and sized like q/k/v.
+    unsafe { func(cu, name)?.launch(cfg, args)? };
+    Ok((dq, dk, dv))
+}
+
+fn driver_err<E: 'static>(e: KernelError) -> E {
+    let e = match e {
+        KernelError::Cuda(e) => e,
+        KernelError::Nvrtc(_) => {
+            CudaError::Driver(cudarc::driver::DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_INVALID_PTX))
+        }
+    };
+    cast::<CudaError, E>(e).expect("CUDA error type")
+}
+
+/// Causal attention of `q [b·s, heads·hd]` over `k`, `v` `[b·s, kv_heads·hd]` (rotary positions
+/// already applied), keys masked where `key_valid` (`[b·s]`, the batch's attention mask) is
+/// false: `[b·s, heads·hd]`, in the projections' row layout. Records its own backward on `T`'s
+/// tape. Only for a CUDA `D` (callers check [`super::is_cuda`]).
+pub(crate) fn causal_attention<Q: Dim, K: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
+    q: Rows<Q, D, T>,
+    k: Rows<K, D, T>,
+    v: Rows<K, D, T>,
+    key_valid: &[bool],
+    sh: AttnShape,
+) -> Result<Rows<Q, D, T>, KernelError> {
+    let (q, tq) = q.contiguous().split_tape();
+    let (k, tk) = k.contiguous().split_tape();
+    let (v, tv) = v.contiguous().split_tape();
+    let mut tape = tq.merge(tk).merge(tv);
+    let dev: Cuda = cast(q.device().clone()).expect("causal_attention runs on the CUDA device");
+    let cu = dev.cuda_device().clone();
+    let valid = cu.htod_copy(key_valid.iter().map(|&m| u8::from(m)).collect::<Vec<u8>>())?;
+    let (o, lse) = forward(
+        &cu,
+        &sh,
+        cuda_data(&q).expect(ON_GPU),
+        cuda_data(&k).expect(ON_GPU),
+        cuda_data(&v).expect(ON_GPU),
+        &valid,
+    )?;
+    let shape = *q.shape();
+    let y: Rows<Q, D, NoneTape> = cast(dev.build_tensor(shape, shape.strides(), o)).expect("the CUDA device");
+    if T::OWNS_TAPE {
+        let (qg, kg, vg, yg) = (q.ghost(), k.ghost(), v.ghost(), y.ghost());
+        let out = y.clone();
+        tape.add_backward_op(move |grads| {
+            grads.try_alloc_for(&yg)?;
+            let dy: Rows<Q, D, NoneTape> = grads.get(&yg);
+            let (dq, dk, dv) = backward(
+                &cu,
+                &sh,
+                cuda_data(&q).expect(ON_GPU),
+                cuda_data(&k).expect(ON_GPU),
+                cuda_data(&v).expect(ON_GPU),
+                cuda_data(&out).expect(ON_GPU),
+                &lse,
+                cuda_data(&dy).expect(ON_GPU),
+                &valid,
+            )
+            .map_err(|e| driver_err::<D::Err>(KernelError::Cuda(e)))?;
+            let add = |dst: &mut <D as Storage<f32>>::Vec, g: &CudaSlice<f32>| {
+                super::cuda::add_into(cuda_buffer::<D>(dst).expect("a CUDA buffer"), g)
+                    .map_err(|e| driver_err::<D::Err>(KernelError::Cuda(e)))
+            };
+            add(grads.get_or_alloc_mut(&qg)?, &dq)?;
+            add(grads.get_or_alloc_mut(&kg)?, &dk)?;
+            add(grads.get_or_alloc_mut(&vg)?, &dv)
+        });
+    }
+    Ok(y.put_tape(tape))
+}
