@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use dfdx::optim::{Adam, AdamConfig};
 use dfdx::prelude::*;
-use pipeline_model::{generate, Arch, Batch, GenerationConfig, LoraConfig, ModelConfig, Qwen2, Trainable};
+use pipeline_model::{generate, profile, Arch, Batch, GenerationConfig, LoraConfig, ModelConfig, Qwen2, Trainable};
 
 /// Shapes of one benchmark run (the transformers script takes the same numbers).
 struct Shapes {
@@ -147,12 +147,16 @@ fn bench_model<D: Device<f32> + Synchronize + TensorToArray<(), f32, Array = f32
             let lp = m.forward_logprobs(&b, &targets, Some(&needed), tape, None).unwrap();
             let loss = lp.sum::<(), _>() * (-1.0 / count);
             let l = loss.array(); // logged loss, as a training loop would
+            profile::record(m.device(), "loss (to host)");
             let g = loss.backward();
+            profile::record(m.device(), "backward (rest)");
             opt.update(&mut m.params, &g).unwrap();
+            profile::record(m.device(), "optimizer (Adam)");
             l
         };
         let l0 = step(&mut m);
         report(name, &format!("loss step 1 [{batch}x{seq}]"), l0 as f64, "nats");
+        profile::reset();
         m.device().synchronize();
         let sampler = gpu.then(MemSampler::start);
         let (t, c) = (Instant::now(), cpu_seconds());
@@ -161,6 +165,13 @@ fn bench_model<D: Device<f32> + Synchronize + TensorToArray<(), f32, Array = f32
             losses.push(step(&mut m));
         }
         m.device().synchronize();
+        if profile::enabled() {
+            eprintln!(
+                "{name} [{batch}x{seq}], {}: where a step's time goes (PIPELINE_PROFILE=1)\n{}",
+                kernels(),
+                profile::report(reps)
+            );
+        }
         for (k, l) in losses.iter().enumerate() {
             report(name, &format!("loss step {} [{batch}x{seq}]", k + 2), *l as f64, "nats");
         }
@@ -224,7 +235,12 @@ fn run_gpu() {
     let tf32 = std::env::var("PIPELINE_BENCH_TF32").is_ok_and(|v| v == "1");
     pipeline_model::set_tf32(&dev, tf32);
     let flash = !std::env::var("PIPELINE_BENCH_FLASH").is_ok_and(|v| v == "0");
-    eprintln!("kernels: {}, TF32 {}, flash attention {}", kernels(), if tf32 { "on" } else { "off" }, if flash { "on where it applies" } else { "off" });
+    eprintln!(
+        "kernels: {}, TF32 {}, flash attention {}",
+        kernels(),
+        if tf32 { "on" } else { "off" },
+        if flash { "on where it applies" } else { "off" }
+    );
     let s = Shapes {
         batch: env_usize("PIPELINE_BENCH_BATCH", 8),
         seq: env_usize("PIPELINE_BENCH_SEQ", 256),

@@ -166,8 +166,8 @@ pub(crate) struct Positions {
     /// Position id of every token, `[batch * seq]`: `cumsum(attention_mask) - 1` per row after the
     /// cached prefix (what transformers' `generate` uses, so left padding works).
     pub ids: Vec<usize>,
-    /// Additive causal + padding mask `[batch, seq, past + seq]` (0 or [`MASKED`]).
-    pub mask: Vec<f32>,
+    /// Per row, which of the `past + seq` keys are real tokens (the attention mask).
+    pub key_mask: Vec<Vec<bool>>,
     /// Cached positions before this batch.
     pub past: usize,
 }
@@ -187,7 +187,6 @@ impl Positions {
             }
         }
         let past = cache.as_deref().map_or(0, KvCache::len);
-        let skv = past + s;
         let mut ids = vec![0usize; b * s];
         let mut keymask: Vec<Vec<bool>> = Vec::with_capacity(b);
         for r in 0..b {
@@ -211,22 +210,29 @@ impl Positions {
             }
             keymask.push(km);
         }
-        let mut mask = vec![MASKED; b * s * skv];
-        for r in 0..b {
-            for t in 0..s {
-                for j in 0..=past + t {
-                    if keymask[r][j] {
-                        mask[(r * s + t) * skv + j] = 0.0;
-                    }
-                }
-            }
-        }
         if let Some(c) = cache {
-            c.key_mask = keymask;
+            c.key_mask = keymask.clone();
             if c.layers.len() != layers {
                 c.layers = vec![None; layers];
             }
         }
-        Ok(Positions { ids, mask, past })
+        Ok(Positions { ids, key_mask: keymask, past })
+    }
+
+    /// The additive causal + padding mask `[batch, seq, past + seq]` (0 or [`MASKED`]) that
+    /// dfdx's attention adds to its scores (the fused CUDA kernel needs only [`Self::key_mask`]).
+    pub fn dense_mask(&self) -> Vec<f32> {
+        let (b, past) = (self.key_mask.len(), self.past);
+        let s = self.ids.len() / b.max(1);
+        let skv = past + s;
+        let mut mask = vec![MASKED; b * s * skv];
+        for (r, keys) in self.key_mask.iter().enumerate() {
+            for t in 0..s {
+                for (j, _) in keys.iter().enumerate().take(past + t + 1).filter(|(_, &k)| k) {
+                    mask[(r * s + t) * skv + j] = 0.0;
+                }
+            }
+        }
+        mask
     }
 }

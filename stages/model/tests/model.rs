@@ -698,8 +698,10 @@ fn cuda_flash_attention_matches_dfdx_attention() {
             eos_token_id: vec![],
         };
         let host = Qwen2::<Cpu>::random_host(&cfg, 5);
-        let rows: Vec<Vec<u32>> =
-            [150usize, 97, 64, 3].iter().map(|&n| (0..n as u32).map(|i| (i * 7919 + n as u32) % 1000).collect()).collect();
+        let rows: Vec<Vec<u32>> = [150usize, 97, 64, 3]
+            .iter()
+            .map(|&n| (0..n as u32).map(|i| (i * 7919 + n as u32) % 1000).collect())
+            .collect();
         let b = Batch::right_padded(&rows, 0).unwrap();
         let (n, seq) = (b.batch * b.seq, b.seq);
         let targets: Vec<usize> = (0..n).map(|k| if (k + 1) % seq == 0 { 0 } else { b.ids[k + 1] as usize }).collect();

@@ -11,10 +11,12 @@
 //!   max and sum per row), `O += P·V` with `P` rounded to bf16 straight from the accumulator
 //!   registers; writes `O` (f32) and the row's `logsumexp` for the backward. Key tiles after the
 //!   last query of the block are skipped (causal).
-//! - backward (`attn_delta`, then `flash_bwd_*`, one block per 64 keys of one query head):
-//!   `D = rowsum(dO ∘ O)`; per query tile `P = exp(S − lse)`, `dV += Pᵀ·dO`, `dP = dO·Vᵀ`,
-//!   `dS = P ∘ (dP − D)`, `dK += dSᵀ·Q`, `dQ += dS·K` (atomically: several key blocks add into
-//!   one query row, and the `rep` query heads of one KV head into one `dK`/`dV` row).
+//! - backward: `attn_delta` (`D = rowsum(dO ∘ O)`), then `flash_dkdv_*` (one block per 64 keys
+//!   of one query head; per query tile `P = exp(S − lse)`, `dV += Pᵀ·dO`, `dP = dO·Vᵀ`,
+//!   `dS = P ∘ (dP − D)`, `dK += dSᵀ·Q`; the `rep` query heads of one KV head add into its
+//!   `dK`/`dV` rows atomically, once per block) and `flash_dq_*` (one block per 64 queries,
+//!   recomputing `S` and `dP` per key tile, `dQ = Σ dS·K`): a second pass instead of
+//!   FlashAttention-2's per-tile atomic adds into `dQ` (`seq / 64` adds per element).
 //!
 //! Inputs are read in the layout the projections write (`[batch·seq, heads·head_dim]` rows), so
 //! no permute or copy is made; `Q`, `K`, `V`, `P`, `dO` and `dS` are rounded to bf16 for the tensor
@@ -38,7 +40,8 @@ use super::{cast, cuda_buffer, cuda_data};
 type Rows<X, D, T> = Tensor<(usize, X), f32, D, T>;
 
 const MODULE: &str = "pipeline_attention";
-const FUNCS: &[&str] = &["flash_fwd_64", "flash_fwd_128", "flash_bwd_64", "flash_bwd_128", "attn_delta"];
+const FUNCS: &[&str] =
+    &["flash_fwd_64", "flash_fwd_128", "flash_dkdv_64", "flash_dkdv_128", "flash_dq_64", "flash_dq_128", "attn_delta"];
 const ON_GPU: &str = "causal_attention's tensors live on the CUDA device";
 /// Queries per forward block and keys per backward block (4 warps × 16 rows).
 const BLOCK: usize = 64;
@@ -209,16 +212,16 @@ extern "C" __global__ void attn_delta(const float* dout, const float* o, float* 
     }
 }
 
-template <int HD>
-__device__ void flash_bwd(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                          const float* __restrict__ dout, const float* __restrict__ lse,
-                          const float* __restrict__ delta, const unsigned char* __restrict__ kvalid,
-                          float* dq, float* dk, float* dv, AttnDims d) {
-    const int BQ = 32, BK = 64, QP = HD + 8, KTP = BK + 8, SP = BK + 8;
+// dK, dV for 64 keys of one query head: loops over the query tiles at or after the keys (causal);
+// the rep query heads of a KV head add into its dK / dV rows atomically, once per block.
+template <int HD, int BQ>
+__device__ void flash_bwd_dkdv(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                               const float* __restrict__ dout, const float* __restrict__ lse,
+                               const float* __restrict__ delta, const unsigned char* __restrict__ kvalid,
+                               float* dk, float* dv, AttnDims d) {
+    const int BK = 64, QP = HD + 8;
     __shared__ unsigned short qs[BQ * QP];
     __shared__ unsigned short dos[BQ * QP];
-    __shared__ unsigned short kt[HD * KTP];
-    __shared__ unsigned short dss[BQ * SP];
     __shared__ float ls[BQ], dls[BQ];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int k0 = blockIdx.x * BK, h = blockIdx.y, bb = blockIdx.z;
@@ -227,7 +230,6 @@ __device__ void flash_bwd(const float* __restrict__ q, const float* __restrict__
     const int j0 = k0 + warp * 16 + g, j1 = j0 + 8;
     const float* qb = q + (long)bb * d.s * qstride + (long)h * HD;
     const float* dob = dout + (long)bb * d.s * qstride + (long)h * HD;
-    float* dqb = dq + (long)bb * d.s * qstride + (long)h * HD;
     const float* kb = k + (long)bb * d.s * kstride + (long)kvh * HD;
     const float* vb = v + (long)bb * d.s * kstride + (long)kvh * HD;
     const float* lb = lse + ((long)bb * d.nq + h) * d.s;
@@ -236,17 +238,10 @@ __device__ void flash_bwd(const float* __restrict__ q, const float* __restrict__
     unsigned int ka[HD / 16][4], va[HD / 16][4];
     load_a_rows<HD>(ka, kb, kstride, j0, j1, d.s, t);
     load_a_rows<HD>(va, vb, kstride, j0, j1, d.s, t);
-    for (int e = threadIdx.x; e < BK * HD; e += blockDim.x) {
-        int j = e / HD, c = e % HD;
-        kt[c * KTP + j] = f2bf(k0 + j < d.s ? kb[(long)(k0 + j) * kstride + c] : 0.f);
-    }
     const bool v0 = j0 < d.s && valid[j0], v1 = j1 < d.s && valid[j1];
     float dka[HD / 8][4], dva[HD / 8][4];
     for (int i = 0; i < HD / 8; ++i)
         for (int e = 0; e < 4; ++e) dka[i][e] = dva[i][e] = 0.f;
-    // dQ: the tile [BQ x HD] is split over the warps as row groups x column parts
-    const int RG = BQ / 16, DW = HD / (4 / RG);
-    const int rg = warp % RG, dpart = warp / RG;
     for (int qt0 = (k0 / BQ) * BQ; qt0 < d.s; qt0 += BQ) {
         __syncthreads();
         for (int e = threadIdx.x; e < BQ * HD; e += blockDim.x) {
@@ -304,38 +299,7 @@ __device__ void flash_bwd(const float* __restrict__ q, const float* __restrict__
                 mma16816(dka[dn], sa, ld2col(p, QP), ld2col(p + 8 * QP, QP));
             }
         }
-        // dS (query-major) to shared memory for dQ = dS K
-        for (int nt = 0; nt < BQ / 8; ++nt)
-            for (int e = 0; e < 4; ++e) {
-                int il = nt * 8 + t * 2 + (e & 1), jl = warp * 16 + g + (e < 2 ? 0 : 8);
-                dss[il * SP + jl] = f2bf(st[nt][e]);
-            }
-        __syncthreads();
-        float dqa[DW / 8][4];
-        for (int dn = 0; dn < DW / 8; ++dn) dqa[dn][0] = dqa[dn][1] = dqa[dn][2] = dqa[dn][3] = 0.f;
-        for (int kj = 0; kj < BK / 16; ++kj) {
-            const unsigned short* s0 = dss + (rg * 16 + g) * SP + kj * 16 + t * 2;
-            const unsigned short* s1 = s0 + 8 * SP;
-            unsigned int a[4] = {ld2(s0), ld2(s1), ld2(s0 + 8), ld2(s1 + 8)};
-            for (int dn = 0; dn < DW / 8; ++dn) {
-                const unsigned short* kr = kt + (dpart * DW + dn * 8 + g) * KTP + kj * 16 + t * 2;
-                mma16816(dqa[dn], a, ld2(kr), ld2(kr + 8));
-            }
-        }
-        const int i0 = qt0 + rg * 16 + g, i1 = i0 + 8;
-        for (int dn = 0; dn < DW / 8; ++dn) {
-            int c = dpart * DW + dn * 8 + t * 2;
-            if (i0 < d.s) {
-                atomicAdd(dqb + (long)i0 * qstride + c, dqa[dn][0] * d.scale);
-                atomicAdd(dqb + (long)i0 * qstride + c + 1, dqa[dn][1] * d.scale);
-            }
-            if (i1 < d.s) {
-                atomicAdd(dqb + (long)i1 * qstride + c, dqa[dn][2] * d.scale);
-                atomicAdd(dqb + (long)i1 * qstride + c + 1, dqa[dn][3] * d.scale);
-            }
-        }
     }
-    // the rep query heads of one KV head add into the same dK / dV rows
     float* dkb = dk + (long)bb * d.s * kstride + (long)kvh * HD;
     float* dvb = dv + (long)bb * d.s * kstride + (long)kvh * HD;
     for (int dn = 0; dn < HD / 8; ++dn) {
@@ -355,19 +319,103 @@ __device__ void flash_bwd(const float* __restrict__ q, const float* __restrict__
     }
 }
 
+// dQ for 64 queries of one head (a second pass instead of atomics: S and dP are recomputed):
+// loops over the key tiles up to the block's last query, dQ = scale * sum dS K.
+template <int HD>
+__device__ void flash_bwd_dq(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                             const float* __restrict__ dout, const float* __restrict__ lse,
+                             const float* __restrict__ delta, const unsigned char* __restrict__ kvalid,
+                             float* __restrict__ dq, AttnDims d) {
+    const int BQ = 64, BK = 64, KP = HD + 8;
+    __shared__ unsigned short ks[BK * KP];
+    __shared__ unsigned short vs[BK * KP];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * BQ, h = blockIdx.y, bb = blockIdx.z;
+    const int kvh = h / (d.nq / d.nkv);
+    const long qstride = (long)d.nq * HD, kstride = (long)d.nkv * HD;
+    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    const float* qb = q + (long)bb * d.s * qstride + (long)h * HD;
+    const float* dob = dout + (long)bb * d.s * qstride + (long)h * HD;
+    const float* kb = k + (long)bb * d.s * kstride + (long)kvh * HD;
+    const float* vb = v + (long)bb * d.s * kstride + (long)kvh * HD;
+    const float* lb = lse + ((long)bb * d.nq + h) * d.s;
+    const float* db = delta + ((long)bb * d.nq + h) * d.s;
+    const unsigned char* valid = kvalid + (long)bb * d.s;
+    unsigned int qa[HD / 16][4], da[HD / 16][4];
+    load_a_rows<HD>(qa, qb, qstride, r0, r1, d.s, t);
+    load_a_rows<HD>(da, dob, qstride, r0, r1, d.s, t);
+    const float L0 = r0 < d.s ? lb[r0] : POS_INF, L1 = r1 < d.s ? lb[r1] : POS_INF;
+    const float D0 = r0 < d.s ? db[r0] : 0.f, D1 = r1 < d.s ? db[r1] : 0.f;
+    float acc[HD / 8][4];
+    for (int i = 0; i < HD / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    const int kend = d.s < q0 + BQ ? d.s : q0 + BQ;
+    for (int k0 = 0; k0 < kend; k0 += BK) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < BK * HD; e += blockDim.x) {
+            int j = e / HD, c = e % HD;
+            bool in = k0 + j < d.s;
+            ks[j * KP + c] = f2bf(in ? kb[(long)(k0 + j) * kstride + c] : 0.f);
+            vs[j * KP + c] = f2bf(in ? vb[(long)(k0 + j) * kstride + c] : 0.f);
+        }
+        __syncthreads();
+        float sc[BK / 8][4], dp[BK / 8][4];
+        for (int nt = 0; nt < BK / 8; ++nt)
+            for (int e = 0; e < 4; ++e) sc[nt][e] = dp[nt][e] = 0.f;
+        for (int kk = 0; kk < HD / 16; ++kk)
+            for (int nt = 0; nt < BK / 8; ++nt) {
+                const unsigned short* kr = ks + (nt * 8 + g) * KP + kk * 16 + t * 2;
+                mma16816(sc[nt], qa[kk], ld2(kr), ld2(kr + 8));
+                const unsigned short* vr = vs + (nt * 8 + g) * KP + kk * 16 + t * 2;
+                mma16816(dp[nt], da[kk], ld2(vr), ld2(vr + 8));
+            }
+        for (int nt = 0; nt < BK / 8; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                int j = k0 + nt * 8 + t * 2 + (e & 1);
+                int i = e < 2 ? r0 : r1;
+                bool ok = j < d.s && j <= i && valid[j];
+                float p = ok ? __expf(sc[nt][e] * d.scale - (e < 2 ? L0 : L1)) : 0.f;
+                sc[nt][e] = p * (dp[nt][e] - (e < 2 ? D0 : D1));
+            }
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            unsigned int sa[4] = {pack2(sc[2 * kk][0], sc[2 * kk][1]), pack2(sc[2 * kk][2], sc[2 * kk][3]),
+                                  pack2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]), pack2(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+            for (int dn = 0; dn < HD / 8; ++dn) {
+                const unsigned short* p = ks + (kk * 16 + t * 2) * KP + dn * 8 + g;
+                mma16816(acc[dn], sa, ld2col(p, KP), ld2col(p + 8 * KP, KP));
+            }
+        }
+    }
+    float* dqb = dq + (long)bb * d.s * qstride + (long)h * HD;
+    for (int dn = 0; dn < HD / 8; ++dn) {
+        int c = dn * 8 + t * 2;
+        if (r0 < d.s) { dqb[(long)r0 * qstride + c] = acc[dn][0] * d.scale; dqb[(long)r0 * qstride + c + 1] = acc[dn][1] * d.scale; }
+        if (r1 < d.s) { dqb[(long)r1 * qstride + c] = acc[dn][2] * d.scale; dqb[(long)r1 * qstride + c + 1] = acc[dn][3] * d.scale; }
+    }
+}
+
 extern "C" __global__ void flash_fwd_64(const float* q, const float* k, const float* v, const unsigned char* kv,
                                         float* o, float* lse, AttnDims d) { flash_fwd<64>(q, k, v, kv, o, lse, d); }
 extern "C" __global__ void flash_fwd_128(const float* q, const float* k, const float* v, const unsigned char* kv,
                                          float* o, float* lse, AttnDims d) { flash_fwd<128>(q, k, v, kv, o, lse, d); }
-extern "C" __global__ void flash_bwd_64(const float* q, const float* k, const float* v, const float* dout,
-                                        const float* lse, const float* delta, const unsigned char* kv, float* dq,
-                                        float* dk, float* dv, AttnDims d) {
-    flash_bwd<64>(q, k, v, dout, lse, delta, kv, dq, dk, dv, d);
+extern "C" __global__ void flash_dkdv_64(const float* q, const float* k, const float* v, const float* dout,
+                                         const float* lse, const float* delta, const unsigned char* kv, float* dk,
+                                         float* dv, AttnDims d) {
+    flash_bwd_dkdv<64, 64>(q, k, v, dout, lse, delta, kv, dk, dv, d);
 }
-extern "C" __global__ void flash_bwd_128(const float* q, const float* k, const float* v, const float* dout,
-                                         const float* lse, const float* delta, const unsigned char* kv, float* dq,
-                                         float* dk, float* dv, AttnDims d) {
-    flash_bwd<128>(q, k, v, dout, lse, delta, kv, dq, dk, dv, d);
+extern "C" __global__ void flash_dkdv_128(const float* q, const float* k, const float* v, const float* dout,
+                                          const float* lse, const float* delta, const unsigned char* kv, float* dk,
+                                          float* dv, AttnDims d) {
+    flash_bwd_dkdv<128, 32>(q, k, v, dout, lse, delta, kv, dk, dv, d);
+}
+extern "C" __global__ void flash_dq_64(const float* q, const float* k, const float* v, const float* dout,
+                                       const float* lse, const float* delta, const unsigned char* kv, float* dq,
+                                       AttnDims d) {
+    flash_bwd_dq<64>(q, k, v, dout, lse, delta, kv, dq, d);
+}
+extern "C" __global__ void flash_dq_128(const float* q, const float* k, const float* v, const float* dout,
+                                        const float* lse, const float* delta, const unsigned char* kv, float* dq,
+                                        AttnDims d) {
+    flash_bwd_dq<128>(q, k, v, dout, lse, delta, kv, dq, d);
 }
 "#;
 
@@ -473,7 +521,9 @@ fn backward(
     dout: &CudaSlice<f32>,
     valid: &CudaSlice<u8>,
 ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>), CudaError> {
-    let dims = sh.dims().map_err(|_| CudaError::Driver(cudarc::driver::DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_INVALID_VALUE)))?;
+    let dims = sh.dims().map_err(|_| {
+        CudaError::Driver(cudarc::driver::DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_INVALID_VALUE))
+    })?;
     let n = sh.batch * sh.seq;
     let rows = n * sh.heads;
     let delta = cu.alloc_zeros::<f32>(rows)?;
@@ -483,15 +533,19 @@ fn backward(
     let dq = cu.alloc_zeros::<f32>(n * sh.heads * sh.head_dim)?;
     let dk = cu.alloc_zeros::<f32>(n * sh.kv_heads * sh.head_dim)?;
     let dv = cu.alloc_zeros::<f32>(n * sh.kv_heads * sh.head_dim)?;
-    let name = if sh.head_dim == 64 { "flash_bwd_64" } else { "flash_bwd_128" };
     let cfg = LaunchConfig {
         grid_dim: (sh.seq.div_ceil(BLOCK) as u32, sh.heads as u32, sh.batch as u32),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
-    let args = (ptr(q), ptr(k), ptr(v), ptr(dout), ptr(lse), ptr(&delta), ptr(valid), ptr(&dq), ptr(&dk), ptr(&dv), dims);
-    // SAFETY: shapes as in `forward`; dq/dk/dv are zeroed and sized like q/k/v.
-    unsafe { func(cu, name)?.launch(cfg, args)? };
+    let (dkdv, dqk) =
+        if sh.head_dim == 64 { ("flash_dkdv_64", "flash_dq_64") } else { ("flash_dkdv_128", "flash_dq_128") };
+    let args = (ptr(q), ptr(k), ptr(v), ptr(dout), ptr(lse), ptr(&delta), ptr(valid), ptr(&dk), ptr(&dv), dims);
+    // SAFETY: shapes as in `forward`; dk/dv are zeroed and sized like k/v.
+    unsafe { func(cu, dkdv)?.launch(cfg, args)? };
+    let args = (ptr(q), ptr(k), ptr(v), ptr(dout), ptr(lse), ptr(&delta), ptr(valid), ptr(&dq), dims);
+    // SAFETY: as above; dq is sized like q, every row below seq is written.
+    unsafe { func(cu, dqk)?.launch(cfg, args)? };
     Ok((dq, dk, dv))
 }
 

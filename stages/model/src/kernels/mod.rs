@@ -15,6 +15,7 @@ pub(crate) mod cuda;
 pub(crate) mod frozen;
 pub(crate) mod fused_ce;
 pub(crate) mod host_matmul;
+pub mod profile;
 
 use std::any::{Any, TypeId};
 

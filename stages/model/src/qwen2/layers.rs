@@ -7,6 +7,7 @@ use dfdx::prelude::*;
 
 use crate::batch::{Kv, KvPair};
 use crate::dims::{DimValues, Dims};
+use crate::kernels::profile::mark;
 use crate::linear::{Ctx, Linear, Rows};
 use crate::lora::Proj;
 use crate::params::Param;
@@ -26,7 +27,7 @@ impl<D: Device<f32>> RmsNorm<D> {
         let ms = x.with_empty_tape().square().mean::<(usize,), Axis<1>>();
         let inv = (ms + self.eps).sqrt().recip().broadcast_like::<_, Axis<1>>(&(n, h));
         let w = ctx.fetch::<T>(&self.weight).reshape_like(&(h,)).broadcast_like::<_, Axis<0>>(&(n, h));
-        x * inv * w
+        mark(x * inv * w, "rms_norm")
     }
 }
 
@@ -39,15 +40,31 @@ pub(crate) struct Step<'a, D: Device<f32>, S: Dims> {
     pub sin: Rows<S::HeadDim, D, NoneTape>,
     /// `rotate_half` as a `[head_dim, head_dim]` signed permutation matrix.
     pub rot: &'a Tensor<(S::HeadDim, S::HeadDim), f32, D>,
-    /// `[batch, seq, past + seq]`.
-    pub mask: T3<D, NoneTape>,
+    /// How the attention masks its keys.
+    pub mask: AttnMask<D>,
     pub batch: usize,
     pub seq: usize,
     pub past: usize,
-    /// The batch's attention mask `[batch * seq]` when attention runs as the fused CUDA kernel
-    /// ([`crate::kernels::attention`]: bf16 base on CUDA, no KV cache); `None`: dfdx's ops.
+}
+
+/// The attention's mask, in the form its implementation takes.
+pub(crate) enum AttnMask<D: Device<f32>> {
+    /// Additive causal + padding mask `[batch, seq, past + seq]` for dfdx's ops.
+    Dense(T3<D, NoneTape>),
+    /// The batch's attention mask `[batch * seq]` for the fused CUDA kernel
+    /// ([`crate::kernels::attention`]: causal, no KV cache), which builds no `[seq, seq]` mask.
     #[cfg(feature = "cuda")]
-    pub flash: Option<std::sync::Arc<Vec<bool>>>,
+    Keys(std::sync::Arc<Vec<bool>>),
+}
+
+impl<D: Device<f32>> Clone for AttnMask<D> {
+    fn clone(&self) -> Self {
+        match self {
+            AttnMask::Dense(m) => AttnMask::Dense(m.clone()),
+            #[cfg(feature = "cuda")]
+            AttnMask::Keys(k) => AttnMask::Keys(k.clone()),
+        }
+    }
 }
 
 impl<D: Device<f32>, S: Dims> Step<'_, D, S> {
@@ -92,18 +109,24 @@ impl<D: Device<f32>> Attention<D> {
         let rep = nq.size() / nkv.size();
         let q = self.q_proj.forward(ctx, x.with_empty_tape(), q_dim);
         let k = self.k_proj.forward(ctx, x.with_empty_tape(), kv_dim);
-        let v = self.v_proj.forward(ctx, x, kv_dim);
+        let v = mark(self.v_proj.forward(ctx, x, kv_dim), "q/k/v proj (+LoRA)");
         let q = step.rope(q, nq);
-        let k = step.rope(k, nkv);
-        #[cfg(feature = "cuda")]
-        if let (None, Some(valid)) = (&cache, &step.flash) {
-            use crate::kernels::attention::{causal_attention, AttnShape};
-            let sh = AttnShape { batch: b, seq: s, heads: nq.size(), kv_heads: nkv.size(), head_dim: hd.size() };
-            // infallible like every op of this forward: a device error here is dfdx's OOM panic
-            let att = causal_attention(q, k, v, valid, sh)
-                .unwrap_or_else(|e| panic!("fused attention over [{b} x {s}] tokens, {} heads: {e}", sh.heads));
-            return self.o_proj.forward(ctx, att, hidden);
-        }
+        let k = mark(step.rope(k, nkv), "rope");
+        let mask = match &step.mask {
+            AttnMask::Dense(m) => m.clone(),
+            #[cfg(feature = "cuda")]
+            AttnMask::Keys(valid) => {
+                // chosen only for forwards without a KV cache (`Qwen2::hidden`)
+                debug_assert!(cache.is_none() && step.past == 0);
+                use crate::kernels::attention::{causal_attention, AttnShape};
+                let sh = AttnShape { batch: b, seq: s, heads: nq.size(), kv_heads: nkv.size(), head_dim: hd.size() };
+                // infallible like every op of this forward: a device error here is dfdx's OOM panic
+                let att = causal_attention(q, k, v, valid, sh)
+                    .unwrap_or_else(|e| panic!("fused attention over [{b} x {s}] tokens, {} heads: {e}", sh.heads));
+                let att = mark(att, "attention (fused)");
+                return mark(self.o_proj.forward(ctx, att, hidden), "o_proj (+LoRA)");
+            }
+        };
         // Grouped-query attention without repeating K/V: query head `j * rep + r` uses KV head
         // `j` (transformers' `repeat_kv`), so the `rep` query heads of one KV head are stacked
         // along the query axis, [b, nkv, rep * s, hd]. (Repeating K/V by broadcast + reshape
@@ -124,12 +147,13 @@ impl<D: Device<f32>> Attention<D> {
         }
         let scale = 1.0 / (hd.size() as f32).sqrt();
         let scores = q.matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) * scale;
-        let scores = scores.reshape_like(&(b, nkv, rep, s, skv))
-            + step.mask.clone().broadcast_like::<_, Axes2<1, 2>>(&(b, nkv, rep, s, skv));
+        let scores =
+            scores.reshape_like(&(b, nkv, rep, s, skv)) + mask.broadcast_like::<_, Axes2<1, 2>>(&(b, nkv, rep, s, skv));
         let probs = scores.softmax::<Axis<4>>().reshape_like(&(b, nkv, rep * s, skv));
         let att =
             probs.matmul(v).reshape_like(&(b, nq, s, hd)).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(n, q_dim));
-        self.o_proj.forward(ctx, att, hidden)
+        let att = mark(att, "attention (dfdx ops)");
+        mark(self.o_proj.forward(ctx, att, hidden), "o_proj (+LoRA)")
     }
 }
 
@@ -149,9 +173,10 @@ impl<D: Device<f32>> Mlp<D> {
         x: Rows<S::Hidden, D, T>,
     ) -> Rows<S::Hidden, D, T> {
         let g = self.gate_proj.forward(ctx, x.with_empty_tape(), dims.intermediate);
-        let u = self.up_proj.forward(ctx, x, dims.intermediate);
+        let u = mark(self.up_proj.forward(ctx, x, dims.intermediate), "gate/up proj (+LoRA)");
         let act = g.with_empty_tape().sigmoid() * g;
-        self.down_proj.forward(ctx, act * u, dims.hidden)
+        let h = mark(act * u, "silu * up");
+        mark(self.down_proj.forward(ctx, h, dims.hidden), "down proj (+LoRA)")
     }
 }
 
@@ -216,25 +241,13 @@ impl<D: Device<f32>> DecoderLayer<D> {
         let (dims, cos, sin, rot, mask) =
             (step.dims, step.cos.clone(), step.sin.clone(), step.rot.clone(), step.mask.clone());
         let (batch, seq, past) = (step.batch, step.seq, step.past);
-        #[cfg(feature = "cuda")]
-        let flash = step.flash.clone();
         let yg = y.ghost();
         tape.add_backward_op(move |grads| {
             grads.try_alloc_for(&yg)?;
             let dy: Rows<S::Hidden, D, NoneTape> = grads.get(&yg);
             let ctx = Ctx { dev: &dev, flat: &flat, lora: lora.as_ref(), dropout_seed: seed };
-            let step = Step {
-                dims,
-                cos: cos.clone(),
-                sin: sin.clone(),
-                rot: &rot,
-                mask: mask.clone(),
-                batch,
-                seq,
-                past,
-                #[cfg(feature = "cuda")]
-                flash: flash.clone(),
-            };
+            let step =
+                Step { dims, cos: cos.clone(), sin: sin.clone(), rot: &rot, mask: mask.clone(), batch, seq, past };
             let (_, t0) = flat.trace(Gradients::leaky()).split_tape();
             let y = layer.forward(&ctx, &step, x.clone().put_tape(t0), None);
             let mut inner = (y * dy).try_sum::<(), _>()?.try_backward()?;
@@ -252,8 +265,10 @@ impl<D: Device<f32>> DecoderLayer<D> {
         cache: Option<&mut Option<KvPair<D, S>>>,
     ) -> Rows<S::Hidden, D, T> {
         let h = self.input_layernorm.forward(ctx, x.with_empty_tape());
-        let x = x + self.self_attn.forward(ctx, step, h, cache);
+        let a = self.self_attn.forward(ctx, step, h, cache);
+        let x = mark(x + a, "residual add");
         let h = self.post_attention_layernorm.forward(ctx, x.with_empty_tape());
-        x + self.mlp.forward(ctx, &step.dims, h)
+        let m = self.mlp.forward(ctx, &step.dims, h);
+        mark(x + m, "residual add")
     }
 }

@@ -50,7 +50,7 @@ use crate::kernels;
 use crate::linear::{Ctx, Rows};
 use crate::lora::LoraConfig;
 use crate::params::{FlatParams, Param, Store};
-use layers::{DecoderLayer, RmsNorm, Step};
+use layers::{AttnMask, DecoderLayer, RmsNorm, Step};
 pub use weights::guess_arch;
 
 type T2<D, T> = Tensor<(usize, usize), f32, D, T>;
@@ -203,6 +203,24 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
 
     // ---------------------------------------------------------------- forward
 
+    /// The key mask for the fused CUDA attention kernel, when this forward runs it: no KV cache,
+    /// a CUDA device, a supported head dimension and [`Self::flash_attention`]. `None`: dfdx's
+    /// attention with a dense `[batch, seq, past + seq]` mask.
+    #[cfg(feature = "cuda")]
+    fn fused_attention_mask(&self, batch: &Batch, past: usize, no_cache: bool) -> Option<AttnMask<D>> {
+        let on = past == 0
+            && no_cache
+            && kernels::is_cuda::<D>()
+            && !kernels::reference_only()
+            && kernels::attention::supported(self.dims.head_dim.size())
+            && self.flash_attention();
+        on.then(|| AttnMask::Keys(std::sync::Arc::new(batch.mask.clone())))
+    }
+    #[cfg(not(feature = "cuda"))]
+    fn fused_attention_mask(&self, _batch: &Batch, _past: usize, _no_cache: bool) -> Option<AttnMask<D>> {
+        None
+    }
+
     fn ctx(&self, dropout_seed: Option<u64>) -> Ctx<'_, D> {
         Ctx {
             dev: &self.dev,
@@ -240,9 +258,9 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         let half = hds / 2;
         let mut cos = vec![0f32; n * hds];
         let mut sin = vec![0f32; n * hds];
+        let inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hds as f64)).collect();
         for (k, &p) in pos.ids.iter().enumerate() {
-            for i in 0..half {
-                let inv = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hds as f64);
+            for (i, &inv) in inv_freq.iter().enumerate() {
                 let (sn, cs) = (p as f64 * inv).sin_cos();
                 cos[k * hds + i] = cs as f32;
                 cos[k * hds + i + half] = cs as f32;
@@ -250,24 +268,21 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                 sin[k * hds + i + half] = sn as f32;
             }
         }
+        let mask = match self.fused_attention_mask(batch, pos.past, cache.is_none()) {
+            Some(keys) => keys,
+            None => AttnMask::Dense(self.dev.tensor_from_vec(pos.dense_mask(), (b, s, pos.past + s))),
+        };
         let step = Step {
             dims: self.dims,
             cos: self.dev.tensor_from_vec(cos, (n, hd)),
             sin: self.dev.tensor_from_vec(sin, (n, hd)),
             rot: &self.rot,
-            mask: self.dev.tensor_from_vec(pos.mask, (b, s, pos.past + s)),
+            mask,
             batch: b,
             seq: s,
             past: pos.past,
-            #[cfg(feature = "cuda")]
-            flash: (pos.past == 0
-                && cache.is_none()
-                && kernels::is_cuda::<D>()
-                && !kernels::reference_only()
-                && kernels::attention::supported(hds)
-                && self.flash_attention())
-                .then(|| std::sync::Arc::new(batch.mask.clone())),
         };
+        kernels::profile::record(&self.dev, "rope tables, mask (host)");
         let ctx = self.ctx(dropout);
         let ids: Tensor<(usize,), usize, D> =
             self.dev.tensor_from_vec(batch.ids.iter().map(|&i| i as usize).collect(), (n,));
@@ -325,7 +340,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         dropout_seed: Option<u64>,
     ) -> Result<T3<D, T>, ModelError> {
         let hs = self.hidden(batch, None, tape, dropout_seed)?;
-        let logits = self.head(hs);
+        let logits = kernels::profile::mark(self.head(hs), "lm_head");
         Ok(logits.reshape_like(&(batch.batch, batch.seq, self.cfg.vocab_size)))
     }
 
@@ -377,7 +392,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                 self.head(hs).log_softmax::<Axis<1>>().select(idx) * keep
             }
         };
-        Ok(lp.reshape_like(&(b, s)))
+        Ok(kernels::profile::mark(lp, "lm_head + log-softmax").reshape_like(&(b, s)))
     }
 
     /// Inference logits `[batch, seq, vocab]`.
