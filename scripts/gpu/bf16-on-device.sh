@@ -48,24 +48,17 @@ for shape in ${SHAPES:-8x512 4x2048}; do
     | grep -E "Qwen2.5|^#|rror" | grep -viE "forward" | tee -a "$OUT/bench-transformers.log" \
     | grep -E "LoRA|memory|allocated|loss step (1|2|20) |^#|rror" || status=1
 done
-NSYS=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/*/bin/nsys /usr/local/cuda*/nsight-systems*/bin/nsys /opt/nvidia/nsight-compute/*/host/target-linux-x64/nsys 2>/dev/null | head -n1)
-[ -n "${PROFILE:-}" ] && echo "nsys: ${NSYS:-not found}"
-if [ -n "${PROFILE:-}" ] && [ -n "$NSYS" ]; then
-  # where the time of our step goes: a kernel summary of $PROFILE (a shape) with the bf16 base + TF32
-  b=${PROFILE%x*}; s=${PROFILE#*x}
-  echo "== nsys: ours [$PROFILE], bf16 base, TF32"
-  PIPELINE_BENCH_DEVICE=cuda PIPELINE_BENCH_BATCH=$b PIPELINE_BENCH_SEQ=$s PIPELINE_BENCH_REPS=3 PIPELINE_BENCH_GEN=0 \
-    PIPELINE_BENCH_MODELS=Qwen2.5 PIPELINE_BENCH_DTYPE=bf16 PIPELINE_BENCH_TF32=1 \
-    timeout 200 "$NSYS" profile -o /tmp/ours --force-overwrite true "$G/throughput" > "$OUT/nsys.log" 2>&1 || tail -5 "$OUT/nsys.log"
-  "$NSYS" stats --report cuda_gpu_kern_sum --format csv -o /tmp/ours /tmp/ours.nsys-rep > /dev/null 2>&1
-  python3 - "$OUT/nsys-kernels.txt" <<'PY' /tmp/ours_cuda_gpu_kern_sum.csv
-import csv, sys
-rows = list(csv.DictReader(open(sys.argv[2])))
-with open(sys.argv[1], "w") as f:
-    for r in rows[:40]:
-        f.write(f"{float(r['Time (%)']):5.1f}%  {int(r['Total Time (ns)'])/1e6:9.1f} ms  {r['Instances']:>7}  {r['Name'][:110]}\n")
-PY
-  head -30 "$OUT/nsys-kernels.txt"
+if [ -n "${PROFILE:-}" ]; then
+  # where the time of our step goes, per section of the forward and backward (the throughput
+  # bench with PIPELINE_PROFILE=1: markers synchronise the device after each section). nsys is
+  # not usable on this machine: its only copy (inside nsight-compute) cannot import its traces.
+  for shape in $PROFILE; do
+    b=${shape%x*}; s=${shape#*x}
+    echo "== profile: ours [$shape], bf16 base, TF32"
+    PIPELINE_PROFILE=1 PIPELINE_BENCH_DEVICE=cuda PIPELINE_BENCH_BATCH=$b PIPELINE_BENCH_SEQ=$s PIPELINE_BENCH_REPS=5 \
+      PIPELINE_BENCH_GEN=0 PIPELINE_BENCH_MODELS=Qwen2.5 PIPELINE_BENCH_DTYPE=bf16 PIPELINE_BENCH_TF32=1 \
+      timeout 200 "$G/throughput" 2>&1 | tee "$OUT/profile-$shape.log" | sed -n '/where a step/,/^total/p'
+  done
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$OUT/device.txt"
 exit $status
