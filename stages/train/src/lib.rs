@@ -102,6 +102,7 @@
 //!   is not finite is an error, not a skipped step.
 
 pub mod checkpoint;
+pub mod cls;
 pub mod config;
 pub mod data;
 pub mod lm;

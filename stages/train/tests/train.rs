@@ -8,3 +8,5 @@ mod qwen;
 mod tiny;
 #[path = "train/training_loop.rs"]
 mod training_loop;
+#[path = "train/cls.rs"]
+mod cls;
