@@ -114,3 +114,52 @@ fn embedding_cosine_loss_trains_and_ranks_the_pairs() {
         assert!(rho > 0.6, "{pooling:?}: eval Spearman {rho} (chance 0): {sims:?}");
     }
 }
+
+/// Golden logits from transformers' `Qwen2ForSequenceClassification` (scripts/oracles/seq_cls_golden.py,
+/// torch 2.15.0, transformers 5.24.0): its saved folder loads into a [`HeadModel`] whose logits and
+/// loss on right-padded rows are transformers' (the last non-padding token pooled), and the folder
+/// we write back from it holds the same model and the config transformers reads.
+#[test]
+fn seq_cls_logits_match_transformers_and_the_written_folder_round_trips() {
+    use pipeline_train::cls::{read_seq_cls_head, save_seq_cls_head, ClsBatch, PaddedRows};
+    use pipeline_train::{Objective, StepInfo};
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("data/seq_cls_golden.json")).unwrap()).unwrap();
+    let rows: Vec<Vec<u32>> = serde_json::from_value(g["rows"].clone()).unwrap();
+    let labels: Vec<usize> = serde_json::from_value(g["labels"].clone()).unwrap();
+    let want: Vec<f32> = g["logits"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().clone()).map(|x| x.as_f64().unwrap() as f32).collect();
+    let dir = root.join("fixtures/seq_cls_tiny");
+    let dev = Cpu::default();
+    let load = |dir: &std::path::Path| {
+        let lm = Qwen2::<Cpu>::load_hf(dir, &dev).unwrap();
+        let head = read_seq_cls_head(dir).unwrap().expect("score.weight");
+        HeadModel::new(lm, 3, 0, Some(&head)).unwrap()
+    };
+    let model = load(&dir);
+    let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+    let padded = PaddedRows::new(&refs, 0);
+    let got = model.logits(&padded, NoneTape, None).unwrap().as_vec();
+    let worst = got.iter().zip(&want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+    assert!(worst <= 2e-5, "max |Δlogit| {worst}: {got:?} vs {want:?} ({})", g["oracle"]);
+    let batch = ClsBatch { rows: padded.clone(), labels };
+    let info = StepInfo { step: 0, micro: 0, training: false, seed: 0 };
+    let loss = SeqClsObjective.loss(&model, &batch, NoneTape, &info).unwrap().loss.as_vec()[0];
+    assert!((f64::from(loss) - g["loss"].as_f64().unwrap()).abs() < 1e-5, "loss {loss} vs {}", g["loss"]);
+
+    let out = tempfile::tempdir().unwrap();
+    model.lm.save_pretrained(out.path()).unwrap();
+    let names: Vec<String> = (0..3).map(|i| format!("LABEL_{i}")).collect();
+    save_seq_cls_head(out.path(), &model.score_host(), &names, 0).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
+    let theirs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    for key in ["architectures", "id2label", "label2id", "problem_type", "pad_token_id"] {
+        assert_eq!(cfg[key], theirs[key], "config.json `{key}`");
+    }
+    assert_eq!(cfg["num_labels"], 3);
+    let back = load(out.path());
+    assert_eq!(back.logits(&padded, NoneTape, None).unwrap().as_vec(), got, "the written folder is the same model");
+}
