@@ -7,6 +7,27 @@
 //! only. `train_type = "lora"` trains LoRA adapters on a frozen base; `"full"` trains every weight.
 //! Checkpoints go to the stage's scratch directory, so an interrupted run resumes exactly.
 //!
+//! `task_type` (ms-swift's `--task_type`) picks what is trained:
+//! - `"causal_lm"` (the default): the above.
+//! - `"seq_cls"`: sequence classification, transformers' `Qwen2ForSequenceClassification`. Rows
+//!   are `messages` (e.g. one user turn) + an integer `label` (the seed's classification rows; a
+//!   `query,label` CSV collects to the same). Each conversation is rendered with the chat
+//!   template (no generation prompt); a head `score` `[num_labels, hidden]` without bias reads
+//!   the final hidden state of its last token; cross-entropy against the label. `num_labels` is
+//!   the largest label + 1 unless the param says more (it must cover every label). The head is
+//!   trained in full with LoRA too (peft's `modules_to_save = ["score"]`). The eval split's
+//!   accuracy is logged with each evaluation (the `eval_accuracy` metric) and reported.
+//! - `"embedding"`: sentence embeddings. Rows are the seed's embedding pairs — `messages` (the
+//!   first text) + `rejected_response` (the second) + a float `label` — or a query/response pair
+//!   with a float `label`. Each text is tokenised as is and ended with the end-of-text token
+//!   (`<|endoftext|>`, as Qwen embedding models encode), pooled (`pooling = "last"`: the last
+//!   token's hidden state, the default as in ms-swift / Qwen3-Embedding; `"mean"`: the mean over
+//!   the tokens), and trained with ms-swift's `cosine_similarity` loss, `MSE(cos(u, v), label)`.
+//!   The report has the Spearman correlation of `cos(u, v)` with the labels on the eval split.
+//!
+//! A row that does not fit the task (no `label`, a non-integer or out-of-range class, no second
+//! text) fails the stage with an error naming the row (`file:line`) and the task.
+//!
 //! ## Inputs
 //! `data` (required): a canonical dataset (`data.parquet`); rows without an assistant message are
 //! skipped and counted. `model` (optional): a model folder from an upstream stage (`pretrain`,
@@ -16,11 +37,21 @@
 //! ## Outputs
 //! `model`: a complete HF folder (see `training.rs`: merged weights, tokenizer, `vocab_map.json`
 //! for the tiny preset, `chat_defaults.json`, and the peft adapter under `adapter/` for LoRA).
+//! With `seq_cls` it is a `Qwen2ForSequenceClassification` folder (`score.weight` beside the
+//! decoder's tensors; `config.json` with `architectures`, `num_labels`, `id2label` / `label2id`
+//! (`LABEL_0`, ...), `problem_type = "single_label_classification"`, `pad_token_id`), and the
+//! adapter holds the head as peft saves `modules_to_save` (`base_model.model.score.weight`,
+//! `task_type = "SEQ_CLS"`). With `embedding` it also has sentence-transformers' `modules.json` +
+//! `1_Pooling/config.json` (the pooling). The report adds `task_type`, `num_labels` /
+//! `eval_accuracy` or `pooling` / `eval_spearman`.
 //! `metrics`: `metrics.jsonl` + `loss_curve.png` + TensorBoard event files in `tensorboard/`.
 //!
 //! ## Parameters
 //! | name | default | meaning |
 //! |---|---|---|
+//! | `task_type` | `"causal_lm"` | `"causal_lm"`, `"seq_cls"` or `"embedding"` (see above) |
+//! | `num_labels` | largest label + 1 | `seq_cls` only: the number of classes (at least 2, covering every label) |
+//! | `pooling` | `"last"` | `embedding` only: `"last"` or `"mean"` |
 //! | `model` | input `model` | HF folder or `.gguf` path (`${VAR}` expanded) |
 //! | `train_type` / `tuner_type` | `"lora"` | `"lora"` or `"full"` |
 //! | `lora_rank`, `lora_alpha` | 8, 32 | LoRA shape and scale `alpha/rank` |
@@ -41,6 +72,16 @@
 //! kind = "sft"
 //! inputs = { data = "clean.data", model = "pretrain.model" }
 //! params = { train_type = "lora", lora_rank = 8, lora_alpha = 32, target_modules = ["all-linear"], system = "You are a helpful assistant.", learning_rate = 1e-4, num_train_epochs = 1, gradient_accumulation_steps = 16 }
+//!
+//! [stages.classify]   # recipes/tiny-seq-cls.toml
+//! kind = "sft"
+//! inputs = { data = "reviews.data", model = "pretrain.model" }
+//! params = { task_type = "seq_cls", train_type = "lora", learning_rate = 5e-3, max_steps = 30 }
+//!
+//! [stages.embed]      # recipes/tiny-embedding.toml
+//! kind = "sft"
+//! inputs = { data = "pairs.data", model = "pretrain.model" }
+//! params = { task_type = "embedding", pooling = "last", learning_rate = 5e-3, max_steps = 30 }
 //! ```
 
 use std::time::Instant;
@@ -152,7 +193,7 @@ impl Stage for Sft {
         2
     }
     fn summary(&self) -> &'static str {
-        "Supervised fine-tuning (LoRA or full) on chat data, assistant tokens only"
+        "Supervised fine-tuning (LoRA or full): chat data on the assistant tokens, sequence classification or embeddings"
     }
     fn declare(&self, ctx: &PlanCtx<'_>) -> Result<Declared, StageError> {
         ctx.check_inputs(&["data"], &["model", "eval"])?;
