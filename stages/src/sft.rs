@@ -347,7 +347,11 @@ fn class_label(s: &Sample) -> Result<usize, StageError> {
         Some(other) => Err(row_error(
             s,
             task,
-            format!("`label = {}` is a {}; a class index is an integer 0, 1, 2, ...", label_shown(other), other.type_name()),
+            format!(
+                "`label = {}` is a {}; a class index is an integer 0, 1, 2, ...",
+                label_shown(other),
+                other.type_name()
+            ),
         )),
         None => Err(row_error(s, task, "the row has no `label` (an integer class index)")),
     }
@@ -451,7 +455,10 @@ fn split<'a, T: Dataset>(
 ) -> (Subset<'a, T>, Option<Subset<'a, T>>) {
     let n = data.len();
     match eval {
-        Some(e) => (Subset { inner: data, indices: (0..n).collect() }, Some(Subset { inner: e, indices: (0..e.len()).collect() })),
+        Some(e) => (
+            Subset { inner: data, indices: (0..n).collect() },
+            Some(Subset { inner: e, indices: (0..e.len()).collect() }),
+        ),
         None => {
             let (tr, ev) = split_indices(n, ratio, seed);
             (Subset { inner: data, indices: tr }, (!ev.is_empty()).then_some(Subset { inner: data, indices: ev }))
@@ -549,7 +556,9 @@ fn run_embedding<D: Device<f32>>(ctx: &RunCtx, dev: &D, start: Start<D>, t0: Ins
     let (examples, outside) = encode_pair_rows(&pre, &rows, end)?;
     let data = EmbeddingDataset::new(examples, pad, cfg.max_length).map_err(stage_error)?;
     let eval_data = match &eval_rows {
-        Some(r) => Some(EmbeddingDataset::new(encode_pair_rows(&pre, r, end)?.0, pad, cfg.max_length).map_err(stage_error)?),
+        Some(r) => {
+            Some(EmbeddingDataset::new(encode_pair_rows(&pre, r, end)?.0, pad, cfg.max_length).map_err(stage_error)?)
+        }
         None => None,
     };
     let (train_set, eval_set) = split(&data, eval_data.as_ref(), cfg.split_ratio, seed);
@@ -564,8 +573,8 @@ fn run_embedding<D: Device<f32>>(ctx: &RunCtx, dev: &D, start: Start<D>, t0: Ins
     let (outcome, model) = training::fit(ctx, "sft", cfg, seed, dev, pre.model, &mut objective, &train_set, eval_ref)?;
     let spearman = match eval_ref {
         Some(e) => {
-            let sims = cls::embedding_similarities(&model, e, pooling, cfg.per_device_eval_batch_size)
-                .map_err(stage_error)?;
+            let sims =
+                cls::embedding_similarities(&model, e, pooling, cfg.per_device_eval_batch_size).map_err(stage_error)?;
             cls::spearman(&sims)
         }
         None => None,
@@ -591,7 +600,11 @@ fn run_embedding<D: Device<f32>>(ctx: &RunCtx, dev: &D, start: Start<D>, t0: Ins
 /// sentence-transformers' description of the embedding model (`modules.json` + the pooling
 /// module's `1_Pooling/config.json`, as Qwen3-Embedding ships them), so the folder says how its
 /// vectors are read off the hidden states.
-fn write_sentence_transformers_pooling(dir: &std::path::Path, hidden: usize, pooling: Pooling) -> Result<(), StageError> {
+fn write_sentence_transformers_pooling(
+    dir: &std::path::Path,
+    hidden: usize,
+    pooling: Pooling,
+) -> Result<(), StageError> {
     let modules = serde_json::json!([
         { "idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer" },
         { "idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling" },
@@ -695,8 +708,18 @@ mod task_tests {
 
     /// The seed's embedding rows: `messages` (one turn), `rejected_response`, a float label.
     fn pair(i: usize) -> Sample {
-        const PETS: [&str; 4] = ["The dog runs in the park.", "A cat sleeps on the sofa.", "The puppy chases a ball.", "My kitten drinks milk."];
-        const MONEY: [&str; 4] = ["Stock prices fell sharply.", "The bank raised its rates.", "Markets rallied on Friday.", "Bond yields went up."];
+        const PETS: [&str; 4] = [
+            "The dog runs in the park.",
+            "A cat sleeps on the sofa.",
+            "The puppy chases a ball.",
+            "My kitten drinks milk.",
+        ];
+        const MONEY: [&str; 4] = [
+            "Stock prices fell sharply.",
+            "The bank raised its rates.",
+            "Markets rallied on Friday.",
+            "Bond yields went up.",
+        ];
         let (a, b) = (i % 2, (i / 2) % 2);
         let text = |topic: usize, k: usize| if topic == 0 { PETS[k % 4] } else { MONEY[k % 4] };
         Sample {
@@ -791,22 +814,67 @@ mod task_tests {
         let mut rows: Vec<Sample> = (0..6).map(review).collect();
         rows[1].label = Some(Label::Int(3));
         let e = err("task_type = \"seq_cls\"\nnum_labels = 2", rows);
-        assert!(e.contains("row `cls.jsonl:2` does not fit task_type = \"seq_cls\": `label = 3` is outside `num_labels = 2`"), "{e}");
+        assert!(
+            e.contains(
+                "row `cls.jsonl:2` does not fit task_type = \"seq_cls\": `label = 3` is outside `num_labels = 2`"
+            ),
+            "{e}"
+        );
 
         let mut rows: Vec<Sample> = (0..6).map(pair).collect();
         rows[3].rejected_response = None;
         let e = err("task_type = \"embedding\"", rows);
-        assert!(e.contains("row `pairs.jsonl:4` does not fit task_type = \"embedding\": the row has no second text"), "{e}");
+        assert!(
+            e.contains("row `pairs.jsonl:4` does not fit task_type = \"embedding\": the row has no second text"),
+            "{e}"
+        );
 
         let mut rows: Vec<Sample> = (0..6).map(pair).collect();
         rows[0].label = None;
         let e = err("task_type = \"embedding\"", rows);
-        assert!(e.contains("row `pairs.jsonl:1` does not fit task_type = \"embedding\": the row has no `label`"), "{e}");
+        assert!(
+            e.contains("row `pairs.jsonl:1` does not fit task_type = \"embedding\": the row has no `label`"),
+            "{e}"
+        );
 
         // Regression (issue 15, point 1): classification rows (no assistant turn) were skipped
         // without a word under the default task.
         let e = err("", (0..4).map(review).collect());
         assert!(e.contains("task_type = \"seq_cls\""), "causal_lm on rows with a class label: {e}");
+    }
+
+    /// Writes what `scripts/check_seq_cls.sh` hands to transformers + peft: a trained seq_cls
+    /// folder (LoRA), the untrained base as an HF folder, and our logits on the eval rows.
+    #[test]
+    #[ignore = "run by scripts/check_seq_cls.sh (needs transformers + peft)"]
+    fn seq_cls_folder_for_transformers() {
+        let Ok(out) = std::env::var("PIPELINE_SEQ_CLS_CHECK_DIR") else { return };
+        let out = PathBuf::from(out);
+        let rows: Vec<Sample> = (0..32).map(review).collect();
+        let eval: Vec<Sample> = (32..40).map(review).collect();
+        let ran = run(&format!("task_type = \"seq_cls\"\nmax_steps = 10\n{FAST}"), &rows, None).unwrap();
+        let dev = dfdx::prelude::Cpu::default();
+        training::load(&gguf(), &dev).unwrap().model.save_pretrained(&out.join("base")).unwrap();
+        let copy = |from: &Path, to: &Path| {
+            std::fs::create_dir_all(to).unwrap();
+            for e in std::fs::read_dir(from).unwrap() {
+                let e = e.unwrap();
+                if e.path().is_file() {
+                    std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+                }
+            }
+        };
+        copy(&ran.model, &out.join("cls"));
+        copy(&ran.model.join("adapter"), &out.join("cls/adapter"));
+        let back = training::load(&ran.model, &dev).unwrap();
+        let head = cls::read_seq_cls_head(&ran.model).unwrap().unwrap();
+        let (examples, _) = encode_cls_rows(&back, &eval, None).unwrap();
+        let pad = json(&ran.model.join("config.json"))["pad_token_id"].as_u64().unwrap() as u32;
+        let model = HeadModel::new(back.model, 2, 0, Some(&head)).unwrap();
+        let ids: Vec<&[u32]> = examples.iter().map(|e| e.input_ids.as_slice()).collect();
+        let logits = model.logits(&cls::PaddedRows::new(&ids, pad), dfdx::prelude::NoneTape, None).unwrap().as_vec();
+        let golden = serde_json::json!({ "rows": examples.iter().map(|e| &e.input_ids).collect::<Vec<_>>(), "pad": pad, "logits": logits });
+        std::fs::write(out.join("golden.json"), golden.to_string()).unwrap();
     }
 
     fn plan_error(params: &str) -> String {

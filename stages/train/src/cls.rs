@@ -358,8 +358,7 @@ impl<D: Device<f32>, S: Dims> Objective<HeadModel<D, S>, D> for SeqClsObjective 
         let (logits, tape) = logits.split_tape();
         let host = logits.as_vec();
         let n = b.labels.len();
-        let correct =
-            host.chunks(model.num_labels).zip(&b.labels).filter(|(row, &l)| argmax(row) == l).count() as f64;
+        let correct = host.chunks(model.num_labels).zip(&b.labels).filter(|(row, &l)| argmax(row) == l).count() as f64;
         let idx = logits.device().try_tensor_from_vec(b.labels.clone(), (n,)).map_err(dev_err)?;
         let loss = logits
             .put_tape(tape)
@@ -540,7 +539,12 @@ fn add_tensors(path: &Path, tensors: &[(&str, &HostTensor)]) -> Result<(), Train
 /// gets `architectures`, `num_labels` (through `id2label` / `label2id`, as transformers stores
 /// it), `problem_type = "single_label_classification"` and `pad_token_id` (transformers finds
 /// each row's last token from it).
-pub fn save_seq_cls_head(dir: &Path, score: &HostTensor, id2label: &[String], pad_token_id: u32) -> Result<(), TrainError> {
+pub fn save_seq_cls_head(
+    dir: &Path,
+    score: &HostTensor,
+    id2label: &[String],
+    pad_token_id: u32,
+) -> Result<(), TrainError> {
     add_tensors(&dir.join("model.safetensors"), &[(SEQ_CLS_HEAD, score)])?;
     let path = dir.join("config.json");
     let mut cfg = read_json(&path)?;

@@ -1,5 +1,7 @@
 //! Integration tests of pipeline-train (one test binary; modules under `tests/train/`).
 
+#[path = "train/cls.rs"]
+mod cls;
 #[path = "train/golden.rs"]
 mod golden;
 #[path = "train/qwen.rs"]
@@ -8,5 +10,3 @@ mod qwen;
 mod tiny;
 #[path = "train/training_loop.rs"]
 mod training_loop;
-#[path = "train/cls.rs"]
-mod cls;

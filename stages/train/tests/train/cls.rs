@@ -63,8 +63,18 @@ fn seq_cls_with_lora_trains_the_head_and_separates_the_classes() {
     let (train_set, eval_set) = (Subset { inner: &data, indices: tr }, Subset { inner: &data, indices: ev });
     let before = evaluate(&model, &mut SeqClsObjective, &eval_set, 8, 1, 0).unwrap();
     let paths = TrainPaths { checkpoints: dir.path().join("ck"), report: dir.path().join("out") };
-    let out = train(&cfg(40), 1, &Cpu::default(), &mut model, &mut SeqClsObjective, &train_set, Some(&eval_set), &paths, &mut NoCallbacks)
-        .unwrap();
+    let out = train(
+        &cfg(40),
+        1,
+        &Cpu::default(),
+        &mut model,
+        &mut SeqClsObjective,
+        &train_set,
+        Some(&eval_set),
+        &paths,
+        &mut NoCallbacks,
+    )
+    .unwrap();
     let l = train_losses(&out.history);
     assert!(l.last().unwrap() < &(l[0] * 0.5), "loss did not halve: {l:?}");
     let after = evaluate(&model, &mut SeqClsObjective, &eval_set, 8, 1, 0).unwrap();
@@ -86,7 +96,11 @@ fn pair_rows(n: usize, seed: u64) -> Vec<EmbeddingExample> {
     (0..n)
         .map(|i| {
             let (a, b) = (i as u32 % 2, (i as u32 / 2) % 2);
-            EmbeddingExample { first: text(a, &mut rng), second: text(b, &mut rng), label: if a == b { 0.9 } else { 0.1 } }
+            EmbeddingExample {
+                first: text(a, &mut rng),
+                second: text(b, &mut rng),
+                label: if a == b { 0.9 } else { 0.1 },
+            }
         })
         .collect()
 }
@@ -103,8 +117,18 @@ fn embedding_cosine_loss_trains_and_ranks_the_pairs() {
         let (train_set, eval_set) = (Subset { inner: &data, indices: tr }, Subset { inner: &data, indices: ev });
         let mut obj = EmbeddingObjective { pooling };
         let paths = TrainPaths { checkpoints: dir.path().join("ck"), report: dir.path().join("out") };
-        let out = train(&cfg(60), 1, &Cpu::default(), &mut model, &mut obj, &train_set, Some(&eval_set), &paths, &mut NoCallbacks)
-            .unwrap();
+        let out = train(
+            &cfg(60),
+            1,
+            &Cpu::default(),
+            &mut model,
+            &mut obj,
+            &train_set,
+            Some(&eval_set),
+            &paths,
+            &mut NoCallbacks,
+        )
+        .unwrap();
         let l = train_losses(&out.history);
         let head: f64 = l[..3].iter().sum::<f64>() / 3.0;
         let tail: f64 = l[l.len() - 3..].iter().sum::<f64>() / 3.0;
@@ -129,7 +153,13 @@ fn seq_cls_logits_match_transformers_and_the_written_folder_round_trips() {
         serde_json::from_str(&std::fs::read_to_string(root.join("data/seq_cls_golden.json")).unwrap()).unwrap();
     let rows: Vec<Vec<u32>> = serde_json::from_value(g["rows"].clone()).unwrap();
     let labels: Vec<usize> = serde_json::from_value(g["labels"].clone()).unwrap();
-    let want: Vec<f32> = g["logits"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().clone()).map(|x| x.as_f64().unwrap() as f32).collect();
+    let want: Vec<f32> = g["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().clone())
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
     let dir = root.join("fixtures/seq_cls_tiny");
     let dev = Cpu::default();
     let load = |dir: &std::path::Path| {
