@@ -556,6 +556,36 @@ fn training_run_logs_plain_progress_tensorboard_files_and_a_report() {
     }
 }
 
+/// Issue 15, point 1: the seed's sequence-classification and embedding rows train under
+/// `task_type = "seq_cls"` / `"embedding"` (the example recipes, seconds each): accuracy and
+/// Spearman well above chance on the held-out rows, and the classifier folder is transformers'.
+#[test]
+fn seq_cls_and_embedding_recipes_train_and_report_their_eval_figures() {
+    for (recipe, data, stage, figure, at_least) in [
+        ("tiny-seq-cls.toml", "data/tasks/reviews.jsonl", "classify", "eval_accuracy", 0.8),
+        ("tiny-embedding.toml", "data/tasks/pairs.jsonl", "embed", "eval_spearman", 0.5),
+    ] {
+        let p = Project::new(&std::fs::read_to_string(repo().join("recipes").join(recipe)).unwrap());
+        p.write(data, &std::fs::read_to_string(repo().join("recipes").join(data)).unwrap());
+        let run = p.run(&[]).ok();
+        let done = run.event(stage, "stage_finished");
+        let value = done["report"][figure].as_f64().unwrap_or_else(|| panic!("{recipe}: no {figure}: {done}"));
+        assert!(value >= at_least, "{recipe}: {figure} = {value}");
+        let model = p.artifact(done["outputs"]["model"].as_str().unwrap());
+        if stage == "classify" {
+            let cfg: Value =
+                serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+            assert_eq!(cfg["architectures"][0], "Qwen2ForSequenceClassification", "{cfg}");
+            assert_eq!(
+                (cfg["num_labels"].as_u64(), cfg["problem_type"].as_str()),
+                (Some(2), Some("single_label_classification"))
+            );
+        } else {
+            assert!(model.join("1_Pooling/config.json").is_file());
+        }
+    }
+}
+
 #[test]
 fn demo_recipe_plans() {
     let out = Command::new(BIN)

@@ -177,7 +177,8 @@ impl Stage for Collect {
     }
     fn version(&self) -> u32 {
         // 2: quarantine rows name their file relative to the recipe, not by absolute path.
-        2
+        // 3: ms-swift's `positive_messages` (embedding rows) is read as the pair's second text.
+        3
     }
     fn summary(&self) -> &'static str {
         "Read local datasets and builtins in any ms-swift/LLaMA-Factory format into canonical Parquet rows"

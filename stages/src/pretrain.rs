@@ -58,7 +58,7 @@ use pipeline_model::{Dims, ModelConfig, Qwen2, TinyDims, Trainable};
 use pipeline_train::lm::CausalLmObjective;
 use pipeline_train::{pack_documents, split_indices, Subset, TokenDataset, TokenExample, TrainConfig};
 
-use crate::data::{read_dataset, Sample};
+use crate::data::{read_dataset, Label, Sample};
 use crate::training::{self, stage_error, TrainType};
 
 pub(crate) struct Pretrain;
@@ -102,11 +102,22 @@ fn documents(
             Some(t) if !t.trim().is_empty() => {
                 tok.encode(t, false).map_err(|e| StageError::failed(format!("row {}: {e}", s.id)))?
             }
-            _ if !s.messages.is_empty() => {
-                chat.encode_chat(tok, &s.messages, system)
-                    .map_err(|e| StageError::failed(format!("row {}: {e}", s.id)))?
-                    .ids
-            }
+            _ if !s.messages.is_empty() => match chat.encode_chat(tok, &s.messages, system) {
+                Ok(enc) => enc.ids,
+                // The seed's embedding pair (one assistant turn, `rejected_response`, a float
+                // `label`; `sft`'s `task_type = "embedding"`) is two texts, not a conversation a
+                // template renders (issue 15, point 1): each text is a document of its own.
+                Err(_) if s.rejected_response.is_some() && matches!(s.label, Some(Label::Float(_))) => {
+                    for t in s.messages.iter().map(|m| m.content.as_str()).chain(s.rejected_response.as_deref()) {
+                        let ids = tok.encode(t, false).map_err(|e| StageError::failed(format!("row {}: {e}", s.id)))?;
+                        if !ids.is_empty() {
+                            docs.push(ids);
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => return Err(StageError::failed(format!("row {}: {e}", s.id))),
+            },
             _ => continue,
         };
         if !ids.is_empty() {
@@ -273,5 +284,42 @@ impl Fit<'_> {
             }),
         ));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod document_tests {
+    use pipeline_model::chat::ChatTemplate;
+    use pipeline_model::tokenizer::Tokenizer;
+
+    use super::*;
+    use crate::data::Message;
+
+    /// Regression (issue 15, point 1): the seed's embedding row in `vocab_data` failed the stage
+    /// with `chat template render: undefined value` (Qwen2.5's template wants a user turn first).
+    #[test]
+    fn an_embedding_pair_gives_its_two_texts_as_documents() {
+        let tok = Tokenizer::qwen25().unwrap();
+        let chat = ChatTemplate::qwen25_default().unwrap();
+        let pair = Sample {
+            id: "pairs.jsonl:1".into(),
+            messages: vec![Message::new("assistant", "A dog runs in the park.")],
+            rejected_response: Some("Stock prices fell sharply.".into()),
+            label: Some(Label::Float(0.15)),
+            ..Default::default()
+        };
+        let docs = documents(&tok, &chat, std::slice::from_ref(&pair), None).unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(tok.decode(&docs[1], false).unwrap(), "Stock prices fell sharply.");
+        // A conversation is still one rendered document; the same row without its label still fails.
+        let chat_row = Sample {
+            id: "c:1".into(),
+            messages: vec![Message::new("user", "hi"), Message::new("assistant", "yo")],
+            ..Default::default()
+        };
+        assert_eq!(documents(&tok, &chat, &[chat_row], None).unwrap().len(), 1);
+        let unlabelled = Sample { label: None, ..pair };
+        let e = documents(&tok, &chat, &[unlabelled], None).unwrap_err().to_string();
+        assert!(e.contains("pairs.jsonl:1") && e.contains("chat template"), "{e}");
     }
 }

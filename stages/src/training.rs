@@ -632,7 +632,20 @@ where
     S: Dims,
     O: Objective<TrainModel<D, S>, D>,
 {
-    let metrics_dir = ctx.output("metrics")?;
+    prepare(label, cfg, dev, &mut model)?;
+    let mut tm = TrainModel(model);
+    let outcome = fit_collection(ctx, label, cfg, seed, dev, &mut tm, objective, train_set, eval)?;
+    Ok((outcome, tm.0))
+}
+
+/// Sets `model` up for training as `cfg` asks (TF32, the frozen weights' dtype, gradient
+/// checkpointing); [`fit`] does it, a caller of [`fit_collection`] does it first.
+pub(crate) fn prepare<D: Device<f32>, S: Dims>(
+    label: &str,
+    cfg: &TrainConfig,
+    dev: &D,
+    model: &mut Qwen2<D, S>,
+) -> Result<(), StageError> {
     pipeline_model::set_tf32(dev, cfg.tf32);
     // torch_dtype unset: bf16 for checkpoints from disk (runtime dimensions), f32 for the preset
     let from_disk = std::any::TypeId::of::<S>() == std::any::TypeId::of::<pipeline_model::RuntimeDims>();
@@ -645,16 +658,38 @@ where
     model.set_frozen_dtype(dtype).map_err(|e| StageError::failed(format!("{label}: torch_dtype: {e}")))?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing);
     model.set_flash_attention(cfg.attn_impl != Some(pipeline_train::AttnImpl::Eager));
-    let mut tm = TrainModel(model);
+    Ok(())
+}
+
+/// [`fit`] on any trainable collection (a model with a head: `pipeline_train::cls::HeadModel`),
+/// set up with [`prepare`]; `model` is trained in place.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fit_collection<D, M, O>(
+    ctx: &RunCtx,
+    label: &str,
+    cfg: &TrainConfig,
+    seed: u64,
+    dev: &D,
+    model: &mut M,
+    objective: &mut O,
+    train_set: &dyn Dataset<Batch = O::Batch>,
+    eval: Option<&dyn Dataset<Batch = O::Batch>>,
+) -> Result<TrainOutcome, StageError>
+where
+    D: Device<f32>,
+    M: dfdx::nn::tensor_collection::TensorCollection<f32, D>,
+    O: Objective<M, D>,
+{
+    let metrics_dir = ctx.output("metrics")?;
     let mut cb = RunCtxCallbacks { ctx, label: label.into() };
-    let outcome = train(cfg, seed, dev, &mut tm, objective, train_set, eval, &train_paths(ctx, metrics_dir), &mut cb)
+    let outcome = train(cfg, seed, dev, model, objective, train_set, eval, &train_paths(ctx, metrics_dir), &mut cb)
         .map_err(stage_error)?;
     check_stopped(&outcome)?;
     let hparams = hparams_text(ctx, label);
     write_tensorboard(ctx, metrics_dir, |now| {
         pipeline_train::tensorboard::training_events(&outcome.history, now, Some(&hparams))
     })?;
-    Ok((outcome, tm.0))
+    Ok(outcome)
 }
 
 /// `base_model_name_or_path` for an adapter written into this stage's `model` output (read

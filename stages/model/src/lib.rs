@@ -140,4 +140,4 @@ pub fn set_tf32<D: dfdx::prelude::Device<f32>>(dev: &D, on: bool) -> bool {
     let _ = (dev, on);
     false
 }
-pub use qwen2::{Qwen2, Trainable};
+pub use qwen2::{Qwen2, Trainable, SEQ_CLS_HEAD};

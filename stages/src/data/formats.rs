@@ -5,7 +5,8 @@
 //! (LLaMA-Factory sharegpt, `{from, value}` turns, `chosen`/`rejected` for DPO, `kto_tag`);
 //! `conversation` (ms-swift sharegpt, `{human, assistant}` pairs); `instruction` + `output`
 //! (alpaca); `query` + `response` (with `history`, self-cognition rows carry `tag`); `text`
-//! (a pretraining document). Every format may also carry `system`, `rejected_response`, `label`,
+//! (a pretraining document). Every format may also carry `system`, `rejected_response` (or
+//! ms-swift's `positive_messages`, whose first conversation is an embedding pair's second text), `label`,
 //! `label2` and `images` / `audios` / `videos`.
 
 use std::path::Path;
@@ -103,6 +104,31 @@ fn parse_label(v: &Value, field: &str) -> Result<Option<Label>, RowError> {
         Value::String(s) => Some(Label::Text(s.clone())),
         other => return Err(err(field, format!("expected a bool, number or string label, found {}", kind(other)))),
     })
+}
+
+/// The text of `positive_messages[0]` (its non-system turns, one per line).
+fn positive_text(v: &Value) -> Result<String, RowError> {
+    let f = "positive_messages";
+    let Value::Array(convs) = v else {
+        return Err(err(f, format!("expected a list of conversations, found {}", kind(v))));
+    };
+    let Some(first) = convs.first() else { return Err(err(f, "empty: expected at least one conversation")) };
+    let Value::Array(turns) = first else {
+        return Err(err(format!("{f}[0]"), format!("expected a list of messages, found {}", kind(first))));
+    };
+    let mut texts = Vec::new();
+    for (i, m) in turns.iter().enumerate() {
+        let field = format!("{f}[0][{i}]");
+        let Value::Object(m) = m else { return Err(err(field, format!("expected an object, found {}", kind(m)))) };
+        if m.get("role").and_then(Value::as_str) == Some("system") {
+            continue;
+        }
+        texts.push(req_str(m, "content", &field)?.to_string());
+    }
+    if texts.is_empty() {
+        return Err(err(format!("{f}[0]"), "has no message with content"));
+    }
+    Ok(texts.join("\n"))
 }
 
 fn media_list(obj: &Map<String, Value>, key: &str) -> Result<Vec<String>, RowError> {
@@ -248,6 +274,11 @@ pub fn normalise_row(obj: &Map<String, Value>, base_dir: &Path) -> Result<(Forma
     if let Some(r) = get_str(obj, "rejected_response")? {
         s.rejected_response = Some(r.to_string());
     }
+    // ms-swift's embedding rows: `positive_messages` is a list of conversations whose first one is
+    // the pair's second text, kept where the seed's rows keep it (`rejected_response`).
+    if let (None, Some(v)) = (&s.rejected_response, obj.get("positive_messages").filter(|v| !v.is_null())) {
+        s.rejected_response = Some(positive_text(v)?);
+    }
     if let Some(l) = obj.get("label") {
         s.label = parse_label(l, "label")?;
     }
@@ -337,6 +368,26 @@ mod tests {
     fn row(j: &str) -> Result<(Format, Sample), RowError> {
         let v: Value = serde_json::from_str(j).unwrap();
         normalise_row(v.as_object().unwrap(), Path::new("."))
+    }
+
+    /// Issue 15, point 1: ms-swift's embedding rows (`positive_messages`) were collected without
+    /// their second text.
+    #[test]
+    fn positive_messages_become_the_pairs_second_text() {
+        let (_, s) = row(
+            r#"{"messages":[{"role":"user","content":"A dog runs."}],"positive_messages":[[{"role":"user","content":"A puppy plays."}]],"label":0.8}"#,
+        )
+        .unwrap();
+        assert_eq!(s.rejected_response.as_deref(), Some("A puppy plays."));
+        assert_eq!(s.label, Some(Label::Float(0.8)));
+        let e = row(r#"{"messages":[{"role":"user","content":"x"}],"positive_messages":[]}"#).unwrap_err();
+        assert!(e.to_string().contains("positive_messages"), "{e}");
+        // The seed's `rejected_response` wins when a row has both.
+        let (_, s) = row(
+            r#"{"messages":[{"role":"user","content":"a"}],"rejected_response":"b","positive_messages":[[{"role":"user","content":"c"}]]}"#,
+        )
+        .unwrap();
+        assert_eq!(s.rejected_response.as_deref(), Some("b"));
     }
 
     #[test]

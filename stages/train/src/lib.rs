@@ -77,6 +77,11 @@
 //!   [`lm::PairDataset`], [`lm::KtoObjective`] on [`lm::KtoDataset`], with the reference
 //!   log-probs precomputed once by [`lm::precompute_dpo_reference`] /
 //!   [`lm::precompute_kto_reference`] (adapters disabled for LoRA, initial weights otherwise).
+//! - [`cls`]: ms-swift's other `sft` tasks on the same model — sequence classification
+//!   ([`cls::HeadModel`]: a `score` head trained beside the decoder's trainable tensors,
+//!   [`cls::SeqClsObjective`], checked against transformers' `Qwen2ForSequenceClassification`
+//!   in `tests/train/cls.rs`) and embeddings ([`cls::EmbeddingObjective`]: last / mean pooling,
+//!   the `cosine_similarity` loss, [`cls::spearman`] on the eval split).
 //! - The stages (pipeline-stages' `training.rs`) own everything that touches the engine: they map
 //!   [`Callbacks`] onto their run context (progress, metrics, Ctrl-C → checkpoint and
 //!   `Cancelled`), put the checkpoints in their scratch directory, and parse their `[params]`
@@ -102,6 +107,7 @@
 //!   is not finite is an error, not a skipped step.
 
 pub mod checkpoint;
+pub mod cls;
 pub mod config;
 pub mod data;
 pub mod lm;

@@ -1,5 +1,7 @@
 //! Integration tests of pipeline-train (one test binary; modules under `tests/train/`).
 
+#[path = "train/cls.rs"]
+mod cls;
 #[path = "train/golden.rs"]
 mod golden;
 #[path = "train/qwen.rs"]

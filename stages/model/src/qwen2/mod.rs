@@ -51,7 +51,7 @@ use crate::linear::{Ctx, Rows};
 use crate::lora::LoraConfig;
 use crate::params::{FlatParams, Param, Store};
 use layers::{AttnMask, DecoderLayer, RmsNorm, Step};
-pub use weights::guess_arch;
+pub use weights::{guess_arch, SEQ_CLS_HEAD};
 
 type T2<D, T> = Tensor<(usize, usize), f32, D, T>;
 type T3<D, T> = Tensor<(usize, usize, usize), f32, D, T>;
@@ -342,6 +342,20 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         let hs = self.hidden(batch, None, tape, dropout_seed)?;
         let logits = kernels::profile::mark(self.head(hs), "lm_head");
         Ok(logits.reshape_like(&(batch.batch, batch.seq, self.cfg.vocab_size)))
+    }
+
+    /// The final hidden states (after the last RMSNorm) of every position, `[batch * seq,
+    /// hidden]` row-major, on tape `tape`: what a head on top of the decoder reads
+    /// (transformers' `Qwen2Model` output; sequence classification and embeddings pool it).
+    /// `dropout_seed` as in [`Self::forward_train`].
+    pub fn forward_hidden<T: Tape<f32, D> + Merge<T>>(
+        &self,
+        batch: &Batch,
+        tape: T,
+        dropout_seed: Option<u64>,
+    ) -> Result<T2<D, T>, ModelError> {
+        let hs = self.hidden(batch, None, tape, dropout_seed)?;
+        Ok(hs.reshape_like(&(batch.batch * batch.seq, self.cfg.hidden_size)))
     }
 
     /// `log p(targets[t])` at every position `[batch, seq]`, what the training objectives consume

@@ -63,6 +63,10 @@ fn normal(rng: &mut ChaCha8Rng, std: f32) -> f32 {
     std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
 }
 
+/// The tensor name of a sequence-classification head, `[num_labels, hidden]` (transformers'
+/// `Qwen2ForSequenceClassification.score`, no bias).
+pub const SEQ_CLS_HEAD: &str = "score.weight";
+
 impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
     /// [`Qwen2::from_host`] with dimension types `S`: the config is also checked against `S`
     /// (e.g. `Qwen2::<Cpu, TinyDims>::from_host_with_dims(&ModelConfig::tiny(v), ..)`); a
@@ -104,8 +108,12 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
             }
         }
         for name in tensors.keys() {
-            let ignorable =
-                name.ends_with("rotary_emb.inv_freq") || (cfg.tie_word_embeddings && name == "lm_head.weight");
+            // `score.weight`: the head of a sequence-classification folder (transformers'
+            // `Qwen2ForSequenceClassification`, the `sft` stage's `task_type = "seq_cls"`), which
+            // is not part of the decoder; `pipeline_train::cls` reads it.
+            let ignorable = name.ends_with("rotary_emb.inv_freq")
+                || (cfg.tie_word_embeddings && name == "lm_head.weight")
+                || name == SEQ_CLS_HEAD;
             if !known.contains_key(name.as_str()) && !ignorable {
                 return Err(ModelError::UnexpectedTensor { name: name.clone(), arch: cfg.arch.to_string() });
             }
