@@ -106,6 +106,11 @@ impl<D: Device<f32>> Linear<D> {
         out: O,
     ) -> Rows<O, D, T> {
         let (n, inp) = *x.shape();
+        #[cfg(feature = "cuda")]
+        let x = match self.fused_lora_bf16(ctx, x, out) {
+            Ok(y) => return y,
+            Err(x) => x,
+        };
         let lora = match (&self.lora, ctx.lora) {
             (Some(ad), Some(lc)) => {
                 let xa = x.with_empty_tape();
@@ -132,5 +137,39 @@ impl<D: Device<f32>> Linear<D> {
             y = y + z * scale;
         }
         y
+    }
+
+    /// A training forward of a LoRA projection over a bf16 base on CUDA, as the one fused op of
+    /// [`kernels::frozen::lora_linear_bf16`] (`Err(x)`: not this case, `x` handed back;
+    /// `PIPELINE_REFERENCE_KERNELS=1` keeps dfdx's ops).
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::result_large_err)]
+    fn fused_lora_bf16<I: Dim, O: Dim, T: Tape<f32, D> + Merge<T>>(
+        &self,
+        ctx: &Ctx<'_, D>,
+        x: Rows<I, D, T>,
+        out: O,
+    ) -> Result<Rows<O, D, T>, Rows<I, D, T>> {
+        let (Store::FrozenBf16(w), Some(ad), Some(lc)) = (&self.weight.store, &self.lora, ctx.lora) else {
+            return Err(x);
+        };
+        let (Store::Flat(a), Store::Flat(b)) = (&ad.a.store, &ad.b.store) else { return Err(x) };
+        if !T::OWNS_TAPE || kernels::reference_only() {
+            return Err(x);
+        }
+        let (n, inp) = *x.shape();
+        let lo = kernels::cuda::LoraSlots { a: *a, b: *b, r: ad.a.shape[0], scale: lc.scale() };
+        let xa = match ctx.dropout_seed {
+            Some(seed) if lc.dropout > 0.0 => {
+                let mask = dropout_mask(n * inp.size(), lc.dropout, mix_seed(seed, self.salt));
+                Some(x.with_empty_tape() * ctx.dev.tensor_from_vec(mask, (n, inp)).retaped::<T>())
+            }
+            _ => None,
+        };
+        let mut y = kernels::frozen::lora_linear_bf16(x, xa, w, out, ctx.flat, lo);
+        if let Some(b) = &self.bias {
+            y = y + ctx.fetch::<T>(b).reshape_like(&(out,)).broadcast_like::<_, Axis<0>>(&(n, out));
+        }
+        Ok(y)
     }
 }

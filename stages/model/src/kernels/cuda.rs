@@ -499,6 +499,143 @@ pub(crate) fn bf16_dx(
     unsafe { gemm_bf16_rm(w.dev.cuda_blas(), n, i, o, ptr(&dy16), ptr(&*w.data), false, ptr(dx), 1.0, 1.0) }
 }
 
+/// Row-major f32 `c[m×n] = alpha · op(a) · op(b) + beta · c` on raw device addresses, where
+/// `a_t` says `a` is stored `[k×m]` (so `op = ᵀ`) rather than `[m×k]`, and `b_t` that `b` is
+/// stored `[n×k]` rather than `[k×n]` (cuBLAS SGEMM on the column-major transposes; TF32 when
+/// [`set_tf32`] turned it on).
+///
+/// # Safety
+/// The addresses must hold the stated shapes on `blas`'s device.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_rm(
+    blas: &cudarc::cublas::CudaBlas,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: u64,
+    a_t: bool,
+    b: u64,
+    b_t: bool,
+    c: u64,
+    alpha: f32,
+    beta: f32,
+) -> Result<(), CudaError> {
+    use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    blas_sys::cublasSgemm_v2(
+        *blas.handle(),
+        if b_t { CUBLAS_OP_T } else { CUBLAS_OP_N },
+        if a_t { CUBLAS_OP_T } else { CUBLAS_OP_N },
+        n as i32,
+        m as i32,
+        k as i32,
+        &alpha,
+        b as *const f32,
+        if b_t { k as i32 } else { n as i32 },
+        a as *const f32,
+        if a_t { m as i32 } else { k as i32 },
+        &beta,
+        c as *mut f32,
+        n as i32,
+    )
+    .result()
+    .map_err(CudaError::Blas)
+}
+
+/// Where a LoRA adapter's `A: [r, i]` and `B: [o, r]` sit in the trained vector.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LoraSlots {
+    pub a: usize,
+    pub b: usize,
+    pub r: usize,
+    pub scale: f32,
+}
+
+/// The forward of a LoRA projection over a frozen bf16 base, in three products and no
+/// element-wise pass: `y = bf16(x)·Wᵀ` (tensor cores), `t = xa·Aᵀ`, `y += scale · t·Bᵀ` (SGEMM
+/// accumulating into `y`). `xa` is `x`, or `x` with the LoRA dropout mask applied. Returns `y`
+/// `[n×o]` and `t` `[n×r]` (kept for the backward).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lora_bf16_forward(
+    x: &CudaSlice<f32>,
+    xa: &CudaSlice<f32>,
+    n: usize,
+    i: usize,
+    w: &Bf16Weight,
+    o: usize,
+    flat: &CudaSlice<f32>,
+    lo: LoraSlots,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>), CudaError> {
+    let y = bf16_linear(x, n, i, w, o)?;
+    let cu = w.dev.cuda_device();
+    // SAFETY: written whole by the product (beta = 0).
+    let t = unsafe { cu.alloc::<f32>(n * lo.r)? };
+    let blas = w.dev.cuda_blas();
+    let base = ptr(flat);
+    // SAFETY: xa is [n×i]; A = flat[a..a + r·i] is [r×i] (so `ᵀ`); t holds n×r. B = flat[b..b + o·r]
+    // is [o×r] (so `ᵀ`); y holds n×o and is accumulated into (beta = 1).
+    unsafe {
+        sgemm_rm(blas, n, lo.r, i, ptr(xa), false, base + 4 * lo.a as u64, true, ptr(&t), 1.0, 0.0)?;
+        sgemm_rm(blas, n, o, lo.r, ptr(&t), false, base + 4 * lo.b as u64, true, ptr(&y), lo.scale, 1.0)?;
+    }
+    Ok((y, t))
+}
+
+/// The adapters' part of the backward of [`lora_bf16_forward`]: `u = dy·B` `[n×r]`,
+/// `dB += scale · dyᵀ·t` and `dA += scale · uᵀ·xa` into the trained vector's gradient `dflat`.
+/// Returns `u` for [`lora_bf16_backward_dx`]; the base's `dx += bf16(dy)·W` is [`bf16_dx`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lora_bf16_backward_params(
+    dev: &Cuda,
+    dy: &CudaSlice<f32>,
+    xa: &CudaSlice<f32>,
+    t: &CudaSlice<f32>,
+    flat: &CudaSlice<f32>,
+    dflat: &mut CudaSlice<f32>,
+    (n, i, o): (usize, usize, usize),
+    lo: LoraSlots,
+) -> Result<CudaSlice<f32>, CudaError> {
+    let blas = dev.cuda_blas();
+    // SAFETY: written whole by the product (beta = 0).
+    let u = unsafe { dev.cuda_device().alloc::<f32>(n * lo.r)? };
+    let (base, gbase) = (ptr(flat), ptr(dflat));
+    // SAFETY: dy [n×o], B [o×r], u [n×r]; dB [o×r] = dyᵀ [o×n] · t [n×r]; dA [r×i] = uᵀ [r×n] ·
+    // xa [n×i]. Offsets are f32 elements of the flat vector (4 bytes each).
+    unsafe {
+        sgemm_rm(blas, n, lo.r, o, ptr(dy), false, base + 4 * lo.b as u64, false, ptr(&u), 1.0, 0.0)?;
+        sgemm_rm(blas, o, lo.r, n, ptr(dy), true, ptr(t), false, gbase + 4 * lo.b as u64, lo.scale, 1.0)?;
+        sgemm_rm(blas, lo.r, i, n, ptr(&u), true, ptr(xa), false, gbase + 4 * lo.a as u64, lo.scale, 1.0)?;
+    }
+    Ok(u)
+}
+
+/// `dxa[n×i] += scale · u·A` (the LoRA branch's input gradient; `u` from
+/// [`lora_bf16_backward_params`]).
+pub(crate) fn lora_bf16_backward_dx(
+    dev: &Cuda,
+    u: &CudaSlice<f32>,
+    flat: &CudaSlice<f32>,
+    dxa: &mut CudaSlice<f32>,
+    (n, i): (usize, usize),
+    lo: LoraSlots,
+) -> Result<(), CudaError> {
+    // SAFETY: u [n×r], A = flat[a..a + r·i] [r×i], dxa holds n×i and is accumulated into.
+    unsafe {
+        sgemm_rm(
+            dev.cuda_blas(),
+            n,
+            i,
+            lo.r,
+            ptr(u),
+            false,
+            ptr(flat) + 4 * lo.a as u64,
+            false,
+            ptr(dxa),
+            lo.scale,
+            1.0,
+        )
+    }
+}
+
 /// Rows `ids` of a bf16 table `[_, h]`, widened to f32 `[ids.len(), h]`.
 pub(crate) fn bf16_gather(w: &Bf16Weight, ids: &[usize], h: usize) -> Result<CudaSlice<f32>, KernelError> {
     let cu = w.dev.cuda_device();

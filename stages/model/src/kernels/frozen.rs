@@ -111,6 +111,69 @@ pub(crate) fn matmul_wt_bf16<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> + M
     y.put_tape(tape)
 }
 
+/// A LoRA projection over a frozen bf16 base, `x·Wᵀ + scale·(xa·Aᵀ)·Bᵀ`, as one op of five
+/// products and no element-wise pass ([`super::cuda::lora_bf16_forward`]); `A` and `B` are
+/// views of the trained vector `flat` (at `lo`'s offsets) and their gradients are written into
+/// its gradient directly. `xa`: the LoRA branch's input when dropout masks it (`None`: `x`).
+/// dfdx's path for the same product runs the branch as four ops whose outputs and gradients
+/// are `[n, out]`-sized f32 tensors.
+#[cfg(feature = "cuda")]
+pub(crate) fn lora_linear_bf16<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
+    x: Rows<I, D, T>,
+    xa: Option<Rows<I, D, T>>,
+    w: &crate::params::Bf16Weight,
+    out: O,
+    flat: &Tensor<(usize,), f32, D>,
+    lo: super::cuda::LoraSlots,
+) -> Rows<O, D, T> {
+    use super::{cast, cuda, cuda_buffer, cuda_data};
+    const ON: &str = "LoRA over a bf16 base runs on the CUDA device";
+    let (n, inp) = *x.shape();
+    let (x, tx) = x.contiguous().split_tape();
+    let (xa, mut tape) = match xa {
+        Some(xa) => {
+            let (xa, ta) = xa.contiguous().split_tape();
+            (Some(xa), tx.merge(ta))
+        }
+        None => (None, tx),
+    };
+    let xb = cuda_data(&x).expect(ON);
+    let xab = xa.as_ref().map_or(xb, |t| cuda_data(t).expect(ON));
+    let (y, t) = cuda::lora_bf16_forward(xb, xab, n, inp.size(), w, out.size(), cuda_data(flat).expect(ON), lo)
+        .unwrap_or_else(|e| panic!("LoRA product [{n}x{}] -> {}: {e}", inp.size(), out.size()));
+    let y: Rows<O, D, NoneTape> =
+        cast(w.device().build_tensor((n, out), (n, out).strides(), y)).expect("the CUDA device");
+    if T::OWNS_TAPE {
+        let (xg, yg, w, flat) = (x.ghost(), y.ghost(), w.clone(), flat.clone());
+        tape.add_backward_op(move |grads| {
+            let err = |e: CudaError| cast::<CudaError, D::Err>(e).expect("CUDA error type");
+            grads.try_alloc_for(&yg)?;
+            let dy: Rows<O, D, NoneTape> = grads.get(&yg);
+            let dyb = cuda_data(&dy).expect(ON);
+            let dev = w.device().clone();
+            let fb = cuda_data(&flat).expect(ON);
+            let xab = match &xa {
+                Some(t) => cuda_data(t),
+                None => cuda_data(&x),
+            }
+            .expect(ON);
+            let dims = (n, inp.size(), out.size());
+            let dflat = cuda_buffer::<D>(grads.get_or_alloc_mut(&flat)?).expect("a CUDA buffer");
+            let u = cuda::lora_bf16_backward_params(&dev, dyb, xab, &t, fb, dflat, dims, lo).map_err(err)?;
+            if let Some(xa) = &xa {
+                let dxa = cuda_buffer::<D>(grads.get_or_alloc_mut(&xa.ghost())?).expect("a CUDA buffer");
+                cuda::lora_bf16_backward_dx(&dev, &u, fb, dxa, (n, inp.size()), lo).map_err(err)?;
+            }
+            let dx = cuda_buffer::<D>(grads.get_or_alloc_mut(&xg)?).expect("a CUDA buffer");
+            if xa.is_none() {
+                cuda::lora_bf16_backward_dx(&dev, &u, fb, dx, (n, inp.size()), lo).map_err(err)?;
+            }
+            cuda::bf16_dx(dx, dyb, n, out.size(), &w, inp.size()).map_err(err)
+        });
+    }
+    y.put_tape(tape)
+}
+
 #[cfg(not(feature = "cuda"))]
 pub(crate) fn matmul_wt_bf16<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
     _x: Rows<I, D, T>,
