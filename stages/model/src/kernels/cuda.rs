@@ -35,6 +35,9 @@ const FUNCS: &[&str] = &[
     "bf16_to_f32",
     "gather_bf16",
     "add_into",
+    "swiglu_fwd",
+    "swiglu_dg",
+    "swiglu_du",
 ];
 const SRC: &str = r#"
 // bf16 as its 16 bits (no cuda_bf16.h: NVRTC runs without the toolkit's headers on the device)
@@ -135,6 +138,32 @@ extern "C" __global__ void gather_bf16(const unsigned short* w, const unsigned l
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n * h;
          i += (unsigned long long)gridDim.x * blockDim.x)
         out[i] = bf2f(w[ids[i / h] * h + i % h]);
+}
+
+// SwiGLU's gate: h = silu(g) * u = g * sigmoid(g) * u, and its two input gradients
+extern "C" __global__ void swiglu_fwd(const float* g, const float* u, float* h, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        float x = g[i];
+        h[i] = x / (1.f + __expf(-x)) * u[i];
+    }
+}
+
+extern "C" __global__ void swiglu_dg(const float* g, const float* u, const float* dh, float* dg, unsigned long long n) {
+    // d/dg [g sigmoid(g)] = sigmoid(g) (1 + g (1 - sigmoid(g)))
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        float x = g[i], s = 1.f / (1.f + __expf(-x));
+        dg[i] += dh[i] * u[i] * s * (1.f + x * (1.f - s));
+    }
+}
+
+extern "C" __global__ void swiglu_du(const float* g, const float* dh, float* du, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        float x = g[i];
+        du[i] += dh[i] * x / (1.f + __expf(-x));
+    }
 }
 
 extern "C" __global__ void add_target_rows(float* u, const float* w, const unsigned long long* y,
@@ -497,6 +526,45 @@ pub(crate) fn bf16_dx(
     let dy16 = to_bf16(cu, ptr(dy), n * o)?;
     // SAFETY: dy16 is [n×o], W is [o×i], dx holds n×i f32.
     unsafe { gemm_bf16_rm(w.dev.cuda_blas(), n, i, o, ptr(&dy16), ptr(&*w.data), false, ptr(dx), 1.0, 1.0) }
+}
+
+/// `h = silu(g) · u` over `n` elements (SwiGLU's gate, one pass instead of three dfdx ops).
+pub(crate) fn swiglu_forward(
+    dev: &Cuda,
+    g: &CudaSlice<f32>,
+    u: &CudaSlice<f32>,
+    n: usize,
+) -> Result<CudaSlice<f32>, KernelError> {
+    let cu = dev.cuda_device();
+    module(cu)?;
+    // SAFETY: written whole by the kernel.
+    let h = unsafe { cu.alloc::<f32>(n)? };
+    // SAFETY: g, u and h hold n floats.
+    unsafe { func(cu, "swiglu_fwd")?.launch(elems(n), (ptr(g), ptr(u), ptr(&h), n as u64))? };
+    Ok(h)
+}
+
+/// The backward of [`swiglu_forward`]: `dg += dh · u · silu'(g)` when `dg` is given, else
+/// `du += dh · silu(g)` (one gradient buffer at a time, as dfdx's `Gradients` lends them).
+pub(crate) fn swiglu_backward(
+    dev: &Cuda,
+    g: &CudaSlice<f32>,
+    u: &CudaSlice<f32>,
+    dh: &CudaSlice<f32>,
+    dst: &mut CudaSlice<f32>,
+    gate: bool,
+) -> Result<(), CudaError> {
+    let cu = dev.cuda_device();
+    let n = g.len();
+    // SAFETY: every buffer holds n floats (the module was loaded by the forward).
+    unsafe {
+        if gate {
+            func(cu, "swiglu_dg")?.launch(elems(n), (ptr(g), ptr(u), ptr(dh), ptr(dst), n as u64))?
+        } else {
+            func(cu, "swiglu_du")?.launch(elems(n), (ptr(g), ptr(dh), ptr(dst), n as u64))?
+        }
+    };
+    Ok(())
 }
 
 /// Row-major f32 `c[m×n] = alpha · op(a) · op(b) + beta · c` on raw device addresses, where

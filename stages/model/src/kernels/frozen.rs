@@ -174,6 +174,41 @@ pub(crate) fn lora_linear_bf16<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> +
     y.put_tape(tape)
 }
 
+/// SwiGLU's gate `silu(g) · u` on CUDA as one kernel forward and one per input backward
+/// ([`super::cuda::swiglu_forward`]); dfdx's `g.sigmoid() * g * u` is three ops with two
+/// `[tokens, intermediate]` temporaries and their gradients.
+#[cfg(feature = "cuda")]
+pub(crate) fn swiglu<X: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
+    g: Rows<X, D, T>,
+    u: Rows<X, D, T>,
+) -> Rows<X, D, T> {
+    use super::{cast, cuda, cuda_buffer, cuda_data};
+    const ON: &str = "the fused SwiGLU runs on the CUDA device";
+    let shape = *g.shape();
+    let (g, tg) = g.contiguous().split_tape();
+    let (u, tu) = u.contiguous().split_tape();
+    let mut tape = tg.merge(tu);
+    let dev: Cuda = cast(g.device().clone()).expect(ON);
+    let n = shape.num_elements();
+    let h = cuda::swiglu_forward(&dev, cuda_data(&g).expect(ON), cuda_data(&u).expect(ON), n)
+        .unwrap_or_else(|e| panic!("fused SwiGLU over {n} values: {e}"));
+    let h: Rows<X, D, NoneTape> = cast(dev.build_tensor(shape, shape.strides(), h)).expect(ON);
+    if T::OWNS_TAPE {
+        let (gg, ug, hg) = (g.ghost(), u.ghost(), h.ghost());
+        tape.add_backward_op(move |grads| {
+            let err = |e: CudaError| cast::<CudaError, D::Err>(e).expect("CUDA error type");
+            grads.try_alloc_for(&hg)?;
+            let dh: Rows<X, D, NoneTape> = grads.get(&hg);
+            let (gb, ub, dhb) = (cuda_data(&g).expect(ON), cuda_data(&u).expect(ON), cuda_data(&dh).expect(ON));
+            let dg = cuda_buffer::<D>(grads.get_or_alloc_mut(&gg)?).expect("a CUDA buffer");
+            cuda::swiglu_backward(&dev, gb, ub, dhb, dg, true).map_err(err)?;
+            let du = cuda_buffer::<D>(grads.get_or_alloc_mut(&ug)?).expect("a CUDA buffer");
+            cuda::swiglu_backward(&dev, gb, ub, dhb, du, false).map_err(err)
+        });
+    }
+    h.put_tape(tape)
+}
+
 #[cfg(not(feature = "cuda"))]
 pub(crate) fn matmul_wt_bf16<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
     _x: Rows<I, D, T>,

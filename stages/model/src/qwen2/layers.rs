@@ -174,6 +174,11 @@ impl<D: Device<f32>> Mlp<D> {
     ) -> Rows<S::Hidden, D, T> {
         let g = self.gate_proj.forward(ctx, x.with_empty_tape(), dims.intermediate);
         let u = mark(self.up_proj.forward(ctx, x, dims.intermediate), "gate/up proj (+LoRA)");
+        #[cfg(feature = "cuda")]
+        if crate::kernels::is_cuda::<D>() && !crate::kernels::reference_only() {
+            let h = mark(crate::kernels::frozen::swiglu(g, u), "silu * up");
+            return mark(self.down_proj.forward(ctx, h, dims.hidden), "down proj (+LoRA)");
+        }
         let act = g.with_empty_tape().sigmoid() * g;
         let h = mark(act * u, "silu * up");
         mark(self.down_proj.forward(ctx, h, dims.hidden), "down proj (+LoRA)")
