@@ -57,6 +57,7 @@ pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
         None => eprintln!("waiting: another pipeline process is using the cache {} ...", cache_dir.display()),
     })?;
     store.clean_tmp()?;
+    store.check_writable().with_context(|| format!("the cache {} is not writable", cache_dir.display()))?;
 
     // First Ctrl-C (or SIGTERM): ask stages to stop; a second one exits at once.
     let cancel = Arc::new(AtomicBool::new(false));
