@@ -18,14 +18,16 @@ cd "$(dirname "$0")/../fuzz"
 secs=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(gguf safetensors mcq_csv chat_template recipe collect)
+[ ${#targets[@]} -eq 0 ] && targets=(gguf safetensors mcq_csv chat_template recipe_engine recipe collect)
 jobs=${FUZZ_JOBS:-2}
 bindir=${FUZZ_BIN_DIR:-}
 libfuzzer_args() { echo -max_total_time="$secs" -rss_limit_mb=2048 -timeout=20 -print_final_stats=1; }
 flags=(-O -a)
-# The recipe and collect targets need the stage registry (feature `stages`); the others build
-# without polars. Every target is built before any runs.
-needs_stages() { [ "$1" = recipe ] || [ "$1" = collect ]; }
+# The recipe and collect targets need the stage registry (feature `stages`: polars, the trainer),
+# recipe_engine only the engine (feature `engine`); the others neither. Every target is built
+# before any runs.
+seeds() { if [ "$1" = recipe_engine ]; then echo corpus/recipe; else echo "corpus/$1"; fi; }
+features() { case "$1" in recipe | collect) echo --features stages ;; recipe_engine) echo --features engine ;; esac; }
 # dfdx 0.13's build script turns on its `nightly` feature when rustc says "nightly", and that code
 # no longer compiles on a current nightly (E0310 in nn/conv.rs). The fuzz build uses a copy of the
 # crate from cargo's registry (unpacked by any build of the main workspace) with that call
@@ -46,23 +48,20 @@ if [ -z "$bindir" ]; then
   rustup run nightly rustc --version >/dev/null 2>&1 || { toolchain=; export RUSTC_BOOTSTRAP=1; }
   patch_dfdx
   for t in "${targets[@]}"; do
-    feat=()
-    needs_stages "$t" && feat=(--features stages)
-    nice -n 10 cargo $toolchain fuzz build "${flags[@]}" "${feat[@]}" "$t" || exit 1
+    nice -n 10 cargo $toolchain fuzz build "${flags[@]}" $(features "$t") "$t" || exit 1
   done
 fi
 
 run_one() {
-  local t=$1 feat=()
-  needs_stages "$t" && feat=(--features stages)
+  local t=$1
   mkdir -p "work/$t"
   local t0=$SECONDS
   local cmd
   if [ -n "$bindir" ]; then
     mkdir -p "artifacts/$t"
-    cmd=(nice -n 10 "$bindir/$t" -artifact_prefix="artifacts/$t/" "work/$t" "corpus/$t" $(libfuzzer_args))
+    cmd=(nice -n 10 "$bindir/$t" -artifact_prefix="artifacts/$t/" "work/$t" "$(seeds "$t")" $(libfuzzer_args))
   else
-    cmd=(nice -n 10 cargo $toolchain fuzz run "${flags[@]}" "${feat[@]}" "$t" "work/$t" "corpus/$t" -- $(libfuzzer_args))
+    cmd=(nice -n 10 cargo $toolchain fuzz run "${flags[@]}" $(features "$t") "$t" "work/$t" "$(seeds "$t")" -- $(libfuzzer_args))
   fi
   if "${cmd[@]}" >"work/$t.log" 2>&1; then
     echo "$t: ok, $(grep -o 'stat::number_of_executed_units: *[0-9]*' "work/$t.log" | grep -o '[0-9]*$') executions in $((SECONDS - t0))s, 0 findings," \

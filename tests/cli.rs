@@ -364,7 +364,7 @@ params = { datasets = ["builtin:self-cognition"], model_author = "swift", model_
 [stages.sft]
 kind = "sft"
 inputs = { data = "data.data" }
-params = { model = "models/base", train_type = "lora", lora_rank = 4, lora_alpha = 8, max_steps = 2, per_device_train_batch_size = 2, max_length = 48, warmup_ratio = 0.0, split_ratio = 0.0 }
+params = { model = "models/base", train_type = "lora", lora_rank = 4, lora_alpha = 8, max_steps = 2, per_device_train_batch_size = 2, max_length = 512, warmup_ratio = 0.0, split_ratio = 0.0 }
 [stages.eval]
 kind = "evaluate"
 inputs = { model = "sft.model" }

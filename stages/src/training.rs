@@ -667,8 +667,9 @@ where
 ///   is `../../../` and then the way from `<cache>` to the base. Outside a cache (a test's folder)
 ///   it is relative to `out/adapter` itself.
 fn adapter_base_path(src: &Path, out: &Path) -> String {
-    let canon =
-        |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or(p.to_path_buf()));
+    let canon = |p: &Path| {
+        std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
+    };
     let abs = canon(src);
     let comps: Vec<String> = abs.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
     let is_digest = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
