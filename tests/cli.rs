@@ -389,6 +389,7 @@ params = { dataset = "general_mcq", local_path = "data/mcq", scorer = "loglik", 
     let plan = copy.pipeline(&["plan", "r.toml"]);
     let plan_text = String::from_utf8_lossy(&plan.stdout);
     assert!(plan.status.success(), "{plan_text}");
+    assert!(!plan_text.contains("will run"), "the copied project's plan:\n{plan_text}");
     let again = copy.run(&[]).ok();
     assert_eq!(again.with_status("cached"), v(&["data", "eval", "sft"]), "plan:\n{plan_text}");
     let verify = copy.pipeline(&["cache", "verify", "r.toml"]);

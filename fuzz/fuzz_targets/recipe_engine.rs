@@ -35,7 +35,10 @@ fuzz_target!(|data: &[u8]| {
     let registry = REGISTRY.get_or_init(|| {
         let mut r = Registry::new();
         pipeline_engine::builtin::register(&mut r);
-        for k in ["collect", "dedupe", "clean", "label", "augment", "pretrain", "sft", "align", "evaluate", "export", "quantize"] {
+        for k in [
+            "collect", "dedupe", "clean", "label", "augment", "pretrain", "sft", "align", "evaluate", "export",
+            "quantize",
+        ] {
             r.register(AnyParams(k));
         }
         r
