@@ -6,8 +6,9 @@ moments spread over every stage, each kill followed by `cache verify` and a re-r
 
 1. A reference run of a copy of `recipes/qwen-self-cognition.toml` (and its data) in a fresh
    project gives each stage's key, output digests and duration.
-2. Kill i targets stage s_i (every stage in turn, in a seeded order) at a seeded fraction of its
-   reference duration: s_i's cache entry is removed (so it, and only it, runs: its outputs are
+2. Kill i targets stage s_i (every stage in turn, in a seeded order reshuffled each round, until
+   --kills kills landed and every stage took one) at a seeded fraction of the stage's duration in
+   the reference run (its own measured timing): s_i's cache entry is removed (so it, and only it, runs: its outputs are
    byte-identical, so early cutoff keeps everything downstream cached), `pipeline run` starts, and
    SIGKILL lands that long after s_i's `stage_started` event.
 3. After each kill: `pipeline cache verify` must pass (nothing corrupt committed); the re-run must
@@ -20,7 +21,7 @@ Training stages get `save_interval_secs = --save-interval` through `[pipeline.de
 in both the reference and the crash project (so the tiny stages, which run for seconds, take
 wall-clock checkpoints that a kill can land after).
 
-Prints the counts: kills, resumes (expected / seen), corrupt entries, lost stages, digest
+Prints each stage's reference duration, the kills per stage, and the counts: kills, resumes (expected / seen), corrupt entries, lost stages, digest
 mismatches, temp files left. Exit status 0 only when every check held.
 """
 
@@ -85,11 +86,18 @@ TIMED_OUTPUTS = {"metrics"}
 
 
 def stage_results(evs):
-    """stage -> (status, key, outputs) from the final per-stage events."""
+    """stage -> (status, key, outputs) from the final per-stage events.
+
+    An evaluate stage's `report` artifact holds its TensorBoard event file (wall time in the name
+    and the records) and the seconds it took, so it differs between any two runs of the stage; no
+    stage reads it. It is compared by its scores (the report's rows) instead of its digest."""
     res = {}
     for e in evs:
         if e.get("event") in ("stage_finished", "stage_cached"):
             outs = {k: v for k, v in e["outputs"].items() if k not in TIMED_OUTPUTS}
+            if e.get("kind") == "evaluate" and "report" in outs:
+                rows = (e.get("report") or {}).get("rows")
+                outs["report"] = json.dumps(rows, sort_keys=True)
             res[e["stage"]] = (e["status"], e["key"], outs)
     return res
 
@@ -133,7 +141,8 @@ def main():
     reference = stage_results(evs)
     durations = {e["stage"]: e["duration_ms"] / 1000 for e in evs if e.get("event") == "stage_finished"}
     kinds = {e["stage"]: e["kind"] for e in evs if "kind" in e}
-    print(f"reference run: {len(reference)} stages in {time.time() - t0:.0f}s", flush=True)
+    print(f"reference run: {len(reference)} stages in {time.time() - t0:.0f}s: "
+          + ", ".join(f"{s} {durations.get(s, 0):.2f}s" for s in reference), flush=True)
     # The crash project is a copy of the reference project, cache included: a copied project must
     # stay fully cached (issue 14, defect 5), so this run must not run anything.
     crash = work / "crash"
@@ -144,27 +153,32 @@ def main():
           f"{' (ran: ' + ', '.join(ran) + ')' if ran else ''}", flush=True)
 
     stages = list(reference)
-    # A run can finish before its kill lands (the stage ran faster than in the reference): keep
-    # going until --kills kills landed, at most twice as many attempts.
-    order = []
-    while len(order) < 2 * a.kills:
-        s = stages[:]
-        rng.shuffle(s)
-        order += s
-    order = order[: 2 * a.kills]
+    # Kill attempts go through every stage in turn (a seeded order, reshuffled each round) until
+    # --kills kills landed and every stage took at least one; a run can finish before its kill
+    # lands (the stage ran faster than in the reference), so at most four times as many attempts.
+    def attempts():
+        n = 0
+        while n < 4 * max(a.kills, len(stages)):
+            s = stages[:]
+            rng.shuffle(s)
+            for st in s:
+                n += 1
+                yield n, st
 
     cache = crash / ".pipeline"
     counts = dict(kills=0, missed=0, resumes_expected=0, resumes_seen=0, corrupt=0, lost=0,
                   mismatches=0, temp_files=0, failed_reruns=0)
-    for i, stage in enumerate(order, 1):
-        if counts["kills"] >= a.kills:
+    per_stage = {s: 0 for s in stages}
+    for i, stage in attempts():
+        if counts["kills"] >= a.kills and all(per_stage.values()):
             break
         key = reference[stage][1]
         (cache / f"v1/entries/{key}.json").unlink(missing_ok=True)
-        # Training stages: late enough that a wall-clock checkpoint may exist (0.3-0.95 of the
-        # stage); others: anywhere in the stage.
+        # The kill time is drawn from the reference run's own duration of the stage: training
+        # stages late enough that a wall-clock checkpoint may exist (0.3-0.9 of the stage), others
+        # anywhere in it (0.02-0.9).
         lo = 0.3 if kinds.get(stage) in TRAINING else 0.02
-        delay = rng.uniform(lo, 0.95) * max(durations.get(stage, 1.0), 0.2)
+        delay = rng.uniform(lo, 0.9) * durations.get(stage, 1.0)
         proc = subprocess.Popen(
             [a.bin, "--log-format", "json", "run", "r.toml"], cwd=crash,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -194,6 +208,7 @@ def main():
         th.join(timeout=5)
         if killed:
             counts["kills"] += 1
+            per_stage[stage] += 1
         else:
             counts["missed"] += 1
         finished_before = {e["stage"] for e in seen if e.get("event") == "stage_finished"}
@@ -230,6 +245,7 @@ def main():
             f"{', TEMP ' + ' '.join(left) if left else ''}",
             flush=True,
         )
+    print("kills per stage: " + ", ".join(f"{s} {n}" for s, n in per_stage.items()))
     print(
         "crash test: {kills} kills ({missed} runs finished before their kill), resumes {resumes_seen}/"
         "{resumes_expected}, {corrupt} corrupt entries, {lost} lost stages, {mismatches} digest "
@@ -239,7 +255,7 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     ok = (counts["corrupt"] == counts["lost"] == counts["mismatches"] == counts["temp_files"]
           == counts["failed_reruns"] == 0 and counts["resumes_seen"] == counts["resumes_expected"]
-          and counts["kills"] >= min(20, a.kills))
+          and counts["kills"] >= min(20, a.kills) and all(per_stage.values()))
     sys.exit(0 if ok else 1)
 
 

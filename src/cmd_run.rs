@@ -56,7 +56,10 @@ pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
         }
         None => eprintln!("waiting: another pipeline process is using the cache {} ...", cache_dir.display()),
     })?;
-    store.clean_tmp()?;
+    // A read-only cache: one error naming the directory (issue 14, defect 9), before any stage.
+    let not_writable = || format!("the cache {} is not writable", cache_dir.display());
+    store.clean_tmp().with_context(not_writable)?;
+    store.check_writable().with_context(not_writable)?;
 
     // First Ctrl-C (or SIGTERM): ask stages to stop; a second one exits at once.
     let cancel = Arc::new(AtomicBool::new(false));

@@ -324,6 +324,86 @@ fn gc_drops_unreferenced_entries() {
     assert!(String::from_utf8_lossy(&gc.stdout).lines().last().unwrap().starts_with("dropped 5 entries"));
 }
 
+/// Regression (issue 14, defect 5): an adapter trained from a model folder outside the cache (a
+/// folder of the project) recorded that base by absolute path, so a copied project's artifacts
+/// depended on where it lived and a moved project's adapter no longer loaded. Copied to another,
+/// deeper directory and the original deleted, the project is fully cached for `plan`, `run` and
+/// `cache verify`, and its adapter folder loads (`generate --model <artifact>/adapter`).
+#[test]
+fn a_copied_project_with_a_model_folder_stays_cached_and_its_adapter_loads() {
+    let p = Project::new(
+        r#"[pipeline]
+name = "base"
+seed = 3
+[stages.corpus]
+kind = "collect"
+params = { datasets = ["builtin:corpus"] }
+[stages.pretrain]
+kind = "pretrain"
+inputs = { data = "corpus.data" }
+params = { learning_rate = 3e-3, max_steps = 2, per_device_train_batch_size = 2, max_length = 32, warmup_ratio = 0.0, split_ratio = 0.0 }
+"#,
+    );
+    let base = p.run(&[]).ok();
+    let digest = base.event("pretrain", "stage_finished")["outputs"]["model"].as_str().unwrap().to_string();
+    std::fs::create_dir_all(p.path().join("models")).unwrap();
+    let status = Command::new("cp").arg("-r").arg(p.artifact(&digest)).arg(p.path().join("models/base")).status();
+    assert!(status.unwrap().success());
+    for f in ["example_val.csv", "example_dev.csv"] {
+        let text = std::fs::read_to_string(repo().join("recipes/data/self-cognition/eval-mcq").join(f)).unwrap();
+        p.write(&format!("data/mcq/{f}"), &text);
+    }
+    p.write(
+        "r.toml",
+        r#"[pipeline]
+name = "copied"
+seed = 3
+[stages.data]
+kind = "collect"
+params = { datasets = ["builtin:self-cognition"], model_author = "swift", model_name = "swift-robot" }
+[stages.sft]
+kind = "sft"
+inputs = { data = "data.data" }
+params = { model = "models/base", train_type = "lora", lora_rank = 4, lora_alpha = 8, max_steps = 2, per_device_train_batch_size = 2, max_length = 512, warmup_ratio = 0.0, split_ratio = 0.0 }
+[stages.eval]
+kind = "evaluate"
+inputs = { model = "sft.model" }
+params = { dataset = "general_mcq", local_path = "data/mcq", scorer = "loglik", model_name = "tiny-sft" }
+"#,
+    );
+    let first = p.run(&[]).ok();
+    assert_eq!(first.with_status("ran"), v(&["data", "eval", "sft"]));
+    let sft = first.event("sft", "stage_finished")["outputs"]["model"].as_str().unwrap().to_string();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(p.artifact(&sft).join("adapter/adapter_config.json")).unwrap())
+            .unwrap();
+    let named = cfg["base_model_name_or_path"].as_str().unwrap();
+    assert!(!Path::new(named).is_absolute(), "absolute base path in the artifact: {named}");
+
+    let other = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(other.path().join("a/b")).unwrap();
+    let copy = Project { dir: tempfile::TempDir::new_in(other.path().join("a/b")).unwrap() };
+    let src = format!("{}/.", p.path().display());
+    assert!(Command::new("cp").arg("-a").arg(src).arg(copy.path()).status().unwrap().success());
+    std::fs::remove_dir_all(p.path()).unwrap();
+    let plan = copy.pipeline(&["plan", "r.toml"]);
+    let plan_text = String::from_utf8_lossy(&plan.stdout);
+    assert!(plan.status.success(), "{plan_text}");
+    assert!(!plan_text.contains("will run"), "the copied project's plan:\n{plan_text}");
+    let again = copy.run(&[]).ok();
+    assert_eq!(again.with_status("cached"), v(&["data", "eval", "sft"]), "plan:\n{plan_text}");
+    let verify = copy.pipeline(&["cache", "verify", "r.toml"]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    let adapter = copy.artifact(&sft).join("adapter");
+    let out = copy
+        .cmd(&["generate", "--prompt", "Who are you?", "--max-tokens", "4"])
+        .arg("--model")
+        .arg(&adapter)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the moved adapter does not load: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// Regression (issue 14, defect 3): gc deleted the checkpoints of interrupted training (a scratch
 /// directory survived only when its key was committed, and `--older-than` dropped every one).
 /// In-progress checkpoints are kept unless older than asked, and gc says what it drops, with bytes.

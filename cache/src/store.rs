@@ -167,6 +167,11 @@ fn safe_name(s: &str) -> String {
     }
 }
 
+/// The store's directories a run writes into ([`Store::check_writable`]).
+const WRITTEN: [&str; 5] = ["tmp", "scratch", "artifacts", "entries", "last"];
+/// Name prefix of [`Store::check_writable`]'s probe files.
+const PROBE: &str = ".write-probe.";
+
 impl Store {
     /// Open (creating if needed) the store under `root` (the `--cache-dir`).
     pub fn open(root: &Path) -> Result<Store, CacheError> {
@@ -202,6 +207,20 @@ impl Store {
         Ok(LockGuard { _file: file })
     }
 
+    /// Check that a run can write this store: a probe file is created and removed in each
+    /// directory a run writes. A read-only cache is then one error naming the directory, before
+    /// any stage runs, instead of a failed stage and a failed run report saying the same OS error
+    /// (issue 14, defect 9). Call while holding the lock.
+    pub fn check_writable(&self) -> Result<(), CacheError> {
+        for sub in WRITTEN {
+            let d = self.base.join(sub);
+            let probe = d.join(format!("{PROBE}{}", std::process::id()));
+            fs::write(&probe, b"").map_err(io_err(&d))?;
+            fs::remove_file(&probe).map_err(io_err(&probe))?;
+        }
+        Ok(())
+    }
+
     /// Remove leftovers of interrupted runs from `tmp/` (call while holding the lock).
     pub fn clean_tmp(&self) -> Result<usize, CacheError> {
         let tmp = self.base.join("tmp");
@@ -213,11 +232,12 @@ impl Store {
             r.map_err(io_err(&p))?;
             n += 1;
         }
-        // Half-written temp files of atomic writes elsewhere.
-        for sub in ["entries", "artifacts"] {
+        // Half-written temp files of atomic writes elsewhere, and write probes of a killed run.
+        for sub in WRITTEN.into_iter().filter(|s| *s != "tmp") {
             let d = self.base.join(sub);
             for e in fs::read_dir(&d).map_err(io_err(&d))?.flatten() {
-                if e.file_name().to_string_lossy().ends_with(".tmp") {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if (name.ends_with(".tmp") && sub != "scratch") || name.starts_with(PROBE) {
                     let _ = fs::remove_file(e.path());
                     n += 1;
                 }
@@ -596,6 +616,28 @@ mod tests {
         let st = store.staging(key, &["data".to_string()]).unwrap();
         fs::write(st.outputs()["data"].join("a.txt"), content).unwrap();
         store.commit(st, Entry::new(key, serde_json::json!({}), "r", "s", "k")).unwrap()
+    }
+
+    /// Regression (issue 14, defect 9): a read-only cache failed the first stage and then the
+    /// run report with the same OS error. `check_writable` finds it first, naming the directory,
+    /// and leaves no probe behind; a killed run's probe is swept by `clean_tmp`.
+    #[test]
+    fn read_only_cache_is_one_error_naming_the_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path()).unwrap();
+        store.check_writable().unwrap();
+        for sub in WRITTEN {
+            let left: Vec<_> = fs::read_dir(d.path().join("v1").join(sub)).unwrap().flatten().collect();
+            assert!(left.is_empty(), "{sub}: {left:?}");
+        }
+        fs::write(d.path().join("v1/last").join(format!("{PROBE}1")), b"").unwrap();
+        assert_eq!(store.clean_tmp().unwrap(), 1);
+        // Permission bits do not stop root (the CI user): a directory that cannot hold files.
+        let scratch = d.path().join("v1/scratch");
+        fs::remove_dir(&scratch).unwrap();
+        fs::write(&scratch, b"not a directory").unwrap();
+        let e = store.check_writable().unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: ", scratch.display())), "{e}");
     }
 
     #[test]

@@ -576,11 +576,15 @@ impl Stage for Augment {
         let t0 = Instant::now();
         let input = ctx.input("data")?.to_path_buf();
         let mut w = DatasetWriter::create(ctx.output("data")?)?;
+        // Ctrl-C is checked before each batch of every pass and before each row written.
         let mut source = || -> Result<Batches<'_>, StageError> {
             ctx.check_cancelled()?;
-            Ok(Box::new(DatasetReader::open(&input)?))
+            Ok(Box::new(DatasetReader::open(&input)?.map(|b| ctx.check_cancelled().and(b))))
         };
-        let mut emit = |s: Sample| w.push(s);
+        let mut emit = |s: Sample| {
+            ctx.check_cancelled()?;
+            w.push(s)
+        };
         let mut report = augment_stream(&mut source, &mut emit, &p, p.seed.unwrap_or(ctx.seed()))?;
         w.finish()?;
         report["elapsed_ms"] = crate::data::ms_since(t0).into();

@@ -533,6 +533,8 @@ impl Stage for Clean {
         for batch in reader {
             ctx.check_cancelled()?;
             for mut s in batch? {
+                // Per row (an atomic load): a batch of long rows takes seconds (issue 14, defect 7).
+                ctx.check_cancelled()?;
                 c.apply(&mut s);
                 match c.verdict(&s)? {
                     None => w.push(s)?,

@@ -332,7 +332,13 @@ impl DedupePlan {
 
 /// Decide every row's fate from batches of rows (called twice with the same batches: hashing,
 /// then verification of candidate pairs against their texts).
-pub(crate) fn plan<I, F>(p: &Params, seed: u64, mut batches: F) -> Result<DedupePlan, StageError>
+/// `cancelled` is polled before each row (Ctrl-C: `Err(Cancelled)`), in both passes.
+pub(crate) fn plan<I, F>(
+    p: &Params,
+    seed: u64,
+    mut batches: F,
+    cancelled: &dyn Fn() -> Result<(), StageError>,
+) -> Result<DedupePlan, StageError>
 where
     F: FnMut() -> Result<I, StageError>,
     I: Iterator<Item = Result<Vec<Sample>, StageError>>,
@@ -346,6 +352,7 @@ where
     let mut idx = 0u32;
     for batch in batches()? {
         for s in batch? {
+            cancelled()?;
             let mut fate = Fate::Keep;
             let (norm, words) = if p.near { normalise_with_words(&s) } else { (normalise_for_exact(&s), Vec::new()) };
             if p.exact {
@@ -392,6 +399,7 @@ where
         let mut i = 0u32;
         for batch in batches()? {
             for s in batch? {
+                cancelled()?;
                 if need.contains(&i) {
                     sets.insert(i, shingle_set(&normalise_for_exact(&s), p.ngram));
                 }
@@ -437,7 +445,7 @@ impl Stage for Dedupe {
         let input = ctx.input("data")?.to_path_buf();
         let total = DatasetReader::open(&input)?.len();
         ctx.progress_start("dedupe: hashing", Some(total as u64));
-        let plan = plan(&p, seed, || DatasetReader::open(&input))?;
+        let plan = plan(&p, seed, || DatasetReader::open(&input), &|| ctx.check_cancelled())?;
         let t_plan = crate::data::ms_since(t0);
         ctx.progress_finish();
         ctx.check_cancelled()?;
@@ -459,6 +467,7 @@ impl Stage for Dedupe {
                 .map_err(|e| StageError::failed(format!("{}: column `id`: {e}", input.display())))?;
             let mut keep = Vec::with_capacity(frame.height());
             for id in ids_col.iter() {
+                ctx.check_cancelled()?;
                 let id = id.unwrap_or_default();
                 if referenced.contains(&i) {
                     ids.insert(i, id.to_string());
@@ -551,11 +560,31 @@ mod tests {
         ];
         let p: Params = toml::from_str("threshold = 0.7\nngram = 2").unwrap();
         let batches = || Ok::<_, StageError>(vec![Ok(rows.clone())].into_iter());
-        let plan = plan(&p, 7, batches).unwrap();
+        let plan = plan(&p, 7, batches, &|| Ok(())).unwrap();
         let removed: Vec<_> = plan.removed().collect();
         assert_eq!(removed, vec![(1, 0), (2, 0)]);
         assert!(matches!(plan.fates[1], Fate::Exact(0)));
         assert!(matches!(plan.fates[2], Fate::Near(0, j) if (0.7..1.0).contains(&j)));
+    }
+
+    /// Regression (issue 14, defect 7): dedupe's hashing pass (25 s per GB) never looked at
+    /// Ctrl-C; it now stops at the row after it.
+    #[test]
+    fn dedupe_notices_ctrl_c_within_a_row() {
+        let rows: Vec<Sample> = (0..100).map(|i| row(&format!("row number {i} of many"))).collect();
+        let p: Params = toml::from_str("ngram = 2").unwrap();
+        let seen = std::cell::Cell::new(0usize);
+        let batches = || Ok::<_, StageError>(vec![Ok(rows.clone())].into_iter());
+        let cancelled = || {
+            seen.set(seen.get() + 1);
+            if seen.get() > 3 {
+                Err(StageError::Cancelled)
+            } else {
+                Ok(())
+            }
+        };
+        assert!(matches!(plan(&p, 7, batches, &cancelled), Err(StageError::Cancelled)));
+        assert_eq!(seen.get(), 4);
     }
 
     #[test]

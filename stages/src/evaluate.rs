@@ -298,18 +298,14 @@ pub fn evaluate_with(
         write_events(&out.join(crate::training::TENSORBOARD_DIR), wall_time, &events)
             .map_err(crate::training::stage_error)?;
     }
-    report.write(out).map_err(|e| StageError::Input { path: e.path, line: e.line, message: e.message })?;
+    report.write(out).map_err(write_error)?;
     let mut lines = String::new();
     for p in &predictions {
         lines.push_str(&p.to_string());
         lines.push('\n');
     }
     let pred_path = out.join("predictions.jsonl");
-    write_atomic(&pred_path, lines.as_bytes()).map_err(|e| StageError::Input {
-        path: e.path,
-        line: e.line,
-        message: e.message,
-    })?;
+    write_atomic(&pred_path, lines.as_bytes()).map_err(write_error)?;
     let secs = started.elapsed().as_secs_f64();
     // One line while running; the whole table is in the report (the CLI's run summary prints it,
     // for cached runs too) and in report.csv.
@@ -329,6 +325,12 @@ pub fn evaluate_with(
     }
     ctx.set_report(json);
     Ok(())
+}
+
+/// A failed write of one of this stage's output files (a full disk, a read-only cache): it names
+/// the file being written, never as a malformed input (issue 14, defect 9).
+fn write_error(e: pipeline_metrics::DataError) -> StageError {
+    StageError::failed(format!("writing {}: {}", e.path.display(), e.message))
 }
 
 #[cfg(test)]

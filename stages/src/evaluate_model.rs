@@ -272,6 +272,22 @@ mod tests {
         p.pretrained().model.forward(&Batch::new(ids.clone(), 1, ids.len()).unwrap()).unwrap().as_vec()
     }
 
+    /// Regression (issue 14, defect 9): a failed write of an evaluate output (a full disk, a
+    /// read-only cache) was reported as a malformed input; it now says it was writing, and which file.
+    #[test]
+    fn evaluate_write_errors_name_the_file_being_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("base");
+        tiny_base(&base);
+        let out = tmp.path().join("out");
+        std::fs::create_dir_all(out.join("predictions.jsonl/blocked")).unwrap();
+        let mcq = "dataset = \"general_mcq\"\nlocal_path = \"mcq\"\nscorer = \"loglik\"\nmodel_name = \"m\"";
+        let err = run_eval(mcq, Some(&base), &out).unwrap_err();
+        assert!(matches!(err, pipeline_engine::StageError::Failed(_)), "{err:?}");
+        let want = format!("writing {}", out.join("predictions.jsonl").display());
+        assert!(err.to_string().starts_with(&want), "{err}");
+    }
+
     /// Issue 6: an SFT adapter folder (as our sft stage writes it) evaluates exactly like the merged
     /// model written beside it — same logits, same generated answers, same MCQ log-likelihoods —
     /// through the `model` input, the `model` param, and with an explicit `base_model`.
@@ -284,7 +300,10 @@ mod tests {
         let adapter = out.join("adapter");
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
-        assert_eq!(cfg["base_model_name_or_path"], base.display().to_string());
+        // Relative to the adapter folder (issue 14, defect 5), and naming the base.
+        let named = cfg["base_model_name_or_path"].as_str().unwrap();
+        assert!(!Path::new(named).is_absolute(), "{named}");
+        assert_eq!(adapter.join(named).canonicalize().unwrap(), base.canonicalize().unwrap());
 
         let merged = logits(&out, None);
         assert_eq!(logits(&adapter, None), merged, "adapter folder vs merged folder");

@@ -208,6 +208,7 @@ impl Stage for LabelStage {
         for batch in reader {
             ctx.check_cancelled()?;
             for mut s in batch? {
+                ctx.check_cancelled()?;
                 if !rules.compiled.is_empty() || rules.default.is_some() {
                     match rules.label_of(&s) {
                         Some(l) => {

@@ -692,20 +692,47 @@ where
     Ok(outcome)
 }
 
-/// `base_model_name_or_path` for an adapter written into this stage's `model` output (read
-/// relative to the adapter folder, `<artifact>/adapter/`). A base that is a cache artifact
-/// (`.../artifacts/<digest>[/sub]`, an upstream stage's model) is written relative,
-/// `../../<digest>[/sub]`, which holds once this output is committed beside it: no absolute path
-/// enters the artifact (issue 14, defect 5), so a copied or moved project keeps its digests and its
-/// adapters load. Any other base is written absolute (the cache dir may be relative to the working
-/// directory).
-fn adapter_base_path(src: &Path) -> String {
-    let abs = std::path::absolute(src).unwrap_or_else(|_| src.to_path_buf());
+/// `base_model_name_or_path` for an adapter written into this stage's `model` output `out` (read
+/// relative to the adapter folder, `<artifact>/adapter/`). No absolute path enters the artifact
+/// (issue 14, defect 5), so a copied or moved project keeps its digests and its adapters load:
+/// - a base that is a cache artifact (`.../artifacts/<digest>[/sub]`, an upstream stage's model) is
+///   written `../../<digest>[/sub]`, which holds once this output is committed beside it;
+/// - any other base (a model folder of the project) is written relative to where the adapter
+///   folder will live once committed: `out` is a staging folder of the cache
+///   (`<cache>/tmp/<name>/out/<output>`), committed as `<cache>/artifacts/<digest>`, so the path
+///   is `../../../` and then the way from `<cache>` to the base. Outside a cache (a test's folder)
+///   it is relative to `out/adapter` itself.
+fn adapter_base_path(src: &Path, out: &Path) -> String {
+    let canon = |p: &Path| {
+        std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
+    };
+    let abs = canon(src);
     let comps: Vec<String> = abs.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
     let is_digest = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
-    match (1..comps.len()).rev().find(|&i| comps[i - 1] == "artifacts" && is_digest(&comps[i])) {
-        Some(i) => format!("../../{}", comps[i..].join("/")),
-        None => abs.display().to_string(),
+    if let Some(i) = (1..comps.len()).rev().find(|&i| comps[i - 1] == "artifacts" && is_digest(&comps[i])) {
+        return format!("../../{}", comps[i..].join("/"));
+    }
+    let out = canon(out);
+    let name = |p: Option<&Path>, n: &str| p.and_then(Path::file_name).is_some_and(|f| f == n);
+    let staging_root = out.parent().filter(|o| name(Some(o), "out")).and_then(Path::parent);
+    match staging_root.and_then(Path::parent).filter(|t| name(Some(t), "tmp")).and_then(Path::parent) {
+        Some(cache) => format!("../../../{}", relative_path(cache, &abs)),
+        None => relative_path(&out.join("adapter"), &abs),
+    }
+}
+
+/// The `/`-separated way from directory `from` to `to` (both absolute): `..` for each component
+/// of `from` past their common prefix, then the rest of `to`.
+fn relative_path(from: &Path, to: &Path) -> String {
+    let f: Vec<_> = from.components().collect();
+    let t: Vec<_> = to.components().collect();
+    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let mut parts: Vec<String> = vec!["..".to_string(); f.len() - common];
+    parts.extend(t[common..].iter().map(|c| c.as_os_str().to_string_lossy().into_owned()));
+    if parts.is_empty() {
+        ".".to_string()
+    } else {
+        parts.join("/")
     }
 }
 
@@ -722,7 +749,7 @@ pub(crate) fn write_model<D: Device<f32>, S: Dims>(
     let max_len = model.cfg.max_position_embeddings;
     let merr = |e: pipeline_model::ModelError| StageError::failed(format!("writing {}: {e}", out.display()));
     if model.lora_config().is_some() {
-        let base = src.map(adapter_base_path).unwrap_or_else(|| "tiny".into());
+        let base = src.map(|s| adapter_base_path(s, out)).unwrap_or_else(|| "tiny".into());
         model.save_adapter(&out.join("adapter"), &base).map_err(merr)?;
         model.merge_lora().map_err(merr)?;
     }
@@ -1141,19 +1168,55 @@ mod adapter_base_tests {
     #[test]
     fn adapter_base_in_the_cache_is_relative() {
         let d = "a".repeat(64);
+        let out = Path::new("/nowhere/out");
         assert_eq!(
-            super::adapter_base_path(Path::new(&format!("/home/x/p/.pipeline/v1/artifacts/{d}"))),
+            super::adapter_base_path(Path::new(&format!("/home/x/p/.pipeline/v1/artifacts/{d}")), out),
             format!("../../{d}")
         );
-        assert_eq!(super::adapter_base_path(Path::new(&format!("/y/artifacts/{d}/sub"))), format!("../../{d}/sub"));
-        assert_eq!(super::adapter_base_path(Path::new("/models/Qwen")), "/models/Qwen");
+        assert_eq!(
+            super::adapter_base_path(Path::new(&format!("/y/artifacts/{d}/sub")), out),
+            format!("../../{d}/sub")
+        );
         // The relative form resolves from `<artifact>/adapter/` to the base artifact.
         let root = tempfile::tempdir().unwrap();
         let base = root.path().join("artifacts").join(&d);
         let adapter = root.path().join("artifacts").join("b".repeat(64)).join("adapter");
         std::fs::create_dir_all(&base).unwrap();
         std::fs::create_dir_all(&adapter).unwrap();
-        assert!(adapter.join(super::adapter_base_path(&base)).canonicalize().unwrap() == base.canonicalize().unwrap());
+        assert!(
+            adapter.join(super::adapter_base_path(&base, out)).canonicalize().unwrap() == base.canonicalize().unwrap()
+        );
+    }
+
+    /// Regression (issue 14, defect 5): a base model outside the cache (a model folder of the
+    /// project) was still written by absolute path, so a moved project's adapters pointed at the
+    /// old place and a copied project's digests depended on where it lived. It is now written
+    /// relative to where the adapter lands once committed, and resolves from there.
+    #[test]
+    fn adapter_base_outside_the_cache_is_relative_to_the_committed_artifact() {
+        let root = tempfile::tempdir().unwrap();
+        let project = root.path().join("project");
+        let model = project.join("models/Qwen");
+        let staged = project.join(".pipeline/v1/tmp/abc.1.2/out/model");
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::create_dir_all(&staged).unwrap();
+        let rel = super::adapter_base_path(&model, &staged);
+        assert_eq!(rel, "../../../../../models/Qwen");
+        let committed = project.join(".pipeline/v1/artifacts").join("c".repeat(64)).join("adapter");
+        std::fs::create_dir_all(&committed).unwrap();
+        assert_eq!(committed.join(&rel).canonicalize().unwrap(), model.canonicalize().unwrap());
+        // The same text wherever the project lives: a copied project keeps its digests.
+        let copy = root.path().join("elsewhere/deeper/project");
+        std::fs::create_dir_all(copy.join("models/Qwen")).unwrap();
+        std::fs::create_dir_all(copy.join(".pipeline/v1/tmp/abc.1.2/out/model")).unwrap();
+        assert_eq!(
+            super::adapter_base_path(&copy.join("models/Qwen"), &copy.join(".pipeline/v1/tmp/abc.1.2/out/model")),
+            rel
+        );
+        // Outside a cache (a plain folder): relative to `<out>/adapter`.
+        let plain = root.path().join("plain/sft");
+        std::fs::create_dir_all(&plain).unwrap();
+        assert_eq!(super::adapter_base_path(&model, &plain), "../../../project/models/Qwen");
     }
 }
 
