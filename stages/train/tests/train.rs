@@ -1,5 +1,7 @@
 //! Integration tests of pipeline-train (one test binary; modules under `tests/train/`).
 
+#[path = "train/dist.rs"]
+mod dist;
 #[path = "train/golden.rs"]
 mod golden;
 #[path = "train/qwen.rs"]
