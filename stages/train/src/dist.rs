@@ -609,3 +609,90 @@ mod tests {
         assert!(t0.elapsed() < Duration::from_secs(5));
     }
 }
+
+/// The NCCL backend (CUDA builds): gradients are summed by `ncclAllReduce` on the rank's GPU; the
+/// unique id travels over the TCP rendezvous, which also carries the small collectives and checks,
+/// before every all-reduce, that every rank is still there (NCCL itself would wait forever on a
+/// dead peer).
+#[cfg(feature = "cuda")]
+pub mod nccl {
+    use std::sync::Arc;
+
+    use cudarc::driver::CudaDevice;
+    use cudarc::nccl::safe::{Comm, Id, ReduceOp};
+
+    use super::{Communicator, DistError, Rendezvous, TcpComm};
+
+    /// NCCL on GPU `ordinal` plus the TCP star of the rendezvous.
+    pub struct NcclComm {
+        tcp: TcpComm,
+        comm: Comm,
+        dev: Arc<CudaDevice>,
+    }
+
+    // The communicator is used by one thread at a time (the training loop that owns it).
+    unsafe impl Send for NcclComm {}
+
+    fn nccl_err(what: &str, e: cudarc::nccl::result::NcclError) -> DistError {
+        DistError::Nccl(format!("{what}: {:?}", e.0))
+    }
+
+    fn cuda_err(what: &str, e: cudarc::driver::DriverError) -> DistError {
+        DistError::Nccl(format!("{what}: {e}"))
+    }
+
+    impl NcclComm {
+        /// Meet over TCP, exchange rank 0's NCCL unique id, initialise the NCCL communicator.
+        pub fn connect(rv: &Rendezvous, ordinal: usize) -> Result<NcclComm, DistError> {
+            let mut tcp = TcpComm::connect(rv)?;
+            let dev = CudaDevice::new(ordinal).map_err(|e| cuda_err(&format!("opening GPU {ordinal}"), e))?;
+            let mut bytes = if rv.rank == 0 {
+                let id = Id::new().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
+                id.internal().iter().map(|&c| c as u8).collect()
+            } else {
+                Vec::new()
+            };
+            tcp.broadcast(&mut bytes)?;
+            let mut internal = [0 as ::core::ffi::c_char; 128];
+            if bytes.len() != internal.len() {
+                return Err(DistError::Protocol {
+                    rank: 0,
+                    op: "nccl id",
+                    message: format!("{} bytes, expected 128", bytes.len()),
+                });
+            }
+            for (d, s) in internal.iter_mut().zip(&bytes) {
+                *d = *s as ::core::ffi::c_char;
+            }
+            let comm = Comm::from_rank(dev.clone(), rv.rank, rv.world_size, Id::uninit(internal))
+                .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+            Ok(NcclComm { tcp, comm, dev })
+        }
+    }
+
+    impl Communicator for NcclComm {
+        fn rank(&self) -> usize {
+            self.tcp.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.tcp.world_size()
+        }
+        fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), DistError> {
+            if self.world_size() == 1 || buf.is_empty() {
+                return Ok(());
+            }
+            // A dead rank shows here, with the TCP timeout, instead of as a hang inside NCCL.
+            self.tcp.barrier()?;
+            let send = self.dev.htod_copy(buf.to_vec()).map_err(|e| cuda_err("copying gradients to the GPU", e))?;
+            let mut recv = self.dev.alloc_zeros::<f32>(buf.len()).map_err(|e| cuda_err("allocating", e))?;
+            self.comm.all_reduce(&send, &mut recv, &ReduceOp::Sum).map_err(|e| nccl_err("ncclAllReduce", e))?;
+            self.dev.dtoh_sync_copy_into(&recv, buf).map_err(|e| cuda_err("copying gradients back", e))
+        }
+        fn broadcast(&mut self, buf: &mut Vec<u8>) -> Result<(), DistError> {
+            self.tcp.broadcast(buf)
+        }
+        fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, DistError> {
+            self.tcp.all_gather(mine)
+        }
+    }
+}
