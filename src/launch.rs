@@ -96,6 +96,7 @@ pub fn launch(nproc: usize) -> anyhow::Result<()> {
         std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
     );
     let mut first_failure: Option<(usize, ExitStatus)> = None;
+    let mut interrupted = false;
     let mut running: Vec<(usize, Child)> = children;
     while !running.is_empty() {
         let mut i = 0;
@@ -106,9 +107,18 @@ pub fn launch(nproc: usize) -> anyhow::Result<()> {
                     if !status.success() && first_failure.is_none() {
                         first_failure = Some((rank, status));
                     }
+                    if status.code() == Some(130) {
+                        // Interrupted: the others got the same Ctrl-C and are saving their
+                        // checkpoint; let them finish instead of killing them.
+                        interrupted = true;
+                    }
                 }
                 None => i += 1,
             }
+        }
+        if interrupted && !running.is_empty() {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
         }
         if let Some((rank, status)) = first_failure {
             if !running.is_empty() {
@@ -119,7 +129,9 @@ pub fn launch(nproc: usize) -> anyhow::Result<()> {
             for p in printers {
                 let _ = p.join();
             }
-            eprintln!("error: rank {rank} of {nproc} failed ({})", describe(status));
+            if status.code() != Some(130) {
+                eprintln!("error: rank {rank} of {nproc} failed ({})", describe(status));
+            }
             let code = status.code().filter(|&c| c == 130 || c == 2).unwrap_or(1);
             return Err(Exit(code as u8).into());
         }
