@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use pipeline_cache::Store;
-use pipeline_engine::{exec, Device, ExecError, ExecOptions, Reporter};
+use pipeline_engine::{exec, Device, DistEnv, ExecError, ExecOptions, Reporter};
 
 use crate::common::{load_plan, CacheArgs, Exit, Usage};
 use crate::report::{self, LogFormat};
@@ -35,12 +35,33 @@ pub struct RunArgs {
     /// needs a binary built with `--features cuda`. Not part of the cache key.
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     pub device: Device,
+    /// Data-parallel training on N local ranks, as `torchrun --nproc_per_node N`: starts N copies
+    /// of this command with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (a
+    /// launcher of your own may set them instead). The training stages (pretrain, sft, align)
+    /// train on all ranks, each on its shard of every batch, with gradients all-reduced (TCP on the
+    /// CPU, NCCL on CUDA, where rank r uses GPU LOCAL_RANK, offset by `cuda:<N>`); rank 0 runs the
+    /// other stages and alone writes the cache. `gradient_accumulation_steps` stays per device:
+    /// the global batch is per_device_train_batch_size × gradient_accumulation_steps × N, and the
+    /// result (and the cache key) is that of one process with N times the accumulation.
+    /// Only rank 0's output is shown; other ranks' stderr is prefixed `[rank N]`.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub nproc_per_node: usize,
     #[command(flatten)]
     pub cache: CacheArgs,
 }
 
 pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
+    if args.nproc_per_node == 0 {
+        return Err(Usage("--nproc-per-node must be at least 1".into()).into());
+    }
     let plan = load_plan(&args.recipe)?;
+    if args.nproc_per_node > 1 {
+        return crate::launch::launch(args.nproc_per_node);
+    }
+    let dist = DistEnv::from_env().map_err(|e| Usage(e.to_string()))?;
+    if dist.is_follower() {
+        return run_follower(args, plan, dist);
+    }
     for id in args.only.iter().chain(&args.until).chain(&args.force) {
         plan.require(id).map_err(|e| Usage(e.to_string()))?;
     }
@@ -72,9 +93,10 @@ pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
         only: args.only,
         until: args.until,
         force: args.force,
-        device: args.device,
         keep_going: args.keep_going,
         cancel,
+        device: rank_device(args.device, &dist),
+        dist,
     };
     let reporter: Arc<dyn Reporter> = match &json {
         Some(j) => j.clone(),
@@ -138,6 +160,55 @@ pub fn run(args: RunArgs, fmt: LogFormat) -> anyhow::Result<()> {
         return Err(Exit(130).into());
     }
     if !ok {
+        return Err(Exit(1).into());
+    }
+    Ok(())
+}
+
+/// The GPU of this rank: `cuda:<N>` is the first GPU of the node, rank `LOCAL_RANK` uses the
+/// one `LOCAL_RANK` places after it (torchrun's convention with `cuda` = `cuda:0`).
+fn rank_device(device: Device, dist: &DistEnv) -> Device {
+    match device {
+        Device::Cuda { ordinal } if dist.world_size > 1 => Device::Cuda { ordinal: ordinal + dist.local_rank },
+        d => d,
+    }
+}
+
+/// A rank above 0: no lock and no writes to the cache (rank 0 holds the lock and commits); waits
+/// for rank 0's entries and joins the training stages. Says only what failed.
+fn run_follower(args: RunArgs, plan: pipeline_engine::Plan, dist: DistEnv) -> anyhow::Result<()> {
+    let cache_dir = args.cache.resolve(Some(&args.recipe));
+    let store = Store::open(&cache_dir).with_context(|| format!("opening cache {}", cache_dir.display()))?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.clone())?;
+        signal_hook::flag::register(sig, cancel.clone())?;
+    }
+    let rank = dist.rank;
+    let opts = ExecOptions {
+        jobs: args.jobs.max(1),
+        only: args.only,
+        until: args.until,
+        force: args.force,
+        keep_going: args.keep_going,
+        cancel,
+        device: rank_device(args.device, &dist),
+        dist,
+    };
+    let summary = match exec::run(&plan, &store, &opts, Arc::new(pipeline_engine::NullReporter)) {
+        Ok(s) => s,
+        Err(ExecError::UnknownStage(u)) => return Err(Usage(u.to_string()).into()),
+        Err(e) => return Err(e.into()),
+    };
+    for o in &summary.outcomes {
+        if let pipeline_engine::Status::Failed(m) = &o.status {
+            eprintln!("rank {rank}: stage `{}` failed: {m}", o.id);
+        }
+    }
+    if summary.cancelled {
+        return Err(Exit(130).into());
+    }
+    if summary.failed() {
         return Err(Exit(1).into());
     }
     Ok(())

@@ -12,6 +12,7 @@ mod cmd_run;
 mod common;
 mod graph;
 mod html_report;
+mod launch;
 mod report;
 mod run_outputs;
 mod serve;

@@ -938,3 +938,80 @@ fn every_command_honours_log_format_json() {
     assert_eq!((err[0]["event"].as_str(), err[0]["exit_code"].as_u64()), (Some("error"), Some(2)));
     assert!(err[0]["message"].as_str().unwrap().contains("nope"), "{err:?}");
 }
+
+/// A pretraining run small enough for data-parallel checks: collect → pretrain.
+const DP: &str = r#"[pipeline]
+name = "dp"
+seed = 5
+
+[stages.corpus]
+kind = "collect"
+params = { datasets = ["builtin:corpus"] }
+
+[stages.pretrain]
+kind = "pretrain"
+inputs = { data = "corpus.data" }
+params = { learning_rate = 3e-3, max_steps = 4, per_device_train_batch_size = 2, gradient_accumulation_steps = 1, max_length = 32, warmup_ratio = 0.0, logging_steps = 1, split_ratio = 0.0, report_to = "none" }
+"#;
+
+fn stage_done<'a>(r: &'a Run, stage: &str) -> &'a Value {
+    r.events
+        .iter()
+        .find(|e| {
+            e["stage"] == stage && e["event"].as_str().is_some_and(|n| n.starts_with("stage_") && n != "stage_started")
+        })
+        .unwrap_or_else(|| panic!("no outcome of {stage}: {:?}", r.events))
+}
+
+/// Issue 17: `--nproc-per-node 2` trains on two local ranks (TCP all-reduce on the CPU); rank 0
+/// alone writes the cache, and the run is keyed — and trains — as one process with twice the
+/// accumulation (the same global batch), whose entry a one-process run then reuses.
+#[test]
+fn nproc_per_node_trains_on_two_ranks_keyed_as_one_process_with_the_same_global_batch() {
+    let two = Project::new(DP);
+    let r = two.run(&["--nproc-per-node", "2"]).ok();
+    assert_eq!(r.with_status("ran"), v(&["corpus", "pretrain"]), "{}", r.stderr);
+    let pt = stage_done(&r, "pretrain");
+    let entries = std::fs::read_dir(two.path().join(".pipeline/v1/entries")).unwrap().count();
+    assert_eq!(entries, 2, "one entry per stage, written by rank 0");
+    assert!(!r.stderr.contains("[rank 1] error"), "{}", r.stderr);
+
+    let one = Project::new(&DP.replace("gradient_accumulation_steps = 1", "gradient_accumulation_steps = 2"));
+    let r1 = one.run(&[]).ok();
+    let pt1 = stage_done(&r1, "pretrain");
+    assert_eq!(pt["key"], pt1["key"], "world size 2 × accumulation 1 is keyed as 1 × 2");
+    let (a, b) =
+        (pt["report"]["final_train_loss"].as_f64().unwrap(), pt1["report"]["final_train_loss"].as_f64().unwrap());
+    assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()), "same training: {a} vs {b}");
+    assert_eq!(pt["report"]["global_step"], pt1["report"]["global_step"]);
+
+    // The one-process run with the same global batch reuses the two-rank entry.
+    two.edit("gradient_accumulation_steps = 1", "gradient_accumulation_steps = 2");
+    assert_eq!(two.run(&[]).ok().with_status("cached"), v(&["corpus", "pretrain"]));
+}
+
+/// A rank that never joins ends rank 0 quickly (PIPELINE_DIST_TIMEOUT) with an error naming it,
+/// and malformed launcher variables are usage errors naming the variable.
+#[test]
+fn a_missing_rank_fails_the_training_stage_naming_it_and_bad_launcher_variables_are_usage_errors() {
+    let p = Project::new(DP);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let t0 = std::time::Instant::now();
+    let out = p
+        .cmd(&["--log-format", "json", "run", "r.toml"])
+        .envs([("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port)])
+        .env("PIPELINE_DIST_TIMEOUT", "2")
+        .output()
+        .unwrap();
+    let r = Run::from(out);
+    assert_eq!(r.code, 1);
+    let msg = stage_done(&r, "pretrain")["error"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains("ranks 1 never connected"), "{:?}", stage_done(&r, "pretrain"));
+    assert!(t0.elapsed() < std::time::Duration::from_secs(60));
+
+    let out = p.cmd(&["run", "r.toml"]).envs([("RANK", "1"), ("WORLD_SIZE", "2")]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("WORLD_SIZE=2 but MASTER_ADDR is not set"));
+    let out = p.pipeline(&["run", "r.toml", "--nproc-per-node", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -14,6 +14,7 @@ use pipeline_cache::{ArtifactCheck, Entry, EntryOutput, FileMemo, Store};
 
 use crate::device::Device;
 use crate::dirty::{self, DirtyReason, KeyChange};
+use crate::dist::DistEnv;
 use crate::key::{self, FileKey, StageKey, KEY_SCHEMA, PENDING};
 use crate::plan::{Plan, UnknownStage};
 use crate::stage::{EventSink, RunCtx, RunParts, StageError, StageEvent};
@@ -34,6 +35,9 @@ pub struct ExecOptions {
     /// `make -k` does; without it the run starts nothing new after the first failure.
     pub keep_going: bool,
     pub cancel: Arc<AtomicBool>,
+    /// This process's rank of a data-parallel run ([`crate::dist`]); one process by default. A
+    /// follower (rank > 0) writes nothing to the store: the caller takes no lock for it.
+    pub dist: DistEnv,
 }
 
 impl Default for ExecOptions {
@@ -46,6 +50,7 @@ impl Default for ExecOptions {
             device: Device::Cpu,
             keep_going: false,
             cancel: Arc::new(AtomicBool::new(false)),
+            dist: DistEnv::single(),
         }
     }
 }
@@ -175,13 +180,32 @@ pub(crate) struct Keyer<'a> {
     plan: &'a Plan,
     memo: Mutex<FileMemo>,
     store: &'a Store,
+    /// Each stage's params as keyed and run: the plan's, or a distributed stage's at the world size.
+    params: Vec<toml::Table>,
+    /// A follower rank does not write the file-digest memo (rank 0 owns the store).
+    read_only: bool,
 }
 
 impl<'a> Keyer<'a> {
     pub(crate) fn new(plan: &'a Plan, store: &'a Store) -> Self {
-        Keyer { plan, memo: Mutex::new(FileMemo::load(&store.file_memo_path())), store }
+        Keyer::for_world(plan, store, 1)
+    }
+    /// Keys as a run at `world_size` ranks computes them ([`crate::Stage::distributed_params`]).
+    pub(crate) fn for_world(plan: &'a Plan, store: &'a Store, world_size: usize) -> Self {
+        let params = plan
+            .stages
+            .iter()
+            .map(|s| match world_size {
+                1 => s.params.clone(),
+                w => s.stage.distributed_params(&s.params, w).unwrap_or_else(|| s.params.clone()),
+            })
+            .collect();
+        Keyer { plan, memo: Mutex::new(FileMemo::load(&store.file_memo_path())), store, params, read_only: false }
     }
     fn save(&self) {
+        if self.read_only {
+            return;
+        }
         let _ = self.memo.lock().unwrap_or_else(|e| e.into_inner()).save(&self.store.file_memo_path());
     }
     /// The key of stage `i`, given its upstream outputs (`None` = upstream not resolved).
@@ -209,7 +233,8 @@ impl<'a> Keyer<'a> {
             schema: KEY_SCHEMA,
             kind: s.kind.clone(),
             version: s.stage.version(),
-            params: serde_json::to_value(&s.params).map_err(|error| KeyError::Params { stage: s.id.clone(), error })?,
+            params: serde_json::to_value(&self.params[i])
+                .map_err(|error| KeyError::Params { stage: s.id.clone(), error })?,
             inputs,
             files,
             seed: self.plan.seed,
@@ -358,6 +383,8 @@ enum State {
 
 enum WorkResult {
     Committed(Box<Entry>),
+    /// A follower rank found the entry rank 0 committed.
+    Waited(Box<Entry>),
     Failed(String),
     Cancelled,
     /// An input artifact failed its digest check: plan index and output name of the producer, the
@@ -367,6 +394,7 @@ enum WorkResult {
 
 struct Job {
     idx: usize,
+    params: toml::Table,
     key: String,
     key_json: serde_json::Value,
     /// Input name → (producer's plan index, its output name, artifact digest).
@@ -397,7 +425,11 @@ pub fn run(
     // Stages whose outputs we need: the selected ones and their ancestors (looked up, not run).
     let needed = plan.ancestors(&selected.iter().copied().collect::<Vec<_>>());
 
-    let keyer = Keyer::new(plan, store);
+    // A follower rank (data-parallel, rank > 0) only reads the store: entries are rank 0's.
+    let follower = opts.dist.is_follower();
+    let mut keyer = Keyer::for_world(plan, store, opts.dist.world_size);
+    keyer.read_only = follower;
+    let keyer = keyer;
     let recipe_id = recipe_identity(plan, store);
     let warn = |m: String| {
         tracing::warn!("{m}");
@@ -480,14 +512,23 @@ pub fn run(
                         }
                     };
                     let (hex, json) = hex_of(&key);
-                    let forced = force.contains(&i) && outcomes[i].is_none();
+                    let distributed = opts.dist.world_size > 1 && s.stage.distributed_params(&s.params, 1).is_some();
+                    // A follower re-runs a forced stage only when it trains with rank 0.
+                    let forced = force.contains(&i) && outcomes[i].is_none() && (!follower || distributed);
+                    let found = if follower {
+                        lookup_quiet(store, &hex).ok_or(Miss::NoEntry)
+                    } else {
+                        lookup(store, &hex, &|m| warn(m))
+                    };
                     let reason = if forced {
                         DirtyReason::Forced
                     } else {
-                        match lookup(store, &hex, &|m| warn(m)) {
+                        match found {
                             Ok(entry) => {
-                                store.touch_entry(&hex);
-                                let _ = store.set_last(&recipe_id, &s.id, &hex);
+                                if !follower {
+                                    store.touch_entry(&hex);
+                                    let _ = store.set_last(&recipe_id, &s.id, &hex);
+                                }
                                 let o = outcome(
                                     i,
                                     Status::Cached,
@@ -526,7 +567,9 @@ pub fn run(
                         progressed = true;
                         continue;
                     }
-                    if stop || running >= opts.jobs.max(1) {
+                    // A follower waiting for rank 0's entry of a stage it does not run takes no job slot.
+                    let waits = follower && !distributed;
+                    if stop || (!waits && running >= opts.jobs.max(1)) {
                         continue;
                     }
                     // Dispatch.
@@ -549,7 +592,7 @@ pub fn run(
                             (name.clone(), v)
                         })
                         .collect();
-                    let job = Job { idx: i, key: hex, key_json: json, inputs };
+                    let job = Job { idx: i, params: keyer.params[i].clone(), key: hex, key_json: json, inputs };
                     state[i] = State::Running;
                     running += 1;
                     progressed = true;
@@ -559,10 +602,19 @@ pub fn run(
                     let verified = verified.clone();
                     let cancel = cancel.clone();
                     let device = opts.device;
+                    let dist = opts.dist.clone();
                     scope.spawn(move || {
                         let t0 = Instant::now();
                         let key = job.key.clone();
-                        let (res, report) = work(plan, store, job, reporter, verified, cancel, device);
+                        let (res, report) = if waits {
+                            reporter.stage_event(
+                                &plan.stages[job.idx].id,
+                                StageEvent::Message(format!("rank {}: waiting for rank 0's entry", dist.rank)),
+                            );
+                            (wait_for_entry(store, &job.key, &cancel), None)
+                        } else {
+                            work(plan, store, job, reporter, verified, cancel, device, &dist)
+                        };
                         let _ = tx.send((i, key, t0.elapsed(), report, res));
                     });
                 }
@@ -573,8 +625,16 @@ pub fn run(
             let Ok((i, key, dur, report, res)) = rx.recv() else { break };
             running -= 1;
             match res {
+                WorkResult::Waited(entry) => {
+                    let o = outcome(i, Status::Cached, Some(key), dur, entry.outputs.clone(), entry.report.clone());
+                    reporter.stage_done(&o);
+                    outcomes[i] = Some(o);
+                    state[i] = State::Done(entry.outputs);
+                }
                 WorkResult::Committed(entry) => {
-                    let _ = store.set_last(&recipe_id, &plan.stages[i].id, &key);
+                    if !follower {
+                        let _ = store.set_last(&recipe_id, &plan.stages[i].id, &key);
+                    }
                     let o = outcome(i, Status::Ran, Some(key), dur, entry.outputs.clone(), entry.report.clone());
                     reporter.stage_done(&o);
                     outcomes[i] = Some(o);
@@ -644,6 +704,48 @@ impl EventSink for Sink {
     }
 }
 
+/// A follower rank: poll until rank 0 has committed `key` (or Ctrl-C). Rank 0's failure ends the
+/// whole run through the launcher (`pipeline run --nproc-per-node`, torchrun, srun), which stops
+/// the other ranks.
+fn wait_for_entry(store: &Store, key: &str, cancel: &AtomicBool) -> WorkResult {
+    loop {
+        if let Some(e) = lookup_quiet(store, key) {
+            return WorkResult::Waited(Box::new(e));
+        }
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return WorkResult::Cancelled;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Where a follower rank's copy of a distributed stage writes its outputs: a private directory,
+/// discarded afterwards (rank 0's outputs are the entry).
+struct FollowerOutputs {
+    root: PathBuf,
+    outputs: BTreeMap<String, PathBuf>,
+}
+
+impl FollowerOutputs {
+    fn new(rank: usize, key: &str, names: &[String]) -> std::io::Result<FollowerOutputs> {
+        let root = std::env::temp_dir().join(format!("pipeline-rank{rank}-{}-{}", std::process::id(), short(key)));
+        let mut outputs = BTreeMap::new();
+        for n in names {
+            let d = root.join(n);
+            std::fs::create_dir_all(&d)?;
+            outputs.insert(n.clone(), d);
+        }
+        Ok(FollowerOutputs { root, outputs })
+    }
+}
+
+impl Drop for FollowerOutputs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn work(
     plan: &Plan,
     store: &Store,
@@ -652,7 +754,11 @@ fn work(
     verified: Arc<Mutex<HashSet<String>>>,
     cancel: Arc<AtomicBool>,
     device: Device,
+    dist: &DistEnv,
 ) -> (WorkResult, Option<serde_json::Value>) {
+    if dist.is_follower() {
+        return follower_work(plan, store, job, reporter, cancel, device, dist);
+    }
     let s = &plan.stages[job.idx];
     let span = tracing::info_span!("stage", id = %s.id, kind = %s.kind);
     let _g = span.enter();
@@ -705,7 +811,7 @@ fn work(
     };
     let ctx = RunCtx::new(RunParts {
         stage_id: s.id.clone(),
-        params: s.params.clone(),
+        params: job.params.clone(),
         seed: plan.seed,
         recipe_dir: plan.dir.clone(),
         inputs,
@@ -714,7 +820,8 @@ fn work(
         sink: Arc::new(Sink(reporter)),
         cancel,
     })
-    .with_device(device);
+    .with_device(device)
+    .with_dist(dist.clone());
     let t0 = Instant::now();
     tracing::info!(key = %short(&job.key), "running");
     let res = std::panic::catch_unwind(AssertUnwindSafe(|| s.stage.run(&ctx)));
@@ -750,6 +857,54 @@ fn work(
                 .unwrap_or_else(|| "unknown panic".into());
             (WorkResult::Failed(format!("the stage panicked: {msg}")), report)
         }
+    }
+}
+
+/// A follower rank's part in a distributed stage: run it beside rank 0 (same inputs, the shared
+/// scratch directory for resuming, outputs into a private directory that is dropped), then use the
+/// entry rank 0 commits.
+fn follower_work(
+    plan: &Plan,
+    store: &Store,
+    job: Job,
+    reporter: Arc<dyn Reporter>,
+    cancel: Arc<AtomicBool>,
+    device: Device,
+    dist: &DistEnv,
+) -> (WorkResult, Option<serde_json::Value>) {
+    let s = &plan.stages[job.idx];
+    let inputs = job
+        .inputs
+        .iter()
+        .map(|(name, list)| (name.clone(), list.iter().map(|(_, _, d)| store.artifact_path(d)).collect()))
+        .collect();
+    let outs = match FollowerOutputs::new(dist.rank, &job.key, &s.declared.outputs) {
+        Ok(o) => o,
+        Err(e) => return (WorkResult::Failed(format!("rank {}: creating its output directory: {e}", dist.rank)), None),
+    };
+    let ctx = RunCtx::new(RunParts {
+        stage_id: s.id.clone(),
+        params: job.params.clone(),
+        seed: plan.seed,
+        recipe_dir: plan.dir.clone(),
+        inputs,
+        outputs: outs.outputs.clone(),
+        scratch: store.scratch_path(&job.key),
+        sink: Arc::new(Sink(reporter)),
+        cancel: cancel.clone(),
+    })
+    .with_device(device)
+    .with_dist(dist.clone());
+    let res = std::panic::catch_unwind(AssertUnwindSafe(|| s.stage.run(&ctx)));
+    drop(outs);
+    match res {
+        Ok(Ok(())) => match wait_for_entry(store, &job.key, &cancel) {
+            WorkResult::Waited(e) => (WorkResult::Committed(e), None),
+            other => (other, None),
+        },
+        Ok(Err(StageError::Cancelled)) => (WorkResult::Cancelled, None),
+        Ok(Err(e)) => (WorkResult::Failed(format!("rank {}: {e}", dist.rank)), None),
+        Err(_) => (WorkResult::Failed(format!("rank {}: the stage panicked", dist.rank)), None),
     }
 }
 

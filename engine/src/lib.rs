@@ -16,6 +16,9 @@
 //!   [`exec::run`] and [`exec::statuses`] from the key JSON stored in the stage's latest entry,
 //!   rendered by `pipeline plan` / `explain` through `Display`.
 //! - [`device`]: the typed `--device` ([`Device`]) stages read from [`RunCtx::device`].
+//! - [`dist`]: the rank of a data-parallel run ([`DistEnv`], torchrun's variables); with a world
+//!   size above 1 only rank 0 writes the cache, the others wait for its entries and join the
+//!   stages that train together.
 //!
 //! ## What enters the key ([`key::StageKey`])
 //!
@@ -33,7 +36,8 @@
 //! (the list of [`KeyChange`]s above, against the key JSON stored in its latest entry), its entry
 //! or an output was missing, unreadable or corrupt, or `--force`.
 //!
-//! Not in the key: stage ids, the recipe's name or location, mtimes, absolute paths, `--jobs`,
+//! Not in the key: the world size of a data-parallel run as such (a distributed stage's params are
+//! keyed as they read at the world size — for training, the global batch — see [`dist`]); stage ids, the recipe's name or location, mtimes, absolute paths, `--jobs`,
 //! `--only` / `--until` / `--force`, the [`Device`] (`--device`: a stage trained on the CPU stays
 //! cached for a CUDA run) and the other run options ([`ExecOptions::options`]; a stage whose output
 //! depends on an option must put it in its params). Inputs enter by content, so a re-run producing
@@ -43,6 +47,7 @@
 pub mod builtin;
 pub mod device;
 pub mod dirty;
+pub mod dist;
 pub mod exec;
 pub mod key;
 pub mod plan;
@@ -51,6 +56,7 @@ pub mod stage;
 
 pub use device::{Device, ParseDeviceError};
 pub use dirty::{DirtyReason, InputDigest, KeyChange};
+pub use dist::{DistEnv, DistEnvError};
 pub use exec::{
     ExecError, ExecOptions, Freshness, KeyError, NullReporter, Reporter, RunSummary, StageOutcome, StageStatus, Status,
 };

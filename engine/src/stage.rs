@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use serde::de::DeserializeOwned;
 
 use crate::device::Device;
+use crate::dist::DistEnv;
 
 /// Everything that can go wrong inside a stage. Messages name the file, line or field at fault;
 /// the engine prefixes the stage id.
@@ -123,6 +124,15 @@ pub trait Stage: Send + Sync + 'static {
     fn declare(&self, ctx: &PlanCtx<'_>) -> Result<Declared, StageError>;
     /// Do the work: read inputs, write every declared output directory.
     fn run(&self, ctx: &RunCtx) -> Result<(), StageError>;
+
+    /// `Some` for a stage whose ranks work together in a data-parallel run (training): every rank
+    /// runs it, rank 0 alone commits. The table is `params` as they read at `world_size` — what is
+    /// keyed and what [`RunCtx::params`] gives — so the key holds what the result depends on, not
+    /// the world size itself (the training stages scale `gradient_accumulation_steps` by it: the
+    /// global batch). `None` (the default): rank 0 runs the stage, the other ranks wait for its entry.
+    fn distributed_params(&self, _params: &toml::Table, _world_size: usize) -> Option<toml::Table> {
+        None
+    }
 }
 
 /// Events a running stage sends; the engine forwards them to its reporter (progress bars, JSON).
@@ -179,13 +189,23 @@ pub struct RunParts {
 pub struct RunCtx {
     parts: RunParts,
     device: Device,
+    dist: DistEnv,
     report: Mutex<Option<serde_json::Value>>,
 }
 
 impl RunCtx {
     /// A context running on the CPU; see [`with_device`](Self::with_device).
     pub fn new(parts: RunParts) -> Self {
-        RunCtx { parts, device: Device::Cpu, report: Mutex::new(None) }
+        RunCtx { parts, device: Device::Cpu, dist: DistEnv::single(), report: Mutex::new(None) }
+    }
+    /// Run as this rank of a data-parallel run (one process unless the run says otherwise).
+    pub fn with_dist(mut self, dist: DistEnv) -> Self {
+        self.dist = dist;
+        self
+    }
+    /// This process's rank and the run's world size (see [`crate::dist`]).
+    pub fn dist(&self) -> &DistEnv {
+        &self.dist
     }
     /// Run model work on `device` (`--device`).
     pub fn with_device(mut self, device: Device) -> Self {

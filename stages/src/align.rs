@@ -138,7 +138,12 @@ impl Stage for Align {
     fn version(&self) -> u32 {
         // 2: TensorBoard event files in `metrics/tensorboard/` (`report_to`);
         // the adapter's `base_model_name_or_path` is relative to the cache (issue 14, defect 5).
-        2
+        // 3: gradient accumulation sums every micro-batch's gradient (it kept only the last one's:
+        // issue 17); data-parallel training.
+        3
+    }
+    fn distributed_params(&self, params: &toml::Table, world_size: usize) -> Option<toml::Table> {
+        Some(training::distributed_params(params, world_size))
     }
     fn summary(&self) -> &'static str {
         "Preference alignment: DPO on chosen/rejected pairs or KTO on labelled completions"

@@ -146,7 +146,12 @@ impl Stage for Pretrain {
     fn version(&self) -> u32 {
         // 2: the tiny preset's vocabulary holds the 256 byte-level base tokens (byte fallback);
         // TensorBoard event files in `metrics/tensorboard/` (`report_to`).
-        2
+        // 3: gradient accumulation sums every micro-batch's gradient (it kept only the last one's:
+        // issue 17); data-parallel training.
+        3
+    }
+    fn distributed_params(&self, params: &toml::Table, world_size: usize) -> Option<toml::Table> {
+        Some(training::distributed_params(params, world_size))
     }
     fn summary(&self) -> &'static str {
         "Causal-LM pretraining on packed documents (the tiny Qwen2 preset from random init by default)"

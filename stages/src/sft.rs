@@ -190,7 +190,12 @@ impl Stage for Sft {
         // 2: tokens outside a restricted vocabulary train as byte-level tokens, not as unknown;
         // TensorBoard event files in `metrics/tensorboard/` (`report_to`);
         // the adapter's `base_model_name_or_path` is relative to the cache (issue 14, defect 5).
-        2
+        // 3: gradient accumulation sums every micro-batch's gradient (it kept only the last one's:
+        // issue 17); data-parallel training.
+        3
+    }
+    fn distributed_params(&self, params: &toml::Table, world_size: usize) -> Option<toml::Table> {
+        Some(training::distributed_params(params, world_size))
     }
     fn summary(&self) -> &'static str {
         "Supervised fine-tuning (LoRA or full): chat data on the assistant tokens, sequence classification or embeddings"

@@ -45,8 +45,8 @@ use pipeline_model::pretrained::{load_pretrained, ModelSource, Pretrained};
 use pipeline_model::{Dims, LoraConfig, Qwen2, Trainable};
 use pipeline_train::lm::TrainModel;
 use pipeline_train::{
-    train, Callbacks, Control, Dataset, Objective, Record, StopReason, TrainConfig, TrainError, TrainOutcome,
-    TrainPaths, TrainPlan,
+    Callbacks, Control, Dataset, Objective, Record, StopReason, TrainConfig, TrainError, TrainOutcome, TrainPaths,
+    TrainPlan,
 };
 
 /// `train_type` (ms-swift; alias `tuner_type`).
@@ -593,6 +593,51 @@ fn train_paths(ctx: &RunCtx, report_dir: &Path) -> TrainPaths {
     TrainPaths { checkpoints: ctx.scratch_dir().join("checkpoints"), report: report_dir.to_path_buf() }
 }
 
+/// The params of a training stage as they read at `world_size` ranks: the recipe's
+/// `gradient_accumulation_steps` is per device (transformers' meaning: global batch =
+/// `per_device_train_batch_size × gradient_accumulation_steps × world size`), the trainer's counts
+/// the micro-batches of one step over all ranks. So a run on W ranks is keyed, cached and resumed
+/// like one process with W times the accumulation: the same global batch, the same result.
+pub(crate) fn distributed_params(params: &toml::Table, world_size: usize) -> toml::Table {
+    let mut p = params.clone();
+    if world_size > 1 {
+        let accum = match p.get("gradient_accumulation_steps") {
+            None => Some(1),
+            Some(toml::Value::Integer(n)) => Some(*n),
+            // Not a number: left as written, for the params check to report.
+            Some(_) => None,
+        };
+        if let Some(n) = accum {
+            p.insert("gradient_accumulation_steps".into(), toml::Value::Integer(n.saturating_mul(world_size as i64)));
+        }
+    }
+    p
+}
+
+/// The communicator of this rank for the stage's training (world size 1: no communication). On
+/// CUDA with the `cuda` feature, NCCL (its unique id exchanged over the TCP rendezvous); otherwise
+/// the TCP ring. The ranks meet at `MASTER_ADDR:MASTER_PORT`, tagged with the stage id.
+fn communicator(ctx: &RunCtx) -> Result<Box<dyn pipeline_train::dist::Communicator>, StageError> {
+    let d = ctx.dist();
+    if d.world_size == 1 {
+        return Ok(Box::new(pipeline_train::dist::SingleProcess));
+    }
+    let rv = pipeline_train::dist::Rendezvous {
+        rank: d.rank,
+        world_size: d.world_size,
+        master_addr: d.master_addr.clone(),
+        master_port: d.master_port,
+        timeout: d.timeout,
+        tag: ctx.stage_id().to_string(),
+    };
+    let fail = |e: pipeline_train::dist::DistError| StageError::failed(format!("data-parallel training: {e}"));
+    #[cfg(feature = "cuda")]
+    if let pipeline_engine::Device::Cuda { ordinal } = ctx.device() {
+        return Ok(Box::new(pipeline_train::dist::nccl::NcclComm::connect(&rv, ordinal).map_err(fail)?));
+    }
+    Ok(Box::new(pipeline_train::dist::TcpComm::connect(&rv).map_err(fail)?))
+}
+
 /// A training error as the stage reports it.
 pub(crate) fn stage_error(e: TrainError) -> StageError {
     match e {
@@ -682,8 +727,20 @@ where
 {
     let metrics_dir = ctx.output("metrics")?;
     let mut cb = RunCtxCallbacks { ctx, label: label.into() };
-    let outcome = train(cfg, seed, dev, model, objective, train_set, eval, &train_paths(ctx, metrics_dir), &mut cb)
-        .map_err(stage_error)?;
+    let mut comm = communicator(ctx)?;
+    let outcome = pipeline_train::train_distributed(
+        cfg,
+        seed,
+        dev,
+        model,
+        objective,
+        train_set,
+        eval,
+        &train_paths(ctx, metrics_dir),
+        &mut cb,
+        &mut *comm,
+    )
+    .map_err(stage_error)?;
     check_stopped(&outcome)?;
     let hparams = hparams_text(ctx, label);
     write_tensorboard(ctx, metrics_dir, |now| {
@@ -933,6 +990,19 @@ mod params_tests {
     }
 
     #[test]
+    fn world_size_scales_the_per_device_accumulation_into_the_global_one() {
+        let t: toml::Table = toml::from_str("learning_rate = 1e-3\ngradient_accumulation_steps = 4").unwrap();
+        assert_eq!(distributed_params(&t, 1), t, "one process: the params as written");
+        let two = distributed_params(&t, 2);
+        assert_eq!(two["gradient_accumulation_steps"].as_integer(), Some(8));
+        assert_eq!(two["learning_rate"], t["learning_rate"]);
+        let unset = distributed_params(&toml::Table::new(), 3);
+        assert_eq!(unset["gradient_accumulation_steps"].as_integer(), Some(3), "the default of 1, per device");
+        let typo: toml::Table = toml::from_str("gradient_accumulation_steps = \"x\"").unwrap();
+        assert_eq!(distributed_params(&typo, 2), typo, "left for the params check to report");
+    }
+
+    #[test]
     fn report_to_takes_a_string_or_a_list_and_none_turns_it_off() {
         assert!(parse("").unwrap().report.report_to.tensorboard(), "on by default, as in ms-swift");
         for off in ["report_to = \"none\"", "report_to = []", "report_to = [\"none\"]"] {
@@ -995,7 +1065,9 @@ mod glue_tests {
 
     use dfdx::prelude::*;
     use pipeline_engine::{EventSink, RunParts, StageEvent};
-    use pipeline_train::{masked_mean_nll, token_logprobs, LmBatch, LossOutput, StepInfo, TokenDataset, TokenExample};
+    use pipeline_train::{
+        masked_mean_nll, token_logprobs, train, LmBatch, LossOutput, StepInfo, TokenDataset, TokenExample,
+    };
 
     use super::*;
 

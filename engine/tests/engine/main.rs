@@ -13,6 +13,7 @@
 mod caching;
 mod corruption;
 mod dirty;
+mod dist;
 mod processes;
 mod selection;
 mod support;

@@ -110,6 +110,7 @@ pub mod checkpoint;
 pub mod cls;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod lm;
 pub mod metrics;
 pub mod objectives;
@@ -132,9 +133,15 @@ pub use optim::{AdamW, AdamWConfig};
 pub use params::NamedTensor;
 pub use schedule::LrSchedule;
 pub use trainer::{
-    evaluate, train, Callbacks, Control, NoCallbacks, Objective, StepInfo, StopReason, TrainOutcome, TrainPaths,
-    TrainPlan,
+    evaluate, train, train_distributed, Callbacks, Control, NoCallbacks, Objective, StepInfo, StopReason, TrainOutcome,
+    TrainPaths, TrainPlan,
 };
+
+impl From<dist::DistError> for TrainError {
+    fn from(e: dist::DistError) -> Self {
+        TrainError::Dist(e.to_string())
+    }
+}
 
 /// Everything that can go wrong in training. Messages name the file, tensor, field or step.
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +170,9 @@ pub enum TrainError {
     /// Writing the metrics or the loss curve failed.
     #[error("training report: {0}")]
     Report(String),
+    /// Communication between the ranks of a data-parallel run failed.
+    #[error("data-parallel training: {0}")]
+    Dist(String),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint;
 use crate::config::TrainConfig;
 use crate::data::{epoch_batches, Batch, Dataset};
+use crate::dist::{Communicator, SingleProcess};
 use crate::metrics::{plot_loss_curve, write_jsonl, CurveMarks, EvalRecord, Record, TrainRecord};
 use crate::objectives::LossOutput;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
@@ -196,6 +197,8 @@ fn dev_err<E: std::fmt::Debug>(e: E) -> TrainError {
 ///
 /// If `paths.checkpoints` holds a checkpoint of the same run (same fingerprint), training resumes
 /// from the newest one and continues exactly as the uninterrupted run would have.
+///
+/// One process: [`train_distributed`] with [`SingleProcess`].
 #[allow(clippy::too_many_arguments)]
 pub fn train<M, D, O, C>(
     cfg: &TrainConfig,
@@ -214,7 +217,82 @@ where
     O: Objective<M, D>,
     C: Callbacks + ?Sized,
 {
+    train_distributed(cfg, seed, dev, model, objective, train, eval, paths, callbacks, &mut SingleProcess)
+}
+
+/// What a rank contributes before a step's backward: its Ctrl-C decision and its micro-batches'
+/// loss weight (the step's weights are global, so every rank scales its losses alike).
+#[derive(Clone, Serialize, Deserialize)]
+struct PreStep {
+    control: u8,
+    weight: f64,
+}
+
+/// What a rank contributes after a step's backward (summed over the ranks in rank order).
+#[derive(Clone, Default, Serialize, Deserialize)]
+struct StepStats {
+    loss: f64,
+    tokens: u64,
+    metrics: BTreeMap<String, (f64, f64)>,
+}
+
+/// Every rank's `mine`, in rank order (through JSON between processes).
+fn gather<T: Clone + Serialize + for<'de> Deserialize<'de>>(
+    comm: &mut dyn Communicator,
+    mine: &T,
+) -> Result<Vec<T>, TrainError> {
+    if comm.world_size() == 1 {
+        // No round trip: a single process keeps its exact numbers.
+        return Ok(vec![mine.clone()]);
+    }
+    let bytes = serde_json::to_vec(mine).map_err(|e| TrainError::Dist(e.to_string()))?;
+    comm.all_gather(&bytes)?
+        .iter()
+        .enumerate()
+        .map(|(r, b)| {
+            serde_json::from_slice(b).map_err(|e| TrainError::Dist(format!("rank {r} sent bad step figures: {e}")))
+        })
+        .collect()
+}
+
+/// Data-parallel training: every rank of `comm` calls this with the same arguments (the same data,
+/// the same config, its own device).
+///
+/// - `cfg.gradient_accumulation_steps` counts the micro-batches of one optimizer step over **all**
+///   ranks (the stages pass `per-device accumulation × world size`, so the global batch is
+///   `per_device_train_batch_size × gradient_accumulation_steps × world_size`, as with
+///   transformers' Trainer under DDP). Micro-batch `j` of a step (in the seeded epoch order) runs on
+///   rank `j mod world_size`: the ranks read disjoint shards and together the same batches, with the
+///   same loss weights and dropout seeds, as one process does — so the run equals a one-process
+///   run with the same global batch, within float summation order.
+/// - The step's gradients (all trained tensors as one flat buffer) are summed over the ranks before
+///   clipping and the optimizer step; every rank then applies the same update.
+/// - Rank 0 alone writes checkpoints (into `paths.checkpoints`, which every rank must see: a
+///   resuming rank reads the newest checkpoint from there and the ranks check they agree on it);
+///   after resuming, rank 0's parameters are broadcast. Evaluation runs on every rank (identical
+///   results, so early stopping agrees). A Ctrl-C on any rank interrupts all of them.
+#[allow(clippy::too_many_arguments)]
+pub fn train_distributed<M, D, O, C>(
+    cfg: &TrainConfig,
+    seed: u64,
+    dev: &D,
+    model: &mut M,
+    objective: &mut O,
+    train: &dyn Dataset<Batch = O::Batch>,
+    eval: Option<&dyn Dataset<Batch = O::Batch>>,
+    paths: &TrainPaths,
+    callbacks: &mut C,
+    comm: &mut dyn Communicator,
+) -> Result<TrainOutcome, TrainError>
+where
+    M: TensorCollection<f32, D>,
+    D: Device<f32>,
+    O: Objective<M, D>,
+    C: Callbacks + ?Sized,
+{
     cfg.validate()?;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let lead = rank == 0;
     let eval = eval.filter(|e| !e.is_empty());
     let n = train.len();
     if n == 0 {
@@ -291,6 +369,24 @@ where
             Err(e) => callbacks.on_message(&format!("skipping unreadable checkpoint {}: {e}", dir.display())),
         }
     }
+    if world > 1 {
+        // Every rank resumed from the same step, and starts from rank 0's parameters (as DDP).
+        let steps = gather(comm, &state.global_step)?;
+        if let Some((r, s)) = steps.iter().enumerate().find(|(_, s)| **s != steps[0]) {
+            return Err(TrainError::Resume(format!(
+                "rank {r} found a checkpoint at step {s}, rank 0 at step {}: every rank must see {}",
+                steps[0],
+                paths.checkpoints.display()
+            )));
+        }
+        let mut bytes = if lead { to_bytes(&read_params(model)?) } else { Vec::new() };
+        comm.broadcast(&mut bytes)?;
+        if !lead {
+            let mut params = read_params(model)?;
+            from_bytes(&bytes, &mut params)?;
+            write_params(model, &params)?;
+        }
+    }
     callbacks.on_start(&plan);
 
     let mut epoch_cache: Option<(u64, Vec<Vec<usize>>)> = None;
@@ -300,18 +396,6 @@ where
     let save_interval = std::time::Duration::from_secs(cfg.save_interval_secs);
     let mut stop = state.stop.unwrap_or(StopReason::Completed);
     while state.global_step < total_steps && state.stop.is_none() {
-        match callbacks.control(state.global_step) {
-            Control::Continue => {}
-            Control::Abort => {
-                stop = StopReason::Interrupted;
-                break;
-            }
-            Control::Interrupt => {
-                save_checkpoint(model, &opt, &state, paths, cfg)?;
-                stop = StopReason::Interrupted;
-                break;
-            }
-        }
         let s = state.global_step;
         let epoch = s / steps_per_epoch;
         let u = s % steps_per_epoch;
@@ -322,21 +406,52 @@ where
             &epoch_cache.as_ref().map(|c| &c.1).ok_or_else(|| TrainError::Data("no batches".into()))?;
         let lo = (u * accum) as usize;
         let hi = ((u + 1) * accum).min(micro_per_epoch) as usize;
+        // This rank's share: micro-batches lo + rank, lo + rank + world, ... (their index in the
+        // step picks the dropout seed, as in one process).
+        let mine: Vec<usize> = (lo..hi).filter(|j| (j - lo) % world == rank).collect();
         let batches: Vec<O::Batch> =
-            batches_of_epoch[lo..hi].iter().map(|idx| train.collate(idx)).collect::<Result<_, _>>()?;
-        let total_weight: f64 = batches.iter().map(Batch::loss_weight).sum();
+            mine.iter().map(|&j| train.collate(&batches_of_epoch[j])).collect::<Result<_, _>>()?;
+        let local_weight: f64 = batches.iter().map(Batch::loss_weight).sum();
+        let control = match callbacks.control(state.global_step) {
+            Control::Continue => 0u8,
+            Control::Interrupt => 1,
+            Control::Abort => 2,
+        };
+        let pre = gather(comm, &PreStep { control, weight: local_weight })?;
+        match pre.iter().map(|p| p.control).max().unwrap_or(0) {
+            0 => {}
+            1 => {
+                if lead {
+                    save_checkpoint(model, &opt, &state, paths, cfg)?;
+                }
+                stop = StopReason::Interrupted;
+                break;
+            }
+            _ => {
+                stop = StopReason::Interrupted;
+                break;
+            }
+        }
+        let total_weight: f64 = pre.iter().map(|p| p.weight).sum();
         if total_weight.is_nan() || total_weight <= 0.0 {
             return Err(TrainError::Data(format!("step {}: the batch carries no loss (no labelled tokens)", s + 1)));
         }
 
-        let mut grads = model.try_alloc_grads().map_err(dev_err)?;
+        // The step's gradient, summed on the host over this rank's micro-batches. Each micro-batch
+        // back-propagates into fresh buffers: threading one `Gradients` through the tapes of
+        // several micro-batches lost all but the last one's (dfdx merges a tape's freshly zeroed
+        // buffer for a trained tensor over the accumulated one; Qwen2 takes its trained slices
+        // from `params.flat` on new tapes), so `gradient_accumulation_steps > 1` trained on the last
+        // micro-batch only.
+        let mut g: Option<Vec<crate::NamedTensor>> = None;
         let mut step_loss = 0.0f64;
         // name -> (Σ weight · value, Σ weight) over the micro-batches that report it.
         let mut step_metrics: BTreeMap<String, (f64, f64)> = BTreeMap::new();
         let mut tokens = 0u64;
-        for (i, b) in batches.iter().enumerate() {
+        for (&j, b) in mine.iter().zip(&batches) {
+            let i = j - lo;
             let anchor: Tensor<Rank0, f32, D> = dev.try_zeros().map_err(dev_err)?;
-            let (_, tape) = anchor.traced(grads).split_tape();
+            let (_, tape) = anchor.traced(model.try_alloc_grads().map_err(dev_err)?).split_tape();
             let info = StepInfo { step: s, micro: i, training: true, seed: step_seed(seed, s, i, true) };
             let out = objective.loss(model, b, tape, &info)?;
             let w = b.loss_weight() / total_weight;
@@ -351,10 +466,46 @@ where
                 e.1 += w;
             }
             tokens += b.num_tokens() as u64;
-            grads = out.loss.try_mul(w as f32).map_err(dev_err)?.try_backward().map_err(dev_err)?;
+            let mut grads = out.loss.try_mul(w as f32).map_err(dev_err)?.try_backward().map_err(dev_err)?;
+            let micro = read_grads(model, &mut grads)?;
+            drop(grads);
+            match &mut g {
+                None => g = Some(micro),
+                Some(acc) => {
+                    for (a, m) in acc.iter_mut().zip(micro) {
+                        a.data.iter_mut().zip(m.data).for_each(|(x, y)| *x += y);
+                    }
+                }
+            }
         }
-        let mut g = read_grads(model, &mut grads)?;
-        drop(grads);
+        // A rank without micro-batches in this step (the last step of an epoch) adds zeros.
+        let mut g = match g {
+            Some(g) => g,
+            None => read_grads(model, &mut model.try_alloc_grads().map_err(dev_err)?)?,
+        };
+        if world > 1 {
+            // One flat buffer of every trained tensor's gradient, summed over the ranks.
+            let mut flat: Vec<f32> = Vec::with_capacity(g.iter().map(|t| t.data.len()).sum());
+            g.iter().for_each(|t| flat.extend_from_slice(&t.data));
+            comm.all_reduce_sum(&mut flat)?;
+            let mut at = 0;
+            for t in &mut g {
+                let n = t.data.len();
+                t.data.copy_from_slice(&flat[at..at + n]);
+                at += n;
+            }
+            let stats = gather(comm, &StepStats { loss: step_loss, tokens, metrics: step_metrics })?;
+            step_loss = stats.iter().map(|x| x.loss).sum();
+            tokens = stats.iter().map(|x| x.tokens).sum();
+            step_metrics = BTreeMap::new();
+            for x in stats {
+                for (k, (v, w)) in x.metrics {
+                    let e = step_metrics.entry(k).or_default();
+                    e.0 += v;
+                    e.1 += w;
+                }
+            }
+        }
         let grad_norm = clip_grad_norm(&mut g, cfg.max_grad_norm);
         if !grad_norm.is_finite() {
             return Err(TrainError::NonFinite(format!("gradient norm is {grad_norm} at step {}", s + 1)));
@@ -406,8 +557,10 @@ where
                     state.best_eval_loss = Some(eval_loss);
                     state.best_step = Some(step);
                     state.patience_counter = 0;
-                    let params = read_params(model)?;
-                    checkpoint::save(&paths.checkpoints, &format!("best-{step}"), &params, &[], &state)?;
+                    if lead {
+                        let params = read_params(model)?;
+                        checkpoint::save(&paths.checkpoints, &format!("best-{step}"), &params, &[], &state)?;
+                    }
                 } else {
                     state.patience_counter += 1;
                     if cfg.early_stopping_patience.is_some_and(|p| state.patience_counter >= p) {
@@ -424,13 +577,14 @@ where
             stop = reason;
         }
         let overdue = cfg.save_interval_secs > 0 && last_save.elapsed() >= save_interval;
-        if step.is_multiple_of(cfg.save_steps) || step == total_steps || state.stop.is_some() || overdue {
+        if lead && (step.is_multiple_of(cfg.save_steps) || step == total_steps || state.stop.is_some() || overdue) {
             save_checkpoint(model, &opt, &state, paths, cfg)?;
             last_save = Instant::now();
         }
     }
 
-    if stop != StopReason::Interrupted && cfg.load_best_model_at_end {
+    // Only rank 0's model is kept (the others' outputs are discarded), so only it loads the best.
+    if lead && stop != StopReason::Interrupted && cfg.load_best_model_at_end {
         if let Some(best) = state.best_step.filter(|&b| b != state.global_step) {
             let dir = paths.checkpoints.join(format!("best-{best}"));
             let ck = checkpoint::load::<TrainerState>(&dir)?;
@@ -463,6 +617,25 @@ where
         loss_curve_path,
         loss_curve_text,
     })
+}
+
+fn to_bytes(tensors: &[crate::NamedTensor]) -> Vec<u8> {
+    tensors.iter().flat_map(|t| t.data.iter().flat_map(|v| v.to_le_bytes())).collect()
+}
+
+fn from_bytes(bytes: &[u8], into: &mut [crate::NamedTensor]) -> Result<(), TrainError> {
+    let want: usize = into.iter().map(|t| t.data.len() * 4).sum();
+    if bytes.len() != want {
+        return Err(TrainError::Dist(format!(
+            "rank 0 broadcast {} bytes of parameters, this rank's model has {want}: the ranks train different models",
+            bytes.len()
+        )));
+    }
+    let mut it = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")));
+    for t in into {
+        t.data.iter_mut().for_each(|x| *x = it.next().expect("length checked"));
+    }
+    Ok(())
 }
 
 fn save_checkpoint<M: TensorCollection<f32, D>, D: Device<f32>>(

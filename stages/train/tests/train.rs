@@ -2,6 +2,8 @@
 
 #[path = "train/cls.rs"]
 mod cls;
+#[path = "train/dist.rs"]
+mod dist;
 #[path = "train/golden.rs"]
 mod golden;
 #[path = "train/qwen.rs"]

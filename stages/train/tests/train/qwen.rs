@@ -246,3 +246,46 @@ fn compile_time_tiny_trains_exactly_like_the_runtime_model() {
     assert_eq!(key(&h_ct), key(&h_rt));
     assert_eq!(m_ct.lora_to_host(), m_rt.lora_to_host());
 }
+
+/// Regression (issue 17): with `gradient_accumulation_steps > 1` the Qwen2 model trained on the
+/// last micro-batch of each step only (dfdx's tape merge replaced the accumulated gradient of
+/// `params.flat` with a fresh zero buffer). Two micro-batches of one example now step exactly like
+/// one batch of both (equal lengths and label counts, so the token-mean loss is the same).
+#[test]
+fn gradient_accumulation_steps_like_one_batch_of_the_same_examples() {
+    let ex: Vec<TokenExample> = (0..8u32)
+        .map(|i| {
+            let prompt = vec![2 + i, 3 + (i % 5), 10];
+            let answer = vec![20 + (i * 3) % 17, 21 + (i * 5) % 13, 1];
+            TokenExample { input_ids: [prompt, answer].concat(), labels: vec![false, false, false, true, true, true] }
+        })
+        .collect();
+    let data = TokenDataset::new(ex, 0, 32).unwrap();
+    let run = |bs: usize, accum: usize, name: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let (dev, mut m) = tiny(2);
+        m.set_trainable(Trainable::Lora(LoraConfig::all_linear(4, 8.0)), 2).unwrap();
+        let cfg = TrainConfig {
+            max_steps: 6,
+            per_device_train_batch_size: bs,
+            gradient_accumulation_steps: accum,
+            group_by_length: false,
+            ..base_cfg()
+        };
+        let mut tm = TrainModel(m);
+        let out =
+            train(&cfg, 3, &dev, &mut tm, &mut CausalLmObjective, &data, None, &paths(dir.path(), name), &mut Quiet)
+                .unwrap();
+        let norms: Vec<f64> = out
+            .history
+            .iter()
+            .filter_map(|r| if let Record::Train(t) = r { Some(t.grad_norm) } else { None })
+            .collect();
+        (losses(&out.history), norms)
+    };
+    let (l1, g1) = run(2, 1, "batch");
+    let (l2, g2) = run(1, 2, "accum");
+    for (a, b) in l1.iter().zip(&l2).chain(g1.iter().zip(&g2)) {
+        assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "batch of 2 {l1:?} {g1:?}\naccumulated {l2:?} {g2:?}");
+    }
+}
