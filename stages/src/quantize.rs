@@ -48,7 +48,7 @@ use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError};
 use pipeline_model::chat::ChatTemplate;
 use pipeline_model::export::ExportModel;
 use pipeline_model::gguf::FileType;
-use pipeline_model::{Batch, Qwen2};
+use pipeline_model::{quant, Batch, Qwen2};
 
 use crate::training;
 
@@ -72,6 +72,14 @@ struct Params {
     #[serde(default, alias = "quantization_bit")]
     quant_bits: Option<u32>,
     #[serde(default)]
+    bnb_4bit_quant_type: Option<String>,
+    #[serde(default)]
+    bnb_4bit_use_double_quant: Option<bool>,
+    #[serde(default)]
+    bnb_4bit_compute_dtype: Option<String>,
+    #[serde(default)]
+    group_size: Option<usize>,
+    #[serde(default)]
     model: Option<String>,
     #[serde(default = "default_max_length")]
     max_length: usize,
@@ -81,49 +89,151 @@ fn default_max_length() -> usize {
     256
 }
 
+/// What to write.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Target {
+    Gguf(FileType),
+    /// An HF folder quantised with bitsandbytes or EETQ.
+    Hf(quant::Method),
+    /// An HF folder in HQQ's layout.
+    Hqq { bits: u32, group_size: usize },
+}
+
 /// The checked params.
 struct Config {
     model: Option<String>,
-    gguf_type: FileType,
+    target: Target,
     max_length: usize,
 }
 
 const GGUF_TYPES: &str = "\"F16\", \"BF16\", \"Q8_0\", \"Q4_0\", \"Q4_K_M\"";
 
+/// Whether the HQQ writer is in this build.
+const HQQ_BUILT: bool = false;
+
+fn method_name(m: Method) -> &'static str {
+    match m {
+        Method::Gguf => "gguf",
+        Method::Bnb => "bnb",
+        Method::Hqq => "hqq",
+        Method::Eetq => "eetq",
+    }
+}
+
 impl Params {
     fn parse(table: &toml::Table) -> Result<Config, StageError> {
         let p: Params = pipeline_engine::stage::parse_params(table)?;
-        match p.quant_method {
-            Method::Gguf => {}
-            m @ (Method::Bnb | Method::Hqq | Method::Eetq) => {
+        let m = method_name(p.quant_method);
+        let only = |key: &str, set: bool, for_method: &str| -> Result<(), StageError> {
+            if set && m != for_method {
                 return Err(StageError::Params(format!(
-                    "`quant_method = \"{}\"` is not built into this version of pipeline; use \"gguf\"",
-                    format!("{m:?}").to_lowercase()
-                )))
+                    "`{key}` is a setting of quant_method = \"{for_method}\", not of \"{m}\"; remove it"
+                )));
             }
-        }
-        if let Some(b) = p.quant_bits {
-            return Err(StageError::Params(format!(
-                "`quant_bits = {b}`: with quant_method = \"gguf\" the bits come from `gguf_type` ({GGUF_TYPES}); remove `quant_bits`"
-            )));
-        }
-        let gguf_type = match p.gguf_type.as_deref() {
-            None => FileType::Q4_K_M,
-            Some(t) => match FileType::parse(t) {
-                Some(FileType::F32) => {
-                    return Err(StageError::Params(
-                        "`gguf_type = \"F32\"` is not a quantisation; use the `export` stage with format = \"gguf\""
-                            .into(),
-                    ))
+            Ok(())
+        };
+        only("gguf_type", p.gguf_type.is_some(), "gguf")?;
+        only("bnb_4bit_quant_type", p.bnb_4bit_quant_type.is_some(), "bnb")?;
+        only("bnb_4bit_use_double_quant", p.bnb_4bit_use_double_quant.is_some(), "bnb")?;
+        only("bnb_4bit_compute_dtype", p.bnb_4bit_compute_dtype.is_some(), "bnb")?;
+        only("group_size", p.group_size.is_some(), "hqq")?;
+        let target = match p.quant_method {
+            Method::Gguf => {
+                if let Some(b) = p.quant_bits {
+                    return Err(StageError::Params(format!(
+                        "`quant_bits = {b}`: with quant_method = \"gguf\" the bits come from `gguf_type` ({GGUF_TYPES}); remove `quant_bits`"
+                    )));
                 }
-                Some(ft) => ft,
-                None => return Err(StageError::Params(format!("`gguf_type = \"{t}\"` is not one of {GGUF_TYPES}"))),
+                Target::Gguf(match p.gguf_type.as_deref() {
+                    None => FileType::Q4_K_M,
+                    Some(t) => match FileType::parse(t) {
+                        Some(FileType::F32) => {
+                            return Err(StageError::Params(
+                                "`gguf_type = \"F32\"` is not a quantisation; use the `export` stage with format = \"gguf\""
+                                    .into(),
+                            ))
+                        }
+                        Some(ft) => ft,
+                        None => {
+                            return Err(StageError::Params(format!("`gguf_type = \"{t}\"` is not one of {GGUF_TYPES}")))
+                        }
+                    },
+                })
+            }
+            Method::Bnb => match p.quant_bits {
+                Some(4) => {
+                    let quant_type = match p.bnb_4bit_quant_type.as_deref() {
+                        None => quant::bnb::QuantType::Nf4,
+                        Some(t) => quant::bnb::QuantType::parse(t).ok_or_else(|| {
+                            StageError::Params(format!("`bnb_4bit_quant_type = \"{t}\"` is not one of \"nf4\", \"fp4\""))
+                        })?,
+                    };
+                    let compute_dtype = match p.bnb_4bit_compute_dtype.as_deref() {
+                        None | Some("float32") => "float32",
+                        Some("float16") => "float16",
+                        Some("bfloat16") => "bfloat16",
+                        Some(d) => {
+                            return Err(StageError::Params(format!(
+                                "`bnb_4bit_compute_dtype = \"{d}\"` is not one of \"float32\", \"float16\", \"bfloat16\""
+                            )))
+                        }
+                    };
+                    Target::Hf(quant::Method::Bnb4 {
+                        quant_type,
+                        double_quant: p.bnb_4bit_use_double_quant.unwrap_or(true),
+                        compute_dtype,
+                    })
+                }
+                Some(8) => {
+                    for (key, set) in [
+                        ("bnb_4bit_quant_type", p.bnb_4bit_quant_type.is_some()),
+                        ("bnb_4bit_use_double_quant", p.bnb_4bit_use_double_quant.is_some()),
+                        ("bnb_4bit_compute_dtype", p.bnb_4bit_compute_dtype.is_some()),
+                    ] {
+                        if set {
+                            return Err(StageError::Params(format!(
+                                "`{key}` is a 4-bit setting; with `quant_bits = 8` (LLM.int8()) remove it"
+                            )));
+                        }
+                    }
+                    Target::Hf(quant::Method::Bnb8)
+                }
+                other => return Err(bits_error("bnb", other, "4, 8")),
+            },
+            Method::Eetq => match p.quant_bits {
+                None | Some(8) => Target::Hf(quant::Method::Eetq),
+                other => return Err(bits_error("eetq", other, "8")),
+            },
+            Method::Hqq if !HQQ_BUILT => {
+                return Err(StageError::Params(
+                    "`quant_method = \"hqq\"` is not built into this version of pipeline; use \"bnb\", \"eetq\" or \"gguf\"".into(),
+                ))
+            }
+            Method::Hqq => match p.quant_bits {
+                Some(bits @ (8 | 4 | 3 | 2)) => {
+                    let group_size = p.group_size.unwrap_or(64);
+                    if group_size == 0 {
+                        return Err(StageError::Params("`group_size = 0` must be at least 1 (hqq's default is 64)".into()));
+                    }
+                    Target::Hqq { bits, group_size }
+                }
+                other => return Err(bits_error("hqq", other, "8, 4, 3, 2")),
             },
         };
         if p.max_length < 2 {
             return Err(StageError::Params(format!("`max_length = {}` must be at least 2", p.max_length)));
         }
-        Ok(Config { model: p.model, gguf_type, max_length: p.max_length })
+        Ok(Config { model: p.model, target, max_length: p.max_length })
+    }
+}
+
+/// `quant_bits` missing or not one of `allowed` for `method`.
+fn bits_error(method: &str, got: Option<u32>, allowed: &str) -> StageError {
+    match got {
+        None => StageError::Params(format!(
+            "quant_method = \"{method}\" needs `quant_bits` (or `quantization_bit`): one of {allowed}"
+        )),
+        Some(b) => StageError::Params(format!("`quant_bits = {b}` is not one of {allowed} for quant_method = \"{method}\"")),
     }
 }
 
@@ -148,10 +258,19 @@ impl Stage for Quantize {
         let src = training::model_path(ctx, c.model.as_deref())?;
         let loaded = crate::export::load_for_export(&src)?;
         let dir = ctx.output("model")?;
-        let mut r = crate::export::write_gguf(&loaded.model, &dir.join("model.gguf"), c.gguf_type, ctx.stage_id())?;
         let params: usize = loaded.model.tensors.values().map(|t| t.numel()).sum();
         let f32_bytes = 4 * params as u64;
-        r["quant_method"] = "gguf".into();
+        let (mut r, load_path) = match c.target {
+            Target::Gguf(ft) => {
+                let mut r = crate::export::write_gguf(&loaded.model, &dir.join("model.gguf"), ft, ctx.stage_id())?;
+                r["quant_method"] = "gguf".into();
+                (r, dir.join("model.gguf"))
+            }
+            Target::Hf(method) => (crate::export::write_hf_quantized(&loaded, dir, method)?, dir.to_path_buf()),
+            Target::Hqq { bits, group_size } => {
+                return Err(StageError::failed(format!("hqq {bits}-bit / group {group_size}: not in this build")))
+            }
+        };
         r["f32_bytes"] = f32_bytes.into();
         if let Some(b) = r["bytes"].as_u64() {
             r["compression"] = ((f32_bytes as f64 / b as f64 * 100.0).round() / 100.0).into();
@@ -161,7 +280,7 @@ impl Stage for Quantize {
         }
         if let Some(data) = ctx.input_opt("data") {
             let rows = crate::data::read_dataset(data)?;
-            let q = crate::training::load(&dir.join("model.gguf"), &Cpu::default())?;
+            let q = crate::training::load(&load_path, &Cpu::default())?;
             r["quality"] = quality(&loaded.model, &q.model, &rows, c.max_length)?;
         }
         ctx.set_report(r);
