@@ -13,7 +13,7 @@ the dequantised f32 values (little-endian bytes) with their first 16 values.
   `compress_statistics`, i.e. double quantisation: absmax minus its mean, 8-bit blockwise over 256
   with `create_dynamic_map()`), the packed `QuantState.as_dict(packed=True)` JSON, and
   `int8_vectorwise_quant` of the float16 weight (what `Int8Params` stores: `weight` + `SCB`).
-- hqq `Quantizer.quantize(..., optimize=True)` (nbits 8/4/3/2, group 64, axis 0; hqq's
+- hqq `Quantizer.quantize(..., optimize=True)` (nbits 8/4/3/2, group 64, axis 0, `round_zero` for 4 bits as `BaseQuantizeConfig`; hqq's
   `optimize_weights_proximal` defaults) and its dequantised values.
 """
 import hashlib
@@ -96,7 +96,7 @@ def hqq_case(x, nbits):
     from hqq.core.quantize import Quantizer
 
     w_q, meta = Quantizer.quantize(
-        x, nbits=nbits, group_size=64, optimize=True, round_zero=False, axis=0, bitpack=False,
+        x, nbits=nbits, group_size=64, optimize=True, round_zero=(nbits == 4), axis=0, bitpack=False,
         compute_dtype=torch.float32, device="cpu",
     )
     deq = Quantizer.dequantize(w_q, meta)

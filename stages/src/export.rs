@@ -230,7 +230,7 @@ pub(crate) fn write_hf(l: &Loaded, dir: &Path, dtype: Dtype) -> Result<serde_jso
     Ok(serde_json::json!({ "dtype": dtype.name(), "files": bytes }))
 }
 
-/// The HF folder quantised with `method` (bitsandbytes / EETQ) into `dir`; the quantize stage's
+/// The HF folder quantised with `method` (bitsandbytes / EETQ / HQQ) into `dir`; the quantize stage's
 /// report: the method's settings, the files and their bytes (`bytes`: `model.safetensors`, as a
 /// GGUF report's is its one file), bits per weight over every tensor and over the quantised
 /// linears alone.
@@ -262,6 +262,9 @@ pub(crate) fn write_hf_quantized(
         ),
         pipeline_model::quant::Method::Bnb8 => ("bnb", serde_json::json!({ "quant_bits": 8, "llm_int8_threshold": 6.0 })),
         pipeline_model::quant::Method::Eetq => ("eetq", serde_json::json!({ "quant_bits": 8 })),
+        pipeline_model::quant::Method::Hqq { nbits, group_size } => {
+            ("hqq", serde_json::json!({ "quant_bits": nbits, "group_size": group_size, "axis": 0 }))
+        }
     };
     let mut r = serde_json::json!({
         "quant_method": name,
@@ -589,7 +592,8 @@ pub(crate) mod tests {
         assert!(f16 < 1e-4, "{f16}");
     }
 
-    /// bitsandbytes (nf4 + double quant, fp4, int8) and EETQ folders: transformers' tensor names
+    /// bitsandbytes (nf4 + double quant, fp4, int8), EETQ and HQQ (4-bit, 3-bit in groups of 32)
+    /// folders: transformers' tensor names
     /// and `quantization_config`, the linears of the layers quantised and everything else kept
     /// (embedding, head, norms, biases), and the folder loads back (dequantised) with logits close
     /// to the f32 model's. The reports are snapshotted. With `PIPELINE_KEEP_EXPORT=DIR` the
@@ -608,6 +612,8 @@ pub(crate) mod tests {
             ("fp4", "quant_method = \"bnb\"\nquantization_bit = 4\nbnb_4bit_quant_type = \"fp4\"\nbnb_4bit_use_double_quant = false", 0.5, vec!["weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__fp4"]),
             ("int8", "quant_method = \"bnb\"\nquant_bits = 8", 5e-2, vec!["SCB", "weight_format"]),
             ("eetq", "quant_method = \"eetq\"", 5e-2, vec!["weight_scales"]),
+            ("hqq4", "quant_method = \"hqq\"\nquant_bits = 4", 0.3, vec!["W_q", "scale", "zero", "nbits", "shape"]),
+            ("hqq3", "quant_method = \"hqq\"\nquant_bits = 3\ngroup_size = 32", 0.6, vec!["W_q", "scale", "zero", "packing"]),
         ];
         let mut reports = BTreeMap::new();
         for (kind, params, tol, extra) in cases {
@@ -622,7 +628,7 @@ pub(crate) mod tests {
             for e in &extra {
                 assert!(names.contains(&format!("{q}.{e}")), "{kind}: {q}.{e} missing from {names:?}");
             }
-            let w = st.tensor(&format!("{q}.weight")).unwrap();
+            let w = st.tensor(&format!("{q}.{}", if kind.starts_with("hqq") { "W_q" } else { "weight" })).unwrap();
             match kind {
                 "nf4" | "fp4" => {
                     assert_eq!(qc["quant_method"], "bitsandbytes");
@@ -635,6 +641,15 @@ pub(crate) mod tests {
                     assert_eq!(qc["load_in_8bit"], true);
                     assert_eq!(w.dtype(), safetensors::Dtype::I8);
                     assert_eq!(w.shape(), &[64, 64]);
+                }
+                "hqq4" => {
+                    assert_eq!(qc["quant_method"], "hqq");
+                    assert_eq!(w.dtype(), safetensors::Dtype::U8);
+                    assert_eq!(w.shape(), &[32, 64], "4-bit: 64-row groups packed in two halves");
+                }
+                "hqq3" => {
+                    assert_eq!(w.dtype(), safetensors::Dtype::I32);
+                    assert_eq!(w.shape(), &[4, 128], "3-bit: 32-row groups padded to 40, ten per int32");
                 }
                 _ => {
                     assert_eq!(qc["quant_method"], "eetq");
@@ -706,6 +721,9 @@ pub(crate) mod tests {
             ("quantize", "quant_method = \"bnb\"\nquant_bits = 4\nbnb_4bit_compute_dtype = \"fp8\"", "\"bfloat16\""),
             ("quantize", "quant_method = \"bnb\"\nquant_bits = 8\nbnb_4bit_quant_type = \"nf4\"", "4-bit setting"),
             ("quantize", "quant_method = \"eetq\"\nquant_bits = 4", "not one of 8"),
+            ("quantize", "quant_method = \"hqq\"\nquant_bits = 5", "not one of 8, 4, 3, 2"),
+            ("quantize", "quant_method = \"hqq\"", "needs `quant_bits`"),
+            ("quantize", "quant_method = \"bnb\"\nquant_bits = 4\ngroup_size = 64", "`group_size` is a setting of quant_method = \"hqq\""),
             ("quantize", "quant_method = \"eetq\"\ngguf_type = \"Q8_0\"", "`gguf_type` is a setting of quant_method = \"gguf\""),
             ("quantize", "quant_method = \"gguf\"\nbnb_4bit_use_double_quant = true", "`bnb_4bit_use_double_quant` is a setting"),
         ];

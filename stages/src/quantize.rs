@@ -93,10 +93,8 @@ fn default_max_length() -> usize {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Target {
     Gguf(FileType),
-    /// An HF folder quantised with bitsandbytes or EETQ.
+    /// An HF folder quantised with bitsandbytes, EETQ or HQQ.
     Hf(quant::Method),
-    /// An HF folder in HQQ's layout.
-    Hqq { bits: u32, group_size: usize },
 }
 
 /// The checked params.
@@ -107,9 +105,6 @@ struct Config {
 }
 
 const GGUF_TYPES: &str = "\"F16\", \"BF16\", \"Q8_0\", \"Q4_0\", \"Q4_K_M\"";
-
-/// Whether the HQQ writer is in this build.
-const HQQ_BUILT: bool = false;
 
 fn method_name(m: Method) -> &'static str {
     match m {
@@ -204,18 +199,13 @@ impl Params {
                 None | Some(8) => Target::Hf(quant::Method::Eetq),
                 other => return Err(bits_error("eetq", other, "8")),
             },
-            Method::Hqq if !HQQ_BUILT => {
-                return Err(StageError::Params(
-                    "`quant_method = \"hqq\"` is not built into this version of pipeline; use \"bnb\", \"eetq\" or \"gguf\"".into(),
-                ))
-            }
             Method::Hqq => match p.quant_bits {
                 Some(bits @ (8 | 4 | 3 | 2)) => {
                     let group_size = p.group_size.unwrap_or(64);
                     if group_size == 0 {
                         return Err(StageError::Params("`group_size = 0` must be at least 1 (hqq's default is 64)".into()));
                     }
-                    Target::Hqq { bits, group_size }
+                    Target::Hf(quant::Method::Hqq { nbits: bits, group_size })
                 }
                 other => return Err(bits_error("hqq", other, "8, 4, 3, 2")),
             },
@@ -267,9 +257,6 @@ impl Stage for Quantize {
                 (r, dir.join("model.gguf"))
             }
             Target::Hf(method) => (crate::export::write_hf_quantized(&loaded, dir, method)?, dir.to_path_buf()),
-            Target::Hqq { bits, group_size } => {
-                return Err(StageError::failed(format!("hqq {bits}-bit / group {group_size}: not in this build")))
-            }
         };
         r["f32_bytes"] = f32_bytes.into();
         if let Some(b) = r["bytes"].as_u64() {

@@ -1,5 +1,5 @@
 //! Quantised Hugging Face folders: bitsandbytes 4-bit (NF4/FP4, optional double quantisation)
-//! and LLM.int8(), and EETQ int8, written the way transformers' `save_pretrained` writes a model
+//! and LLM.int8(), EETQ int8 and HQQ, written the way transformers' `save_pretrained` writes a model
 //! quantised with that method, and read back (dequantised to f32 at load, by
 //! [`crate::checkpoint::load_hf_folder`] when `config.json` has a `quantization_config`).
 //!
@@ -16,9 +16,15 @@
 //! - int8: `P.weight` (i8 `[out, in]`), `P.SCB` (f32 `[out]`), `P.weight_format` (u8 scalar 0 =
 //!   row-major).
 //! - EETQ: `P.weight` (i8 `[in, out]`), `P.weight_scales` (f16 `[out]`).
+//! - HQQ (`HQQLinear.state_dict` with `encoded_state_dict`, no `P.weight`): `P.W_q` (hqq's bit
+//!   packing, u8 or i32 for 3 bits), `P.scale` / `P.zero` (f32 `[1, n]`), `P.shape` (i64),
+//!   `P.nbits` / `P.group_size` / `P.axis` (i32 scalars), `P.packing` / `P.unpack_view_dtype` /
+//!   `P.compute_dtype` (u8 text) and the flags `view_as_float`, `offload_meta`,
+//!   `encoded_state_dict`, `stores_quant_config`, `channel_wise`, `optimize`, `round_zero` (u8).
 
 pub mod bnb;
 pub mod eetq;
+pub mod hqq;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -38,6 +44,8 @@ pub enum Method {
     Bnb8,
     /// EETQ int8 weight-only.
     Eetq,
+    /// HQQ with `nbits` in groups of `group_size` on axis 0.
+    Hqq { nbits: u32, group_size: usize },
 }
 
 /// Whether transformers quantises tensor `name` with these methods (module docs).
@@ -72,6 +80,24 @@ impl Method {
                     "quant_method": "bitsandbytes",
                 })
             }
+            Method::Hqq { nbits, group_size } => serde_json::json!({
+                "quant_config": {
+                    "offload_meta": false,
+                    "scale_quant_params": null,
+                    "zero_quant_params": null,
+                    "weight_quant_params": {
+                        "axis": 0,
+                        "channel_wise": true,
+                        "group_size": group_size,
+                        "nbits": nbits,
+                        "optimize": true,
+                        "round_zero": nbits == 4,
+                        "view_as_float": false,
+                    },
+                },
+                "quant_method": "hqq",
+                "skip_modules": ["lm_head"],
+            }),
             Method::Eetq => serde_json::json!({
                 "modules_to_not_convert": ["lm_head"],
                 "quant_method": "eetq",
@@ -144,6 +170,45 @@ fn quantize_one(name: &str, t: &HostTensor, method: Method, out: &mut BTreeMap<S
             out.insert(format!("{prefix}SCB"), raw_f32(&q.scb));
             out.insert(format!("{prefix}weight_format"), Raw { dtype: StDtype::U8, shape: vec![], bytes: vec![0] });
         }
+        Method::Hqq { nbits, group_size } => {
+            let q = hqq::quantize(&t.data, &t.shape, nbits, group_size);
+            let (bytes, shape) = q.packed();
+            let dtype = if nbits == 3 { StDtype::I32 } else { StDtype::U8 };
+            out.insert(format!("{prefix}W_q"), Raw { dtype, shape, bytes });
+            let text = |v: &str| Raw { dtype: StDtype::U8, shape: vec![v.len()], bytes: v.as_bytes().to_vec() };
+            let int = |v: i32| Raw { dtype: StDtype::I32, shape: vec![], bytes: v.to_le_bytes().to_vec() };
+            let flag = |v: bool| Raw { dtype: StDtype::U8, shape: vec![], bytes: vec![v as u8] };
+            let n = q.scale.len();
+            out.insert(format!("{prefix}scale"), Raw { dtype: StDtype::F32, shape: vec![1, n], bytes: f32s(&q.scale) });
+            out.insert(format!("{prefix}zero"), Raw { dtype: StDtype::F32, shape: vec![1, n], bytes: f32s(&q.zero) });
+            out.insert(
+                format!("{prefix}shape"),
+                Raw { dtype: StDtype::I64, shape: vec![2], bytes: [rows as i64, cols as i64].iter().flat_map(|v| v.to_le_bytes()).collect() },
+            );
+            out.insert(format!("{prefix}nbits"), int(nbits as i32));
+            out.insert(format!("{prefix}group_size"), int(group_size as i32));
+            out.insert(format!("{prefix}axis"), int(0));
+            let packing = match nbits {
+                8 => "8bit_u8",
+                4 => "4bit_u8",
+                3 => "3bit_32",
+                _ => "2bit_u8",
+            };
+            out.insert(format!("{prefix}packing"), text(packing));
+            out.insert(format!("{prefix}unpack_view_dtype"), text(if nbits == 3 { "torch.int32" } else { "torch.uint8" }));
+            out.insert(format!("{prefix}compute_dtype"), text("torch.float32"));
+            for (k, v) in [
+                ("view_as_float", false),
+                ("offload_meta", false),
+                ("encoded_state_dict", true),
+                ("stores_quant_config", true),
+                ("channel_wise", true),
+                ("optimize", true),
+                ("round_zero", nbits == 4),
+            ] {
+                out.insert(format!("{prefix}{k}"), flag(v));
+            }
+        }
         Method::Eetq => {
             let q = eetq::quantize(&t.data, rows, cols);
             out.insert(
@@ -163,6 +228,14 @@ pub fn write_safetensors(path: &Path, tensors: &HostTensors, method: Method) -> 
     let mut raw = BTreeMap::<String, Raw>::new();
     let mut w = Written::default();
     for (name, t) in tensors {
+        if let (Method::Hqq { group_size, .. }, true) = (method, is_quantized_linear(name, &t.shape)) {
+            if t.numel() % group_size != 0 {
+                return Err(ModelError::config(
+                    "group_size",
+                    format!("hqq: `{name}` has {} values, not a multiple of group_size {group_size}", t.numel()),
+                ));
+            }
+        }
         if is_quantized_linear(name, &t.shape) {
             let before: u64 = raw.values().map(|r| r.bytes.len() as u64).sum();
             quantize_one(name, t, method, &mut raw);
@@ -218,10 +291,10 @@ fn bad(path: &Path, name: &str, msg: impl std::fmt::Display) -> ModelError {
 /// `config.json`'s `quantization_config`) and dequantises every weight to f32.
 pub fn read_dequantized(path: &Path, quantization_config: &serde_json::Value) -> Result<HostTensors, ModelError> {
     let method = quantization_config.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
-    if !matches!(method, "bitsandbytes" | "eetq") {
+    if !matches!(method, "bitsandbytes" | "eetq" | "hqq") {
         return Err(ModelError::config(
             "quantization_config.quant_method",
-            format!("\"{method}\" is not readable here (\"bitsandbytes\" and \"eetq\" are)"),
+            format!("\"{method}\" is not readable here (\"bitsandbytes\", \"eetq\" and \"hqq\" are)"),
         ));
     }
     let bytes = pipeline_cache::checked::read(path).map_err(|e| ModelError::io(path, e))?;
@@ -234,7 +307,50 @@ pub fn read_dequantized(path: &Path, quantization_config: &serde_json::Value) ->
         .collect();
     let mut out = HostTensors::new();
     let names: Vec<String> = all.keys().cloned().collect();
+    for name in names.iter().filter(|n| n.ends_with(".W_q")) {
+        let prefix = name.strip_suffix("W_q").expect("suffix");
+        let scalar = |k: &str| -> Result<i64, ModelError> {
+            let key = format!("{prefix}{k}");
+            let t = all.get(&key).ok_or_else(|| ModelError::MissingTensor { name: key.clone() })?;
+            Ok(match (t.dtype, t.bytes.len()) {
+                (StDtype::I32, 4) => i32::from_le_bytes([t.bytes[0], t.bytes[1], t.bytes[2], t.bytes[3]]) as i64,
+                (StDtype::I64, 8) => i64::from_le_bytes(t.bytes[..8].try_into().expect("8 bytes")),
+                _ => return Err(bad(path, &key, "not an integer scalar")),
+            })
+        };
+        let (nbits, group_size) = (scalar("nbits")? as u32, scalar("group_size")? as usize);
+        if scalar("axis")? != 0 {
+            return Err(bad(path, name, "HQQ axis 1 is not read (axis 0 is)"));
+        }
+        let shape_key = format!("{prefix}shape");
+        let shape: Vec<usize> = match all.get(&shape_key) {
+            Some(t) if t.dtype == StDtype::I64 => {
+                t.bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8")) as usize).collect()
+            }
+            _ => return Err(bad(path, &shape_key, "missing or not int64")),
+        };
+        let scale = all.get(&format!("{prefix}scale")).ok_or_else(|| ModelError::MissingTensor { name: format!("{prefix}scale") })?.f32s(name)?;
+        let zero = all.get(&format!("{prefix}zero")).ok_or_else(|| ModelError::MissingTensor { name: format!("{prefix}zero") })?.f32s(name)?;
+        let numel: usize = shape.iter().product();
+        if group_size == 0 || numel % group_size != 0 || scale.len() != numel / group_size || zero.len() != scale.len() {
+            return Err(bad(path, name, format!("scale/zero do not fit shape {shape:?} in groups of {group_size}")));
+        }
+        let codes = hqq::Hqq::unpack(nbits, group_size, scale.len(), &all[name].bytes)
+            .ok_or_else(|| bad(path, name, format!("{} bytes of {nbits}-bit codes do not fit shape {shape:?}", all[name].bytes.len())))?;
+        let q = hqq::Hqq { nbits, group_size, shape: shape.clone(), codes, scale, zero };
+        out.insert(format!("{prefix}weight"), HostTensor::new(shape, q.dequantize()));
+        for k in [
+            "W_q", "nbits", "group_size", "shape", "scale", "zero", "axis", "packing", "unpack_view_dtype", "view_as_float",
+            "compute_dtype", "offload_meta", "encoded_state_dict", "stores_quant_config", "channel_wise", "optimize",
+            "round_zero", "quant_scale", "quant_zero",
+        ] {
+            all.remove(&format!("{prefix}{k}"));
+        }
+    }
     for name in names {
+        if !all.contains_key(&name) {
+            continue;
+        }
         let Some(prefix) = name.strip_suffix("weight") else { continue };
         let qs_key = ["nf4", "fp4"].iter().map(|t| format!("{name}.quant_state.bitsandbytes__{t}")).find(|k| all.contains_key(k));
         let shape_and_data = if let Some(qs_key) = qs_key {
