@@ -260,7 +260,9 @@ pub(crate) fn write_hf_quantized(
                 "bnb_4bit_compute_dtype": compute_dtype,
             }),
         ),
-        pipeline_model::quant::Method::Bnb8 => ("bnb", serde_json::json!({ "quant_bits": 8, "llm_int8_threshold": 6.0 })),
+        pipeline_model::quant::Method::Bnb8 => {
+            ("bnb", serde_json::json!({ "quant_bits": 8, "llm_int8_threshold": 6.0 }))
+        }
         pipeline_model::quant::Method::Eetq => ("eetq", serde_json::json!({ "quant_bits": 8 })),
         pipeline_model::quant::Method::Hqq { nbits, group_size } => {
             ("hqq", serde_json::json!({ "quant_bits": nbits, "group_size": group_size, "axis": 0 }))
@@ -620,7 +622,8 @@ pub(crate) mod tests {
             let ran = run_stage("quantize", params, &src).unwrap();
             let out = &ran.outputs["model"];
             keep(out, &format!("bnb-{kind}"));
-            let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+            let cfg: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
             let qc = &cfg["quantization_config"];
             let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
             let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -656,7 +659,12 @@ pub(crate) mod tests {
                     assert_eq!(w.dtype(), safetensors::Dtype::I8);
                 }
             }
-            for kept in ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.bias"] {
+            for kept in [
+                "model.embed_tokens.weight",
+                "lm_head.weight",
+                "model.norm.weight",
+                "model.layers.0.self_attn.q_proj.bias",
+            ] {
                 assert_eq!(st.tensor(kept).unwrap().dtype(), safetensors::Dtype::F32, "{kind}: {kept} is kept");
             }
             let loaded = load_pretrained(out, &Cpu::default()).unwrap();
@@ -696,7 +704,8 @@ pub(crate) mod tests {
             assert_eq!(r["quality"]["texts"], 1);
             r["quality"]["mean_kld"].as_f64().unwrap()
         };
-        let (int8, nf4) = (kld("quant_method = \"bnb\"\nquant_bits = 8"), kld("quant_method = \"bnb\"\nquant_bits = 4"));
+        let (int8, nf4) =
+            (kld("quant_method = \"bnb\"\nquant_bits = 8"), kld("quant_method = \"bnb\"\nquant_bits = 4"));
         assert!(0.0 < int8 && int8 < nf4, "KLD int8 {int8}, nf4 {nf4}");
     }
 
@@ -723,9 +732,21 @@ pub(crate) mod tests {
             ("quantize", "quant_method = \"eetq\"\nquant_bits = 4", "not one of 8"),
             ("quantize", "quant_method = \"hqq\"\nquant_bits = 5", "not one of 8, 4, 3, 2"),
             ("quantize", "quant_method = \"hqq\"", "needs `quant_bits`"),
-            ("quantize", "quant_method = \"bnb\"\nquant_bits = 4\ngroup_size = 64", "`group_size` is a setting of quant_method = \"hqq\""),
-            ("quantize", "quant_method = \"eetq\"\ngguf_type = \"Q8_0\"", "`gguf_type` is a setting of quant_method = \"gguf\""),
-            ("quantize", "quant_method = \"gguf\"\nbnb_4bit_use_double_quant = true", "`bnb_4bit_use_double_quant` is a setting"),
+            (
+                "quantize",
+                "quant_method = \"bnb\"\nquant_bits = 4\ngroup_size = 64",
+                "`group_size` is a setting of quant_method = \"hqq\"",
+            ),
+            (
+                "quantize",
+                "quant_method = \"eetq\"\ngguf_type = \"Q8_0\"",
+                "`gguf_type` is a setting of quant_method = \"gguf\"",
+            ),
+            (
+                "quantize",
+                "quant_method = \"gguf\"\nbnb_4bit_use_double_quant = true",
+                "`bnb_4bit_use_double_quant` is a setting",
+            ),
         ];
         for (kind, params, want) in cases {
             let e = plan_error(kind, params);

@@ -2,12 +2,20 @@
 //!
 //! ## What it does
 //! Quantises a model's weights (ms-swift's `swift export --quant_method ... --quant_bits ...`).
-//! `quant_method = "gguf"` writes a llama.cpp GGUF file of `gguf_type` with llama.cpp's
-//! per-tensor choice (`pipeline_model::gguf::FileType`): Q4_K_M puts the output head and the
-//! `use_more_bits` layers of `attn_v` / `ffn_down` in Q6_K and every other matrix in Q4_K, with
-//! llama.cpp's fall-backs when a row is not a multiple of 256 (Q4_K → Q5_0, Q6_K → Q8_0); norms
-//! and biases stay F32. The quantisers are llama.cpp's reference ones (Q8_0/Q4_0 byte-identical
-//! to the PyPI `gguf` package's). A restricted vocabulary is expanded as `export` does.
+//! - `quant_method = "gguf"` writes a llama.cpp GGUF file of `gguf_type` with llama.cpp's
+//!   per-tensor choice (`pipeline_model::gguf::FileType`): Q4_K_M puts the output head and the
+//!   `use_more_bits` layers of `attn_v` / `ffn_down` in Q6_K and every other matrix in Q4_K, with
+//!   llama.cpp's fall-backs when a row is not a multiple of 256 (Q4_K → Q5_0, Q6_K → Q8_0); norms
+//!   and biases stay F32. The quantisers are llama.cpp's reference ones (Q8_0/Q4_0 byte-identical
+//!   to the PyPI `gguf` package's).
+//! - `"bnb"`, `"hqq"`, `"eetq"` write an HF folder the way transformers' `save_pretrained` writes
+//!   a model quantised with that library (`pipeline_model::quant`): bitsandbytes NF4/FP4 in
+//!   blocks of 64 (double quantisation of the scales by default, as ms-swift) or LLM.int8(); HQQ
+//!   with its half-quadratic zero solver; EETQ int8 per output channel. The layers' linear
+//!   projections are quantised; embedding, `lm_head`, norms and biases are kept (transformers'
+//!   rule for these methods).
+//!
+//! A restricted vocabulary is expanded as `export` does.
 //!
 //! ## Inputs
 //! `model` (optional when the `model` param is set): a model folder from an upstream stage, an
@@ -16,21 +24,29 @@
 //! system prompt) and cut at `max_length` tokens, on which the quality cost is measured.
 //!
 //! ## Outputs
-//! `model`: `model.gguf` (the `evaluate` stage and `pipeline generate` load it). The report:
-//! bytes on disk against the unquantised F32 size, bits per weight, tensors per ggml type, and
-//! with a `data` input the quality cost as llama.cpp's `perplexity --kl-divergence` scoreboard
-//! measures it: perplexity of the unquantised and the quantised model over the same next tokens,
-//! and the mean KL divergence KL(P_f32 ‖ P_quantised) of the next-token distributions (both models
-//! over the full vocabulary, the quantised one loaded back from the written file).
+//! `model`: `model.gguf`, or the quantised HF folder (the `evaluate` stage and `pipeline
+//! generate` load both; the folder is dequantised at load). The report: bytes of the weights file
+//! against the unquantised F32 size, bits per weight (and, for the folders, over the quantised
+//! linears alone), and with a `data` input the quality cost as llama.cpp's `perplexity
+//! --kl-divergence` scoreboard measures it: perplexity of the unquantised and the quantised model
+//! over the same next tokens, and the mean KL divergence KL(P_f32 ‖ P_quantised) of the next-token
+//! distributions (both models over the full vocabulary, the quantised one loaded back from what
+//! was written, so the figures are the cost of the stored codes).
 //!
 //! ## Parameters
 //! | name | default | meaning |
 //! |---|---|---|
-//! | `quant_method` | required | `"gguf"` (`"bnb"`, `"hqq"` and `"eetq"` are not in this build: a plan-time error says so) |
-//! | `gguf_type` | `"Q4_K_M"` | `"F16"`, `"BF16"`, `"Q8_0"`, `"Q4_0"` or `"Q4_K_M"` |
-//! | `quant_bits` / `quantization_bit` | unset | ms-swift's bit count; for `gguf` the type sets the bits, so it must be unset |
+//! | `quant_method` | required | `"gguf"`, `"bnb"`, `"hqq"` or `"eetq"` |
+//! | `quant_bits` / `quantization_bit` | unset | bnb: 4 or 8 (required); hqq: 8, 4, 3 or 2 (required); eetq: 8; gguf: must be unset (the type sets the bits) |
+//! | `gguf_type` | `"Q4_K_M"` | gguf: `"F16"`, `"BF16"`, `"Q8_0"`, `"Q4_0"` or `"Q4_K_M"` |
+//! | `bnb_4bit_quant_type` | `"nf4"` | bnb 4-bit: `"nf4"` or `"fp4"` |
+//! | `bnb_4bit_use_double_quant` | `true` | bnb 4-bit: quantise the block scales again (8-bit, blocks of 256) |
+//! | `bnb_4bit_compute_dtype` | `"float32"` | bnb 4-bit: recorded in `quantization_config` (`"float32"`, `"float16"`, `"bfloat16"`) |
+//! | `group_size` | 64 | hqq: values per scale/zero (axis 0) |
 //! | `model` | input `model` | HF folder, adapter folder or `.gguf` path (`${VAR}` expanded) |
 //! | `max_length` | 256 | tokens per held-out conversation for the perplexity / KL figures |
+//!
+//! A setting of another method (e.g. `gguf_type` with `"bnb"`) is a plan-time error.
 //!
 //! ## Cache key
 //! Params, the `model` artifact, and the content of the `model` path when given as a param.
@@ -40,7 +56,7 @@
 //! [stages.quantize]
 //! kind = "quantize"
 //! inputs = { model = "align.model" }
-//! params = { quant_method = "gguf", gguf_type = "Q4_K_M" }
+//! params = { quant_method = "bnb", quant_bits = 4, bnb_4bit_quant_type = "nf4" }
 //! ```
 
 use dfdx::prelude::Cpu;
@@ -160,7 +176,9 @@ impl Params {
                     let quant_type = match p.bnb_4bit_quant_type.as_deref() {
                         None => quant::bnb::QuantType::Nf4,
                         Some(t) => quant::bnb::QuantType::parse(t).ok_or_else(|| {
-                            StageError::Params(format!("`bnb_4bit_quant_type = \"{t}\"` is not one of \"nf4\", \"fp4\""))
+                            StageError::Params(format!(
+                                "`bnb_4bit_quant_type = \"{t}\"` is not one of \"nf4\", \"fp4\""
+                            ))
                         })?,
                     };
                     let compute_dtype = match p.bnb_4bit_compute_dtype.as_deref() {
@@ -169,8 +187,8 @@ impl Params {
                         Some("bfloat16") => "bfloat16",
                         Some(d) => {
                             return Err(StageError::Params(format!(
-                                "`bnb_4bit_compute_dtype = \"{d}\"` is not one of \"float32\", \"float16\", \"bfloat16\""
-                            )))
+                            "`bnb_4bit_compute_dtype = \"{d}\"` is not one of \"float32\", \"float16\", \"bfloat16\""
+                        )))
                         }
                     };
                     Target::Hf(quant::Method::Bnb4 {
@@ -203,7 +221,9 @@ impl Params {
                 Some(bits @ (8 | 4 | 3 | 2)) => {
                     let group_size = p.group_size.unwrap_or(64);
                     if group_size == 0 {
-                        return Err(StageError::Params("`group_size = 0` must be at least 1 (hqq's default is 64)".into()));
+                        return Err(StageError::Params(
+                            "`group_size = 0` must be at least 1 (hqq's default is 64)".into(),
+                        ));
                     }
                     Target::Hf(quant::Method::Hqq { nbits: bits, group_size })
                 }
@@ -223,7 +243,9 @@ fn bits_error(method: &str, got: Option<u32>, allowed: &str) -> StageError {
         None => StageError::Params(format!(
             "quant_method = \"{method}\" needs `quant_bits` (or `quantization_bit`): one of {allowed}"
         )),
-        Some(b) => StageError::Params(format!("`quant_bits = {b}` is not one of {allowed} for quant_method = \"{method}\"")),
+        Some(b) => {
+            StageError::Params(format!("`quant_bits = {b}` is not one of {allowed} for quant_method = \"{method}\""))
+        }
     }
 }
 
@@ -235,7 +257,7 @@ impl Stage for Quantize {
         1
     }
     fn summary(&self) -> &'static str {
-        "Quantise a model's weights (GGUF F16/BF16/Q8_0/Q4_0/Q4_K_M with llama.cpp's per-tensor choice)"
+        "Quantise a model's weights (GGUF with llama.cpp's per-tensor choice; bitsandbytes nf4/fp4/int8, HQQ, EETQ folders)"
     }
     fn declare(&self, ctx: &PlanCtx<'_>) -> Result<Declared, StageError> {
         ctx.check_inputs(&[], &["model", "data"])?;

@@ -136,7 +136,9 @@ fn hqq_within_tolerance_of_hqq() {
             .collect();
         let same = q.codes.iter().zip(&codes).filter(|(a, b)| a == b).count();
         assert!(same as f64 >= 0.99 * codes.len() as f64, "{bits} bits: {same}/{} codes equal", codes.len());
-        for (name, ours, theirs) in [("scale", &q.scale, floats(&want["scale"])), ("zero", &q.zero, floats(&want["zero"]))] {
+        for (name, ours, theirs) in
+            [("scale", &q.scale, floats(&want["scale"])), ("zero", &q.zero, floats(&want["zero"]))]
+        {
             for (a, b) in ours.iter().zip(&theirs) {
                 assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "{bits} bits: {name} {a} vs hqq {b}");
             }

@@ -43,7 +43,8 @@ pub const NF4: [f32; 16] = [
 /// bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit, bias 2) before normalising by 12, in
 /// code order. Code 8 (sign bit, zero) is +0.0: bitsandbytes' table writes the Python integer
 /// `-0`, which is 0.
-const FP4_RAW: [f32; 16] = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0];
+const FP4_RAW: [f32; 16] =
+    [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0];
 
 /// The 4-bit data type (`bnb_4bit_quant_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -190,6 +191,7 @@ impl Quant4 {
 /// groups), the leftover vectors into the first, then the scalar tail, then the 8 lanes in order.
 /// (torch splits a reduction over 32,768 values across threads; beyond that a tensor's offset can
 /// differ from one computed by torch in the last bit.)
+#[allow(clippy::needless_range_loop)] // indexes as torch's kernel does, for review against it
 fn torch_sum_f32(a: &[f32]) -> f32 {
     const V: usize = 8;
     let n = a.len();
@@ -370,14 +372,13 @@ pub fn quantize_int8(x: &[f32], rows: usize, cols: usize) -> Int8 {
     Int8 { rows, cols, weight, scb }
 }
 
+/// bitsandbytes' `7.874015718698502e-3` as the f32 torch multiplies by.
+const INV_127: f32 = 7.874_016e-3;
+
 impl Int8 {
     /// `int8_vectorwise_dequant`: `q · SCB · (1/127)`.
     pub fn dequantize(&self) -> Vec<f32> {
-        self.weight
-            .iter()
-            .enumerate()
-            .map(|(i, &q)| q as f32 * self.scb[i / self.cols.max(1)] * 7.874_015_718_698_502e-3)
-            .collect()
+        self.weight.iter().enumerate().map(|(i, &q)| q as f32 * self.scb[i / self.cols.max(1)] * INV_127).collect()
     }
 }
 

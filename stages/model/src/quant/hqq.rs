@@ -55,7 +55,11 @@ fn cascade_column_sum(values: impl Iterator<Item = f32>) -> f32 {
 
 /// Quantises `w` (row-major, `shape`) with `nbits` in groups of `group_size` on axis 0.
 pub fn quantize(w: &[f32], shape: &[usize], nbits: u32, group_size: usize) -> Hqq {
-    assert!(group_size > 0 && w.len() % group_size == 0, "hqq: {} values are not a multiple of {group_size}", w.len());
+    assert!(
+        group_size > 0 && w.len().is_multiple_of(group_size),
+        "hqq: {} values are not a multiple of {group_size}",
+        w.len()
+    );
     let (g, n) = (group_size, w.len() / group_size);
     let max_v = ((1u32 << nbits) - 1) as f32;
     let at = |r: usize, c: usize| w[r * n + c];

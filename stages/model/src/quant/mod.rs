@@ -183,7 +183,11 @@ fn quantize_one(name: &str, t: &HostTensor, method: Method, out: &mut BTreeMap<S
             out.insert(format!("{prefix}zero"), Raw { dtype: StDtype::F32, shape: vec![1, n], bytes: f32s(&q.zero) });
             out.insert(
                 format!("{prefix}shape"),
-                Raw { dtype: StDtype::I64, shape: vec![2], bytes: [rows as i64, cols as i64].iter().flat_map(|v| v.to_le_bytes()).collect() },
+                Raw {
+                    dtype: StDtype::I64,
+                    shape: vec![2],
+                    bytes: [rows as i64, cols as i64].iter().flat_map(|v| v.to_le_bytes()).collect(),
+                },
             );
             out.insert(format!("{prefix}nbits"), int(nbits as i32));
             out.insert(format!("{prefix}group_size"), int(group_size as i32));
@@ -195,7 +199,10 @@ fn quantize_one(name: &str, t: &HostTensor, method: Method, out: &mut BTreeMap<S
                 _ => "2bit_u8",
             };
             out.insert(format!("{prefix}packing"), text(packing));
-            out.insert(format!("{prefix}unpack_view_dtype"), text(if nbits == 3 { "torch.int32" } else { "torch.uint8" }));
+            out.insert(
+                format!("{prefix}unpack_view_dtype"),
+                text(if nbits == 3 { "torch.int32" } else { "torch.uint8" }),
+            );
             out.insert(format!("{prefix}compute_dtype"), text("torch.float32"));
             for (k, v) in [
                 ("view_as_float", false),
@@ -217,7 +224,11 @@ fn quantize_one(name: &str, t: &HostTensor, method: Method, out: &mut BTreeMap<S
             );
             out.insert(
                 format!("{prefix}weight_scales"),
-                Raw { dtype: StDtype::F16, shape: vec![rows], bytes: q.scales.iter().flat_map(|s| s.to_le_bytes()).collect() },
+                Raw {
+                    dtype: StDtype::F16,
+                    shape: vec![rows],
+                    bytes: q.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+                },
             );
         }
     }
@@ -229,7 +240,7 @@ pub fn write_safetensors(path: &Path, tensors: &HostTensors, method: Method) -> 
     let mut w = Written::default();
     for (name, t) in tensors {
         if let (Method::Hqq { group_size, .. }, true) = (method, is_quantized_linear(name, &t.shape)) {
-            if t.numel() % group_size != 0 {
+            if !t.numel().is_multiple_of(group_size) {
                 return Err(ModelError::config(
                     "group_size",
                     format!("hqq: `{name}` has {} values, not a multiple of group_size {group_size}", t.numel()),
@@ -329,20 +340,47 @@ pub fn read_dequantized(path: &Path, quantization_config: &serde_json::Value) ->
             }
             _ => return Err(bad(path, &shape_key, "missing or not int64")),
         };
-        let scale = all.get(&format!("{prefix}scale")).ok_or_else(|| ModelError::MissingTensor { name: format!("{prefix}scale") })?.f32s(name)?;
-        let zero = all.get(&format!("{prefix}zero")).ok_or_else(|| ModelError::MissingTensor { name: format!("{prefix}zero") })?.f32s(name)?;
+        let scale = all
+            .get(&format!("{prefix}scale"))
+            .ok_or_else(|| ModelError::MissingTensor { name: format!("{prefix}scale") })?
+            .f32s(name)?;
+        let zero = all
+            .get(&format!("{prefix}zero"))
+            .ok_or_else(|| ModelError::MissingTensor { name: format!("{prefix}zero") })?
+            .f32s(name)?;
         let numel: usize = shape.iter().product();
-        if group_size == 0 || numel % group_size != 0 || scale.len() != numel / group_size || zero.len() != scale.len() {
+        if group_size == 0
+            || !numel.is_multiple_of(group_size)
+            || scale.len() != numel / group_size
+            || zero.len() != scale.len()
+        {
             return Err(bad(path, name, format!("scale/zero do not fit shape {shape:?} in groups of {group_size}")));
         }
-        let codes = hqq::Hqq::unpack(nbits, group_size, scale.len(), &all[name].bytes)
-            .ok_or_else(|| bad(path, name, format!("{} bytes of {nbits}-bit codes do not fit shape {shape:?}", all[name].bytes.len())))?;
+        let codes = hqq::Hqq::unpack(nbits, group_size, scale.len(), &all[name].bytes).ok_or_else(|| {
+            bad(path, name, format!("{} bytes of {nbits}-bit codes do not fit shape {shape:?}", all[name].bytes.len()))
+        })?;
         let q = hqq::Hqq { nbits, group_size, shape: shape.clone(), codes, scale, zero };
         out.insert(format!("{prefix}weight"), HostTensor::new(shape, q.dequantize()));
         for k in [
-            "W_q", "nbits", "group_size", "shape", "scale", "zero", "axis", "packing", "unpack_view_dtype", "view_as_float",
-            "compute_dtype", "offload_meta", "encoded_state_dict", "stores_quant_config", "channel_wise", "optimize",
-            "round_zero", "quant_scale", "quant_zero",
+            "W_q",
+            "nbits",
+            "group_size",
+            "shape",
+            "scale",
+            "zero",
+            "axis",
+            "packing",
+            "unpack_view_dtype",
+            "view_as_float",
+            "compute_dtype",
+            "offload_meta",
+            "encoded_state_dict",
+            "stores_quant_config",
+            "channel_wise",
+            "optimize",
+            "round_zero",
+            "quant_scale",
+            "quant_zero",
         ] {
             all.remove(&format!("{prefix}{k}"));
         }
@@ -352,14 +390,24 @@ pub fn read_dequantized(path: &Path, quantization_config: &serde_json::Value) ->
             continue;
         }
         let Some(prefix) = name.strip_suffix("weight") else { continue };
-        let qs_key = ["nf4", "fp4"].iter().map(|t| format!("{name}.quant_state.bitsandbytes__{t}")).find(|k| all.contains_key(k));
+        let qs_key = ["nf4", "fp4"]
+            .iter()
+            .map(|t| format!("{name}.quant_state.bitsandbytes__{t}"))
+            .find(|k| all.contains_key(k));
         let shape_and_data = if let Some(qs_key) = qs_key {
             let qs = all.remove(&qs_key).expect("present");
             let state: serde_json::Value =
                 serde_json::from_slice(&qs.bytes).map_err(|e| bad(path, &qs_key, format!("invalid JSON: {e}")))?;
-            let qt = state["quant_type"].as_str().and_then(bnb::QuantType::parse).ok_or_else(|| bad(path, &qs_key, "no quant_type nf4/fp4"))?;
+            let qt = state["quant_type"]
+                .as_str()
+                .and_then(bnb::QuantType::parse)
+                .ok_or_else(|| bad(path, &qs_key, "no quant_type nf4/fp4"))?;
             if state["blocksize"].as_u64() != Some(bnb::BLOCKSIZE as u64) {
-                return Err(bad(path, &qs_key, format!("blocksize {} (only {} is read)", state["blocksize"], bnb::BLOCKSIZE)));
+                return Err(bad(
+                    path,
+                    &qs_key,
+                    format!("blocksize {} (only {} is read)", state["blocksize"], bnb::BLOCKSIZE),
+                ));
             }
             let shape: Vec<usize> = state["shape"]
                 .as_array()
@@ -367,11 +415,13 @@ pub fn read_dequantized(path: &Path, quantization_config: &serde_json::Value) ->
                 .ok_or_else(|| bad(path, &qs_key, "no shape"))?;
             let packed = all.remove(&name).expect("present").bytes;
             let absmax_key = format!("{name}.absmax");
-            let absmax = all.remove(&absmax_key).ok_or_else(|| ModelError::MissingTensor { name: absmax_key.clone() })?;
+            let absmax =
+                all.remove(&absmax_key).ok_or_else(|| ModelError::MissingTensor { name: absmax_key.clone() })?;
             all.remove(&format!("{name}.quant_map"));
             let absmax = if let Some(nested) = all.remove(&format!("{name}.nested_absmax")) {
                 all.remove(&format!("{name}.nested_quant_map"));
-                let offset = state["nested_offset"].as_f64().ok_or_else(|| bad(path, &qs_key, "no nested_offset"))? as f32;
+                let offset =
+                    state["nested_offset"].as_f64().ok_or_else(|| bad(path, &qs_key, "no nested_offset"))? as f32;
                 bnb::Absmax::Nested { codes: absmax.bytes, nested_absmax: nested.f32s(&name)?, offset }
             } else {
                 bnb::Absmax::Plain(absmax.f32s(&absmax_key)?)
@@ -379,7 +429,11 @@ pub fn read_dequantized(path: &Path, quantization_config: &serde_json::Value) ->
             let q = bnb::Quant4 { quant_type: qt, shape: shape.clone(), packed, absmax };
             let numel = q.numel();
             if q.packed.len() != numel.div_ceil(2) || q.block_absmax().len() != numel.div_ceil(bnb::BLOCKSIZE) {
-                return Err(bad(path, &name, format!("{} code bytes / scales do not fit shape {shape:?}", q.packed.len())));
+                return Err(bad(
+                    path,
+                    &name,
+                    format!("{} code bytes / scales do not fit shape {shape:?}", q.packed.len()),
+                ));
             }
             Some((shape, q.dequantize()))
         } else if let Some(scb) = all.remove(&format!("{prefix}SCB")) {
@@ -395,11 +449,17 @@ pub fn read_dequantized(path: &Path, quantization_config: &serde_json::Value) ->
         } else if let Some(scales) = all.remove(&format!("{prefix}weight_scales")) {
             let w = all.remove(&name).expect("present");
             let [inf, outf] = w.shape[..] else { return Err(bad(path, &name, "EETQ weight is not 2-D")) };
-            let scales: Vec<half::f16> = scales.bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect();
+            let scales: Vec<half::f16> =
+                scales.bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect();
             if scales.len() != outf || w.bytes.len() != inf * outf {
                 return Err(bad(path, &name, "weight_scales does not have one scale per output channel"));
             }
-            let q = eetq::Eetq { out_features: outf, in_features: inf, weight: w.bytes.iter().map(|&b| b as i8).collect(), scales };
+            let q = eetq::Eetq {
+                out_features: outf,
+                in_features: inf,
+                weight: w.bytes.iter().map(|&b| b as i8).collect(),
+                scales,
+            };
             Some((vec![outf, inf], q.dequantize()))
         } else {
             None
