@@ -20,7 +20,8 @@
 //!   packing, u8 or i32 for 3 bits), `P.scale` / `P.zero` (f32 `[1, n]`), `P.shape` (i64),
 //!   `P.nbits` / `P.group_size` / `P.axis` (i32 scalars), `P.packing` / `P.unpack_view_dtype` /
 //!   `P.compute_dtype` (u8 text) and the flags `view_as_float`, `offload_meta`,
-//!   `encoded_state_dict`, `stores_quant_config`, `channel_wise`, `optimize`, `round_zero` (u8).
+//!   `encoded_state_dict`, `stores_quant_config`, `channel_wise`, `optimize`, `round_zero`,
+//!   `quant_scale`, `quant_zero` (u8).
 
 pub mod bnb;
 pub mod eetq;
@@ -212,6 +213,8 @@ fn quantize_one(name: &str, t: &HostTensor, method: Method, out: &mut BTreeMap<S
                 ("channel_wise", true),
                 ("optimize", true),
                 ("round_zero", nbits == 4),
+                ("quant_scale", false),
+                ("quant_zero", false),
             ] {
                 out.insert(format!("{prefix}{k}"), flag(v));
             }
