@@ -230,6 +230,60 @@ pub(crate) fn write_hf(l: &Loaded, dir: &Path, dtype: Dtype) -> Result<serde_jso
     Ok(serde_json::json!({ "dtype": dtype.name(), "files": bytes }))
 }
 
+/// The HF folder quantised with `method` (bitsandbytes / EETQ / HQQ) into `dir`; the quantize stage's
+/// report: the method's settings, the files and their bytes (`bytes`: `model.safetensors`, as a
+/// GGUF report's is its one file), bits per weight over every tensor and over the quantised
+/// linears alone.
+pub(crate) fn write_hf_quantized(
+    l: &Loaded,
+    dir: &Path,
+    method: pipeline_model::quant::Method,
+) -> Result<serde_json::Value, StageError> {
+    let (files, w) = l
+        .model
+        .write_hf_quantized(dir, method, l.tokenizer_config.as_deref(), l.generation_config.as_deref())
+        .map_err(|e| StageError::failed(format!("writing {}: {e}", dir.display())))?;
+    let mut bytes = serde_json::Map::new();
+    for f in &files {
+        bytes.insert(f.clone(), file_bytes(&dir.join(f))?.into());
+    }
+    let total = file_bytes(&dir.join("model.safetensors"))?;
+    let params = w.quantized_parameters + w.kept_parameters;
+    let bpw = |bytes: u64, n: u64| if n > 0 { (8000.0 * bytes as f64 / n as f64).round() / 1000.0 } else { 0.0 };
+    let (name, settings) = match method {
+        pipeline_model::quant::Method::Bnb4 { quant_type, double_quant, compute_dtype } => (
+            "bnb",
+            serde_json::json!({
+                "quant_bits": 4,
+                "bnb_4bit_quant_type": quant_type.name(),
+                "bnb_4bit_use_double_quant": double_quant,
+                "bnb_4bit_compute_dtype": compute_dtype,
+            }),
+        ),
+        pipeline_model::quant::Method::Bnb8 => {
+            ("bnb", serde_json::json!({ "quant_bits": 8, "llm_int8_threshold": 6.0 }))
+        }
+        pipeline_model::quant::Method::Eetq => ("eetq", serde_json::json!({ "quant_bits": 8 })),
+        pipeline_model::quant::Method::Hqq { nbits, group_size } => {
+            ("hqq", serde_json::json!({ "quant_bits": nbits, "group_size": group_size, "axis": 0 }))
+        }
+    };
+    let mut r = serde_json::json!({
+        "quant_method": name,
+        "files": bytes,
+        "bytes": total,
+        "parameters": params,
+        "quantized_tensors": w.quantized_tensors,
+        "quantized_parameters": w.quantized_parameters,
+        "bits_per_weight": bpw(w.data_bytes, params),
+        "quantized_bits_per_weight": bpw(w.quantized_bytes, w.quantized_parameters),
+    });
+    for (k, v) in settings.as_object().expect("object") {
+        r[k] = v.clone();
+    }
+    Ok(r)
+}
+
 /// A GGUF file of type `ft` at `path`; its report entry: file name, bytes, bits per weight (all
 /// tensor data over all elements) and how many tensors of each ggml type.
 pub(crate) fn write_gguf(
@@ -540,6 +594,121 @@ pub(crate) mod tests {
         assert!(f16 < 1e-4, "{f16}");
     }
 
+    /// bitsandbytes (nf4 + double quant, fp4, int8), EETQ and HQQ (4-bit, 3-bit in groups of 32)
+    /// folders: transformers' tensor names
+    /// and `quantization_config`, the linears of the layers quantised and everything else kept
+    /// (embedding, head, norms, biases), and the folder loads back (dequantised) with logits close
+    /// to the f32 model's. The reports are snapshotted. With `PIPELINE_KEEP_EXPORT=DIR` the
+    /// folders are kept as `DIR/bnb-<kind>` for `scripts/oracles/check_bnb_folder.py`.
+    #[test]
+    fn quantize_bnb_and_eetq_folders_load_and_stay_close() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("trained");
+        let (_, tok) = tiny_model(&src);
+        let text = tok.encode("Who are you?", false).unwrap();
+        let f32 = load_pretrained(&src, &Cpu::default()).unwrap();
+        let want = last_logits(&f32, &f32.to_model_ids(&text));
+        let q = "model.layers.0.self_attn.q_proj";
+        let cases = [
+            ("nf4", "quant_method = \"bnb\"\nquant_bits = 4", 0.3, vec!["weight.absmax", "weight.nested_absmax", "weight.nested_quant_map", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4"]),
+            ("fp4", "quant_method = \"bnb\"\nquantization_bit = 4\nbnb_4bit_quant_type = \"fp4\"\nbnb_4bit_use_double_quant = false", 0.5, vec!["weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__fp4"]),
+            ("int8", "quant_method = \"bnb\"\nquant_bits = 8", 5e-2, vec!["SCB", "weight_format"]),
+            ("eetq", "quant_method = \"eetq\"", 5e-2, vec!["weight_scales"]),
+            ("hqq4", "quant_method = \"hqq\"\nquant_bits = 4", 0.3, vec!["W_q", "scale", "zero", "nbits", "shape"]),
+            ("hqq3", "quant_method = \"hqq\"\nquant_bits = 3\ngroup_size = 32", 0.6, vec!["W_q", "scale", "zero", "packing"]),
+        ];
+        let mut reports = BTreeMap::new();
+        for (kind, params, tol, extra) in cases {
+            let ran = run_stage("quantize", params, &src).unwrap();
+            let out = &ran.outputs["model"];
+            keep(out, &format!("bnb-{kind}"));
+            let cfg: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+            let qc = &cfg["quantization_config"];
+            let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let names: std::collections::BTreeSet<String> = st.names().into_iter().cloned().collect();
+            for e in &extra {
+                assert!(names.contains(&format!("{q}.{e}")), "{kind}: {q}.{e} missing from {names:?}");
+            }
+            let w = st.tensor(&format!("{q}.{}", if kind.starts_with("hqq") { "W_q" } else { "weight" })).unwrap();
+            match kind {
+                "nf4" | "fp4" => {
+                    assert_eq!(qc["quant_method"], "bitsandbytes");
+                    assert_eq!(qc["load_in_4bit"], true);
+                    assert_eq!(qc["bnb_4bit_quant_type"], kind);
+                    assert_eq!(w.dtype(), safetensors::Dtype::U8);
+                    assert_eq!(w.shape(), &[64 * 64 / 2, 1]);
+                }
+                "int8" => {
+                    assert_eq!(qc["load_in_8bit"], true);
+                    assert_eq!(w.dtype(), safetensors::Dtype::I8);
+                    assert_eq!(w.shape(), &[64, 64]);
+                }
+                "hqq4" => {
+                    assert_eq!(qc["quant_method"], "hqq");
+                    assert_eq!(w.dtype(), safetensors::Dtype::U8);
+                    assert_eq!(w.shape(), &[32, 64], "4-bit: 64-row groups packed in two halves");
+                }
+                "hqq3" => {
+                    assert_eq!(w.dtype(), safetensors::Dtype::I32);
+                    assert_eq!(w.shape(), &[4, 128], "3-bit: 32-row groups padded to 40, ten per int32");
+                }
+                _ => {
+                    assert_eq!(qc["quant_method"], "eetq");
+                    assert_eq!(w.dtype(), safetensors::Dtype::I8);
+                }
+            }
+            for kept in [
+                "model.embed_tokens.weight",
+                "lm_head.weight",
+                "model.norm.weight",
+                "model.layers.0.self_attn.q_proj.bias",
+            ] {
+                assert_eq!(st.tensor(kept).unwrap().dtype(), safetensors::Dtype::F32, "{kind}: {kept} is kept");
+            }
+            let loaded = load_pretrained(out, &Cpu::default()).unwrap();
+            let got = last_logits(&loaded, &text);
+            let m = f32.vocab.as_ref().unwrap();
+            let worst = (0..m.len() as u32)
+                .map(|i| (want[i as usize] - got[m.to_tokenizer(&[i]).unwrap()[0] as usize]).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < tol, "{kind}: max logit error {worst}");
+            assert!(worst > 0.0, "{kind}: the weights were quantised");
+            reports.insert(kind, ran.report);
+        }
+        insta::with_settings!({ snapshot_path => "../../snapshots/stages", prepend_module_to_snapshot => false }, {
+            insta::assert_json_snapshot!("quantize_bnb_eetq_reports", reports);
+        });
+    }
+
+    /// The quality figures of a bitsandbytes folder come from the codes as stored (the folder
+    /// loaded back): nf4 costs more than int8.
+    #[test]
+    fn quantize_bnb_reports_perplexity_and_kl_divergence() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("trained");
+        tiny_model(&src);
+        let data = tmp.path().join("heldout");
+        let rows = vec![crate::data::Sample {
+            id: "h:0".into(),
+            messages: vec![
+                crate::data::Message::new("user", "Who are you?"),
+                crate::data::Message::new("assistant", "I am swift-robot, made by swift."),
+            ],
+            ..Default::default()
+        }];
+        crate::data::write_dataset(&data, &rows).unwrap();
+        let kld = |params: &str| {
+            let r = run_stage_with("quantize", params, &[("model", &src), ("data", &data)]).unwrap().report;
+            assert_eq!(r["quality"]["texts"], 1);
+            r["quality"]["mean_kld"].as_f64().unwrap()
+        };
+        let (int8, nf4) =
+            (kld("quant_method = \"bnb\"\nquant_bits = 8"), kld("quant_method = \"bnb\"\nquant_bits = 4"));
+        assert!(0.0 < int8 && int8 < nf4, "KLD int8 {int8}, nf4 {nf4}");
+    }
+
     /// Bad params are plan-time errors naming the key and the allowed values.
     #[test]
     fn bad_params_are_plan_time_errors() {
@@ -555,6 +724,29 @@ pub(crate) mod tests {
             ("quantize", "quant_method = \"gguf\"\nquantization_bit = 4", "`quant_bits = 4`"),
             ("quantize", "quant_method = \"awq\"", "gguf"),
             ("quantize", "quant_method = \"gguf\"\nbits = 4", "unknown field `bits`"),
+            ("quantize", "quant_method = \"bnb\"", "needs `quant_bits` (or `quantization_bit`): one of 4, 8"),
+            ("quantize", "quant_method = \"bnb\"\nquant_bits = 3", "`quant_bits = 3` is not one of 4, 8"),
+            ("quantize", "quant_method = \"bnb\"\nquant_bits = 4\nbnb_4bit_quant_type = \"int4\"", "\"nf4\", \"fp4\""),
+            ("quantize", "quant_method = \"bnb\"\nquant_bits = 4\nbnb_4bit_compute_dtype = \"fp8\"", "\"bfloat16\""),
+            ("quantize", "quant_method = \"bnb\"\nquant_bits = 8\nbnb_4bit_quant_type = \"nf4\"", "4-bit setting"),
+            ("quantize", "quant_method = \"eetq\"\nquant_bits = 4", "not one of 8"),
+            ("quantize", "quant_method = \"hqq\"\nquant_bits = 5", "not one of 8, 4, 3, 2"),
+            ("quantize", "quant_method = \"hqq\"", "needs `quant_bits`"),
+            (
+                "quantize",
+                "quant_method = \"bnb\"\nquant_bits = 4\ngroup_size = 64",
+                "`group_size` is a setting of quant_method = \"hqq\"",
+            ),
+            (
+                "quantize",
+                "quant_method = \"eetq\"\ngguf_type = \"Q8_0\"",
+                "`gguf_type` is a setting of quant_method = \"gguf\"",
+            ),
+            (
+                "quantize",
+                "quant_method = \"gguf\"\nbnb_4bit_use_double_quant = true",
+                "`bnb_4bit_use_double_quant` is a setting",
+            ),
         ];
         for (kind, params, want) in cases {
             let e = plan_error(kind, params);

@@ -44,7 +44,8 @@ pub struct Checkpoint {
 }
 
 /// Reads `dir/config.json` and `dir/model.safetensors` or the shards named by
-/// `dir/model.safetensors.index.json`.
+/// `dir/model.safetensors.index.json`; a quantised folder (`quantization_config` in
+/// `config.json`) is dequantised to f32 ([`crate::quant::read_dequantized`]).
 pub fn load_hf_folder(dir: &Path) -> Result<Checkpoint, ModelError> {
     let cfg_path = dir.join("config.json");
     let text = pipeline_cache::checked::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
@@ -53,7 +54,9 @@ pub fn load_hf_folder(dir: &Path) -> Result<Checkpoint, ModelError> {
     let config = ModelConfig::from_hf_value(&raw_config)?;
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
-    let tensors = if single.exists() {
+    let tensors = if let Some(qc) = raw_config.get("quantization_config").filter(|_| single.exists()) {
+        crate::quant::read_dequantized(&single, qc)?
+    } else if single.exists() {
         read_safetensors(&single)?
     } else if index.exists() {
         let text = pipeline_cache::checked::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;

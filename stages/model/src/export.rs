@@ -153,6 +153,18 @@ impl ExportModel {
         let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).expect("json");
         write_atomic(&dir.join("config.json"), &json(&self.hf_config(dtype)))?;
         write_safetensors_as(&dir.join("model.safetensors"), &self.tensors, dtype)?;
+        self.write_hf_side_files(dir, tokenizer_config, generation_config)
+    }
+
+    /// The HF folder's files beside `config.json` and `model.safetensors` (tokenizer, generation
+    /// config, chat defaults); returns every file name of the folder.
+    pub fn write_hf_side_files(
+        &self,
+        dir: &Path,
+        tokenizer_config: Option<&Path>,
+        generation_config: Option<&Path>,
+    ) -> Result<Vec<String>, ModelError> {
+        let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).expect("json");
         let copy = |src: &Path, name: &str| -> Result<(), ModelError> {
             let bytes = std::fs::read(src).map_err(|e| ModelError::io(src, e))?;
             write_atomic(&dir.join(name), &bytes)
@@ -232,4 +244,24 @@ pub fn write_safetensors_as(path: &Path, tensors: &HostTensors, dtype: Dtype) ->
     let out = safetensors::serialize(views, &Some(meta))
         .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;
     write_atomic(path, &out)
+}
+
+impl ExportModel {
+    /// Writes the HF folder quantised with `method` into `dir` (`config.json` with
+    /// `quantization_config`, the quantised `model.safetensors`, the side files of
+    /// [`ExportModel::write_hf`]); returns the file names and what the weights file holds.
+    pub fn write_hf_quantized(
+        &self,
+        dir: &Path,
+        method: crate::quant::Method,
+        tokenizer_config: Option<&Path>,
+        generation_config: Option<&Path>,
+    ) -> Result<(Vec<String>, crate::quant::Written), ModelError> {
+        let mut config = self.hf_config(Dtype::Float32);
+        config["quantization_config"] = method.quantization_config();
+        let json = serde_json::to_vec_pretty(&config).expect("json");
+        write_atomic(&dir.join("config.json"), &json)?;
+        let written = crate::quant::write_safetensors(&dir.join("model.safetensors"), &self.tensors, method)?;
+        Ok((self.write_hf_side_files(dir, tokenizer_config, generation_config)?, written))
+    }
 }

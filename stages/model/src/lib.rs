@@ -114,6 +114,7 @@ pub mod lora;
 pub mod loss;
 pub mod params;
 pub mod pretrained;
+pub mod quant;
 pub mod qwen2;
 pub mod tokenizer;
 pub mod vocab;
