@@ -42,6 +42,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use dequant::{ggml_type_name, GgmlType};
+pub(crate) use dequant::{dequantize as dequantize_blocks, scale_min_k4};
 pub use export::{add_tokenizer_metadata, export_gguf, write_gguf};
 pub use hf::{load_gguf, GgufModel};
 pub use names::{gguf_name, hf_name, permute_rope, unpermute_rope};

@@ -124,6 +124,7 @@ pub use dims::{DimValues, Dims, RuntimeDims, TinyDims};
 pub use error::ModelError;
 pub use generate::{generate, generate_until, FinishReason, Generation, GenerationConfig};
 pub use host::{HostTensor, HostTensors};
+pub use kernels::qblocks::{QFormat, QMatrix};
 pub use lora::{LoraConfig, Proj};
 pub use params::{FlatParams, FrozenDtype};
 

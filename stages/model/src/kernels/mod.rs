@@ -13,6 +13,8 @@ pub(crate) mod cuda;
 pub(crate) mod frozen;
 pub(crate) mod fused_ce;
 pub(crate) mod host_matmul;
+pub(crate) mod qblocks;
+pub(crate) mod quant;
 
 use std::any::{Any, TypeId};
 

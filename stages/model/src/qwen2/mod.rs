@@ -261,6 +261,14 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
             }
             #[cfg(not(feature = "cuda"))]
             Store::FrozenBf16(w) => match *w {},
+            // a quantised table stays quantised: only the rows looked up are dequantised
+            Store::Quant(q) => {
+                let mut rows = Vec::with_capacity(n * h.size());
+                for &id in &batch.ids {
+                    rows.extend(q.dequantize_row(id as usize));
+                }
+                self.dev.tensor_from_vec(rows, (n, h)).put_tape(tape)
+            }
             Store::Flat(_) => {
                 let (x, t0) = ctx.fetch2::<usize, S::Hidden, T>(&self.embed_tokens, v, h).gather(ids).split_tape();
                 x.put_tape(t0.merge(tape))

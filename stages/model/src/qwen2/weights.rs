@@ -245,6 +245,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         match &p.store {
             Store::Frozen(t) => t.as_vec(),
             Store::FrozenBf16(w) => crate::params::bf16_to_host(w),
+            Store::Quant(q) => q.dequantize(),
             Store::Flat(off) => {
                 let all = self.params.flat.as_vec();
                 all[*off..*off + p.numel()].to_vec()
@@ -277,6 +278,8 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                     Store::Frozen(t) => t.as_vec(),
                     // trained weights are f32 (full fine-tuning of a bf16 base trains in f32)
                     Store::FrozenBf16(w) => crate::params::bf16_to_host(w),
+                    // training from a quantised base trains its dequantised values
+                    Store::Quant(q) => q.dequantize(),
                     Store::Flat(_) => unreachable!("freeze_all ran first"),
                 };
                 p.set_store(Store::Flat(flat.len()));
@@ -407,6 +410,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         };
         self.freeze_all();
         let s = lc.scale();
+        let dev = self.dev.clone();
         for layer in &mut self.layers {
             for p in Proj::ALL {
                 let lin = layer.linear_mut(p);
@@ -414,7 +418,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                     let (r, i) = (a.shape[0], a.shape[1]);
                     let o = b.shape[0];
                     let (Store::Frozen(at), Store::Frozen(bt), Some(wt)) =
-                        (&a.store, &b.store, lin.weight.frozen_f32())
+                        (&a.store, &b.store, lin.weight.frozen_f32(&dev))
                     else {
                         unreachable!("freeze_all ran first")
                     };
@@ -441,13 +445,14 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
     pub fn set_frozen_dtype(&mut self, dtype: FrozenDtype) -> Result<bool, ModelError> {
         #[cfg(feature = "cuda")]
         if crate::kernels::is_cuda::<D>() {
+            let dev = self.dev.clone();
             for p in self.all_params_mut() {
                 match (&p.store, dtype) {
                     (Store::Frozen(_), FrozenDtype::Bf16) if p.shape.len() == 2 && !p.name.contains(".lora_") => {
                         to_bf16_store(p)?
                     }
                     (Store::FrozenBf16(_), FrozenDtype::F32) => {
-                        let t = p.frozen_f32().expect("frozen");
+                        let t = p.frozen_f32(&dev).expect("frozen");
                         p.set_store(Store::Frozen(t));
                     }
                     _ => {}
