@@ -77,11 +77,11 @@ impl QFormat {
     }
 }
 
-/// Where a matrix's bytes live: its own buffer, or a range of a read-only map of the GGUF file
+/// Where a matrix's bytes live (shared by its clones): its own buffer, or a range of a read-only map of the GGUF file
 /// (shared by every matrix of the file, so resident memory is the file's size).
 #[derive(Clone)]
 pub(crate) enum QBytes {
-    Owned(Vec<u8>),
+    Owned(Arc<[u8]>),
     Mapped { map: Arc<memmap2::Mmap>, start: usize, len: usize },
 }
 
@@ -102,6 +102,8 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     bytes: QBytes,
+    /// Row `j` is stored row `order[j]` (llama's Q/K rows, un-permuted without a copy).
+    order: Option<Arc<[u32]>>,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -114,7 +116,7 @@ impl QMatrix {
     /// A matrix over owned bytes; errors say why the sizes do not fit the format.
     pub fn new(fmt: QFormat, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Self, String> {
         Self::check(fmt, rows, cols, bytes.len())?;
-        Ok(QMatrix { fmt, rows, cols, bytes: QBytes::Owned(bytes) })
+        Ok(QMatrix { fmt, rows, cols, bytes: QBytes::Owned(bytes.into()), order: None })
     }
 
     /// A matrix over `map[start..start + len]`.
@@ -130,7 +132,7 @@ impl QMatrix {
         if start.checked_add(len).is_none_or(|e| e > map.len()) {
             return Err(format!("bytes {start}..{} lie outside the file ({} bytes)", start + len, map.len()));
         }
-        Ok(QMatrix { fmt, rows, cols, bytes: QBytes::Mapped { map, start, len } })
+        Ok(QMatrix { fmt, rows, cols, bytes: QBytes::Mapped { map, start, len }, order: None })
     }
 
     fn check(fmt: QFormat, rows: usize, cols: usize, len: usize) -> Result<(), String> {
@@ -163,14 +165,12 @@ impl QMatrix {
         let (be, bb) = self.fmt.block();
         self.cols / be * bb
     }
-    /// All blocks, row after row.
-    pub fn bytes(&self) -> &[u8] {
-        self.bytes.as_slice()
-    }
     /// The blocks of row `j`.
+    #[inline]
     pub fn row(&self, j: usize) -> &[u8] {
+        let i = self.order.as_ref().map_or(j, |o| o[j] as usize);
         let rb = self.row_bytes();
-        &self.bytes()[j * rb..(j + 1) * rb]
+        &self.bytes.as_slice()[i * rb..(i + 1) * rb]
     }
     /// Row `j` as f32 (ggml's `dequantize_row_*`; the embedding lookup).
     pub fn dequantize_row(&self, j: usize) -> Vec<f32> {
@@ -178,19 +178,19 @@ impl QMatrix {
     }
     /// The whole matrix as f32, row-major (the paths that need f32 values: training, merging).
     pub fn dequantize(&self) -> Vec<f32> {
-        crate::gguf::dequantize_blocks(self.fmt.ggml(), self.bytes(), self.rows * self.cols)
+        if self.order.is_none() {
+            return crate::gguf::dequantize_blocks(self.fmt.ggml(), self.bytes.as_slice(), self.rows * self.cols);
+        }
+        (0..self.rows).flat_map(|j| self.dequantize_row(j)).collect()
     }
-    /// The same matrix with its rows in the order `src` (row `j` of the result is row `src[j]`),
-    /// in its own buffer.
+    /// The same matrix with its rows in the order `src` (row `j` of the result is row `src[j]`
+    /// of this one), sharing the blocks.
     pub(crate) fn reorder_rows(&self, src: &[usize]) -> Result<Self, String> {
         if src.len() != self.rows || src.iter().any(|&s| s >= self.rows) {
             return Err(format!("row order of {} entries for {} rows", src.len(), self.rows));
         }
-        let mut out = Vec::with_capacity(self.bytes().len());
-        for &s in src {
-            out.extend_from_slice(self.row(s));
-        }
-        Self::new(self.fmt, self.rows, self.cols, out)
+        let order: Arc<[u32]> = src.iter().map(|&s| self.order.as_ref().map_or(s, |o| o[s] as usize) as u32).collect();
+        Ok(QMatrix { order: Some(order), ..self.clone() })
     }
 }
 
@@ -412,5 +412,17 @@ mod tests {
             }
         }
         assert!(quantize_q8(&[0.0; 32])[0].qs.iter().all(|&q| q == 0));
+    }
+
+    #[test]
+    fn reordered_rows_read_through_the_order_without_a_copy() {
+        let w: Vec<f32> = (0..4 * 32).map(|i| i as f32 / 10.0 - 6.0).collect();
+        let bytes = crate::gguf::quantize(GgmlType::Q8_0, &w).unwrap();
+        let q = QMatrix::new(QFormat::Q8_0, 4, 32, bytes).unwrap();
+        let r = q.reorder_rows(&[2, 0, 3, 1]).unwrap().reorder_rows(&[1, 0, 2, 3]).unwrap();
+        let want: Vec<f32> = [0, 2, 3, 1].iter().flat_map(|&j| q.dequantize_row(j)).collect();
+        assert_eq!(r.dequantize(), want);
+        assert_eq!(r.row(1).as_ptr(), q.row(2).as_ptr(), "the blocks are shared");
+        assert!(q.reorder_rows(&[0, 1, 2]).is_err() && q.reorder_rows(&[0, 1, 2, 4]).is_err());
     }
 }

@@ -97,7 +97,7 @@ pub(crate) fn quant_matmul_wt(x: &[f32], n: usize, w: &QMatrix) -> Vec<f32> {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::super::qblocks::{dot_row_scalar, scales_mins_k4, QAct, QFormat, Q8Block, Q8KBlock};
+    use super::super::qblocks::{dot_row_scalar, scales_mins_k4, Q8Block, Q8KBlock, QAct, QFormat};
 
     /// f16 bits at `p` to f32 (F16C).
     #[inline]
@@ -228,9 +228,8 @@ mod avx2 {
             let p = b.as_ptr();
             let sc = &b[192..208];
             // two i8 scales (elements 0..16 and 16..32 of a 32-element code vector) as i16 lanes
-            let scale = |g: usize| {
-                _mm256_set_m128i(_mm_set1_epi16(sc[g + 1] as i8 as i16), _mm_set1_epi16(sc[g] as i8 as i16))
-            };
+            let scale =
+                |g: usize| _mm256_set_m128i(_mm_set1_epi16(sc[g + 1] as i8 as i16), _mm_set1_epi16(sc[g] as i8 as i16));
             let mut sumi = _mm256_setzero_si256();
             for h in 0..2 {
                 let ql0 = _mm256_loadu_si256(p.add(64 * h) as *const __m256i);

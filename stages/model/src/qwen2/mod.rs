@@ -117,6 +117,17 @@ impl<D: Device<f32>> Qwen2<D> {
         Self::from_host_with_dims(cfg, tensors, dev)
     }
 
+    /// [`Qwen2::from_host`] with some matrices kept in quantised GGUF blocks
+    /// ([`Qwen2::from_host_quantized_with_dims`]).
+    pub fn from_host_quantized(
+        cfg: &ModelConfig,
+        tensors: &HostTensors,
+        quantized: &std::collections::BTreeMap<String, crate::QMatrix>,
+        dev: &D,
+    ) -> Result<Self, ModelError> {
+        Self::from_host_quantized_with_dims(cfg, tensors, quantized, dev)
+    }
+
     /// Reads a Hugging Face checkpoint folder (see [`checkpoint::load_hf_folder`]).
     pub fn load_hf(dir: &Path, dev: &D) -> Result<Self, ModelError> {
         Self::load_hf_with_dims(dir, dev)

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use dfdx::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -20,6 +21,7 @@ use crate::host::{HostTensor, HostTensors};
 use crate::linear::{Adapter, Linear};
 use crate::lora::{peft_names, LoraConfig, Proj};
 use crate::params::{FlatParams, FrozenDtype, Param, Store};
+use crate::QMatrix;
 
 pub(crate) fn hf_names(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, &'static str)> {
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
@@ -80,11 +82,45 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         dev: &D,
         dtype: FrozenDtype,
     ) -> Result<Self, ModelError> {
+        Self::from_parts(cfg, tensors, &BTreeMap::new(), dev, dtype)
+    }
+
+    /// [`Qwen2::from_host_with_dims`] with some matrices in quantised GGUF blocks (`quantized`,
+    /// HF names; each name in `tensors` or `quantized`): they stay quantised
+    /// ([`crate::params::Store::Quant`]) and products through them run on the block kernels
+    /// (CPU inference; a taped product or another device multiplies through a dequantised copy).
+    pub fn from_host_quantized_with_dims(
+        cfg: &ModelConfig,
+        tensors: &HostTensors,
+        quantized: &BTreeMap<String, QMatrix>,
+        dev: &D,
+    ) -> Result<Self, ModelError> {
+        Self::from_parts(cfg, tensors, quantized, dev, FrozenDtype::F32)
+    }
+
+    fn from_parts(
+        cfg: &ModelConfig,
+        tensors: &HostTensors,
+        quantized: &BTreeMap<String, QMatrix>,
+        dev: &D,
+        dtype: FrozenDtype,
+    ) -> Result<Self, ModelError> {
         let dims = DimValues::<S>::from_config(cfg)?;
         let expected = hf_names(cfg);
         let mut known: BTreeMap<&str, ()> = BTreeMap::new();
         for (name, shape, field) in &expected {
             known.insert(name.as_str(), ());
+            if let Some(q) = quantized.get(name) {
+                if &q.shape() != shape {
+                    return Err(ModelError::ShapeMismatch {
+                        name: name.clone(),
+                        got: q.shape(),
+                        expected: shape.clone(),
+                        field: field.to_string(),
+                    });
+                }
+                continue;
+            }
             let t = tensors.get(name).ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
             if &t.shape != shape {
                 return Err(ModelError::ShapeMismatch {
@@ -103,7 +139,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                 });
             }
         }
-        for name in tensors.keys() {
+        for name in tensors.keys().chain(quantized.keys()) {
             let ignorable =
                 name.ends_with("rotary_emb.inv_freq") || (cfg.tie_word_embeddings && name == "lm_head.weight");
             if !known.contains_key(name.as_str()) && !ignorable {
@@ -118,8 +154,11 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                 Store::Frozen(dev.tensor_from_vec(t.data.clone(), (t.data.len(),))),
             )
         };
-        // a matrix in `dtype`
+        // a matrix in `dtype`, or in its quantised blocks
         let matrix = |name: &str| -> Result<Param<D>, ModelError> {
+            if let Some(q) = quantized.get(name) {
+                return Ok(Param::new(name.to_string(), q.shape(), Store::Quant(Arc::new(q.clone()))));
+            }
             #[cfg(feature = "cuda")]
             if let (FrozenDtype::Bf16, Some(cuda)) = (dtype, (dev as &dyn std::any::Any).downcast_ref::<Cuda>()) {
                 let t = &tensors[name];
@@ -462,6 +501,12 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         }
         let _ = dtype;
         Ok(false)
+    }
+
+    /// How many weights are held in quantised GGUF blocks (0 unless loaded with
+    /// [`Qwen2::from_host_quantized`]).
+    pub fn quantized_weights(&self) -> usize {
+        self.all_params().iter().filter(|p| matches!(p.store, Store::Quant(_))).count()
     }
 
     /// The precision the frozen base matrices are held in.
