@@ -559,8 +559,8 @@ mod quantised {
             let (mut steps, mut ties) = (0, 0);
             for prompt in [vec![1, 5 % vv, 9 % vv, 3], vec![7 % vv, 2, 11 % vv]] {
                 let cfg = GenerationConfig { max_new_tokens: 24, ..Default::default() };
-                let want = generate(&deq.model, &[prompt.clone()], &cfg, None).unwrap().remove(0).tokens;
-                let got = generate(&q.model, &[prompt.clone()], &cfg, None).unwrap().remove(0).tokens;
+                let want = generate(&deq.model, std::slice::from_ref(&prompt), &cfg, None).unwrap().remove(0).tokens;
+                let got = generate(&q.model, std::slice::from_ref(&prompt), &cfg, None).unwrap().remove(0).tokens;
                 let seq: Vec<u32> = prompt.iter().chain(&want).copied().collect();
                 let batch = Batch::new(seq.clone(), 1, seq.len()).unwrap();
                 let (la, lb) = (deq.model.forward(&batch).unwrap().as_vec(), q.model.forward(&batch).unwrap().as_vec());
@@ -633,7 +633,7 @@ mod quantised {
         let cfg = GenerationConfig { max_new_tokens: 32, stop_token_ids: p.stop_ids(), ..Default::default() };
         let tok = &p.tokenizer;
         let dec = |ids: &[u32]| tok.decode(ids, true).unwrap();
-        let out = generate(&p.model, &[ids.clone()], &cfg, Some(&dec)).unwrap();
+        let out = generate(&p.model, std::slice::from_ref(&ids), &cfg, Some(&dec)).unwrap();
         assert_eq!(out[0].text.as_deref(), Some("The capital of France is Paris."));
         assert_eq!(out[0].finish, pipeline_model::FinishReason::Stop);
         let f32 = pipeline_model::pretrained::load_pretrained(&path, &dev).unwrap();

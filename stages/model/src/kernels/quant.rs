@@ -249,10 +249,7 @@ mod avx2 {
                 }
             }
             // Σ sc · (q − 32) · x = Σ sc · q · x − 32 Σ sc · bsum
-            let mut sb = 0i32;
-            for g in 0..16 {
-                sb += sc[g] as i8 as i32 * a.bsums[g] as i32;
-            }
+            let sb: i32 = sc.iter().zip(&a.bsums).map(|(&s, &b)| s as i8 as i32 * b as i32).sum();
             let d = f16(p.add(208)) * a.d;
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
             corr += d * (32 * sb) as f32;
