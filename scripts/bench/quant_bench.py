@@ -3,10 +3,10 @@
 
     python quant_bench.py --pipeline target/debug/pipeline --threads 2 FILE.gguf ...
 
-Our decode tokens/s: two greedy runs of the same prompt, `--max-tokens 1` and `--max-tokens N`;
-(tokens_N - tokens_1) / (wall_N - wall_1) cancels the load and the prompt. llama.cpp's: the time
-between the first and the last streamed token of one greedy completion. Peak RSS: the child's
-`ru_maxrss` (os.wait4), for the long run. Run by scripts/bench-quant.sh.
+Decode tokens/s, both sides: the time between the first and the last streamed chunk of one greedy
+chat completion of the same prompt (`pipeline generate --stream`; llama-cpp-python's
+`create_chat_completion(stream=True)`), so loading and the prompt are left out. Peak RSS: the
+child's maximum resident set (/usr/bin/time -v). Run by scripts/bench-quant.sh.
 """
 
 import argparse
@@ -38,13 +38,25 @@ def timed(cmd, env=None):
 
 
 def ours(binary, path, n, threads, extra_env):
+    """One streamed greedy generation (`generate --stream` flushes each token): decode tokens/s
+    from the first to the last streamed chunk, as for llama.cpp; peak RSS via /usr/bin/time."""
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads), **extra_env)
-    base = [binary, "--log-format", "json", "generate", "--model", path, "--prompt", PROMPT]
-    w1, _, o1 = timed(base + ["--max-tokens", "1"], env)
-    wn, rss, on = timed(base + ["--max-tokens", str(n)], env)
-    n1 = json.loads(o1.strip().splitlines()[-1])["completion_tokens"]
-    nn = json.loads(on.strip().splitlines()[-1])["completion_tokens"]
-    return (nn - n1) / (wn - w1), rss, nn
+    cmd = ["/usr/bin/time", "-v", binary, "generate", "--stream", "--model", path, "--prompt", PROMPT,
+           "--max-tokens", str(n)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    stamps = []
+    while True:
+        chunk = os.read(p.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        if chunk.strip():
+            stamps.append(time.perf_counter())
+    err = p.stderr.read().decode()
+    if p.wait() != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{err}")
+    rss = next(int(l.split(":")[1]) * 1024 for l in err.splitlines() if "Maximum resident set size" in l)
+    tps = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    return tps, rss, len(stamps)
 
 
 def llama_child(path, n, threads):
