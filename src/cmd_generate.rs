@@ -119,7 +119,7 @@ fn run_on<D: dfdx::prelude::Device<f32>>(args: GenerateArgs, dev: D, fmt: LogFor
         arm_checked_reads(store, &src)?;
     }
     let system = args.system.clone().or_else(|| default_system(&src));
-    let loaded = src.load(&dev);
+    let loaded = src.load_for_inference(&dev);
     if let (Some(store), Some(dir)) = (&store, pipeline_cache::checked::take_corrupt().first()) {
         if let Some(d) = store.artifact_of(dir) {
             let why = loaded.as_ref().err().map(|e| e.to_string()).unwrap_or_else(|| "a file differs".into());

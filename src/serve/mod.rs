@@ -193,7 +193,7 @@ fn load_on<D: Device<f32> + Send + 'static>(
     let (path, _) = model_path(args.model.as_deref(), args.recipe.as_deref(), args.stage.as_deref(), &args.cache)?;
     let src = ModelSource::resolve(&path, args.base.as_deref()).map_err(|e| Usage(e.to_string()))?;
     let system = default_system(&src);
-    let p = src.load(&dev).with_context(|| format!("loading {}", path.display()))?;
+    let p = src.load_for_inference(&dev).with_context(|| format!("loading {}", path.display()))?;
     let (base, codec) = TextCodec::split(p, system);
     let mut models = Vec::with_capacity(1 + adapters.len());
     if !adapters.is_empty() {

@@ -71,7 +71,7 @@ impl<D: Device<f32>> ModelPredictor<D> {
         let path = checkpoint_path(spec.model_dir);
         let failed = |e: pipeline_model::pretrained::LoadError| StageError::failed(format!("{}: {e}", path.display()));
         let src = ModelSource::resolve(&path, spec.base_model).map_err(failed)?;
-        let p = src.load(&dev).map_err(failed)?;
+        let p = src.load_for_inference(&dev).map_err(failed)?;
         let name = spec
             .model_name
             .map(str::to_string)

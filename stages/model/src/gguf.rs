@@ -41,9 +41,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub(crate) use dequant::{dequantize as dequantize_blocks, scale_min_k4};
 pub use dequant::{ggml_type_name, GgmlType};
 pub use export::{add_tokenizer_metadata, export_gguf, write_gguf};
-pub use hf::{load_gguf, GgufModel};
+pub use hf::{load_gguf, load_gguf_quantized, GgufModel};
 pub use names::{gguf_name, hf_name, permute_rope, unpermute_rope};
 pub use policy::{use_more_bits, FileType};
 pub use vocab::tokenizer_from_gguf;
@@ -189,7 +190,8 @@ pub struct GgufFile {
     order: Vec<String>,
     tensors: Vec<TensorInfo>,
     data_start: u64,
-    map: memmap2::Mmap,
+    /// Shared with the [`crate::QMatrix`]s that [`GgufFile::quant_matrix`] hands out.
+    map: std::sync::Arc<memmap2::Mmap>,
 }
 
 impl fmt::Debug for GgufFile {
@@ -297,9 +299,11 @@ impl GgufFile {
         let path = path.as_ref();
         let io = |source| GgufError::Io { path: path.to_path_buf(), source };
         let file = std::fs::File::open(path).map_err(io)?;
-        // SAFETY: the map is read-only; a file changed underneath us gives wrong numbers, not UB
-        // in safe code paths we rely on (we copy out of it immediately).
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        // SAFETY: the map is read-only. Quantised matrices keep reading it while the model runs
+        // (`quant_matrix`); a file rewritten in place underneath gives wrong numbers, and one
+        // truncated underneath a fault, never a write. The cache and our writers replace files by
+        // rename, which leaves a mapped file's data in place.
+        let map = std::sync::Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?);
         let mut f = GgufFile {
             path: path.to_path_buf(),
             version: 0,
@@ -451,6 +455,21 @@ impl GgufFile {
     }
     pub(crate) fn tensor_err(&self, tensor: &str, msg: impl Into<String>) -> GgufError {
         GgufError::Tensor { path: self.path.clone(), tensor: tensor.to_string(), msg: msg.into() }
+    }
+
+    /// A 2-D tensor in a quantised block format as a [`crate::QMatrix`] over the file's map
+    /// (no copy; `[dims[1], dims[0]]`); `None` for F32/F16/BF16 and tensors of other ranks.
+    pub fn quant_matrix(&self, t: &TensorInfo) -> Result<Option<crate::QMatrix>, GgufError> {
+        let Some(fmt) = crate::QFormat::from_ggml(self.ty(t)?) else { return Ok(None) };
+        if t.dims.len() != 2 {
+            return Ok(None);
+        }
+        let size = tensor_bytes(fmt.ggml(), t).map_err(|msg| self.tensor_err(&t.name, msg))?;
+        let start = (self.data_start + t.offset) as usize;
+        let (rows, cols) = (t.dims[1] as usize, t.dims[0] as usize);
+        crate::QMatrix::mapped(fmt, rows, cols, self.map.clone(), start, size as usize)
+            .map(Some)
+            .map_err(|m| self.tensor_err(&t.name, m))
     }
 
     /// Dequantise one tensor by name to f32, in row-major HF shape (`dims` reversed).

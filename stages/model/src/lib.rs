@@ -126,6 +126,7 @@ pub use error::ModelError;
 pub use generate::{generate, generate_until, FinishReason, Generation, GenerationConfig};
 pub use host::{HostTensor, HostTensors};
 pub use kernels::profile;
+pub use kernels::qblocks::{QFormat, QMatrix};
 pub use lora::{LoraConfig, Proj};
 pub use params::{FlatParams, FrozenDtype};
 

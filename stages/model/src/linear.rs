@@ -6,13 +6,13 @@
 //! | `Flat` (trained: full fine-tuning) | dfdx's matmul on a view of the trained vector | `dW` and `dx` |
 //! | `Frozen` (inference, LoRA's base) | [`kernels::frozen::matmul_wt`]; CPU batch-1 without a tape: [`kernels::host_matmul`] | `dx` only, never `dW` |
 //! | `FrozenBf16` (CUDA, `torch_dtype = "bfloat16"`) | [`kernels::frozen::matmul_wt_bf16`]: bf16 tensor-core GEMM, f32 accumulate | `dx` only (f32) |
+//! | `Quant` (a quantised `.gguf` on the CPU: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K blocks, [`kernels::qblocks`]) | without a tape: [`kernels::quant`], activations quantised to int8 blocks, block-wise int8 dot products (AVX2 at run time, portable fallback); taped: a dequantised copy through `frozen::matmul_wt` | `dx` only |
 //!
 //! LoRA adapters ([`Adapter`]) sit on top of any of them, in f32 (peft's mixed precision).
-//! Quantised blocks for CPU inference would be a further `Store` backend of this same type.
 
 use dfdx::prelude::*;
 
-use crate::kernels::{self, host_matmul};
+use crate::kernels::{self, host_matmul, quant};
 use crate::lora::{dropout_mask, mix_seed, LoraConfig};
 use crate::params::{Param, Store};
 
@@ -37,6 +37,7 @@ impl<D: Device<f32>> Ctx<'_, D> {
         match &p.store {
             Store::Frozen(t) => t.retaped::<T>(),
             Store::FrozenBf16(w) => crate::params::bf16_to_f32::<D>(w).retaped::<T>(),
+            Store::Quant(q) => self.dev.tensor_from_vec(q.dequantize(), (p.numel(),)).retaped::<T>(),
             Store::Flat(off) => self.flat.retaped::<T>().slice((*off..*off + p.numel(),)),
         }
     }
@@ -72,6 +73,15 @@ impl<D: Device<f32>> Ctx<'_, D> {
                 kernels::frozen::matmul_wt(x, t.clone().reshape_like(&(out, inp)))
             }
             Store::FrozenBf16(w) => kernels::frozen::matmul_wt_bf16(x, w, out),
+            Store::Quant(q) if !T::OWNS_TAPE && kernels::is_cpu::<D>() => {
+                let y = quant::quant_matmul_wt(&x.as_vec(), n, q);
+                self.dev.tensor_from_vec(y, (n, out)).retaped::<T>()
+            }
+            // a taped product (or another device) multiplies through a dequantised copy
+            Store::Quant(q) => {
+                let w = self.dev.tensor_from_vec(q.dequantize(), (out, inp));
+                kernels::frozen::matmul_wt(x, w)
+            }
             Store::Flat(_) => {
                 let w = self.fetch2::<O, I, T>(p, out, inp);
                 x.matmul(w.permute::<(I, O), Axes2<1, 0>>())

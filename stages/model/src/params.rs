@@ -17,6 +17,8 @@ use std::sync::{Arc, OnceLock};
 use dfdx::nn::tensor_collection::{ModuleVisitor, TensorCollection, TensorOptions};
 use dfdx::prelude::*;
 
+use crate::kernels::qblocks::QMatrix;
+
 /// All trainable weights of a model, concatenated (see the module docs).
 #[derive(Debug, Clone)]
 pub struct FlatParams<E: Dtype, D: Storage<E>> {
@@ -73,12 +75,13 @@ pub enum FrozenDtype {
 }
 
 impl<D: Device<f32>> Param<D> {
-    /// The frozen values as an f32 device vector (a bf16 weight is widened into a new buffer);
-    /// `None` for a trained weight.
-    pub fn frozen_f32(&self) -> Option<Tensor<(usize,), f32, D>> {
+    /// The frozen values as an f32 device vector on `dev` (a bf16 or quantised weight is widened
+    /// into a new buffer); `None` for a trained weight.
+    pub fn frozen_f32(&self, dev: &D) -> Option<Tensor<(usize,), f32, D>> {
         match &self.store {
             Store::Frozen(t) => Some(t.clone()),
             Store::FrozenBf16(w) => Some(bf16_to_f32::<D>(w)),
+            Store::Quant(q) => Some(dev.tensor_from_vec(q.dequantize(), (q.rows() * q.cols(),))),
             Store::Flat(_) => None,
         }
     }
@@ -117,6 +120,11 @@ pub(crate) enum Store<D: Storage<f32>> {
     /// without the `cuda` feature (the payload type has no values there).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     FrozenBf16(Bf16Weight),
+    /// Not trained, held as GGUF blocks on the host ([`QMatrix`]: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+    /// Q4_K, Q6_K) for CPU inference: products run on the blocks
+    /// ([`crate::kernels::quant`]), an embedding lookup dequantises the rows it reads, and a
+    /// path that needs f32 values (a taped product, training, merging) dequantises a copy.
+    Quant(Arc<QMatrix>),
     /// Trained: `numel` values at this offset of [`FlatParams::flat`].
     Flat(usize),
 }
@@ -155,6 +163,7 @@ impl<D: Storage<f32>> Param<D> {
         match &self.store {
             Store::Frozen(t) => Some(self.host.0.get_or_init(|| Arc::new(t.as_vec()))),
             Store::FrozenBf16(w) => Some(self.host.0.get_or_init(|| Arc::new(bf16_to_host(w)))),
+            Store::Quant(q) => Some(self.host.0.get_or_init(|| Arc::new(q.dequantize()))),
             Store::Flat(_) => None,
         }
     }

@@ -172,12 +172,27 @@ impl ModelSource {
         }
     }
 
-    /// Loads the model onto `dev`; an adapter is merged into its base.
+    /// Loads the model onto `dev` with every weight in f32 (a quantised `.gguf` is dequantised:
+    /// what training and conversion need); an adapter is merged into its base.
     pub fn load<D: Device<f32>>(&self, dev: &D) -> Result<Pretrained<D>, LoadError> {
+        self.load_with(dev, false)
+    }
+
+    /// [`ModelSource::load`] for inference (generate, chat, eval, serve): on the CPU the matrices
+    /// of a quantised `.gguf` stay in their blocks and run on the quantised kernels, so resident
+    /// memory is about the file's size ([`crate::params::Store::Quant`]). F32/F16/BF16 tensors
+    /// load as before. `PIPELINE_DEQUANTIZE_GGUF=1` dequantises as [`ModelSource::load`] does
+    /// (for comparisons). An adapter's merged projections become f32.
+    pub fn load_for_inference<D: Device<f32>>(&self, dev: &D) -> Result<Pretrained<D>, LoadError> {
+        let keep = crate::kernels::is_cpu::<D>() && !dequantize_forced();
+        self.load_with(dev, keep)
+    }
+
+    fn load_with<D: Device<f32>>(&self, dev: &D, keep_quantized: bool) -> Result<Pretrained<D>, LoadError> {
         match self {
-            ModelSource::Folder(p) | ModelSource::Gguf(p) => load_checkpoint(p, dev),
+            ModelSource::Folder(p) | ModelSource::Gguf(p) => load_checkpoint(p, dev, keep_quantized),
             ModelSource::Adapter { dir, base } => {
-                let mut p = base.load(dev)?;
+                let mut p = base.load_with(dev, keep_quantized)?;
                 let err = |source| LoadError::Adapter { dir: dir.clone(), source };
                 p.model.load_peft_adapter(dir).map_err(err)?;
                 p.model.merge_lora().map_err(err)?;
@@ -246,6 +261,12 @@ pub fn load_pretrained<D: Device<f32>>(path: &Path, dev: &D) -> Result<Pretraine
     ModelSource::resolve(path, None)?.load(dev)
 }
 
+/// [`load_pretrained`] for inference ([`ModelSource::load_for_inference`]: a quantised `.gguf`
+/// stays quantised on the CPU).
+pub fn load_for_inference<D: Device<f32>>(path: &Path, dev: &D) -> Result<Pretrained<D>, LoadError> {
+    ModelSource::resolve(path, None)?.load_for_inference(dev)
+}
+
 /// [`load_pretrained`] with an explicit base model for an adapter folder (`None`: the one
 /// `adapter_config.json` names).
 pub fn load_pretrained_with_base<D: Device<f32>>(
@@ -256,13 +277,18 @@ pub fn load_pretrained_with_base<D: Device<f32>>(
     ModelSource::resolve(path, base)?.load(dev)
 }
 
-/// A HF folder or a `.gguf` file.
-fn load_checkpoint<D: Device<f32>>(path: &Path, dev: &D) -> Result<Pretrained<D>, LoadError> {
+/// `PIPELINE_DEQUANTIZE_GGUF=1`: [`ModelSource::load_for_inference`] dequantises as training does.
+fn dequantize_forced() -> bool {
+    std::env::var("PIPELINE_DEQUANTIZE_GGUF").is_ok_and(|v| v == "1")
+}
+
+/// A HF folder or a `.gguf` file (its quantised matrices kept as blocks with `keep_quantized`).
+fn load_checkpoint<D: Device<f32>>(path: &Path, dev: &D, keep_quantized: bool) -> Result<Pretrained<D>, LoadError> {
     let is_gguf = is_gguf(path);
     let (model, tokenizer, chat) = if is_gguf {
-        let g = crate::gguf::load_gguf(path)?;
+        let g = if keep_quantized { crate::gguf::load_gguf_quantized(path)? } else { crate::gguf::load_gguf(path)? };
         let cfg = ModelConfig::from_hf_value(&g.config_json)?;
-        let model = Qwen2::from_host(&cfg, &g.tensors, dev)?;
+        let model = Qwen2::from_host_quantized(&cfg, &g.tensors, &g.quantized, dev)?;
         let tok = g.tokenizer.ok_or_else(|| LoadError::NoTokenizer { path: path.to_path_buf() })?;
         let chat = match &g.chat_template {
             Some(src) => Some(ChatTemplate::new(src, tok.special_tokens().clone())?),

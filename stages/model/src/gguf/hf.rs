@@ -1,13 +1,15 @@
 //! llama.cpp tensor names and metadata -> Hugging Face names, layouts and `config.json`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::{json, Value};
 
 use super::names::{hf_name, rope_heads, unpermute_rope, BLOCK};
 use super::{GgufError, GgufFile};
-use crate::host::HostTensors;
+use crate::host::{HostTensor, HostTensors};
 use crate::tokenizer::Tokenizer;
+use crate::QMatrix;
 
 /// A GGUF model in Hugging Face terms.
 #[derive(Debug)]
@@ -18,6 +20,9 @@ pub struct GgufModel {
     pub config_json: Value,
     /// HF tensor names and row-major layouts, f32.
     pub tensors: HostTensors,
+    /// The matrices kept in their quantised blocks ([`load_gguf_quantized`]; empty from
+    /// [`load_gguf`]), under HF names and layouts; a name is in `tensors` or here, never both.
+    pub quantized: BTreeMap<String, QMatrix>,
     /// Rebuilt from `tokenizer.ggml.*` (None when the file has no `gpt2`-model vocabulary).
     pub tokenizer: Option<Tokenizer>,
     /// `tokenizer.chat_template`.
@@ -27,6 +32,18 @@ pub struct GgufModel {
 /// Read a `llama` or `qwen2` GGUF file: config, all tensors dequantised to f32 under HF names
 /// (Q/K rows un-permuted for llama), tokenizer and chat template from metadata.
 pub fn load_gguf(path: impl AsRef<Path>) -> Result<GgufModel, GgufError> {
+    load_gguf_with(path.as_ref(), false)
+}
+
+/// [`load_gguf`], keeping every matrix stored in a quantised block format (Q8_0, Q4_0, Q4_1,
+/// Q5_0, Q5_1, Q4_K, Q6_K) as its blocks in [`GgufModel::quantized`], read from the file's map
+/// (llama's Q/K rows are un-permuted into their own buffer); F32/F16/BF16 tensors and vectors
+/// are dequantised into [`GgufModel::tensors`] as before.
+pub fn load_gguf_quantized(path: impl AsRef<Path>) -> Result<GgufModel, GgufError> {
+    load_gguf_with(path.as_ref(), true)
+}
+
+fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<GgufModel, GgufError> {
     let f = GgufFile::open(path)?;
     let arch = f.get_str("general.architecture")?.to_string();
     let (hf_arch, model_type, permute_qk) = match arch.as_str() {
@@ -63,6 +80,7 @@ pub fn load_gguf(path: impl AsRef<Path>) -> Result<GgufModel, GgufError> {
     let ctx = f.get_u64(&k("context_length"))?;
 
     let mut tensors = HostTensors::new();
+    let mut quantized = BTreeMap::new();
     for info in f.tensors() {
         let Some(hf_name) = hf_name(&info.name) else {
             if info.name == "rope_freqs.weight" {
@@ -70,22 +88,39 @@ pub fn load_gguf(path: impl AsRef<Path>) -> Result<GgufModel, GgufError> {
             }
             return Err(f.tensor_err(&info.name, "no Hugging Face counterpart for this llama.cpp tensor name"));
         };
+        let rope = rope_heads(&hf_name, n_heads as usize, n_kv as usize).filter(|_| permute_qk);
+        if keep_quantized {
+            if let Some(mut q) = f.quant_matrix(info)? {
+                if let Some(h) = rope {
+                    // the un-permutation of row indices is the order to copy the rows in
+                    let idx = HostTensor::new(vec![q.rows()], (0..q.rows()).map(|r| r as f32).collect());
+                    let src = unpermute_rope(&idx, h).map_err(|m| f.tensor_err(&info.name, m))?;
+                    let src: Vec<usize> = src.data.iter().map(|&r| r as usize).collect();
+                    q = q.reorder_rows(&src).map_err(|m| f.tensor_err(&info.name, m))?;
+                }
+                quantized.insert(hf_name, q);
+                continue;
+            }
+        }
         let mut t = f.dequantize(&info.name)?;
-        if let Some(h) = rope_heads(&hf_name, n_heads as usize, n_kv as usize).filter(|_| permute_qk) {
+        if let Some(h) = rope {
             t = unpermute_rope(&t, h).map_err(|m| f.tensor_err(&info.name, m))?;
         }
         tensors.insert(hf_name, t);
     }
 
-    let embed = tensors
-        .get("model.embed_tokens.weight")
-        .ok_or_else(|| f.tensor_err("token_embd.weight", "missing (the token embedding)"))?;
-    if embed.shape.len() != 2 || embed.shape[1] as u64 != hidden {
-        return Err(f.tensor_err("token_embd.weight", format!("shape {:?}, expected [vocab, {hidden}]", embed.shape)));
+    let embed_shape = match (tensors.get("model.embed_tokens.weight"), quantized.get("model.embed_tokens.weight")) {
+        (Some(t), _) => t.shape.clone(),
+        (None, Some(q)) => q.shape(),
+        (None, None) => return Err(f.tensor_err("token_embd.weight", "missing (the token embedding)")),
+    };
+    if embed_shape.len() != 2 || embed_shape[1] as u64 != hidden {
+        return Err(f.tensor_err("token_embd.weight", format!("shape {embed_shape:?}, expected [vocab, {hidden}]")));
     }
-    let vocab_size = embed.shape[0];
-    check_layers(&f, &tensors, n_layers)?;
-    let tied = !tensors.contains_key("lm_head.weight");
+    let vocab_size = embed_shape[0];
+    let has = |name: &str| tensors.contains_key(name) || quantized.contains_key(name);
+    check_layers(&f, &has, n_layers)?;
+    let tied = !has("lm_head.weight");
 
     let tokenizer = super::vocab::tokenizer_from_gguf(&f)?;
     if tokenizer.is_some() {
@@ -131,19 +166,19 @@ pub fn load_gguf(path: impl AsRef<Path>) -> Result<GgufModel, GgufError> {
         None => None,
         Some(_) => Some(f.get_str("tokenizer.chat_template")?.to_string()),
     };
-    Ok(GgufModel { config_json: config, tensors, tokenizer, chat_template })
+    Ok(GgufModel { config_json: config, tensors, quantized, tokenizer, chat_template })
 }
 
 /// Every block must have its norms and projections (biases optional).
-fn check_layers(f: &GgufFile, t: &HostTensors, n_layers: u64) -> Result<(), GgufError> {
+fn check_layers(f: &GgufFile, has: &dyn Fn(&str) -> bool, n_layers: u64) -> Result<(), GgufError> {
     for i in 0..n_layers {
         for b in &BLOCK {
-            if !t.contains_key(&format!("model.layers.{i}.{}.weight", b.hf)) {
+            if !has(&format!("model.layers.{i}.{}.weight", b.hf)) {
                 return Err(f.tensor_err(&format!("blk.{i}.{}.weight", b.gguf), "missing"));
             }
         }
     }
-    if !t.contains_key("model.norm.weight") {
+    if !has("model.norm.weight") {
         return Err(f.tensor_err("output_norm.weight", "missing"));
     }
     Ok(())

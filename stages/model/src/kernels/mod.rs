@@ -16,6 +16,8 @@ pub(crate) mod frozen;
 pub(crate) mod fused_ce;
 pub(crate) mod host_matmul;
 pub mod profile;
+pub(crate) mod qblocks;
+pub(crate) mod quant;
 
 use std::any::{Any, TypeId};
 

@@ -119,6 +119,17 @@ impl<D: Device<f32>> Qwen2<D> {
         Self::from_host_with_dims(cfg, tensors, dev)
     }
 
+    /// [`Qwen2::from_host`] with some matrices kept in quantised GGUF blocks
+    /// ([`Qwen2::from_host_quantized_with_dims`]).
+    pub fn from_host_quantized(
+        cfg: &ModelConfig,
+        tensors: &HostTensors,
+        quantized: &std::collections::BTreeMap<String, crate::QMatrix>,
+        dev: &D,
+    ) -> Result<Self, ModelError> {
+        Self::from_host_quantized_with_dims(cfg, tensors, quantized, dev)
+    }
+
     /// Reads a Hugging Face checkpoint folder (see [`checkpoint::load_hf_folder`]).
     pub fn load_hf(dir: &Path, dev: &D) -> Result<Self, ModelError> {
         Self::load_hf_with_dims(dir, dev)
@@ -301,6 +312,14 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
             }
             #[cfg(not(feature = "cuda"))]
             Store::FrozenBf16(w) => match *w {},
+            // a quantised table stays quantised: only the rows looked up are dequantised
+            Store::Quant(q) => {
+                let mut rows = Vec::with_capacity(n * h.size());
+                for &id in &batch.ids {
+                    rows.extend(q.dequantize_row(id as usize));
+                }
+                self.dev.tensor_from_vec(rows, (n, h)).put_tape(tape)
+            }
             Store::Flat(_) => {
                 let (x, t0) = ctx.fetch2::<usize, S::Hidden, T>(&self.embed_tokens, v, h).gather(ids).split_tape();
                 x.put_tape(t0.merge(tape))

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use dfdx::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -20,6 +21,7 @@ use crate::host::{HostTensor, HostTensors};
 use crate::linear::{Adapter, Linear};
 use crate::lora::{peft_names, LoraConfig, Proj};
 use crate::params::{FlatParams, FrozenDtype, Param, Store};
+use crate::QMatrix;
 
 pub(crate) fn hf_names(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, &'static str)> {
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
@@ -84,11 +86,45 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         dev: &D,
         dtype: FrozenDtype,
     ) -> Result<Self, ModelError> {
+        Self::from_parts(cfg, tensors, &BTreeMap::new(), dev, dtype)
+    }
+
+    /// [`Qwen2::from_host_with_dims`] with some matrices in quantised GGUF blocks (`quantized`,
+    /// HF names; each name in `tensors` or `quantized`): they stay quantised
+    /// ([`crate::params::Store::Quant`]) and products through them run on the block kernels
+    /// (CPU inference; a taped product or another device multiplies through a dequantised copy).
+    pub fn from_host_quantized_with_dims(
+        cfg: &ModelConfig,
+        tensors: &HostTensors,
+        quantized: &BTreeMap<String, QMatrix>,
+        dev: &D,
+    ) -> Result<Self, ModelError> {
+        Self::from_parts(cfg, tensors, quantized, dev, FrozenDtype::F32)
+    }
+
+    fn from_parts(
+        cfg: &ModelConfig,
+        tensors: &HostTensors,
+        quantized: &BTreeMap<String, QMatrix>,
+        dev: &D,
+        dtype: FrozenDtype,
+    ) -> Result<Self, ModelError> {
         let dims = DimValues::<S>::from_config(cfg)?;
         let expected = hf_names(cfg);
         let mut known: BTreeMap<&str, ()> = BTreeMap::new();
         for (name, shape, field) in &expected {
             known.insert(name.as_str(), ());
+            if let Some(q) = quantized.get(name) {
+                if &q.shape() != shape {
+                    return Err(ModelError::ShapeMismatch {
+                        name: name.clone(),
+                        got: q.shape(),
+                        expected: shape.clone(),
+                        field: field.to_string(),
+                    });
+                }
+                continue;
+            }
             let t = tensors.get(name).ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
             if &t.shape != shape {
                 return Err(ModelError::ShapeMismatch {
@@ -107,7 +143,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                 });
             }
         }
-        for name in tensors.keys() {
+        for name in tensors.keys().chain(quantized.keys()) {
             // `score.weight`: the head of a sequence-classification folder (transformers'
             // `Qwen2ForSequenceClassification`, the `sft` stage's `task_type = "seq_cls"`), which
             // is not part of the decoder; `pipeline_train::cls` reads it.
@@ -126,8 +162,11 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                 Store::Frozen(dev.tensor_from_vec(t.data.clone(), (t.data.len(),))),
             )
         };
-        // a matrix in `dtype`
+        // a matrix in `dtype`, or in its quantised blocks
         let matrix = |name: &str| -> Result<Param<D>, ModelError> {
+            if let Some(q) = quantized.get(name) {
+                return Ok(Param::new(name.to_string(), q.shape(), Store::Quant(Arc::new(q.clone()))));
+            }
             #[cfg(feature = "cuda")]
             if let (FrozenDtype::Bf16, Some(cuda)) = (dtype, (dev as &dyn std::any::Any).downcast_ref::<Cuda>()) {
                 let t = &tensors[name];
@@ -254,6 +293,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         match &p.store {
             Store::Frozen(t) => t.as_vec(),
             Store::FrozenBf16(w) => crate::params::bf16_to_host(w),
+            Store::Quant(q) => q.dequantize(),
             Store::Flat(off) => {
                 let all = self.params.flat.as_vec();
                 all[*off..*off + p.numel()].to_vec()
@@ -286,6 +326,8 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                     Store::Frozen(t) => t.as_vec(),
                     // trained weights are f32 (full fine-tuning of a bf16 base trains in f32)
                     Store::FrozenBf16(w) => crate::params::bf16_to_host(w),
+                    // training from a quantised base trains its dequantised values
+                    Store::Quant(q) => q.dequantize(),
                     Store::Flat(_) => unreachable!("freeze_all ran first"),
                 };
                 p.set_store(Store::Flat(flat.len()));
@@ -416,6 +458,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         };
         self.freeze_all();
         let s = lc.scale();
+        let dev = self.dev.clone();
         for layer in &mut self.layers {
             for p in Proj::ALL {
                 let lin = layer.linear_mut(p);
@@ -423,7 +466,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                     let (r, i) = (a.shape[0], a.shape[1]);
                     let o = b.shape[0];
                     let (Store::Frozen(at), Store::Frozen(bt), Some(wt)) =
-                        (&a.store, &b.store, lin.weight.frozen_f32())
+                        (&a.store, &b.store, lin.weight.frozen_f32(&dev))
                     else {
                         unreachable!("freeze_all ran first")
                     };
@@ -450,13 +493,14 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
     pub fn set_frozen_dtype(&mut self, dtype: FrozenDtype) -> Result<bool, ModelError> {
         #[cfg(feature = "cuda")]
         if crate::kernels::is_cuda::<D>() {
+            let dev = self.dev.clone();
             for p in self.all_params_mut() {
                 match (&p.store, dtype) {
                     (Store::Frozen(_), FrozenDtype::Bf16) if p.shape.len() == 2 && !p.name.contains(".lora_") => {
                         to_bf16_store(p)?
                     }
                     (Store::FrozenBf16(_), FrozenDtype::F32) => {
-                        let t = p.frozen_f32().expect("frozen");
+                        let t = p.frozen_f32(&dev).expect("frozen");
                         p.set_store(Store::Frozen(t));
                     }
                     _ => {}
@@ -466,6 +510,12 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         }
         let _ = dtype;
         Ok(false)
+    }
+
+    /// How many weights are held in quantised GGUF blocks (0 unless loaded with
+    /// [`Qwen2::from_host_quantized`]).
+    pub fn quantized_weights(&self) -> usize {
+        self.all_params().iter().filter(|p| matches!(p.store, Store::Quant(_))).count()
     }
 
     /// The precision the frozen base matrices are held in.
