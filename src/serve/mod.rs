@@ -172,11 +172,16 @@ pub struct Loaded {
 pub fn load(args: &ModelArgs, adapters: &[PathBuf], limits: EngineLimits) -> anyhow::Result<Loaded> {
     match args.device {
         pipeline_engine::Device::Cpu => load_on(args, adapters, limits, Cpu::default()),
+        // The engine thread owns its models, and dfdx's CUDA device (its cudarc stream) cannot be
+        // sent to another thread, so a CUDA build serves from the CPU until the engine creates
+        // its device on its own thread.
         #[cfg(feature = "cuda")]
-        pipeline_engine::Device::Cuda { ordinal } => {
-            let dev = pipeline_stages::cuda_device(ordinal)?;
-            load_on(args, adapters, limits, dev)
-        }
+        pipeline_engine::Device::Cuda { .. } => Err(Usage(format!(
+            "--device {}: serving and chat run on the CPU in this build (the CUDA device cannot move to the \
+             engine thread yet); leave --device out",
+            args.device
+        ))
+        .into()),
         #[cfg(not(feature = "cuda"))]
         pipeline_engine::Device::Cuda { .. } => {
             Err(Usage(pipeline_stages::cuda_not_built(args.device).to_string()).into())

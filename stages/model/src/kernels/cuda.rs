@@ -379,6 +379,14 @@ pub(crate) struct Bf16Weight {
     dev: Cuda,
 }
 
+// SAFETY: dfdx's `Cuda` is not `Send` only because it holds a cudarc stream handle (a raw
+// pointer). A `Bf16Weight` exists only inside a `Qwen2<Cuda>`, which stays `!Send` through its own
+// `Cuda` device and tensors; these impls keep the weight type from making every `Qwen2<D>` (the
+// CPU model the server's engine thread owns in a CUDA build) `!Send`. Every use of the buffer
+// goes through cudarc calls that bind the device's context to the calling thread first.
+unsafe impl Send for Bf16Weight {}
+unsafe impl Sync for Bf16Weight {}
+
 impl std::fmt::Debug for Bf16Weight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Bf16Weight({} values)", self.data.len())
