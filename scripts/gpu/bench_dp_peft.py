@@ -44,7 +44,10 @@ tok = AutoTokenizer.from_pretrained(a.model)
 pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 rows = [json.loads(line) for line in open(a.data)]
 enc = [
-    tok.apply_chat_template([{"role": "system", "content": a.system}] + r["messages"], tokenize=True)[: a.max_length]
+    tok(
+        tok.apply_chat_template([{"role": "system", "content": a.system}] + r["messages"], tokenize=False),
+        add_special_tokens=False,
+    )["input_ids"][: a.max_length]
     for r in rows
 ]
 
