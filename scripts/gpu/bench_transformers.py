@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Transformers (+ peft) baseline for `stages/model/benches/throughput.rs` on the same GPU.
 
-Times, for random-weight models with SmolLM2-135M's and Qwen2.5-0.5B's dimensions and the same
+Times, for random-weight models with SmolLM2-135M's, Qwen2.5-0.5B's (and, asked for by name with
+`--models Qwen2.5-7B` and loaded from `--weights`, Qwen2.5-7B's) dimensions and the same
 shapes as the Rust bench: forward tokens/s on [batch, seq]; one LoRA SFT step (r=8, alpha=16,
 all linear layers, no dropout; forward + backward + Adam update) tokens/s; peak GPU memory during the
 LoRA steps (nvidia-smi sampled during the steps, as the Rust bench does) and torch's peak allocation; greedy
@@ -10,7 +11,8 @@ code runs), bf16 (f32 weights, bf16 autocast) and bf16base (base weights in bf16
 f32 as peft keeps them, bf16 autocast: ms-swift's `--torch_dtype bfloat16`). One warm-up, then
 `--reps` timed repetitions; the loss of every step is printed. `--weights DIR` loads
 DIR/<model name> (written by the Rust bench with PIPELINE_BENCH_SAVE=DIR) instead of a random
-init, so both sides start from identical weights and data.
+init, so both sides start from identical weights and data. `--gc` turns on transformers' gradient
+checkpointing (non-reentrant), as the seed's 7B configuration does.
 
 Output lines: bench<TAB>impl<TAB>model<TAB>metric<TAB>value<TAB>unit (see scripts/gpu/table.py).
 """
@@ -38,6 +40,24 @@ def qwen25_05b_shape():
         num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
         tie_word_embeddings=True, max_position_embeddings=32768,
         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def qwen25_7b_shape():
+    return Qwen2ForCausalLM, Qwen2Config(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        tie_word_embeddings=False, max_position_embeddings=32768,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def mfu(c, seq, tokens_per_s):
+    """Percent of one H200's 989 dense bf16 TFLOPS at 6N + 6*L*seq*q_dim FLOPs per token (the
+    Rust bench's `mfu`: N = every matrix a token multiplies through, LM head included)."""
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    h, q, kv = c.hidden_size, c.num_attention_heads * hd, c.num_key_value_heads * hd
+    layer = h * q * 2 + h * kv * 2 + 3 * h * c.intermediate_size
+    n = c.num_hidden_layers * layer + h * c.vocab_size
+    return 100.0 * tokens_per_s * (6.0 * n + 6 * c.num_hidden_layers * seq * q) / 989e12
 
 
 def gpu_mem_used_mib():
@@ -98,6 +118,9 @@ def bench(impl, name, make, args, autocast, bf16_base=False):
             model(ids).logits  # logits stay on the device, as in the Rust bench
         torch.cuda.synchronize()
     report(impl, name, f"forward [{b}x{s}]", reps * b * s / (time.perf_counter() - t), "tokens/s")
+    torch.cuda.empty_cache()  # the forward's cached logits do not count against the LoRA steps
+    if args.gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     from peft import LoraConfig, get_peft_model
     lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
@@ -125,6 +148,7 @@ def bench(impl, name, make, args, autocast, bf16_base=False):
     for k, loss in enumerate(losses):
         report(impl, name, f"loss step {k + 2} [{b}x{s}]", loss, "nats")
     report(impl, name, f"LoRA SFT step [{b}x{s}]", reps * b * s / dt, "tokens/s")
+    report(impl, name, f"MFU [{b}x{s}] (6N + attention, of 989 TFLOPS)", mfu(cfg, s, reps * b * s / dt), "%")
     report(impl, name, "GPU memory peak in LoRA steps (nvidia-smi)", mem.peak, "MiB")
     report(impl, name, "torch peak allocated in LoRA steps", torch.cuda.max_memory_allocated() / 2**20, "MiB")
     model = pm.unload()
@@ -163,6 +187,7 @@ def main():
     ap.add_argument("--precisions", default="f32,bf16", help="comma list of f32, bf16 (autocast), bf16base")
     ap.add_argument("--models", default="", help="comma list of model-name prefixes (default: all)")
     ap.add_argument("--weights", default="", help="folder of <model name>/ checkpoints to load")
+    ap.add_argument("--gc", action="store_true", help="gradient checkpointing in the LoRA steps")
     args = ap.parse_args()
     # f32 means f32: no TF32 matmuls (the Rust code runs plain f32 cuBLAS)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -176,8 +201,10 @@ def main():
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, peft {pv}, "
           f"device {torch.cuda.get_device_name(0)}", flush=True)
     for prec in args.precisions.split(","):
-        for name, make in (("SmolLM2-135M-shape", smollm2_135m_shape), ("Qwen2.5-0.5B-shape", qwen25_05b_shape)):
-            if args.models and not any(name.startswith(m) for m in args.models.split(",")):
+        for name, make in (("SmolLM2-135M-shape", smollm2_135m_shape), ("Qwen2.5-0.5B-shape", qwen25_05b_shape),
+                           ("Qwen2.5-7B-shape", qwen25_7b_shape)):
+            asked = args.models and any(name.startswith(m) for m in args.models.split(","))
+            if (args.models and not asked) or (name.startswith("Qwen2.5-7B") and not asked):
                 continue
             bench(f"transformers-{prec}", name, make, args, autocast=prec in ("bf16", "bf16base"),
                   bf16_base=prec == "bf16base")

@@ -8,7 +8,8 @@ real architecture and shapes made by transformers itself (`Qwen2Config` + `save_
 The tokenizer files are copied from --tokenizer-dir (the Qwen2.5 tokenizer pipeline embeds and
 writes into every tiny-preset model folder).
 
-usage: make_random_qwen.py OUT_DIR --tokenizer-dir DIR [--seed 0] [--shape 0.5b|7b]
+usage: make_random_qwen.py OUT_DIR [--tokenizer-dir DIR] [--seed 0] [--shape 0.5b|7b]
+(the throughput bench needs no tokenizer; the recipes do)
 """
 import argparse
 import shutil
@@ -19,7 +20,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 ap = argparse.ArgumentParser()
 ap.add_argument("out")
-ap.add_argument("--tokenizer-dir", required=True)
+ap.add_argument("--tokenizer-dir", help="copy tokenizer.json and tokenizer_config.json from here")
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--shape", choices=["0.5b", "7b"], default="0.5b")
 a = ap.parse_args()
@@ -45,6 +46,6 @@ else:
     model = model.to("cpu")
 out = Path(a.out)
 model.save_pretrained(out, safe_serialization=True)
-for f in ["tokenizer.json", "tokenizer_config.json"]:
+for f in ["tokenizer.json", "tokenizer_config.json"] if a.tokenizer_dir else []:
     shutil.copy(Path(a.tokenizer_dir) / f, out / f)
 print(f"wrote {out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters (bf16 on disk)")

@@ -16,10 +16,10 @@ fi
 scripts/gpu/cargo-cuda.sh build --features cuda --bin pipeline
 # shellcheck disable=SC1091
 . scripts/gpu/pack-lib.sh
-rm -rf .gpu .gpu-dp
+rm -rf .gpu-dp
+export PACK_DIR=.gpu-dp
 pack_for_device target/cuda/debug/pipeline scripts/gpu/device-setup.sh scripts/gpu/dp-on-device.sh \
   scripts/gpu/make_random_qwen.py scripts/gpu/bench_dp_peft.py
-mv .gpu .gpu-dp
 if [ -n "${GPU_WHEELS:-}" ]; then cp "$GPU_WHEELS"/*.whl .gpu-dp/; fi
 strip .gpu-dp/pipeline 2>/dev/null || true
 xz -T2 -6 -f .gpu-dp/pipeline

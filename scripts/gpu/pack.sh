@@ -4,7 +4,7 @@
 #   model-tests, throughput        test and bench binaries (--features cuda)
 #   setup.sh, headers.tgz          from ../shared/gpu/pack-for-device.sh (NVRTC headers at their build paths)
 #   fixtures/                      stages/model/tests/fixtures (the binaries read $PIPELINE_TEST_FIXTURES)
-#   run-on-device.sh, bench_transformers.py, table.py
+#   run-on-device.sh, bench_transformers.py, table.py, make_random_qwen.py (the 7B-shaped checkpoint)
 #   *.whl                          optional: wheels in $GPU_WHEELS (e.g. peft, if the GPU image lacks it)
 # Usage, from the project root: scripts/gpu/pack.sh   then see scripts/gpu/README.md.
 set -euo pipefail
@@ -27,7 +27,7 @@ cp "$tests" "$tmp/model-tests"
 cp "$bench" "$tmp/throughput"
 rm -rf .gpu
 pack_for_device "$tmp/model-tests" "$tmp/throughput" \
-  scripts/gpu/device-setup.sh scripts/gpu/run-on-device.sh scripts/gpu/kernels-on-device.sh scripts/gpu/bf16-on-device.sh scripts/gpu/bench_transformers.py scripts/gpu/table.py
+  scripts/gpu/device-setup.sh scripts/gpu/run-on-device.sh scripts/gpu/kernels-on-device.sh scripts/gpu/bf16-on-device.sh scripts/gpu/bench_transformers.py scripts/gpu/table.py scripts/gpu/make_random_qwen.py
 rm -rf "$tmp"
 cp -r stages/model/tests/fixtures .gpu/fixtures
 if [ -n "${GPU_WHEELS:-}" ]; then cp "$GPU_WHEELS"/*.whl .gpu/; fi

@@ -140,7 +140,9 @@ impl Stage for Align {
         // the adapter's `base_model_name_or_path` is relative to the cache (issue 14, defect 5).
         // 3: gradient accumulation sums every micro-batch's gradient (it kept only the last one's:
         // issue 17); data-parallel training.
-        3
+        // 4: a model trained over a bf16 base (CUDA) is written in bf16, as its base was held
+        // (issue 11); f32 bases are written as before.
+        4
     }
     fn distributed_params(&self, params: &toml::Table, world_size: usize) -> Option<toml::Table> {
         Some(training::distributed_params(params, world_size))
@@ -165,7 +167,7 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
     let (cfg, t) = (&p.train, &p.tuner);
     let seed = cfg.seed_or(ctx.seed());
     let src = training::model_path(ctx, t.model.as_deref())?;
-    let mut pre = training::load(&src, dev)?;
+    let mut pre = training::load_for_training(&src, dev, cfg)?;
     let system = t.system.clone().or_else(|| training::trained_system(&src));
     let mut rows = read_dataset(ctx.input("data")?)?;
     let media_dropped = training::text_only_rows(&mut rows, t.drop_media, &src)?;

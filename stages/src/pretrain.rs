@@ -148,7 +148,9 @@ impl Stage for Pretrain {
         // TensorBoard event files in `metrics/tensorboard/` (`report_to`).
         // 3: gradient accumulation sums every micro-batch's gradient (it kept only the last one's:
         // issue 17); data-parallel training.
-        3
+        // 4: a model trained over a bf16 base (CUDA) is written in bf16, as its base was held
+        // (issue 11); f32 bases are written as before.
+        4
     }
     fn distributed_params(&self, params: &toml::Table, world_size: usize) -> Option<toml::Table> {
         Some(training::distributed_params(params, world_size))
@@ -179,7 +181,7 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
     match &src {
         Some(path) => {
             // a checkpoint from disk: runtime dimensions
-            let pre = training::load(path, dev)?;
+            let pre = training::load_for_training(path, dev, &p.train)?;
             let chat = training::chat_template(&pre)?;
             let docs = documents(&pre.tokenizer, chat, &rows, p.system.as_deref())?;
             let docs: Vec<_> = docs.iter().map(|d| pre.to_model_ids_counted(d)).collect();

@@ -192,7 +192,9 @@ impl Stage for Sft {
         // the adapter's `base_model_name_or_path` is relative to the cache (issue 14, defect 5).
         // 3: gradient accumulation sums every micro-batch's gradient (it kept only the last one's:
         // issue 17); data-parallel training.
-        3
+        // 4: a model trained over a bf16 base (CUDA) is written in bf16, as its base was held
+        // (issue 11); f32 bases are written as before.
+        4
     }
     fn distributed_params(&self, params: &toml::Table, world_size: usize) -> Option<toml::Table> {
         Some(training::distributed_params(params, world_size))
@@ -253,7 +255,7 @@ fn run_on<D: Device<f32>>(ctx: &RunCtx, dev: &D) -> Result<(), StageError> {
     params.check_task()?;
     let seed = params.train.seed_or(ctx.seed());
     let src = training::model_path(ctx, params.tuner.model.as_deref())?;
-    let pre = training::load(&src, dev)?;
+    let pre = training::load_for_training(&src, dev, &params.train)?;
     let system = params.tuner.system.clone().or_else(|| training::trained_system(&src));
     let mut rows = read_dataset(ctx.input("data")?)?;
     let media_dropped = training::text_only_rows(&mut rows, params.tuner.drop_media, &src)?;

@@ -29,7 +29,8 @@
 //!
 //! # The output `model` folder
 //! Always a complete Hugging Face folder that `load_pretrained` (and so `pipeline generate`)
-//! reads on its own: `config.json` + `model.safetensors` (F32; with LoRA the adapters are merged
+//! reads on its own: `config.json` + `model.safetensors` (F32, or BF16 when the base was held in
+//! bf16 on CUDA, `torch_dtype = "bfloat16"`; with LoRA the adapters are merged
 //! into the base weights, `W' = W + (alpha/r)·B·A`), `tokenizer.json` + `tokenizer_config.json`,
 //! `vocab_map.json` when the model has a restricted vocabulary (the tiny preset), and
 //! `chat_defaults.json` (`{"system": ...}`: the system prompt the model was trained with, used by
@@ -516,6 +517,30 @@ pub(crate) fn load<D: Device<f32>>(path: &Path, dev: &D) -> Result<Pretrained<D>
     load_pretrained(path, dev).map_err(|e| StageError::failed(format!("loading {}: {e}", path.display())))
 }
 
+/// [`load`] for a training stage: the frozen base comes in the dtype `cfg` asks for
+/// ([`frozen_dtype`]), so on CUDA a bf16 base is read and uploaded as bf16 (a 7B model's f32 copy,
+/// 30 GB, would not fit the seed's 24 GB card even for a moment).
+pub(crate) fn load_for_training<D: Device<f32>>(
+    path: &Path,
+    dev: &D,
+    cfg: &TrainConfig,
+) -> Result<Pretrained<D>, StageError> {
+    ModelSource::resolve(path, None)
+        .and_then(|src| src.load_for_training(dev, frozen_dtype(cfg, true)))
+        .map_err(|e| StageError::failed(format!("loading {}: {e}", path.display())))
+}
+
+/// The frozen base's precision `cfg` asks for: its `torch_dtype`, or unset bf16 for a checkpoint
+/// from disk and f32 for the built-in preset (on the CPU every dtype is f32).
+fn frozen_dtype(cfg: &TrainConfig, from_disk: bool) -> pipeline_model::FrozenDtype {
+    match cfg.torch_dtype {
+        Some(pipeline_train::TorchDtype::Bfloat16) => pipeline_model::FrozenDtype::Bf16,
+        Some(pipeline_train::TorchDtype::Float32) => pipeline_model::FrozenDtype::F32,
+        None if from_disk => pipeline_model::FrozenDtype::Bf16,
+        None => pipeline_model::FrozenDtype::F32,
+    }
+}
+
 /// The chat template of a loaded model (Qwen2.5's when the tokenizer has none).
 pub(crate) fn chat_template<D: Device<f32>>(p: &Pretrained<D>) -> Result<&ChatTemplate, StageError> {
     p.chat.as_ref().ok_or_else(|| StageError::failed("the model's tokenizer has no chat template"))
@@ -694,12 +719,7 @@ pub(crate) fn prepare<D: Device<f32>, S: Dims>(
     pipeline_model::set_tf32(dev, cfg.tf32);
     // torch_dtype unset: bf16 for checkpoints from disk (runtime dimensions), f32 for the preset
     let from_disk = std::any::TypeId::of::<S>() == std::any::TypeId::of::<pipeline_model::RuntimeDims>();
-    let dtype = match cfg.torch_dtype {
-        Some(pipeline_train::TorchDtype::Bfloat16) => pipeline_model::FrozenDtype::Bf16,
-        Some(pipeline_train::TorchDtype::Float32) => pipeline_model::FrozenDtype::F32,
-        None if from_disk => pipeline_model::FrozenDtype::Bf16,
-        None => pipeline_model::FrozenDtype::F32,
-    };
+    let dtype = frozen_dtype(cfg, from_disk);
     model.set_frozen_dtype(dtype).map_err(|e| StageError::failed(format!("{label}: torch_dtype: {e}")))?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing);
     model.set_flash_attention(cfg.attn_impl != Some(pipeline_train::AttnImpl::Eager));
@@ -810,7 +830,7 @@ pub(crate) fn write_model<D: Device<f32>, S: Dims>(
         model.save_adapter(&out.join("adapter"), &base).map_err(merr)?;
         model.merge_lora().map_err(merr)?;
     }
-    model.save_pretrained(out).map_err(merr)?;
+    model.save_pretrained_native(out).map_err(merr)?;
     match src.filter(|s| s.is_dir()) {
         Some(dir) => {
             // An adapter folder's side files are its base's.

@@ -110,7 +110,7 @@ impl MemSampler {
     }
 }
 
-fn bench_model<D: Device<f32> + Synchronize + TensorToArray<(), f32, Array = f32>>(
+fn bench_model<D: Device<f32> + Synchronize + Cache + TensorToArray<(), f32, Array = f32>>(
     name: &str,
     mut m: Qwen2<D>,
     s: &Shapes,
@@ -133,6 +133,7 @@ fn bench_model<D: Device<f32> + Synchronize + TensorToArray<(), f32, Array = f32
         "tokens/s",
     );
 
+    m.device().empty_cache(); // the forward's cached logits do not count against the LoRA steps
     if s.train {
         // one SFT step: LoRA r=8 on all linear layers, forward + backward + Adam update
         m.set_trainable(Trainable::Lora(LoraConfig::all_linear(8, 16.0)), 0).unwrap();
@@ -181,6 +182,9 @@ fn bench_model<D: Device<f32> + Synchronize + TensorToArray<(), f32, Array = f32
         if let (Some(c0), Some(c1)) = (c, cpu_seconds()) {
             report(name, &what, (reps * batch * seq) as f64 / (c1 - c0), "tokens per CPU-second");
         }
+        if gpu {
+            report(name, &format!("MFU [{batch}x{seq}] (6N + attention, of 989 TFLOPS)"), mfu(&m.cfg, seq, tr), "%");
+        }
         if let Some(sampler) = sampler {
             report(name, "GPU memory peak in LoRA steps (nvidia-smi)", sampler.peak(), "MiB");
         }
@@ -202,6 +206,19 @@ fn bench_model<D: Device<f32> + Synchronize + TensorToArray<(), f32, Array = f32
     }
 }
 
+/// Model FLOPs utilisation of a training step at `tokens_per_s`, in percent: the usual
+/// `6·N + 6·L·seq·q_dim` FLOPs per token (N = the matrices every token multiplies through, LM head
+/// included, embedding lookup not; causal attention counted at half the square) against one H200's
+/// 989 dense bf16 TFLOPS. A LoRA step does fewer (no `dW` for frozen weights): this is the
+/// convention that makes trainers comparable, and `bench_transformers.py` uses the same formula.
+fn mfu(c: &ModelConfig, seq: usize, tokens_per_s: f64) -> f64 {
+    let (h, q, kv) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+    let layer = h * q * 2 + h * kv * 2 + 3 * h * c.intermediate_size;
+    let n = (c.num_hidden_layers * layer + h * c.vocab_size) as f64;
+    let attn = (6 * c.num_hidden_layers * seq * q) as f64;
+    100.0 * tokens_per_s * (6.0 * n + attn) / 989e12
+}
+
 /// A Qwen2 with Qwen2.5-0.5B's dimensions.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn qwen25_05b_shape() -> ModelConfig {
@@ -221,6 +238,22 @@ fn qwen25_05b_shape() -> ModelConfig {
         max_position_embeddings: 32_768,
         bos_token_id: None,
         eos_token_id: vec![],
+    }
+}
+
+/// A Qwen2 with Qwen2.5-7B's dimensions (Qwen/Qwen2.5-7B-Instruct's config.json).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn qwen25_7b_shape() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 152_064,
+        hidden_size: 3584,
+        intermediate_size: 18_944,
+        num_hidden_layers: 28,
+        num_attention_heads: 28,
+        num_key_value_heads: 4,
+        head_dim: 128,
+        tie_word_embeddings: false,
+        ..qwen25_05b_shape()
     }
 }
 
@@ -249,28 +282,45 @@ fn run_gpu() {
         train: true,
     };
     let only = std::env::var("PIPELINE_BENCH_MODELS").unwrap_or_default();
-    for (name, cfg) in
-        [("SmolLM2-135M-shape", ModelConfig::smollm2_135m_shape()), ("Qwen2.5-0.5B-shape", qwen25_05b_shape())]
-    {
-        if !only.is_empty() && !only.split(',').any(|m| name.starts_with(m)) {
+    let save = std::env::var_os("PIPELINE_BENCH_SAVE").map(PathBuf::from);
+    for (name, cfg) in [
+        ("SmolLM2-135M-shape", ModelConfig::smollm2_135m_shape()),
+        ("Qwen2.5-0.5B-shape", qwen25_05b_shape()),
+        ("Qwen2.5-7B-shape", qwen25_7b_shape()),
+    ] {
+        let big = name.starts_with("Qwen2.5-7B");
+        // the 7B shape runs only when asked for by name (PIPELINE_BENCH_MODELS=Qwen2.5-7B)
+        if !only.split(',').any(|m| !m.is_empty() && name.starts_with(m)) && (big || !only.is_empty()) {
             continue;
         }
         let t = Instant::now();
-        let host = Qwen2::<Cpu>::random_host(&cfg, 0);
-        if let Some(dir) = std::env::var_os("PIPELINE_BENCH_SAVE") {
-            // the same weights for the transformers peer (bench_transformers.py --weights)
-            let dir = PathBuf::from(dir).join(name);
-            if !dir.join("model.safetensors").is_file() {
-                pipeline_model::checkpoint::save_hf_folder(&dir, &cfg, &host).unwrap();
-            }
-        }
         let dtype = if bf16_base() { pipeline_model::FrozenDtype::Bf16 } else { pipeline_model::FrozenDtype::F32 };
-        let mut m = Qwen2::from_host_with_dtype(&cfg, &host, &dev, dtype).unwrap();
+        let mut m: Qwen2<Cuda> = if big {
+            // a random 7B init on the host would take minutes: the checkpoint transformers wrote on
+            // the device (scripts/gpu/make_random_qwen.py --shape 7b), which the peer loads too,
+            // read as the training stages read it (bf16 matrices straight to the card)
+            let dir = save.as_ref().map(|d| d.join(name)).filter(|d| d.join("config.json").is_file());
+            let dir = dir.unwrap_or_else(|| {
+                panic!("{name} loads $PIPELINE_BENCH_SAVE/{name}: write it with make_random_qwen.py --shape 7b")
+            });
+            let m: Qwen2<Cuda> = Qwen2::load_hf_with_dtype(&dir, &dev, dtype).unwrap();
+            assert_eq!(m.cfg.hidden_size, cfg.hidden_size, "{}: not a 7B-shaped checkpoint", dir.display());
+            m
+        } else {
+            let host = Qwen2::<Cpu>::random_host(&cfg, 0);
+            if let Some(dir) = &save {
+                // the same weights for the transformers peer (bench_transformers.py --weights)
+                let dir = dir.join(name);
+                if !dir.join("model.safetensors").is_file() {
+                    pipeline_model::checkpoint::save_hf_folder(&dir, &cfg, &host).unwrap();
+                }
+            }
+            Qwen2::from_host_with_dtype(&cfg, &host, &dev, dtype).unwrap()
+        };
         m.set_gradient_checkpointing(std::env::var("PIPELINE_BENCH_GC").is_ok_and(|v| v == "1"));
         m.set_flash_attention(flash);
         eprintln!("{name}: attention {}", if m.flash_attention() { "fused (flash) kernel" } else { "dfdx ops (f32)" });
-        drop(host);
-        eprintln!("{name}: random init + upload {:.1} s", t.elapsed().as_secs_f64());
+        eprintln!("{name}: weights + upload {:.1} s", t.elapsed().as_secs_f64());
         bench_model(name, m, &s, true);
         dev.empty_cache();
     }

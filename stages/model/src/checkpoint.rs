@@ -13,15 +13,59 @@ use crate::host::{HostTensor, HostTensors};
 
 /// Reads every tensor of one `.safetensors` file, converted to f32.
 pub fn read_safetensors(path: &Path) -> Result<HostTensors, ModelError> {
+    Ok(read_safetensors_split(path, false)?.0)
+}
+
+/// A frozen matrix as bf16 bits on the host (`[out, in]` row-major), for a bf16 device upload
+/// that never makes an f32 copy of the model ([`load_hf_folder_bf16`]).
+#[derive(Debug, Clone)]
+pub struct Bf16Host {
+    pub shape: Vec<usize>,
+    pub bits: Vec<u16>,
+}
+
+/// The tensors kept as bf16 by [`load_hf_folder_bf16`]: the matrices a bf16 base holds in bf16
+/// (projections, embedding, LM head); norms, biases and a classification head stay f32.
+fn bf16_matrix(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2 && name.ends_with(".weight") && name != "score.weight"
+}
+
+/// [`read_safetensors`], with the matrices [`bf16_matrix`] selects kept as bf16 bits when
+/// `keep_bf16` (a BF16 file's bytes as they are; F16/F32 rounded to nearest even per tensor).
+fn read_safetensors_split(
+    path: &Path,
+    keep_bf16: bool,
+) -> Result<(HostTensors, BTreeMap<String, Bf16Host>), ModelError> {
     let bytes = pipeline_cache::checked::read(path).map_err(|e| ModelError::io(path, e))?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;
-    let mut out = HostTensors::new();
+    let (mut out, mut bf16) = (HostTensors::new(), BTreeMap::new());
     for (name, view) in st.tensors() {
-        let data = to_f32(&name, &view)?;
-        out.insert(name, HostTensor::new(view.shape().to_vec(), data));
+        if keep_bf16 && bf16_matrix(&name, view.shape()) {
+            let bits = to_bf16_bits(&name, &view)?;
+            bf16.insert(name, Bf16Host { shape: view.shape().to_vec(), bits });
+        } else {
+            let data = to_f32(&name, &view)?;
+            out.insert(name, HostTensor::new(view.shape().to_vec(), data));
+        }
     }
-    Ok(out)
+    Ok((out, bf16))
+}
+
+fn to_bf16_bits(name: &str, view: &TensorView<'_>) -> Result<Vec<u16>, ModelError> {
+    let b = view.data();
+    Ok(match view.dtype() {
+        Dtype::BF16 => b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect(),
+        Dtype::F16 => b
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_f32(half::f16::from_le_bytes([c[0], c[1]]).to_f32()).to_bits())
+            .collect(),
+        Dtype::F32 => b
+            .chunks_exact(4)
+            .map(|c| half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_bits())
+            .collect(),
+        other => return Err(ModelError::Dtype { name: name.to_string(), dtype: format!("{other:?}") }),
+    })
 }
 
 fn to_f32(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>, ModelError> {
@@ -41,12 +85,26 @@ pub struct Checkpoint {
     /// `config.json` as found (kept to write back fields this crate does not model).
     pub raw_config: serde_json::Value,
     pub tensors: HostTensors,
+    /// The matrices read as bf16 bits ([`load_hf_folder_bf16`]; empty from [`load_hf_folder`]).
+    pub bf16: BTreeMap<String, Bf16Host>,
 }
 
 /// Reads `dir/config.json` and `dir/model.safetensors` or the shards named by
 /// `dir/model.safetensors.index.json`; a quantised folder (`quantization_config` in
 /// `config.json`) is dequantised to f32 ([`crate::quant::read_dequantized`]).
 pub fn load_hf_folder(dir: &Path) -> Result<Checkpoint, ModelError> {
+    load_hf_folder_with(dir, false)
+}
+
+/// [`load_hf_folder`] for a bf16 base (`torch_dtype = "bfloat16"` on CUDA): the projections,
+/// embedding and LM head are read as bf16 bits into [`Checkpoint::bf16`] (a BF16 checkpoint's
+/// bytes unchanged), so the host holds the model in bf16, never in f32; the rest is f32 in
+/// [`Checkpoint::tensors`]. A quantised folder is dequantised to f32 as before.
+pub fn load_hf_folder_bf16(dir: &Path) -> Result<Checkpoint, ModelError> {
+    load_hf_folder_with(dir, true)
+}
+
+fn load_hf_folder_with(dir: &Path, keep_bf16: bool) -> Result<Checkpoint, ModelError> {
     let cfg_path = dir.join("config.json");
     let text = pipeline_cache::checked::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
     let raw_config: serde_json::Value =
@@ -54,10 +112,13 @@ pub fn load_hf_folder(dir: &Path) -> Result<Checkpoint, ModelError> {
     let config = ModelConfig::from_hf_value(&raw_config)?;
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
+    let mut bf16 = BTreeMap::new();
     let tensors = if let Some(qc) = raw_config.get("quantization_config").filter(|_| single.exists()) {
         crate::quant::read_dequantized(&single, qc)?
     } else if single.exists() {
-        read_safetensors(&single)?
+        let (t, b) = read_safetensors_split(&single, keep_bf16)?;
+        bf16 = b;
+        t
     } else if index.exists() {
         let text = pipeline_cache::checked::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
         let v: serde_json::Value =
@@ -71,11 +132,12 @@ pub fn load_hf_folder(dir: &Path) -> Result<Checkpoint, ModelError> {
         files.dedup();
         let mut all = HostTensors::new();
         for f in files {
-            let shard = read_safetensors(&dir.join(f))?;
+            let (shard, b) = read_safetensors_split(&dir.join(f), keep_bf16)?;
             all.extend(shard);
+            bf16.extend(b);
         }
         for name in map.keys() {
-            if !all.contains_key(name) {
+            if !all.contains_key(name) && !bf16.contains_key(name) {
                 return Err(ModelError::MissingTensor { name: name.clone() });
             }
         }
@@ -89,7 +151,7 @@ pub fn load_hf_folder(dir: &Path) -> Result<Checkpoint, ModelError> {
             ),
         ));
     };
-    Ok(Checkpoint { config, raw_config, tensors })
+    Ok(Checkpoint { config, raw_config, tensors, bf16 })
 }
 
 /// Writes `path` atomically ([`pipeline_cache::fs::write_atomic`]: unique temp file in the same

@@ -24,6 +24,7 @@ use crate::chat::{ChatError, ChatTemplate};
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::gguf::GgufError;
+use crate::params::FrozenDtype;
 use crate::qwen2::Qwen2;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::vocab::VocabMap;
@@ -175,7 +176,15 @@ impl ModelSource {
     /// Loads the model onto `dev` with every weight in f32 (a quantised `.gguf` is dequantised:
     /// what training and conversion need); an adapter is merged into its base.
     pub fn load<D: Device<f32>>(&self, dev: &D) -> Result<Pretrained<D>, LoadError> {
-        self.load_with(dev, false)
+        self.load_with(dev, false, FrozenDtype::F32)
+    }
+
+    /// [`ModelSource::load`] for training with the frozen base in `dtype`: a HF folder's matrices
+    /// go to a CUDA device as bf16 straight from the file ([`Qwen2::load_hf_with_dtype`]), so a
+    /// 7B base never needs its 30 GB f32 copy on the card or the host; an adapter is merged into
+    /// that base. Elsewhere (the CPU, a `.gguf`) as [`ModelSource::load`].
+    pub fn load_for_training<D: Device<f32>>(&self, dev: &D, dtype: FrozenDtype) -> Result<Pretrained<D>, LoadError> {
+        self.load_with(dev, false, dtype)
     }
 
     /// [`ModelSource::load`] for inference (generate, chat, eval, serve): on the CPU the matrices
@@ -185,14 +194,19 @@ impl ModelSource {
     /// (for comparisons). An adapter's merged projections become f32.
     pub fn load_for_inference<D: Device<f32>>(&self, dev: &D) -> Result<Pretrained<D>, LoadError> {
         let keep = crate::kernels::is_cpu::<D>() && !dequantize_forced();
-        self.load_with(dev, keep)
+        self.load_with(dev, keep, FrozenDtype::F32)
     }
 
-    fn load_with<D: Device<f32>>(&self, dev: &D, keep_quantized: bool) -> Result<Pretrained<D>, LoadError> {
+    fn load_with<D: Device<f32>>(
+        &self,
+        dev: &D,
+        keep_quantized: bool,
+        dtype: FrozenDtype,
+    ) -> Result<Pretrained<D>, LoadError> {
         match self {
-            ModelSource::Folder(p) | ModelSource::Gguf(p) => load_checkpoint(p, dev, keep_quantized),
+            ModelSource::Folder(p) | ModelSource::Gguf(p) => load_checkpoint(p, dev, keep_quantized, dtype),
             ModelSource::Adapter { dir, base } => {
-                let mut p = base.load_with(dev, keep_quantized)?;
+                let mut p = base.load_with(dev, keep_quantized, dtype)?;
                 let err = |source| LoadError::Adapter { dir: dir.clone(), source };
                 p.model.load_peft_adapter(dir).map_err(err)?;
                 p.model.merge_lora().map_err(err)?;
@@ -282,8 +296,14 @@ fn dequantize_forced() -> bool {
     std::env::var("PIPELINE_DEQUANTIZE_GGUF").is_ok_and(|v| v == "1")
 }
 
-/// A HF folder or a `.gguf` file (its quantised matrices kept as blocks with `keep_quantized`).
-fn load_checkpoint<D: Device<f32>>(path: &Path, dev: &D, keep_quantized: bool) -> Result<Pretrained<D>, LoadError> {
+/// A HF folder (its matrices in `dtype`) or a `.gguf` file (its quantised matrices kept as blocks
+/// with `keep_quantized`).
+fn load_checkpoint<D: Device<f32>>(
+    path: &Path,
+    dev: &D,
+    keep_quantized: bool,
+    dtype: FrozenDtype,
+) -> Result<Pretrained<D>, LoadError> {
     let is_gguf = is_gguf(path);
     let (model, tokenizer, chat) = if is_gguf {
         let g = if keep_quantized { crate::gguf::load_gguf_quantized(path)? } else { crate::gguf::load_gguf(path)? };
@@ -296,7 +316,7 @@ fn load_checkpoint<D: Device<f32>>(path: &Path, dev: &D, keep_quantized: bool) -
         };
         (model, tok, chat)
     } else {
-        let model = Qwen2::load_hf(path, dev)?;
+        let model = Qwen2::load_hf_with_dtype(path, dev, dtype)?;
         let tj = path.join("tokenizer.json");
         if !tj.is_file() {
             return Err(LoadError::NoTokenizer { path: path.to_path_buf() });

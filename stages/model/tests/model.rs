@@ -325,6 +325,34 @@ fn one_lora_step_changes_only_adapters_and_lowers_loss_on<D: TestDevice>(dev: &D
     assert_eq!(m.to_host(), base, "base weights must stay frozen");
 }
 
+/// The bf16 reader (`load_hf_folder_bf16`, what a bf16 base on CUDA loads through) keeps a
+/// sharded BF16 checkpoint's matrices as their bits and everything else in f32: widened, the same
+/// values as the f32 reader, and the norms are not in the bf16 set.
+#[test]
+fn bf16_reader_keeps_matrices_as_file_bits() {
+    use pipeline_model::checkpoint::{load_hf_folder, load_hf_folder_bf16};
+    let dir = fixtures().join("llama_tiny_sharded");
+    let (f32s, b16) = (load_hf_folder(&dir).unwrap(), load_hf_folder_bf16(&dir).unwrap());
+    assert!(f32s.bf16.is_empty());
+    assert!(b16.bf16.contains_key("model.embed_tokens.weight"));
+    assert!(b16.bf16.contains_key("model.layers.0.self_attn.q_proj.weight"));
+    assert!(b16.tensors.contains_key("model.norm.weight") && !b16.bf16.contains_key("model.norm.weight"));
+    assert_eq!(b16.tensors.len() + b16.bf16.len(), f32s.tensors.len());
+    for (name, b) in &b16.bf16 {
+        let widened: Vec<f32> = b.bits.iter().map(|&x| f32::from_bits(u32::from(x) << 16)).collect();
+        assert_eq!(b.shape, f32s.tensors[name].shape, "{name}");
+        assert_eq!(widened, f32s.tensors[name].data, "{name}");
+    }
+    // on the CPU every dtype is f32: the same model as `load_hf`
+    let dev = Cpu::default();
+    let m: Qwen2<Cpu> = Qwen2::load_hf_with_dtype(&dir, &dev, pipeline_model::FrozenDtype::Bf16).unwrap();
+    assert_eq!(m.frozen_dtype(), pipeline_model::FrozenDtype::F32);
+    let want = Qwen2::load_hf(&dir, &dev).unwrap().to_host();
+    for (name, t) in m.to_host() {
+        assert_eq!(t.data, want[&name].data, "{name}");
+    }
+}
+
 #[test]
 fn save_and_reload_roundtrip() {
     let dev = Cpu::default();
@@ -784,6 +812,21 @@ fn cuda_bf16_matches_f32() {
     let (w16, wconv) = (m16.to_host(), conv.to_host());
     for (name, t) in &w16 {
         assert_eq!(t.data, wconv[name].data, "{name}: bf16 upload and on-device conversion differ");
+    }
+    // a bf16 base is written in bf16 and read back as bf16 bits, straight to the device (no f32
+    // copy on the host or the card): the same weights, bit for bit; the CPU reads the folder in f32
+    let dir = tempfile::tempdir().unwrap();
+    m16.save_pretrained_native(dir.path()).unwrap();
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg_json["torch_dtype"], "bfloat16");
+    let back: Qwen2<Cuda> = Qwen2::load_hf_with_dtype(dir.path(), &gpu, FrozenDtype::Bf16).unwrap();
+    assert_eq!(back.frozen_dtype(), FrozenDtype::Bf16);
+    let cpu_back: Qwen2<Cpu> = Qwen2::load_hf_with_dtype(dir.path(), &Cpu::default(), FrozenDtype::Bf16).unwrap();
+    let (wback, wcpu) = (back.to_host(), cpu_back.to_host());
+    for (name, t) in &w16 {
+        assert_eq!(t.data, wback[name].data, "{name}: bf16 folder read back differs");
+        assert_eq!(t.data, wcpu[name].data, "{name}: the CPU's f32 read of the bf16 folder differs");
     }
     let l16 = m16.forward(&b).unwrap().as_vec();
     report("SmolLM2-135M-shape logits", &l16, &m32.forward(&b).unwrap().as_vec(), 3e-2, 0.999);

@@ -19,8 +19,12 @@
 //!   FlashAttention-2's per-tile atomic adds into `dQ` (`seq / 64` adds per element).
 //!
 //! Inputs are read in the layout the projections write (`[batch·seq, heads·head_dim]` rows), so
-//! no permute or copy is made; `Q`, `K`, `V`, `P`, `dO` and `dS` are rounded to bf16 for the tensor
-//! cores (as PyTorch's SDPA does under bf16 autocast), everything else is f32. Used on CUDA when
+//! no permute is made; `Q`, `K`, `V` are rounded to bf16 once per call (and `dO` once per
+//! backward, in the `D` pass) — the backward keeps only these bf16 copies — and tiles move into
+//! shared memory 16 bytes per load; `P` and `dS` are rounded from the accumulator registers (as
+//! PyTorch's SDPA does under bf16 autocast); everything else is f32. Masks are evaluated only on
+//! the tiles that need them (the diagonal, padding, the sequence's end). The backward adds its
+//! gradients straight into the tape's buffers (no temporaries). Used on CUDA when
 //! the frozen base is bf16 (`torch_dtype = "bfloat16"`, the mixed-precision mode) and the head
 //! dimension is 64 or 128; `PIPELINE_REFERENCE_KERNELS=1` and f32 training keep dfdx's exact f32
 //! attention. A query row with no visible key (left padding) gets a zero output; such rows feed
@@ -62,6 +66,10 @@ __device__ __forceinline__ unsigned int ld2(const unsigned short* p) { return *(
 __device__ __forceinline__ unsigned int ld2col(const unsigned short* p, int pitch) {
     return (unsigned int)p[0] | ((unsigned int)p[pitch] << 16);
 }
+// 16- and 8-byte vectors of our own (NVRTC runs without the toolkit's headers on the device)
+struct __align__(16) U4 { unsigned int x, y, z, w; };
+struct __align__(8) F2 { float x, y; };
+__device__ __forceinline__ F2 f2(float x, float y) { F2 r; r.x = x; r.y = y; return r; }
 #define NEG_INF __int_as_float(0xff800000)
 #define POS_INF __int_as_float(0x7f800000)
 
@@ -84,55 +92,86 @@ __device__ __forceinline__ float quad_sum(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// A fragments of rows r0, r0+8 of a row-major f32 matrix (row stride `stride`), cols kk*16..
+// The rows of one (batch, head) in the projections' layout: row i of head h of batch b is at
+// base + ((b * s + i) * heads + h) * HD, i.e. `stride` = heads * HD elements between rows.
+struct HeadRows {
+    const unsigned short* p;
+    long stride;
+};
 template <int HD>
-__device__ __forceinline__ void load_a_rows(unsigned int (*fa)[4], const float* base, long stride, int r0, int r1, int s, int t) {
+__device__ __forceinline__ HeadRows head_rows(const unsigned short* base, int bb, int h, int heads, int s) {
+    HeadRows r;
+    r.stride = (long)heads * HD;
+    r.p = base + (long)bb * s * r.stride + (long)h * HD;
+    return r;
+}
+
+// A fragments of rows r0, r1 (= r0 + 8) of one head's bf16 rows, all HD columns (zero past `s`)
+template <int HD>
+__device__ __forceinline__ void load_a_rows(unsigned int (*fa)[4], HeadRows m, int r0, int r1, int s, int t) {
     for (int kk = 0; kk < HD / 16; ++kk) {
-        int c = kk * 16 + t * 2;
-        const float* p0 = base + (long)r0 * stride + c;
-        const float* p1 = base + (long)r1 * stride + c;
-        fa[kk][0] = r0 < s ? pack2(p0[0], p0[1]) : 0u;
-        fa[kk][1] = r1 < s ? pack2(p1[0], p1[1]) : 0u;
-        fa[kk][2] = r0 < s ? pack2(p0[8], p0[9]) : 0u;
-        fa[kk][3] = r1 < s ? pack2(p1[8], p1[9]) : 0u;
+        const unsigned short* p0 = m.p + (long)r0 * m.stride + kk * 16 + t * 2;
+        const unsigned short* p1 = m.p + (long)r1 * m.stride + kk * 16 + t * 2;
+        fa[kk][0] = r0 < s ? ld2(p0) : 0u;
+        fa[kk][1] = r1 < s ? ld2(p1) : 0u;
+        fa[kk][2] = r0 < s ? ld2(p0 + 8) : 0u;
+        fa[kk][3] = r1 < s ? ld2(p1 + 8) : 0u;
     }
 }
 
+// R rows from `r0` of one head into a shared [R][HD + 8] tile, 16 bytes per load (zero past `s`)
+template <int R, int HD>
+__device__ __forceinline__ void load_tile(unsigned short* dst, HeadRows m, int r0, int s) {
+    const int VEC = HD / 8;
+    for (int e = threadIdx.x; e < R * VEC; e += blockDim.x) {
+        int r = e / VEC, c = (e % VEC) * 8;
+        U4 val = {0u, 0u, 0u, 0u};
+        if (r0 + r < s) val = *(const U4*)(m.p + (long)(r0 + r) * m.stride + c);
+        *(U4*)(dst + r * (HD + 8) + c) = val;
+    }
+}
+
+// The validity of keys k0..k0+BK-1 (in range and not padding) into `vk`; returns, for the whole
+// block, whether every key of the tile is valid (one barrier: the tile loads before it are done).
+template <int BK>
+__device__ __forceinline__ bool load_key_mask(unsigned char* vk, const unsigned char* valid, int k0, int s) {
+    int ok = 1;
+    if (threadIdx.x < BK) {
+        bool v = k0 + (int)threadIdx.x < s && valid[k0 + threadIdx.x];
+        vk[threadIdx.x] = v;
+        ok = v;
+    }
+    return __syncthreads_and(ok) != 0;
+}
+
+// Forward for 64 queries of one head: O (f32, the projections' layout) and the rows' logsumexp.
 template <int HD>
-__device__ void flash_fwd(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                          const unsigned char* __restrict__ kvalid, float* __restrict__ o, float* __restrict__ lse,
-                          AttnDims d) {
-    const int BQ = 64, BK = 64, KP = HD + 8, VP = BK + 8;
-    __shared__ unsigned short ks[BK * KP];
-    __shared__ unsigned short vt[HD * VP];
+__device__ void flash_fwd(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
+                          const unsigned short* __restrict__ v, const unsigned char* __restrict__ kvalid,
+                          float* __restrict__ o, float* __restrict__ lse, AttnDims d) {
+    const int BQ = 64, BK = 64, KP = HD + 8;
+    __shared__ __align__(16) unsigned short ks[BK * KP];
+    __shared__ __align__(16) unsigned short vs[BK * KP];
+    __shared__ unsigned char vk[BK];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int q0 = blockIdx.x * BQ, h = blockIdx.y, bb = blockIdx.z;
     const int kvh = h / (d.nq / d.nkv);
-    const long qstride = (long)d.nq * HD, kstride = (long)d.nkv * HD;
     const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
-    const float* qb = q + (long)bb * d.s * qstride + (long)h * HD;
-    const float* kb = k + (long)bb * d.s * kstride + (long)kvh * HD;
-    const float* vb = v + (long)bb * d.s * kstride + (long)kvh * HD;
+    const HeadRows qm = head_rows<HD>(q, bb, h, d.nq, d.s);
+    const HeadRows km = head_rows<HD>(k, bb, kvh, d.nkv, d.s), vm = head_rows<HD>(v, bb, kvh, d.nkv, d.s);
     const unsigned char* valid = kvalid + (long)bb * d.s;
     unsigned int qa[HD / 16][4];
-    load_a_rows<HD>(qa, qb, qstride, r0, r1, d.s, t);
+    load_a_rows<HD>(qa, qm, r0, r1, d.s, t);
     float acc[HD / 8][4];
     for (int i = 0; i < HD / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
     const int kend = d.s < q0 + BQ ? d.s : q0 + BQ;
     for (int k0 = 0; k0 < kend; k0 += BK) {
         __syncthreads();
-        for (int e = threadIdx.x; e < BK * HD; e += blockDim.x) {
-            int j = e / HD, c = e % HD;
-            float kv = 0.f, vv = 0.f;
-            if (k0 + j < d.s) {
-                kv = kb[(long)(k0 + j) * kstride + c];
-                vv = vb[(long)(k0 + j) * kstride + c];
-            }
-            ks[j * KP + c] = f2bf(kv);
-            vt[c * VP + j] = f2bf(vv);
-        }
-        __syncthreads();
+        load_tile<BK, HD>(ks, km, k0, d.s);
+        load_tile<BK, HD>(vs, vm, k0, d.s);
+        // no mask at all on a tile of valid keys wholly before the block's first query
+        const bool full = load_key_mask<BK>(vk, valid, k0, d.s) && k0 + BK - 1 <= q0;
         float sc[BK / 8][4];
         for (int nt = 0; nt < BK / 8; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
         for (int kk = 0; kk < HD / 16; ++kk)
@@ -143,10 +182,11 @@ __device__ void flash_fwd(const float* __restrict__ q, const float* __restrict__
         float mx0 = NEG_INF, mx1 = NEG_INF;
         for (int nt = 0; nt < BK / 8; ++nt)
             for (int e = 0; e < 4; ++e) {
-                int j = k0 + nt * 8 + t * 2 + (e & 1);
-                int i = e < 2 ? r0 : r1;
-                bool ok = j < d.s && j <= i && valid[j];
-                float x = ok ? sc[nt][e] * d.scale : NEG_INF;
+                float x = sc[nt][e] * d.scale;
+                if (!full) {
+                    int jl = nt * 8 + t * 2 + (e & 1);
+                    if (!vk[jl] || k0 + jl > (e < 2 ? r0 : r1)) x = NEG_INF;
+                }
                 sc[nt][e] = x;
                 if (e < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
             }
@@ -155,11 +195,11 @@ __device__ void flash_fwd(const float* __restrict__ q, const float* __restrict__
         const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
         const float a0 = n0 == NEG_INF ? 1.f : __expf(m0 - n0);
         const float a1 = n1 == NEG_INF ? 1.f : __expf(m1 - n1);
+        const float b0 = n0 == NEG_INF ? 0.f : n0, b1 = n1 == NEG_INF ? 0.f : n1;
         float s0 = 0.f, s1 = 0.f;
         for (int nt = 0; nt < BK / 8; ++nt)
             for (int e = 0; e < 4; ++e) {
-                float x = sc[nt][e];
-                float p = x == NEG_INF ? 0.f : __expf(x - (e < 2 ? n0 : n1));
+                float p = __expf(sc[nt][e] - (e < 2 ? b0 : b1));  // exp(-inf) = 0 for masked keys
                 sc[nt][e] = p;
                 if (e < 2) s0 += p; else s1 += p;
             }
@@ -174,17 +214,18 @@ __device__ void flash_fwd(const float* __restrict__ q, const float* __restrict__
             unsigned int pa[4] = {pack2(sc[2 * kk][0], sc[2 * kk][1]), pack2(sc[2 * kk][2], sc[2 * kk][3]),
                                   pack2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]), pack2(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
             for (int dn = 0; dn < HD / 8; ++dn) {
-                const unsigned short* vr = vt + (dn * 8 + g) * VP + kk * 16 + t * 2;
-                mma16816(acc[dn], pa, ld2(vr), ld2(vr + 8));
+                const unsigned short* vr = vs + (kk * 16 + t * 2) * KP + dn * 8 + g;
+                mma16816(acc[dn], pa, ld2col(vr, KP), ld2col(vr + 8 * KP, KP));
             }
         }
     }
     const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    const long qstride = (long)d.nq * HD;
     float* ob = o + (long)bb * d.s * qstride + (long)h * HD;
     for (int dn = 0; dn < HD / 8; ++dn) {
         int c = dn * 8 + t * 2;
-        if (r0 < d.s) { ob[(long)r0 * qstride + c] = acc[dn][0] * i0; ob[(long)r0 * qstride + c + 1] = acc[dn][1] * i0; }
-        if (r1 < d.s) { ob[(long)r1 * qstride + c] = acc[dn][2] * i1; ob[(long)r1 * qstride + c + 1] = acc[dn][3] * i1; }
+        if (r0 < d.s) *(F2*)(ob + (long)r0 * qstride + c) = f2(acc[dn][0] * i0, acc[dn][1] * i0);
+        if (r1 < d.s) *(F2*)(ob + (long)r1 * qstride + c) = f2(acc[dn][2] * i1, acc[dn][3] * i1);
     }
     if (t == 0) {
         float* lb = lse + ((long)bb * d.nq + h) * d.s;
@@ -193,8 +234,10 @@ __device__ void flash_fwd(const float* __restrict__ q, const float* __restrict__
     }
 }
 
-// delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]; one warp per (row, head)
-extern "C" __global__ void attn_delta(const float* dout, const float* o, float* delta, int hd, AttnDims d) {
+// delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d], and dO rounded to bf16 (same layout) for
+// the tensor cores of both backward kernels; one warp per (row, head)
+extern "C" __global__ void attn_delta(const float* dout, const float* o, float* delta, unsigned short* dout16,
+                                      int hd, AttnDims d) {
     long w = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     long rows = (long)d.b * d.s * d.nq;
@@ -203,8 +246,13 @@ extern "C" __global__ void attn_delta(const float* dout, const float* o, float* 
     int h = (int)(w % d.nq);
     const float* a = dout + w * hd;
     const float* c = o + w * hd;
+    unsigned short* a16 = dout16 + w * hd;
     float x = 0.f;
-    for (int e = lane; e < hd; e += 32) x += a[e] * c[e];
+    for (int e = lane * 2; e < hd; e += 64) {
+        F2 av = *(const F2*)(a + e), cv = *(const F2*)(c + e);
+        x += av.x * cv.x + av.y * cv.y;
+        *(unsigned int*)(a16 + e) = pack2(av.x, av.y);
+    }
     for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
     if (lane == 0) {
         long bb = bi / d.s, i = bi % d.s;
@@ -215,47 +263,42 @@ extern "C" __global__ void attn_delta(const float* dout, const float* o, float* 
 // dK, dV for 64 keys of one query head: loops over the query tiles at or after the keys (causal);
 // the rep query heads of a KV head add into its dK / dV rows atomically, once per block.
 template <int HD, int BQ>
-__device__ void flash_bwd_dkdv(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                               const float* __restrict__ dout, const float* __restrict__ lse,
-                               const float* __restrict__ delta, const unsigned char* __restrict__ kvalid,
-                               float* dk, float* dv, AttnDims d) {
+__device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
+                               const unsigned short* __restrict__ v, const unsigned short* __restrict__ dout,
+                               const float* __restrict__ lse, const float* __restrict__ delta,
+                               const unsigned char* __restrict__ kvalid, float* dk, float* dv, AttnDims d) {
     const int BK = 64, QP = HD + 8;
-    __shared__ unsigned short qs[BQ * QP];
-    __shared__ unsigned short dos[BQ * QP];
+    __shared__ __align__(16) unsigned short qs[BQ * QP];
+    __shared__ __align__(16) unsigned short dos[BQ * QP];
     __shared__ float ls[BQ], dls[BQ];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int k0 = blockIdx.x * BK, h = blockIdx.y, bb = blockIdx.z;
     const int kvh = h / (d.nq / d.nkv);
-    const long qstride = (long)d.nq * HD, kstride = (long)d.nkv * HD;
     const int j0 = k0 + warp * 16 + g, j1 = j0 + 8;
-    const float* qb = q + (long)bb * d.s * qstride + (long)h * HD;
-    const float* dob = dout + (long)bb * d.s * qstride + (long)h * HD;
-    const float* kb = k + (long)bb * d.s * kstride + (long)kvh * HD;
-    const float* vb = v + (long)bb * d.s * kstride + (long)kvh * HD;
+    const HeadRows qm = head_rows<HD>(q, bb, h, d.nq, d.s), dom = head_rows<HD>(dout, bb, h, d.nq, d.s);
+    const HeadRows km = head_rows<HD>(k, bb, kvh, d.nkv, d.s), vm = head_rows<HD>(v, bb, kvh, d.nkv, d.s);
     const float* lb = lse + ((long)bb * d.nq + h) * d.s;
     const float* db = delta + ((long)bb * d.nq + h) * d.s;
     const unsigned char* valid = kvalid + (long)bb * d.s;
     unsigned int ka[HD / 16][4], va[HD / 16][4];
-    load_a_rows<HD>(ka, kb, kstride, j0, j1, d.s, t);
-    load_a_rows<HD>(va, vb, kstride, j0, j1, d.s, t);
+    load_a_rows<HD>(ka, km, j0, j1, d.s, t);
+    load_a_rows<HD>(va, vm, j0, j1, d.s, t);
     const bool v0 = j0 < d.s && valid[j0], v1 = j1 < d.s && valid[j1];
     float dka[HD / 8][4], dva[HD / 8][4];
     for (int i = 0; i < HD / 8; ++i)
         for (int e = 0; e < 4; ++e) dka[i][e] = dva[i][e] = 0.f;
     for (int qt0 = (k0 / BQ) * BQ; qt0 < d.s; qt0 += BQ) {
         __syncthreads();
-        for (int e = threadIdx.x; e < BQ * HD; e += blockDim.x) {
-            int i = e / HD, c = e % HD;
-            bool in = qt0 + i < d.s;
-            qs[i * QP + c] = f2bf(in ? qb[(long)(qt0 + i) * qstride + c] : 0.f);
-            dos[i * QP + c] = f2bf(in ? dob[(long)(qt0 + i) * qstride + c] : 0.f);
-        }
+        load_tile<BQ, HD>(qs, qm, qt0, d.s);
+        load_tile<BQ, HD>(dos, dom, qt0, d.s);
         for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
             bool in = qt0 + i < d.s;
             ls[i] = in ? lb[qt0 + i] : POS_INF;
             dls[i] = in ? db[qt0 + i] : 0.f;
         }
         __syncthreads();
+        // every query of the tile is in range and at or after every key of the block: no causal test
+        const bool full = qt0 >= k0 + BK - 1 && qt0 + BQ <= d.s;
         // S^T = K Q^T (this warp's 16 keys x BQ queries), then P^T = exp(S^T * scale - lse)
         float st[BQ / 8][4];
         for (int nt = 0; nt < BQ / 8; ++nt) st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
@@ -267,8 +310,8 @@ __device__ void flash_bwd_dkdv(const float* __restrict__ q, const float* __restr
         for (int nt = 0; nt < BQ / 8; ++nt)
             for (int e = 0; e < 4; ++e) {
                 int il = nt * 8 + t * 2 + (e & 1), i = qt0 + il;
-                int j = e < 2 ? j0 : j1;
-                bool ok = i < d.s && j <= i && (e < 2 ? v0 : v1);
+                bool ok = e < 2 ? v0 : v1;
+                if (!full) ok = ok && i < d.s && (e < 2 ? j0 : j1) <= i;
                 st[nt][e] = ok ? __expf(st[nt][e] * d.scale - ls[il]) : 0.f;
             }
         // dV += P^T dO
@@ -300,6 +343,7 @@ __device__ void flash_bwd_dkdv(const float* __restrict__ q, const float* __restr
             }
         }
     }
+    const long kstride = (long)d.nkv * HD;
     float* dkb = dk + (long)bb * d.s * kstride + (long)kvh * HD;
     float* dvb = dv + (long)bb * d.s * kstride + (long)kvh * HD;
     for (int dn = 0; dn < HD / 8; ++dn) {
@@ -320,30 +364,28 @@ __device__ void flash_bwd_dkdv(const float* __restrict__ q, const float* __restr
 }
 
 // dQ for 64 queries of one head (a second pass instead of atomics: S and dP are recomputed):
-// loops over the key tiles up to the block's last query, dQ = scale * sum dS K.
+// loops over the key tiles up to the block's last query, dQ += scale * sum dS K.
 template <int HD>
-__device__ void flash_bwd_dq(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                             const float* __restrict__ dout, const float* __restrict__ lse,
-                             const float* __restrict__ delta, const unsigned char* __restrict__ kvalid,
-                             float* __restrict__ dq, AttnDims d) {
+__device__ void flash_bwd_dq(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
+                             const unsigned short* __restrict__ v, const unsigned short* __restrict__ dout,
+                             const float* __restrict__ lse, const float* __restrict__ delta,
+                             const unsigned char* __restrict__ kvalid, float* __restrict__ dq, AttnDims d) {
     const int BQ = 64, BK = 64, KP = HD + 8;
-    __shared__ unsigned short ks[BK * KP];
-    __shared__ unsigned short vs[BK * KP];
+    __shared__ __align__(16) unsigned short ks[BK * KP];
+    __shared__ __align__(16) unsigned short vs[BK * KP];
+    __shared__ unsigned char vk[BK];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int q0 = blockIdx.x * BQ, h = blockIdx.y, bb = blockIdx.z;
     const int kvh = h / (d.nq / d.nkv);
-    const long qstride = (long)d.nq * HD, kstride = (long)d.nkv * HD;
     const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
-    const float* qb = q + (long)bb * d.s * qstride + (long)h * HD;
-    const float* dob = dout + (long)bb * d.s * qstride + (long)h * HD;
-    const float* kb = k + (long)bb * d.s * kstride + (long)kvh * HD;
-    const float* vb = v + (long)bb * d.s * kstride + (long)kvh * HD;
+    const HeadRows qm = head_rows<HD>(q, bb, h, d.nq, d.s), dom = head_rows<HD>(dout, bb, h, d.nq, d.s);
+    const HeadRows km = head_rows<HD>(k, bb, kvh, d.nkv, d.s), vm = head_rows<HD>(v, bb, kvh, d.nkv, d.s);
     const float* lb = lse + ((long)bb * d.nq + h) * d.s;
     const float* db = delta + ((long)bb * d.nq + h) * d.s;
     const unsigned char* valid = kvalid + (long)bb * d.s;
     unsigned int qa[HD / 16][4], da[HD / 16][4];
-    load_a_rows<HD>(qa, qb, qstride, r0, r1, d.s, t);
-    load_a_rows<HD>(da, dob, qstride, r0, r1, d.s, t);
+    load_a_rows<HD>(qa, qm, r0, r1, d.s, t);
+    load_a_rows<HD>(da, dom, r0, r1, d.s, t);
     const float L0 = r0 < d.s ? lb[r0] : POS_INF, L1 = r1 < d.s ? lb[r1] : POS_INF;
     const float D0 = r0 < d.s ? db[r0] : 0.f, D1 = r1 < d.s ? db[r1] : 0.f;
     float acc[HD / 8][4];
@@ -351,13 +393,9 @@ __device__ void flash_bwd_dq(const float* __restrict__ q, const float* __restric
     const int kend = d.s < q0 + BQ ? d.s : q0 + BQ;
     for (int k0 = 0; k0 < kend; k0 += BK) {
         __syncthreads();
-        for (int e = threadIdx.x; e < BK * HD; e += blockDim.x) {
-            int j = e / HD, c = e % HD;
-            bool in = k0 + j < d.s;
-            ks[j * KP + c] = f2bf(in ? kb[(long)(k0 + j) * kstride + c] : 0.f);
-            vs[j * KP + c] = f2bf(in ? vb[(long)(k0 + j) * kstride + c] : 0.f);
-        }
-        __syncthreads();
+        load_tile<BK, HD>(ks, km, k0, d.s);
+        load_tile<BK, HD>(vs, vm, k0, d.s);
+        const bool full = load_key_mask<BK>(vk, valid, k0, d.s) && k0 + BK - 1 <= q0;
         float sc[BK / 8][4], dp[BK / 8][4];
         for (int nt = 0; nt < BK / 8; ++nt)
             for (int e = 0; e < 4; ++e) sc[nt][e] = dp[nt][e] = 0.f;
@@ -370,9 +408,11 @@ __device__ void flash_bwd_dq(const float* __restrict__ q, const float* __restric
             }
         for (int nt = 0; nt < BK / 8; ++nt)
             for (int e = 0; e < 4; ++e) {
-                int j = k0 + nt * 8 + t * 2 + (e & 1);
-                int i = e < 2 ? r0 : r1;
-                bool ok = j < d.s && j <= i && valid[j];
+                bool ok = true;
+                if (!full) {
+                    int jl = nt * 8 + t * 2 + (e & 1);
+                    ok = vk[jl] && k0 + jl <= (e < 2 ? r0 : r1);
+                }
                 float p = ok ? __expf(sc[nt][e] * d.scale - (e < 2 ? L0 : L1)) : 0.f;
                 sc[nt][e] = p * (dp[nt][e] - (e < 2 ? D0 : D1));
             }
@@ -385,36 +425,44 @@ __device__ void flash_bwd_dq(const float* __restrict__ q, const float* __restric
             }
         }
     }
+    const long qstride = (long)d.nq * HD;
     float* dqb = dq + (long)bb * d.s * qstride + (long)h * HD;
     for (int dn = 0; dn < HD / 8; ++dn) {
         int c = dn * 8 + t * 2;
-        if (r0 < d.s) { dqb[(long)r0 * qstride + c] = acc[dn][0] * d.scale; dqb[(long)r0 * qstride + c + 1] = acc[dn][1] * d.scale; }
-        if (r1 < d.s) { dqb[(long)r1 * qstride + c] = acc[dn][2] * d.scale; dqb[(long)r1 * qstride + c + 1] = acc[dn][3] * d.scale; }
+        if (r0 < d.s) {
+            F2* p = (F2*)(dqb + (long)r0 * qstride + c);
+            F2 a = *p;
+            *p = f2(a.x + acc[dn][0] * d.scale, a.y + acc[dn][1] * d.scale);
+        }
+        if (r1 < d.s) {
+            F2* p = (F2*)(dqb + (long)r1 * qstride + c);
+            F2 a = *p;
+            *p = f2(a.x + acc[dn][2] * d.scale, a.y + acc[dn][3] * d.scale);
+        }
     }
 }
 
-extern "C" __global__ void flash_fwd_64(const float* q, const float* k, const float* v, const unsigned char* kv,
+typedef unsigned short bf;
+extern "C" __global__ void flash_fwd_64(const bf* q, const bf* k, const bf* v, const unsigned char* kv,
                                         float* o, float* lse, AttnDims d) { flash_fwd<64>(q, k, v, kv, o, lse, d); }
-extern "C" __global__ void flash_fwd_128(const float* q, const float* k, const float* v, const unsigned char* kv,
+extern "C" __global__ void flash_fwd_128(const bf* q, const bf* k, const bf* v, const unsigned char* kv,
                                          float* o, float* lse, AttnDims d) { flash_fwd<128>(q, k, v, kv, o, lse, d); }
-extern "C" __global__ void flash_dkdv_64(const float* q, const float* k, const float* v, const float* dout,
-                                         const float* lse, const float* delta, const unsigned char* kv, float* dk,
-                                         float* dv, AttnDims d) {
+extern "C" __global__ void flash_dkdv_64(const bf* q, const bf* k, const bf* v, const bf* dout, const float* lse,
+                                         const float* delta, const unsigned char* kv, float* dk, float* dv,
+                                         AttnDims d) {
     flash_bwd_dkdv<64, 64>(q, k, v, dout, lse, delta, kv, dk, dv, d);
 }
-extern "C" __global__ void flash_dkdv_128(const float* q, const float* k, const float* v, const float* dout,
-                                          const float* lse, const float* delta, const unsigned char* kv, float* dk,
-                                          float* dv, AttnDims d) {
+extern "C" __global__ void flash_dkdv_128(const bf* q, const bf* k, const bf* v, const bf* dout, const float* lse,
+                                          const float* delta, const unsigned char* kv, float* dk, float* dv,
+                                          AttnDims d) {
     flash_bwd_dkdv<128, 32>(q, k, v, dout, lse, delta, kv, dk, dv, d);
 }
-extern "C" __global__ void flash_dq_64(const float* q, const float* k, const float* v, const float* dout,
-                                       const float* lse, const float* delta, const unsigned char* kv, float* dq,
-                                       AttnDims d) {
+extern "C" __global__ void flash_dq_64(const bf* q, const bf* k, const bf* v, const bf* dout, const float* lse,
+                                       const float* delta, const unsigned char* kv, float* dq, AttnDims d) {
     flash_bwd_dq<64>(q, k, v, dout, lse, delta, kv, dq, d);
 }
-extern "C" __global__ void flash_dq_128(const float* q, const float* k, const float* v, const float* dout,
-                                        const float* lse, const float* delta, const unsigned char* kv, float* dq,
-                                        AttnDims d) {
+extern "C" __global__ void flash_dq_128(const bf* q, const bf* k, const bf* v, const bf* dout, const float* lse,
+                                        const float* delta, const unsigned char* kv, float* dq, AttnDims d) {
     flash_bwd_dq<128>(q, k, v, dout, lse, delta, kv, dq, d);
 }
 "#;
@@ -482,13 +530,13 @@ fn ptr<P: DevicePtr<T>, T>(p: &P) -> u64 {
     *p.device_ptr()
 }
 
-/// Forward: `O [b·s, heads·hd]` and `lse [b, heads, s]`.
+/// Forward over bf16 `q`, `k`, `v`: `O [b·s, heads·hd]` (f32) and `lse [b, heads, s]`.
 fn forward(
     cu: &Arc<CudaDevice>,
     sh: &AttnShape,
-    q: &CudaSlice<f32>,
-    k: &CudaSlice<f32>,
-    v: &CudaSlice<f32>,
+    q: &CudaSlice<u16>,
+    k: &CudaSlice<u16>,
+    v: &CudaSlice<u16>,
     valid: &CudaSlice<u8>,
 ) -> Result<(CudaSlice<f32>, CudaSlice<f32>), KernelError> {
     module(cu)?;
@@ -497,56 +545,72 @@ fn forward(
     let o = cu.alloc_zeros::<f32>(n * sh.heads * sh.head_dim)?;
     let lse = cu.alloc_zeros::<f32>(sh.batch * sh.heads * sh.seq)?;
     let name = if sh.head_dim == 64 { "flash_fwd_64" } else { "flash_fwd_128" };
-    let cfg = LaunchConfig {
-        grid_dim: (sh.seq.div_ceil(BLOCK) as u32, sh.heads as u32, sh.batch as u32),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: q is [n, heads·hd], k and v [n, kv_heads·hd], valid [n]; o and lse are sized as the
-    // kernel writes them; every index is bounded by the dims passed.
-    unsafe { func(cu, name)?.launch(cfg, (ptr(q), ptr(k), ptr(v), ptr(valid), ptr(&o), ptr(&lse), dims))? };
+    // SAFETY: q is [n, heads·hd], k and v [n, kv_heads·hd] (bf16, 16-byte aligned rows: hd is a
+    // multiple of 8), valid [n]; o and lse are sized as the kernel writes them; every index is
+    // bounded by the dims passed.
+    unsafe { func(cu, name)?.launch(tiles(sh), (ptr(q), ptr(k), ptr(v), ptr(valid), ptr(&o), ptr(&lse), dims))? };
     Ok((o, lse))
 }
 
-/// Backward: `(dQ, dK, dV)` as fresh buffers.
+/// One block of 4 warps per 64 queries (or keys) of one head of one sequence.
+fn tiles(sh: &AttnShape) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (sh.seq.div_ceil(BLOCK) as u32, sh.heads as u32, sh.batch as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The bf16 copies the kernels read (rounded once per layer, as autocast rounds SDPA's inputs).
+struct Bf16Qkv {
+    q: CudaSlice<u16>,
+    k: CudaSlice<u16>,
+    v: CudaSlice<u16>,
+}
+
+/// Device addresses of the gradient buffers of `q` `[n, heads·hd]`, `k` and `v`
+/// `[n, kv_heads·hd]` (f32), which the backward adds into.
+struct Grads {
+    dq: u64,
+    dk: u64,
+    dv: u64,
+}
+
+/// Backward: adds `dQ`, `dK`, `dV` into `into`.
 #[allow(clippy::too_many_arguments)]
 fn backward(
     cu: &Arc<CudaDevice>,
     sh: &AttnShape,
-    q: &CudaSlice<f32>,
-    k: &CudaSlice<f32>,
-    v: &CudaSlice<f32>,
+    x: &Bf16Qkv,
     o: &CudaSlice<f32>,
     lse: &CudaSlice<f32>,
     dout: &CudaSlice<f32>,
     valid: &CudaSlice<u8>,
-) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>), CudaError> {
+    into: Grads,
+) -> Result<(), CudaError> {
     let dims = sh.dims().map_err(|_| {
         CudaError::Driver(cudarc::driver::DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_INVALID_VALUE))
     })?;
     let n = sh.batch * sh.seq;
     let rows = n * sh.heads;
     let delta = cu.alloc_zeros::<f32>(rows)?;
+    // SAFETY: written whole by attn_delta (every row, every column).
+    let dout16 = unsafe { cu.alloc::<u16>(rows * sh.head_dim)? };
     let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: dout and o are [rows, hd]; delta holds one value per row.
-    unsafe { func(cu, "attn_delta")?.launch(cfg, (ptr(dout), ptr(o), ptr(&delta), sh.head_dim as i32, dims))? };
-    let dq = cu.alloc_zeros::<f32>(n * sh.heads * sh.head_dim)?;
-    let dk = cu.alloc_zeros::<f32>(n * sh.kv_heads * sh.head_dim)?;
-    let dv = cu.alloc_zeros::<f32>(n * sh.kv_heads * sh.head_dim)?;
-    let cfg = LaunchConfig {
-        grid_dim: (sh.seq.div_ceil(BLOCK) as u32, sh.heads as u32, sh.batch as u32),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
+    // SAFETY: dout, o and dout16 are [rows, hd] (hd even); delta holds one value per row.
+    unsafe {
+        func(cu, "attn_delta")?.launch(cfg, (ptr(dout), ptr(o), ptr(&delta), ptr(&dout16), sh.head_dim as i32, dims))?
     };
     let (dkdv, dqk) =
         if sh.head_dim == 64 { ("flash_dkdv_64", "flash_dq_64") } else { ("flash_dkdv_128", "flash_dq_128") };
-    let args = (ptr(q), ptr(k), ptr(v), ptr(dout), ptr(lse), ptr(&delta), ptr(valid), ptr(&dk), ptr(&dv), dims);
-    // SAFETY: shapes as in `forward`; dk/dv are zeroed and sized like k/v.
-    unsafe { func(cu, dkdv)?.launch(cfg, args)? };
-    let args = (ptr(q), ptr(k), ptr(v), ptr(dout), ptr(lse), ptr(&delta), ptr(valid), ptr(&dq), dims);
-    // SAFETY: as above; dq is sized like q, every row below seq is written.
-    unsafe { func(cu, dqk)?.launch(cfg, args)? };
-    Ok((dq, dk, dv))
+    let (q, k, v, d16) = (ptr(&x.q), ptr(&x.k), ptr(&x.v), ptr(&dout16));
+    let args = (q, k, v, d16, ptr(lse), ptr(&delta), ptr(valid), into.dk, into.dv, dims);
+    // SAFETY: shapes as in `forward`; into.dk / into.dv are sized like k / v.
+    unsafe { func(cu, dkdv)?.launch(tiles(sh), args)? };
+    let args = (q, k, v, d16, ptr(lse), ptr(&delta), ptr(valid), into.dq, dims);
+    // SAFETY: as above; into.dq is sized like q, each element below seq is updated by one thread.
+    unsafe { func(cu, dqk)?.launch(tiles(sh), args)? };
+    Ok(())
 }
 
 fn driver_err<E: 'static>(e: KernelError) -> E {
@@ -577,41 +641,32 @@ pub(crate) fn causal_attention<Q: Dim, K: Dim, D: Device<f32>, T: Tape<f32, D> +
     let dev: Cuda = cast(q.device().clone()).expect("causal_attention runs on the CUDA device");
     let cu = dev.cuda_device().clone();
     let valid = cu.htod_copy(key_valid.iter().map(|&m| u8::from(m)).collect::<Vec<u8>>())?;
-    let (o, lse) = forward(
-        &cu,
-        &sh,
-        cuda_data(&q).expect(ON_GPU),
-        cuda_data(&k).expect(ON_GPU),
-        cuda_data(&v).expect(ON_GPU),
-        &valid,
-    )?;
+    let n = sh.batch * sh.seq;
+    let x = Bf16Qkv {
+        q: super::cuda::to_bf16_buf(&cu, cuda_data(&q).expect(ON_GPU), n * sh.heads * sh.head_dim)?,
+        k: super::cuda::to_bf16_buf(&cu, cuda_data(&k).expect(ON_GPU), n * sh.kv_heads * sh.head_dim)?,
+        v: super::cuda::to_bf16_buf(&cu, cuda_data(&v).expect(ON_GPU), n * sh.kv_heads * sh.head_dim)?,
+    };
+    let (o, lse) = forward(&cu, &sh, &x.q, &x.k, &x.v, &valid)?;
     let shape = *q.shape();
     let y: Rows<Q, D, NoneTape> = cast(dev.build_tensor(shape, shape.strides(), o)).expect("the CUDA device");
     if T::OWNS_TAPE {
+        // the backward keeps the bf16 copies only: the f32 q, k, v may be freed after the forward
         let (qg, kg, vg, yg) = (q.ghost(), k.ghost(), v.ghost(), y.ghost());
+        drop((q, k, v));
         let out = y.clone();
         tape.add_backward_op(move |grads| {
             grads.try_alloc_for(&yg)?;
             let dy: Rows<Q, D, NoneTape> = grads.get(&yg);
-            let (dq, dk, dv) = backward(
-                &cu,
-                &sh,
-                cuda_data(&q).expect(ON_GPU),
-                cuda_data(&k).expect(ON_GPU),
-                cuda_data(&v).expect(ON_GPU),
-                cuda_data(&out).expect(ON_GPU),
-                &lse,
-                cuda_data(&dy).expect(ON_GPU),
-                &valid,
-            )
-            .map_err(|e| driver_err::<D::Err>(KernelError::Cuda(e)))?;
-            let add = |dst: &mut <D as Storage<f32>>::Vec, g: &CudaSlice<f32>| {
-                super::cuda::add_into(cuda_buffer::<D>(dst).expect("a CUDA buffer"), g)
-                    .map_err(|e| driver_err::<D::Err>(KernelError::Cuda(e)))
-            };
-            add(grads.get_or_alloc_mut(&qg)?, &dq)?;
-            add(grads.get_or_alloc_mut(&kg)?, &dk)?;
-            add(grads.get_or_alloc_mut(&vg)?, &dv)
+            // the kernels add into the gradient buffers themselves (dQ row by row, dK/dV atomically);
+            // the buffers stay where they are while `grads` lends the next one
+            const BUF: &str = "a CUDA gradient buffer";
+            let dq = ptr(cuda_buffer::<D>(grads.get_or_alloc_mut(&qg)?).expect(BUF));
+            let dk = ptr(cuda_buffer::<D>(grads.get_or_alloc_mut(&kg)?).expect(BUF));
+            let dv = ptr(cuda_buffer::<D>(grads.get_or_alloc_mut(&vg)?).expect(BUF));
+            let into = Grads { dq, dk, dv };
+            backward(&cu, &sh, &x, cuda_data(&out).expect(ON_GPU), &lse, cuda_data(&dy).expect(ON_GPU), &valid, into)
+                .map_err(|e| driver_err::<D::Err>(KernelError::Cuda(e)))
         });
     }
     Ok(y.put_tape(tape))

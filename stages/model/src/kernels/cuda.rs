@@ -38,6 +38,11 @@ const FUNCS: &[&str] = &[
     "swiglu_fwd",
     "swiglu_dg",
     "swiglu_du",
+    "rms_fwd",
+    "rms_dx",
+    "rms_dw",
+    "rope_fwd",
+    "rope_dx",
 ];
 const SRC: &str = r#"
 // bf16 as its 16 bits (no cuda_bf16.h: NVRTC runs without the toolkit's headers on the device)
@@ -166,6 +171,78 @@ extern "C" __global__ void swiglu_du(const float* g, const float* dh, float* du,
     }
 }
 
+// RMSNorm over rows of h: y = x * inv * w, inv = 1 / sqrt(mean(x^2) + eps); one warp per row,
+// inv kept for the backward
+extern "C" __global__ void rms_fwd(const float* x, const float* w, float* y, float* inv, unsigned long long n,
+                                   int h, float eps) {
+    unsigned long long row = (blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= n) return;
+    const float* xr = x + row * h;
+    float ss = 0.f;
+    for (int c = lane; c < h; c += 32) ss += xr[c] * xr[c];
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    float r = 1.f / sqrtf(ss / (float)h + eps);
+    float* yr = y + row * h;
+    for (int c = lane; c < h; c += 32) yr[c] = xr[c] * r * w[c];
+    if (lane == 0) inv[row] = r;
+}
+
+// dx += inv * dy * w - x * inv^3 * mean(dy * w * x); one warp per row
+extern "C" __global__ void rms_dx(const float* x, const float* w, const float* inv, const float* dy, float* dx,
+                                  unsigned long long n, int h) {
+    unsigned long long row = (blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= n) return;
+    const float* xr = x + row * h;
+    const float* gr = dy + row * h;
+    float dot = 0.f;
+    for (int c = lane; c < h; c += 32) dot += gr[c] * w[c] * xr[c];
+    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    float r = inv[row], k = r * r * r * dot / (float)h;
+    float* dr = dx + row * h;
+    for (int c = lane; c < h; c += 32) dr[c] += r * gr[c] * w[c] - xr[c] * k;
+}
+
+// dw[c] += sum over rows of dy * x * inv: each block sums 64 rows of 256 columns, one atomic add
+// per column per block
+extern "C" __global__ void rms_dw(const float* x, const float* inv, const float* dy, float* dw,
+                                  unsigned long long n, int h) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= h) return;
+    unsigned long long r0 = (unsigned long long)blockIdx.y * 64, r1 = r0 + 64 < n ? r0 + 64 : n;
+    float acc = 0.f;
+    for (unsigned long long r = r0; r < r1; ++r) acc += dy[r * h + c] * x[r * h + c] * inv[r];
+    atomicAdd(dw + c, acc);
+}
+
+// rotary embedding (rotate-half convention) of rows [n, heads * hd] with per-row tables
+// cos, sin [n, hd]: y = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[half:], x[:half])
+extern "C" __global__ void rope_fwd(const float* x, const float* cs, const float* sn, float* y,
+                                    unsigned long long total, int width, int hd) {
+    int half = hd / 2;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < total;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned long long r = i / width;
+        int d = (int)(i % width) % hd;
+        float rot = d < half ? -x[i + half] : x[i - half];
+        y[i] = x[i] * cs[r * hd + d] + rot * sn[r * hd + d];
+    }
+}
+
+// its backward: dx += dy * cos + rotate_half^T(dy * sin), rotate_half^T(z) = (z[half:], -z[:half])
+extern "C" __global__ void rope_dx(const float* dy, const float* cs, const float* sn, float* dx,
+                                   unsigned long long total, int width, int hd) {
+    int half = hd / 2;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < total;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned long long r = i / width;
+        int d = (int)(i % width) % hd;
+        float rt = d < half ? dy[i + half] * sn[r * hd + d + half] : -dy[i - half] * sn[r * hd + d - half];
+        dx[i] += dy[i] * cs[r * hd + d] + rt;
+    }
+}
+
 extern "C" __global__ void add_target_rows(float* u, const float* w, const unsigned long long* y,
                                            const unsigned char* need, unsigned long long rows, unsigned long long h) {
     // u[r] = need[r] ? u[r] + w[y[r]] : 0   (u holds -P·W on entry)
@@ -235,7 +312,7 @@ fn buf<S: Shape, T>(t: &Tensor<S, f32, Cuda, T>) -> &CudaSlice<f32> {
 }
 
 /// The raw device address of a slice (for cuBLAS and our kernels' pointer arguments).
-fn ptr<T, P: DevicePtr<T>>(p: &P) -> u64 {
+pub(crate) fn ptr<T, P: DevicePtr<T>>(p: &P) -> u64 {
     *p.device_ptr()
 }
 
@@ -411,6 +488,13 @@ impl Bf16Weight {
         Ok(Bf16Weight { data: Arc::new(cu.htod_copy(bits)?), dev: dev.clone() })
     }
 
+    /// Uploads bf16 bits as they are (a bf16 checkpoint's bytes: no rounding, no f32 copy).
+    pub(crate) fn from_bits(dev: &Cuda, bits: &[u16]) -> Result<Self, KernelError> {
+        let cu = dev.cuda_device();
+        module(cu)?;
+        Ok(Bf16Weight { data: Arc::new(cu.htod_sync_copy(bits)?), dev: dev.clone() })
+    }
+
     /// Rounds an f32 device vector to bf16 on the device.
     pub(crate) fn from_device(t: &Tensor<(usize,), f32, Cuda>) -> Result<Self, KernelError> {
         let dev = t.device().clone();
@@ -456,6 +540,13 @@ fn to_bf16(cu: &Arc<CudaDevice>, x: u64, n: usize) -> Result<CudaSlice<u16>, Cud
     // SAFETY: reads n f32 at x, writes n u16.
     unsafe { f.launch(elems(n), (x, ptr(&out), n as u64))? };
     Ok(out)
+}
+
+/// The first `n` values of `x` rounded to a fresh bf16 buffer (loads the module first).
+pub(crate) fn to_bf16_buf(cu: &Arc<CudaDevice>, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>, KernelError> {
+    assert!(n <= x.len(), "to_bf16_buf: {n} values of a buffer of {}", x.len());
+    module(cu)?;
+    Ok(to_bf16(cu, ptr(x), n)?)
 }
 
 /// Row-major `c[m×n] = alpha · a[m×k] · op(b) + beta · c` with `a`, `b` bf16 and `c` f32 (cuBLAS
@@ -788,6 +879,98 @@ pub(crate) fn head_logprobs_bf16(
     }
     let _ = (&mut lp, &mut u);
     Ok((lp, u))
+}
+
+/// One warp per row, 8 rows per block.
+fn warp_rows(n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// RMSNorm of `n` rows of `h` (`x` at device address `x`, weight `w` `[h]`): `(y, inv)`, `inv`
+/// the per-row `1 / rms` the backward needs.
+pub(crate) fn rms_norm_forward(
+    cu: &Arc<CudaDevice>,
+    x: u64,
+    w: u64,
+    n: usize,
+    h: usize,
+    eps: f32,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>), KernelError> {
+    module(cu)?;
+    // SAFETY: written whole by the kernel (every row, every column; one inv per row).
+    let (y, inv) = unsafe { (cu.alloc::<f32>(n * h)?, cu.alloc::<f32>(n)?) };
+    // SAFETY: x holds n·h floats, w h floats; one warp per row stays below n.
+    unsafe { func(cu, "rms_fwd")?.launch(warp_rows(n), (x, w, ptr(&y), ptr(&inv), n as u64, h as i32, eps))? };
+    Ok((y, inv))
+}
+
+/// The backward of [`rms_norm_forward`]: `dx += ∂x` at address `dx`, and `dw += ∂w` at `dw` when
+/// given (a trained norm weight).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rms_norm_backward(
+    cu: &Arc<CudaDevice>,
+    x: u64,
+    w: u64,
+    inv: &CudaSlice<f32>,
+    dy: u64,
+    dx: u64,
+    dw: Option<u64>,
+    n: usize,
+    h: usize,
+) -> Result<(), CudaError> {
+    // SAFETY: every address holds the shapes of the forward ([n, h], [h], [n]).
+    unsafe {
+        func(cu, "rms_dx")?.launch(warp_rows(n), (x, w, ptr(inv), dy, dx, n as u64, h as i32))?;
+        if let Some(dw) = dw {
+            let cfg = LaunchConfig {
+                grid_dim: (h.div_ceil(256) as u32, n.div_ceil(64) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            func(cu, "rms_dw")?.launch(cfg, (x, ptr(inv), dy, dw, n as u64, h as i32))?;
+        }
+    }
+    Ok(())
+}
+
+/// Rotary embedding of `n` rows of `width = heads · hd` at address `x` with per-row tables `cos`,
+/// `sin` `[n, hd]` (rotate-half convention): a fresh `[n, width]`.
+pub(crate) fn rope_forward(
+    cu: &Arc<CudaDevice>,
+    x: u64,
+    cos: u64,
+    sin: u64,
+    n: usize,
+    width: usize,
+    hd: usize,
+) -> Result<CudaSlice<f32>, KernelError> {
+    module(cu)?;
+    let total = n * width;
+    // SAFETY: written whole by the kernel.
+    let y = unsafe { cu.alloc::<f32>(total)? };
+    // SAFETY: x and y hold n·width floats, the tables n·hd; width is a multiple of hd (even).
+    unsafe {
+        func(cu, "rope_fwd")?.launch(elems(total), (x, cos, sin, ptr(&y), total as u64, width as i32, hd as i32))?
+    };
+    Ok(y)
+}
+
+/// The backward of [`rope_forward`]: `dx += Rᵀ dy` at address `dx`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rope_backward(
+    cu: &Arc<CudaDevice>,
+    dy: u64,
+    cos: u64,
+    sin: u64,
+    dx: u64,
+    n: usize,
+    width: usize,
+    hd: usize,
+) -> Result<(), CudaError> {
+    let total = n * width;
+    // SAFETY: as in the forward; dx holds n·width floats.
+    unsafe { func(cu, "rope_dx")?.launch(elems(total), (dy, cos, sin, dx, total as u64, width as i32, hd as i32))? };
+    Ok(())
 }
 
 /// `dst += src` (gradient buffers of one length; gradient checkpointing's accumulation).

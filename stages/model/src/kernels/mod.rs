@@ -13,6 +13,8 @@ pub(crate) mod attention;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub(crate) mod frozen;
+#[cfg(feature = "cuda")]
+pub(crate) mod fused;
 pub(crate) mod fused_ce;
 pub(crate) mod host_matmul;
 pub mod profile;

@@ -23,6 +23,18 @@ pub(crate) struct RmsNorm<D: Storage<f32>> {
 
 impl<D: Device<f32>> RmsNorm<D> {
     pub fn forward<X: Dim, T: Tape<f32, D> + Merge<T>>(&self, ctx: &Ctx<'_, D>, x: Rows<X, D, T>) -> Rows<X, D, T> {
+        #[cfg(feature = "cuda")]
+        if crate::kernels::is_cuda::<D>() && !crate::kernels::reference_only() {
+            use crate::kernels::fused::{rms_norm, NormWeight};
+            let w = match &self.weight.store {
+                crate::params::Store::Frozen(t) => Some(NormWeight::Frozen(t)),
+                crate::params::Store::Flat(offset) => Some(NormWeight::Flat { flat: ctx.flat, offset: *offset }),
+                _ => None,
+            };
+            if let Some(w) = w {
+                return mark(rms_norm(x, w, self.eps), "rms_norm");
+            }
+        }
         let (n, h) = *x.shape();
         let ms = x.with_empty_tape().square().mean::<(usize,), Axis<1>>();
         let inv = (ms + self.eps).sqrt().recip().broadcast_like::<_, Axis<1>>(&(n, h));
@@ -70,6 +82,10 @@ impl<D: Device<f32>> Clone for AttnMask<D> {
 impl<D: Device<f32>, S: Dims> Step<'_, D, S> {
     /// Rotary embedding of `[tokens, heads * head_dim]`.
     fn rope<H: Dim, X: Dim, T: Tape<f32, D> + Merge<T>>(&self, x: Rows<X, D, T>, heads: H) -> Rows<X, D, T> {
+        #[cfg(feature = "cuda")]
+        if crate::kernels::is_cuda::<D>() && !crate::kernels::reference_only() {
+            return crate::kernels::fused::rope(x, &self.cos, &self.sin);
+        }
         let (n, width) = *x.shape();
         let hd = self.dims.head_dim;
         let x3 = x.reshape_like(&(n, heads, hd));

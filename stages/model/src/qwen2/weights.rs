@@ -86,7 +86,17 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         dev: &D,
         dtype: FrozenDtype,
     ) -> Result<Self, ModelError> {
-        Self::from_parts(cfg, tensors, &BTreeMap::new(), dev, dtype)
+        Self::from_parts(cfg, tensors, &BTreeMap::new(), &BTreeMap::new(), dev, dtype)
+    }
+
+    /// Reads a Hugging Face folder with the frozen matrices in `dtype`: for bf16 on CUDA they are
+    /// read as bf16 bits ([`checkpoint::load_hf_folder_bf16`]) and uploaded as they are, so
+    /// neither the host nor the device ever holds an f32 copy of the model (a 7B checkpoint is
+    /// 15 GB in bf16 against 30 GB in f32). Elsewhere this is [`Qwen2::load_hf_with_dims`].
+    pub fn load_hf_with_dtype(dir: &std::path::Path, dev: &D, dtype: FrozenDtype) -> Result<Self, ModelError> {
+        let bf16 = dtype == FrozenDtype::Bf16 && !crate::kernels::is_cpu::<D>();
+        let ck = if bf16 { checkpoint::load_hf_folder_bf16(dir)? } else { checkpoint::load_hf_folder(dir)? };
+        Self::from_parts(&ck.config, &ck.tensors, &BTreeMap::new(), &ck.bf16, dev, dtype)
     }
 
     /// [`Qwen2::from_host_with_dims`] with some matrices in quantised GGUF blocks (`quantized`,
@@ -99,13 +109,16 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         quantized: &BTreeMap<String, QMatrix>,
         dev: &D,
     ) -> Result<Self, ModelError> {
-        Self::from_parts(cfg, tensors, quantized, dev, FrozenDtype::F32)
+        Self::from_parts(cfg, tensors, quantized, &BTreeMap::new(), dev, FrozenDtype::F32)
     }
 
+    /// The model from its tensors: `tensors` in f32, some matrices in quantised blocks
+    /// (`quantized`) or as bf16 bits (`bf16`); each name in exactly one of them.
     fn from_parts(
         cfg: &ModelConfig,
         tensors: &HostTensors,
         quantized: &BTreeMap<String, QMatrix>,
+        bf16: &BTreeMap<String, checkpoint::Bf16Host>,
         dev: &D,
         dtype: FrozenDtype,
     ) -> Result<Self, ModelError> {
@@ -119,6 +132,17 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                     return Err(ModelError::ShapeMismatch {
                         name: name.clone(),
                         got: q.shape(),
+                        expected: shape.clone(),
+                        field: field.to_string(),
+                    });
+                }
+                continue;
+            }
+            if let Some(b) = bf16.get(name) {
+                if &b.shape != shape || b.bits.len() != shape.iter().product::<usize>() {
+                    return Err(ModelError::ShapeMismatch {
+                        name: name.clone(),
+                        got: b.shape.clone(),
                         expected: shape.clone(),
                         field: field.to_string(),
                     });
@@ -143,7 +167,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                 });
             }
         }
-        for name in tensors.keys().chain(quantized.keys()) {
+        for name in tensors.keys().chain(quantized.keys()).chain(bf16.keys()) {
             // `score.weight`: the head of a sequence-classification folder (transformers'
             // `Qwen2ForSequenceClassification`, the `sft` stage's `task_type = "seq_cls"`), which
             // is not part of the decoder; `pipeline_train::cls` reads it.
@@ -166,6 +190,17 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         let matrix = |name: &str| -> Result<Param<D>, ModelError> {
             if let Some(q) = quantized.get(name) {
                 return Ok(Param::new(name.to_string(), q.shape(), Store::Quant(Arc::new(q.clone()))));
+            }
+            if let Some(b) = bf16.get(name) {
+                #[cfg(feature = "cuda")]
+                if let (FrozenDtype::Bf16, Some(cuda)) = (dtype, (dev as &dyn std::any::Any).downcast_ref::<Cuda>()) {
+                    let w = crate::params::Bf16Weight::from_bits(cuda, &b.bits)
+                        .map_err(|e| ModelError::Kernel(format!("uploading `{name}` as bf16: {e}")))?;
+                    return Ok(Param::new(name.to_string(), b.shape.clone(), Store::FrozenBf16(w)));
+                }
+                let data: Vec<f32> = b.bits.iter().map(|&x| f32::from_bits(u32::from(x) << 16)).collect();
+                let t = dev.tensor_from_vec(data, (b.bits.len(),));
+                return Ok(Param::new(name.to_string(), b.shape.clone(), Store::Frozen(t)));
             }
             #[cfg(feature = "cuda")]
             if let (FrozenDtype::Bf16, Some(cuda)) = (dtype, (dev as &dyn std::any::Any).downcast_ref::<Cuda>()) {
@@ -549,6 +584,24 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
     /// Writes `config.json` + `model.safetensors` (transformers' `from_pretrained` layout).
     pub fn save_pretrained(&self, dir: &Path) -> Result<(), ModelError> {
         checkpoint::save_hf_folder(dir, &self.cfg, &self.to_host())
+    }
+
+    /// [`Qwen2::save_pretrained`] in the precision the frozen base is held in: bf16 weights (and
+    /// `"torch_dtype": "bfloat16"`) for a bf16 base, as transformers saves a model loaded with
+    /// `torch_dtype=torch.bfloat16` — a 7B model is then 15 GB on disk, not 30 — and f32 otherwise.
+    pub fn save_pretrained_native(&self, dir: &Path) -> Result<(), ModelError> {
+        if self.frozen_dtype() != FrozenDtype::Bf16 {
+            return self.save_pretrained(dir);
+        }
+        let mut cfg = self.cfg.to_hf_json();
+        cfg["torch_dtype"] = "bfloat16".into();
+        let text = serde_json::to_string_pretty(&cfg).expect("json");
+        checkpoint::write_atomic(&dir.join("config.json"), text.as_bytes())?;
+        crate::export::write_safetensors_as(
+            &dir.join("model.safetensors"),
+            &self.to_host(),
+            crate::export::Dtype::Bfloat16,
+        )
     }
 
     /// Writes peft's `adapter_config.json` + `adapter_model.safetensors`.
