@@ -123,14 +123,7 @@ impl<D: Device<f32>> Linear<D> {
         };
         let lora = match (&self.lora, ctx.lora) {
             (Some(ad), Some(lc)) => {
-                let xa = x.with_empty_tape();
-                let xa = match ctx.dropout_seed {
-                    Some(seed) if lc.dropout > 0.0 => {
-                        let mask = dropout_mask(n * inp.size(), lc.dropout, mix_seed(seed, self.salt));
-                        xa * ctx.dev.tensor_from_vec(mask, (n, inp)).retaped::<T>()
-                    }
-                    _ => xa,
-                };
+                let xa = self.dropout_input(ctx, lc, &x).unwrap_or_else(|| x.with_empty_tape());
                 Some((xa, ad, lc.scale()))
             }
             _ => None,
@@ -147,6 +140,31 @@ impl<D: Device<f32>> Linear<D> {
             y = y + z * scale;
         }
         y
+    }
+
+    /// The LoRA branch's input `dropout(x)` in a training forward with `lora_dropout > 0` (`None`
+    /// otherwise: the branch reads `x`). The mask comes from the forward's seed and this layer's
+    /// salt, so a recomputed forward (gradient checkpointing) draws the same one; on CUDA it is
+    /// drawn on the device ([`kernels::cuda::dropout_keep`]), on the CPU by [`dropout_mask`].
+    fn dropout_input<I: Dim, T: Tape<f32, D> + Merge<T>>(
+        &self,
+        ctx: &Ctx<'_, D>,
+        lc: &LoraConfig,
+        x: &Rows<I, D, T>,
+    ) -> Option<Rows<I, D, T>> {
+        let seed = ctx.dropout_seed.filter(|_| lc.dropout > 0.0)?;
+        let (n, inp) = *x.shape();
+        let seed = mix_seed(seed, self.salt);
+        #[cfg(feature = "cuda")]
+        if let Some(cuda) = (ctx.dev as &dyn std::any::Any).downcast_ref::<Cuda>() {
+            let m = kernels::cuda::dropout_keep(cuda, n * inp.size(), lc.dropout, seed)
+                .unwrap_or_else(|e| panic!("LoRA dropout mask over [{n} x {}]: {e}", inp.size()));
+            let m: Tensor<(usize, I), f32, D> =
+                kernels::cast(cuda.build_tensor((n, inp), (n, inp).strides(), m)).expect("the CUDA device");
+            return Some(x.with_empty_tape() * m.retaped::<T>());
+        }
+        let mask = dropout_mask(n * inp.size(), lc.dropout, seed);
+        Some(x.with_empty_tape() * ctx.dev.tensor_from_vec(mask, (n, inp)).retaped::<T>())
     }
 
     /// A training forward of a LoRA projection over a bf16 base on CUDA, as the one fused op of
@@ -167,15 +185,9 @@ impl<D: Device<f32>> Linear<D> {
         if !T::OWNS_TAPE || kernels::reference_only() {
             return Err(x);
         }
-        let (n, inp) = *x.shape();
+        let n = x.shape().0;
         let lo = kernels::cuda::LoraSlots { a: *a, b: *b, r: ad.a.shape[0], scale: lc.scale() };
-        let xa = match ctx.dropout_seed {
-            Some(seed) if lc.dropout > 0.0 => {
-                let mask = dropout_mask(n * inp.size(), lc.dropout, mix_seed(seed, self.salt));
-                Some(x.with_empty_tape() * ctx.dev.tensor_from_vec(mask, (n, inp)).retaped::<T>())
-            }
-            _ => None,
-        };
+        let xa = self.dropout_input(ctx, lc, &x);
         let mut y = kernels::frozen::lora_linear_bf16(x, xa, w, out, ctx.flat, lo);
         if let Some(b) = &self.bias {
             y = y + ctx.fetch::<T>(b).reshape_like(&(out,)).broadcast_like::<_, Axis<0>>(&(n, out));

@@ -36,8 +36,8 @@ const FUNCS: &[&str] = &[
     "gather_bf16",
     "add_into",
     "swiglu_fwd",
-    "swiglu_dg",
-    "swiglu_du",
+    "swiglu_bwd",
+    "dropout_keep",
     "rms_fwd",
     "rms_dx",
     "rms_dw",
@@ -154,20 +154,28 @@ extern "C" __global__ void swiglu_fwd(const float* g, const float* u, float* h, 
     }
 }
 
-extern "C" __global__ void swiglu_dg(const float* g, const float* u, const float* dh, float* dg, unsigned long long n) {
-    // d/dg [g sigmoid(g)] = sigmoid(g) (1 + g (1 - sigmoid(g)))
+extern "C" __global__ void swiglu_bwd(const float* g, const float* u, const float* dh, float* dg, float* du,
+                                       unsigned long long n) {
+    // dg += dh u silu'(g), silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g))); du += dh silu(g)
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
-        float x = g[i], s = 1.f / (1.f + __expf(-x));
-        dg[i] += dh[i] * u[i] * s * (1.f + x * (1.f - s));
+        float x = g[i], s = 1.f / (1.f + __expf(-x)), d = dh[i];
+        dg[i] += d * u[i] * s * (1.f + x * (1.f - s));
+        du[i] += d * x * s;
     }
 }
 
-extern "C" __global__ void swiglu_du(const float* g, const float* dh, float* du, unsigned long long n) {
+// inverted dropout's keep mask: 0 with probability p, else 1 / (1 - p); element i from a
+// counter-based hash of (seed, i) (splitmix64), so a recomputed forward draws the same mask
+extern "C" __global__ void dropout_keep(float* m, unsigned long long n, unsigned long long seed, float p, float keep) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
-        float x = g[i];
-        du[i] += dh[i] * x / (1.f + __expf(-x));
+        unsigned long long z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        float r = (float)(z >> 40) * (1.f / 16777216.f);
+        m[i] = r < p ? 0.f : keep;
     }
 }
 
@@ -288,8 +296,32 @@ impl From<cudarc::driver::DriverError> for KernelError {
 /// Compiles and loads the kernels once per device.
 pub(crate) fn module(dev: &Arc<CudaDevice>) -> Result<(), KernelError> {
     if !dev.has_func(MODULE, FUNCS[0]) {
+        keep_pool_memory(dev)?;
         let ptx = cudarc::nvrtc::compile_ptx(SRC).map_err(|e| KernelError::Nvrtc(e.to_string()))?;
         dev.load_ptx(ptx, MODULE, FUNCS)?;
+    }
+    Ok(())
+}
+
+/// Keeps freed memory in the device's default memory pool. cudarc allocates stream-ordered
+/// (`cuMemAllocAsync`), and the pool's default release threshold (0) hands every freed byte back
+/// to the driver at each synchronisation — once per training step at least — so each step would
+/// map its kernels' temporaries again. PyTorch's caching allocator keeps them; so does this.
+fn keep_pool_memory(dev: &Arc<CudaDevice>) -> Result<(), KernelError> {
+    use cudarc::driver::sys;
+    let mut cu_dev = 0;
+    let mut pool = std::ptr::null_mut();
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: plain driver queries on a valid ordinal; the attribute takes a u64 by pointer.
+    unsafe {
+        sys::cuDeviceGet(&mut cu_dev, dev.ordinal() as i32).result()?;
+        sys::cuDeviceGetDefaultMemPool(&mut pool, cu_dev).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()?;
     }
     Ok(())
 }
@@ -643,27 +675,34 @@ pub(crate) fn swiglu_forward(
     Ok(h)
 }
 
-/// The backward of [`swiglu_forward`]: `dg += dh · u · silu'(g)` when `dg` is given, else
-/// `du += dh · silu(g)` (one gradient buffer at a time, as dfdx's `Gradients` lends them).
+/// The backward of [`swiglu_forward`] in one pass: `dg += dh · u · silu'(g)` and
+/// `du += dh · silu(g)` at the device addresses `dg`, `du` (n floats each).
 pub(crate) fn swiglu_backward(
     dev: &Cuda,
     g: &CudaSlice<f32>,
     u: &CudaSlice<f32>,
     dh: &CudaSlice<f32>,
-    dst: &mut CudaSlice<f32>,
-    gate: bool,
+    dg: u64,
+    du: u64,
 ) -> Result<(), CudaError> {
     let cu = dev.cuda_device();
     let n = g.len();
     // SAFETY: every buffer holds n floats (the module was loaded by the forward).
-    unsafe {
-        if gate {
-            func(cu, "swiglu_dg")?.launch(elems(n), (ptr(g), ptr(u), ptr(dh), ptr(dst), n as u64))?
-        } else {
-            func(cu, "swiglu_du")?.launch(elems(n), (ptr(g), ptr(dh), ptr(dst), n as u64))?
-        }
-    };
+    unsafe { func(cu, "swiglu_bwd")?.launch(elems(n), (ptr(g), ptr(u), ptr(dh), dg, du, n as u64))? };
     Ok(())
+}
+
+/// An inverted-dropout keep mask of `n` values drawn on the device from `seed` (0 with
+/// probability `p`, else `1 / (1 - p)`): the host draws and uploads nothing.
+pub(crate) fn dropout_keep(dev: &Cuda, n: usize, p: f32, seed: u64) -> Result<CudaSlice<f32>, KernelError> {
+    let cu = dev.cuda_device();
+    module(cu)?;
+    // SAFETY: written whole by the kernel.
+    let m = unsafe { cu.alloc::<f32>(n)? };
+    let keep = 1.0 / (1.0 - p);
+    // SAFETY: m holds n floats.
+    unsafe { func(cu, "dropout_keep")?.launch(elems(n), (ptr(&m), n as u64, seed, p, keep))? };
+    Ok(m)
 }
 
 /// Row-major f32 `c[m×n] = alpha · op(a) · op(b) + beta · c` on raw device addresses, where

@@ -174,7 +174,7 @@ pub(crate) fn lora_linear_bf16<I: Dim, O: Dim, D: Device<f32>, T: Tape<f32, D> +
     y.put_tape(tape)
 }
 
-/// SwiGLU's gate `silu(g) · u` on CUDA as one kernel forward and one per input backward
+/// SwiGLU's gate `silu(g) · u` on CUDA as one kernel forward and one backward for both inputs
 /// ([`super::cuda::swiglu_forward`]); dfdx's `g.sigmoid() * g * u` is three ops with two
 /// `[tokens, intermediate]` temporaries and their gradients.
 #[cfg(feature = "cuda")]
@@ -200,10 +200,11 @@ pub(crate) fn swiglu<X: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
             grads.try_alloc_for(&hg)?;
             let dh: Rows<X, D, NoneTape> = grads.get(&hg);
             let (gb, ub, dhb) = (cuda_data(&g).expect(ON), cuda_data(&u).expect(ON), cuda_data(&dh).expect(ON));
-            let dg = cuda_buffer::<D>(grads.get_or_alloc_mut(&gg)?).expect("a CUDA buffer");
-            cuda::swiglu_backward(&dev, gb, ub, dhb, dg, true).map_err(err)?;
-            let du = cuda_buffer::<D>(grads.get_or_alloc_mut(&ug)?).expect("a CUDA buffer");
-            cuda::swiglu_backward(&dev, gb, ub, dhb, du, false).map_err(err)
+            // both gradient buffers in one pass (their device addresses stay put while `grads`
+            // lends the second)
+            let dg = cuda::ptr(cuda_buffer::<D>(grads.get_or_alloc_mut(&gg)?).expect("a CUDA buffer"));
+            let du = cuda::ptr(cuda_buffer::<D>(grads.get_or_alloc_mut(&ug)?).expect("a CUDA buffer"));
+            cuda::swiglu_backward(&dev, gb, ub, dhb, dg, du).map_err(err)
         });
     }
     h.put_tape(tape)
