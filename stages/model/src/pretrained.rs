@@ -332,5 +332,6 @@ fn load_checkpoint<D: Device<f32>>(path: &Path, dev: &D, keep_quantized: bool) -
             None
         }
     };
+    crate::host::release_free_heap();
     Ok(Pretrained { model, tokenizer, chat, vocab })
 }
