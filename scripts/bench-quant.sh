@@ -8,7 +8,8 @@
 #
 #   scripts/bench-quant.sh            # python3 scripts/fetch_assets.py smollm2 first
 # env: THREADS (2), TOKENS (128), NO_LLAMA=1 (ours only), DEQUANTIZED=1 (also time the f32 path,
-#      PIPELINE_DEQUANTIZE_GGUF=1)
+#      PIPELINE_DEQUANTIZE_GGUF=1), PIPELINE_BIN (a binary to measure instead of building
+#      target/debug/pipeline, e.g. a copy of the one before a change)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 asset=target/test-assets/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -30,8 +31,12 @@ if [ "${NO_LLAMA:-0}" != 1 ]; then
     llama_py=$venv/bin/python
 fi
 
-cargo build --quiet   # the dev profile is optimised (Cargo.toml); shares the test build
-bin=target/debug/pipeline
+if [ -n "${PIPELINE_BIN:-}" ]; then
+    bin=$PIPELINE_BIN
+else
+    cargo build --quiet   # the dev profile is optimised (Cargo.toml); shares the test build
+    bin=target/debug/pipeline
+fi
 
 # The files, by our own stages: one recipe (and cache) per file, so each cache holds one .gguf
 # (content-hashed: a second run rebuilds nothing).

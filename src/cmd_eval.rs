@@ -1,7 +1,7 @@
 //! `pipeline eval`: evaluate a model without a recipe, score (prediction, reference) pairs without
 //! a model, and compare two runs.
 //!
-//! * `pipeline eval --model M [--base B] --dataset general_qa|general_mcq --local-path DIR
+//! * `pipeline eval --model M [--base B] --dataset general_qa|general_mcq|text --local-path DIR
 //!   [--output DIR] [...]`: the `evaluate` stage run once, outside a recipe and the cache. `M` is a
 //!   HF folder, a `.gguf` file or a peft LoRA adapter folder (merged into `--base`, else the base
 //!   its `adapter_config.json` names). Prints the table; `--output` keeps `report.json`,
@@ -48,9 +48,10 @@ pub struct ModelEvalArgs {
     /// With an adapter folder as --model: its base model (overrides `base_model_name_or_path`).
     #[arg(long, requires = "model")]
     pub base: Option<PathBuf>,
-    #[arg(long, value_parser = ["general_mcq", "general_qa"], requires = "model")]
+    /// `text`: perplexity of `{subset}.txt` files, as llama.cpp's `perplexity` tool measures it.
+    #[arg(long, value_parser = ["general_mcq", "general_qa", "text"], requires = "model")]
     pub dataset: Option<String>,
-    /// The dataset folder (`{subset}_val.csv` / `{subset}.jsonl`).
+    /// The dataset folder (`{subset}_val.csv` / `{subset}.jsonl` / `{subset}.txt`).
     #[arg(long, requires = "model")]
     pub local_path: Option<PathBuf>,
     /// Subsets to run [default: all] (comma-separated or repeated).
@@ -59,9 +60,13 @@ pub struct ModelEvalArgs {
     /// general_mcq: few-shot examples from `{subset}_dev.csv`.
     #[arg(long, requires = "model")]
     pub few_shot_num: Option<usize>,
-    /// general_mcq: `generate` (answer extraction) or `loglik` (option-letter log-likelihood).
-    #[arg(long, value_parser = ["generate", "loglik"], requires = "model")]
+    /// general_mcq: `generate` (answer extraction) or `loglik` (option-letter log-likelihood);
+    /// text: `perplexity`.
+    #[arg(long, value_parser = ["generate", "loglik", "perplexity"], requires = "model")]
     pub scorer: Option<String>,
+    /// text: tokens per perplexity window [default: 512].
+    #[arg(long, requires = "model")]
+    pub n_ctx: Option<usize>,
     #[arg(long, requires = "model")]
     pub batch_size: Option<usize>,
     /// At most N samples per subset.
@@ -152,6 +157,7 @@ fn run_model(model: &Path, a: &ModelEvalArgs, fmt: LogFormat) -> anyhow::Result<
         ("batch_size", a.batch_size),
         ("limit", a.limit),
         ("max_new_tokens", a.max_new_tokens),
+        ("n_ctx", a.n_ctx),
     ] {
         if let Some(v) = v {
             set(k, toml::Value::Integer(v as i64));

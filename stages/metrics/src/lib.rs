@@ -39,6 +39,7 @@ pub mod bleu;
 mod error;
 pub mod eval;
 pub mod mcq;
+pub mod perplexity;
 pub mod qa;
 pub mod report;
 pub mod rouge;

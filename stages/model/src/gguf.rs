@@ -476,8 +476,28 @@ impl GgufFile {
     pub fn dequantize(&self, name: &str) -> Result<HostTensor, GgufError> {
         let t = self.tensor_info(name).ok_or_else(|| self.tensor_err(name, "no such tensor"))?;
         let ty = self.ty(t)?;
-        let data = dequant::dequantize(ty, self.raw(t)?, t.numel() as usize);
+        let raw = self.raw(t)?;
+        let data = dequant::dequantize(ty, raw, t.numel() as usize);
+        let start = raw.as_ptr() as usize - self.map.as_ptr() as usize;
+        self.drop_pages(start, raw.len());
         Ok(HostTensor { shape: t.shape(), data })
+    }
+
+    /// Drops the map's pages of `start..start + len` from this process's resident memory: a
+    /// dequantised tensor has its own copy, so keeping the file's pages of it too would count the
+    /// tensor twice (an F32 file's weights: twice the file size). The pages stay in the page
+    /// cache; a later read of the range faults them back in with the same bytes.
+    fn drop_pages(&self, start: usize, len: usize) {
+        #[cfg(unix)]
+        // SAFETY: the map is a read-only private mapping of a file nobody writes through it, so
+        // `MADV_DONTNEED` only discards clean pages, which the next access reads back from the
+        // file unchanged: borrowed slices of the map (other tensors' `QMatrix`, ones sharing the
+        // range's first or last page) keep seeing the same bytes. A failure leaves the pages.
+        unsafe {
+            let _ = self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len);
+        }
+        #[cfg(not(unix))]
+        let _ = (start, len);
     }
 }
 

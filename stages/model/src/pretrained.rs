@@ -352,5 +352,6 @@ fn load_checkpoint<D: Device<f32>>(
             None
         }
     };
+    crate::host::release_free_heap();
     Ok(Pretrained { model, tokenizer, chat, vocab })
 }

@@ -139,11 +139,9 @@ impl Tokenizer {
         Self::new(inner, special, what)
     }
 
-    /// A tokenizer described as a `tokenizer.json` value (used by the GGUF loader).
-    pub fn from_json_value(json: Value, special: SpecialTokens) -> Result<Self, TokenizerError> {
-        let bytes = serde_json::to_vec(&json)
-            .map_err(|e| TokenizerError::Load { what: "generated".into(), msg: e.to_string() })?;
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+    /// A tokenizer from generated `tokenizer.json` bytes (used by the GGUF loader).
+    pub fn from_json_bytes(json: &[u8], special: SpecialTokens) -> Result<Self, TokenizerError> {
+        let inner = tokenizers::Tokenizer::from_bytes(json)
             .map_err(|e| TokenizerError::Load { what: "generated tokenizer".into(), msg: e.to_string() })?;
         Self::new(inner, special, "generated tokenizer")
     }

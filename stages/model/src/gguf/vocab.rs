@@ -17,6 +17,9 @@
 //! Checked against llama.cpp's tokenizer test vectors (`ggml-vocab-*.gguf.inp/.out`) and the
 //! SmolLM2 GGUF (heavy tests).
 
+use std::collections::HashSet;
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{json, Map, Value};
 
 use super::{GgufError, GgufFile};
@@ -36,7 +39,8 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
             f.meta_err("tokenizer.ggml.model", format!("{model:?} is not supported (only \"gpt2\" byte-level BPE)"))
         );
     }
-    let strings = |key: &str| -> Result<Vec<String>, GgufError> {
+    // borrowed from the metadata: a copy of ~100k strings is megabytes of heap for nothing
+    let strings = |key: &str| -> Result<Vec<&str>, GgufError> {
         let arr = f
             .get(key)
             .ok_or_else(|| f.meta_err(key, "missing"))?
@@ -44,9 +48,7 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
             .ok_or_else(|| f.meta_err(key, "expected an array"))?;
         arr.iter()
             .enumerate()
-            .map(|(i, v)| {
-                v.as_str().map(str::to_string).ok_or_else(|| f.meta_err(key, format!("item {i} is not a string")))
-            })
+            .map(|(i, v)| v.as_str().ok_or_else(|| f.meta_err(key, format!("item {i} is not a string"))))
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
@@ -103,14 +105,17 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
         }
     };
 
-    let mut vocab = Map::new();
+    let mut vocab = Vec::with_capacity(tokens.len());
+    let mut seen = HashSet::with_capacity(tokens.len());
     let mut added = Vec::new();
-    for (id, (tok, &ty)) in tokens.iter().zip(&types).enumerate() {
+    for (id, (&tok, &ty)) in tokens.iter().zip(&types).enumerate() {
         if ty == 5 {
             continue; // UNUSED: llama.cpp's `[PADi]` fillers up to the embedding size, not in HF's vocabulary
         }
         // Duplicates keep the first id, as HF's vocab.json would.
-        vocab.entry(tok.clone()).or_insert(json!(id));
+        if seen.insert(tok) {
+            vocab.push((tok, id));
+        }
         if ty == 3 || ty == 4 {
             added.push(json!({
                 "id": id, "content": tok, "single_word": false, "lstrip": false, "rstrip": false,
@@ -124,8 +129,7 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
             None => Ok(None),
             Some(i) => tokens
                 .get(i)
-                .cloned()
-                .map(Some)
+                .map(|t| Some(t.to_string()))
                 .ok_or_else(|| f.meta_err(key, format!("id {i} is outside the {}-token vocabulary", tokens.len()))),
         }
     };
@@ -148,24 +152,79 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>, GgufError>
         }
         _ => byte_level(false),
     };
-    let json = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": normalizer,
-        "pre_tokenizer": pre_tokenizer,
-        "post_processor": post_processor,
-        "decoder": byte_level(false),
-        "model": {
-            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
-            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
-            "vocab": vocab, "merges": merges,
+    drop(seen);
+    // Serialised straight from borrowed strings: a `serde_json::Value` of the vocabulary and
+    // merges would be tens of megabytes of small allocations that stay in the heap afterwards.
+    let json = TokenizerJson {
+        version: "1.0",
+        truncation: None,
+        padding: None,
+        added_tokens: added,
+        normalizer,
+        pre_tokenizer,
+        post_processor,
+        decoder: byte_level(false),
+        model: BpeJson {
+            ty: "BPE",
+            dropout: None,
+            unk_token: None,
+            continuing_subword_prefix: "",
+            end_of_word_suffix: "",
+            fuse_unk: false,
+            byte_fallback: false,
+            ignore_merges,
+            vocab: VocabJson(vocab),
+            merges,
         },
-    });
+    };
+    let bytes = serde_json::to_vec(&json)
+        .map_err(|e| GgufError::Tokenizer { path: f.path().to_path_buf(), msg: e.to_string() })?;
+    drop(json);
     let chat_template = f.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string);
     let special = SpecialTokens { bos, eos, pad, unk, chat_template };
-    Tokenizer::from_json_value(json, special)
+    Tokenizer::from_json_bytes(&bytes, special)
         .map(Some)
         .map_err(|e| GgufError::Tokenizer { path: f.path().to_path_buf(), msg: e.to_string() })
+}
+
+/// A `tokenizer.json` (the fields [`tokenizer_from_gguf`] sets), serialised from borrowed data.
+#[derive(serde::Serialize)]
+struct TokenizerJson<'a> {
+    version: &'static str,
+    truncation: Option<()>,
+    padding: Option<()>,
+    added_tokens: Vec<Value>,
+    normalizer: Value,
+    pre_tokenizer: Value,
+    post_processor: Value,
+    decoder: Value,
+    model: BpeJson<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct BpeJson<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    dropout: Option<f32>,
+    unk_token: Option<&'a str>,
+    continuing_subword_prefix: &'static str,
+    end_of_word_suffix: &'static str,
+    fuse_unk: bool,
+    byte_fallback: bool,
+    ignore_merges: bool,
+    vocab: VocabJson<'a>,
+    merges: Vec<&'a str>,
+}
+
+/// `{"token": id, ...}` from (token, id) pairs without duplicate tokens.
+struct VocabJson<'a>(Vec<(&'a str, usize)>);
+
+impl Serialize for VocabJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (tok, id) in &self.0 {
+            m.serialize_entry(tok, id)?;
+        }
+        m.end()
+    }
 }

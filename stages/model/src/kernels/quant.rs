@@ -5,9 +5,9 @@
 //!
 //! The row kernels are AVX2 + FMA + F16C, chosen at run time (`is_x86_feature_detected!`, as
 //! [`super::host_matmul`] does), with [`dot_row_scalar`] as the portable fallback the tests
-//! compare them with. Q8_0, Q4_0, Q4_1, Q4_K and Q6_K have hand-written AVX2 loops (llama.cpp's
-//! `maddubs` scheme: unsigned × signed bytes to i16 pairs, pairs to i32 with the block scale);
-//! Q5_0/Q5_1 run the scalar code compiled for AVX2. Output rows are split over rayon's pool.
+//! compare them with. Every format has a hand-written AVX2 loop (llama.cpp's `maddubs` scheme:
+//! unsigned × signed bytes to i16 pairs, pairs to i32 with the block scale); Q5_0/Q5_1 spread
+//! their 32 fifth bits to a byte mask first. Output rows are split over rayon's pool.
 //!
 //! `PIPELINE_SCALAR_QUANT=1` forces the portable kernels (read once; for comparisons).
 
@@ -188,6 +188,51 @@ mod avx2 {
         hsum(acc) + mins
     }
 
+    /// The 32 fifth bits of a Q5 block (`qh`, bit `i` for element `i`) as 32 bytes, 0x10 where
+    /// the bit is set and 0 elsewhere: byte `i` takes `qh`'s byte `i / 8` and tests bit `i % 8`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn fifth_bits(p: *const u8) -> __m256i {
+        let qh = i32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]);
+        // the byte index (0..4) of each element's bit, the same in both 128-bit lanes
+        let which = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+        );
+        let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(qh), which);
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_0(w: &[u8], xs: &[Q8Block]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let sixteen = _mm256_set1_epi8(16);
+        for (b, a) in w.chunks_exact(22).zip(xs) {
+            let p = b.as_ptr();
+            // codes 0..32 minus 16: signed bytes in -16..16
+            let q = _mm256_sub_epi8(_mm256_or_si256(nibbles(p.add(6)), fifth_bits(p.add(2))), sixteen);
+            let s = mul_sum_i8(q, load(a.qs.as_ptr()));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(p) * a.d), _mm256_cvtepi32_ps(s), acc);
+        }
+        hsum(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_1(w: &[u8], xs: &[Q8Block]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let ones = _mm256_set1_epi16(1);
+        let mut mins = 0f32;
+        for (b, a) in w.chunks_exact(24).zip(xs) {
+            let p = b.as_ptr();
+            let q = _mm256_or_si256(nibbles(p.add(8)), fifth_bits(p.add(4)));
+            let s = mul_sum_u8_i8(q, load(a.qs.as_ptr()), ones);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(p) * a.d), _mm256_cvtepi32_ps(s), acc);
+            mins += f16(p.add(2)) * a.d * a.sum as f32;
+        }
+        hsum(acc) + mins
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q4_k(w: &[u8], xs: &[Q8KBlock]) -> f32 {
         let mut acc = _mm256_setzero_ps();
@@ -257,12 +302,6 @@ mod avx2 {
         hsum(acc) - corr
     }
 
-    /// [`dot_row_scalar`] compiled for AVX2 (the formats without a hand-written loop).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn scalar(fmt: QFormat, w: &[u8], x: &QAct) -> f32 {
-        dot_row_scalar(fmt, w, x)
-    }
-
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -271,9 +310,12 @@ mod avx2 {
             (QFormat::Q8_0, QAct::B32(xs)) => q8_0(w, xs),
             (QFormat::Q4_0, QAct::B32(xs)) => q4_0(w, xs),
             (QFormat::Q4_1, QAct::B32(xs)) => q4_1(w, xs),
+            (QFormat::Q5_0, QAct::B32(xs)) => q5_0(w, xs),
+            (QFormat::Q5_1, QAct::B32(xs)) => q5_1(w, xs),
             (QFormat::Q4_K, QAct::K(xs)) => q4_k(w, xs),
             (QFormat::Q6_K, QAct::K(xs)) => q6_k(w, xs),
-            _ => scalar(fmt, w, x),
+            // a format with activations of the other kind: `QAct::new` never makes one
+            _ => dot_row_scalar(fmt, w, x),
         }
     }
 }
@@ -344,6 +386,59 @@ mod tests {
                             (s - exact).abs() <= bound + tol,
                             "{ty:?} ({r},{j}): {s} vs f32 product {exact} (bound {bound})"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Random bytes (every pattern of fifth bits and nibbles) with sane f16 scales.
+    fn random_blocks(fmt: QFormat, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let (be, bb) = fmt.block();
+        let mut s = seed;
+        let mut next = || {
+            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (s >> 33) as u8
+        };
+        let scales = if matches!(fmt, QFormat::Q5_1 | QFormat::Q4_1) { 2 } else { 1 };
+        let mut bytes = Vec::new();
+        for _ in 0..rows * cols / be {
+            for k in 0..scales {
+                let v = (0.01 + next() as f32 / 5000.0) * if k == 1 && next() & 1 == 1 { -1.0 } else { 1.0 };
+                bytes.extend(half::f16::from_f32(v).to_le_bytes());
+            }
+            bytes.extend((2 * scales..bb).map(|_| next()));
+        }
+        bytes
+    }
+
+    #[test]
+    fn q5_kernels_equal_the_scalar_reference_on_random_blocks() {
+        for fmt in [QFormat::Q5_0, QFormat::Q5_1] {
+            let (rows, cols) = (37, 320);
+            let q = QMatrix::new(fmt, rows, cols, random_blocks(fmt, rows, cols, 99)).unwrap();
+            let deq = q.dequantize();
+            for n in [1, 3] {
+                let x = values(n * cols, 5);
+                let scalar = quant_matmul_wt_with(&x, n, &q, false);
+                let fast = quant_matmul_wt_with(&x, n, &q, true);
+                for r in 0..n {
+                    let xr = &x[r * cols..(r + 1) * cols];
+                    for j in 0..rows {
+                        let wr = &deq[j * cols..(j + 1) * cols];
+                        let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let bound: f64 = xr
+                            .chunks(32)
+                            .zip(wr.chunks(32))
+                            .map(|(xb, wb)| {
+                                xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 / 254.0
+                                    * wb.iter().map(|v| v.abs() as f64).sum::<f64>()
+                            })
+                            .sum();
+                        let (sv, f) = (scalar[r * rows + j] as f64, fast[r * rows + j] as f64);
+                        let tol = 1e-5 * (1.0 + exact.abs() + bound);
+                        assert!((sv - f).abs() <= tol, "{fmt:?} ({r},{j}): simd {f} vs scalar {sv}");
+                        assert!((sv - exact).abs() <= bound + tol, "{fmt:?} ({r},{j}): {sv} vs {exact}");
                     }
                 }
             }
