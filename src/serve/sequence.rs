@@ -1,14 +1,16 @@
-//! One sequence being generated: its own KV cache, sampling generator and text, stepped one token
-//! at a time by the engine: [`Sequence::sample`] picks the token, [`Sequence::advance`] runs the
-//! pending tokens of several sequences through the model in one batched forward. Alone, a step is
-//! exactly one iteration of `pipeline_model::generate`'s loop for a batch of one (same
-//! `forward_cached` calls, same `sample_next`, same stop rules), so greedy output equals
-//! `pipeline generate`'s.
+//! One sequence being generated: its own KV cache, sampling generator and text. The engine runs
+//! its prompt in chunks ([`Prefill`]), then steps it one token at a time: [`Sequence::sample`]
+//! picks the token, [`Sequence::advance`] runs the pending tokens of several sequences through the
+//! model in one batched forward. Alone, with the prompt in one chunk, a step is exactly one
+//! iteration of `pipeline_model::generate`'s loop for a batch of one (same `forward_cached` calls,
+//! same `sample_next`, same stop rules), so greedy output equals `pipeline generate`'s.
 //!
-//! Text is released incrementally ([`TextTracker`]): what has been sent is always a prefix of the
-//! final text, holding back an incomplete UTF-8 character (a trailing U+FFFD) and any tail that
-//! could still become a stop string. The non-streamed content is the same deltas joined, so the
-//! two agree by construction.
+//! Text is released incrementally: [`Detokenizer`] decodes only the new tokens (with a short
+//! lookback) and holds back an incomplete UTF-8 character, and [`TextTracker`] looks for stop
+//! strings only in the new text (plus the tail a stop string could start in) and holds back any
+//! tail that could still become one. What has been sent is always a prefix of the final text, and
+//! a step costs the same at the 10th token as at the 1000th. The non-streamed content is the same
+//! deltas joined, so the two agree by construction.
 
 use std::sync::Arc;
 
@@ -18,7 +20,7 @@ use pipeline_model::{Batch, FinishReason, GenerationConfig, KvCache, ModelError,
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::codec::TextCodec;
+use super::codec::{Detokenizer, TextCodec};
 
 /// Sampling settings of one request (validated by the handlers).
 #[derive(Debug, Clone)]
@@ -61,42 +63,73 @@ pub struct Sequence<D: Device<f32>> {
     logits: Vec<f32>,
     rng: ChaCha8Rng,
     sampling: Arc<Sampling>,
+    detok: Detokenizer,
     text: TextTracker,
     pub finished: bool,
     /// Sampled, not yet run through the model (see [`Self::advance`]).
     pending: Option<u32>,
 }
 
-impl<D: Device<f32>> Sequence<D> {
-    /// Runs the prompt through `model` and returns `n` sequences sharing its KV cache (copied on
-    /// write); choice `i` samples with seed `seed + i`, so choice 0 is what `pipeline generate`
-    /// gives.
-    pub fn prefill(
-        model: &Qwen2<D>,
-        prompt: Arc<Vec<u32>>,
-        sampling: Arc<Sampling>,
-        n: usize,
-    ) -> Result<Vec<Self>, ModelError> {
-        let mut cache = model.new_cache();
-        let logits = model
-            .forward_cached(&Batch::new(prompt.to_vec(), 1, prompt.len())?, &mut cache)?
-            .pop()
-            .ok_or_else(|| ModelError::Batch("no logits".into()))?;
-        Ok((0..n)
-            .map(|i| Sequence {
-                prompt: prompt.clone(),
-                tokens: Vec::new(),
-                cache: cache.clone(),
-                logits: logits.clone(),
-                rng: ChaCha8Rng::seed_from_u64(sampling.gen.seed.wrapping_add(i as u64)),
-                text: TextTracker::new(sampling.gen.stop_strings.clone()),
-                sampling: sampling.clone(),
-                finished: false,
-                pending: None,
-            })
-            .collect())
+/// A request's prompt on its way through the model, a chunk at a time ([`Prefill::run`]), so the
+/// engine can interleave a long prompt (or many new ones) with the decoding steps of the running
+/// sequences instead of stalling them (vLLM's chunked prefill). The chunks append to one KV cache;
+/// causal attention makes the result the same as one forward over the whole prompt.
+pub struct Prefill<D: Device<f32>> {
+    prompt: Arc<Vec<u32>>,
+    sampling: Arc<Sampling>,
+    n: usize,
+    cache: KvCache<D>,
+    /// Prompt tokens already in the cache.
+    done: usize,
+}
+
+impl<D: Device<f32>> Prefill<D> {
+    /// A prefill of `prompt` for `n` choices; nothing runs yet.
+    pub fn new(model: &Qwen2<D>, prompt: Arc<Vec<u32>>, sampling: Arc<Sampling>, n: usize) -> Self {
+        Prefill { prompt, sampling, n, cache: model.new_cache(), done: 0 }
     }
 
+    /// Prompt tokens not yet run through the model.
+    pub fn remaining(&self) -> usize {
+        self.prompt.len() - self.done
+    }
+
+    /// Runs the next (at most) `budget` prompt tokens through `model`; once the whole prompt is
+    /// in, returns the `n` sequences sharing its KV cache (copied on write). Choice `i` samples
+    /// with seed `seed + i`, so choice 0 is what `pipeline generate` gives.
+    pub fn run(&mut self, model: &Qwen2<D>, budget: usize) -> Result<Option<Vec<Sequence<D>>>, ModelError> {
+        let end = self.done.saturating_add(budget.max(1)).min(self.prompt.len());
+        let chunk = self.prompt[self.done..end].to_vec();
+        let len = chunk.len();
+        let logits = model
+            .forward_cached(&Batch::new(chunk, 1, len)?, &mut self.cache)?
+            .pop()
+            .ok_or_else(|| ModelError::Batch("no logits".into()))?;
+        self.done = end;
+        if self.done < self.prompt.len() {
+            return Ok(None);
+        }
+        let sampling = &self.sampling;
+        Ok(Some(
+            (0..self.n)
+                .map(|i| Sequence {
+                    prompt: self.prompt.clone(),
+                    tokens: Vec::new(),
+                    cache: self.cache.clone(),
+                    logits: logits.clone(),
+                    rng: ChaCha8Rng::seed_from_u64(sampling.gen.seed.wrapping_add(i as u64)),
+                    detok: Detokenizer::default(),
+                    text: TextTracker::new(sampling.gen.stop_strings.clone()),
+                    sampling: sampling.clone(),
+                    finished: false,
+                    pending: None,
+                })
+                .collect(),
+        ))
+    }
+}
+
+impl<D: Device<f32>> Sequence<D> {
     /// Tokens generated so far (a stop token included).
     pub fn generated(&self) -> usize {
         self.tokens.len()
@@ -116,13 +149,17 @@ impl<D: Device<f32>> Sequence<D> {
         self.tokens.push(t);
         let is_stop_id = codec.stop_ids.contains(&t) || s.gen.stop_token_ids.contains(&t);
         let body = if is_stop_id { &self.tokens[..self.tokens.len() - 1] } else { &self.tokens[..] };
-        let full = codec.decode(body);
-        let mut finish = if is_stop_id || self.text.has_stop(&full) { Some(FinishReason::Stop) } else { None };
+        self.detok.step(codec, body);
+        let mut finish =
+            if is_stop_id || self.text.find_stop(self.detok.text()).is_some() { Some(FinishReason::Stop) } else { None };
         let total = self.prompt.len() + self.tokens.len();
         if finish.is_none() && (self.tokens.len() >= s.gen.max_new_tokens || total >= codec.context_len) {
             finish = Some(FinishReason::Length);
         }
-        let text = self.text.update(&full, finish.is_some());
+        if finish.is_some() {
+            self.detok.flush(codec, body);
+        }
+        let text = self.text.update(self.detok.text(), finish.is_some());
         let logprob = match top {
             Some((lp, alts)) if !is_stop_id => Some(TokenLogprob {
                 text: text.clone(),
@@ -205,38 +242,52 @@ pub fn top_logprobs(logits: &[f32], k: usize) -> (Vec<f32>, Vec<(u32, f32)>) {
     (lp, top)
 }
 
-/// Releases a growing text so that what was sent is always a prefix of the final text.
+/// Releases a growing text (each call's text extends the previous one's) so that what was sent is
+/// always a prefix of the final text, cut before the first stop string. Stop strings are searched
+/// for only in what is new since the last call, plus the tail of the old text one could start in.
 #[derive(Debug, Clone, Default)]
 pub struct TextTracker {
     stops: Vec<String>,
-    sent: String,
+    /// The longest stop string's length in bytes.
+    longest: usize,
+    /// Bytes released so far.
+    sent: usize,
+    /// Bytes of the text searched for stop strings.
+    searched: usize,
+    /// Where the first stop string starts, once one is found.
+    cut: Option<usize>,
 }
 
 impl TextTracker {
     pub fn new(stops: Vec<String>) -> Self {
-        TextTracker { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), sent: String::new() }
+        let stops: Vec<String> = stops.into_iter().filter(|s| !s.is_empty()).collect();
+        let longest = stops.iter().map(String::len).max().unwrap_or(0);
+        TextTracker { stops, longest, ..TextTracker::default() }
     }
 
-    /// Whether `full` contains a stop string.
-    pub fn has_stop(&self, full: &str) -> bool {
-        self.stops.iter().any(|s| full.contains(s.as_str()))
+    /// Where the earliest stop string in `text` starts, if any. An occurrence that starts before
+    /// `searched - (longest - 1)` would have ended inside the text searched before, so only the
+    /// rest is searched.
+    pub fn find_stop(&mut self, text: &str) -> Option<usize> {
+        if self.cut.is_none() && text.len() > self.searched && self.longest > 0 {
+            let mut from = self.searched.saturating_sub(self.longest - 1);
+            while !text.is_char_boundary(from) {
+                from -= 1;
+            }
+            let tail = &text[from..];
+            self.cut = self.stops.iter().filter_map(|s| tail.find(s.as_str())).min().map(|i| from + i);
+        }
+        self.searched = self.searched.max(text.len());
+        self.cut
     }
 
-    /// Everything sent so far.
-    #[cfg(test)]
-    pub fn sent(&self) -> &str {
-        &self.sent
-    }
-
-    /// The new text to send, given the whole text decoded so far; `last` releases everything (cut
-    /// before the first stop string).
-    pub fn update(&mut self, full: &str, last: bool) -> String {
-        let cut = self.stops.iter().filter_map(|s| full.find(s.as_str())).min().unwrap_or(full.len());
-        let mut end = cut;
-        if !last {
-            let head = &full[..end];
-            end = head.trim_end_matches('\u{FFFD}').len();
-            let head = &full[..end];
+    /// The new text to send, given the whole text so far; `last` releases everything (cut before
+    /// the first stop string).
+    pub fn update(&mut self, text: &str, last: bool) -> String {
+        let cut = self.find_stop(text);
+        let mut end = cut.unwrap_or(text.len());
+        if !last && cut.is_none() {
+            let head = &text[..end];
             // the longest tail of `head` that is a proper prefix of a stop string
             let hold = self
                 .stops
@@ -248,12 +299,11 @@ impl TextTracker {
                 .unwrap_or(0);
             end -= hold;
         }
-        let target = &full[..end];
-        if target.len() <= self.sent.len() || !target.starts_with(self.sent.as_str()) {
+        if end <= self.sent {
             return String::new();
         }
-        let delta = target[self.sent.len()..].to_string();
-        self.sent.push_str(&delta);
+        let delta = text[self.sent..end].to_string();
+        self.sent = end;
         delta
     }
 }
@@ -262,13 +312,15 @@ impl TextTracker {
 mod tests {
     use super::*;
 
+    /// The deltas for a growing text and what they join to.
     fn run(stops: &[&str], texts: &[&str]) -> (Vec<String>, String) {
         let mut t = TextTracker::new(stops.iter().map(|s| s.to_string()).collect());
         let mut out = Vec::new();
         for (i, full) in texts.iter().enumerate() {
             out.push(t.update(full, i + 1 == texts.len()));
         }
-        (out, t.sent().to_string())
+        let all = out.concat();
+        (out, all)
     }
 
     #[test]
@@ -279,12 +331,6 @@ mod tests {
     }
 
     #[test]
-    fn an_incomplete_character_is_held_back() {
-        let (d, _) = run(&[], &["a\u{FFFD}", "a你", "a你好"]);
-        assert_eq!(d, ["a", "你", "好"]);
-    }
-
-    #[test]
     fn a_possible_stop_prefix_is_held_until_it_cannot_be_one() {
         let (d, all) = run(&["END"], &["ab E", "ab EN", "ab ENx", "ab ENx!"]);
         assert_eq!(d, ["ab ", "", "ENx", "!"]);
@@ -292,13 +338,31 @@ mod tests {
         let (d, all) = run(&["END"], &["ab E", "ab EN", "ab END and more"]);
         assert_eq!(d, ["ab ", "", ""]);
         assert_eq!(all, "ab ");
-        assert!(TextTracker::new(vec!["END".into()]).has_stop("xENDy"));
+        assert_eq!(TextTracker::new(vec!["END".into()]).find_stop("xENDy"), Some(1));
     }
 
     #[test]
     fn the_earliest_stop_string_cuts() {
         let (_, all) = run(&["b", "zz"], &["azzb"]);
         assert_eq!(all, "a");
+    }
+
+    /// A stop string that arrives over several steps (and characters of several bytes) is found
+    /// where it starts, though each step searches only the new text and the tail before it.
+    #[test]
+    fn a_stop_string_spanning_steps_is_found_where_it_starts() {
+        let (d, all) = run(&["<|末尾|>"], &["你好 <", "你好 <|末", "你好 <|末尾", "你好 <|末尾|", "你好 <|末尾|> x"]);
+        assert_eq!(all, "你好 ");
+        assert_eq!(d.concat(), "你好 ");
+        let mut t = TextTracker::new(vec!["cdef".into(), "zz".into()]);
+        assert_eq!(t.find_stop("abc"), None);
+        assert_eq!(t.find_stop("abcde"), None);
+        assert_eq!(t.find_stop("abcdefzz"), Some(2), "the earlier of two stops in the new text");
+        // once found, later text does not move the cut
+        assert_eq!(t.find_stop("abcdefzz zz"), Some(2));
+        let mut t = TextTracker::new(vec!["zz".into()]);
+        assert_eq!(t.find_stop("az"), None);
+        assert_eq!(t.find_stop("azz"), Some(1));
     }
 
     #[test]
