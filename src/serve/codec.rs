@@ -84,6 +84,21 @@ impl TextCodec {
     }
 }
 
+#[cfg(test)]
+impl TextCodec {
+    /// The Qwen2.5 tokenizer, no template, vocabulary map or stop ids.
+    pub(crate) fn qwen25_for_tests() -> TextCodec {
+        TextCodec {
+            tokenizer: Tokenizer::qwen25().unwrap(),
+            chat: None,
+            vocab: None,
+            stop_ids: Vec::new(),
+            system_default: None,
+            context_len: 1 << 16,
+        }
+    }
+}
+
 /// Incremental detokenisation of one sequence's generated ids (vLLM's detokenizer, HF's
 /// `TextStreamer`): each step decodes only a short window — the tokens released by the previous
 /// step (a lookback, so a decoder that treats a leading space or a merge specially sees the same
@@ -159,14 +174,7 @@ mod tests {
     use super::*;
 
     fn qwen_codec() -> TextCodec {
-        TextCodec {
-            tokenizer: Tokenizer::qwen25().unwrap(),
-            chat: None,
-            vocab: None,
-            stop_ids: Vec::new(),
-            system_default: None,
-            context_len: 1 << 16,
-        }
+        TextCodec::qwen25_for_tests()
     }
 
     /// Byte-level BPE splits CJK characters and emoji over several tokens; fed one token at a

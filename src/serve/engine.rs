@@ -28,7 +28,7 @@ use pipeline_model::{FinishReason, Qwen2};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::codec::TextCodec;
-use super::sequence::{Prefill, Sampling, Sequence, TokenLogprob};
+use super::sequence::{DecodeBatch, Prefill, Sampling, Sequence, TokenLogprob};
 
 /// Scheduler limits.
 #[derive(Debug, Clone, Copy)]
@@ -144,8 +144,16 @@ pub fn spawn<D: Device<f32> + Send + 'static>(
 ) -> std::io::Result<EngineHandle> {
     let (tx, rx) = mpsc::channel();
     let counts = Arc::new(Counts::default());
-    let mut engine =
-        Engine { models, codec, limits, counts: counts.clone(), waiting: VecDeque::new(), groups: Vec::new() };
+    let batches = models.iter().map(|_| DecodeBatch::default()).collect();
+    let mut engine = Engine {
+        models,
+        codec,
+        limits,
+        counts: counts.clone(),
+        waiting: VecDeque::new(),
+        groups: Vec::new(),
+        batches,
+    };
     std::thread::Builder::new().name("pipeline-engine".into()).spawn(move || engine.run(rx))?;
     Ok(EngineHandle { tx, counts, limits })
 }
@@ -172,6 +180,8 @@ struct Engine<D: Device<f32>> {
     counts: Arc<Counts>,
     waiting: VecDeque<Job>,
     groups: Vec<Group<D>>,
+    /// Per model, the stacked caches of its decoding sequences.
+    batches: Vec<DecodeBatch<D>>,
 }
 
 /// A panic's message (the model code asserts on shapes it was promised).
@@ -260,7 +270,7 @@ impl<D: Device<f32>> Engine<D> {
     /// a request whose prompt is complete decodes from the next iteration on.
     fn step_all(&mut self) {
         let now = Instant::now();
-        let codec = &*self.codec;
+        let (codec, counts) = (&*self.codec, &*self.counts);
         self.groups.retain_mut(|g| {
             if g.tx.is_closed() {
                 return false;
@@ -297,28 +307,59 @@ impl<D: Device<f32>> Engine<D> {
                     let _ = g.tx.send(Event::Token { choice, text: step.text, logprob: step.logprob });
                 }
                 if let Some(reason) = step.finish {
+                    // counted out before the client hears of it (a client that reads /health or
+                    // /metrics after its last event sees the sequence gone)
+                    let left = counts
+                        .running
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| Some(r.saturating_sub(1)))
+                        .map_or(0, |r| r.saturating_sub(1));
+                    metrics::gauge!("pipeline_running_sequences").set(left as f64);
                     let _ = g.tx.send(Event::Finished { choice, reason, completion_tokens: seq.generated() });
                 }
             }
             g.prefill.is_some() || g.seqs.iter().any(|s| !s.finished)
         });
-        // The batched forwards, per model; a failure fails the requests of that batch only.
+        // The batched forwards, per model; a failure fails the requests of that batch only. When
+        // a model's sequences fit in one batch, their stacked caches persist between steps
+        // ([`DecodeBatch`]); otherwise (one sequence, or more than `max_batch`) each chunk is
+        // stacked for the step ([`Sequence::advance`]).
         let mut failed: Vec<(usize, String)> = Vec::new();
+        let max_batch = self.limits.max_batch.max(1);
         for m in 0..self.models.len() {
             let model = &self.models[m];
             let mut batch: Vec<(usize, &mut Sequence<D>)> = Vec::new();
             for (gi, g) in self.groups.iter_mut().enumerate().filter(|(_, g)| g.model == m) {
                 batch.extend(g.seqs.iter_mut().filter(|s| s.pending().is_some()).map(|s| (gi, s)));
             }
-            for chunk in batch.chunks_mut(self.limits.max_batch.max(1)) {
-                let groups: Vec<usize> = chunk.iter().map(|(gi, _)| *gi).collect();
-                let mut seqs: Vec<&mut Sequence<D>> = chunk.iter_mut().map(|(_, s)| &mut **s).collect();
-                let err = match std::panic::catch_unwind(AssertUnwindSafe(|| Sequence::advance(model, &mut seqs))) {
+            let decode = &mut self.batches[m];
+            if batch.is_empty() {
+                *decode = DecodeBatch::default();
+                continue;
+            }
+            let groups: Vec<usize> = batch.iter().map(|(gi, _)| *gi).collect();
+            let mut seqs: Vec<&mut Sequence<D>> = batch.iter_mut().map(|(_, s)| &mut **s).collect();
+            if seqs.len() > 1 && seqs.len() <= max_batch {
+                let err = match std::panic::catch_unwind(AssertUnwindSafe(|| decode.advance(model, &mut seqs))) {
                     Ok(Ok(())) => continue,
                     Ok(Err(e)) => e.to_string(),
                     Err(p) => panic_message(p),
                 };
+                *decode = DecodeBatch::default();
                 failed.extend(groups.into_iter().map(|gi| (gi, err.clone())));
+                continue;
+            }
+            if let Err(e) = decode.unstack(&mut seqs) {
+                *decode = DecodeBatch::default();
+                failed.extend(groups.into_iter().map(|gi| (gi, e.to_string())));
+                continue;
+            }
+            for (chunk, groups) in seqs.chunks_mut(max_batch).zip(groups.chunks(max_batch)) {
+                let err = match std::panic::catch_unwind(AssertUnwindSafe(|| Sequence::advance(model, chunk))) {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(p) => panic_message(p),
+                };
+                failed.extend(groups.iter().map(|&gi| (gi, err.clone())));
             }
         }
         // Chunked prefill, within the iteration's token budget.

@@ -12,6 +12,8 @@
 //! a step costs the same at the 10th token as at the 1000th. The non-streamed content is the same
 //! deltas joined, so the two agree by construction.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dfdx::prelude::Device;
@@ -56,8 +58,11 @@ pub struct Step {
 }
 
 pub struct Sequence<D: Device<f32>> {
+    /// Unique for the server's lifetime (names the sequence's row in a [`DecodeBatch`]).
+    id: u64,
     prompt: Arc<Vec<u32>>,
     tokens: Vec<u32>,
+    /// Its KV cache, unless it is a row of a [`DecodeBatch`]'s stacked cache.
     cache: KvCache<D>,
     /// The next position's logits.
     logits: Vec<f32>,
@@ -69,6 +74,9 @@ pub struct Sequence<D: Device<f32>> {
     /// Sampled, not yet run through the model (see [`Self::advance`]).
     pending: Option<u32>,
 }
+
+/// The next [`Sequence`]'s id.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// A request's prompt on its way through the model, a chunk at a time ([`Prefill::run`]), so the
 /// engine can interleave a long prompt (or many new ones) with the decoding steps of the running
@@ -113,6 +121,7 @@ impl<D: Device<f32>> Prefill<D> {
         Ok(Some(
             (0..self.n)
                 .map(|i| Sequence {
+                    id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                     prompt: self.prompt.clone(),
                     tokens: Vec::new(),
                     cache: self.cache.clone(),
@@ -222,6 +231,91 @@ impl<D: Device<f32>> Sequence<D> {
                 *l -= s.presence_penalty + s.frequency_penalty * c as f32;
             }
         }
+    }
+}
+
+/// The sequences one model decodes together, their KV caches kept stacked between steps:
+/// [`Sequence::advance`] stacks and splits the caches at every step, which copies every cache
+/// twice per token. Here the stacked cache is reused while the batch's members stay the same; a
+/// member that finishes (or whose client left) keeps its row, fed a dummy token, until a new
+/// sequence joins or a quarter of the rows are such, and then the batch is rebuilt (its rows
+/// given back to their sequences, the current members stacked). A row's results are those of
+/// [`Sequence::advance`]: the same stacked forward, with each row's own positions and mask.
+pub struct DecodeBatch<D: Device<f32>> {
+    cache: Option<KvCache<D>>,
+    /// Each row's sequence (`None`: gone; its row runs until the next rebuild).
+    rows: Vec<Option<u64>>,
+    /// What [`KvCache::stack`] returned.
+    pads: Vec<usize>,
+}
+
+impl<D: Device<f32>> Default for DecodeBatch<D> {
+    fn default() -> Self {
+        DecodeBatch { cache: None, rows: Vec::new(), pads: Vec::new() }
+    }
+}
+
+impl<D: Device<f32>> DecodeBatch<D> {
+    /// Gives every row's cache back to its sequence among `seqs` (rows of sequences that are gone
+    /// are dropped) and empties the batch.
+    pub fn unstack(&mut self, seqs: &mut [&mut Sequence<D>]) -> Result<(), ModelError> {
+        let Some(cache) = self.cache.take() else { return Ok(()) };
+        let rows = std::mem::take(&mut self.rows);
+        let mut back: HashMap<u64, KvCache<D>> =
+            rows.into_iter().zip(cache.split(&self.pads)?).filter_map(|(id, c)| Some((id?, c))).collect();
+        for s in seqs.iter_mut() {
+            if let Some(c) = back.remove(&s.id) {
+                s.cache = c;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the pending token of every sequence in `seqs` (all of `model`, each with a pending
+    /// token) through the model in one forward over the stacked cache, rebuilding it first when
+    /// the members changed (see the type's docs).
+    pub fn advance(&mut self, model: &Qwen2<D>, seqs: &mut [&mut Sequence<D>]) -> Result<(), ModelError> {
+        let ids: Vec<u64> = seqs.iter().map(|s| s.id).collect();
+        if seqs.iter().any(|s| s.pending.is_none()) {
+            return Err(ModelError::Batch("a sequence without a pending token in a decoding batch".into()));
+        }
+        // rows of sequences that have gone (finished, cancelled) are kept, not given back
+        let kept: std::collections::HashSet<u64> = ids.iter().copied().collect();
+        for r in self.rows.iter_mut() {
+            if r.is_some_and(|id| !kept.contains(&id)) {
+                *r = None;
+            }
+        }
+        let live: Vec<u64> = self.rows.iter().flatten().copied().collect();
+        let gone = self.rows.len() - live.len();
+        if self.cache.is_none() || live != ids || gone * 4 > self.rows.len() {
+            self.unstack(seqs)?;
+            let caches: Vec<KvCache<D>> =
+                seqs.iter_mut().map(|s| std::mem::replace(&mut s.cache, model.new_cache())).collect();
+            let (cache, pads) = KvCache::stack(caches)?;
+            self.cache = Some(cache);
+            self.rows = ids.iter().map(|&id| Some(id)).collect();
+            self.pads = pads;
+        }
+        let mut by_id: HashMap<u64, usize> = ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+        let tokens: Vec<u32> =
+            self.rows.iter().map(|r| r.and_then(|id| by_id.get(&id)).map_or(0, |&i| seqs[i].pending.unwrap_or(0))).collect();
+        let cache = self.cache.as_mut().expect("stacked above");
+        let logits = match model.forward_cached(&Batch::new(tokens, self.rows.len(), 1)?, cache) {
+            Ok(l) => l,
+            Err(e) => {
+                // the cache may hold part of the step: its sequences fail with it
+                *self = DecodeBatch::default();
+                return Err(e);
+            }
+        };
+        for (row, l) in self.rows.iter().zip(logits) {
+            if let Some(i) = row.and_then(|id| by_id.remove(&id)) {
+                seqs[i].logits = l;
+                seqs[i].pending = None;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -363,6 +457,85 @@ mod tests {
         let mut t = TextTracker::new(vec!["zz".into()]);
         assert_eq!(t.find_stop("az"), None);
         assert_eq!(t.find_stop("azz"), Some(1));
+    }
+
+    /// Greedy decoding through a persistent [`DecodeBatch`] — a member leaving (its row kept,
+    /// then the batch rebuilt), another joining late — gives each sequence the tokens it gets
+    /// decoded alone.
+    #[test]
+    fn a_decode_batch_steps_each_sequence_as_alone() {
+        use dfdx::prelude::Cpu;
+        // untied: with a random head tied to the embedding, greedy decoding repeats the last token
+        let mut cfg = pipeline_model::ModelConfig::tiny(256);
+        cfg.tie_word_embeddings = false;
+        let model = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, 4), &Cpu::default()).unwrap();
+        let codec = TextCodec::qwen25_for_tests();
+        let sampling = Arc::new(Sampling {
+            gen: GenerationConfig { max_new_tokens: 1000, ..GenerationConfig::default() },
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logprobs: None,
+        });
+        let prompts: Vec<Arc<Vec<u32>>> = [&[5u32, 9, 77][..], &[100, 3, 4, 5, 6, 7, 8], &[42], &[200, 201, 1, 2, 3], &[7, 7, 9]]
+            .iter()
+            .map(|p| Arc::new(p.to_vec()))
+            .collect();
+        let start = |p: &Arc<Vec<u32>>| {
+            let mut pre = Prefill::new(&model, p.clone(), sampling.clone(), 1);
+            pre.run(&model, usize::MAX).unwrap().unwrap().pop().unwrap()
+        };
+        let steps = 14;
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                let mut s = start(p);
+                for _ in 0..steps {
+                    s.sample(&codec);
+                    Sequence::advance(&model, &mut [&mut s]).unwrap();
+                }
+                s.tokens
+            })
+            .collect();
+        assert!(alone.iter().any(|t| t.iter().collect::<std::collections::HashSet<_>>().len() > 3), "{alone:?}");
+        let mut seqs: Vec<Sequence<Cpu>> = prompts.iter().map(start).collect();
+        let mut batch = DecodeBatch::default();
+        // 1 leaves after 4 steps (its row stays), 3 joins at step 6 (a rebuild), 2 and 4 leave
+        // after 10 and 12 steps (a row kept, then half the rows gone: a rebuild)
+        let active = |step: usize, i: usize| match i {
+            1 => step < 4,
+            3 => step >= 6,
+            2 => step < 10,
+            4 => step < 12,
+            _ => true,
+        };
+        let mut made = vec![0usize; seqs.len()];
+        for step in 0..steps + 6 {
+            let mut on: Vec<&mut Sequence<Cpu>> = Vec::new();
+            for (i, s) in seqs.iter_mut().enumerate() {
+                if active(step, i) && made[i] < steps {
+                    s.sample(&codec);
+                    made[i] += 1;
+                    on.push(s);
+                }
+            }
+            if on.len() > 1 {
+                batch.advance(&model, &mut on).unwrap();
+                let gone = batch.rows.iter().filter(|r| r.is_none()).count();
+                let want = match step {
+                    4 | 5 | 10 | 11 => (4, 1),
+                    _ => (on.len(), 0),
+                };
+                assert_eq!((batch.rows.len(), gone), want, "step {step}");
+            } else {
+                batch.unstack(&mut on).unwrap();
+                if let [one] = &mut on[..] {
+                    Sequence::advance(&model, &mut [&mut **one]).unwrap();
+                }
+            }
+        }
+        for (i, s) in seqs.iter().enumerate() {
+            assert_eq!(s.tokens, alone[i][..made[i]], "sequence {i}");
+        }
     }
 
     #[test]
