@@ -652,12 +652,13 @@ fn interleaved_chunked_prefill_gives_each_request_its_text_alone() {
         "I am swift-robot, a language model made by swift. Who are you? The lazy dog",
         "The quick brown fox",
     ];
-    let req = |p: &str, stream: bool| {
-        json!({"messages": user(p), "max_tokens": 20, "temperature": 0, "stream": stream, "stop": ["lazy dog"]})
-    };
+    let req = |p: &str, stream: bool| json!({"messages": user(p), "max_tokens": 20, "temperature": 0, "stream": stream, "stop": ["lazy dog"]});
     let alone: Vec<String> = {
         let s = f.serve(&[]);
-        prompts.iter().map(|p| s.chat(req(p, false))["choices"][0]["message"]["content"].as_str().unwrap().into()).collect()
+        prompts
+            .iter()
+            .map(|p| s.chat(req(p, false))["choices"][0]["message"]["content"].as_str().unwrap().into())
+            .collect()
     };
     assert!(alone.iter().collect::<std::collections::HashSet<_>>().len() > 2, "{alone:?}");
     let s = f.serve(&["--max-prefill-tokens", "3"]);

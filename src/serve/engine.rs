@@ -145,15 +145,8 @@ pub fn spawn<D: Device<f32> + Send + 'static>(
     let (tx, rx) = mpsc::channel();
     let counts = Arc::new(Counts::default());
     let batches = models.iter().map(|_| DecodeBatch::default()).collect();
-    let mut engine = Engine {
-        models,
-        codec,
-        limits,
-        counts: counts.clone(),
-        waiting: VecDeque::new(),
-        groups: Vec::new(),
-        batches,
-    };
+    let mut engine =
+        Engine { models, codec, limits, counts: counts.clone(), waiting: VecDeque::new(), groups: Vec::new(), batches };
     std::thread::Builder::new().name("pipeline-engine".into()).spawn(move || engine.run(rx))?;
     Ok(EngineHandle { tx, counts, limits })
 }
@@ -265,7 +258,8 @@ impl<D: Device<f32>> Engine<D> {
 
     /// One iteration: every decoding sequence samples a token (its events go out at once), the
     /// sampled tokens of each model's sequences run through that model in one batched forward
-    /// ([`Sequence::advance`]), at most `max_batch` rows at a time, and then up to
+    /// ([`DecodeBatch::advance`]; more than `max_batch` sequences: [`Sequence::advance`] on
+    /// `max_batch` rows at a time), and then up to
     /// `prefill_tokens` prompt tokens of the requests being prefilled run, oldest request first;
     /// a request whose prompt is complete decodes from the next iteration on.
     fn step_all(&mut self) {

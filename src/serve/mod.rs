@@ -122,7 +122,7 @@ pub struct ServeArgs {
     /// Prompt tokens run through the model per engine iteration, beside the decoding step of the
     /// running sequences (chunked prefill): new requests delay running ones by about this much
     /// work per token; a longer prompt takes several iterations.
-    #[arg(long, default_value_t = 256, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(long, default_value_t = 128, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_prefill_tokens: u32,
     /// Requests that may wait for a free sequence slot; past that the server answers 429.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]

@@ -159,8 +159,11 @@ impl<D: Device<f32>> Sequence<D> {
         let is_stop_id = codec.stop_ids.contains(&t) || s.gen.stop_token_ids.contains(&t);
         let body = if is_stop_id { &self.tokens[..self.tokens.len() - 1] } else { &self.tokens[..] };
         self.detok.step(codec, body);
-        let mut finish =
-            if is_stop_id || self.text.find_stop(self.detok.text()).is_some() { Some(FinishReason::Stop) } else { None };
+        let mut finish = if is_stop_id || self.text.find_stop(self.detok.text()).is_some() {
+            Some(FinishReason::Stop)
+        } else {
+            None
+        };
         let total = self.prompt.len() + self.tokens.len();
         if finish.is_none() && (self.tokens.len() >= s.gen.max_new_tokens || total >= codec.context_len) {
             finish = Some(FinishReason::Length);
@@ -298,8 +301,11 @@ impl<D: Device<f32>> DecodeBatch<D> {
             self.pads = pads;
         }
         let mut by_id: HashMap<u64, usize> = ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
-        let tokens: Vec<u32> =
-            self.rows.iter().map(|r| r.and_then(|id| by_id.get(&id)).map_or(0, |&i| seqs[i].pending.unwrap_or(0))).collect();
+        let tokens: Vec<u32> = self
+            .rows
+            .iter()
+            .map(|r| r.and_then(|id| by_id.get(&id)).map_or(0, |&i| seqs[i].pending.unwrap_or(0)))
+            .collect();
         let cache = self.cache.as_mut().expect("stacked above");
         let logits = match model.forward_cached(&Batch::new(tokens, self.rows.len(), 1)?, cache) {
             Ok(l) => l,
@@ -476,10 +482,11 @@ mod tests {
             frequency_penalty: 0.0,
             logprobs: None,
         });
-        let prompts: Vec<Arc<Vec<u32>>> = [&[5u32, 9, 77][..], &[100, 3, 4, 5, 6, 7, 8], &[42], &[200, 201, 1, 2, 3], &[7, 7, 9]]
-            .iter()
-            .map(|p| Arc::new(p.to_vec()))
-            .collect();
+        let prompts: Vec<Arc<Vec<u32>>> =
+            [&[5u32, 9, 77][..], &[100, 3, 4, 5, 6, 7, 8], &[42], &[200, 201, 1, 2, 3], &[7, 7, 9]]
+                .iter()
+                .map(|p| Arc::new(p.to_vec()))
+                .collect();
         let start = |p: &Arc<Vec<u32>>| {
             let mut pre = Prefill::new(&model, p.clone(), sampling.clone(), 1);
             pre.run(&model, usize::MAX).unwrap().unwrap().pop().unwrap()

@@ -189,7 +189,8 @@ impl<D: Device<f32>, S: Dims> KvCache<D, S> {
                     o
                 };
                 let shape = (1, h, keep, d);
-                c.layers.push(Some((dev.tensor_from_vec(rows_of(&kh), shape), dev.tensor_from_vec(rows_of(&vh), shape))));
+                c.layers
+                    .push(Some((dev.tensor_from_vec(rows_of(&kh), shape), dev.tensor_from_vec(rows_of(&vh), shape))));
             }
             debug_assert_eq!(kh.len(), rows * hs * len * ds);
         }
