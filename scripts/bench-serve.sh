@@ -73,8 +73,11 @@ if [ "$llama" != none ] && [ -x "$llama/bin/python" ] && "$llama/bin/python" -c 
         echo "$site" > "$("$lsv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz-llama-venv.pth"
     fi
     version=$("$lsv/bin/python" -c "import llama_cpp; print(llama_cpp.__version__)")
-    run_server "llama-cpp-python $version server (n_threads $(nproc))" "$lsv/bin/python" -m llama_cpp.server \
-        --model "$model" --host 127.0.0.1 --port "$port" --n_threads "$(nproc)"
+    # (its default, --interrupt_requests True, aborts the running stream whenever another request
+    # arrives: concurrent clients would get empty completions)
+    run_server "llama-cpp-python $version server (n_threads $(nproc), one request at a time)" \
+        "$lsv/bin/python" -m llama_cpp.server --model "$model" --host 127.0.0.1 --port "$port" \
+        --n_threads "$(nproc)" --interrupt_requests False
 else
     echo "## llama.cpp's server skipped: no llama-cpp-python at ${llama} (LLAMA_VENV)"
 fi
