@@ -46,17 +46,21 @@ async def one(client, model, prompt, max_tokens, ttfts, itls, tokens):
         stream=True,
         stream_options={"include_usage": True},
     )
+    usage, chunks = None, 0
     async for chunk in stream:
         now = time.perf_counter()
-        if chunk.usage is not None:
-            tokens.append(chunk.usage.completion_tokens)
+        if getattr(chunk, "usage", None) is not None:
+            usage = chunk.usage.completion_tokens
         if not chunk.choices or not chunk.choices[0].delta.content:
             continue
+        chunks += 1
         if last is None:
             ttfts.append(now - t0)
         else:
             itls.append(now - last)
         last = now
+    # a server without include_usage (llama-cpp-python's): one token per content chunk
+    tokens.append(usage if usage is not None else chunks)
 
 
 async def level(client, model, concurrency, requests, max_tokens):

@@ -47,7 +47,11 @@ fn start(
     adapter: Option<&PathBuf>,
 ) -> anyhow::Result<(EngineHandle, std::sync::Arc<TextCodec>, usize)> {
     let adapters: Vec<PathBuf> = adapter.into_iter().cloned().collect();
-    let loaded = serve::load(model, &adapters, EngineLimits { max_running: 1, max_queue: 1, max_batch: 1 })?;
+    let loaded = serve::load(
+        model,
+        &adapters,
+        EngineLimits { max_running: 1, max_queue: 1, max_batch: 1, prefill_tokens: usize::MAX },
+    )?;
     Ok((loaded.engine, loaded.codec, adapters.len()))
 }
 

@@ -637,6 +637,95 @@ fn adapters_per_request_concurrently() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).strip_suffix('\n').unwrap(), alone[1]);
 }
 
+/// Chunked prefill interleaved with decoding: on a server that runs at most 3 prompt tokens per
+/// iteration, prompts of different lengths arriving while others decode (each prompt takes many
+/// iterations, so new prompts are prefilled between the decoding steps of running sequences, and
+/// the sequences join the batch at different lengths) give each request the greedy text it gets
+/// alone with its prompt in one forward, streamed or not.
+#[test]
+fn interleaved_chunked_prefill_gives_each_request_its_text_alone() {
+    let f = Fixture::new();
+    let prompts = [
+        "Who are you?",
+        "Hello world! The quick brown fox jumps over the lazy dog, 1 2 3 4 5.",
+        "1 2 3",
+        "I am swift-robot, a language model made by swift. Who are you? The lazy dog",
+        "The quick brown fox",
+    ];
+    let req = |p: &str, stream: bool| json!({"messages": user(p), "max_tokens": 20, "temperature": 0, "stream": stream, "stop": ["lazy dog"]});
+    let alone: Vec<String> = {
+        let s = f.serve(&[]);
+        prompts
+            .iter()
+            .map(|p| s.chat(req(p, false))["choices"][0]["message"]["content"].as_str().unwrap().into())
+            .collect()
+    };
+    assert!(alone.iter().collect::<std::collections::HashSet<_>>().len() > 2, "{alone:?}");
+    let s = f.serve(&["--max-prefill-tokens", "3"]);
+    let together: Vec<(usize, String)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..2 * prompts.len())
+            .map(|i| {
+                let (s, p, stream) = (&s, prompts[i % prompts.len()], i % 2 == 1);
+                sc.spawn(move || {
+                    // staggered: later requests arrive while earlier ones decode
+                    std::thread::sleep(Duration::from_millis(40 * i as u64));
+                    let text = if stream {
+                        let c = chunks(&s.post("/v1/chat/completions", &req(p, true)));
+                        c.iter().filter_map(|x| x["choices"][0]["delta"]["content"].as_str()).collect()
+                    } else {
+                        s.chat(req(p, false))["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+                    };
+                    (i, text)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, t) in together {
+        assert_eq!(t, alone[i % prompts.len()], "request {i} ({:?})", prompts[i % prompts.len()]);
+    }
+}
+
+/// A stop string made of the end of one token and the start of the next (found from the tokens'
+/// logprobs) ends the completion where the string starts, streamed or not, though the server only
+/// decodes and searches the new tokens' text at each step.
+#[test]
+fn stop_strings_spanning_tokens_stop_where_they_start() {
+    let f = Fixture::new();
+    let s = f.serve(&[]);
+    let req = json!({"messages": user("Who are you?"), "max_tokens": 24, "temperature": 0, "logprobs": true});
+    let r = s.chat(req.clone());
+    let text = r["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let toks: Vec<String> = r["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["token"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(toks.concat(), text);
+    let mut tried = 0;
+    for k in (2..toks.len() - 1).filter(|&k| toks[k].chars().count() >= 2 && toks[k + 1].chars().count() >= 2) {
+        let tail: String = toks[k].chars().skip(toks[k].chars().count() - 2).collect();
+        let head: String = toks[k + 1].chars().take(2).collect();
+        let stop = format!("{tail}{head}");
+        let want = &text[..text.find(&stop).unwrap()];
+        let mut st = req.clone();
+        st["stop"] = json!(["never-appears", stop]);
+        let r = s.chat(st.clone());
+        assert_eq!(r["choices"][0]["message"]["content"], want, "stop {stop:?} in {text:?}");
+        assert_eq!(r["choices"][0]["finish_reason"], "stop");
+        st["stream"] = json!(true);
+        let c = chunks(&s.post("/v1/chat/completions", &st));
+        let joined: String = c.iter().filter_map(|x| x["choices"][0]["delta"]["content"].as_str()).collect();
+        assert_eq!(joined, want, "streamed, stop {stop:?}");
+        tried += 1;
+        if tried == 3 {
+            break;
+        }
+    }
+    assert!(tried > 0, "no two adjacent tokens of 2+ characters in {toks:?}");
+}
+
 /// The official `openai` Python client against the server (`scripts/test_openai_client.sh` makes
 /// the venv and runs this with `PIPELINE_OPENAI_PYTHON` set).
 #[test]

@@ -4,9 +4,12 @@
 //!
 //! Scheduling is iteration-level: each turn of the loop takes new requests off the channel, admits
 //! waiting ones while fewer than `max_running` sequences run (a request with `n` choices is `n`
-//! sequences sharing one prefill), then advances every running sequence by one token, whatever
-//! model or adapter it uses. A request therefore never waits for another to finish, and requests
-//! to different adapters decode in the same iteration, each through its own adapter. Each sequence
+//! sequences sharing one prefill), advances every decoding sequence by one token, whatever model
+//! or adapter it uses, and then runs at most `prefill_tokens` prompt tokens of the admitted
+//! requests still being prefilled (in chunks, oldest first: [`Prefill`]) — vLLM's chunked
+//! prefill. A request therefore never waits for another to finish, a burst of new prompts delays
+//! the running sequences by one chunk per token rather than by all the prompts, and requests to
+//! different adapters decode in the same iteration, each through its own adapter. Each sequence
 //! has its own KV cache and sampling generator ([`Sequence`]).
 //!
 //! A sequence is dropped at once when its client has gone (its event receiver is closed: the HTTP
@@ -25,7 +28,7 @@ use pipeline_model::{FinishReason, Qwen2};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::codec::TextCodec;
-use super::sequence::{Sampling, Sequence, TokenLogprob};
+use super::sequence::{DecodeBatch, Prefill, Sampling, Sequence, TokenLogprob};
 
 /// Scheduler limits.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +39,9 @@ pub struct EngineLimits {
     pub max_queue: usize,
     /// Sequences of one model decoded in one batched forward (1: each on its own).
     pub max_batch: usize,
+    /// Prompt tokens prefilled per iteration, besides the decoding steps (a longer prompt is
+    /// run in chunks over several iterations).
+    pub prefill_tokens: usize,
 }
 
 /// One generation request, already tokenised and validated.
@@ -138,8 +144,9 @@ pub fn spawn<D: Device<f32> + Send + 'static>(
 ) -> std::io::Result<EngineHandle> {
     let (tx, rx) = mpsc::channel();
     let counts = Arc::new(Counts::default());
+    let batches = models.iter().map(|_| DecodeBatch::default()).collect();
     let mut engine =
-        Engine { models, codec, limits, counts: counts.clone(), waiting: VecDeque::new(), groups: Vec::new() };
+        Engine { models, codec, limits, counts: counts.clone(), waiting: VecDeque::new(), groups: Vec::new(), batches };
     std::thread::Builder::new().name("pipeline-engine".into()).spawn(move || engine.run(rx))?;
     Ok(EngineHandle { tx, counts, limits })
 }
@@ -148,6 +155,10 @@ pub fn spawn<D: Device<f32> + Send + 'static>(
 struct Group<D: Device<f32>> {
     model: usize,
     tx: UnboundedSender<Event>,
+    /// While the prompt is being run through the model (`seqs` is empty until it is done).
+    prefill: Option<Prefill<D>>,
+    /// The request's `n` choices (the prefilling request's are counted in `n`).
+    n: usize,
     seqs: Vec<Sequence<D>>,
     deadline: Option<Instant>,
     submitted: Instant,
@@ -162,6 +173,8 @@ struct Engine<D: Device<f32>> {
     counts: Arc<Counts>,
     waiting: VecDeque<Job>,
     groups: Vec<Group<D>>,
+    /// Per model, the stacked caches of its decoding sequences.
+    batches: Vec<DecodeBatch<D>>,
 }
 
 /// A panic's message (the model code asserts on shapes it was promised).
@@ -190,8 +203,12 @@ impl<D: Device<f32>> Engine<D> {
         }
     }
 
+    /// Sequences admitted and not finished (a prefilling request's choices included).
     fn running_seqs(&self) -> usize {
-        self.groups.iter().map(|g| g.seqs.iter().filter(|s| !s.finished).count()).sum()
+        self.groups
+            .iter()
+            .map(|g| if g.prefill.is_some() { g.n } else { g.seqs.iter().filter(|s| !s.finished).count() })
+            .sum()
     }
 
     fn publish(&self) {
@@ -225,36 +242,29 @@ impl<D: Device<f32>> Engine<D> {
             };
             metrics::counter!("pipeline_prompt_tokens_total").increment(req.prompt.len() as u64);
             let (prompt, sampling) = (Arc::new(req.prompt), Arc::new(req.sampling));
-            let prefill =
-                std::panic::catch_unwind(AssertUnwindSafe(|| Sequence::prefill(model, prompt, sampling, req.n)));
-            match prefill {
-                Ok(Ok(seqs)) => {
-                    running += seqs.len();
-                    self.groups.push(Group {
-                        model: req.model,
-                        tx,
-                        last_token: vec![None; seqs.len()],
-                        seqs,
-                        deadline: req.deadline,
-                        submitted,
-                    });
-                }
-                Ok(Err(e)) => {
-                    let _ = tx.send(Event::Failed(Failure::Model(e.to_string())));
-                }
-                Err(p) => {
-                    let _ = tx.send(Event::Failed(Failure::Model(panic_message(p))));
-                }
-            }
+            running += req.n;
+            self.groups.push(Group {
+                model: req.model,
+                tx,
+                prefill: Some(Prefill::new(model, prompt, sampling, req.n)),
+                n: req.n,
+                last_token: vec![None; req.n],
+                seqs: Vec::new(),
+                deadline: req.deadline,
+                submitted,
+            });
         }
     }
 
-    /// One decoding iteration: every running sequence samples a token (its events go out at
-    /// once), then the sampled tokens of each model's sequences run through that model in one
-    /// batched forward ([`Sequence::advance`]), at most `max_batch` rows at a time.
+    /// One iteration: every decoding sequence samples a token (its events go out at once), the
+    /// sampled tokens of each model's sequences run through that model in one batched forward
+    /// ([`DecodeBatch::advance`]; more than `max_batch` sequences: [`Sequence::advance`] on
+    /// `max_batch` rows at a time), and then up to
+    /// `prefill_tokens` prompt tokens of the requests being prefilled run, oldest request first;
+    /// a request whose prompt is complete decodes from the next iteration on.
     fn step_all(&mut self) {
         let now = Instant::now();
-        let codec = &*self.codec;
+        let (codec, counts) = (&*self.codec, &*self.counts);
         self.groups.retain_mut(|g| {
             if g.tx.is_closed() {
                 return false;
@@ -291,28 +301,79 @@ impl<D: Device<f32>> Engine<D> {
                     let _ = g.tx.send(Event::Token { choice, text: step.text, logprob: step.logprob });
                 }
                 if let Some(reason) = step.finish {
+                    // counted out before the client hears of it (a client that reads /health or
+                    // /metrics after its last event sees the sequence gone)
+                    let left = counts
+                        .running
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| Some(r.saturating_sub(1)))
+                        .map_or(0, |r| r.saturating_sub(1));
+                    metrics::gauge!("pipeline_running_sequences").set(left as f64);
                     let _ = g.tx.send(Event::Finished { choice, reason, completion_tokens: seq.generated() });
                 }
             }
-            g.seqs.iter().any(|s| !s.finished)
+            g.prefill.is_some() || g.seqs.iter().any(|s| !s.finished)
         });
-        // The batched forwards, per model; a failure fails the requests of that batch only.
+        // The batched forwards, per model; a failure fails the requests of that batch only. When
+        // a model's sequences fit in one batch, their stacked caches persist between steps
+        // ([`DecodeBatch`]); otherwise (one sequence, or more than `max_batch`) each chunk is
+        // stacked for the step ([`Sequence::advance`]).
         let mut failed: Vec<(usize, String)> = Vec::new();
+        let max_batch = self.limits.max_batch.max(1);
         for m in 0..self.models.len() {
             let model = &self.models[m];
             let mut batch: Vec<(usize, &mut Sequence<D>)> = Vec::new();
             for (gi, g) in self.groups.iter_mut().enumerate().filter(|(_, g)| g.model == m) {
                 batch.extend(g.seqs.iter_mut().filter(|s| s.pending().is_some()).map(|s| (gi, s)));
             }
-            for chunk in batch.chunks_mut(self.limits.max_batch.max(1)) {
-                let groups: Vec<usize> = chunk.iter().map(|(gi, _)| *gi).collect();
-                let mut seqs: Vec<&mut Sequence<D>> = chunk.iter_mut().map(|(_, s)| &mut **s).collect();
-                let err = match std::panic::catch_unwind(AssertUnwindSafe(|| Sequence::advance(model, &mut seqs))) {
+            let decode = &mut self.batches[m];
+            if batch.is_empty() {
+                *decode = DecodeBatch::default();
+                continue;
+            }
+            let groups: Vec<usize> = batch.iter().map(|(gi, _)| *gi).collect();
+            let mut seqs: Vec<&mut Sequence<D>> = batch.iter_mut().map(|(_, s)| &mut **s).collect();
+            if seqs.len() > 1 && seqs.len() <= max_batch {
+                let err = match std::panic::catch_unwind(AssertUnwindSafe(|| decode.advance(model, &mut seqs))) {
                     Ok(Ok(())) => continue,
                     Ok(Err(e)) => e.to_string(),
                     Err(p) => panic_message(p),
                 };
+                *decode = DecodeBatch::default();
                 failed.extend(groups.into_iter().map(|gi| (gi, err.clone())));
+                continue;
+            }
+            if let Err(e) = decode.unstack(&mut seqs) {
+                *decode = DecodeBatch::default();
+                failed.extend(groups.into_iter().map(|gi| (gi, e.to_string())));
+                continue;
+            }
+            for (chunk, groups) in seqs.chunks_mut(max_batch).zip(groups.chunks(max_batch)) {
+                let err = match std::panic::catch_unwind(AssertUnwindSafe(|| Sequence::advance(model, chunk))) {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(p) => panic_message(p),
+                };
+                failed.extend(groups.iter().map(|&gi| (gi, err.clone())));
+            }
+        }
+        // Chunked prefill, within the iteration's token budget.
+        let mut budget = self.limits.prefill_tokens.max(1);
+        for (gi, g) in self.groups.iter_mut().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            let Some(p) = g.prefill.as_mut() else { continue };
+            let model = &self.models[g.model];
+            let take = p.remaining().min(budget);
+            budget -= take;
+            match std::panic::catch_unwind(AssertUnwindSafe(|| p.run(model, take))) {
+                Ok(Ok(None)) => {}
+                Ok(Ok(Some(seqs))) => {
+                    g.seqs = seqs;
+                    g.prefill = None;
+                }
+                Ok(Err(e)) => failed.push((gi, e.to_string())),
+                Err(p) => failed.push((gi, panic_message(p))),
             }
         }
         if !failed.is_empty() {

@@ -119,6 +119,11 @@ pub struct ServeArgs {
     /// each sequence on its own (one pass over the weights per sequence and token).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_batch_size: Option<u32>,
+    /// Prompt tokens run through the model per engine iteration, beside the decoding step of the
+    /// running sequences (chunked prefill): new requests delay running ones by about this much
+    /// work per token; a longer prompt takes several iterations.
+    #[arg(long, default_value_t = 128, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_prefill_tokens: u32,
     /// Requests that may wait for a free sequence slot; past that the server answers 429.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub max_queue: u32,
@@ -238,6 +243,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_running: args.max_num_seqs as usize,
         max_queue: args.max_queue as usize,
         max_batch: args.max_batch_size.unwrap_or(args.max_num_seqs) as usize,
+        prefill_tokens: args.max_prefill_tokens as usize,
     };
     let paths: Vec<PathBuf> = args.adapters.iter().map(|(_, p)| p.clone()).collect();
     let loaded = load(&args.model, &paths, limits)?;

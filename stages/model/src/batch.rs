@@ -99,6 +99,9 @@ impl<D: Device<f32>, S: Dims> KvCache<D, S> {
         }
         let longest = caches.iter().map(KvCache::len).max().unwrap_or(0);
         let pads: Vec<usize> = caches.iter().map(|c| longest - c.len()).collect();
+        if crate::kernels::is_cpu::<D>() {
+            return Ok((stack_host(caches, &pads, longest), pads));
+        }
         let mut key_mask = Vec::with_capacity(caches.len());
         let mut next_pos = Vec::with_capacity(caches.len());
         let mut stacked: Vec<Option<KvPair<D, S>>> = vec![None; layers];
@@ -126,6 +129,9 @@ impl<D: Device<f32>, S: Dims> KvCache<D, S> {
             return Err(ModelError::Batch(format!("{} paddings for a cache of {} rows", pads.len(), self.rows())));
         }
         let len = self.len();
+        if crate::kernels::is_cpu::<D>() {
+            return Ok(self.split_host(pads, len));
+        }
         let mut out: Vec<KvCache<D, S>> = pads
             .iter()
             .enumerate()
@@ -146,6 +152,100 @@ impl<D: Device<f32>, S: Dims> KvCache<D, S> {
         }
         Ok(out)
     }
+}
+
+impl<D: Device<f32>, S: Dims> KvCache<D, S> {
+    /// [`KvCache::split`] on the CPU: one copy of each row's positions per layer (dfdx's slices
+    /// and concatenations cost several times the copy, and the server splits and stacks its
+    /// batch's caches at every step).
+    fn split_host(self, pads: &[usize], len: usize) -> Vec<KvCache<D, S>> {
+        let rows = pads.len();
+        let mut out: Vec<KvCache<D, S>> = pads
+            .iter()
+            .enumerate()
+            .map(|(r, &pad)| KvCache {
+                layers: Vec::with_capacity(self.layers.len()),
+                key_mask: vec![self.key_mask[r][pad..].to_vec()],
+                next_pos: vec![self.next_pos[r]],
+            })
+            .collect();
+        for layer in self.layers {
+            let Some((k, v)) = layer else {
+                out.iter_mut().for_each(|c| c.layers.push(None));
+                continue;
+            };
+            let (_, h, _, d) = *k.shape();
+            let dev = k.device().clone();
+            let (kh, vh) = (k.as_vec(), v.as_vec());
+            let (hs, ds) = (h.size(), d.size());
+            for (r, (c, &pad)) in out.iter_mut().zip(pads).enumerate() {
+                let keep = len - pad;
+                let rows_of = |all: &[f32]| {
+                    let mut o = Vec::with_capacity(hs * keep * ds);
+                    for head in 0..hs {
+                        let at = ((r * hs + head) * len + pad) * ds;
+                        o.extend_from_slice(&all[at..at + keep * ds]);
+                    }
+                    o
+                };
+                let shape = (1, h, keep, d);
+                c.layers
+                    .push(Some((dev.tensor_from_vec(rows_of(&kh), shape), dev.tensor_from_vec(rows_of(&vh), shape))));
+            }
+            debug_assert_eq!(kh.len(), rows * hs * len * ds);
+        }
+        out
+    }
+}
+
+/// [`KvCache::stack`] on the CPU: each row's positions copied once per layer into the stacked
+/// tensors (zeros in the padding).
+fn stack_host<D: Device<f32>, S: Dims>(caches: Vec<KvCache<D, S>>, pads: &[usize], longest: usize) -> KvCache<D, S> {
+    let rows = caches.len();
+    let layers = caches.first().map_or(0, |c| c.layers.len());
+    let mut key_mask = Vec::with_capacity(rows);
+    let mut next_pos = Vec::with_capacity(rows);
+    let mut host: Vec<Vec<(Vec<f32>, Vec<f32>)>> = Vec::with_capacity(rows);
+    let mut shape = None;
+    let mut dev = None;
+    for (c, &pad) in caches.into_iter().zip(pads) {
+        let mut km = vec![false; pad];
+        km.extend_from_slice(&c.key_mask[0]);
+        key_mask.push(km);
+        next_pos.push(c.next_pos.first().copied().unwrap_or(0));
+        host.push(
+            c.layers
+                .into_iter()
+                .map(|l| {
+                    let (k, v) = l.expect("checked by KvCache::stack");
+                    let (_, h, _, d) = *k.shape();
+                    shape.get_or_insert((h, d));
+                    dev.get_or_insert_with(|| k.device().clone());
+                    (k.as_vec(), v.as_vec())
+                })
+                .collect(),
+        );
+    }
+    let (Some((h, d)), Some(dev)) = (shape, dev) else {
+        return KvCache { layers: vec![None; layers], key_mask, next_pos };
+    };
+    let (hs, ds) = (h.size(), d.size());
+    let mut stacked = Vec::with_capacity(layers);
+    for l in 0..layers {
+        let mut kv = (vec![0f32; rows * hs * longest * ds], vec![0f32; rows * hs * longest * ds]);
+        for (r, (row, &pad)) in host.iter().zip(pads).enumerate() {
+            let len = longest - pad;
+            let (k, v) = &row[l];
+            for head in 0..hs {
+                let (src, dst) = (head * len * ds, ((r * hs + head) * longest + pad) * ds);
+                kv.0[dst..dst + len * ds].copy_from_slice(&k[src..src + len * ds]);
+                kv.1[dst..dst + len * ds].copy_from_slice(&v[src..src + len * ds]);
+            }
+        }
+        let shape = (rows, h, longest, d);
+        stacked.push(Some((dev.tensor_from_vec(kv.0, shape), dev.tensor_from_vec(kv.1, shape))));
+    }
+    KvCache { layers: stacked, key_mask, next_pos }
 }
 
 /// `pad` zero positions before a one-row cache tensor's positions (masked out by the key mask).

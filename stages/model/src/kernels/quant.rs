@@ -51,6 +51,25 @@ fn dot_row(fmt: QFormat, w: &[u8], x: &QAct, simd: bool) -> f32 {
     dot_row_scalar(fmt, w, x)
 }
 
+/// `ys[r] = w · xs[r]` for one weight row and every activation row. Q8_0, Q4_0 and Q4_1 (the
+/// block formats of llama.cpp's common quantisations) have AVX2 kernels that unpack each weight
+/// block once for up to [`avx2::ROWS`] activation rows, so a batched decoding step pays the
+/// unpacking (nibbles, f16 scales) once per block rather than once per sequence; each row's sum
+/// is the single-row kernel's, operation for operation (a sequence gets the same output batched
+/// or alone). Other formats loop over the rows (the weight row stays in L1 across them).
+#[inline]
+fn dot_rows(fmt: QFormat, w: &[u8], xs: &[QAct], ys: &mut [f32], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd && xs.len() > 1 && avx2::has_rows_kernel(fmt) {
+        // SAFETY: `simd` is only true when the CPU has AVX2, FMA and F16C (`simd_on`).
+        unsafe { avx2::dot_rows(fmt, w, xs, ys) };
+        return;
+    }
+    for (y, a) in ys.iter_mut().zip(xs) {
+        *y = dot_row(fmt, w, a, simd);
+    }
+}
+
 /// Output rows per rayon task (one task per row would cost more in scheduling than a short row).
 const ROWS_PER_TASK: usize = 32;
 
@@ -65,10 +84,7 @@ pub(crate) fn quant_matmul_wt_with(x: &[f32], n: usize, w: &QMatrix, simd: bool)
     let mut yt = vec![0f32; out * n];
     let work = |(t, ys): (usize, &mut [f32])| {
         for (jj, yj) in ys.chunks_exact_mut(n).enumerate() {
-            let row = w.row(t * ROWS_PER_TASK + jj);
-            for (y, a) in yj.iter_mut().zip(&acts) {
-                *y = dot_row(fmt, row, a, simd);
-            }
+            dot_rows(fmt, w.row(t * ROWS_PER_TASK + jj), &acts, yj, simd);
         }
     };
     if out * k < 1 << 16 {
@@ -302,6 +318,111 @@ mod avx2 {
         hsum(acc) - corr
     }
 
+    /// Activation rows one weight block is unpacked for ([`dot_rows`]).
+    pub(super) const ROWS: usize = 4;
+
+    /// Whether [`dot_rows`] has a multi-row kernel for `fmt`.
+    pub(super) fn has_rows_kernel(fmt: QFormat) -> bool {
+        matches!(fmt, QFormat::Q8_0 | QFormat::Q4_0 | QFormat::Q4_1)
+    }
+
+    /// The q8_0 blocks of `R` activation rows.
+    #[inline]
+    fn blocks<const R: usize>(xs: &[QAct]) -> [&[Q8Block]; R] {
+        std::array::from_fn(|r| match &xs[r] {
+            QAct::B32(b) => b.as_slice(),
+            QAct::K(_) => panic!("q8_K activations for a 32-element block format"),
+        })
+    }
+
+    /// [`q8_0`] for `R` activation rows at once (the same operations per row).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_rows<const R: usize>(w: &[u8], xs: [&[Q8Block]; R]) -> [f32; R] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (i, b) in w.chunks_exact(34).enumerate() {
+            let p = b.as_ptr();
+            let q = _mm256_loadu_si256(p.add(2) as *const __m256i);
+            let d = f16(p);
+            for r in 0..R {
+                let a = xs[r].get_unchecked(i);
+                let s = mul_sum_i8(q, load(a.qs.as_ptr()));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(s), acc[r]);
+            }
+        }
+        std::array::from_fn(|r| hsum(acc[r]))
+    }
+
+    /// [`q4_0`] for `R` activation rows at once.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_0_rows<const R: usize>(w: &[u8], xs: [&[Q8Block]; R]) -> [f32; R] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let eight = _mm256_set1_epi8(8);
+        for (i, b) in w.chunks_exact(18).enumerate() {
+            let p = b.as_ptr();
+            let q = _mm256_sub_epi8(nibbles(p.add(2)), eight);
+            let d = f16(p);
+            for r in 0..R {
+                let a = xs[r].get_unchecked(i);
+                let s = mul_sum_i8(q, load(a.qs.as_ptr()));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(s), acc[r]);
+            }
+        }
+        std::array::from_fn(|r| hsum(acc[r]))
+    }
+
+    /// [`q4_1`] for `R` activation rows at once.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1_rows<const R: usize>(w: &[u8], xs: [&[Q8Block]; R]) -> [f32; R] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut mins = [0f32; R];
+        let ones = _mm256_set1_epi16(1);
+        for (i, b) in w.chunks_exact(20).enumerate() {
+            let p = b.as_ptr();
+            let q = nibbles(p.add(4));
+            let (d, m) = (f16(p), f16(p.add(2)));
+            for r in 0..R {
+                let a = xs[r].get_unchecked(i);
+                let s = mul_sum_u8_i8(q, load(a.qs.as_ptr()), ones);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(s), acc[r]);
+                mins[r] += m * a.d * a.sum as f32;
+            }
+        }
+        std::array::from_fn(|r| hsum(acc[r]) + mins[r])
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_of<const R: usize>(fmt: QFormat, w: &[u8], xs: &[QAct], ys: &mut [f32]) {
+        let xs = blocks::<R>(xs);
+        let n = w.len() / fmt.block().1;
+        assert!(xs.iter().all(|x| x.len() >= n), "activation rows shorter than the weight row");
+        let out = match fmt {
+            QFormat::Q8_0 => q8_0_rows::<R>(w, xs),
+            QFormat::Q4_0 => q4_0_rows::<R>(w, xs),
+            QFormat::Q4_1 => q4_1_rows::<R>(w, xs),
+            _ => unreachable!("has_rows_kernel"),
+        };
+        ys[..R].copy_from_slice(&out);
+    }
+
+    /// `ys[r] = w · xs[r]`, [`ROWS`] activation rows per pass over the weight row.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `has_rows_kernel(fmt)`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_rows(fmt: QFormat, w: &[u8], xs: &[QAct], ys: &mut [f32]) {
+        let mut i = 0;
+        while i + ROWS <= xs.len() {
+            rows_of::<ROWS>(fmt, w, &xs[i..], &mut ys[i..]);
+            i += ROWS;
+        }
+        match xs.len() - i {
+            0 => {}
+            1 => rows_of::<1>(fmt, w, &xs[i..], &mut ys[i..]),
+            2 => rows_of::<2>(fmt, w, &xs[i..], &mut ys[i..]),
+            _ => rows_of::<3>(fmt, w, &xs[i..], &mut ys[i..]),
+        }
+    }
+
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -412,33 +533,67 @@ mod tests {
         bytes
     }
 
+    /// The SIMD product equals the scalar one (to 1e-5 relative) and both are within the
+    /// activation rounding's bound of the f64 product with the dequantised weights (`block`: the
+    /// activation block length, 32 or 256).
+    fn assert_simd_matches_scalar(q: &QMatrix, n: usize, seed: usize, block: usize, what: &str) {
+        let (rows, cols) = (q.rows(), q.cols());
+        let deq = q.dequantize();
+        let x = values(n * cols, seed);
+        let scalar = quant_matmul_wt_with(&x, n, q, false);
+        let fast = quant_matmul_wt_with(&x, n, q, true);
+        for r in 0..n {
+            let xr = &x[r * cols..(r + 1) * cols];
+            for j in 0..rows {
+                let wr = &deq[j * cols..(j + 1) * cols];
+                let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let bound: f64 = xr
+                    .chunks(block)
+                    .zip(wr.chunks(block))
+                    .map(|(xb, wb)| {
+                        xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 / 254.0
+                            * wb.iter().map(|v| v.abs() as f64).sum::<f64>()
+                    })
+                    .sum();
+                let (sv, f) = (scalar[r * rows + j] as f64, fast[r * rows + j] as f64);
+                let tol = 1e-5 * (1.0 + exact.abs() + bound);
+                assert!((sv - f).abs() <= tol, "{what} ({r},{j}): simd {f} vs scalar {sv}");
+                assert!((sv - exact).abs() <= bound + tol, "{what} ({r},{j}): {sv} vs {exact}");
+            }
+        }
+    }
+
     #[test]
     fn q5_kernels_equal_the_scalar_reference_on_random_blocks() {
         for fmt in [QFormat::Q5_0, QFormat::Q5_1] {
             let (rows, cols) = (37, 320);
             let q = QMatrix::new(fmt, rows, cols, random_blocks(fmt, rows, cols, 99)).unwrap();
-            let deq = q.dequantize();
             for n in [1, 3] {
-                let x = values(n * cols, 5);
-                let scalar = quant_matmul_wt_with(&x, n, &q, false);
-                let fast = quant_matmul_wt_with(&x, n, &q, true);
-                for r in 0..n {
-                    let xr = &x[r * cols..(r + 1) * cols];
-                    for j in 0..rows {
-                        let wr = &deq[j * cols..(j + 1) * cols];
-                        let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
-                        let bound: f64 = xr
-                            .chunks(32)
-                            .zip(wr.chunks(32))
-                            .map(|(xb, wb)| {
-                                xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 / 254.0
-                                    * wb.iter().map(|v| v.abs() as f64).sum::<f64>()
-                            })
-                            .sum();
-                        let (sv, f) = (scalar[r * rows + j] as f64, fast[r * rows + j] as f64);
-                        let tol = 1e-5 * (1.0 + exact.abs() + bound);
-                        assert!((sv - f).abs() <= tol, "{fmt:?} ({r},{j}): simd {f} vs scalar {sv}");
-                        assert!((sv - exact).abs() <= bound + tol, "{fmt:?} ({r},{j}): {sv} vs {exact}");
+                assert_simd_matches_scalar(&q, n, 5, 32, &format!("{fmt:?}"));
+            }
+        }
+    }
+
+    /// A batched product gives every activation row exactly what it gets alone (the multi-row
+    /// kernels do the single-row kernel's operations per row), for batches that use the 4-row
+    /// pass and each remainder.
+    #[test]
+    fn every_row_of_a_batched_product_equals_the_row_alone() {
+        let formats = [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q4_K, GgmlType::Q6_K];
+        let (rows, cols) = (37, 512);
+        for ty in formats {
+            let (q, _) = matrix(ty, rows, cols);
+            for n in [2, 3, 4, 5, 9, 16] {
+                let x = values(n * cols, 11 + n);
+                for simd in [false, true] {
+                    let batched = quant_matmul_wt_with(&x, n, &q, simd);
+                    for r in 0..n {
+                        let alone = quant_matmul_wt_with(&x[r * cols..(r + 1) * cols], 1, &q, simd);
+                        let got = &batched[r * rows..(r + 1) * rows];
+                        assert!(
+                            got.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{ty:?} simd {simd} n {n} row {r}: {got:?} vs {alone:?}"
+                        );
                     }
                 }
             }
@@ -461,30 +616,8 @@ mod tests {
             bytes.extend(b);
         }
         let q = QMatrix::new(QFormat::Q6_K, rows, cols, bytes).unwrap();
-        let deq = q.dequantize();
         for n in [1, 2] {
-            let x = values(n * cols, 3);
-            let scalar = quant_matmul_wt_with(&x, n, &q, false);
-            let fast = quant_matmul_wt_with(&x, n, &q, true);
-            for r in 0..n {
-                let xr = &x[r * cols..(r + 1) * cols];
-                for j in 0..rows {
-                    let wr = &deq[j * cols..(j + 1) * cols];
-                    let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    let bound: f64 = xr
-                        .chunks(256)
-                        .zip(wr.chunks(256))
-                        .map(|(xb, wb)| {
-                            xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 / 254.0
-                                * wb.iter().map(|v| v.abs() as f64).sum::<f64>()
-                        })
-                        .sum();
-                    let (sv, f) = (scalar[r * rows + j] as f64, fast[r * rows + j] as f64);
-                    let tol = 1e-5 * (1.0 + exact.abs() + bound);
-                    assert!((sv - f).abs() <= tol, "Q6_K ({r},{j}): simd {f} vs scalar {sv}");
-                    assert!((sv - exact).abs() <= bound + tol, "Q6_K ({r},{j}): {sv} vs {exact}");
-                }
-            }
+            assert_simd_matches_scalar(&q, n, 3, 256, "Q6_K");
         }
     }
 }
