@@ -132,15 +132,7 @@ impl<D: Device<f32>, S: Dims> KvCache<D, S> {
         if crate::kernels::is_cpu::<D>() {
             return Ok(self.split_host(pads, len));
         }
-        let mut out: Vec<KvCache<D, S>> = pads
-            .iter()
-            .enumerate()
-            .map(|(r, &pad)| KvCache {
-                layers: Vec::with_capacity(self.layers.len()),
-                key_mask: vec![self.key_mask[r][pad..].to_vec()],
-                next_pos: vec![self.next_pos[r]],
-            })
-            .collect();
+        let mut out = self.empty_rows(pads);
         for layer in self.layers {
             let (k, v) = layer.ok_or_else(|| ModelError::Batch("an empty layer in a stacked cache".into()))?;
             for (r, (c, &pad)) in out.iter_mut().zip(pads).enumerate() {
@@ -155,20 +147,25 @@ impl<D: Device<f32>, S: Dims> KvCache<D, S> {
 }
 
 impl<D: Device<f32>, S: Dims> KvCache<D, S> {
-    /// [`KvCache::split`] on the CPU: one copy of each row's positions per layer (dfdx's slices
-    /// and concatenations cost several times the copy, and the server splits and stacks its
-    /// batch's caches at every step).
-    fn split_host(self, pads: &[usize], len: usize) -> Vec<KvCache<D, S>> {
-        let rows = pads.len();
-        let mut out: Vec<KvCache<D, S>> = pads
-            .iter()
+    /// One single-row cache per row of this stacked one, without layers yet: row `r`'s key mask
+    /// from its first unpadded position `pads[r]` and its next position.
+    fn empty_rows(&self, pads: &[usize]) -> Vec<KvCache<D, S>> {
+        pads.iter()
             .enumerate()
             .map(|(r, &pad)| KvCache {
                 layers: Vec::with_capacity(self.layers.len()),
                 key_mask: vec![self.key_mask[r][pad..].to_vec()],
                 next_pos: vec![self.next_pos[r]],
             })
-            .collect();
+            .collect()
+    }
+
+    /// [`KvCache::split`] on the CPU: one copy of each row's positions per layer (dfdx's slices
+    /// and concatenations cost several times the copy, and the server splits and stacks its
+    /// batch's caches at every step).
+    fn split_host(self, pads: &[usize], len: usize) -> Vec<KvCache<D, S>> {
+        let rows = pads.len();
+        let mut out = self.empty_rows(pads);
         for layer in self.layers {
             let Some((k, v)) = layer else {
                 out.iter_mut().for_each(|c| c.layers.push(None));
