@@ -17,3 +17,25 @@ for d in /usr/local/cuda-13.0/targets/x86_64-linux/lib /usr/local/cuda/lib64 /us
 done
 EOS
 }
+
+# `pack_pipeline DIR FILE...`: builds the `pipeline` binary with CUDA (dev profile, against the
+# patched dfdx in target/cuda) and packs it with FILE... into DIR (replaced), plus any wheels in
+# $GPU_WHEELS. Linking needs libnccl.so (cudarc's `nccl` feature, behind `cuda`): $NCCL_LIB names
+# a folder holding libnccl.so.2 (e.g. the nvidia-nccl-cu13 wheel's nvidia/nccl/lib). The device
+# tool moves at most 64 MiB with the tree, so the binary ships xz-compressed (~13 MB); the
+# on-device scripts unpack it with Python's lzma.
+pack_pipeline() {
+  local dir=$1
+  shift
+  if [ -n "${NCCL_LIB:-}" ]; then
+    export LIBRARY_PATH="$NCCL_LIB:${LIBRARY_PATH:-}"
+    [ -e "$NCCL_LIB/libnccl.so" ] || ln -sf "$NCCL_LIB"/libnccl.so.2 "$NCCL_LIB/libnccl.so"
+  fi
+  scripts/gpu/cargo-cuda.sh build --features cuda --bin pipeline
+  rm -rf "$dir"
+  PACK_DIR=$dir pack_for_device target/cuda/debug/pipeline scripts/gpu/device-setup.sh "$@"
+  if [ -n "${GPU_WHEELS:-}" ]; then cp "$GPU_WHEELS"/*.whl "$dir/"; fi
+  strip "$dir/pipeline" 2>/dev/null || true
+  xz -T2 -6 -f "$dir/pipeline"
+  du -sh "$dir"
+}
