@@ -6,8 +6,9 @@
 # 2. Qwen2.5-0.5B- (BxS) and Qwen2.5-7B-shaped (7b-BxS[-gc]) LoRA steps at each of $SHAPES, ours
 #    then transformers + peft from the same weights (0.5B: our bench writes them,
 #    PIPELINE_BENCH_SAVE; 7B: make_random_qwen.py writes them with transformers) and data: ours with
-#    the bf16 base (variants `tf32:gc[:flash]`, TF32 off/on for the remaining f32 products, gradient
-#    checkpointing off/on, the fused flash-attention kernel on (default) / off; $VARIANTS, or
+#    the bf16 base (variants `tf32:gc[:flash[:mlp]]`, TF32 off/on for the remaining f32 products, gradient
+#    checkpointing off/on, the fused flash-attention kernel on (default) / off, the fused bf16 MLP
+#    on (default) / off; $VARIANTS, or
 #    $VARIANTS_<entry with - as _>; default TF32 on, checkpointing as the entry says), the peer
 #    with its base in bf16 + autocast ($PEER_PRECISIONS, default bf16base; bf16 = f32 base +
 #    autocast), gradient checkpointing as the entry says. Every step's loss is printed on both sides.
@@ -23,11 +24,11 @@ if [ "${PARITY:-1}" = 1 ]; then
   echo "== parity on cuda"
   PIPELINE_TEST_DEVICE=cuda timeout "${PARITY_TIMEOUT:-150}" "$G/model-tests" --test-threads 1 --nocapture \
     > "$OUT/parity.log" 2>&1 || status=1
-  for t in ${PARITY_TESTS:-cuda_matches_cpu cuda_bf16_matches_f32 cuda_flash_attention_matches_dfdx_attention}; do
+  for t in ${PARITY_TESTS:-cuda_matches_cpu cuda_bf16_matches_f32 cuda_flash_attention_matches_dfdx_attention cuda_fused_mlp_matches_unfused}; do
     PIPELINE_TEST_DEVICE=cuda timeout "${PARITY_TIMEOUT:-150}" "$G/model-tests" --ignored "$t" --nocapture \
       >> "$OUT/parity.log" 2>&1 || status=1
   done
-  grep -E "^test |test result|cuda vs cpu|bf16 vs f32|flash vs dfdx|checkpointing|panicked|assert" "$OUT/parity.log" | tee "$OUT/parity-summary.log" | head -60
+  grep -E "^test |test result|cuda vs cpu|bf16 vs f32|flash vs dfdx|fused vs|checkpointing|panicked|assert" "$OUT/parity.log" | tee "$OUT/parity-summary.log" | head -60
   gzip -f "$OUT/parity.log"
 fi
 # SHAPES entries: BxS (Qwen2.5-0.5B shape), 7b-BxS (Qwen2.5-7B shape, from a checkpoint that
@@ -47,11 +48,11 @@ for entry in ${SHAPES:-8x512 4x2048}; do
     PIPELINE_BENCH_GEN=0 PIPELINE_BENCH_MODELS=$model PIPELINE_BENCH_SAVE=$W
   var=VARIANTS_${entry//-/_}
   for v in ${!var:-${VARIANTS:-1:$gc}}; do
-    IFS=: read -r tf32 vgc flash <<< "$v"; flash=${flash:-1}
-    echo "== [$entry] ours: bf16 base, TF32 $tf32, gradient checkpointing $vgc, flash attention $flash"
+    IFS=: read -r tf32 vgc flash mlp <<< "$v"; flash=${flash:-1}; mlp=${mlp:-1}
+    echo "== [$entry] ours: bf16 base, TF32 $tf32, gradient checkpointing $vgc, flash attention $flash, fused MLP $mlp"
     PIPELINE_BENCH_DTYPE=bf16 PIPELINE_BENCH_TF32=$tf32 PIPELINE_BENCH_GC=$vgc PIPELINE_BENCH_FLASH=$flash \
-      timeout "${BENCH_TIMEOUT:-150}" "$G/throughput" 2>&1 \
-      | sed "s/bf16 base/bf16 base, TF32 $tf32, flash $flash/" | tee -a "$OUT/bench-dfdx.log" \
+      PIPELINE_BENCH_FUSED_MLP=$mlp timeout "${BENCH_TIMEOUT:-150}" "$G/throughput" 2>&1 \
+      | sed "s/bf16 base/bf16 base, TF32 $tf32, flash $flash, mlp $mlp/" | tee -a "$OUT/bench-dfdx.log" \
       | grep -E "LoRA|MFU|memory|loss step (1|2|20) |kernels|attention|weights|read|panicked|rror" || status=1
   done
   [ "${PEER:-1}" = 1 ] || continue

@@ -191,7 +191,9 @@ impl Stage for Evaluate {
     fn version(&self) -> u32 {
         // 2: prompts without a system message get the model's chat_defaults.json system prompt.
         // 3: the scores also as TensorBoard scalars in `report/tensorboard/`.
-        3
+        // 4: on CUDA a bf16 checkpoint is scored with its matrices in bf16 (as transformers'
+        //    `torch_dtype="auto"` loads it), no longer widened to f32.
+        4
     }
     fn summary(&self) -> &'static str {
         "Score a model on general_mcq (accuracy) or general_qa (BLEU/ROUGE) exactly as evalscope does, or its perplexity on text as llama.cpp does"

@@ -268,11 +268,14 @@ fn run_gpu() {
     let tf32 = std::env::var("PIPELINE_BENCH_TF32").is_ok_and(|v| v == "1");
     pipeline_model::set_tf32(&dev, tf32);
     let flash = !std::env::var("PIPELINE_BENCH_FLASH").is_ok_and(|v| v == "0");
+    // PIPELINE_BENCH_FUSED_MLP=0: the MLP's projections one by one with f32 activations
+    let fused_mlp = !std::env::var("PIPELINE_BENCH_FUSED_MLP").is_ok_and(|v| v == "0");
     eprintln!(
-        "kernels: {}, TF32 {}, flash attention {}",
+        "kernels: {}, TF32 {}, flash attention {}, fused bf16 MLP {}",
         kernels(),
         if tf32 { "on" } else { "off" },
-        if flash { "on where it applies" } else { "off" }
+        if flash { "on where it applies" } else { "off" },
+        if fused_mlp { "on where it applies" } else { "off" }
     );
     let s = Shapes {
         batch: env_usize("PIPELINE_BENCH_BATCH", 8),
@@ -319,6 +322,7 @@ fn run_gpu() {
         };
         m.set_gradient_checkpointing(std::env::var("PIPELINE_BENCH_GC").is_ok_and(|v| v == "1"));
         m.set_flash_attention(flash);
+        m.set_fused_mlp(fused_mlp);
         eprintln!("{name}: attention {}", if m.flash_attention() { "fused (flash) kernel" } else { "dfdx ops (f32)" });
         eprintln!("{name}: weights + upload {:.1} s", t.elapsed().as_secs_f64());
         bench_model(name, m, &s, true);

@@ -28,6 +28,9 @@ pub(crate) struct Ctx<'a, D: Device<f32>> {
     pub lora: Option<&'a LoraConfig>,
     /// A training forward's seed for the LoRA dropout masks (`None`: no dropout).
     pub dropout_seed: Option<u64>,
+    /// Run a SwiGLU MLP over a bf16 base as one fused op where it applies
+    /// ([`crate::Qwen2::set_fused_mlp`]).
+    pub fused_mlp: bool,
 }
 
 impl<D: Device<f32>> Ctx<'_, D> {
@@ -146,7 +149,7 @@ impl<D: Device<f32>> Linear<D> {
     /// otherwise: the branch reads `x`). The mask comes from the forward's seed and this layer's
     /// salt, so a recomputed forward (gradient checkpointing) draws the same one; on CUDA it is
     /// drawn on the device ([`kernels::cuda::dropout_keep`]), on the CPU by [`dropout_mask`].
-    fn dropout_input<I: Dim, T: Tape<f32, D> + Merge<T>>(
+    pub(crate) fn dropout_input<I: Dim, T: Tape<f32, D> + Merge<T>>(
         &self,
         ctx: &Ctx<'_, D>,
         lc: &LoraConfig,
@@ -194,4 +197,46 @@ impl<D: Device<f32>> Linear<D> {
         }
         Ok(y)
     }
+}
+
+/// `down(silu(gate(x)) · up(x))` as the one fused op of [`kernels::mlp`] when the three
+/// projections are frozen bf16 weights without biases on CUDA, whose adapters (if any) are views
+/// of the trained vector (`Err(x)`: not this case, `x` handed back).
+#[cfg(feature = "cuda")]
+#[allow(clippy::result_large_err)]
+pub(crate) fn fused_swiglu_bf16<X: Dim, M: Dim, D: Device<f32>, T: Tape<f32, D> + Merge<T>>(
+    ctx: &Ctx<'_, D>,
+    [gate, up, down]: [&Linear<D>; 3],
+    x: Rows<X, D, T>,
+    inter: M,
+) -> Result<Rows<X, D, T>, Rows<X, D, T>> {
+    if !ctx.fused_mlp || !kernels::is_cuda::<D>() || kernels::reference_only() {
+        return Err(x);
+    }
+    let (Store::FrozenBf16(wg), Store::FrozenBf16(wu), Store::FrozenBf16(wd)) =
+        (&gate.weight.store, &up.weight.store, &down.weight.store)
+    else {
+        return Err(x);
+    };
+    if gate.bias.is_some() || up.bias.is_some() || down.bias.is_some() {
+        return Err(x);
+    }
+    let mut slots = [None; 3];
+    for (slot, lin) in slots.iter_mut().zip([gate, up, down]) {
+        if let (Some(ad), Some(lc)) = (&lin.lora, ctx.lora) {
+            let (Store::Flat(a), Store::Flat(b)) = (&ad.a.store, &ad.b.store) else { return Err(x) };
+            *slot = Some(kernels::cuda::LoraSlots { a: *a, b: *b, r: ad.a.shape[0], scale: lc.scale() });
+        }
+    }
+    let xa = [gate, up].map(|lin| match (&lin.lora, ctx.lora) {
+        (Some(_), Some(lc)) => lin.dropout_input(ctx, lc, &x),
+        _ => None,
+    });
+    let down_dropout = match (&down.lora, ctx.lora, ctx.dropout_seed) {
+        (Some(_), Some(lc), Some(seed)) if lc.dropout > 0.0 => Some((mix_seed(seed, down.salt), lc.dropout)),
+        _ => None,
+    };
+    let w = kernels::mlp::MlpWeights { gate: wg, up: wu, down: wd };
+    let lora = kernels::mlp::MlpLora { slots, down_dropout };
+    Ok(kernels::mlp::lora_mlp_bf16(x, xa, w, inter, ctx.flat, lora))
 }

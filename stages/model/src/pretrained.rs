@@ -191,10 +191,26 @@ impl ModelSource {
     /// of a quantised `.gguf` stay in their blocks and run on the quantised kernels, so resident
     /// memory is about the file's size ([`crate::params::Store::Quant`]). F32/F16/BF16 tensors
     /// load as before. `PIPELINE_DEQUANTIZE_GGUF=1` dequantises as [`ModelSource::load`] does
-    /// (for comparisons). An adapter's merged projections become f32.
+    /// (for comparisons). An adapter's merged projections become f32. On a CUDA device a HF
+    /// folder whose `config.json` says `torch_dtype = "bfloat16"` keeps its matrices in bf16, as
+    /// transformers' `torch_dtype="auto"` and vLLM load it (no 30 GB f32 copy of a 7B model).
     pub fn load_for_inference<D: Device<f32>>(&self, dev: &D) -> Result<Pretrained<D>, LoadError> {
         let keep = crate::kernels::is_cpu::<D>() && !dequantize_forced();
-        self.load_with(dev, keep, FrozenDtype::F32)
+        let dtype =
+            if crate::kernels::is_cuda::<D>() && self.stored_bf16() { FrozenDtype::Bf16 } else { FrozenDtype::F32 };
+        self.load_with(dev, keep, dtype)
+    }
+
+    /// Whether the weights (an adapter's base's) are a HF folder stored in bf16.
+    fn stored_bf16(&self) -> bool {
+        match self {
+            ModelSource::Folder(p) => std::fs::read(p.join("config.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|v| v["torch_dtype"] == "bfloat16" || v["dtype"] == "bfloat16"),
+            ModelSource::Gguf(_) => false,
+            ModelSource::Adapter { base, .. } => base.stored_bf16(),
+        }
     }
 
     fn load_with<D: Device<f32>>(

@@ -937,6 +937,87 @@ fn cuda_flash_attention_matches_dfdx_attention() {
     }
 }
 
+/// The fused bf16 SwiGLU MLP (one op: bf16 gate/up products, the LoRA terms added inside the
+/// gate kernel, bf16 `[tokens, intermediate]` gradients) against the per-projection path with f32
+/// activations, on the same bf16 model with trained (non-zero) adapters on every projection and
+/// LoRA dropout: logits without a tape, the training loss and every LoRA gradient, with and without
+/// gradient checkpointing. The differences are bf16 rounding of the intermediate activations (as
+/// PyTorch's autocast rounds them), so the bounds are bf16's.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU: run with scripts/gpu/run-on-device.sh"]
+fn cuda_fused_mlp_matches_unfused() {
+    use pipeline_model::{Arch, FrozenDtype};
+    let gpu = Cuda::default();
+    let cfg = ModelConfig {
+        arch: Arch::Qwen2,
+        vocab_size: 1000,
+        hidden_size: 256,
+        intermediate_size: 704,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 64,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1e6,
+        tie_word_embeddings: true,
+        attention_bias: true,
+        max_position_embeddings: 4096,
+        bos_token_id: None,
+        eos_token_id: vec![],
+    };
+    let host = Qwen2::<Cpu>::random_host(&cfg, 11);
+    let rows: Vec<Vec<u32>> =
+        [70usize, 33, 5].iter().map(|&n| (0..n as u32).map(|i| (i * 7919 + n as u32) % 1000).collect()).collect();
+    let b = Batch::right_padded(&rows, 0).unwrap();
+    let (n, seq) = (b.batch * b.seq, b.seq);
+    let targets: Vec<usize> = (0..n).map(|k| if (k + 1) % seq == 0 { 0 } else { b.ids[k + 1] as usize }).collect();
+    let needed: Vec<bool> = (0..n).map(|k| (k + 1) % seq != 0 && b.mask[k + 1]).collect();
+    let count = needed.iter().filter(|&&x| x).count() as f32;
+    for dropout in [0.0, 0.1] {
+        let model = |fused: bool, gc: bool| {
+            let mut m: Qwen2<Cuda> = Qwen2::from_host_with_dtype(&cfg, &host, &gpu, FrozenDtype::Bf16).unwrap();
+            let lc = LoraConfig::all_linear(8, 16.0).with_dropout(dropout).unwrap();
+            m.set_trainable(Trainable::Lora(lc), 3).unwrap();
+            // trained adapters: B = 0 (peft's init) would hide the LoRA terms and A's gradients
+            let len = m.params.flat.shape().0;
+            let vals: Vec<f32> = (0..len).map(|k| (((k * 2654435761) % 2001) as f32 - 1000.0) * 4e-5).collect();
+            m.params.flat = gpu.tensor_from_vec(vals, (len,));
+            m.set_fused_mlp(fused);
+            m.set_gradient_checkpointing(gc);
+            m
+        };
+        let run = |m: &Qwen2<Cuda>| {
+            let logits = m.forward(&b).unwrap().as_vec();
+            let (_, tape) = m.params.flat.trace(m.params.alloc_grads()).split_tape();
+            let lp = m.forward_logprobs(&b, &targets, Some(&needed), tape, Some(42)).unwrap();
+            let loss = lp.sum::<(), _>() * (-1.0 / count);
+            let l = loss.array();
+            (logits, l, loss.backward().get(&m.params.flat).as_vec())
+        };
+        let (ref_logits, ref_loss, ref_grads) = run(&model(false, false));
+        let v = cfg.vocab_size;
+        let valid = |x: &[f32]| -> Vec<f32> {
+            x.chunks(v).zip(&b.mask).filter(|(_, &m)| m).flat_map(|(r, _)| r.to_vec()).collect()
+        };
+        for gc in [false, true] {
+            let (logits, loss, grads) = run(&model(true, gc));
+            let what = format!("dropout {dropout}, checkpointing {gc}");
+            let (a, r) = (valid(&logits), valid(&ref_logits));
+            let (abs, _) = diff(&a, &r);
+            let scale = r.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+            let (cos, gcos) = (cosine(&a, &r), cosine(&grads, &ref_grads));
+            let gnorm = ref_grads.iter().map(|g| g * g).sum::<f32>().sqrt();
+            eprintln!("fused vs per-projection MLP, {what}: logits max abs {abs:e} (largest {scale:e}), cosine {cos:.7}; loss {loss} vs {ref_loss}; grads cosine {gcos:.7} (norm {gnorm:e})");
+            assert!(gnorm > 0.0 && grads.iter().all(|g| g.is_finite()), "{what}: gradients");
+            assert!(a.iter().all(|x| x.is_finite()), "{what}: non-finite logits");
+            assert!(abs <= 3e-2 * scale && cos >= 0.9999, "{what}: logits differ by {abs} (cosine {cos})");
+            assert!((loss - ref_loss).abs() <= 2e-3 * ref_loss.abs().max(1.0), "{what}: loss {loss} vs {ref_loss}");
+            assert!(gcos >= 0.999, "{what}: LoRA gradients cosine {gcos}");
+        }
+    }
+}
+
 /// Gradient checkpointing (each decoder layer recomputed in the backward) leaves the loss and the
 /// LoRA and full fine-tuning gradients as the plain backward computes them.
 #[test]

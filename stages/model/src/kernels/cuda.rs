@@ -44,7 +44,9 @@ const FUNCS: &[&str] = &[
     "rope_fwd",
     "rope_dx",
 ];
-const SRC: &str = r#"
+/// Device helpers shared by the kernel modules (this one and [`super::mlp`]'s): bf16 as its 16
+/// bits, and the dropout keep-mask hash.
+pub(crate) const PRELUDE: &str = r#"
 // bf16 as its 16 bits (no cuda_bf16.h: NVRTC runs without the toolkit's headers on the device)
 __device__ __forceinline__ unsigned short f2bf(float f) {
     unsigned int u = __float_as_uint(f);
@@ -52,6 +54,20 @@ __device__ __forceinline__ unsigned short f2bf(float f) {
     return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);                // round to nearest even
 }
 __device__ __forceinline__ float bf2f(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
+
+// inverted dropout's keep factor for element i: 0 with probability p, else keep = 1 / (1 - p),
+// from a counter-based hash of (seed, i) (splitmix64), so a recomputed forward draws the same mask
+__device__ __forceinline__ float keep_factor(unsigned long long seed, unsigned long long i, float p, float keep) {
+    unsigned long long z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float r = (float)(z >> 40) * (1.f / 16777216.f);
+    return r < p ? 0.f : keep;
+}
+"#;
+
+const SRC: &str = r#"
 
 // log-sum-exp of one row, by the whole block (blockDim.x a multiple of 32, at most 1024)
 __device__ float row_lse(const float* row, unsigned long long v) {
@@ -165,18 +181,11 @@ extern "C" __global__ void swiglu_bwd(const float* g, const float* u, const floa
     }
 }
 
-// inverted dropout's keep mask: 0 with probability p, else 1 / (1 - p); element i from a
-// counter-based hash of (seed, i) (splitmix64), so a recomputed forward draws the same mask
+// inverted dropout's keep mask (keep_factor of every element)
 extern "C" __global__ void dropout_keep(float* m, unsigned long long n, unsigned long long seed, float p, float keep) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
-         i += (unsigned long long)gridDim.x * blockDim.x) {
-        unsigned long long z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        z ^= z >> 31;
-        float r = (float)(z >> 40) * (1.f / 16777216.f);
-        m[i] = r < p ? 0.f : keep;
-    }
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        m[i] = keep_factor(seed, i, p, keep);
 }
 
 // RMSNorm over rows of h: y = x * inv * w, inv = 1 / sqrt(mean(x^2) + eps); one warp per row,
@@ -297,7 +306,8 @@ impl From<cudarc::driver::DriverError> for KernelError {
 pub(crate) fn module(dev: &Arc<CudaDevice>) -> Result<(), KernelError> {
     if !dev.has_func(MODULE, FUNCS[0]) {
         keep_pool_memory(dev)?;
-        let ptx = cudarc::nvrtc::compile_ptx(SRC).map_err(|e| KernelError::Nvrtc(e.to_string()))?;
+        let ptx =
+            cudarc::nvrtc::compile_ptx(format!("{PRELUDE}{SRC}")).map_err(|e| KernelError::Nvrtc(e.to_string()))?;
         dev.load_ptx(ptx, MODULE, FUNCS)?;
     }
     Ok(())
@@ -327,13 +337,13 @@ fn keep_pool_memory(dev: &Arc<CudaDevice>) -> Result<(), KernelError> {
 }
 
 /// A kernel of the loaded module (`CUDA_ERROR_NOT_FOUND` if [`module`] never ran on `dev`).
-fn func(dev: &Arc<CudaDevice>, name: &str) -> Result<cudarc::driver::CudaFunction, CudaError> {
+pub(crate) fn func(dev: &Arc<CudaDevice>, name: &str) -> Result<cudarc::driver::CudaFunction, CudaError> {
     dev.get_func(MODULE, name)
         .ok_or(CudaError::Driver(cudarc::driver::DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_FOUND)))
 }
 
 /// A launch over `n` elements for the grid-stride kernels.
-fn elems(n: usize) -> LaunchConfig {
+pub(crate) fn elems(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 65_535 * 16) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
@@ -540,6 +550,11 @@ impl Bf16Weight {
         self.data.len()
     }
 
+    /// The device address of the bits (`len()` u16 values).
+    pub(crate) fn addr(&self) -> u64 {
+        ptr(&*self.data)
+    }
+
     pub(crate) fn device(&self) -> &Cuda {
         &self.dev
     }
@@ -565,7 +580,7 @@ impl Bf16Weight {
 }
 
 /// `n` f32 values at device address `x` rounded to a fresh bf16 buffer.
-fn to_bf16(cu: &Arc<CudaDevice>, x: u64, n: usize) -> Result<CudaSlice<u16>, CudaError> {
+pub(crate) fn to_bf16(cu: &Arc<CudaDevice>, x: u64, n: usize) -> Result<CudaSlice<u16>, CudaError> {
     // SAFETY: every element is written by the kernel below.
     let out = unsafe { cu.alloc::<u16>(n)? };
     let f = func(cu, "f32_to_bf16")?;
@@ -581,12 +596,53 @@ pub(crate) fn to_bf16_buf(cu: &Arc<CudaDevice>, x: &CudaSlice<f32>, n: usize) ->
     Ok(to_bf16(cu, ptr(x), n)?)
 }
 
-/// Row-major `c[m×n] = alpha · a[m×k] · op(b) + beta · c` with `a`, `b` bf16 and `c` f32 (cuBLAS
-/// `GemmEx`, f32 compute: tensor cores); `b_t`: `b` is stored `[n×k]`. Same column-major trick as
-/// [`gemm_rm`].
+/// Row-major `c[m×n] = alpha · op(a) · op(b) + beta · c` with `a`, `b` bf16 and `c` f32, or bf16
+/// when `c_bf16` (cuBLAS `GemmEx`, f32 compute: tensor cores); `a_t`: `a` is stored `[k×m]`,
+/// `b_t`: `b` is stored `[n×k]`. Same column-major trick as [`sgemm_rm`].
 ///
 /// # Safety
 /// The addresses must hold the stated shapes on `blas`'s device.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm16_rm(
+    blas: &cudarc::cublas::CudaBlas,
+    (m, n, k): (usize, usize, usize),
+    (a, a_t): (u64, bool),
+    (b, b_t): (u64, bool),
+    (c, c_bf16): (u64, bool),
+    alpha: f32,
+    beta: f32,
+) -> Result<(), CudaError> {
+    use blas_sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+    let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+    blas_sys::cublasGemmEx(
+        *blas.handle(),
+        op(b_t),
+        op(a_t),
+        n as i32,
+        m as i32,
+        k as i32,
+        (&alpha as *const f32).cast(),
+        b as *const std::ffi::c_void,
+        cudaDataType_t::CUDA_R_16BF,
+        if b_t { k as i32 } else { n as i32 },
+        a as *const std::ffi::c_void,
+        cudaDataType_t::CUDA_R_16BF,
+        if a_t { m as i32 } else { k as i32 },
+        (&beta as *const f32).cast(),
+        c as *mut std::ffi::c_void,
+        if c_bf16 { cudaDataType_t::CUDA_R_16BF } else { cudaDataType_t::CUDA_R_32F },
+        n as i32,
+        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+    )
+    .result()
+    .map_err(CudaError::Blas)
+}
+
+/// [`gemm16_rm`] with `a` as stored and an f32 `c`.
+///
+/// # Safety
+/// As [`gemm16_rm`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_bf16_rm(
     blas: &cudarc::cublas::CudaBlas,
@@ -600,31 +656,7 @@ unsafe fn gemm_bf16_rm(
     alpha: f32,
     beta: f32,
 ) -> Result<(), CudaError> {
-    use blas_sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
-    let op = if b_t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-    blas_sys::cublasGemmEx(
-        *blas.handle(),
-        op,
-        cublasOperation_t::CUBLAS_OP_N,
-        n as i32,
-        m as i32,
-        k as i32,
-        (&alpha as *const f32).cast(),
-        b as *const std::ffi::c_void,
-        cudaDataType_t::CUDA_R_16BF,
-        if b_t { k as i32 } else { n as i32 },
-        a as *const std::ffi::c_void,
-        cudaDataType_t::CUDA_R_16BF,
-        k as i32,
-        (&beta as *const f32).cast(),
-        c as *mut std::ffi::c_void,
-        cudaDataType_t::CUDA_R_32F,
-        n as i32,
-        cublasComputeType_t::CUBLAS_COMPUTE_32F,
-        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-    )
-    .result()
-    .map_err(CudaError::Blas)
+    gemm16_rm(blas, (m, n, k), (a, false), (b, b_t), (c, false), alpha, beta)
 }
 
 /// `y[n×o] = bf16(x[n×i]) · Wᵀ` for a frozen bf16 `W: [o, i]`; `x` is contiguous f32.
@@ -713,7 +745,7 @@ pub(crate) fn dropout_keep(dev: &Cuda, n: usize, p: f32, seed: u64) -> Result<Cu
 /// # Safety
 /// The addresses must hold the stated shapes on `blas`'s device.
 #[allow(clippy::too_many_arguments)]
-unsafe fn sgemm_rm(
+pub(crate) unsafe fn sgemm_rm(
     blas: &cudarc::cublas::CudaBlas,
     m: usize,
     n: usize,

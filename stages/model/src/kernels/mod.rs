@@ -17,6 +17,8 @@ pub(crate) mod frozen;
 pub(crate) mod fused;
 pub(crate) mod fused_ce;
 pub(crate) mod host_matmul;
+#[cfg(feature = "cuda")]
+pub(crate) mod mlp;
 pub mod profile;
 pub(crate) mod qblocks;
 pub(crate) mod quant;
@@ -47,6 +49,12 @@ pub(crate) fn cpu_buffer<D: Storage<f32>>(buf: &mut D::Vec) -> Option<&mut Vec<f
 #[cfg(feature = "cuda")]
 pub(crate) fn is_cuda<D: 'static>() -> bool {
     TypeId::of::<D>() == TypeId::of::<Cuda>()
+}
+/// Whether `D` is dfdx's CUDA device (never, in a build without the `cuda` feature).
+#[cfg(not(feature = "cuda"))]
+#[allow(clippy::extra_unused_type_parameters)]
+pub(crate) fn is_cuda<D: 'static>() -> bool {
+    false
 }
 
 /// A gradient buffer of device `D` as a CUDA slice, when `D` is the CUDA device.

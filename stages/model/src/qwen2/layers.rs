@@ -188,6 +188,16 @@ impl<D: Device<f32>> Mlp<D> {
         dims: &DimValues<S>,
         x: Rows<S::Hidden, D, T>,
     ) -> Rows<S::Hidden, D, T> {
+        #[cfg(feature = "cuda")]
+        let x = match crate::linear::fused_swiglu_bf16(
+            ctx,
+            [&self.gate_proj, &self.up_proj, &self.down_proj],
+            x,
+            dims.intermediate,
+        ) {
+            Ok(y) => return mark(y, "mlp (fused, bf16)"),
+            Err(x) => x,
+        };
         let g = self.gate_proj.forward(ctx, x.with_empty_tape(), dims.intermediate);
         let u = mark(self.up_proj.forward(ctx, x, dims.intermediate), "gate/up proj (+LoRA)");
         #[cfg(feature = "cuda")]
@@ -258,7 +268,8 @@ impl<D: Device<f32>> DecoderLayer<D> {
             return y.put_tape(tape);
         }
         let layer = self.clone();
-        let (dev, flat, lora, seed) = (ctx.dev.clone(), ctx.flat.clone(), ctx.lora.cloned(), ctx.dropout_seed);
+        let (dev, flat, lora, seed, fused_mlp) =
+            (ctx.dev.clone(), ctx.flat.clone(), ctx.lora.cloned(), ctx.dropout_seed, ctx.fused_mlp);
         let (dims, cos, sin, rot, mask) =
             (step.dims, step.cos.clone(), step.sin.clone(), step.rot.clone(), step.mask.clone());
         let (batch, seq, past) = (step.batch, step.seq, step.past);
@@ -266,7 +277,7 @@ impl<D: Device<f32>> DecoderLayer<D> {
         tape.add_backward_op(move |grads| {
             grads.try_alloc_for(&yg)?;
             let dy: Rows<S::Hidden, D, NoneTape> = grads.get(&yg);
-            let ctx = Ctx { dev: &dev, flat: &flat, lora: lora.as_ref(), dropout_seed: seed };
+            let ctx = Ctx { dev: &dev, flat: &flat, lora: lora.as_ref(), dropout_seed: seed, fused_mlp };
             let step =
                 Step { dims, cos: cos.clone(), sin: sin.clone(), rot: &rot, mask: mask.clone(), batch, seq, past };
             let (_, t0) = flat.trace(Gradients::leaky()).split_tape();

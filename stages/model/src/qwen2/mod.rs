@@ -94,6 +94,8 @@ pub struct Qwen2<D: Device<f32>, S: Dims = RuntimeDims> {
     checkpointing: bool,
     /// Run attention as the fused CUDA kernel where it applies ([`Qwen2::set_flash_attention`]).
     flash_attention: bool,
+    /// Run each SwiGLU MLP as one fused bf16 op where it applies ([`Qwen2::set_fused_mlp`]).
+    fused_mlp: bool,
 }
 
 /// `rotate_half` as a matrix: `x @ R` = `cat(-x[half..], x[..half])`.
@@ -165,6 +167,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
             rot,
             checkpointing: self.checkpointing,
             flash_attention: self.flash_attention,
+            fused_mlp: self.fused_mlp,
         })
     }
 
@@ -208,6 +211,13 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
             && self.frozen_dtype() == crate::params::FrozenDtype::Bf16
             && matches!(self.dims.head_dim.size(), 64 | 128)
     }
+    /// With `true` (the default) each decoder layer's SwiGLU MLP over a bf16 base on CUDA runs as
+    /// one fused op whose `[tokens, intermediate]` activations and their gradients are bf16, as
+    /// under PyTorch's bf16 autocast (`crate::kernels`' `mlp`); `false` runs its three projections
+    /// and the gate one by one with f32 activations (the reference the parity tests compare with).
+    pub fn set_fused_mlp(&mut self, on: bool) {
+        self.fused_mlp = on;
+    }
     pub fn gradient_checkpointing(&self) -> bool {
         self.checkpointing
     }
@@ -238,6 +248,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
             flat: &self.params.flat,
             lora: self.lora.as_ref().filter(|_| self.adapters_enabled),
             dropout_seed,
+            fused_mlp: self.fused_mlp,
         }
     }
 

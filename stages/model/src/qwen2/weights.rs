@@ -251,6 +251,7 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
             rot: rot_matrix(dev, dims.head_dim),
             checkpointing: false,
             flash_attention: true,
+            fused_mlp: true,
         })
     }
 
