@@ -210,7 +210,8 @@ pub(crate) fn fused_swiglu_bf16<X: Dim, M: Dim, D: Device<f32>, T: Tape<f32, D> 
     x: Rows<X, D, T>,
     inter: M,
 ) -> Result<Rows<X, D, T>, Rows<X, D, T>> {
-    if !ctx.fused_mlp || !kernels::is_cuda::<D>() || kernels::reference_only() {
+    // (the kernels take four columns a thread)
+    if !ctx.fused_mlp || !kernels::is_cuda::<D>() || kernels::reference_only() || inter.size() % 4 != 0 {
         return Err(x);
     }
     let (Store::FrozenBf16(wg), Store::FrozenBf16(wu), Store::FrozenBf16(wd)) =

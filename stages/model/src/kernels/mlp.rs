@@ -31,59 +31,93 @@ type T1<D, T> = Tensor<(usize,), f32, D, T>;
 const ON: &str = "the fused MLP runs on the CUDA device";
 const BUF: &str = "a CUDA gradient buffer";
 const MODULE: &str = "pipeline_mlp";
-const FUNCS: &[&str] = &["lora_swiglu_fwd", "lora_swiglu_bwd"];
+const FUNCS: &[&str] = &["lora_swiglu_fwd", "lora_swiglu_bwd", "transpose_f32"];
 
 const SRC: &str = r#"
-// A LoRA term scale * t[row] . b(col): t is [rows x r] f32, b's element (col, k) sits at
-// b[col * cs + k * ks] (B: [cols x r] has cs = r, ks = 1; A: [r x cols] has cs = 1, ks = cols).
-// r == 0: no adapter (the pointers are not read).
-struct Term { unsigned long long t, b, cs, ks; int r; float s; };
+// A LoRA term scale * t[row] . b[:, col]: t is [rows x r] f32, b is [r x cols] f32 (B transposed,
+// or A as stored). r == 0: no adapter (the pointers are not read).
+struct Term { unsigned long long t, b; int r; float s; };
 // LoRA dropout on the down projection's input: p == 0 means none.
 struct Dropout { unsigned long long seed; float p, keep; };
+struct __align__(16) F4 { float x, y, z, w; };
+struct __align__(8) H4 { unsigned short x, y, z, w; };
 
-__device__ __forceinline__ float lora_term(const Term& a, unsigned long long row, unsigned long long col) {
+// the term at columns col..col + 3 (cols a multiple of 4: 16-byte loads of b)
+__device__ __forceinline__ F4 lora4(const Term& a, unsigned long long row, unsigned long long col,
+                                    unsigned long long cols) {
+    F4 acc = {0.f, 0.f, 0.f, 0.f};
     const float* t = (const float*)a.t + row * a.r;
-    const float* b = (const float*)a.b + col * a.cs;
-    float acc = 0.f;
-    for (int k = 0; k < a.r; ++k) acc += t[k] * b[k * a.ks];
-    return a.s * acc;
+    const float* b = (const float*)a.b + col;
+    for (int k = 0; k < a.r; ++k) {
+        float tk = t[k];
+        F4 bk = *(const F4*)(b + k * cols);
+        acc.x += tk * bk.x; acc.y += tk * bk.y; acc.z += tk * bk.z; acc.w += tk * bk.w;
+    }
+    acc.x *= a.s; acc.y *= a.s; acc.z *= a.s; acc.w *= a.s;
+    return acc;
+}
+__device__ __forceinline__ F4 widen(H4 h) { F4 r = {bf2f(h.x), bf2f(h.y), bf2f(h.z), bf2f(h.w)}; return r; }
+__device__ __forceinline__ float lane(const F4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+__device__ __forceinline__ void set(H4& h, int j, float v) {
+    unsigned short b = f2bf(v);
+    if (j == 0) h.x = b; else if (j == 1) h.y = b; else if (j == 2) h.z = b; else h.w = b;
 }
 
-// h = silu(g) * u with g = g0 + LoRA(gate), u = u0 + LoRA(up), all [rows x cols]; ha = h * the
-// down adapter's dropout mask (written when ha != 0)
-extern "C" __global__ void lora_swiglu_fwd(const unsigned short* g0, const unsigned short* u0, Term lg, Term lu,
-                                            unsigned short* h, unsigned short* ha, Dropout d,
+// B [cols x r] -> Bt [r x cols]
+extern "C" __global__ void transpose_f32(const float* b, float* bt, unsigned long long cols, int r) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < cols * r;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        bt[(i % r) * cols + i / r] = b[i];
+}
+
+// h = silu(g) * u with g = g0 + LoRA(gate), u = u0 + LoRA(up), all [rows x cols], four columns a
+// thread; ha = h * the down adapter's dropout mask (written when ha != 0)
+extern "C" __global__ void lora_swiglu_fwd(const H4* g0, const H4* u0, Term lg, Term lu, H4* h, H4* ha, Dropout d,
                                             unsigned long long rows, unsigned long long cols) {
+    unsigned long long q = cols / 4;
     for (unsigned long long row = blockIdx.y; row < rows; row += gridDim.y)
-        for (unsigned long long col = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; col < cols;
-             col += (unsigned long long)gridDim.x * blockDim.x) {
-            unsigned long long i = row * cols + col;
-            float g = bf2f(g0[i]) + lora_term(lg, row, col);
-            float u = bf2f(u0[i]) + lora_term(lu, row, col);
-            float v = g / (1.f + __expf(-g)) * u;
-            h[i] = f2bf(v);
-            if (ha) ha[i] = f2bf(v * keep_factor(d.seed, i, d.p, d.keep));
+        for (unsigned long long c = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; c < q;
+             c += (unsigned long long)gridDim.x * blockDim.x) {
+            unsigned long long i = row * q + c;
+            F4 g = widen(g0[i]), u = widen(u0[i]);
+            F4 tg = lora4(lg, row, 4 * c, cols), tu = lora4(lu, row, 4 * c, cols);
+            H4 hv, hav;
+            for (int j = 0; j < 4; ++j) {
+                float gj = lane(g, j) + lane(tg, j), uj = lane(u, j) + lane(tu, j);
+                float v = gj / (1.f + __expf(-gj)) * uj;
+                set(hv, j, v);
+                if (ha) set(hav, j, v * keep_factor(d.seed, 4 * i + j, d.p, d.keep));
+            }
+            h[i] = hv;
+            if (ha) ha[i] = hav;
         }
 }
 
 // the backward: dh = dh0 + mask * LoRA(down)'s input gradient (ld: t = dy B_d [rows x r], b = A_d),
 // dg = dh u silu'(g), du = dh silu(g); ha = silu(g) u mask again (for dA_d; when ha != 0)
-extern "C" __global__ void lora_swiglu_bwd(const unsigned short* g0, const unsigned short* u0,
-                                            const unsigned short* dh0, Term lg, Term lu, Term ld, Dropout d,
-                                            unsigned short* dg, unsigned short* du, unsigned short* ha,
+extern "C" __global__ void lora_swiglu_bwd(const H4* g0, const H4* u0, const H4* dh0, Term lg, Term lu, Term ld,
+                                            Dropout d, H4* dg, H4* du, H4* ha,
                                             unsigned long long rows, unsigned long long cols) {
+    unsigned long long q = cols / 4;
     for (unsigned long long row = blockIdx.y; row < rows; row += gridDim.y)
-        for (unsigned long long col = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; col < cols;
-             col += (unsigned long long)gridDim.x * blockDim.x) {
-            unsigned long long i = row * cols + col;
-            float g = bf2f(g0[i]) + lora_term(lg, row, col);
-            float u = bf2f(u0[i]) + lora_term(lu, row, col);
-            float m = d.p > 0.f ? keep_factor(d.seed, i, d.p, d.keep) : 1.f;
-            float dh = bf2f(dh0[i]) + m * lora_term(ld, row, col);
-            float s = 1.f / (1.f + __expf(-g));
-            dg[i] = f2bf(dh * u * s * (1.f + g * (1.f - s)));
-            du[i] = f2bf(dh * g * s);
-            if (ha) ha[i] = f2bf(g * s * u * m);
+        for (unsigned long long c = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; c < q;
+             c += (unsigned long long)gridDim.x * blockDim.x) {
+            unsigned long long i = row * q + c;
+            F4 g = widen(g0[i]), u = widen(u0[i]), dh = widen(dh0[i]);
+            F4 tg = lora4(lg, row, 4 * c, cols), tu = lora4(lu, row, 4 * c, cols), td = lora4(ld, row, 4 * c, cols);
+            H4 dgv, duv, hav;
+            for (int j = 0; j < 4; ++j) {
+                float gj = lane(g, j) + lane(tg, j), uj = lane(u, j) + lane(tu, j);
+                float m = d.p > 0.f ? keep_factor(d.seed, 4 * i + j, d.p, d.keep) : 1.f;
+                float dhj = lane(dh, j) + m * lane(td, j);
+                float s = 1.f / (1.f + __expf(-gj));
+                set(dgv, j, dhj * uj * s * (1.f + gj * (1.f - s)));
+                set(duv, j, dhj * gj * s);
+                set(hav, j, gj * s * uj * m);
+            }
+            dg[i] = dgv;
+            du[i] = duv;
+            if (ha) ha[i] = hav;
         }
 }
 "#;
@@ -94,8 +128,6 @@ extern "C" __global__ void lora_swiglu_bwd(const unsigned short* g0, const unsig
 struct Term {
     t: u64,
     b: u64,
-    cs: u64,
-    ks: u64,
     r: i32,
     s: f32,
 }
@@ -103,7 +135,7 @@ struct Term {
 unsafe impl DeviceRepr for Term {}
 
 impl Term {
-    const NONE: Term = Term { t: 0, b: 0, cs: 0, ks: 0, r: 0, s: 0.0 };
+    const NONE: Term = Term { t: 0, b: 0, r: 0, s: 0.0 };
 }
 
 /// [`Dropout`]'s device layout.
@@ -147,9 +179,9 @@ fn func(dev: &Arc<CudaDevice>, name: &str) -> Result<cudarc::driver::CudaFunctio
         .ok_or(CudaError::Driver(cudarc::driver::DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_FOUND)))
 }
 
-/// One thread per column, one block row per token row (grid-strided both ways).
+/// One thread per four columns, one block row per token row (grid-strided both ways).
 fn grid(rows: usize, cols: usize) -> LaunchConfig {
-    let x = cols.div_ceil(256).clamp(1, 1024) as u32;
+    let x = (cols / 4).div_ceil(256).clamp(1, 1024) as u32;
     let y = rows.clamp(1, 65_535) as u32;
     LaunchConfig { grid_dim: (x, y, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
@@ -167,6 +199,14 @@ fn alloc16(cu: &Arc<CudaDevice>, n: usize) -> Result<CudaSlice<u16>, CudaError> 
 fn alloc32(cu: &Arc<CudaDevice>, n: usize) -> Result<CudaSlice<f32>, CudaError> {
     // SAFETY: as `alloc16`.
     Ok(unsafe { cu.alloc::<f32>(n)? })
+}
+
+/// A LoRA `B: [cols×r]` at device address `b` as `Bᵀ: [r×cols]`, for the kernels' coalesced loads.
+fn transposed(cu: &Arc<CudaDevice>, b: u64, cols: usize, r: usize) -> Result<CudaSlice<f32>, CudaError> {
+    let bt = alloc32(cu, cols * r)?;
+    // SAFETY: b holds cols×r f32, bt as many; the kernel writes every element.
+    unsafe { func(cu, "transpose_f32")?.launch(cuda::elems(cols * r), (b, ptr(&bt), cols as u64, r as i32))? };
+    Ok(bt)
 }
 
 /// The dropout argument of the kernels.
@@ -256,15 +296,17 @@ fn forward<X: Dim, D: Storage<f32>>(
     let xb = cuda::to_bf16(cu, xp, n * h)?;
     let mut t: [Option<CudaSlice<f32>>; 3] = [None, None, None];
     let mut terms = [Term::NONE; 2];
+    let mut bts = Vec::new();
     for j in 0..2 {
         if let Some(lo) = lora.slots[j] {
             let xa = xas[j].as_ref().map_or(xp, |a| ptr(cuda_data(a).expect(ON)));
             let tj = alloc32(cu, n * lo.r)?;
             // SAFETY: xa [n×h], A = flat[a..] [r×h] (so `ᵀ`), tj [n×r].
             unsafe { sgemm_rm(blas, n, lo.r, h, xa, false, fb + 4 * lo.a as u64, true, ptr(&tj), 1.0, 0.0)? };
-            terms[j] =
-                Term { t: ptr(&tj), b: fb + 4 * lo.b as u64, cs: lo.r as u64, ks: 1, r: lo.r as i32, s: lo.scale };
+            let bt = transposed(cu, fb + 4 * lo.b as u64, im, lo.r)?;
+            terms[j] = Term { t: ptr(&tj), b: ptr(&bt), r: lo.r as i32, s: lo.scale };
             t[j] = Some(tj);
+            bts.push(bt);
         }
     }
     let (g0, u0) = (alloc16(cu, n * im)?, alloc16(cu, n * im)?);
@@ -290,8 +332,10 @@ fn forward<X: Dim, D: Storage<f32>>(
         n as u64,
         im as u64,
     );
-    // SAFETY: g0/u0/hb/hab hold n×im values; the terms point at [n×r] and [im×r] f32.
+    // SAFETY: g0/u0/hb/hab hold n×im values (im a multiple of 4); the terms point at [n×r] and
+    // [r×im] f32.
     unsafe { func(cu, "lora_swiglu_fwd")?.launch(grid(n, im), args)? };
+    drop(bts);
     let y = alloc32(cu, n * h)?;
     // SAFETY: hb [n×im], W_down [h×im] (so `ᵀ`), y [n×h] f32.
     unsafe { gemm16_rm(blas, (n, h, im), (ptr(&hb), false), (w.down.addr(), true), (ptr(&y), false), 1.0, 0.0)? };
@@ -345,7 +389,7 @@ impl Back<'_> {
                     sgemm_rm(blas, n, lo.r, h, dy, false, fb + at(lo.b), false, ptr(&ud), 1.0, 0.0)?;
                     sgemm_rm(blas, h, lo.r, n, dy, true, ptr(td), false, dflat + at(lo.b), lo.scale, 1.0)?;
                 }
-                ld = Term { t: ptr(&ud), b: fb + at(lo.a), cs: 1, ks: im as u64, r: lo.r as i32, s: lo.scale };
+                ld = Term { t: ptr(&ud), b: fb + at(lo.a), r: lo.r as i32, s: lo.scale };
                 Some(ud)
             }
             _ => None,
@@ -357,9 +401,12 @@ impl Back<'_> {
         };
         drop(dyb);
         let mut terms = [Term::NONE; 2];
+        let mut bts = Vec::new();
         for (j, term) in terms.iter_mut().enumerate() {
             if let (Some(lo), Some(tj)) = (self.lora.slots[j], &self.t[j]) {
-                *term = Term { t: ptr(tj), b: fb + at(lo.b), cs: lo.r as u64, ks: 1, r: lo.r as i32, s: lo.scale };
+                let bt = transposed(cu, fb + at(lo.b), im, lo.r)?;
+                *term = Term { t: ptr(tj), b: ptr(&bt), r: lo.r as i32, s: lo.scale };
+                bts.push(bt);
             }
         }
         let (dg, du) = (alloc16(cu, n * im)?, alloc16(cu, n * im)?);
@@ -380,7 +427,7 @@ impl Back<'_> {
         );
         // SAFETY: every [n×im] buffer holds n×im values; the terms point at their f32 operands.
         unsafe { func(cu, "lora_swiglu_bwd")?.launch(grid(n, im), args)? };
-        drop(dh0);
+        drop((dh0, bts));
         if let (Some(lo), Some(ud), Some(ha)) = (self.lora.slots[2], &ud, &ha) {
             let udb = cuda::to_bf16(cu, ptr(ud), n * lo.r)?;
             // SAFETY: dA_down [r×im] += s · udᵀ [r×n] · ha [n×im].
