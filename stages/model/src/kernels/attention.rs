@@ -21,7 +21,8 @@
 //! Inputs are read in the layout the projections write (`[batch·seq, heads·head_dim]` rows), so
 //! no permute is made; `Q`, `K`, `V` are rounded to bf16 once per call (and `dO` once per
 //! backward, in the `D` pass) — the backward keeps only these bf16 copies — and tiles move into
-//! shared memory 16 bytes per load; `P` and `dS` are rounded from the accumulator registers (as
+//! shared memory 16 bytes per load and reach the tensor cores through `ldmatrix` (`.trans` for the
+//! operands read column-wise: V, dO, Q, K in `P·V`, `Pᵀ·dO`, `dSᵀ·Q`, `dS·K`); `P` and `dS` are rounded from the accumulator registers (as
 //! PyTorch's SDPA does under bf16 autocast); everything else is f32. Masks are evaluated only on
 //! the tiles that need them (the diagonal, padding, the sequence's end). The backward adds its
 //! gradients straight into the tape's buffers (no temporaries). Used on CUDA when
@@ -62,10 +63,6 @@ __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
     return (unsigned int)f2bf(lo) | ((unsigned int)f2bf(hi) << 16);
 }
 __device__ __forceinline__ unsigned int ld2(const unsigned short* p) { return *(const unsigned int*)p; }
-// two bf16 of one column from consecutive rows of a row-major tile (a B operand read "transposed")
-__device__ __forceinline__ unsigned int ld2col(const unsigned short* p, int pitch) {
-    return (unsigned int)p[0] | ((unsigned int)p[pitch] << 16);
-}
 // 16- and 8-byte vectors of our own (NVRTC runs without the toolkit's headers on the device)
 struct __align__(16) U4 { unsigned int x, y, z, w; };
 struct __align__(8) F2 { float x, y; };
@@ -81,6 +78,36 @@ __device__ __forceinline__ void mma16816(float* c, const unsigned int* a, unsign
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ldmatrix: four 8x8 bf16 matrices from shared memory, each row's 16-byte address from one lane
+// (lanes 8j..8j+7: rows of matrix j); `_t` transposes each matrix
+__device__ __forceinline__ unsigned int smem(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (unsigned int)a;
+}
+__device__ __forceinline__ void ldsm4(unsigned int* r, const unsigned short* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem(p)));
+}
+__device__ __forceinline__ void ldsm4_t(unsigned int* r, const unsigned short* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem(p)));
+}
+// B fragments (b0, b1) of n-tiles nt and nt + 1, k-chunk kk, from a row-major shared tile whose
+// rows are the product's n and columns its k (K for S = Q Kᵀ): r[0..2] for nt, r[2..4] for nt + 1
+__device__ __forceinline__ void ldsm_b_rows(unsigned int* r, const unsigned short* tile, int pitch, int nt, int kk,
+                                            int lane) {
+    const int j = lane >> 3, i = lane & 7;
+    ldsm4(r, tile + ((nt + (j >> 1)) * 8 + i) * pitch + kk * 16 + (j & 1) * 8);
+}
+// B fragments of n-tiles dn and dn + 1, k-chunk kk, from a row-major shared tile whose rows are
+// the product's k and columns its n (V for O = P V), transposed by ldmatrix
+__device__ __forceinline__ void ldsm_b_cols(unsigned int* r, const unsigned short* tile, int pitch, int kk, int dn,
+                                            int lane) {
+    const int j = lane >> 3, i = lane & 7;
+    ldsm4_t(r, tile + (kk * 16 + (j & 1) * 8 + i) * pitch + (dn + (j >> 1)) * 8);
 }
 
 __device__ __forceinline__ float quad_max(float x) {
@@ -175,9 +202,11 @@ __device__ void flash_fwd(const unsigned short* __restrict__ q, const unsigned s
         float sc[BK / 8][4];
         for (int nt = 0; nt < BK / 8; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
         for (int kk = 0; kk < HD / 16; ++kk)
-            for (int nt = 0; nt < BK / 8; ++nt) {
-                const unsigned short* kr = ks + (nt * 8 + g) * KP + kk * 16 + t * 2;
-                mma16816(sc[nt], qa[kk], ld2(kr), ld2(kr + 8));
+            for (int nt = 0; nt < BK / 8; nt += 2) {
+                unsigned int b[4];
+                ldsm_b_rows(b, ks, KP, nt, kk, lane);
+                mma16816(sc[nt], qa[kk], b[0], b[1]);
+                mma16816(sc[nt + 1], qa[kk], b[2], b[3]);
             }
         float mx0 = NEG_INF, mx1 = NEG_INF;
         for (int nt = 0; nt < BK / 8; ++nt)
@@ -213,9 +242,11 @@ __device__ void flash_fwd(const unsigned short* __restrict__ q, const unsigned s
         for (int kk = 0; kk < BK / 16; ++kk) {
             unsigned int pa[4] = {pack2(sc[2 * kk][0], sc[2 * kk][1]), pack2(sc[2 * kk][2], sc[2 * kk][3]),
                                   pack2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]), pack2(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-            for (int dn = 0; dn < HD / 8; ++dn) {
-                const unsigned short* vr = vs + (kk * 16 + t * 2) * KP + dn * 8 + g;
-                mma16816(acc[dn], pa, ld2col(vr, KP), ld2col(vr + 8 * KP, KP));
+            for (int dn = 0; dn < HD / 8; dn += 2) {
+                unsigned int b[4];
+                ldsm_b_cols(b, vs, KP, kk, dn, lane);
+                mma16816(acc[dn], pa, b[0], b[1]);
+                mma16816(acc[dn + 1], pa, b[2], b[3]);
             }
         }
     }
@@ -303,9 +334,11 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q, const unsig
         float st[BQ / 8][4];
         for (int nt = 0; nt < BQ / 8; ++nt) st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
         for (int kk = 0; kk < HD / 16; ++kk)
-            for (int nt = 0; nt < BQ / 8; ++nt) {
-                const unsigned short* qr = qs + (nt * 8 + g) * QP + kk * 16 + t * 2;
-                mma16816(st[nt], ka[kk], ld2(qr), ld2(qr + 8));
+            for (int nt = 0; nt < BQ / 8; nt += 2) {
+                unsigned int b[4];
+                ldsm_b_rows(b, qs, QP, nt, kk, lane);
+                mma16816(st[nt], ka[kk], b[0], b[1]);
+                mma16816(st[nt + 1], ka[kk], b[2], b[3]);
             }
         for (int nt = 0; nt < BQ / 8; ++nt)
             for (int e = 0; e < 4; ++e) {
@@ -318,18 +351,22 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q, const unsig
         for (int kq = 0; kq < BQ / 16; ++kq) {
             unsigned int pa[4] = {pack2(st[2 * kq][0], st[2 * kq][1]), pack2(st[2 * kq][2], st[2 * kq][3]),
                                   pack2(st[2 * kq + 1][0], st[2 * kq + 1][1]), pack2(st[2 * kq + 1][2], st[2 * kq + 1][3])};
-            for (int dn = 0; dn < HD / 8; ++dn) {
-                const unsigned short* p = dos + (kq * 16 + t * 2) * QP + dn * 8 + g;
-                mma16816(dva[dn], pa, ld2col(p, QP), ld2col(p + 8 * QP, QP));
+            for (int dn = 0; dn < HD / 8; dn += 2) {
+                unsigned int b[4];
+                ldsm_b_cols(b, dos, QP, kq, dn, lane);
+                mma16816(dva[dn], pa, b[0], b[1]);
+                mma16816(dva[dn + 1], pa, b[2], b[3]);
             }
         }
         // dP^T = V dO^T, dS^T = P^T (dP^T - D)
         float dpt[BQ / 8][4];
         for (int nt = 0; nt < BQ / 8; ++nt) dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
         for (int kk = 0; kk < HD / 16; ++kk)
-            for (int nt = 0; nt < BQ / 8; ++nt) {
-                const unsigned short* dr = dos + (nt * 8 + g) * QP + kk * 16 + t * 2;
-                mma16816(dpt[nt], va[kk], ld2(dr), ld2(dr + 8));
+            for (int nt = 0; nt < BQ / 8; nt += 2) {
+                unsigned int b[4];
+                ldsm_b_rows(b, dos, QP, nt, kk, lane);
+                mma16816(dpt[nt], va[kk], b[0], b[1]);
+                mma16816(dpt[nt + 1], va[kk], b[2], b[3]);
             }
         for (int nt = 0; nt < BQ / 8; ++nt)
             for (int e = 0; e < 4; ++e) st[nt][e] *= dpt[nt][e] - dls[nt * 8 + t * 2 + (e & 1)];
@@ -337,9 +374,11 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q, const unsig
         for (int kq = 0; kq < BQ / 16; ++kq) {
             unsigned int sa[4] = {pack2(st[2 * kq][0], st[2 * kq][1]), pack2(st[2 * kq][2], st[2 * kq][3]),
                                   pack2(st[2 * kq + 1][0], st[2 * kq + 1][1]), pack2(st[2 * kq + 1][2], st[2 * kq + 1][3])};
-            for (int dn = 0; dn < HD / 8; ++dn) {
-                const unsigned short* p = qs + (kq * 16 + t * 2) * QP + dn * 8 + g;
-                mma16816(dka[dn], sa, ld2col(p, QP), ld2col(p + 8 * QP, QP));
+            for (int dn = 0; dn < HD / 8; dn += 2) {
+                unsigned int b[4];
+                ldsm_b_cols(b, qs, QP, kq, dn, lane);
+                mma16816(dka[dn], sa, b[0], b[1]);
+                mma16816(dka[dn + 1], sa, b[2], b[3]);
             }
         }
     }
@@ -400,11 +439,14 @@ __device__ void flash_bwd_dq(const unsigned short* __restrict__ q, const unsigne
         for (int nt = 0; nt < BK / 8; ++nt)
             for (int e = 0; e < 4; ++e) sc[nt][e] = dp[nt][e] = 0.f;
         for (int kk = 0; kk < HD / 16; ++kk)
-            for (int nt = 0; nt < BK / 8; ++nt) {
-                const unsigned short* kr = ks + (nt * 8 + g) * KP + kk * 16 + t * 2;
-                mma16816(sc[nt], qa[kk], ld2(kr), ld2(kr + 8));
-                const unsigned short* vr = vs + (nt * 8 + g) * KP + kk * 16 + t * 2;
-                mma16816(dp[nt], da[kk], ld2(vr), ld2(vr + 8));
+            for (int nt = 0; nt < BK / 8; nt += 2) {
+                unsigned int b[4], c[4];
+                ldsm_b_rows(b, ks, KP, nt, kk, lane);
+                mma16816(sc[nt], qa[kk], b[0], b[1]);
+                mma16816(sc[nt + 1], qa[kk], b[2], b[3]);
+                ldsm_b_rows(c, vs, KP, nt, kk, lane);
+                mma16816(dp[nt], da[kk], c[0], c[1]);
+                mma16816(dp[nt + 1], da[kk], c[2], c[3]);
             }
         for (int nt = 0; nt < BK / 8; ++nt)
             for (int e = 0; e < 4; ++e) {
@@ -419,9 +461,11 @@ __device__ void flash_bwd_dq(const unsigned short* __restrict__ q, const unsigne
         for (int kk = 0; kk < BK / 16; ++kk) {
             unsigned int sa[4] = {pack2(sc[2 * kk][0], sc[2 * kk][1]), pack2(sc[2 * kk][2], sc[2 * kk][3]),
                                   pack2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]), pack2(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-            for (int dn = 0; dn < HD / 8; ++dn) {
-                const unsigned short* p = ks + (kk * 16 + t * 2) * KP + dn * 8 + g;
-                mma16816(acc[dn], sa, ld2col(p, KP), ld2col(p + 8 * KP, KP));
+            for (int dn = 0; dn < HD / 8; dn += 2) {
+                unsigned int b[4];
+                ldsm_b_cols(b, ks, KP, kk, dn, lane);
+                mma16816(acc[dn], sa, b[0], b[1]);
+                mma16816(acc[dn + 1], sa, b[2], b[3]);
             }
         }
     }
