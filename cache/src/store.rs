@@ -112,9 +112,12 @@ pub enum Corruption {
     /// Its files could not be read back to digest them.
     #[error("{} is unreadable: {error}", path.display())]
     Unreadable { path: PathBuf, error: Arc<io::Error> },
-    /// One of its files, read by a command, does not match the hash the cache recorded for it.
+    /// One of its files does not match the hash the cache recorded for it.
     #[error("`{file}` does not match the cache's digest")]
     FileMismatch { file: String },
+    /// One of its files did not match the cache's hash when a checked read read it.
+    #[error("`{file}` did not match the cache's digest when it was read")]
+    ReadMismatch { file: String },
 }
 
 #[derive(serde::Serialize, serde::Deserialize, PartialEq)]
@@ -429,7 +432,7 @@ impl Store {
     pub fn finish_reads(&self, digest: &str) -> ArtifactCheck {
         let path = self.artifact_path(digest);
         if let Some(file) = crate::checked::take_corrupt_file(&path) {
-            return ArtifactCheck::Corrupt(Corruption::FileMismatch { file });
+            return ArtifactCheck::Corrupt(Corruption::ReadMismatch { file });
         }
         let Some(rest) = crate::checked::unchecked(&path) else {
             return self.verify_artifact(digest);
@@ -859,7 +862,7 @@ mod tests {
         assert!(err.to_string().starts_with("corrupt cache artifact: its content (sha256 "), "{err}");
         let check = store.finish_reads(digest);
         assert!(
-            matches!(&check, ArtifactCheck::Corrupt(Corruption::FileMismatch { file }) if file == "data.parquet"),
+            matches!(&check, ArtifactCheck::Corrupt(Corruption::ReadMismatch { file }) if file == "data.parquet"),
             "{check:?}"
         );
     }

@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pipeline_cache::{ArtifactCheck, Entry, EntryOutput, FileMemo, Store};
+use pipeline_cache::{ArtifactCheck, Corruption, Entry, EntryOutput, FileMemo, Store};
 
 use crate::device::Device;
 use crate::dirty::{self, DirtyReason, KeyChange};
@@ -873,9 +873,12 @@ fn corrupt_input(
 ) -> WorkResult {
     let p = &plan.stages[producer];
     let why = match check {
-        ArtifactCheck::Corrupt(w) => match reader {
-            Some(r) => format!("{w}; found when `{r}` read it"),
-            None => w.to_string(),
+        ArtifactCheck::Corrupt(w) => match (w, reader) {
+            (Corruption::ReadMismatch { file }, Some(r)) => {
+                format!("`{file}` did not match the cache's digest when `{r}` read it")
+            }
+            (w, Some(r)) => format!("{w}, found after `{r}` ran"),
+            (w, None) => w.to_string(),
         },
         _ => "missing".to_string(),
     };
