@@ -719,6 +719,74 @@ params = {{ train_type = "lora", max_steps = 2, max_length = 32, {sft} }}
     }
 }
 
+/// Regression (issue 14, defects 6 and 7): sizes that only the model can bound. A LoRA rank
+/// above every dimension of the model, and `max_new_tokens = 1000000000` (accepted, then a run
+/// that ignored SIGTERM for minutes), are refused naming the model's sizes before any step or
+/// token; `generate --max-tokens` past the context is a usage error (exit 2).
+#[test]
+fn sizes_past_the_models_dimensions_or_context_are_refused_before_any_work() {
+    let p = Project::new(
+        r#"[pipeline]
+name = "bounds"
+seed = 3
+[stages.corpus]
+kind = "collect"
+params = { datasets = ["builtin:corpus"] }
+[stages.chat]
+kind = "collect"
+params = { datasets = ["builtin:self-cognition"], model_author = "swift", model_name = "swift-robot" }
+[stages.pretrain]
+kind = "pretrain"
+inputs = { data = "corpus.data" }
+params = { learning_rate = 3e-3, max_steps = 2, per_device_train_batch_size = 2, max_length = 32, warmup_ratio = 0.0, split_ratio = 0.0 }
+[stages.sft]
+kind = "sft"
+inputs = { data = "chat.data", model = "pretrain.model" }
+params = { train_type = "lora", lora_rank = 10000, max_steps = 2, per_device_train_batch_size = 2, max_length = 512, split_ratio = 0.0 }
+[stages.eval]
+kind = "evaluate"
+inputs = { model = "pretrain.model" }
+params = { dataset = "general_qa", local_path = "data/qa", max_new_tokens = 1000000000 }
+"#,
+    );
+    let qa = std::fs::read_to_string(repo().join("recipes/data/self-cognition/eval-qa/self_cognition.jsonl")).unwrap();
+    p.write("data/qa/self_cognition.jsonl", &qa);
+    let r = p.run(&["-k"]);
+    assert_eq!(r.code, 1, "{:?}", r.events);
+    assert_eq!(r.with_status("ran"), v(&["chat", "corpus", "pretrain"]), "{:?}", r.events);
+    let error = |stage: &str| {
+        r.events
+            .iter()
+            .find(|e| e["stage"] == stage && e["error"].is_string())
+            .unwrap_or_else(|| panic!("no error of {stage}: {:?}", r.events))["error"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let sft = error("sft");
+    assert!(sft.contains("`lora_rank = 10000` exceeds every dimension of the model (hidden_size "), "{sft}");
+    let eval = error("eval");
+    assert!(eval.contains("max_new_tokens = 1000000000 exceeds the context of "), "{eval}");
+    let out = p.pipeline(&[
+        "generate",
+        "--recipe",
+        "r.toml",
+        "--stage",
+        "pretrain",
+        "--raw",
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "1000000000",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--max-tokens 1000000000 after a prompt of ") && err.contains("exceeds the model's context"),
+        "{err}"
+    );
+}
+
 /// Regression (issue 14, defect 9): a read-only cache failed the first stage and then the run
 /// report with the same OS error, printed twice. It is one error naming the cache, before any
 /// stage starts, with the OS error once. (Permission bits do not stop root, the CI user: the
