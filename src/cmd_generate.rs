@@ -11,9 +11,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use pipeline_cache::Store;
 
-use crate::common::{default_system, model_path, Usage};
+use crate::common::{arm_checked_reads, corrupt_reads, default_system, model_path, Usage};
 use crate::report::LogFormat;
 use crate::serve::ModelArgs;
 use dfdx::prelude::Cpu;
@@ -63,36 +62,6 @@ pub struct GenerateArgs {
     pub stream: bool,
 }
 
-/// Every cache artifact a model source reads (the model, an adapter's base), armed for checked
-/// reads ([`Store::expect_reads`]): a corrupt byte is an error while it is read, never output.
-fn arm_checked_reads(store: &Store, src: &ModelSource) -> anyhow::Result<()> {
-    let mut s = Some(src);
-    while let Some(cur) = s {
-        if let Some(d) = store.artifact_of(cur.path()) {
-            if let pipeline_cache::ArtifactCheck::Corrupt(why) = store.expect_reads(&d) {
-                return Err(corrupt(store, &d, &why.to_string()));
-            }
-        }
-        s = match cur {
-            ModelSource::Adapter { base, .. } => Some(base),
-            _ => None,
-        };
-    }
-    Ok(())
-}
-
-/// Drop a corrupt artifact's entries and say so (exit 1).
-fn corrupt(store: &Store, digest: &str, why: &str) -> anyhow::Error {
-    let stages: Vec<String> =
-        store.invalidate(digest).unwrap_or_default().into_iter().map(|e| format!("`{}`", e.stage)).collect();
-    anyhow::anyhow!(
-        "the cached artifact {} is corrupt ({why}); dropped it and the cache entries of {}: \
-         `pipeline run` re-creates them",
-        &digest[..digest.len().min(12)],
-        if stages.is_empty() { "no stage".to_string() } else { stages.join(", ") }
-    )
-}
-
 pub fn run(args: GenerateArgs, fmt: LogFormat) -> anyhow::Result<()> {
     // With `--log-format json` the generation is one event (`--stream` only changes when text
     // appears on a terminal).
@@ -120,12 +89,7 @@ fn run_on<D: dfdx::prelude::Device<f32>>(args: GenerateArgs, dev: D, fmt: LogFor
     }
     let system = args.system.clone().or_else(|| default_system(&src));
     let loaded = src.load_for_inference(&dev);
-    if let (Some(store), Some(dir)) = (&store, pipeline_cache::checked::take_corrupt().first()) {
-        if let Some(d) = store.artifact_of(dir) {
-            let why = loaded.as_ref().err().map(|e| e.to_string()).unwrap_or_else(|| "a file differs".into());
-            return Err(corrupt(store, &d, &why));
-        }
-    }
+    corrupt_reads(store.as_ref(), loaded.as_ref().err())?;
     let mut p = loaded.with_context(|| format!("loading {}", model.display()))?;
     if let Some(a) = &args.adapter {
         p.model.load_peft_adapter(a).with_context(|| format!("loading adapter {}", a.display()))?;

@@ -93,6 +93,49 @@ pub fn recipe_model(
     Ok((pipeline_stages::evaluate_model::checkpoint_path(&store.artifact_path(&out.digest)), store))
 }
 
+/// Every cache artifact a model source reads (the model, an adapter's base), armed for checked
+/// reads ([`Store::expect_reads`]): a corrupt byte is an error while it is read, never output.
+pub fn arm_checked_reads(store: &Store, src: &ModelSource) -> anyhow::Result<()> {
+    let mut s = Some(src);
+    while let Some(cur) = s {
+        if let Some(d) = store.artifact_of(cur.path()) {
+            if let pipeline_cache::ArtifactCheck::Corrupt(why) = store.expect_reads(&d) {
+                return Err(corrupt(store, &d, &why.to_string()));
+            }
+        }
+        s = match cur {
+            ModelSource::Adapter { base, .. } => Some(base),
+            _ => None,
+        };
+    }
+    Ok(())
+}
+
+/// Drop a corrupt artifact's entries and say so (exit 1).
+fn corrupt(store: &Store, digest: &str, why: &str) -> anyhow::Error {
+    let stages: Vec<String> =
+        store.invalidate(digest).unwrap_or_default().into_iter().map(|e| format!("`{}`", e.stage)).collect();
+    anyhow::anyhow!(
+        "the cached artifact {} is corrupt ({why}); dropped it and the cache entries of {}: \
+         `pipeline run` re-creates them",
+        &digest[..digest.len().min(12)],
+        if stages.is_empty() { "no stage".to_string() } else { stages.join(", ") }
+    )
+}
+
+/// After loading a model armed by [`arm_checked_reads`]: a cache artifact whose checked read found
+/// corrupt content is dropped with its entries, and the command fails saying so (exit 1) —
+/// whatever the loader made of the bytes (`load_error`, when it failed) is never used.
+pub fn corrupt_reads(store: Option<&Store>, load_error: Option<&impl std::fmt::Display>) -> anyhow::Result<()> {
+    if let (Some(store), Some(dir)) = (store, pipeline_cache::checked::take_corrupt().first()) {
+        if let Some(d) = store.artifact_of(dir) {
+            let why = load_error.map(|e| e.to_string()).unwrap_or_else(|| "a file differs".into());
+            return Err(corrupt(store, &d, &why));
+        }
+    }
+    Ok(())
+}
+
 /// The stage kinds whose `model` output `--recipe` picks by default (the last one in the plan).
 const TRAINING_KINDS: [&str; 3] = ["pretrain", "sft", "align"];
 
@@ -114,7 +157,7 @@ pub fn model_path(
 /// The system prompt a model was trained with (`chat_defaults.json`'s `system`, as the training
 /// stages write it beside the model), used when the user gives none.
 pub fn default_system(src: &ModelSource) -> Option<String> {
-    let text = std::fs::read_to_string(src.find_file("chat_defaults.json")?).ok()?;
+    let text = pipeline_cache::checked::read_to_string(&src.find_file("chat_defaults.json")?).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v.get("system")?.as_str().map(str::to_string)
 }

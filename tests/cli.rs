@@ -380,6 +380,28 @@ params = { dataset = "general_mcq", local_path = "data/mcq", scorer = "loglik", 
     let named = cfg["base_model_name_or_path"].as_str().unwrap();
     assert!(!Path::new(named).is_absolute(), "absolute base path in the artifact: {named}");
 
+    // What `cache ls` and `cache gc --dry-run` say, by key (the same after the copy).
+    let cache_view = |p: &Project| {
+        let events = |args: &[&str], event: &str, field: &str| -> Vec<String> {
+            let out = p.pipeline(args);
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .filter(|e| e["event"] == event)
+                .map(|e| format!("{} {}", e["key"], e[field]))
+                .collect();
+            v.sort();
+            v
+        };
+        (
+            events(&["--log-format", "json", "cache", "ls", "r.toml"], "cache_entry", "latest"),
+            events(&["--log-format", "json", "cache", "gc", "r.toml", "--dry-run"], "cache_drop", "reason"),
+        )
+    };
+    let view = cache_view(&p);
+    assert!(!view.0.is_empty());
+
     let other = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(other.path().join("a/b")).unwrap();
     let copy = Project { dir: tempfile::TempDir::new_in(other.path().join("a/b")).unwrap() };
@@ -394,6 +416,7 @@ params = { dataset = "general_mcq", local_path = "data/mcq", scorer = "loglik", 
     assert_eq!(again.with_status("cached"), v(&["data", "eval", "sft"]), "plan:\n{plan_text}");
     let verify = copy.pipeline(&["cache", "verify", "r.toml"]);
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    assert_eq!(cache_view(&copy), view, "`cache ls` / `cache gc --dry-run` differ in the copy");
     let adapter = copy.artifact(&sft).join("adapter");
     let out = copy
         .cmd(&["generate", "--prompt", "Who are you?", "--max-tokens", "4"])
@@ -402,6 +425,38 @@ params = { dataset = "general_mcq", local_path = "data/mcq", scorer = "loglik", 
         .output()
         .unwrap();
     assert!(out.status.success(), "the moved adapter does not load: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Regression (issue 14, defect 4): recipes sharing a `[pipeline] name` overwrote each other's
+/// "last run" pointers, so `cache gc` dropped the other recipe's entries; and `cache gc <recipe>`
+/// while an upstream stage was due to re-run dropped the downstream entries that early cutoff
+/// reuses once that stage's output comes out the same.
+#[test]
+fn gc_keeps_entries_of_recipes_sharing_a_name_and_those_early_cutoff_reuses() {
+    let p = Project::five();
+    p.write("data/a2.txt", "A2");
+    p.write("r2.toml", &FIVE.replace("data/a.txt", "data/a2.txt"));
+    let run2 = || Run::from(p.pipeline(&["--log-format", "json", "run", "r2.toml"]));
+    p.run(&[]).ok();
+    assert_eq!(run2().ok().with_status("ran"), v(&["a", "b", "c", "e"]));
+    let gc = p.pipeline(&["cache", "gc"]);
+    assert!(gc.status.success());
+    assert!(
+        String::from_utf8_lossy(&gc.stdout).contains("dropped 0 entries"),
+        "{}",
+        String::from_utf8_lossy(&gc.stdout)
+    );
+    assert_eq!(p.run(&[]).ok().with_status("cached").len(), 5);
+    assert_eq!(run2().ok().with_status("cached").len(), 5);
+
+    // `c`'s separator joins nothing (one part): a new key, the same output. Before `c` re-runs,
+    // `e`'s key is unknown; gc keeps its latest entry, which early cutoff then reuses.
+    p.edit(r#"separator = "|""#, r#"separator = "+""#);
+    let gc = p.pipeline(&["cache", "gc", "r.toml"]);
+    assert!(gc.status.success());
+    let r = p.run(&[]).ok();
+    assert_eq!(r.with_status("ran"), v(&["c"]), "gc said:\n{}", String::from_utf8_lossy(&gc.stdout));
+    assert_eq!(r.with_status("cached"), v(&["a", "b", "d", "e"]));
 }
 
 /// Regression (issue 14, defect 3): gc deleted the checkpoints of interrupted training (a scratch
@@ -444,6 +499,318 @@ fn cache_verify_reports_a_corrupt_artifact() {
     let r = p.run(&[]).ok();
     assert_eq!(r.with_status("ran"), v(&["d"]));
     assert!(p.pipeline(&["cache", "verify", "r.toml"]).status.success());
+}
+
+/// Regression (issue 14, defect 1), as filed: 4 KiB overwritten in the middle of a cached
+/// `model.safetensors`, its mtime restored: `generate --recipe` printed an empty line with exit 0.
+/// The model is checked while it is read: `generate` (and `generate --stream`, which loads through
+/// `serve`'s and `chat`'s loader) fail naming the corrupt artifact and drop its entry; the next
+/// run re-creates the same model, and generation works again.
+#[test]
+fn corrupt_model_artifact_is_an_error_for_generate_and_the_next_run_recreates_it() {
+    let p = Project::new(
+        r#"[pipeline]
+name = "model"
+seed = 3
+[stages.corpus]
+kind = "collect"
+params = { datasets = ["builtin:corpus"] }
+[stages.pretrain]
+kind = "pretrain"
+inputs = { data = "corpus.data" }
+params = { learning_rate = 3e-3, max_steps = 2, per_device_train_batch_size = 2, max_length = 32, warmup_ratio = 0.0, split_ratio = 0.0 }
+"#,
+    );
+    let cold = p.run(&[]).ok();
+    let digest = cold.event("pretrain", "stage_finished")["outputs"]["model"].as_str().unwrap().to_string();
+    let generate = |stream: bool| {
+        let mut args = vec!["generate", "--recipe", "r.toml", "--raw", "--prompt", "Hello", "--max-tokens", "4"];
+        if stream {
+            args.push("--stream");
+        }
+        p.pipeline(&args)
+    };
+    assert!(generate(false).status.success());
+    for stream in [false, true] {
+        let file = p.artifact(&digest).join("model.safetensors");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid..mid + 4096].fill(0xAA);
+        let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+        std::fs::write(&file, &bytes).unwrap();
+        std::fs::File::options().write(true).open(&file).unwrap().set_modified(mtime).unwrap();
+
+        let out = generate(stream);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "stream {stream}: {err}");
+        assert!(out.stdout.is_empty(), "stream {stream}: output from a corrupt model: {:?}", out.stdout);
+        let short = &digest[..12];
+        assert!(
+            err.contains(&format!("the cached artifact {short} is corrupt"))
+                && err.contains("dropped it and the cache entries of `pretrain`: `pipeline run` re-creates them"),
+            "stream {stream}: {err}"
+        );
+        let again = p.run(&[]).ok();
+        assert_eq!(again.with_status("ran"), v(&["pretrain"]));
+        assert_eq!(again.event("pretrain", "stage_finished")["outputs"]["model"], digest.as_str());
+        assert!(generate(stream).status.success());
+    }
+}
+
+/// Regression (issue 14, defect 1): datasets (Parquet, read through polars) were checked only by a
+/// full digest pass before a stage ran, or by `cache verify`, never while they were read. Bytes
+/// flipped in the middle of a cached `data.parquet`, its mtime restored (invisible to the stat
+/// check): the next run that reads it finds the mismatch while reading, names the file and the
+/// stage, drops the entry and re-creates the dataset; the reading stage's output is the clean
+/// run's, byte for byte, and the cache verifies clean.
+#[test]
+fn corrupt_parquet_artifact_is_not_used() {
+    let p = Project::new(
+        r#"[pipeline]
+name = "t"
+seed = 1
+[stages.data]
+kind = "collect"
+params = { datasets = ["builtin:self-cognition"], model_author = "swift", model_name = "swift-robot" }
+[stages.dedupe]
+kind = "dedupe"
+inputs = { data = "data.data" }
+"#,
+    );
+    let cold = p.run(&[]).ok();
+    let output = |r: &Run, s: &str, o: &str| r.event(s, "stage_finished")["outputs"][o].as_str().unwrap().to_string();
+    let file = p.artifact(&output(&cold, "data", "data")).join("data.parquet");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0x20;
+    }
+    let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+    std::fs::write(&file, &bytes).unwrap();
+    std::fs::File::options().write(true).open(&file).unwrap().set_modified(mtime).unwrap();
+
+    // Nothing reads it: everything is cached, nothing corrupt is output.
+    assert_eq!(p.run(&[]).ok().with_status("cached"), v(&["data", "dedupe"]));
+    // A stage that reads it finds the mismatch while reading, and the dataset is re-created.
+    let r = p.run(&["--force", "dedupe"]).ok();
+    let warnings: Vec<&str> =
+        r.events.iter().filter(|e| e["event"] == "warning").filter_map(|e| e["message"].as_str()).collect();
+    assert!(
+        warnings.iter().any(|w| w.contains("(output of `data`) is corrupt (`data.parquet` did not match the cache's digest when `dedupe` read it); re-running `data`")),
+        "{warnings:?}"
+    );
+    assert_eq!(r.with_status("ran"), v(&["data", "dedupe"]));
+    assert_eq!(output(&r, "data", "data"), output(&cold, "data", "data"));
+    assert_eq!(output(&r, "dedupe", "data"), output(&cold, "dedupe", "data"));
+    assert!(p.pipeline(&["cache", "verify", "r.toml"]).status.success());
+}
+
+/// Regression (issue 14, defect 7): an interrupted run ignored SIGTERM for minutes (cancellation
+/// was looked at between evaluate batches only) and exited 1. SIGTERM during training stops the
+/// run within seconds, with exit 130 and a line saying which checkpoint was kept; the next run
+/// says "resuming <stage> from step N" (defect 2) and resumes from that step.
+#[test]
+fn sigterm_stops_training_within_seconds_with_exit_130_and_the_rerun_resumes() {
+    let p = Project::new(
+        r#"[pipeline]
+name = "stop"
+seed = 3
+[stages.corpus]
+kind = "collect"
+params = { datasets = ["builtin:corpus"] }
+[stages.pretrain]
+kind = "pretrain"
+inputs = { data = "corpus.data" }
+params = { learning_rate = 3e-3, max_steps = 100000, per_device_train_batch_size = 2, max_length = 32, warmup_ratio = 0.0, split_ratio = 0.0, logging_steps = 1 }
+"#,
+    );
+    // Runs until `until` holds for an event, then SIGTERM: (exit code, seconds to exit, events).
+    let interrupt = |until: &dyn Fn(&Value) -> bool| {
+        let mut child = p
+            .cmd(&["--log-format", "json", "run", "r.toml"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut events: Vec<Value> = Vec::new();
+        for l in lines.by_ref() {
+            events.push(serde_json::from_str(&l.unwrap()).unwrap());
+            if until(events.last().unwrap()) {
+                break;
+            }
+        }
+        assert!(events.last().is_some_and(until), "the run ended first: {events:?}");
+        let t0 = std::time::Instant::now();
+        assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+        events.extend(lines.map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap()));
+        let code = child.wait().unwrap().code();
+        (code, t0.elapsed().as_secs_f64(), events)
+    };
+    let trained = |e: &Value| e["event"] == "metric" && e["stage"] == "pretrain" && e["step"].as_u64() >= Some(3);
+    let (code, secs, events) = interrupt(&trained);
+    assert_eq!(code, Some(130), "{events:?}");
+    assert!(secs < 5.0, "SIGTERM took {secs:.1} s to stop the run");
+    let said =
+        events.iter().find(|e| e["event"] == "interrupted" && e["stage"] == "pretrain").expect("an interrupted line");
+    let said = said["message"].as_str().unwrap();
+    let step: u64 =
+        regex::Regex::new(r"^interrupted: `pretrain` kept a checkpoint at step (\d+); the next run resumes from it$")
+            .unwrap()
+            .captures(said)
+            .unwrap_or_else(|| panic!("{said}"))[1]
+            .parse()
+            .unwrap();
+    assert!(step >= 3, "{said}");
+
+    let resuming = format!("resuming pretrain from step {step} (checkpoint-{step})");
+    let (code, _, events) = interrupt(&|e: &Value| e["event"] == "message" && e["message"] == resuming.as_str());
+    assert_eq!(code, Some(130), "{events:?}");
+    let r = Run { code: code.unwrap_or(-1), events, stderr: String::new() };
+    assert_eq!(r.with_status("cached"), v(&["corpus"]), "{:?}", r.events);
+}
+
+/// Regression (issue 14, defect 6): absurd sizes aborted the process (`lora_rank = 100000000`:
+/// SIGABRT on a 25.6 GB allocation; `dataset#999999999999`: a 16 TB allocation;
+/// `per_device_train_batch_size = 1e18`: a multiply-overflow panic). Each is a recipe error at plan
+/// time (exit 2, before anything runs), with the estimate in the message.
+#[test]
+fn absurd_sizes_are_plan_time_errors_with_the_estimate_not_aborts() {
+    let recipe = |corpus: &str, sft: &str| {
+        format!(
+            r#"[pipeline]
+name = "absurd"
+seed = 1
+[stages.corpus]
+kind = "collect"
+params = {{ datasets = ["{corpus}"] }}
+[stages.pretrain]
+kind = "pretrain"
+inputs = {{ data = "corpus.data" }}
+params = {{ max_steps = 2, max_length = 32 }}
+[stages.sft]
+kind = "sft"
+inputs = {{ data = "corpus.data", model = "pretrain.model" }}
+params = {{ train_type = "lora", max_steps = 2, max_length = 32, {sft} }}
+"#
+        )
+    };
+    for (corpus, sft, want) in [
+        (
+            "builtin:corpus",
+            "lora_rank = 100000000",
+            "`lora_rank = 100000000` is absurd: its A and B matrices alone take ",
+        ),
+        (
+            "builtin:corpus",
+            "lora_rank = 4, per_device_train_batch_size = 1000000000000000000",
+            "`per_device_train_batch_size` 1000000000000000000 is absurd: at most 65536",
+        ),
+        ("builtin:corpus#999999999999", "lora_rank = 4", "999999999999 rows need at least 16.0 TB"),
+    ] {
+        let p = Project::new(&recipe(corpus, sft));
+        for args in [&["plan", "r.toml"][..], &["run", "r.toml"]] {
+            let out = p.pipeline(args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?} {sft}: {err}");
+            assert!(err.contains(want) && !err.contains("panicked"), "{args:?} {sft}: {err}");
+        }
+        assert!(!p.path().join(".pipeline/v1/entries").is_dir() || p.stdout(&["cache", "ls"]).contains("0 entries"));
+    }
+}
+
+/// Regression (issue 14, defects 6 and 7): sizes that only the model can bound. A LoRA rank
+/// above every dimension of the model, and `max_new_tokens = 1000000000` (accepted, then a run
+/// that ignored SIGTERM for minutes), are refused naming the model's sizes before any step or
+/// token; `generate --max-tokens` past the context is a usage error (exit 2).
+#[test]
+fn sizes_past_the_models_dimensions_or_context_are_refused_before_any_work() {
+    let p = Project::new(
+        r#"[pipeline]
+name = "bounds"
+seed = 3
+[stages.corpus]
+kind = "collect"
+params = { datasets = ["builtin:corpus"] }
+[stages.chat]
+kind = "collect"
+params = { datasets = ["builtin:self-cognition"], model_author = "swift", model_name = "swift-robot" }
+[stages.pretrain]
+kind = "pretrain"
+inputs = { data = "corpus.data" }
+params = { learning_rate = 3e-3, max_steps = 2, per_device_train_batch_size = 2, max_length = 32, warmup_ratio = 0.0, split_ratio = 0.0 }
+[stages.sft]
+kind = "sft"
+inputs = { data = "chat.data", model = "pretrain.model" }
+params = { train_type = "lora", lora_rank = 10000, max_steps = 2, per_device_train_batch_size = 2, max_length = 512, split_ratio = 0.0 }
+[stages.eval]
+kind = "evaluate"
+inputs = { model = "pretrain.model" }
+params = { dataset = "general_qa", local_path = "data/qa", max_new_tokens = 1000000000 }
+"#,
+    );
+    let qa = std::fs::read_to_string(repo().join("recipes/data/self-cognition/eval-qa/self_cognition.jsonl")).unwrap();
+    p.write("data/qa/self_cognition.jsonl", &qa);
+    let r = p.run(&["-k"]);
+    assert_eq!(r.code, 1, "{:?}", r.events);
+    assert_eq!(r.with_status("ran"), v(&["chat", "corpus", "pretrain"]), "{:?}", r.events);
+    let error = |stage: &str| {
+        r.events
+            .iter()
+            .find(|e| e["stage"] == stage && e["error"].is_string())
+            .unwrap_or_else(|| panic!("no error of {stage}: {:?}", r.events))["error"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let sft = error("sft");
+    assert!(sft.contains("`lora_rank = 10000` exceeds every dimension of the model (hidden_size "), "{sft}");
+    let eval = error("eval");
+    assert!(eval.contains("max_new_tokens = 1000000000 exceeds the context of "), "{eval}");
+    let out = p.pipeline(&[
+        "generate",
+        "--recipe",
+        "r.toml",
+        "--stage",
+        "pretrain",
+        "--raw",
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "1000000000",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--max-tokens 1000000000 after a prompt of ") && err.contains("exceeds the model's context"),
+        "{err}"
+    );
+}
+
+/// Regression (issue 14, defect 9): a read-only cache failed the first stage and then the run
+/// report with the same OS error, printed twice. It is one error naming the cache, before any
+/// stage starts, with the OS error once. (Permission bits do not stop root, the CI user: the
+/// cache's `last` directory is made a link to `/proc/1/fdinfo`, a directory in which nobody can
+/// create a file.)
+#[test]
+fn an_unwritable_cache_is_one_error_before_any_stage_runs() {
+    let p = Project::five();
+    p.run(&[]).ok();
+    let last = p.path().join(".pipeline/v1/last");
+    std::fs::remove_dir_all(&last).unwrap();
+    std::os::unix::fs::symlink("/proc/1/fdinfo", &last).unwrap();
+    p.write("data/a.txt", "A2");
+    let out = p.pipeline(&["run", "r.toml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("is not writable").count(), 1, "{err}");
+    assert!(err.starts_with("error: the cache ") && err.contains(".pipeline is not writable: "), "{err}");
+    assert_eq!(err.matches("(os error ").count(), 1, "{err}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        "a stage started: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]

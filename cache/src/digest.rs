@@ -40,7 +40,7 @@ pub(crate) fn mtime_ns(meta: &fs::Metadata) -> u128 {
     meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0)
 }
 
-fn hash_file(path: &Path) -> io::Result<[u8; 32]> {
+pub(crate) fn hash_file(path: &Path) -> io::Result<[u8; 32]> {
     let mut f = fs::File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];

@@ -44,13 +44,20 @@
 //! complete one. Unreferenced artifacts and `tmp/` leftovers are harmless and removed by
 //! `tmp` cleaning and `cache gc`.
 //!
-//! Corruption is checked at two costs:
+//! Corruption is checked at three costs:
 //! - *cheap*, on every cache hit: the artifact's files are `stat`ed and compared with its stamp
 //!   (set of relative paths, sizes, mtimes). Any difference triggers the full check. A missing
 //!   artifact or an unreadable entry is a miss with a warning.
-//! - *full*, whenever the stamp disagrees, and once per process for every artifact used as the input
-//!   of a stage that runs: the tree digest is recomputed and compared with the name. A mismatch is
-//!   a warning; the artifact and its entry are removed and the producing stage re-runs.
+//! - *while read*, for every artifact a command loads (the inputs of a stage that runs, the model
+//!   of `generate` / `chat` / `serve --recipe`): [`Store::expect_reads`] checks that the stamp's
+//!   per-file hashes combine into the artifact's name (no content read) and arms [`checked`]; the
+//!   loaders hash the bytes they read or map as they read them, and [`Store::finish_reads`] hashes,
+//!   after a stage ran, the files no checked read covered. Each byte is hashed once, never by a
+//!   second pass over a file that is read anyway. A mismatch is a warning; the artifact and its
+//!   entry are removed, what the stage made from it is dropped, and the producing stage re-runs
+//!   (`generate` and friends fail saying so).
+//! - *full*, whenever the stamp disagrees or has no hashes: the tree digest is recomputed and
+//!   compared with the name.
 //!
 //! `pipeline cache verify` runs the full check on every artifact.
 

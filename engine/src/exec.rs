@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pipeline_cache::{ArtifactCheck, Entry, EntryOutput, FileMemo, Store};
+use pipeline_cache::{ArtifactCheck, Corruption, Entry, EntryOutput, FileMemo, Store};
 
 use crate::device::Device;
 use crate::dirty::{self, DirtyReason, KeyChange};
@@ -762,39 +762,22 @@ fn work(
     let s = &plan.stages[job.idx];
     let span = tracing::info_span!("stage", id = %s.id, kind = %s.kind);
     let _g = span.enter();
-    // Full digest check of every input, once per process.
+    // Every input armed for checked reads, once per process (`Store::expect_reads`: the stamp's
+    // file hashes checked against the artifact's name, no file content read). The stage's loaders
+    // hash what they read while they read it; after the run, `finish_reads` hashes the files no
+    // checked read covered. So each input byte is checked once, before anything made from it is
+    // committed (issue 14, defect 1).
     let mut inputs: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
     for (name, list) in &job.inputs {
         for (producer, output, digest) in list {
             let done = verified.lock().unwrap_or_else(|e| e.into_inner()).contains(digest);
             if !done {
-                match store.verify_artifact(digest) {
+                match store.expect_reads(digest) {
                     ArtifactCheck::Ok => {
                         verified.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.clone());
                     }
                     bad => {
-                        let p = &plan.stages[*producer];
-                        let why = match bad {
-                            ArtifactCheck::Corrupt(w) => w.to_string(),
-                            _ => "missing".to_string(),
-                        };
-                        if let Some(k) = store.last(&recipe_identity(plan, store), &p.id) {
-                            let _ = store.remove_entry(&k);
-                        }
-                        let _ = store.remove_artifact(digest);
-                        return (
-                            WorkResult::CorruptInput(
-                                *producer,
-                                output.clone(),
-                                format!(
-                                    "artifact {} (output of `{}`) is corrupt ({why}); re-running `{}`",
-                                    short(digest),
-                                    p.id,
-                                    p.id
-                                ),
-                            ),
-                            None,
-                        );
+                        return (corrupt_input(plan, store, &verified, *producer, output, digest, &bad, None), None);
                     }
                 }
             }
@@ -827,6 +810,20 @@ fn work(
     let res = std::panic::catch_unwind(AssertUnwindSafe(|| s.stage.run(&ctx)));
     let report = ctx.take_report();
     tracing::info!(ok = matches!(res, Ok(Ok(()))), elapsed_ms = t0.elapsed().as_millis() as u64, "finished");
+    // An input that a read found corrupt, or whose unread files differ: what the stage made is
+    // dropped (whatever it returned) and its producer re-runs. Not after Ctrl-C (nothing commits).
+    if !matches!(res, Ok(Err(StageError::Cancelled))) {
+        for list in job.inputs.values() {
+            for (producer, output, digest) in list {
+                let check = store.finish_reads(digest);
+                if !check.is_ok() {
+                    staging.discard();
+                    let why = corrupt_input(plan, store, &verified, *producer, output, digest, &check, Some(&s.id));
+                    return (why, None);
+                }
+            }
+        }
+    }
     match res {
         Ok(Ok(())) => {
             let mut entry = Entry::new(&job.key, job.key_json, &plan.name, &s.id, &s.kind);
@@ -858,6 +855,43 @@ fn work(
             (WorkResult::Failed(format!("the stage panicked: {msg}")), report)
         }
     }
+}
+
+/// Input `digest` (output `output` of stage `producer`) failed its check: drop the producer's
+/// entry and the artifact so that it re-runs. `reader` is the stage that was reading it, when the
+/// mismatch was found while it ran.
+#[allow(clippy::too_many_arguments)]
+fn corrupt_input(
+    plan: &Plan,
+    store: &Store,
+    verified: &Mutex<HashSet<String>>,
+    producer: usize,
+    output: &str,
+    digest: &str,
+    check: &ArtifactCheck,
+    reader: Option<&str>,
+) -> WorkResult {
+    let p = &plan.stages[producer];
+    let why = match check {
+        ArtifactCheck::Corrupt(w) => match (w, reader) {
+            (Corruption::ReadMismatch { file }, Some(r)) => {
+                format!("`{file}` did not match the cache's digest when `{r}` read it")
+            }
+            (w, Some(r)) => format!("{w}, found after `{r}` ran"),
+            (w, None) => w.to_string(),
+        },
+        _ => "missing".to_string(),
+    };
+    verified.lock().unwrap_or_else(|e| e.into_inner()).remove(digest);
+    if let Some(k) = store.last(&recipe_identity(plan, store), &p.id) {
+        let _ = store.remove_entry(&k);
+    }
+    let _ = store.remove_artifact(digest);
+    WorkResult::CorruptInput(
+        producer,
+        output.to_string(),
+        format!("artifact {} (output of `{}`) is corrupt ({why}); re-running `{}`", short(digest), p.id, p.id),
+    )
 }
 
 /// A follower rank's part in a distributed stage: run it beside rank 0 (same inputs, the shared

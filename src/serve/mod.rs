@@ -45,7 +45,7 @@ use pipeline_model::{Batch, Qwen2};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
-use crate::common::{default_system, model_path, CacheArgs, Usage};
+use crate::common::{arm_checked_reads, corrupt_reads, default_system, model_path, CacheArgs, Usage};
 use codec::TextCodec;
 use engine::{EngineHandle, EngineLimits};
 use error::ApiError;
@@ -200,10 +200,17 @@ fn load_on<D: Device<f32> + Send + 'static>(
     limits: EngineLimits,
     dev: D,
 ) -> anyhow::Result<Loaded> {
-    let (path, _) = model_path(args.model.as_deref(), args.recipe.as_deref(), args.stage.as_deref(), &args.cache)?;
+    let (path, store) = model_path(args.model.as_deref(), args.recipe.as_deref(), args.stage.as_deref(), &args.cache)?;
     let src = ModelSource::resolve(&path, args.base.as_deref()).map_err(|e| Usage(e.to_string()))?;
+    // A model from the cache (`--recipe`) is checked against its digest while it is read, as
+    // `generate` does (issue 14, defect 1).
+    if let Some(store) = &store {
+        arm_checked_reads(store, &src)?;
+    }
     let system = default_system(&src);
-    let p = src.load_for_inference(&dev).with_context(|| format!("loading {}", path.display()))?;
+    let loaded = src.load_for_inference(&dev);
+    corrupt_reads(store.as_ref(), loaded.as_ref().err())?;
+    let p = loaded.with_context(|| format!("loading {}", path.display()))?;
     let (base, codec) = TextCodec::split(p, system);
     let mut models = Vec::with_capacity(1 + adapters.len());
     if !adapters.is_empty() {

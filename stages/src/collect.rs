@@ -566,8 +566,8 @@ impl Loader<'_> {
     fn parquet(&self, path: &Path, id_prefix: &str, emit: &mut Emit<'_>) -> Result<(), StageError> {
         use polars::prelude::*;
         let base = path.parent().unwrap_or(Path::new("."));
-        let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
-        let df = ParquetReader::new(file).finish().map_err(|e| StageError::input(path, None, e))?;
+        let bytes = crate::data::ParquetBytes::open(path)?;
+        let df = bytes.reader().finish().map_err(|e| StageError::input(path, None, e))?;
         let cols = df.columns();
         for i in 0..df.height() {
             let mut obj = Map::new();

@@ -30,7 +30,7 @@ pub struct ModelPredictor<D: Device<f32> = Cpu> {
 
 /// `{"system": ...}` of a model's `chat_defaults.json`.
 pub(crate) fn default_system(src: &ModelSource) -> Option<String> {
-    let text = std::fs::read_to_string(src.find_file("chat_defaults.json")?).ok()?;
+    let text = pipeline_cache::checked::read_to_string(&src.find_file("chat_defaults.json")?).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v.get("system")?.as_str().map(str::to_string)
 }

@@ -549,7 +549,8 @@ pub(crate) fn chat_template<D: Device<f32>>(p: &Pretrained<D>) -> Result<&ChatTe
 /// The default system prompt a model folder was trained with (`chat_defaults.json`; for an
 /// adapter folder, its own or its base's).
 pub(crate) fn trained_system(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(ModelSource::resolve(dir, None).ok()?.find_file("chat_defaults.json")?).ok()?;
+    let file = ModelSource::resolve(dir, None).ok()?.find_file("chat_defaults.json")?;
+    let text = pipeline_cache::checked::read_to_string(&file).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v.get("system")?.as_str().map(str::to_string)
 }

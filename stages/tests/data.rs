@@ -31,6 +31,28 @@ impl Ran {
 
 /// Plan (declare) then run stage `kind` with `params` (TOML) and `inputs`.
 fn run_stage(kind: &str, params: &str, recipe_dir: &Path, inputs: &[(&str, &Path)]) -> Result<Ran, StageError> {
+    run_stage_with(kind, params, recipe_dir, inputs, Arc::new(NullSink))
+}
+
+/// Records the messages a stage sends.
+#[derive(Default)]
+struct Messages(std::sync::Mutex<Vec<String>>);
+impl pipeline_engine::EventSink for Messages {
+    fn stage_event(&self, _: &str, event: pipeline_engine::StageEvent) {
+        if let pipeline_engine::StageEvent::Message(m) = event {
+            self.0.lock().unwrap().push(m);
+        }
+    }
+}
+
+/// [`run_stage`], the stage's events going to `sink`.
+fn run_stage_with(
+    kind: &str,
+    params: &str,
+    recipe_dir: &Path,
+    inputs: &[(&str, &Path)],
+    sink: Arc<dyn pipeline_engine::EventSink>,
+) -> Result<Ran, StageError> {
     let reg = pipeline_stages::registry();
     let stage = reg.get(kind).unwrap();
     let params: toml::Table = toml::from_str(params).unwrap();
@@ -49,7 +71,7 @@ fn run_stage(kind: &str, params: &str, recipe_dir: &Path, inputs: &[(&str, &Path
         inputs: inputs.iter().map(|(n, p)| (n.to_string(), vec![p.to_path_buf()])).collect(),
         outputs: outputs.clone(),
         scratch: tmp.path().join("scratch"),
-        sink: Arc::new(NullSink),
+        sink,
         cancel: Arc::new(AtomicBool::new(false)),
     });
     stage.run(&ctx)?;
@@ -212,6 +234,50 @@ fn quarantine_sets_rows_aside_with_reasons() {
     assert_eq!(q[0]["line"], 2);
     assert_eq!(q[0]["field"], "messages[1].role");
     snapshot("quarantine_report", &ran.report);
+}
+
+/// Regression (issue 14, defects 8, 9 and 5): invalid UTF-8 in a JSONL line failed the whole file
+/// without a line number, whatever `on_error` said; a byte-order mark on line 1 was an error; an
+/// empty dataset gave 0 rows without a word; a missing dataset was found only at run time, after
+/// other stages ran; quarantine rows named their file by absolute path (so the artifact's digest
+/// depended on where the project lived).
+#[test]
+fn jsonl_invalid_utf8_bom_empty_and_missing_datasets() {
+    let dir = tempfile::tempdir().unwrap();
+    let row = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}"#;
+    std::fs::create_dir_all(dir.path().join("d")).unwrap();
+    std::fs::write(dir.path().join("d/bom.jsonl"), format!("\u{feff}{row}\n{row}\n")).unwrap();
+    let mut bad = format!("{row}\n").into_bytes();
+    bad.extend_from_slice(b"{\"messages\": \"\xff\xfe\"}\n");
+    bad.extend_from_slice(format!("{row}\n").as_bytes());
+    std::fs::write(dir.path().join("d/bad_utf8.jsonl"), bad).unwrap();
+    std::fs::write(dir.path().join("d/empty.jsonl"), "").unwrap();
+
+    // A BOM on line 1 is not data.
+    let ran = run_stage("collect", r#"datasets = ["d/bom.jsonl"]"#, dir.path(), &[]).unwrap();
+    assert_eq!(ran.rows().len(), 2);
+    // Invalid UTF-8: an error of its file line ...
+    let err = run_stage("collect", r#"datasets = ["d/bad_utf8.jsonl"]"#, dir.path(), &[]).err().unwrap().to_string();
+    assert!(err.contains("bad_utf8.jsonl:2: field `(json)`: invalid UTF-8 at byte 15 of the line"), "{err}");
+    // ... or, with `on_error = "quarantine"`, a row set aside with its line, its file relative.
+    let params = "datasets = [\"d/bad_utf8.jsonl\"]\non_error = \"quarantine\"\nshuffle = false";
+    let ran = run_stage("collect", params, dir.path(), &[]).unwrap();
+    assert_eq!((ran.rows().len(), ran.report["quarantined"].as_u64()), (2, Some(1)));
+    let q: Vec<serde_json::Value> =
+        ran.file("quarantine", "rows.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(q.len(), 1);
+    assert_eq!((q[0]["path"].as_str(), q[0]["line"].as_u64()), (Some("d/bad_utf8.jsonl"), Some(2)), "{q:?}");
+    // An empty dataset warns.
+    let sink = Arc::new(Messages::default());
+    let ran =
+        run_stage_with("collect", r#"datasets = ["d/bom.jsonl", "d/empty.jsonl"]"#, dir.path(), &[], sink.clone())
+            .unwrap();
+    assert_eq!(ran.rows().len(), 2);
+    let said = sink.0.lock().unwrap().clone();
+    assert!(said.iter().any(|m| m == "warning: dataset `d/empty.jsonl` has no rows"), "{said:?}");
+    // A missing dataset is a params error when the recipe is planned (exit 2), before anything runs.
+    let err = run_stage("collect", r#"datasets = ["d/bom.jsonl", "d/nope.jsonl"]"#, dir.path(), &[]).err().unwrap();
+    assert!(matches!(&err, StageError::Params(m) if m.starts_with("dataset `d/nope.jsonl` not found")), "{err}");
 }
 
 /// A generated corpus of random-word documents with planted near duplicates.

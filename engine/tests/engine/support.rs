@@ -18,8 +18,9 @@ use serde::Deserialize;
 
 /// Test-only kind `step`. Output `data/out.txt` = `text` followed by the content of every input
 /// file. `salt` enters the key but not the output (early cutoff); `steps` × `step_ms` of
-/// cancellable work, checkpointed in the scratch dir when `checkpoint`; `fail` makes it fail. Its
-/// report records the device it was given.
+/// cancellable work, checkpointed in the scratch dir when `checkpoint`; `fail` makes it fail;
+/// `checked_reads` reads the inputs through the cache's checked reads. Its report records the
+/// device it was given.
 pub struct Step {
     pub kind: &'static str,
     pub version: u32,
@@ -43,6 +44,14 @@ struct StepParams {
     checkpoint: bool,
     #[serde(default)]
     fail: bool,
+    /// Read the inputs through `pipeline_cache::checked` (as the workspace's loaders do) instead
+    /// of plain `std::fs`.
+    #[serde(default)]
+    checked_reads: bool,
+}
+
+fn read_plain(path: &Path) -> std::io::Result<String> {
+    fs::read_to_string(path)
 }
 
 /// Every file under `root`, sorted by path.
@@ -102,7 +111,8 @@ impl Stage for Step {
         for name in names {
             for part in ctx.inputs(&name) {
                 for f in files_under(part) {
-                    text.push_str(&fs::read_to_string(&f).map_err(|e| StageError::io(&f, e))?);
+                    let read = if p.checked_reads { pipeline_cache::checked::read_to_string } else { read_plain };
+                    text.push_str(&read(&f).map_err(|e| StageError::io(&f, e))?);
                 }
             }
         }

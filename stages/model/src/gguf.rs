@@ -304,6 +304,10 @@ impl GgufFile {
         // truncated underneath a fault, never a write. The cache and our writers replace files by
         // rename, which leaves a mapped file's data in place.
         let map = std::sync::Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?);
+        // A file of a cache artifact armed for checked reads is hashed against the cache's digest
+        // before anything of it is parsed (issue 14, defect 1); the pages the hash touched are
+        // dropped again, so resident memory stays what the loaders keep.
+        let checked = pipeline_cache::checked::check_bytes(path, &map).map_err(io)?;
         let mut f = GgufFile {
             path: path.to_path_buf(),
             version: 0,
@@ -313,6 +317,9 @@ impl GgufFile {
             data_start: 0,
             map,
         };
+        if checked {
+            f.drop_pages(0, f.map.len());
+        }
         f.parse()?;
         Ok(f)
     }

@@ -426,20 +426,55 @@ pub fn write_dataset(dir: &Path, samples: &[Sample]) -> Result<usize, StageError
     w.finish()
 }
 
+/// A Parquet file's bytes, mapped once. When the file belongs to a cache artifact armed for
+/// checked reads ([`pipeline_cache::checked`]), the mapped bytes are hashed and compared with the
+/// cache's digest as they are mapped, and polars then parses those same bytes (a cursor over the
+/// map, no copy): a corrupt dataset is an error naming the file before any row is used, and no
+/// second pass over the file checks it (issue 14, defect 1). Polars mapped the file itself before,
+/// so memory use is unchanged.
+#[derive(Clone)]
+pub(crate) struct ParquetBytes(std::sync::Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for ParquetBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl ParquetBytes {
+    /// Map `path` and check it (see the type's doc).
+    pub(crate) fn open(path: &Path) -> Result<Self, StageError> {
+        let file = File::open(path).map_err(|e| StageError::io(path, e))?;
+        // SAFETY: the map is read-only and lives as long as the reader. Cache artifacts and our
+        // writers replace files by rename, which leaves a mapped file's data in place; a file
+        // rewritten in place underneath gives polars other bytes (an error or other rows), one
+        // truncated underneath a fault, never a write. polars maps `File` readers the same way.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| StageError::io(path, e))?;
+        pipeline_cache::checked::check_bytes(path, &map).map_err(|e| StageError::io(path, e))?;
+        Ok(ParquetBytes(std::sync::Arc::new(map)))
+    }
+    /// A polars reader over the bytes (shares the map).
+    pub(crate) fn reader(&self) -> ParquetReader<std::io::Cursor<ParquetBytes>> {
+        ParquetReader::new(std::io::Cursor::new(self.clone()))
+    }
+}
+
 /// Reads a dataset artifact in batches of at most [`ROW_GROUP`] rows.
 pub struct DatasetReader {
     path: PathBuf,
+    bytes: ParquetBytes,
     total: usize,
     offset: usize,
 }
 
 impl DatasetReader {
-    /// `dir` is an artifact directory (or the `.parquet` file itself).
+    /// `dir` is an artifact directory (or the `.parquet` file itself). A file of a cache artifact
+    /// armed for checked reads is checked against the cache's digest here ([`ParquetBytes`]).
     pub fn open(dir: &Path) -> Result<Self, StageError> {
         let path = if dir.is_dir() { dir.join(DATA_FILE) } else { dir.to_path_buf() };
-        let file = File::open(&path).map_err(|e| StageError::io(&path, e))?;
-        let total = ParquetReader::new(file).num_rows().map_err(|e| polars_err(&path, e))?;
-        Ok(DatasetReader { path, total, offset: 0 })
+        let bytes = ParquetBytes::open(&path)?;
+        let total = bytes.reader().num_rows().map_err(|e| polars_err(&path, e))?;
+        Ok(DatasetReader { path, bytes, total, offset: 0 })
     }
     pub fn len(&self) -> usize {
         self.total
@@ -452,8 +487,7 @@ impl DatasetReader {
         frame_to_samples(&df).map_err(|e| polars_err(&self.path, e))
     }
     fn read_frame(&self, offset: usize, len: usize) -> Result<DataFrame, StageError> {
-        let file = File::open(&self.path).map_err(|e| StageError::io(&self.path, e))?;
-        ParquetReader::new(file).with_slice(Some((offset, len))).finish().map_err(|e| polars_err(&self.path, e))
+        self.bytes.reader().with_slice(Some((offset, len))).finish().map_err(|e| polars_err(&self.path, e))
     }
     /// The same batches as the iterator, as raw frames (for row selection without conversion).
     pub fn frames(mut self) -> impl Iterator<Item = Result<DataFrame, StageError>> {
@@ -583,5 +617,59 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         write_dataset(empty.path(), &[]).unwrap();
         assert!(read_dataset(empty.path()).unwrap().is_empty());
+    }
+
+    /// Regression (issue 14, defect 1): the Parquet reader handed the file to polars unchecked, so
+    /// bytes flipped in a cached dataset (its mtime restored, invisible to the stat check) became
+    /// rows. A file of an armed cache artifact is now checked against the cache's digest as it is
+    /// mapped, before polars parses those same bytes: an error naming the file, and the artifact
+    /// recorded corrupt for the engine to drop and re-create.
+    #[test]
+    fn corrupt_parquet_artifact_is_an_error_when_read() {
+        use pipeline_cache::{ArtifactCheck, Corruption, Entry, Store};
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path()).unwrap();
+        let rows: Vec<Sample> = (0..50)
+            .map(|i| Sample {
+                id: format!("a:{i}"),
+                source: "a".into(),
+                text: Some(format!("document {i} {}", "lorem ipsum ".repeat(40))),
+                ..Default::default()
+            })
+            .collect();
+        let st = store.staging("k", &["data".to_string()]).unwrap();
+        write_dataset(&st.outputs()["data"], &rows).unwrap();
+        let entry = store.commit(st, Entry::new("k", serde_json::json!({}), "r", "s", "collect")).unwrap();
+        let digest = entry.outputs["data"].digest.clone();
+        let dir = store.artifact_path(&digest);
+        assert!(store.expect_reads(&digest).is_ok());
+        assert_eq!(read_dataset(&dir).unwrap(), rows);
+        assert!(store.finish_reads(&digest).is_ok());
+
+        // Flip bytes in the middle (inside the documents' text), keep size and mtime.
+        let file = dir.join(DATA_FILE);
+        let mut bytes = std::fs::read(&file).unwrap();
+        let mid = bytes.len() / 2;
+        for b in &mut bytes[mid..mid + 16] {
+            *b = if *b == b'X' { b'Y' } else { b'X' };
+        }
+        let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+        std::fs::write(&file, &bytes).unwrap();
+        std::fs::File::options().write(true).open(&file).unwrap().set_modified(mtime).unwrap();
+        assert!(store.check_artifact(&digest).is_ok(), "the stat check cannot see it");
+        // Unchecked (a copy outside the cache), polars takes the flipped bytes as rows.
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::copy(&file, copy.path().join(DATA_FILE)).unwrap();
+        assert_ne!(read_dataset(copy.path()).unwrap(), rows, "the flip should change the rows");
+
+        // A new run arms the artifact again: the read fails, naming the file.
+        assert!(store.expect_reads(&digest).is_ok());
+        let err = read_dataset(&dir).unwrap_err().to_string();
+        assert!(err.contains(&file.display().to_string()) && err.contains("corrupt cache artifact"), "{err}");
+        let check = store.finish_reads(&digest);
+        assert!(
+            matches!(&check, ArtifactCheck::Corrupt(Corruption::ReadMismatch { file }) if file == DATA_FILE),
+            "{check:?}"
+        );
     }
 }
