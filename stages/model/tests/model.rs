@@ -890,15 +890,7 @@ fn cuda_flash_attention_matches_dfdx_attention() {
             eos_token_id: vec![],
         };
         let host = Qwen2::<Cpu>::random_host(&cfg, 5);
-        let rows: Vec<Vec<u32>> = [150usize, 97, 64, 3]
-            .iter()
-            .map(|&n| (0..n as u32).map(|i| (i * 7919 + n as u32) % 1000).collect())
-            .collect();
-        let b = Batch::right_padded(&rows, 0).unwrap();
-        let (n, seq) = (b.batch * b.seq, b.seq);
-        let targets: Vec<usize> = (0..n).map(|k| if (k + 1) % seq == 0 { 0 } else { b.ids[k + 1] as usize }).collect();
-        let needed: Vec<bool> = (0..n).map(|k| (k + 1) % seq != 0 && b.mask[k + 1]).collect();
-        let count = needed.iter().filter(|&&x| x).count() as f32;
+        let probe = CudaProbe::new(&[150, 97, 64, 3], cfg.vocab_size);
         let model = |flash: bool, gc: bool| {
             let mut m: Qwen2<Cuda> = Qwen2::from_host_with_dtype(&cfg, &host, &gpu, FrozenDtype::Bf16).unwrap();
             m.set_trainable(Trainable::Lora(LoraConfig::all_linear(8, 16.0)), 3).unwrap();
@@ -907,33 +899,71 @@ fn cuda_flash_attention_matches_dfdx_attention() {
             assert_eq!(m.flash_attention(), flash);
             m
         };
-        let run = |m: &Qwen2<Cuda>| {
-            let logits = m.forward(&b).unwrap().as_vec();
-            let (_, tape) = m.params.flat.trace(m.params.alloc_grads()).split_tape();
-            let lp = m.forward_logprobs(&b, &targets, Some(&needed), tape, None).unwrap();
-            let loss = lp.sum::<(), _>() * (-1.0 / count);
-            let l = loss.array();
-            (logits, l, loss.backward().get(&m.params.flat).as_vec())
-        };
-        let (ref_logits, ref_loss, ref_grads) = run(&model(false, false));
-        let v = cfg.vocab_size;
-        let valid = |x: &[f32]| -> Vec<f32> {
-            x.chunks(v).zip(&b.mask).filter(|(_, &m)| m).flat_map(|(r, _)| r.to_vec()).collect()
-        };
+        let want = probe.run(&model(false, false), None);
         for gc in [false, true] {
-            let (logits, loss, grads) = run(&model(true, gc));
-            let what = format!("head_dim {head_dim}, checkpointing {gc}");
-            let (a, r) = (valid(&logits), valid(&ref_logits));
-            let (abs, _) = diff(&a, &r);
-            let scale = r.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
-            let cos = cosine(&a, &r);
-            eprintln!("flash vs dfdx attention, {what}: logits max abs {abs:e} (largest {scale:e}), cosine {cos:.7}; loss {loss} vs {ref_loss}; grads cosine {:.7}", cosine(&grads, &ref_grads));
-            assert!(a.iter().all(|x| x.is_finite()), "{what}: non-finite logits");
-            assert!(abs <= 3e-2 * scale && cos >= 0.9999, "{what}: logits differ by {abs} (cosine {cos})");
-            assert!((loss - ref_loss).abs() <= 2e-3 * ref_loss.abs().max(1.0), "{what}: loss {loss} vs {ref_loss}");
-            let gcos = cosine(&grads, &ref_grads);
-            assert!(gcos >= 0.999, "{what}: LoRA gradients cosine {gcos}");
+            let got = probe.run(&model(true, gc), None);
+            probe.check(&format!("flash vs dfdx attention, head_dim {head_dim}, checkpointing {gc}"), &got, &want);
         }
+    }
+}
+
+/// A right-padded batch with next-token targets, and one LoRA training forward/backward of a
+/// CUDA model on it, for the tests that compare a fused kernel with the path it replaces.
+#[cfg(feature = "cuda")]
+struct CudaProbe {
+    b: Batch,
+    targets: Vec<usize>,
+    needed: Vec<bool>,
+    count: f32,
+    vocab: usize,
+}
+
+/// Logits (no tape), the training loss and the trained vector's gradient.
+#[cfg(feature = "cuda")]
+type ProbeRun = (Vec<f32>, f32, Vec<f32>);
+
+#[cfg(feature = "cuda")]
+impl CudaProbe {
+    fn new(lens: &[usize], vocab: usize) -> Self {
+        let rows: Vec<Vec<u32>> =
+            lens.iter().map(|&n| (0..n as u32).map(|i| (i * 7919 + n as u32) % vocab as u32).collect()).collect();
+        let b = Batch::right_padded(&rows, 0).unwrap();
+        let (n, seq) = (b.batch * b.seq, b.seq);
+        let targets: Vec<usize> = (0..n).map(|k| if (k + 1) % seq == 0 { 0 } else { b.ids[k + 1] as usize }).collect();
+        let needed: Vec<bool> = (0..n).map(|k| (k + 1) % seq != 0 && b.mask[k + 1]).collect();
+        let count = needed.iter().filter(|&&x| x).count() as f32;
+        CudaProbe { b, targets, needed, count, vocab }
+    }
+
+    /// `dropout_seed`: the training forward's LoRA dropout seed.
+    fn run(&self, m: &Qwen2<Cuda>, dropout_seed: Option<u64>) -> ProbeRun {
+        let logits = m.forward(&self.b).unwrap().as_vec();
+        let (_, tape) = m.params.flat.trace(m.params.alloc_grads()).split_tape();
+        let lp = m.forward_logprobs(&self.b, &self.targets, Some(&self.needed), tape, dropout_seed).unwrap();
+        let loss = lp.sum::<(), _>() * (-1.0 / self.count);
+        let l = loss.array();
+        (logits, l, loss.backward().get(&m.params.flat).as_vec())
+    }
+
+    /// The logits of the unpadded tokens.
+    fn valid(&self, x: &[f32]) -> Vec<f32> {
+        x.chunks(self.vocab).zip(&self.b.mask).filter(|(_, &m)| m).flat_map(|(r, _)| r.to_vec()).collect()
+    }
+
+    /// `got` within bf16 rounding of `want`: logits (max abs 3 % of the largest, cosine 0.9999),
+    /// loss (2e-3 relative), gradients (cosine 0.999, finite, not all zero).
+    fn check(&self, what: &str, (logits, loss, grads): &ProbeRun, (ref_logits, ref_loss, ref_grads): &ProbeRun) {
+        let (a, r) = (self.valid(logits), self.valid(ref_logits));
+        let (abs, _) = diff(&a, &r);
+        let scale = r.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+        let (cos, gcos) = (cosine(&a, &r), cosine(grads, ref_grads));
+        let gnorm = ref_grads.iter().map(|g| g * g).sum::<f32>().sqrt();
+        eprintln!("{what}: logits max abs {abs:e} (largest {scale:e}), cosine {cos:.7}; loss {loss} vs {ref_loss}; grads cosine {gcos:.7} (norm {gnorm:e})");
+        assert!(a.iter().all(|x| x.is_finite()), "{what}: non-finite logits");
+        assert!(abs <= 3e-2 * scale && cos >= 0.9999, "{what}: logits differ by {abs} (cosine {cos})");
+        assert!((loss - ref_loss).abs() <= 2e-3 * ref_loss.abs().max(1.0), "{what}: loss {loss} vs {ref_loss}");
+        assert!(gnorm > 0.0 && grads.iter().all(|g| g.is_finite()), "{what}: gradients");
+        assert!(gcos >= 0.999, "{what}: LoRA gradients cosine {gcos}");
     }
 }
 
@@ -967,13 +997,7 @@ fn cuda_fused_mlp_matches_unfused() {
         eos_token_id: vec![],
     };
     let host = Qwen2::<Cpu>::random_host(&cfg, 11);
-    let rows: Vec<Vec<u32>> =
-        [70usize, 33, 5].iter().map(|&n| (0..n as u32).map(|i| (i * 7919 + n as u32) % 1000).collect()).collect();
-    let b = Batch::right_padded(&rows, 0).unwrap();
-    let (n, seq) = (b.batch * b.seq, b.seq);
-    let targets: Vec<usize> = (0..n).map(|k| if (k + 1) % seq == 0 { 0 } else { b.ids[k + 1] as usize }).collect();
-    let needed: Vec<bool> = (0..n).map(|k| (k + 1) % seq != 0 && b.mask[k + 1]).collect();
-    let count = needed.iter().filter(|&&x| x).count() as f32;
+    let probe = CudaProbe::new(&[70, 33, 5], cfg.vocab_size);
     for dropout in [0.0, 0.1] {
         let model = |fused: bool, gc: bool| {
             let mut m: Qwen2<Cuda> = Qwen2::from_host_with_dtype(&cfg, &host, &gpu, FrozenDtype::Bf16).unwrap();
@@ -987,33 +1011,10 @@ fn cuda_fused_mlp_matches_unfused() {
             m.set_gradient_checkpointing(gc);
             m
         };
-        let run = |m: &Qwen2<Cuda>| {
-            let logits = m.forward(&b).unwrap().as_vec();
-            let (_, tape) = m.params.flat.trace(m.params.alloc_grads()).split_tape();
-            let lp = m.forward_logprobs(&b, &targets, Some(&needed), tape, Some(42)).unwrap();
-            let loss = lp.sum::<(), _>() * (-1.0 / count);
-            let l = loss.array();
-            (logits, l, loss.backward().get(&m.params.flat).as_vec())
-        };
-        let (ref_logits, ref_loss, ref_grads) = run(&model(false, false));
-        let v = cfg.vocab_size;
-        let valid = |x: &[f32]| -> Vec<f32> {
-            x.chunks(v).zip(&b.mask).filter(|(_, &m)| m).flat_map(|(r, _)| r.to_vec()).collect()
-        };
+        let want = probe.run(&model(false, false), Some(42));
         for gc in [false, true] {
-            let (logits, loss, grads) = run(&model(true, gc));
-            let what = format!("dropout {dropout}, checkpointing {gc}");
-            let (a, r) = (valid(&logits), valid(&ref_logits));
-            let (abs, _) = diff(&a, &r);
-            let scale = r.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
-            let (cos, gcos) = (cosine(&a, &r), cosine(&grads, &ref_grads));
-            let gnorm = ref_grads.iter().map(|g| g * g).sum::<f32>().sqrt();
-            eprintln!("fused vs per-projection MLP, {what}: logits max abs {abs:e} (largest {scale:e}), cosine {cos:.7}; loss {loss} vs {ref_loss}; grads cosine {gcos:.7} (norm {gnorm:e})");
-            assert!(gnorm > 0.0 && grads.iter().all(|g| g.is_finite()), "{what}: gradients");
-            assert!(a.iter().all(|x| x.is_finite()), "{what}: non-finite logits");
-            assert!(abs <= 3e-2 * scale && cos >= 0.9999, "{what}: logits differ by {abs} (cosine {cos})");
-            assert!((loss - ref_loss).abs() <= 2e-3 * ref_loss.abs().max(1.0), "{what}: loss {loss} vs {ref_loss}");
-            assert!(gcos >= 0.999, "{what}: LoRA gradients cosine {gcos}");
+            let got = probe.run(&model(true, gc), Some(42));
+            probe.check(&format!("fused vs per-projection MLP, dropout {dropout}, checkpointing {gc}"), &got, &want);
         }
     }
 }

@@ -639,26 +639,6 @@ pub(crate) unsafe fn gemm16_rm(
     .map_err(CudaError::Blas)
 }
 
-/// [`gemm16_rm`] with `a` as stored and an f32 `c`.
-///
-/// # Safety
-/// As [`gemm16_rm`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_bf16_rm(
-    blas: &cudarc::cublas::CudaBlas,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: u64,
-    b: u64,
-    b_t: bool,
-    c: u64,
-    alpha: f32,
-    beta: f32,
-) -> Result<(), CudaError> {
-    gemm16_rm(blas, (m, n, k), (a, false), (b, b_t), (c, false), alpha, beta)
-}
-
 /// `y[n×o] = bf16(x[n×i]) · Wᵀ` for a frozen bf16 `W: [o, i]`; `x` is contiguous f32.
 pub(crate) fn bf16_linear(
     x: &CudaSlice<f32>,
@@ -672,7 +652,9 @@ pub(crate) fn bf16_linear(
     // SAFETY: written whole by the product (beta = 0).
     let y = unsafe { cu.alloc::<f32>(n * o)? };
     // SAFETY: x16 is [n×i], W is [o×i] (so `ᵀ`), y holds n×o.
-    unsafe { gemm_bf16_rm(w.dev.cuda_blas(), n, o, i, ptr(&x16), ptr(&*w.data), true, ptr(&y), 1.0, 0.0)? };
+    unsafe {
+        gemm16_rm(w.dev.cuda_blas(), (n, o, i), (ptr(&x16), false), (w.addr(), true), (ptr(&y), false), 1.0, 0.0)?
+    };
     Ok(y)
 }
 
@@ -688,7 +670,9 @@ pub(crate) fn bf16_dx(
     let cu = w.dev.cuda_device();
     let dy16 = to_bf16(cu, ptr(dy), n * o)?;
     // SAFETY: dy16 is [n×o], W is [o×i], dx holds n×i f32.
-    unsafe { gemm_bf16_rm(w.dev.cuda_blas(), n, i, o, ptr(&dy16), ptr(&*w.data), false, ptr(dx), 1.0, 1.0) }
+    unsafe {
+        gemm16_rm(w.dev.cuda_blas(), (n, i, o), (ptr(&dy16), false), (w.addr(), false), (ptr(dx), false), 1.0, 1.0)
+    }
 }
 
 /// `h = silu(g) · u` over `n` elements (SwiGLU's gate, one pass instead of three dfdx ops).
@@ -919,18 +903,8 @@ pub(crate) fn head_logprobs_bf16(
         let uc = ptr(&u) + (r0 * hidden * 4) as u64;
         // SAFETY: h16 rows r0.. are [rows×hidden] bf16, W [vocab×hidden] (so `ᵀ`), s holds rows×vocab.
         unsafe {
-            gemm_bf16_rm(
-                dev.cuda_blas(),
-                rows,
-                vocab,
-                hidden,
-                ptr(&h16) + (r0 * hidden * 2) as u64,
-                wb,
-                true,
-                ptr(&s),
-                1.0,
-                0.0,
-            )?
+            let h = ptr(&h16) + (r0 * hidden * 2) as u64;
+            gemm16_rm(dev.cuda_blas(), (rows, vocab, hidden), (h, false), (wb, true), (ptr(&s), false), 1.0, 0.0)?
         };
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
         let (yc, nc, lpc) = (ptr(&y) + (r0 * 8) as u64, ptr(&need) + r0 as u64, ptr(&lp) + (r0 * 4) as u64);
@@ -938,7 +912,9 @@ pub(crate) fn head_logprobs_bf16(
         unsafe { soft.clone().launch(cfg, (ptr(&s), yc, nc, lpc, ptr(&p), rows as u64, vocab as u64))? };
         // uc[rows×hidden] = -P[rows×vocab] · W[vocab×hidden]
         // SAFETY: shapes as stated.
-        unsafe { gemm_bf16_rm(dev.cuda_blas(), rows, hidden, vocab, ptr(&p), wb, false, uc, -1.0, 0.0)? };
+        unsafe {
+            gemm16_rm(dev.cuda_blas(), (rows, hidden, vocab), (ptr(&p), false), (wb, false), (uc, false), -1.0, 0.0)?
+        };
         // SAFETY: reads W rows at y (< vocab, checked by the caller), writes rows×hidden of uc.
         unsafe {
             target.clone().launch(
