@@ -5,7 +5,10 @@
 //! `logging_dir` param puts its event files there instead (relative to the recipe).
 //!
 //! `pipeline run` writes both after executing; `pipeline report` rewrites them from the cache
-//! alone. Every file is written atomically (temp file + rename).
+//! alone. Every file is written atomically (temp file + rename). What they read of the cache
+//! (`metrics.jsonl`, the event files) is checked against the artifact's digest while it is read
+//! ([`pipeline_cache::checked`]): a corrupt artifact is left out of the report with a warning and
+//! its entries are dropped, so the next `pipeline run` re-creates it.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -40,14 +43,43 @@ fn view_of(
     let mut v = StageView { report: entry_report, ..Default::default() };
     for (name, o) in outputs {
         let path = store.artifact_path(&o.digest);
-        if v.history.is_empty() {
-            if let Ok(text) = std::fs::read_to_string(path.join("metrics.jsonl")) {
+        let metrics = path.join("metrics.jsonl");
+        if v.history.is_empty() && metrics.is_file() {
+            if let Some(bytes) = checked_read(store, &o.digest, &metrics) {
+                let text = String::from_utf8_lossy(&bytes);
                 v.history = text.lines().filter_map(|l| serde_json::from_str::<Record>(l).ok()).collect();
             }
         }
         v.outputs.push((name.clone(), path, o.bytes));
     }
     v
+}
+
+/// `file` of the cached artifact `digest`, read once and checked against the cache's digest
+/// ([`Store::expect_reads`], [`pipeline_cache::checked::read`]). `None` when it cannot be read or
+/// is corrupt; a corrupt artifact's entries are dropped (the next run re-creates them) with a
+/// warning naming the file.
+fn checked_read(store: &Store, digest: &str, file: &Path) -> Option<Vec<u8>> {
+    let why = match store.expect_reads(digest) {
+        pipeline_cache::ArtifactCheck::Corrupt(why) => why.to_string(),
+        _ => match pipeline_cache::checked::read(file) {
+            Ok(bytes) => return Some(bytes),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => e.to_string(),
+            Err(e) => {
+                eprintln!("warning: {}: {e}", file.display());
+                return None;
+            }
+        },
+    };
+    let _ = pipeline_cache::checked::take_corrupt_file(&store.artifact_path(digest));
+    let stages: Vec<String> =
+        store.invalidate(digest).unwrap_or_default().into_iter().map(|e| format!("`{}`", e.stage)).collect();
+    eprintln!(
+        "warning: {} is corrupt ({why}): left out of the report; dropped the cache entries of {} (`pipeline run` re-creates them)",
+        file.display(),
+        if stages.is_empty() { "no stage".to_string() } else { stages.join(", ") }
+    );
+    None
 }
 
 fn entry_duration(e: &Entry) -> Duration {
@@ -116,11 +148,11 @@ fn place_tensorboard(plan: &Plan, store: &Store, found: &[Found], run_dir: &Path
     let root = run_dir.join("tensorboard");
     let mut any = false;
     for (s, f) in plan.stages.iter().zip(found) {
-        let sources: Vec<PathBuf> = f
+        let sources: Vec<(&str, PathBuf)> = f
             .outputs
             .values()
-            .map(|o| store.artifact_path(&o.digest).join(TENSORBOARD_DIR))
-            .filter(|p| p.is_dir())
+            .map(|o| (o.digest.as_str(), store.artifact_path(&o.digest).join(TENSORBOARD_DIR)))
+            .filter(|(_, p)| p.is_dir())
             .collect();
         if sources.is_empty() {
             continue;
@@ -133,14 +165,15 @@ fn place_tensorboard(plan: &Plan, store: &Store, found: &[Found], run_dir: &Path
             }
         };
         let mut written = Vec::new();
-        for src in sources {
+        for (digest, src) in sources {
             for file in std::fs::read_dir(&src)? {
                 let file = file?;
                 if !file.file_type()?.is_file() {
                     continue;
                 }
                 let name = file.file_name();
-                pipeline_cache::fs::write_atomic(&target.join(&name), &std::fs::read(file.path())?)?;
+                let Some(bytes) = checked_read(store, digest, &file.path()) else { continue };
+                pipeline_cache::fs::write_atomic(&target.join(&name), &bytes)?;
                 written.push(name);
             }
         }

@@ -1001,6 +1001,30 @@ fn training_run_logs_plain_progress_tensorboard_files_and_a_report() {
     for stage in ["pretrain", "align", "eval-mcq"] {
         assert_eq!(events(&logdir.join(stage)).len(), 1, "{stage}");
     }
+
+    // Regression (issue 14, defect 1): `pipeline report` copied cached event files without
+    // checking them. Bytes flipped in pretrain's event file, its mtime restored (invisible to the
+    // stat check): the report leaves it out with a warning naming the file, never copies it, and
+    // drops the entry, so the next run re-creates it.
+    let json = p.run(&[]).ok();
+    let art = p.artifact(json.event("pretrain", "stage_cached")["outputs"]["metrics"].as_str().unwrap());
+    let file = events(&art.join("tensorboard")).remove(0);
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+    std::fs::write(&file, &bytes).unwrap();
+    std::fs::File::options().write(true).open(&file).unwrap().set_modified(mtime).unwrap();
+    std::fs::remove_dir_all(&logdir).unwrap();
+    let bad = p.pipeline(&["report", "r.toml"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(bad.status.success(), "{err}");
+    assert!(err.contains("is corrupt") && err.contains("`pretrain`") && err.contains("tfevents"), "{err}");
+    assert!(!logdir.join("pretrain").exists(), "the corrupt event file was copied");
+    assert_eq!(events(&logdir.join("align")).len(), 1);
+    let rerun = p.run(&[]).ok();
+    assert!(rerun.with_status("ran").contains(&"pretrain".to_string()), "{:?}", rerun.with_status("ran"));
+    assert!(p.pipeline(&["cache", "verify", "r.toml"]).status.success());
 }
 
 /// Issue 15, point 1: the seed's sequence-classification and embedding rows train under
