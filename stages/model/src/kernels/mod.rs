@@ -16,6 +16,7 @@ pub(crate) mod frozen;
 #[cfg(feature = "cuda")]
 pub(crate) mod fused;
 pub(crate) mod fused_ce;
+pub(crate) mod host_attention;
 pub(crate) mod host_matmul;
 pub mod profile;
 pub(crate) mod qblocks;

@@ -50,7 +50,7 @@ use crate::kernels;
 use crate::linear::{Ctx, Rows};
 use crate::lora::LoraConfig;
 use crate::params::{FlatParams, Param, Store};
-use layers::{AttnMask, DecoderLayer, RmsNorm, Step};
+use layers::{AttnMask, DecoderLayer, HostStep, LayerCache, RmsNorm, Step};
 pub use weights::{guess_arch, SEQ_CLS_HEAD};
 
 type T2<D, T> = Tensor<(usize, usize), f32, D, T>;
@@ -263,6 +263,10 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                 return Err(ModelError::TokenOutOfRange { id, pos, vocab: cfg.vocab_size });
             }
         }
+        let host_cache = cache.as_deref().is_some_and(|c| c.host.is_some());
+        if host_cache && T::OWNS_TAPE {
+            return Err(ModelError::Batch("a host KV cache serves forwards without gradients only".into()));
+        }
         let pos = Positions::new(batch, cache.as_deref_mut(), cfg.num_hidden_layers)?;
         let hd = self.dims.head_dim;
         let hds = hd.size();
@@ -281,6 +285,11 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         }
         let mask = match self.fused_attention_mask(batch, pos.past, cache.is_none()) {
             Some(keys) => keys,
+            None if host_cache => AttnMask::Host(std::sync::Arc::new(HostStep {
+                key_mask: pos.key_mask.clone(),
+                cos: cos.clone(),
+                sin: sin.clone(),
+            })),
             None => AttnMask::Dense(self.dev.tensor_from_vec(pos.dense_mask(), (b, s, pos.past + s))),
         };
         let step = Step {
@@ -330,7 +339,10 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                 x = layer.forward_checkpointed(&ctx, &step, x);
                 continue;
             }
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[li]);
+            let slot = cache.as_deref_mut().map(|c| match &mut c.host {
+                Some(h) => LayerCache::Host(&mut h[li]),
+                None => LayerCache::Dense(&mut c.layers[li]),
+            });
             x = layer.forward(&ctx, &step, x, slot);
         }
         Ok(self.norm.forward(&ctx, x))
@@ -443,9 +455,17 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         self.forward_with_tape(batch, tape)
     }
 
-    /// A fresh, empty KV cache.
+    /// A fresh, empty KV cache: on the CPU the host layout its attention reads in place
+    /// ([`KvCache`]), unless `PIPELINE_REFERENCE_KERNELS=1` (dfdx's ops throughout).
     pub fn new_cache(&self) -> KvCache<D, S> {
-        KvCache { layers: vec![None; self.cfg.num_hidden_layers], key_mask: Vec::new(), next_pos: Vec::new() }
+        KvCache::empty(self.cfg.num_hidden_layers, kernels::is_cpu::<D>() && !kernels::reference_only())
+    }
+
+    /// A fresh cache in the tensor layout, whatever the device: decoding with it runs dfdx's
+    /// attention ops (what the host attention is tested against).
+    #[cfg(test)]
+    pub(crate) fn new_dense_cache(&self) -> KvCache<D, S> {
+        KvCache::empty(self.cfg.num_hidden_layers, false)
     }
 
     /// Incremental decoding step: appends `batch` to `cache` and returns the logits of each row's
