@@ -470,7 +470,24 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
 
     /// Incremental decoding step: appends `batch` to `cache` and returns the logits of each row's
     /// last position, `[batch][vocab]` on the host.
+    ///
+    /// On the CPU the step runs on a thread of rayon's pool (the caller waits): its many small
+    /// parallel products then split from a pool thread, which costs a few atomics, instead of each
+    /// being injected into the pool from outside and waited for on a condition variable, with the
+    /// pool's idle workers spinning beside the caller's serial work between them.
     pub fn forward_cached(&self, batch: &Batch, cache: &mut KvCache<D, S>) -> Result<Vec<Vec<f32>>, ModelError> {
+        if kernels::is_cpu::<D>() && rayon::current_thread_index().is_none() {
+            let model: &dyn std::any::Any = self;
+            let slot: &mut dyn std::any::Any = cache;
+            if let (Some(m), Some(c)) = (model.downcast_ref::<Qwen2<Cpu, S>>(), slot.downcast_mut::<KvCache<Cpu, S>>()) {
+                return rayon::scope(|_| m.forward_cached_here(batch, c));
+            }
+        }
+        self.forward_cached_here(batch, cache)
+    }
+
+    /// [`Self::forward_cached`] on the calling thread.
+    fn forward_cached_here(&self, batch: &Batch, cache: &mut KvCache<D, S>) -> Result<Vec<Vec<f32>>, ModelError> {
         let hs = self.hidden(batch, Some(cache), NoneTape, None)?;
         let (b, s) = (batch.batch, batch.seq);
         let last: Tensor<(usize,), usize, D> = self.dev.tensor_from_vec((0..b).map(|r| r * s + s - 1).collect(), (b,));
