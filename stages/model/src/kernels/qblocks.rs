@@ -194,13 +194,16 @@ impl QMatrix {
     }
 }
 
-/// A 32-element activation block: `x ≈ d · qs`, `sum = Σ qs` (llama.cpp's q8_0 / q8_1).
+/// A 32-element activation block: `x ≈ d · qs`, `sum = Σ qs`, `ds = d · sum` (llama.cpp's q8_0 /
+/// q8_1; `ds` is q8_1's `s`, the factor of a weight block's minimum, so the kernels of the
+/// formats with one (Q4_1, Q5_1) multiply it once per block instead of converting `sum`).
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(32))]
 pub(crate) struct Q8Block {
     pub qs: [i8; 32],
     pub d: f32,
     pub sum: i32,
+    pub ds: f32,
 }
 
 /// A 256-element activation block: `x ≈ d · qs`, `bsums[g] = Σ qs[16g..16g + 16]` (q8_K).
@@ -227,9 +230,10 @@ fn quantize_block(x: &[f32], qs: &mut [i8]) -> f32 {
 pub(crate) fn quantize_q8(x: &[f32]) -> Vec<Q8Block> {
     x.chunks_exact(32)
         .map(|c| {
-            let mut b = Q8Block { qs: [0; 32], d: 0.0, sum: 0 };
+            let mut b = Q8Block { qs: [0; 32], d: 0.0, sum: 0, ds: 0.0 };
             b.d = quantize_block(c, &mut b.qs);
             b.sum = b.qs.iter().map(|&q| q as i32).sum();
+            b.ds = b.d * b.sum as f32;
             b
         })
         .collect()
@@ -337,7 +341,7 @@ pub(crate) fn dot_row_scalar(fmt: QFormat, w: &[u8], x: &QAct) -> f32 {
                 let qs = &b[4..20];
                 let lo = idot(qs.iter().map(|&q| (q & 0xF) as i32), &a.qs[..16]);
                 let hi = idot(qs.iter().map(|&q| (q >> 4) as i32), &a.qs[16..]);
-                sum += f16_at(b, 0) * a.d * (lo + hi) as f32 + f16_at(b, 2) * a.d * a.sum as f32;
+                sum += f16_at(b, 0) * a.d * (lo + hi) as f32 + f16_at(b, 2) * a.ds;
             }
         }
         (QFormat::Q5_0 | QFormat::Q5_1, QAct::B32(xs)) => {
@@ -349,7 +353,7 @@ pub(crate) fn dot_row_scalar(fmt: QFormat, w: &[u8], x: &QAct) -> f32 {
                 let s = idot(codes.iter().map(|&q| q as i32 - off), &a.qs);
                 sum += f16_at(b, 0) * a.d * s as f32;
                 if fmt == QFormat::Q5_1 {
-                    sum += f16_at(b, 2) * a.d * a.sum as f32;
+                    sum += f16_at(b, 2) * a.ds;
                 }
             }
         }

@@ -199,7 +199,7 @@ mod avx2 {
             let p = b.as_ptr();
             let s = mul_sum_u8_i8(nibbles(p.add(4)), load(a.qs.as_ptr()), ones);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(p) * a.d), _mm256_cvtepi32_ps(s), acc);
-            mins += f16(p.add(2)) * a.d * a.sum as f32;
+            mins += f16(p.add(2)) * a.ds;
         }
         hsum(acc) + mins
     }
@@ -244,7 +244,7 @@ mod avx2 {
             let q = _mm256_or_si256(nibbles(p.add(8)), fifth_bits(p.add(4)));
             let s = mul_sum_u8_i8(q, load(a.qs.as_ptr()), ones);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(p) * a.d), _mm256_cvtepi32_ps(s), acc);
-            mins += f16(p.add(2)) * a.d * a.sum as f32;
+            mins += f16(p.add(2)) * a.ds;
         }
         hsum(acc) + mins
     }
@@ -384,7 +384,7 @@ mod avx2 {
                 let a = xs[r].get_unchecked(i);
                 let s = mul_sum_u8_i8(q, load(a.qs.as_ptr()), ones);
                 acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(s), acc[r]);
-                mins[r] += m * a.d * a.sum as f32;
+                mins[r] += m * a.ds;
             }
         }
         std::array::from_fn(|r| hsum(acc[r]) + mins[r])
