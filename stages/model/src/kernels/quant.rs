@@ -82,9 +82,10 @@ pub(crate) fn quant_matmul_wt_with(x: &[f32], n: usize, w: &QMatrix, simd: bool)
     let acts: Vec<QAct> = x.chunks_exact(k).map(|r| QAct::new(fmt, r)).collect();
     // yt[j][r]: each task owns ROWS_PER_TASK weight rows of every activation row
     let mut yt = vec![0f32; out * n];
+    let rows = w.view();
     let work = |(t, ys): (usize, &mut [f32])| {
         for (jj, yj) in ys.chunks_exact_mut(n).enumerate() {
-            dot_rows(fmt, w.row(t * ROWS_PER_TASK + jj), &acts, yj, simd);
+            dot_rows(fmt, rows.row(t * ROWS_PER_TASK + jj), &acts, yj, simd);
         }
     };
     if out * k < 1 << 16 {
