@@ -146,9 +146,8 @@ impl<D: Device<f32>, S: Dims> KvCache<D, S> {
         let first = caches.first().ok_or_else(|| ModelError::Batch("no KV cache to stack".into()))?;
         let layers = first.layers.len();
         let host = first.host.is_some();
-        if let Some(c) = caches
-            .iter()
-            .find(|c| c.rows() != 1 || c.layers.len() != layers || c.host.is_some() != host || !c.filled())
+        if let Some(c) =
+            caches.iter().find(|c| c.rows() != 1 || c.layers.len() != layers || c.host.is_some() != host || !c.filled())
         {
             return Err(ModelError::Batch(format!(
                 "only filled one-row caches of one model and layout stack (got {} rows, {} layers, {})",

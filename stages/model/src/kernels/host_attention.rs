@@ -92,10 +92,8 @@ pub(crate) fn attend(
         // shorter rows logically only)
         let offset = mask.len() - stored;
         let visible = mask.len() - s + t + 1;
-        let at: Vec<usize> = (offset.min(visible)..visible)
-            .filter(|&j| mask[j])
-            .map(|j| (j - offset) * kw + kvh * hd)
-            .collect();
+        let at: Vec<usize> =
+            (offset.min(visible)..visible).filter(|&j| mask[j]).map(|j| (j - offset) * kw + kvh * hd).collect();
         out.fill(0.0);
         if at.is_empty() {
             return;
@@ -131,7 +129,7 @@ pub(crate) fn attend(
 #[inline]
 fn scores(q: &[f32], k: &[f32], at: &[usize], scale: f32, w: &mut [f32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
-    if simd && q.len() % 8 == 0 {
+    if simd && q.len().is_multiple_of(8) {
         assert!(at.iter().all(|&p| p + q.len() <= k.len()) && w.len() == at.len(), "key rows within the cache");
         // SAFETY: `simd` is only true when the CPU has AVX2 and FMA (`quant::simd_on`); the rows are within `k` (checked just above).
         unsafe { avx2::scores(q, k, at, scale, w) };
@@ -147,7 +145,7 @@ fn scores(q: &[f32], k: &[f32], at: &[usize], scale: f32, w: &mut [f32], simd: b
 #[inline]
 fn weighted_sum(out: &mut [f32], w: &[f32], v: &[f32], at: &[usize], simd: bool) {
     #[cfg(target_arch = "x86_64")]
-    if simd && out.len() % 8 == 0 {
+    if simd && out.len().is_multiple_of(8) {
         // SAFETY: as in `scores`; every `at[i] + out.len()` is within `v` (checked here).
         assert!(at.iter().all(|&p| p + out.len() <= v.len()), "value rows within the cache");
         unsafe { avx2::weighted_sum(out, w, v, at) };

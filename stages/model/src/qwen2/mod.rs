@@ -479,7 +479,8 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         if kernels::is_cpu::<D>() && rayon::current_thread_index().is_none() {
             let model: &dyn std::any::Any = self;
             let slot: &mut dyn std::any::Any = cache;
-            if let (Some(m), Some(c)) = (model.downcast_ref::<Qwen2<Cpu, S>>(), slot.downcast_mut::<KvCache<Cpu, S>>()) {
+            if let (Some(m), Some(c)) = (model.downcast_ref::<Qwen2<Cpu, S>>(), slot.downcast_mut::<KvCache<Cpu, S>>())
+            {
                 return rayon::scope(|_| m.forward_cached_here(batch, c));
             }
         }

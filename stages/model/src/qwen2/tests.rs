@@ -170,11 +170,7 @@ fn host_attention_equals_the_dfdx_path() {
     let ids: Vec<u32> = (0..18).map(|i| (i * 37 % 300) as u32).collect();
     let mask: Vec<bool> = (0..18).map(|i| !matches!(i, 0 | 1 | 12..=15)).collect();
     let first = Batch::with_mask(ids, mask, 3, 6).unwrap();
-    close(
-        &m.forward_cached(&first, &mut host).unwrap(),
-        &m.forward_cached(&first, &mut dense).unwrap(),
-        "prefill",
-    );
+    close(&m.forward_cached(&first, &mut host).unwrap(), &m.forward_cached(&first, &mut dense).unwrap(), "prefill");
     for (step, len) in [3, 1, 1, 1].into_iter().enumerate() {
         let b = Batch::new((0..3 * len).map(|i| ((i * 53 + step * 11) % 300) as u32).collect(), 3, len).unwrap();
         let what = format!("chunk {step} (cache {})", host.len());
@@ -188,7 +184,8 @@ fn host_attention_equals_the_dfdx_path() {
     let next = Batch::new(vec![42], 1, 1).unwrap();
     close(&m.forward_cached(&next, &mut host).unwrap(), &m.forward_cached(&next, &mut dense).unwrap(), "long step");
     // one-row caches of lengths 7, 2 and 180 stacked, stepped twice, split back
-    let prompts: [Vec<u32>; 3] = [vec![5, 17, 250, 3, 9, 44, 71], vec![1, 2], (0..180).map(|i| (i * 11 % 300) as u32).collect()];
+    let prompts: [Vec<u32>; 3] =
+        [vec![5, 17, 250, 3, 9, 44, 71], vec![1, 2], (0..180).map(|i| (i * 11 % 300) as u32).collect()];
     let fill = |mut c: KvCache<Cpu>, p: &[u32]| {
         m.forward_cached(&Batch::new(p.to_vec(), 1, p.len()).unwrap(), &mut c).unwrap();
         c
@@ -206,7 +203,11 @@ fn host_attention_equals_the_dfdx_path() {
     for (r, (mut h, mut d)) in host.into_iter().zip(dense).enumerate() {
         assert_eq!((h.len(), h.rows()), (prompts[r].len() + 2, 1));
         let b = Batch::new(vec![99], 1, 1).unwrap();
-        close(&m.forward_cached(&b, &mut h).unwrap(), &m.forward_cached(&b, &mut d).unwrap(), &format!("split row {r}"));
+        close(
+            &m.forward_cached(&b, &mut h).unwrap(),
+            &m.forward_cached(&b, &mut d).unwrap(),
+            &format!("split row {r}"),
+        );
     }
     // a host cache records no gradients
     let grads = m.params.alloc_grads();
