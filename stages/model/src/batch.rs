@@ -55,18 +55,75 @@ impl Batch {
     }
 }
 
-/// Per-layer key/value cache for incremental decoding. Keys are stored after the rotary embedding,
-/// `[batch, kv_heads, len, head_dim]`.
+/// Per-layer key/value cache for incremental decoding. Keys are stored after the rotary embedding.
+///
+/// Two layouts, chosen when the cache is made ([`crate::Qwen2::new_cache`]): on the CPU (unless
+/// `PIPELINE_REFERENCE_KERNELS=1`) each row keeps its own host buffers that grow in place
+/// ([`HostLayer`]; a step appends its keys, nothing is concatenated, and stacking or splitting
+/// rows moves buffers without copying them); elsewhere one dfdx tensor per layer,
+/// `[batch, kv_heads, len, head_dim]`, that each step concatenates onto.
 #[derive(Debug, Clone)]
 pub struct KvCache<D: Storage<f32>, S: Dims = RuntimeDims> {
     pub(crate) layers: Vec<Option<KvPair<D, S>>>,
+    /// The host layout, one entry per layer (`None`: the tensor layout in `layers`).
+    pub(crate) host: Option<Vec<HostLayer>>,
     /// `[batch][len]`: which cached positions are real tokens.
     pub(crate) key_mask: Vec<Vec<bool>>,
     /// Next position id per row.
     pub(crate) next_pos: Vec<usize>,
 }
 
+/// One layer of a host cache: per row, its keys and values position-major, `[len, kv_heads *
+/// head_dim]`, so a step appends with one `extend_from_slice` (amortised by the buffer's spare
+/// capacity) and a head's key at a position is `head_dim` contiguous floats. A row's buffers may
+/// hold fewer positions than the cache's [`KvCache::len`]: [`KvCache::stack`] left-pads rows
+/// with masked positions logically only, so row `r`'s buffer position `p` is the cache's position
+/// `p + len - rows_len(r)`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HostLayer {
+    pub rows: Vec<HostKv>,
+}
+
+/// One row's keys and values of one layer ([`HostLayer`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HostKv {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl HostKv {
+    /// Appends whole positions of `width` floats each to the keys and values. An empty buffer
+    /// starts with room for 64 more positions than the first append brings; after that the
+    /// buffer's amortised doubling keeps a decoding step's cost its own position's copy.
+    pub fn append(&mut self, k: &[f32], v: &[f32], width: usize) {
+        for (buf, new) in [(&mut self.k, k), (&mut self.v, v)] {
+            if buf.capacity() == 0 {
+                buf.reserve_exact(new.len() + 64 * width);
+            }
+            buf.extend_from_slice(new);
+        }
+    }
+}
+
 impl<D: Storage<f32>, S: Dims> KvCache<D, S> {
+    /// An empty cache of `layers` layers, in the host layout when `host`.
+    pub(crate) fn empty(layers: usize, host: bool) -> Self {
+        KvCache {
+            layers: vec![None; layers],
+            host: host.then(|| vec![HostLayer::default(); layers]),
+            key_mask: Vec::new(),
+            next_pos: Vec::new(),
+        }
+    }
+
+    /// Whether every layer holds this cache's rows (a forward has run on it).
+    fn filled(&self) -> bool {
+        match &self.host {
+            Some(h) => h.iter().all(|l| l.rows.len() == self.rows() && self.rows() > 0),
+            None => self.layers.iter().all(Option::is_some),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.key_mask.first().map_or(0, Vec::len)
     }
@@ -88,17 +145,22 @@ impl<D: Device<f32>, S: Dims> KvCache<D, S> {
     pub fn stack(caches: Vec<KvCache<D, S>>) -> Result<(KvCache<D, S>, Vec<usize>), ModelError> {
         let first = caches.first().ok_or_else(|| ModelError::Batch("no KV cache to stack".into()))?;
         let layers = first.layers.len();
+        let host = first.host.is_some();
         if let Some(c) =
-            caches.iter().find(|c| c.rows() != 1 || c.layers.len() != layers || c.layers.iter().any(Option::is_none))
+            caches.iter().find(|c| c.rows() != 1 || c.layers.len() != layers || c.host.is_some() != host || !c.filled())
         {
             return Err(ModelError::Batch(format!(
-                "only filled one-row caches of one model stack (got {} rows, {} of {layers} layers)",
+                "only filled one-row caches of one model and layout stack (got {} rows, {} layers, {})",
                 c.rows(),
-                c.layers.iter().filter(|l| l.is_some()).count()
+                c.layers.len(),
+                if c.filled() { "filled" } else { "unfilled" }
             )));
         }
         let longest = caches.iter().map(KvCache::len).max().unwrap_or(0);
         let pads: Vec<usize> = caches.iter().map(|c| longest - c.len()).collect();
+        if host {
+            return Ok((stack_rows(caches, &pads), pads));
+        }
         if crate::kernels::is_cpu::<D>() {
             return Ok((stack_host(caches, &pads, longest), pads));
         }
@@ -119,7 +181,7 @@ impl<D: Device<f32>, S: Dims> KvCache<D, S> {
                 });
             }
         }
-        Ok((KvCache { layers: stacked, key_mask, next_pos }, pads))
+        Ok((KvCache { layers: stacked, host: None, key_mask, next_pos }, pads))
     }
 
     /// The one-row caches [`KvCache::stack`] was given, each grown by what was appended to its row
@@ -129,6 +191,9 @@ impl<D: Device<f32>, S: Dims> KvCache<D, S> {
             return Err(ModelError::Batch(format!("{} paddings for a cache of {} rows", pads.len(), self.rows())));
         }
         let len = self.len();
+        if self.host.is_some() {
+            return Ok(self.split_rows(pads));
+        }
         if crate::kernels::is_cpu::<D>() {
             return Ok(self.split_host(pads, len));
         }
@@ -154,10 +219,30 @@ impl<D: Device<f32>, S: Dims> KvCache<D, S> {
             .enumerate()
             .map(|(r, &pad)| KvCache {
                 layers: Vec::with_capacity(self.layers.len()),
+                host: None,
                 key_mask: vec![self.key_mask[r][pad..].to_vec()],
                 next_pos: vec![self.next_pos[r]],
             })
             .collect()
+    }
+
+    /// [`KvCache::split`] of a host cache: each row's buffers move to its own cache (no copy; the
+    /// padding [`stack_rows`] added was never stored).
+    fn split_rows(mut self, pads: &[usize]) -> Vec<KvCache<D, S>> {
+        let mut out = self.empty_rows(pads);
+        let host = self.host.take().unwrap_or_default();
+        for c in out.iter_mut() {
+            c.layers = vec![None; self.layers.len()];
+            c.host = Some(Vec::with_capacity(host.len()));
+        }
+        for layer in host {
+            let mut rows = layer.rows.into_iter();
+            for c in out.iter_mut() {
+                let row = rows.next().unwrap_or_default();
+                c.host.as_mut().expect("set above").push(HostLayer { rows: vec![row] });
+            }
+        }
+        out
     }
 
     /// [`KvCache::split`] on the CPU: one copy of each row's positions per layer (dfdx's slices
@@ -224,7 +309,7 @@ fn stack_host<D: Device<f32>, S: Dims>(caches: Vec<KvCache<D, S>>, pads: &[usize
         );
     }
     let (Some((h, d)), Some(dev)) = (shape, dev) else {
-        return KvCache { layers: vec![None; layers], key_mask, next_pos };
+        return KvCache { layers: vec![None; layers], host: None, key_mask, next_pos };
     };
     let (hs, ds) = (h.size(), d.size());
     let mut stacked = Vec::with_capacity(layers);
@@ -242,7 +327,25 @@ fn stack_host<D: Device<f32>, S: Dims>(caches: Vec<KvCache<D, S>>, pads: &[usize
         let shape = (rows, h, longest, d);
         stacked.push(Some((dev.tensor_from_vec(kv.0, shape), dev.tensor_from_vec(kv.1, shape))));
     }
-    KvCache { layers: stacked, key_mask, next_pos }
+    KvCache { layers: stacked, host: None, key_mask, next_pos }
+}
+
+/// [`KvCache::stack`] of host caches: each row's buffers move into the stacked cache as they are;
+/// only the key masks are left-padded (a row's buffers are shorter than the cache by its pad).
+fn stack_rows<D: Storage<f32>, S: Dims>(caches: Vec<KvCache<D, S>>, pads: &[usize]) -> KvCache<D, S> {
+    let layers = caches.first().map_or(0, |c| c.layers.len());
+    let mut out = KvCache::empty(layers, true);
+    let host = out.host.as_mut().expect("host layout");
+    for (c, &pad) in caches.into_iter().zip(pads) {
+        let mut km = vec![false; pad];
+        km.extend_from_slice(&c.key_mask[0]);
+        out.key_mask.push(km);
+        out.next_pos.push(c.next_pos.first().copied().unwrap_or(0));
+        for (slot, mut layer) in host.iter_mut().zip(c.host.unwrap_or_default()) {
+            slot.rows.push(layer.rows.pop().unwrap_or_default());
+        }
+    }
+    out
 }
 
 /// `pad` zero positions before a one-row cache tensor's positions (masked out by the key mask).
@@ -311,6 +414,9 @@ impl Positions {
             c.key_mask = keymask.clone();
             if c.layers.len() != layers {
                 c.layers = vec![None; layers];
+            }
+            if let Some(h) = c.host.as_mut().filter(|h| h.len() != layers) {
+                h.resize_with(layers, Default::default);
             }
         }
         Ok(Positions { ids, key_mask: keymask, past })

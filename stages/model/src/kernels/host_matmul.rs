@@ -76,7 +76,7 @@ pub(crate) fn host_matmul_wt(x: &[f32], n: usize, w: &[f32], out: usize) -> Vec<
         }
         dot_rows(x, w, n, k, j0, j1, cols);
     };
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(8);
+    let threads = super::host_threads();
     if threads < 2 || out * k < (1 << 20) {
         work(0, out, &mut y);
         return y;

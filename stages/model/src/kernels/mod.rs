@@ -16,6 +16,7 @@ pub(crate) mod frozen;
 #[cfg(feature = "cuda")]
 pub(crate) mod fused;
 pub(crate) mod fused_ce;
+pub(crate) mod host_attention;
 pub(crate) mod host_matmul;
 #[cfg(feature = "cuda")]
 pub(crate) mod mlp;
@@ -98,6 +99,9 @@ pub(crate) fn add_assign_buf<D: Storage<f32>>(dst: &mut D::Vec, src: &D::Vec) ->
 }
 
 /// Threads the host kernels split rows over (the machine's cores, at most 8).
+/// Read once: `available_parallelism` reads the cgroup files at every call (~15 µs), which a
+/// decoding step's many small products would pay each time.
 pub(crate) fn host_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |t| t.get()).min(8)
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |t| t.get()).min(8))
 }

@@ -165,6 +165,11 @@ impl QMatrix {
         let (be, bb) = self.fmt.block();
         self.cols / be * bb
     }
+    /// The rows' bytes and layout, resolved once for a loop over many rows.
+    #[inline]
+    pub(crate) fn view(&self) -> RowsView<'_> {
+        RowsView { bytes: self.bytes.as_slice(), rb: self.row_bytes(), order: self.order.as_deref() }
+    }
     /// The blocks of row `j`.
     #[inline]
     pub fn row(&self, j: usize) -> &[u8] {
@@ -194,13 +199,34 @@ impl QMatrix {
     }
 }
 
-/// A 32-element activation block: `x ≈ d · qs`, `sum = Σ qs` (llama.cpp's q8_0 / q8_1).
+/// [`QMatrix::row`] without recomputing the row length (a division) or matching the storage at
+/// every row: a decoding step's products read short rows by the thousand.
+#[derive(Clone, Copy)]
+pub(crate) struct RowsView<'a> {
+    bytes: &'a [u8],
+    rb: usize,
+    order: Option<&'a [u32]>,
+}
+
+impl<'a> RowsView<'a> {
+    /// The blocks of row `j`.
+    #[inline]
+    pub fn row(&self, j: usize) -> &'a [u8] {
+        let i = self.order.map_or(j, |o| o[j] as usize);
+        &self.bytes[i * self.rb..(i + 1) * self.rb]
+    }
+}
+
+/// A 32-element activation block: `x ≈ d · qs`, `sum = Σ qs`, `ds = d · sum` (llama.cpp's q8_0 /
+/// q8_1; `ds` is q8_1's `s`, the factor of a weight block's minimum, so the kernels of the
+/// formats with one (Q4_1, Q5_1) multiply it once per block instead of converting `sum`).
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(32))]
 pub(crate) struct Q8Block {
     pub qs: [i8; 32],
     pub d: f32,
     pub sum: i32,
+    pub ds: f32,
 }
 
 /// A 256-element activation block: `x ≈ d · qs`, `bsums[g] = Σ qs[16g..16g + 16]` (q8_K).
@@ -213,6 +239,7 @@ pub(crate) struct Q8KBlock {
 }
 
 /// `d` and the rounded `x / d` of one block, `d = max|x| / 127` (0 for an all-zero block).
+#[inline(always)]
 fn quantize_block(x: &[f32], qs: &mut [i8]) -> f32 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
@@ -225,11 +252,30 @@ fn quantize_block(x: &[f32], qs: &mut [i8]) -> f32 {
 
 /// One activation row as 32-element blocks (`x.len()` a multiple of 32).
 pub(crate) fn quantize_q8(x: &[f32]) -> Vec<Q8Block> {
+    #[cfg(target_arch = "x86_64")]
+    if super::quant::simd_on() {
+        // SAFETY: `simd_on` is only true when the CPU has AVX2, FMA and F16C.
+        return unsafe { quantize_q8_avx2(x) };
+    }
+    quantize_q8_blocks(x)
+}
+
+/// [`quantize_q8`] compiled for AVX2: `f32::round` is then an inlined, vectorised instruction
+/// sequence with `roundf`'s result (half away from zero) instead of a libm call per element.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_q8_avx2(x: &[f32]) -> Vec<Q8Block> {
+    quantize_q8_blocks(x)
+}
+
+#[inline(always)]
+fn quantize_q8_blocks(x: &[f32]) -> Vec<Q8Block> {
     x.chunks_exact(32)
         .map(|c| {
-            let mut b = Q8Block { qs: [0; 32], d: 0.0, sum: 0 };
+            let mut b = Q8Block { qs: [0; 32], d: 0.0, sum: 0, ds: 0.0 };
             b.d = quantize_block(c, &mut b.qs);
             b.sum = b.qs.iter().map(|&q| q as i32).sum();
+            b.ds = b.d * b.sum as f32;
             b
         })
         .collect()
@@ -337,7 +383,7 @@ pub(crate) fn dot_row_scalar(fmt: QFormat, w: &[u8], x: &QAct) -> f32 {
                 let qs = &b[4..20];
                 let lo = idot(qs.iter().map(|&q| (q & 0xF) as i32), &a.qs[..16]);
                 let hi = idot(qs.iter().map(|&q| (q >> 4) as i32), &a.qs[16..]);
-                sum += f16_at(b, 0) * a.d * (lo + hi) as f32 + f16_at(b, 2) * a.d * a.sum as f32;
+                sum += f16_at(b, 0) * a.d * (lo + hi) as f32 + f16_at(b, 2) * a.ds;
             }
         }
         (QFormat::Q5_0 | QFormat::Q5_1, QAct::B32(xs)) => {
@@ -349,7 +395,7 @@ pub(crate) fn dot_row_scalar(fmt: QFormat, w: &[u8], x: &QAct) -> f32 {
                 let s = idot(codes.iter().map(|&q| q as i32 - off), &a.qs);
                 sum += f16_at(b, 0) * a.d * s as f32;
                 if fmt == QFormat::Q5_1 {
-                    sum += f16_at(b, 2) * a.d * a.sum as f32;
+                    sum += f16_at(b, 2) * a.ds;
                 }
             }
         }
@@ -424,5 +470,39 @@ mod tests {
         assert_eq!(r.dequantize(), want);
         assert_eq!(r.row(1).as_ptr(), q.row(2).as_ptr(), "the blocks are shared");
         assert!(q.reorder_rows(&[0, 1, 2]).is_err() && q.reorder_rows(&[0, 1, 2, 4]).is_err());
+    }
+
+    /// The AVX2 build of the activation quantiser rounds exactly as `roundf` (half away from
+    /// zero), halfway cases and the values just below them included, and the row view reads the
+    /// rows `row` reads (reordered too).
+    #[test]
+    fn avx2_activation_quantiser_and_row_view_equal_the_plain_ones() {
+        let mut x: Vec<f32> = (0..256).map(|i| ((i * 7919) % 2003) as f32 / 1001.5 - 1.0).collect();
+        // block amax 127 makes x / d the values themselves: exact halves and their neighbours
+        x[..32].copy_from_slice(&std::array::from_fn::<f32, 32, _>(|i| match i {
+            0 => 127.0,
+            1 => -126.5,
+            2 => 0.5,
+            3 => -0.5,
+            4 => 0.499_999_97,
+            5 => 2.5,
+            6 => -3.5,
+            _ => i as f32 * 0.37 - 5.0,
+        }));
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::quant::simd_on() {
+            let (fast, plain) = (unsafe { quantize_q8_avx2(&x) }, quantize_q8_blocks(&x));
+            for (f, p) in fast.iter().zip(&plain) {
+                assert_eq!((f.qs, f.d.to_bits(), f.sum, f.ds.to_bits()), (p.qs, p.d.to_bits(), p.sum, p.ds.to_bits()));
+            }
+            assert_eq!(&plain[0].qs[..7], &[127, -127, 1, -1, 0, 3, -4]);
+        }
+        let q = QMatrix::new(QFormat::Q8_0, 4, 64, crate::gguf::quantize(crate::gguf::GgmlType::Q8_0, &x).unwrap())
+            .unwrap();
+        let r = q.reorder_rows(&[2, 0, 3, 1]).unwrap();
+        for m in [&q, &r] {
+            let v = m.view();
+            assert!((0..4).all(|j| v.row(j) == m.row(j)));
+        }
     }
 }

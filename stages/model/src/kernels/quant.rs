@@ -82,9 +82,10 @@ pub(crate) fn quant_matmul_wt_with(x: &[f32], n: usize, w: &QMatrix, simd: bool)
     let acts: Vec<QAct> = x.chunks_exact(k).map(|r| QAct::new(fmt, r)).collect();
     // yt[j][r]: each task owns ROWS_PER_TASK weight rows of every activation row
     let mut yt = vec![0f32; out * n];
+    let rows = w.view();
     let work = |(t, ys): (usize, &mut [f32])| {
         for (jj, yj) in ys.chunks_exact_mut(n).enumerate() {
-            dot_rows(fmt, w.row(t * ROWS_PER_TASK + jj), &acts, yj, simd);
+            dot_rows(fmt, rows.row(t * ROWS_PER_TASK + jj), &acts, yj, simd);
         }
     };
     if out * k < 1 << 16 {
@@ -199,7 +200,7 @@ mod avx2 {
             let p = b.as_ptr();
             let s = mul_sum_u8_i8(nibbles(p.add(4)), load(a.qs.as_ptr()), ones);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(p) * a.d), _mm256_cvtepi32_ps(s), acc);
-            mins += f16(p.add(2)) * a.d * a.sum as f32;
+            mins += f16(p.add(2)) * a.ds;
         }
         hsum(acc) + mins
     }
@@ -244,7 +245,7 @@ mod avx2 {
             let q = _mm256_or_si256(nibbles(p.add(8)), fifth_bits(p.add(4)));
             let s = mul_sum_u8_i8(q, load(a.qs.as_ptr()), ones);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(p) * a.d), _mm256_cvtepi32_ps(s), acc);
-            mins += f16(p.add(2)) * a.d * a.sum as f32;
+            mins += f16(p.add(2)) * a.ds;
         }
         hsum(acc) + mins
     }
@@ -384,7 +385,7 @@ mod avx2 {
                 let a = xs[r].get_unchecked(i);
                 let s = mul_sum_u8_i8(q, load(a.qs.as_ptr()), ones);
                 acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(s), acc[r]);
-                mins[r] += m * a.d * a.sum as f32;
+                mins[r] += m * a.ds;
             }
         }
         std::array::from_fn(|r| hsum(acc[r]) + mins[r])

@@ -5,7 +5,7 @@
 
 use dfdx::prelude::*;
 
-use crate::batch::{Kv, KvPair};
+use crate::batch::{HostLayer, Kv, KvPair};
 use crate::dims::{DimValues, Dims};
 use crate::kernels::profile::mark;
 use crate::linear::{Ctx, Linear, Rows};
@@ -63,6 +63,9 @@ pub(crate) struct Step<'a, D: Device<f32>, S: Dims> {
 pub(crate) enum AttnMask<D: Device<f32>> {
     /// Additive causal + padding mask `[batch, seq, past + seq]` for dfdx's ops.
     Dense(T3<D, NoneTape>),
+    /// The host attention over a host KV cache ([`crate::kernels::host_attention`]): no-gradient
+    /// CPU forwards with a cache.
+    Host(std::sync::Arc<HostStep>),
     /// The batch's attention mask `[batch * seq]` for the fused CUDA kernel
     /// ([`crate::kernels::attention`]: causal, no KV cache), which builds no `[seq, seq]` mask.
     #[cfg(feature = "cuda")]
@@ -73,10 +76,25 @@ impl<D: Device<f32>> Clone for AttnMask<D> {
     fn clone(&self) -> Self {
         match self {
             AttnMask::Dense(m) => AttnMask::Dense(m.clone()),
+            AttnMask::Host(h) => AttnMask::Host(h.clone()),
             #[cfg(feature = "cuda")]
             AttnMask::Keys(k) => AttnMask::Keys(k.clone()),
         }
     }
+}
+
+/// What the host attention reads besides the activations: each row's key mask over the cache's
+/// positions after this step, and the rotary tables `[tokens, head_dim]` on the host.
+pub(crate) struct HostStep {
+    pub key_mask: Vec<Vec<bool>>,
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+}
+
+/// One layer's slot of a KV cache, in the cache's layout.
+pub(crate) enum LayerCache<'a, D: Storage<f32>, S: Dims> {
+    Dense(&'a mut Option<KvPair<D, S>>),
+    Host(&'a mut HostLayer),
 }
 
 impl<D: Device<f32>, S: Dims> Step<'_, D, S> {
@@ -117,7 +135,7 @@ impl<D: Device<f32>> Attention<D> {
         ctx: &Ctx<'_, D>,
         step: &Step<'_, D, S>,
         x: Rows<S::Hidden, D, T>,
-        cache: Option<&mut Option<KvPair<D, S>>>,
+        cache: Option<LayerCache<'_, D, S>>,
     ) -> Rows<S::Hidden, D, T> {
         let DimValues { hidden, heads: nq, kv_heads: nkv, head_dim: hd, q_dim, kv_dim, .. } = step.dims;
         let (b, s) = (step.batch, step.seq);
@@ -126,10 +144,25 @@ impl<D: Device<f32>> Attention<D> {
         let q = self.q_proj.forward(ctx, x.with_empty_tape(), q_dim);
         let k = self.k_proj.forward(ctx, x.with_empty_tape(), kv_dim);
         let v = mark(self.v_proj.forward(ctx, x, kv_dim), "q/k/v proj (+LoRA)");
+        if let AttnMask::Host(hs) = &step.mask {
+            let Some(LayerCache::Host(layer)) = cache else {
+                panic!("the host attention runs with a host KV cache (`Qwen2::hidden` pairs them)")
+            };
+            use crate::kernels::host_attention::{attend, rope, HostShape};
+            let (mut qh, mut kh) = (q.as_vec(), k.as_vec());
+            rope(&mut qh, nq.size(), hd.size(), &hs.cos, &hs.sin);
+            rope(&mut kh, nkv.size(), hd.size(), &hs.cos, &hs.sin);
+            let sh = HostShape { batch: b, seq: s, heads: nq.size(), kv_heads: nkv.size(), head_dim: hd.size() };
+            let att = attend(&qh, &kh, &v.as_vec(), layer, &hs.key_mask, sh);
+            // no tape is recorded (`Qwen2::hidden` takes this path for `NoneTape` forwards only)
+            let att = mark(ctx.dev.tensor_from_vec(att, (n, q_dim)).retaped::<T>(), "attention (host)");
+            return mark(self.o_proj.forward(ctx, att, hidden), "o_proj (+LoRA)");
+        }
         let q = step.rope(q, nq);
         let k = mark(step.rope(k, nkv), "rope");
         let mask = match &step.mask {
             AttnMask::Dense(m) => m.clone(),
+            AttnMask::Host(_) => unreachable!("handled above"),
             #[cfg(feature = "cuda")]
             AttnMask::Keys(valid) => {
                 // chosen only for forwards without a KV cache (`Qwen2::hidden`)
@@ -151,7 +184,10 @@ impl<D: Device<f32>> Attention<D> {
         let q = q.reshape_like(&(b, s, nq, hd)).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(b, nkv, rep * s, hd));
         let mut k: Kv<S, D, T> = k.reshape_like(&(b, s, nkv, hd)).permute::<_, Axes4<0, 2, 1, 3>>();
         let mut v: Kv<S, D, T> = v.reshape_like(&(b, s, nkv, hd)).permute::<_, Axes4<0, 2, 1, 3>>();
-        if let Some(slot) = cache {
+        if let Some(cache) = cache {
+            let LayerCache::Dense(slot) = cache else {
+                panic!("a host KV cache in dfdx's attention (`Qwen2::hidden` pairs them)")
+            };
             if let Some((pk, pv)) = slot.take() {
                 k = (pk.retaped::<T>(), k).concat_along(Axis::<2>);
                 v = (pv.retaped::<T>(), v).concat_along(Axis::<2>);
@@ -294,7 +330,7 @@ impl<D: Device<f32>> DecoderLayer<D> {
         ctx: &Ctx<'_, D>,
         step: &Step<'_, D, S>,
         x: Rows<S::Hidden, D, T>,
-        cache: Option<&mut Option<KvPair<D, S>>>,
+        cache: Option<LayerCache<'_, D, S>>,
     ) -> Rows<S::Hidden, D, T> {
         let h = self.input_layernorm.forward(ctx, x.with_empty_tape());
         let a = self.self_attn.forward(ctx, step, h, cache);

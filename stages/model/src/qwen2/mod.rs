@@ -50,7 +50,7 @@ use crate::kernels;
 use crate::linear::{Ctx, Rows};
 use crate::lora::LoraConfig;
 use crate::params::{FlatParams, Param, Store};
-use layers::{AttnMask, DecoderLayer, RmsNorm, Step};
+use layers::{AttnMask, DecoderLayer, HostStep, LayerCache, RmsNorm, Step};
 pub use weights::{guess_arch, SEQ_CLS_HEAD};
 
 type T2<D, T> = Tensor<(usize, usize), f32, D, T>;
@@ -274,6 +274,10 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                 return Err(ModelError::TokenOutOfRange { id, pos, vocab: cfg.vocab_size });
             }
         }
+        let host_cache = cache.as_deref().is_some_and(|c| c.host.is_some());
+        if host_cache && T::OWNS_TAPE {
+            return Err(ModelError::Batch("a host KV cache serves forwards without gradients only".into()));
+        }
         let pos = Positions::new(batch, cache.as_deref_mut(), cfg.num_hidden_layers)?;
         let hd = self.dims.head_dim;
         let hds = hd.size();
@@ -292,6 +296,11 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         }
         let mask = match self.fused_attention_mask(batch, pos.past, cache.is_none()) {
             Some(keys) => keys,
+            None if host_cache => AttnMask::Host(std::sync::Arc::new(HostStep {
+                key_mask: pos.key_mask.clone(),
+                cos: cos.clone(),
+                sin: sin.clone(),
+            })),
             None => AttnMask::Dense(self.dev.tensor_from_vec(pos.dense_mask(), (b, s, pos.past + s))),
         };
         let step = Step {
@@ -341,7 +350,10 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
                 x = layer.forward_checkpointed(&ctx, &step, x);
                 continue;
             }
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[li]);
+            let slot = cache.as_deref_mut().map(|c| match &mut c.host {
+                Some(h) => LayerCache::Host(&mut h[li]),
+                None => LayerCache::Dense(&mut c.layers[li]),
+            });
             x = layer.forward(&ctx, &step, x, slot);
         }
         Ok(self.norm.forward(&ctx, x))
@@ -454,14 +466,40 @@ impl<D: Device<f32>, S: Dims> Qwen2<D, S> {
         self.forward_with_tape(batch, tape)
     }
 
-    /// A fresh, empty KV cache.
+    /// A fresh, empty KV cache: on the CPU the host layout its attention reads in place
+    /// ([`KvCache`]), unless `PIPELINE_REFERENCE_KERNELS=1` (dfdx's ops throughout).
     pub fn new_cache(&self) -> KvCache<D, S> {
-        KvCache { layers: vec![None; self.cfg.num_hidden_layers], key_mask: Vec::new(), next_pos: Vec::new() }
+        KvCache::empty(self.cfg.num_hidden_layers, kernels::is_cpu::<D>() && !kernels::reference_only())
+    }
+
+    /// A fresh cache in the tensor layout, whatever the device: decoding with it runs dfdx's
+    /// attention ops (what the host attention is tested against).
+    #[cfg(test)]
+    pub(crate) fn new_dense_cache(&self) -> KvCache<D, S> {
+        KvCache::empty(self.cfg.num_hidden_layers, false)
     }
 
     /// Incremental decoding step: appends `batch` to `cache` and returns the logits of each row's
     /// last position, `[batch][vocab]` on the host.
+    ///
+    /// On the CPU the step runs on a thread of rayon's pool (the caller waits): its many small
+    /// parallel products then split from a pool thread, which costs a few atomics, instead of each
+    /// being injected into the pool from outside and waited for on a condition variable, with the
+    /// pool's idle workers spinning beside the caller's serial work between them.
     pub fn forward_cached(&self, batch: &Batch, cache: &mut KvCache<D, S>) -> Result<Vec<Vec<f32>>, ModelError> {
+        if kernels::is_cpu::<D>() && rayon::current_thread_index().is_none() {
+            let model: &dyn std::any::Any = self;
+            let slot: &mut dyn std::any::Any = cache;
+            if let (Some(m), Some(c)) = (model.downcast_ref::<Qwen2<Cpu, S>>(), slot.downcast_mut::<KvCache<Cpu, S>>())
+            {
+                return rayon::scope(|_| m.forward_cached_here(batch, c));
+            }
+        }
+        self.forward_cached_here(batch, cache)
+    }
+
+    /// [`Self::forward_cached`] on the calling thread.
+    fn forward_cached_here(&self, batch: &Batch, cache: &mut KvCache<D, S>) -> Result<Vec<Vec<f32>>, ModelError> {
         let hs = self.hidden(batch, Some(cache), NoneTape, None)?;
         let (b, s) = (batch.batch, batch.seq);
         let last: Tensor<(usize,), usize, D> = self.dev.tensor_from_vec((0..b).map(|r| r * s + s - 1).collect(), (b,));

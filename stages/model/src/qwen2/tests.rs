@@ -147,3 +147,70 @@ fn forward_logprobs_equals_log_softmax_of_the_logits() {
         assert!((a - r).abs() <= 1e-4 * (1.0 + r.abs()), "{a} vs {r}");
     }
 }
+
+/// The host attention over a host KV cache (the CPU's no-gradient decoding path) equals dfdx's
+/// attention ops over the tensor-layout cache: left-padded rows, multi-token chunks and single
+/// steps at several cache lengths (short ones on the calling thread, a long one split over the
+/// pool), and caches of different lengths stacked into one batch and split back.
+#[test]
+fn host_attention_equals_the_dfdx_path() {
+    let dev = Cpu::default();
+    let cfg = ModelConfig::tiny(300);
+    let m = Qwen2::from_host(&cfg, &Qwen2::<Cpu>::random_host(&cfg, 6), &dev).unwrap();
+    assert!(m.new_cache().host.is_some() && m.new_dense_cache().host.is_none());
+    let close = |got: &[Vec<f32>], want: &[Vec<f32>], what: &str| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (r, (g, w)) in got.iter().zip(want).enumerate() {
+            let worst = g.iter().zip(w).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(worst <= 1e-5, "{what} row {r}: {worst}");
+        }
+    };
+    // three left-padded rows (2, 0 and 4 padding tokens), then chunks of 3, 1, 1, 1 tokens
+    let (mut host, mut dense) = (m.new_cache(), m.new_dense_cache());
+    let ids: Vec<u32> = (0..18).map(|i| (i * 37 % 300) as u32).collect();
+    let mask: Vec<bool> = (0..18).map(|i| !matches!(i, 0 | 1 | 12..=15)).collect();
+    let first = Batch::with_mask(ids, mask, 3, 6).unwrap();
+    close(&m.forward_cached(&first, &mut host).unwrap(), &m.forward_cached(&first, &mut dense).unwrap(), "prefill");
+    for (step, len) in [3, 1, 1, 1].into_iter().enumerate() {
+        let b = Batch::new((0..3 * len).map(|i| ((i * 53 + step * 11) % 300) as u32).collect(), 3, len).unwrap();
+        let what = format!("chunk {step} (cache {})", host.len());
+        close(&m.forward_cached(&b, &mut host).unwrap(), &m.forward_cached(&b, &mut dense).unwrap(), &what);
+    }
+    assert_eq!((host.len(), dense.len()), (12, 12));
+    // one long row: the attention splits over the pool
+    let (mut host, mut dense) = (m.new_cache(), m.new_dense_cache());
+    let long = Batch::new((0..180).map(|i| (i * 7 % 300) as u32).collect(), 1, 180).unwrap();
+    close(&m.forward_cached(&long, &mut host).unwrap(), &m.forward_cached(&long, &mut dense).unwrap(), "long prefill");
+    let next = Batch::new(vec![42], 1, 1).unwrap();
+    close(&m.forward_cached(&next, &mut host).unwrap(), &m.forward_cached(&next, &mut dense).unwrap(), "long step");
+    // one-row caches of lengths 7, 2 and 180 stacked, stepped twice, split back
+    let prompts: [Vec<u32>; 3] =
+        [vec![5, 17, 250, 3, 9, 44, 71], vec![1, 2], (0..180).map(|i| (i * 11 % 300) as u32).collect()];
+    let fill = |mut c: KvCache<Cpu>, p: &[u32]| {
+        m.forward_cached(&Batch::new(p.to_vec(), 1, p.len()).unwrap(), &mut c).unwrap();
+        c
+    };
+    let (host, pads) = KvCache::stack(prompts.iter().map(|p| fill(m.new_cache(), p)).collect()).unwrap();
+    let (dense, dense_pads) = KvCache::stack(prompts.iter().map(|p| fill(m.new_dense_cache(), p)).collect()).unwrap();
+    assert_eq!(pads, dense_pads);
+    let (mut host, mut dense) = (host, dense);
+    for step in 0..2u32 {
+        let b = Batch::new(vec![10 + step, 20 + step, 30 + step], 3, 1).unwrap();
+        let what = format!("stacked step {step}");
+        close(&m.forward_cached(&b, &mut host).unwrap(), &m.forward_cached(&b, &mut dense).unwrap(), &what);
+    }
+    let (host, dense) = (host.split(&pads).unwrap(), dense.split(&pads).unwrap());
+    for (r, (mut h, mut d)) in host.into_iter().zip(dense).enumerate() {
+        assert_eq!((h.len(), h.rows()), (prompts[r].len() + 2, 1));
+        let b = Batch::new(vec![99], 1, 1).unwrap();
+        close(
+            &m.forward_cached(&b, &mut h).unwrap(),
+            &m.forward_cached(&b, &mut d).unwrap(),
+            &format!("split row {r}"),
+        );
+    }
+    // a host cache records no gradients
+    let grads = m.params.alloc_grads();
+    let (_, tape) = m.params.flat.trace(grads).split_tape();
+    assert!(m.hidden(&next, Some(&mut m.new_cache()), tape, None).is_err());
+}
