@@ -111,6 +111,37 @@ impl Run {
     }
 }
 
+/// A recipe `name` (seed 3): the built-in corpus and a tiny pretrain on it, with `params` (e.g.
+/// `max_steps = 2`) beside the usual tiny settings.
+fn corpus_pretrain(name: &str, params: &str) -> String {
+    format!(
+        r#"[pipeline]
+name = "{name}"
+seed = 3
+[stages.corpus]
+kind = "collect"
+params = {{ datasets = ["builtin:corpus"] }}
+[stages.pretrain]
+kind = "pretrain"
+inputs = {{ data = "corpus.data" }}
+params = {{ learning_rate = 3e-3, per_device_train_batch_size = 2, max_length = 32, warmup_ratio = 0.0, split_ratio = 0.0, {params} }}
+"#
+    )
+}
+
+/// `len` bytes in the middle of `file` replaced by `f(byte)`, its mtime restored (so the change is
+/// invisible to a stat check: only the content's digest can see it).
+fn corrupt_keeping_mtime(file: &Path, len: usize, f: impl Fn(u8) -> u8) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + len] {
+        *b = f(*b);
+    }
+    let mtime = std::fs::metadata(file).unwrap().modified().unwrap();
+    std::fs::write(file, &bytes).unwrap();
+    std::fs::File::options().write(true).open(file).unwrap().set_modified(mtime).unwrap();
+}
+
 fn v(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
@@ -331,19 +362,7 @@ fn gc_drops_unreferenced_entries() {
 /// `cache verify`, and its adapter folder loads (`generate --model <artifact>/adapter`).
 #[test]
 fn a_copied_project_with_a_model_folder_stays_cached_and_its_adapter_loads() {
-    let p = Project::new(
-        r#"[pipeline]
-name = "base"
-seed = 3
-[stages.corpus]
-kind = "collect"
-params = { datasets = ["builtin:corpus"] }
-[stages.pretrain]
-kind = "pretrain"
-inputs = { data = "corpus.data" }
-params = { learning_rate = 3e-3, max_steps = 2, per_device_train_batch_size = 2, max_length = 32, warmup_ratio = 0.0, split_ratio = 0.0 }
-"#,
-    );
+    let p = Project::new(&corpus_pretrain("base", "max_steps = 2"));
     let base = p.run(&[]).ok();
     let digest = base.event("pretrain", "stage_finished")["outputs"]["model"].as_str().unwrap().to_string();
     std::fs::create_dir_all(p.path().join("models")).unwrap();
@@ -508,19 +527,7 @@ fn cache_verify_reports_a_corrupt_artifact() {
 /// run re-creates the same model, and generation works again.
 #[test]
 fn corrupt_model_artifact_is_an_error_for_generate_and_the_next_run_recreates_it() {
-    let p = Project::new(
-        r#"[pipeline]
-name = "model"
-seed = 3
-[stages.corpus]
-kind = "collect"
-params = { datasets = ["builtin:corpus"] }
-[stages.pretrain]
-kind = "pretrain"
-inputs = { data = "corpus.data" }
-params = { learning_rate = 3e-3, max_steps = 2, per_device_train_batch_size = 2, max_length = 32, warmup_ratio = 0.0, split_ratio = 0.0 }
-"#,
-    );
+    let p = Project::new(&corpus_pretrain("model", "max_steps = 2"));
     let cold = p.run(&[]).ok();
     let digest = cold.event("pretrain", "stage_finished")["outputs"]["model"].as_str().unwrap().to_string();
     let generate = |stream: bool| {
@@ -532,13 +539,7 @@ params = { learning_rate = 3e-3, max_steps = 2, per_device_train_batch_size = 2,
     };
     assert!(generate(false).status.success());
     for stream in [false, true] {
-        let file = p.artifact(&digest).join("model.safetensors");
-        let mut bytes = std::fs::read(&file).unwrap();
-        let mid = bytes.len() / 2;
-        bytes[mid..mid + 4096].fill(0xAA);
-        let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
-        std::fs::write(&file, &bytes).unwrap();
-        std::fs::File::options().write(true).open(&file).unwrap().set_modified(mtime).unwrap();
+        corrupt_keeping_mtime(&p.artifact(&digest).join("model.safetensors"), 4096, |_| 0xAA);
 
         let out = generate(stream);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -579,15 +580,7 @@ inputs = { data = "data.data" }
     );
     let cold = p.run(&[]).ok();
     let output = |r: &Run, s: &str, o: &str| r.event(s, "stage_finished")["outputs"][o].as_str().unwrap().to_string();
-    let file = p.artifact(&output(&cold, "data", "data")).join("data.parquet");
-    let mut bytes = std::fs::read(&file).unwrap();
-    let mid = bytes.len() / 2;
-    for b in &mut bytes[mid..mid + 64] {
-        *b ^= 0x20;
-    }
-    let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
-    std::fs::write(&file, &bytes).unwrap();
-    std::fs::File::options().write(true).open(&file).unwrap().set_modified(mtime).unwrap();
+    corrupt_keeping_mtime(&p.artifact(&output(&cold, "data", "data")).join("data.parquet"), 64, |b| b ^ 0x20);
 
     // Nothing reads it: everything is cached, nothing corrupt is output.
     assert_eq!(p.run(&[]).ok().with_status("cached"), v(&["data", "dedupe"]));
@@ -611,19 +604,7 @@ inputs = { data = "data.data" }
 /// says "resuming <stage> from step N" (defect 2) and resumes from that step.
 #[test]
 fn sigterm_stops_training_within_seconds_with_exit_130_and_the_rerun_resumes() {
-    let p = Project::new(
-        r#"[pipeline]
-name = "stop"
-seed = 3
-[stages.corpus]
-kind = "collect"
-params = { datasets = ["builtin:corpus"] }
-[stages.pretrain]
-kind = "pretrain"
-inputs = { data = "corpus.data" }
-params = { learning_rate = 3e-3, max_steps = 100000, per_device_train_batch_size = 2, max_length = 32, warmup_ratio = 0.0, split_ratio = 0.0, logging_steps = 1 }
-"#,
-    );
+    let p = Project::new(&corpus_pretrain("stop", "max_steps = 100000, logging_steps = 1"));
     // Runs until `until` holds for an event, then SIGTERM: (exit code, seconds to exit, events).
     let interrupt = |until: &dyn Fn(&Value) -> bool| {
         let mut child = p
@@ -1008,13 +989,7 @@ fn training_run_logs_plain_progress_tensorboard_files_and_a_report() {
     // drops the entry, so the next run re-creates it.
     let json = p.run(&[]).ok();
     let art = p.artifact(json.event("pretrain", "stage_cached")["outputs"]["metrics"].as_str().unwrap());
-    let file = events(&art.join("tensorboard")).remove(0);
-    let mut bytes = std::fs::read(&file).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x01;
-    let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
-    std::fs::write(&file, &bytes).unwrap();
-    std::fs::File::options().write(true).open(&file).unwrap().set_modified(mtime).unwrap();
+    corrupt_keeping_mtime(&events(&art.join("tensorboard")).remove(0), 1, |b| b ^ 0x01);
     std::fs::remove_dir_all(&logdir).unwrap();
     let bad = p.pipeline(&["report", "r.toml"]);
     let err = String::from_utf8_lossy(&bad.stderr);
