@@ -111,8 +111,8 @@ pub fn arm_checked_reads(store: &Store, src: &ModelSource) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Drop a corrupt artifact's entries and say so (exit 1).
-fn corrupt(store: &Store, digest: &str, why: &str) -> anyhow::Error {
+/// Drop a corrupt artifact's entries and say so (exit 1, or a warning).
+pub fn corrupt(store: &Store, digest: &str, why: &str) -> anyhow::Error {
     let stages: Vec<String> =
         store.invalidate(digest).unwrap_or_default().into_iter().map(|e| format!("`{}`", e.stage)).collect();
     anyhow::anyhow!(

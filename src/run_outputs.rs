@@ -44,7 +44,7 @@ fn view_of(
     for (name, o) in outputs {
         let path = store.artifact_path(&o.digest);
         let metrics = path.join("metrics.jsonl");
-        if v.history.is_empty() && metrics.is_file() {
+        if v.history.is_empty() && metrics.is_file() && arm(store, &o.digest, &metrics) {
             if let Some(bytes) = checked_read(store, &o.digest, &metrics) {
                 let text = String::from_utf8_lossy(&bytes);
                 v.history = text.lines().filter_map(|l| serde_json::from_str::<Record>(l).ok()).collect();
@@ -55,31 +55,40 @@ fn view_of(
     v
 }
 
-/// `file` of the cached artifact `digest`, read once and checked against the cache's digest
-/// ([`Store::expect_reads`], [`pipeline_cache::checked::read`]). `None` when it cannot be read or
-/// is corrupt; a corrupt artifact's entries are dropped (the next run re-creates them) with a
-/// warning naming the file.
+/// Arms the cached artifact `digest` for checked reads ([`Store::expect_reads`]); `false` when
+/// its stamp already shows it corrupt (then dropped, with a warning naming `what`).
+fn arm(store: &Store, digest: &str, what: &Path) -> bool {
+    match store.expect_reads(digest) {
+        pipeline_cache::ArtifactCheck::Corrupt(why) => {
+            drop_corrupt(store, digest, what, &why.to_string());
+            false
+        }
+        _ => true,
+    }
+}
+
+/// `file` of the armed artifact `digest`, read once and checked against the cache's digest while
+/// read ([`pipeline_cache::checked::read`]). `None` when it cannot be read or is corrupt (then
+/// dropped, with a warning naming the file).
 fn checked_read(store: &Store, digest: &str, file: &Path) -> Option<Vec<u8>> {
-    let why = match store.expect_reads(digest) {
-        pipeline_cache::ArtifactCheck::Corrupt(why) => why.to_string(),
-        _ => match pipeline_cache::checked::read(file) {
-            Ok(bytes) => return Some(bytes),
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => e.to_string(),
-            Err(e) => {
-                eprintln!("warning: {}: {e}", file.display());
-                return None;
-            }
-        },
-    };
-    let _ = pipeline_cache::checked::take_corrupt_file(&store.artifact_path(digest));
-    let stages: Vec<String> =
-        store.invalidate(digest).unwrap_or_default().into_iter().map(|e| format!("`{}`", e.stage)).collect();
-    eprintln!(
-        "warning: {} is corrupt ({why}): left out of the report; dropped the cache entries of {} (`pipeline run` re-creates them)",
-        file.display(),
-        if stages.is_empty() { "no stage".to_string() } else { stages.join(", ") }
-    );
-    None
+    match pipeline_cache::checked::read(file) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            let _ = pipeline_cache::checked::take_corrupt_file(&store.artifact_path(digest));
+            drop_corrupt(store, digest, file, &e.to_string());
+            None
+        }
+        Err(e) => {
+            eprintln!("warning: {}: {e}", file.display());
+            None
+        }
+    }
+}
+
+/// A corrupt artifact left out of the report: its entries dropped as every command drops them
+/// ([`crate::common::corrupt`]), said as a warning.
+fn drop_corrupt(store: &Store, digest: &str, what: &Path, why: &str) {
+    eprintln!("warning: {}: {} (left out of the report)", what.display(), crate::common::corrupt(store, digest, why));
 }
 
 fn entry_duration(e: &Entry) -> Duration {
@@ -166,13 +175,17 @@ fn place_tensorboard(plan: &Plan, store: &Store, found: &[Found], run_dir: &Path
         };
         let mut written = Vec::new();
         for (digest, src) in sources {
+            if !arm(store, digest, &src) {
+                continue;
+            }
             for file in std::fs::read_dir(&src)? {
                 let file = file?;
                 if !file.file_type()?.is_file() {
                     continue;
                 }
                 let name = file.file_name();
-                let Some(bytes) = checked_read(store, digest, &file.path()) else { continue };
+                // unreadable or corrupt (and then dropped): nothing more of this artifact is copied
+                let Some(bytes) = checked_read(store, digest, &file.path()) else { break };
                 pipeline_cache::fs::write_atomic(&target.join(&name), &bytes)?;
                 written.push(name);
             }
