@@ -191,9 +191,10 @@ impl ModelSource {
     /// of a quantised `.gguf` stay in their blocks and run on the quantised kernels, so resident
     /// memory is about the file's size ([`crate::params::Store::Quant`]). F32/F16/BF16 tensors
     /// load as before. `PIPELINE_DEQUANTIZE_GGUF=1` dequantises as [`ModelSource::load`] does
-    /// (for comparisons). An adapter's merged projections become f32. On a CUDA device a HF
-    /// folder whose `config.json` says `torch_dtype = "bfloat16"` keeps its matrices in bf16, as
-    /// transformers' `torch_dtype="auto"` and vLLM load it (no 30 GB f32 copy of a 7B model).
+    /// (for comparisons). On a CUDA device a HF folder whose `config.json` says `torch_dtype =
+    /// "bfloat16"` keeps its matrices in bf16, as transformers' `torch_dtype="auto"` and vLLM load
+    /// it (no 30 GB f32 copy of a 7B model). An adapter's merged projections take its base's
+    /// precision (f32, or bf16 for such a base on CUDA).
     pub fn load_for_inference<D: Device<f32>>(&self, dev: &D) -> Result<Pretrained<D>, LoadError> {
         let keep = crate::kernels::is_cpu::<D>() && !dequantize_forced();
         let dtype =
